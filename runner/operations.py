@@ -1,0 +1,16 @@
+"""What the route layer needs to know of one operation of openapi.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class Operation:
+    operation_id: str
+    method: str
+    path: str
+    request_model: type[BaseModel] | None
+    authenticated: bool

@@ -1,0 +1,124 @@
+"""The route layer: binds a handler to every operation of openapi.yaml.
+
+The operations and their request models are generated from the spec
+(``runner/schema.py``), so the HTTP surface cannot drift from it: an operation
+without a handler, or a handler without an operation, stops the app from being
+built. Bodies are parsed and validated here, before any handler runs, and every
+error leaves in the spec's shapes.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import pydantic
+from aiohttp import web
+
+from runner.operations import Operation
+from runner.schema import OPERATIONS, APIErrorMessage, HTTPError, HTTPValidationError, ValidationError
+
+Handler = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
+
+
+class RouteBindingError(RuntimeError):
+    pass
+
+
+def json_response(model: pydantic.BaseModel, status: int = 200, **kwargs: Any) -> web.Response:
+    return web.Response(
+        body=model.model_dump_json(exclude_none=True),
+        status=status,
+        content_type="application/json",
+        **kwargs,
+    )
+
+
+def error_response(status: int, msg: str, **kwargs: Any) -> web.Response:
+    return json_response(HTTPError(detail=APIErrorMessage(msg=msg)), status=status, **kwargs)
+
+
+def validation_error_response(errors: Iterable[ValidationError]) -> web.Response:
+    return json_response(HTTPValidationError(detail=list(errors)), status=422)
+
+
+def body_errors(exc: pydantic.ValidationError) -> list[ValidationError]:
+    return [
+        ValidationError(loc=["body", *error["loc"]], msg=error["msg"], type=error["type"])
+        for error in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+class InvalidBody(Exception):
+    def __init__(self, errors: list[ValidationError]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+async def parse_body(request: web.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
+    """Read and validate a JSON body; raise InvalidBody when it does not match the spec."""
+    if request.content_type != "application/json":
+        raise InvalidBody(
+            [ValidationError(loc=["body"], msg="Content-Type must be application/json", type="content_type")]
+        )
+    raw = await request.read()  # raises 413 beyond the app's client_max_size
+    try:
+        # Strict: the spec's types are the contract; "0.5" is not a number, "yes" not a boolean.
+        return model.model_validate_json(raw, strict=True)
+    except pydantic.ValidationError as exc:
+        raise InvalidBody(body_errors(exc)) from None
+
+
+def bearer_token_matches(request: web.Request, token: str) -> bool:
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+
+
+def endpoint(operation: Operation, handler: Handler, auth_token: str | None) -> Callable:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if operation.authenticated and auth_token and not bearer_token_matches(request, auth_token):
+            return error_response(401, "Invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        body = None
+        if operation.request_model is not None:
+            try:
+                body = await parse_body(request, operation.request_model)
+            except InvalidBody as invalid:
+                return validation_error_response(invalid.errors)
+        return await handler(request, body)
+
+    handle.__name__ = operation.operation_id
+    return handle
+
+
+def bind_operations(
+    app: web.Application,
+    handlers: Mapping[str, Handler],
+    auth_token: str | None = None,
+    operations: Iterable[Operation] = OPERATIONS,
+) -> None:
+    operations = tuple(operations)
+    spec_ids = {operation.operation_id for operation in operations}
+    unbound = sorted(spec_ids - handlers.keys())
+    unknown = sorted(handlers.keys() - spec_ids)
+    if unbound or unknown:
+        raise RouteBindingError(
+            f"openapi.yaml and the handlers disagree: operations without a handler {unbound}, "
+            f"handlers without an operation {unknown}"
+        )
+    for operation in operations:
+        app.router.add_route(
+            operation.method, operation.path, endpoint(operation, handlers[operation.operation_id], auth_token)
+        )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Answer aiohttp's own errors (404, 405, 413, ...) in the spec's HTTPError shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kept = {name: exc.headers[name] for name in ("Allow", "Retry-After") if name in exc.headers}
+        return error_response(exc.status, exc.reason, headers=kept)

@@ -1,0 +1,148 @@
+# Generated from openapi.yaml by `make gen` (python -m runner.codegen). Do not edit.
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from runner.operations import Operation
+
+
+class LLMMessage(BaseModel):
+    role: str
+    content: str
+
+
+class LLMRequest(BaseModel):
+    messages: list[LLMMessage]
+    model: str = ''
+    temperature: float = Field(default=0.7, ge=0)
+    max_tokens: int = Field(default=256, ge=1)
+    top_p: float = Field(default=1.0, le=1, gt=0)
+    top_k: int = Field(default=-1, ge=-1)
+    stream: bool = False
+
+
+class LLMTokenUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LLMChoice(BaseModel):
+    index: int
+    finish_reason: str = ''
+    delta: LLMMessage | None = None
+    message: LLMMessage | None = None
+
+
+class LLMResponse(BaseModel):
+    id: str
+    model: str
+    created: int
+    usage: LLMTokenUsage
+    choices: list[LLMChoice]
+
+
+class APIErrorMessage(BaseModel):
+    msg: str
+
+
+class HTTPError(BaseModel):
+    detail: APIErrorMessage
+
+
+class ValidationError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class HTTPValidationError(BaseModel):
+    detail: list[ValidationError]
+
+
+class HealthCheck(BaseModel):
+    status: Literal['LOADING', 'OK', 'ERROR', 'IDLE']
+
+
+class Version(BaseModel):
+    pipeline: str
+    model_id: str
+    version: str
+
+
+class GPUComputeInfo(BaseModel):
+    id: str
+    name: str
+    memory_total: int
+    memory_free: int
+    major: int
+    minor: int
+
+
+class GPUUtilizationInfo(BaseModel):
+    id: str
+    name: str
+    memory_total: int
+    memory_free: int
+    utilization_compute: int
+    utilization_memory: int
+
+
+class HardwareInformation(BaseModel):
+    pipeline: str
+    model_id: str
+    gpu_info: dict[str, GPUComputeInfo]
+
+
+class HardwareStats(BaseModel):
+    pipeline: str
+    model_id: str
+    gpu_stats: dict[str, GPUUtilizationInfo]
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        operation_id='genLLM',
+        method='POST',
+        path='/llm',
+        request_model=LLMRequest,
+        authenticated=True,
+    ),
+    Operation(
+        operation_id='health',
+        method='GET',
+        path='/health',
+        request_model=None,
+        authenticated=False,
+    ),
+    Operation(
+        operation_id='version',
+        method='GET',
+        path='/version',
+        request_model=None,
+        authenticated=False,
+    ),
+    Operation(
+        operation_id='hardwareInfo',
+        method='GET',
+        path='/hardware/info',
+        request_model=None,
+        authenticated=False,
+    ),
+    Operation(
+        operation_id='hardwareStats',
+        method='GET',
+        path='/hardware/stats',
+        request_model=None,
+        authenticated=False,
+    ),
+    Operation(
+        operation_id='metrics',
+        method='GET',
+        path='/metrics',
+        request_model=None,
+        authenticated=False,
+    ),
+)

@@ -1,0 +1,40 @@
+"""The runner's own settings: what any pipeline needs to be served over HTTP.
+
+Each pipeline reads its own tuning variables with a settings class of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class RunnerSettings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+
+    pipeline: str = Field("llm", alias="PIPELINE", min_length=1)
+    model_id: str = Field(DEFAULT_MODEL_ID, alias="MODEL_ID", min_length=1)
+    model_dir: Path = Field(
+        Path("models"),
+        alias="MODEL_DIR",
+        description="Model store in the Hugging Face cache layout (a container mounts /models).",
+    )
+    host: str = Field("0.0.0.0", alias="HOST")
+    port: int = Field(8000, alias="PORT", ge=1, le=65535)
+    verbose_logging: bool = Field(False, alias="VERBOSE_LOGGING")
+    auth_token: SecretStr | None = Field(
+        None, alias="AUTH_TOKEN", description="When set, /llm requires `Authorization: Bearer <token>`."
+    )
+    max_request_bytes: int = Field(
+        1024 * 1024, alias="MAX_REQUEST_BYTES", ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+    load_wait_timeout: float = Field(
+        180.0,
+        alias="LOAD_WAIT_TIMEOUT",
+        ge=0,
+        description="Seconds a request that arrives while the model loads waits for it.",
+    )

@@ -1,0 +1,283 @@
+"""The route layer on its own, with a scripted pipeline behind it.
+
+What the engine does is tested against a real vLLM engine in tests/pipelines;
+here are the HTTP rules that hold for any pipeline: binding to the spec, body
+validation, error shapes, auth, SSE framing and health states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline
+from runner.app import create_app
+from runner.routes import RouteBindingError, bind_operations
+from runner.schema import OPERATIONS, LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from runner.settings import RunnerSettings
+
+
+def reply(content: str, finish_reason: str = "", streamed: bool = False) -> LLMResponse:
+    message = LLMMessage(role="assistant", content=content)
+    choice = (
+        LLMChoice(index=0, delta=message, finish_reason=finish_reason)
+        if streamed
+        else LLMChoice(index=0, message=message, finish_reason=finish_reason)
+    )
+    usage = LLMTokenUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+    return LLMResponse(id="chatcmpl-x", model="scripted", created=0, usage=usage, choices=[choice])
+
+
+class ScriptedPipeline(Pipeline):
+    """Answers from a script; `gate` holds a request open until the test releases it."""
+
+    name = "scripted"
+
+    def __init__(self, load_error: Exception | None = None, fail_after: int | None = None) -> None:
+        super().__init__("scripted", Path("."))
+        self.load_error = load_error
+        self.fail_after = fail_after
+        self.release_load = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.seen: list[LLMRequest] = []
+        self.closed = False
+
+    def operations(self) -> Mapping[str, Operation]:
+        return {"genLLM": self.generate}
+
+    async def load(self) -> None:
+        await self.release_load.wait()
+        if self.load_error:
+            raise self.load_error
+
+    def failure(self) -> str | None:
+        return None
+
+    def engine_load(self) -> EngineLoad:
+        return EngineLoad(unfinished=0)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def generate(self, request: LLMRequest, request_id: str):
+        self.seen.append(request)
+        if request.messages and request.messages[0].content == "reject":
+            raise OperationError("rejected by the script")
+        await self.gate.wait()
+        if not request.stream:
+            return reply("whole answer", "stop")
+        return EventStream(events=self.events(), error_event=lambda msg: reply("", "error", streamed=True))
+
+    async def events(self):
+        for index, word in enumerate(["one ", "two ", "three"]):
+            if self.fail_after is not None and index == self.fail_after:
+                raise RuntimeError("scripted failure")
+            yield reply(word, streamed=True)
+        yield reply("", "stop", streamed=True)
+
+
+VALID = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+@pytest.fixture
+def pipeline() -> ScriptedPipeline:
+    scripted = ScriptedPipeline()
+    scripted.release_load.set()
+    return scripted
+
+
+@pytest.fixture
+async def client(aiohttp_client, pipeline):
+    return await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+
+
+async def wait_for_health(client, status: str) -> None:
+    for _ in range(100):
+        if (await (await client.get("/health")).json())["status"] == status:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"/health never said {status}")
+
+
+def test_every_spec_operation_needs_a_handler():
+    handlers = {op.operation_id: None for op in OPERATIONS}
+    del handlers["genLLM"]
+    with pytest.raises(RouteBindingError, match="genLLM"):
+        bind_operations(web.Application(), handlers)
+
+
+def test_a_handler_without_an_operation_is_refused():
+    handlers = {op.operation_id: None for op in OPERATIONS} | {"genImage": None}
+    with pytest.raises(RouteBindingError, match="genImage"):
+        bind_operations(web.Application(), handlers)
+
+
+async def test_routes_are_exactly_the_spec(client):
+    routes = {(r.method, r.resource.canonical) for r in client.app.router.routes()}
+    assert routes == {(op.method, op.path) for op in OPERATIONS}
+
+
+async def test_plain_request_is_served(client, pipeline):
+    response = await client.post("/llm", json=VALID)
+    assert response.status == 200
+    body = await response.json()
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "whole answer"}
+    assert "delta" not in body["choices"][0]
+    assert pipeline.seen[0].max_tokens == 8
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({}, ["body", "messages"]),
+        ({"messages": "hi"}, ["body", "messages"]),
+        ({"messages": [{"role": "user"}]}, ["body", "messages", 0, "content"]),
+        ({"messages": [{"content": "hi"}]}, ["body", "messages", 0, "role"]),
+        ({**VALID, "temperature": "hot"}, ["body", "temperature"]),
+        ({**VALID, "temperature": -0.1}, ["body", "temperature"]),
+        ({**VALID, "top_p": 0}, ["body", "top_p"]),
+        ({**VALID, "top_p": 1.01}, ["body", "top_p"]),
+        ({**VALID, "max_tokens": 0}, ["body", "max_tokens"]),
+        ({**VALID, "max_tokens": 2.5}, ["body", "max_tokens"]),
+        ({**VALID, "top_k": -2}, ["body", "top_k"]),
+        ({**VALID, "stream": "yes"}, ["body", "stream"]),
+    ],
+)
+async def test_bad_bodies_are_422_at_the_field(client, pipeline, body, loc):
+    response = await client.post("/llm", json=body)
+    assert response.status == 422
+    detail = (await response.json())["detail"]
+    assert loc in [error["loc"] for error in detail]
+    assert all(error["msg"] and error["type"] for error in detail)
+    assert pipeline.seen == []
+
+
+@pytest.mark.parametrize("top_k", [-1, 0, 5])
+async def test_top_k_off_values_and_positive_values_pass(client, top_k):
+    assert (await client.post("/llm", json={**VALID, "top_k": top_k})).status == 200
+
+
+async def test_body_that_is_not_json_is_422(client, pipeline):
+    response = await client.post("/llm", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status == 422
+    assert (await response.json())["detail"][0]["loc"] == ["body"]
+    response = await client.post("/llm", data=json.dumps(VALID), headers={"Content-Type": "text/plain"})
+    assert response.status == 422
+    assert (await response.json())["detail"][0]["type"] == "content_type"
+    assert pipeline.seen == []
+
+
+async def test_oversized_body_is_413_in_the_error_shape(aiohttp_client, pipeline):
+    client = await aiohttp_client(create_app(RunnerSettings(MAX_REQUEST_BYTES=2048), pipeline=pipeline))
+    big = {"messages": [{"role": "user", "content": "x" * 4096}]}
+    response = await client.post("/llm", json=big)
+    assert response.status == 413
+    assert "msg" in (await response.json())["detail"]
+    assert (await client.post("/llm", json=VALID)).status == 200
+
+
+async def test_unknown_path_and_method_use_the_error_shape(client):
+    response = await client.get("/nope")
+    assert response.status == 404
+    assert (await response.json()) == {"detail": {"msg": "Not Found"}}
+    response = await client.get("/llm")
+    assert response.status == 405
+    assert "POST" in response.headers["Allow"]
+
+
+async def test_pipeline_rejection_is_a_400(client):
+    response = await client.post("/llm", json={"messages": [{"role": "user", "content": "reject"}]})
+    assert response.status == 400
+    assert await response.json() == {"detail": {"msg": "rejected by the script"}}
+
+
+async def test_stream_is_framed_as_the_contract_says(client):
+    response = await client.post("/llm", json={**VALID, "stream": True})
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    raw = (await response.read()).decode()
+    blocks = raw.split("\n\n")
+    assert blocks[-1] == "" and blocks[-2] == "data: [DONE]"
+    events = [json.loads(block.removeprefix("data: ")) for block in blocks[:-2]]
+    assert all(block.startswith("data: ") for block in blocks[:-1])
+    assert [len(event["choices"]) for event in events] == [1] * len(events)
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == "one two three"
+    assert events[-1]["choices"][0] == {"index": 0, "finish_reason": "stop", "delta": {"role": "assistant", "content": ""}}
+
+
+async def test_failure_mid_stream_is_reported_in_band(aiohttp_client):
+    pipeline = ScriptedPipeline(fail_after=1)
+    pipeline.release_load.set()
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    response = await client.post("/llm", json={**VALID, "stream": True})
+    assert response.status == 200
+    blocks = (await response.read()).decode().split("\n\n")
+    assert blocks[-2] == "data: [DONE]"
+    last = json.loads(blocks[-3].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "error"
+    assert last["choices"][0]["delta"]["content"] == ""
+    assert (await client.post("/llm", json=VALID)).status == 200
+
+
+async def test_health_follows_loading_idle_ok(aiohttp_client):
+    pipeline = ScriptedPipeline()
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    assert (await (await client.get("/health")).json()) == {"status": "LOADING"}
+    pipeline.release_load.set()
+    await wait_for_health(client, "IDLE")
+    pipeline.gate.clear()
+    pending = asyncio.create_task(client.post("/llm", json=VALID))
+    await wait_for_health(client, "OK")
+    pipeline.gate.set()
+    assert (await pending).status == 200
+    await wait_for_health(client, "IDLE")
+
+
+async def test_request_during_load_waits_and_is_served(aiohttp_client):
+    pipeline = ScriptedPipeline()
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    pending = asyncio.create_task(client.post("/llm", json=VALID))
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    pipeline.release_load.set()
+    assert (await pending).status == 200
+
+
+async def test_failed_load_is_error_and_503(aiohttp_client):
+    pipeline = ScriptedPipeline(load_error=OSError("no such model"))
+    pipeline.release_load.set()
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    await wait_for_health(client, "ERROR")
+    response = await client.post("/llm", json=VALID)
+    assert response.status == 503
+    assert "no such model" in (await response.json())["detail"]["msg"]
+
+
+async def test_bearer_token_guards_llm_only(aiohttp_client, pipeline):
+    client = await aiohttp_client(create_app(RunnerSettings(AUTH_TOKEN="s3cret"), pipeline=pipeline))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        response = await client.post("/llm", json=VALID, headers=headers)
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert "msg" in (await response.json())["detail"]
+    assert (await client.post("/llm", json=VALID, headers={"Authorization": "Bearer s3cret"})).status == 200
+    for path in ("/health", "/version", "/hardware/info", "/hardware/stats", "/metrics"):
+        assert (await client.get(path)).status == 200
+
+
+async def test_request_id_is_echoed(client):
+    response = await client.post("/llm", json=VALID, headers={"X-Request-ID": "abc123"})
+    assert response.headers["X-Request-ID"] == "abc123"
+    assert (await client.get("/health")).headers["X-Request-ID"]
+
+
+async def test_pipeline_is_closed_with_the_app(aiohttp_client, pipeline):
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    await client.close()
+    assert pipeline.closed
