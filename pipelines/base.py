@@ -45,9 +45,10 @@ Operation = Callable[[BaseModel, str], Awaitable[BaseModel | EventStream]]
 
 @dataclass(frozen=True)
 class EngineLoad:
-    """Requests the engine holds right now, running or waiting."""
+    """What the engine holds now (running or waiting), and all it was ever handed."""
 
     unfinished: int
+    submitted: int
 
 
 class Pipeline(abc.ABC):

@@ -8,34 +8,29 @@ outputs into one reply or a stream of events. HTTP is the runner's business.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
 import structlog
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from vllm import SamplingParams
-from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.inputs import TokensPrompt
-from vllm.outputs import RequestOutput
-from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
-from vllm.v1.engine.async_llm import AsyncLLM
 
 from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline
 from pipelines.model_store import resolve_model
 from runner.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 
+if TYPE_CHECKING:
+    from vllm.outputs import RequestOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
+
 log = structlog.get_logger(__name__)
 
 ROLES = ("system", "user", "assistant")
-GiB = 1024**3
-CPU_KV_CACHE_SHARE = 0.25  # of the RAM available at start
-CPU_KV_CACHE_MAX_BYTES = 4 * GiB
 
 
 class LLMSettings(BaseSettings):
@@ -67,43 +62,6 @@ class LLMSettings(BaseSettings):
         return self
 
 
-def cpu_has_native_bfloat16() -> bool:
-    import torch
-
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def engine_args(settings: LLMSettings, model_path: Path, served_name: str) -> AsyncEngineArgs:
-    on_cpu = current_platform.is_cpu()
-    if settings.use_8bit and on_cpu:
-        raise ValueError("USE_8BIT needs an NVIDIA GPU (bitsandbytes); this machine has none")
-    dtype = settings.dtype
-    kv_cache_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
-    if on_cpu:
-        if dtype == "auto":
-            # bfloat16 gives wrong text on CPUs that only emulate it (AVX2).
-            dtype = "bfloat16" if cpu_has_native_bfloat16() else "float32"
-        if kv_cache_bytes is None:
-            available = psutil.virtual_memory().available
-            kv_cache_bytes = min(int(available * CPU_KV_CACHE_SHARE), CPU_KV_CACHE_MAX_BYTES)
-    enforce_eager = on_cpu if settings.enforce_eager is None else settings.enforce_eager
-    return AsyncEngineArgs(
-        model=str(model_path),
-        served_model_name=served_name,
-        dtype=dtype,
-        max_model_len=settings.max_model_len,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_num_seqs=settings.max_num_seqs,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        kv_cache_memory_bytes=kv_cache_bytes,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        pipeline_parallel_size=settings.pipeline_parallel_size,
-        quantization="bitsandbytes" if settings.use_8bit else None,
-        enforce_eager=enforce_eager,
-        disable_log_stats=True,
-    )
-
-
 @dataclass
 class Usage:
     prompt_tokens: int
@@ -122,7 +80,9 @@ class LLMPipeline(Pipeline):
 
     def __init__(self, model_id: str, model_dir: Path) -> None:
         super().__init__(model_id, model_dir)
+        self.vllm = None  # pipelines.vllm_engine, imported by load(): importing vLLM takes seconds
         self.engine: AsyncLLM | None = None
+        self.submitted = 0
         self.tokenizer = None
         self.max_model_len = 0
 
@@ -131,8 +91,9 @@ class LLMPipeline(Pipeline):
 
     async def load(self) -> None:
         settings = LLMSettings()
+        self.vllm = await asyncio.to_thread(importlib.import_module, "pipelines.vllm_engine")
         model_path = await asyncio.to_thread(resolve_model, self.model_id, self.model_dir)
-        args = engine_args(settings, model_path, self.model_id)
+        args = self.vllm.engine_args(settings, model_path, self.model_id)
         log.info(
             "engine.start",
             model_path=str(model_path),
@@ -143,7 +104,7 @@ class LLMPipeline(Pipeline):
         )
         # Building the engine blocks for as long as its worker takes to start:
         # off the event loop, so /health keeps answering LOADING.
-        self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self.engine = await asyncio.to_thread(self.vllm.AsyncLLM.from_engine_args, args)
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = self.engine.model_config.max_model_len
         await self.warm_up()
@@ -160,7 +121,7 @@ class LLMPipeline(Pipeline):
 
     def engine_load(self) -> EngineLoad:
         unfinished = self.engine.get_num_unfinished_requests() if self.engine else 0
-        return EngineLoad(unfinished=unfinished)
+        return EngineLoad(unfinished=unfinished, submitted=self.submitted)
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -196,14 +157,10 @@ class LLMPipeline(Pipeline):
 
     async def generate(self, request: LLMRequest, request_id: str) -> LLMResponse | EventStream:
         prompt = self.check(request)
-        params = SamplingParams(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=0 if request.top_k == -1 else request.top_k,  # both mean "off"
-            max_tokens=request.max_tokens,
-            output_kind=RequestOutputKind.DELTA,
+        self.submitted += 1
+        outputs = self.engine.generate(
+            self.vllm.tokens_prompt(prompt), self.vllm.sampling_params(request), uuid.uuid4().hex
         )
-        outputs = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex)
         reply = ReplyBuilder(f"chatcmpl-{request_id}", self.model_id, Usage(prompt_tokens=len(prompt)))
         if request.stream:
             return EventStream(events=reply.events(outputs), error_event=reply.error_event)
@@ -233,6 +190,8 @@ class ReplyBuilder:
         return self.chunk("", finish_reason="error")
 
     def count(self, output: RequestOutput) -> str:
+        if output.prompt_token_ids is not None:  # what the engine saw, not what we meant to send
+            self.usage.prompt_tokens = len(output.prompt_token_ids)
         completion = output.outputs[0]
         self.usage.completion_tokens += len(completion.token_ids)
         if output.finished and completion.finish_reason not in ("stop", "length"):

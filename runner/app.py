@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pipelines.base import Pipeline, pipeline_class
 from runner import __version__
@@ -55,6 +55,11 @@ class RunnerCollector:
             "livepeer_runner_engine_requests_unfinished",
             "Requests the engine holds, running or waiting",
             value=load.unfinished if load else 0,
+        )
+        yield CounterMetricFamily(
+            "livepeer_runner_engine_requests",
+            "Requests handed to the engine",
+            value=load.submitted if load else 0,
         )
 
 

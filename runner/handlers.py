@@ -78,7 +78,7 @@ async def send_event_stream(request: web.Request, stream: EventStream) -> web.St
         async for event in events:
             await response.write(encode_event(event))
     except ConnectionResetError:
-        log.info("request.client_gone", while_="streaming")
+        log.info("request.client_gone", phase="streaming")
         return response
     except Exception as exc:  # after the header went out, failures are reported in-band
         log.error("request.stream_failed", reason=str(exc), exc_info=True)
@@ -111,7 +111,7 @@ def pipeline_handler(operation: Operation) -> Handler:
         except OperationError as exc:
             return error_response(exc.status, exc.msg)
         except (asyncio.CancelledError, ConnectionResetError):
-            log.info("request.client_gone", while_="generating")
+            log.info("request.client_gone", phase="generating")
             raise
         except Exception as exc:
             log.error("request.failed", reason=str(exc), exc_info=True)

@@ -60,7 +60,7 @@ class ScriptedPipeline(Pipeline):
         return None
 
     def engine_load(self) -> EngineLoad:
-        return EngineLoad(unfinished=0)
+        return EngineLoad(unfinished=0, submitted=len(self.seen))
 
     async def close(self) -> None:
         self.closed = True

@@ -1,0 +1,72 @@
+"""Everything that touches vLLM, imported by the llm pipeline once it starts loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import torch
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from pipelines.llm import LLMSettings
+from runner.schema import LLMRequest
+
+__all__ = ["AsyncLLM", "engine_args", "sampling_params", "tokens_prompt"]
+
+GiB = 1024**3
+CPU_KV_CACHE_SHARE = 0.25  # of the RAM available at start
+CPU_KV_CACHE_MAX_BYTES = 4 * GiB
+
+
+def cpu_has_native_bfloat16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def engine_args(settings: LLMSettings, model_path: Path, served_name: str) -> AsyncEngineArgs:
+    on_cpu = current_platform.is_cpu()
+    if settings.use_8bit and on_cpu:
+        raise ValueError("USE_8BIT needs an NVIDIA GPU (bitsandbytes); this machine has none")
+    dtype = settings.dtype
+    kv_cache_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
+    if on_cpu:
+        if dtype == "auto":
+            # bfloat16 gives wrong text on CPUs that only emulate it (AVX2).
+            dtype = "bfloat16" if cpu_has_native_bfloat16() else "float32"
+        if kv_cache_bytes is None:
+            available = psutil.virtual_memory().available
+            kv_cache_bytes = min(int(available * CPU_KV_CACHE_SHARE), CPU_KV_CACHE_MAX_BYTES)
+    enforce_eager = on_cpu if settings.enforce_eager is None else settings.enforce_eager
+    return AsyncEngineArgs(
+        model=str(model_path),
+        served_model_name=served_name,
+        dtype=dtype,
+        max_model_len=settings.max_model_len,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        kv_cache_memory_bytes=kv_cache_bytes,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        quantization="bitsandbytes" if settings.use_8bit else None,
+        enforce_eager=enforce_eager,
+        disable_log_stats=True,
+    )
+
+
+def sampling_params(request: LLMRequest) -> SamplingParams:
+    return SamplingParams(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=0 if request.top_k == -1 else request.top_k,  # both mean "off"
+        max_tokens=request.max_tokens,
+        output_kind=RequestOutputKind.DELTA,  # only new tokens each step: nothing to diff
+    )
+
+
+def tokens_prompt(token_ids: list[int]) -> TokensPrompt:
+    return TokensPrompt(prompt_token_ids=token_ids)

@@ -1,0 +1,156 @@
+"""Real runner processes for the end-to-end tests.
+
+Each runner is `python -m runner`, the container's own entry point, with a real
+vLLM engine (CPU backend) behind it, reached over loopback HTTP. Engines take
+tens of seconds to start, so every runner the session needs is launched at once
+when the first is asked for, and each is shared by the tests that use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.tiny_model import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+START_TIMEOUT = 420  # seconds; engines start slower when three share two cores
+TINY_MAX_MODEL_LEN = 4096
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.load(response)
+
+
+@dataclass
+class RunnerProcess:
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "HF_HUB_OFFLINE": "1", **self.env}
+        self.log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runner"], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def health(self) -> str:
+        return get_json(f"{self.url}/health")["status"]
+
+    def wait_until(self, statuses: set[str], timeout: float = START_TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"runner {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                status = self.health()
+            except OSError:
+                status = None
+            if status in statuses:
+                return status
+            time.sleep(0.25)
+        raise AssertionError(f"runner {self.name} never reached {statuses}:\n{self.log_tail()}")
+
+    def engine_processes(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                for child in self.engine_processes():
+                    child.kill()
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def model_store() -> Path:
+    """The store `make models` fills; the default model must be there already."""
+    store = Path(os.environ.get("MODEL_DIR", ROOT / "models"))
+    if not (store / ("models--" + DEFAULT_MODEL_ID.replace("/", "--"))).is_dir():
+        pytest.fail(f"{DEFAULT_MODEL_ID} is not in {store}: run `make models` (make test does)")
+    return store
+
+
+@pytest.fixture(scope="session")
+def runners(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[dict[str, RunnerProcess]]:
+    logs = tmp_path_factory.mktemp("runner-logs")
+    tiny_env = {
+        "MODEL_ID": str(tiny_model_dir),
+        "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN),
+        "KV_CACHE_GIB": "0.25",
+    }
+    launched = {
+        "tiny": RunnerProcess("tiny", tiny_env, logs / "tiny.log"),
+        # A runner of its own, because its engine gets killed.
+        "doomed": RunnerProcess("doomed", tiny_env, logs / "doomed.log"),
+        "default": RunnerProcess(
+            "default", {"MODEL_ID": DEFAULT_MODEL_ID, "MODEL_DIR": str(model_store)},
+            logs / "default.log",
+        ),
+    }
+    for runner in launched.values():
+        runner.start()
+    yield launched
+    for runner in launched.values():
+        runner.stop()
+
+
+def ready(runner: RunnerProcess) -> RunnerProcess:
+    status = runner.wait_until({"IDLE", "ERROR"})
+    assert status == "IDLE", f"runner {runner.name} failed to load:\n{runner.log_tail()}"
+    return runner
+
+
+@pytest.fixture(scope="session")
+def tiny_runner(runners) -> RunnerProcess:
+    return ready(runners["tiny"])
+
+
+@pytest.fixture(scope="session")
+def doomed_runner(runners) -> RunnerProcess:
+    return ready(runners["doomed"])
+
+
+@pytest.fixture(scope="session")
+def default_runner(runners) -> RunnerProcess:
+    return ready(runners["default"])

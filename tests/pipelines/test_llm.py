@@ -1,0 +1,329 @@
+"""POST /llm end to end: real runner processes, real vLLM engines, real HTTP.
+
+Most tests use a tiny random Llama (tests/tiny_model.py) whose end-of-sequence
+token can never win at temperature 0, so generations run exactly as long as
+max_tokens says. The factual check uses the default model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import aiohttp
+import pytest
+from transformers import AutoTokenizer
+
+from tests.conftest import TINY_MAX_MODEL_LEN, RunnerProcess
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me a long story."}]
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+        yield session
+
+
+async def post(http: aiohttp.ClientSession, runner: RunnerProcess, body: dict) -> tuple[int, dict]:
+    async with http.post(f"{runner.url}/llm", json=body) as response:
+        return response.status, await response.json()
+
+
+async def read_stream(response: aiohttp.ClientResponse) -> tuple[list[dict], list[str]]:
+    """Events and the raw lines, checking each line is a contract SSE line."""
+    lines = []
+    async for raw in response.content:
+        lines.append(raw.decode().rstrip("\n"))
+    assert lines[-2:] == ["data: [DONE]", ""], lines[-3:]
+    blocks = lines[:-2]
+    assert blocks[1::2] == [""] * (len(blocks) // 2), "each event is one data line then a blank line"
+    events = []
+    for line in blocks[0::2]:
+        assert line.startswith("data: "), line
+        events.append(json.loads(line.removeprefix("data: ")))
+    return events, lines
+
+
+async def stream(http, runner, body) -> list[dict]:
+    async with http.post(f"{runner.url}/llm", json={**body, "stream": True}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events, _ = await read_stream(response)
+        assert response.content.at_eof()
+    return events
+
+
+async def metric(http, runner: RunnerProcess, name: str) -> float:
+    async with http.get(f"{runner.url}/metrics") as response:
+        text = await response.text()
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+async def wait_for_metric(http, runner, name: str, value: float, within: float) -> float:
+    """Seconds until the metric reads `value`; fails after `within` seconds."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if await metric(http, runner, name) == value:
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{name} did not reach {value} within {within} s")
+
+
+# 1. Chat template and exact usage
+
+
+async def test_chat_template_is_applied_once_with_one_bos(http, tiny_runner, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = tokenizer.apply_chat_template(STORY, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|assistant|>\n"), "the generation prompt is part of the prompt"
+    expected = tokenizer.encode(text, add_special_tokens=False)
+    assert expected.count(tokenizer.bos_token_id) == 1
+    # The trap this guards against: tokenizing the rendered template with special tokens adds a second BOS.
+    assert tokenizer.encode(text).count(tokenizer.bos_token_id) == 2
+
+    status, body = await post(http, tiny_runner, {"messages": STORY, "max_tokens": 3, "temperature": 0})
+    assert status == 200
+    # prompt_tokens is counted from the token ids the engine reports it saw.
+    assert body["usage"]["prompt_tokens"] == len(expected)
+
+
+async def test_usage_counts_the_engines_tokens(http, tiny_runner):
+    status, body = await post(http, tiny_runner, {"messages": STORY, "max_tokens": 37, "temperature": 0})
+    assert status == 200
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 37
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 37
+
+
+# 2. Non-streamed replies
+
+
+async def test_plain_reply_holds_the_whole_message(http, tiny_runner):
+    status, body = await post(http, tiny_runner, {"messages": STORY, "max_tokens": 20, "temperature": 0})
+    assert status == 200
+    assert body["id"].startswith("chatcmpl-")
+    assert body["model"] == str(tiny_runner.env["MODEL_ID"])
+    assert isinstance(body["created"], int)
+    [choice] = body["choices"]
+    assert choice["index"] == 0
+    assert choice["finish_reason"] == "length"
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"]
+
+
+async def test_max_tokens_one_gives_length(http, tiny_runner):
+    status, body = await post(http, tiny_runner, {"messages": QUESTION, "max_tokens": 1})
+    assert status == 200
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 1
+
+
+async def test_default_model_knows_the_capital_of_france(http, default_runner):
+    status, body = await post(http, default_runner, {"messages": QUESTION, "temperature": 0, "max_tokens": 64})
+    assert status == 200
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    events = await stream(http, default_runner, {"messages": QUESTION, "temperature": 0, "max_tokens": 64})
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == body["choices"][0]["message"]["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1]["usage"] == body["usage"]
+
+
+# 3. Streamed replies
+
+
+async def test_stream_follows_the_contract(http, tiny_runner):
+    body = {"messages": STORY, "max_tokens": 50, "temperature": 0}
+    events = await stream(http, tiny_runner, body)
+    assert all(len(event["choices"]) == 1 for event in events)
+    *content, last = events
+    assert content, "content events come before the final one"
+    for event in content:
+        choice = event["choices"][0]
+        assert choice["finish_reason"] == ""
+        assert choice["delta"]["role"] == "assistant" and choice["delta"]["content"]
+    assert last["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert last["choices"][0]["finish_reason"] == "length"
+    completion = [event["usage"]["completion_tokens"] for event in events]
+    assert completion == sorted(completion) and completion[-1] == 50
+    assert len({event["usage"]["prompt_tokens"] for event in events}) == 1
+    assert len({event["id"] for event in events}) == 1
+
+    status, whole = await post(http, tiny_runner, body)
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == whole["choices"][0]["message"]["content"]
+    assert last["usage"] == whole["usage"]
+
+
+async def test_stream_events_are_flushed_as_tokens_come(http, tiny_runner):
+    started = time.monotonic()
+    async with http.post(
+        f"{tiny_runner.url}/llm", json={"messages": STORY, "max_tokens": 2000, "temperature": 0, "stream": True}
+    ) as response:
+        first_line = await response.content.readline()
+        first_event_at = time.monotonic() - started
+        assert first_line.startswith(b"data: {")
+        await response.read()
+    total = time.monotonic() - started
+    assert first_event_at < total / 10, f"first event at {first_event_at:.3f} s of {total:.3f} s"
+
+
+# 4. The model field
+
+
+async def test_model_field_must_be_empty_or_the_served_id(http, tiny_runner):
+    served = tiny_runner.env["MODEL_ID"]
+    for model in ("", served):
+        status, _ = await post(http, tiny_runner, {"messages": QUESTION, "model": model, "max_tokens": 2})
+        assert status == 200
+    status, body = await post(http, tiny_runner, {"messages": QUESTION, "model": "other/model", "max_tokens": 2})
+    assert status == 400
+    assert "other/model" in body["detail"]["msg"] and served in body["detail"]["msg"]
+
+
+# 5. Bad input
+
+
+BAD_422 = [
+    ({"max_tokens": 2}, ["body", "messages"]),
+    ({"messages": "hello"}, ["body", "messages"]),
+    ({"messages": [{"content": "hi"}]}, ["body", "messages", 0, "role"]),
+    ({"messages": [{"role": "user"}]}, ["body", "messages", 0, "content"]),
+    ({"messages": QUESTION, "temperature": "hot"}, ["body", "temperature"]),
+    ({"messages": QUESTION, "temperature": -1}, ["body", "temperature"]),
+    ({"messages": QUESTION, "top_p": 0}, ["body", "top_p"]),
+    ({"messages": QUESTION, "top_p": 1.5}, ["body", "top_p"]),
+    ({"messages": QUESTION, "max_tokens": 0}, ["body", "max_tokens"]),
+    ({"messages": QUESTION, "top_k": -2}, ["body", "top_k"]),
+]
+
+
+async def test_bad_input_is_refused_before_the_engine(http, tiny_runner):
+    submitted = await metric(http, tiny_runner, "livepeer_runner_engine_requests_total")
+    url = f"{tiny_runner.url}/llm"
+
+    for body, loc in BAD_422:
+        status, answer = await post(http, tiny_runner, body)
+        assert status == 422, body
+        assert loc in [error["loc"] for error in answer["detail"]], (body, answer)
+
+    for data, content_type in ((b'{"messages": [', "application/json"), (json.dumps({"messages": QUESTION}), "text/plain")):
+        async with http.post(url, data=data, headers={"Content-Type": content_type}) as response:
+            assert response.status == 422
+            assert (await response.json())["detail"][0]["loc"] == ["body"]
+
+    status, answer = await post(http, tiny_runner, {"messages": []})
+    assert status == 400 and "at least one message" in answer["detail"]["msg"]
+    status, answer = await post(http, tiny_runner, {"messages": [{"role": "wizard", "content": "hi"}]})
+    assert status == 400 and "wizard" in answer["detail"]["msg"]
+    status, answer = await post(http, tiny_runner, {"messages": QUESTION, "max_tokens": TINY_MAX_MODEL_LEN})
+    assert status == 400
+    assert str(TINY_MAX_MODEL_LEN) in answer["detail"]["msg"] and "MAX_MODEL_LEN" in answer["detail"]["msg"]
+
+    async with http.post(url, json={"messages": [{"role": "user", "content": "x" * 2_000_000}]}) as response:
+        assert response.status == 413
+        assert "msg" in (await response.json())["detail"]
+
+    assert await metric(http, tiny_runner, "livepeer_runner_engine_requests_total") == submitted
+    status, _ = await post(http, tiny_runner, {"messages": QUESTION, "max_tokens": 2})
+    assert status == 200, "the runner keeps serving"
+
+
+# 6. Clients that go away
+
+
+async def start_long_generation(http, runner, stream: bool) -> asyncio.Task:
+    body = {"messages": STORY, "max_tokens": 4000, "temperature": 0, "stream": stream}
+
+    async def call():
+        async with http.post(f"{runner.url}/llm", json=body) as response:
+            await response.read()
+
+    task = asyncio.create_task(call())
+    await wait_for_metric(http, runner, "livepeer_runner_engine_requests_unfinished", 1, within=10)
+    return task
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+async def test_client_that_disconnects_stops_its_generation(http, tiny_runner, streamed):
+    async with aiohttp.ClientSession() as client:
+        task = await start_long_generation(client, tiny_runner, streamed)
+        await asyncio.sleep(0.3)
+        assert not task.done(), "4000 tokens take longer than this"
+        task.cancel()
+    # Closing the session drops the connection, as a user closing a tab does.
+    seconds = await wait_for_metric(http, tiny_runner, "livepeer_runner_engine_requests_unfinished", 0, within=2)
+    assert seconds < 1
+    assert tiny_runner.health() == "IDLE"
+
+
+# 7. Engine failure
+
+
+async def test_engine_death_ends_requests_with_errors(http, doomed_runner):
+    url = f"{doomed_runner.url}/llm"
+    long_body = {"messages": STORY, "max_tokens": 4000, "temperature": 0}
+
+    async def plain():
+        async with http.post(url, json=long_body) as response:
+            return response.status, await response.json()
+
+    async with http.post(url, json={**long_body, "stream": True}) as streamed:
+        assert streamed.status == 200
+        first_event = await streamed.content.readline()
+        assert first_event.startswith(b"data: {") and await streamed.content.readline() == b"\n"
+        plain_task = asyncio.create_task(plain())
+        await wait_for_metric(http, doomed_runner, "livepeer_runner_engine_requests_unfinished", 2, within=10)
+        [engine] = [p for p in doomed_runner.engine_processes() if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+        killed_at = time.monotonic()
+        engine.kill()
+        events, _ = await asyncio.wait_for(read_stream(streamed), timeout=10)
+    last = events[-1]["choices"][0]
+    assert last["finish_reason"] == "error" and last["delta"]["content"] == ""
+    status, body = await asyncio.wait_for(plain_task, timeout=10)
+    assert status == 500 and body["detail"]["msg"]
+    assert time.monotonic() - killed_at < 10
+    assert doomed_runner.wait_until({"ERROR"}, timeout=5) == "ERROR"
+    status, body = await post(http, doomed_runner, {"messages": QUESTION})
+    assert status == 503 and "engine" in body["detail"]["msg"]
+
+
+# 8. Version and hardware
+
+
+async def test_version_and_hardware_shapes(http, tiny_runner):
+    async with http.get(f"{tiny_runner.url}/version") as response:
+        version = await response.json()
+    assert version["pipeline"] == "llm" and version["model_id"] == tiny_runner.env["MODEL_ID"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version["version"])
+    for path, key in (("/hardware/info", "gpu_info"), ("/hardware/stats", "gpu_stats")):
+        async with http.get(f"{tiny_runner.url}{path}") as response:
+            body = await response.json()
+        assert body["pipeline"] == "llm" and body["model_id"] == tiny_runner.env["MODEL_ID"]
+        assert isinstance(body[key], dict)
+
+
+# 9. CPU engine choices
+
+
+def engine_start_event(runner: RunnerProcess) -> dict:
+    for line in runner.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"engine.start"' in line:
+            return json.loads(line)
+    raise AssertionError(f"no engine.start line in the log of {runner.name}")
+
+
+def test_cpu_engine_uses_float32_without_native_bfloat16_and_a_bounded_kv_cache(default_runner):
+    import torch
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    event = engine_start_event(default_runner)
+    assert event["dtype"] == ("bfloat16" if native else "float32")
+    assert event["enforce_eager"] is True
+    assert 0 < event["kv_cache_bytes"] <= 4 * 1024**3
