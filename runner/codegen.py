@@ -27,10 +27,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from runner.jsontypes import Integer
 from runner.operations import Operation
 '''
 
-SCALARS = {"string": "str", "integer": "int", "number": "float", "boolean": "bool"}
+# JSON Schema's integer is any number without a fractional part, 5.0 included.
+SCALARS = {"string": "str", "integer": "Integer", "number": "float", "boolean": "bool"}
 CONSTRAINTS = {"minimum": "ge", "maximum": "le", "exclusiveMinimum": "gt", "exclusiveMaximum": "lt"}
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from runner.jsontypes import Integer
 from runner.operations import Operation
 
 
@@ -17,20 +18,20 @@ class LLMRequest(BaseModel):
     messages: list[LLMMessage]
     model: str = ''
     temperature: float = Field(default=0.7, ge=0)
-    max_tokens: int = Field(default=256, ge=1)
+    max_tokens: Integer = Field(default=256, ge=1)
     top_p: float = Field(default=1.0, le=1, gt=0)
-    top_k: int = Field(default=-1, ge=-1)
+    top_k: Integer = Field(default=-1, ge=-1)
     stream: bool = False
 
 
 class LLMTokenUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+    prompt_tokens: Integer
+    completion_tokens: Integer
+    total_tokens: Integer
 
 
 class LLMChoice(BaseModel):
-    index: int
+    index: Integer
     finish_reason: str = ''
     delta: LLMMessage | None = None
     message: LLMMessage | None = None
@@ -39,7 +40,7 @@ class LLMChoice(BaseModel):
 class LLMResponse(BaseModel):
     id: str
     model: str
-    created: int
+    created: Integer
     usage: LLMTokenUsage
     choices: list[LLMChoice]
 
@@ -53,7 +54,7 @@ class HTTPError(BaseModel):
 
 
 class ValidationError(BaseModel):
-    loc: list[str | int]
+    loc: list[str | Integer]
     msg: str
     type: str
 
@@ -75,19 +76,19 @@ class Version(BaseModel):
 class GPUComputeInfo(BaseModel):
     id: str
     name: str
-    memory_total: int
-    memory_free: int
-    major: int
-    minor: int
+    memory_total: Integer
+    memory_free: Integer
+    major: Integer
+    minor: Integer
 
 
 class GPUUtilizationInfo(BaseModel):
     id: str
     name: str
-    memory_total: int
-    memory_free: int
-    utilization_compute: int
-    utilization_memory: int
+    memory_total: Integer
+    memory_free: Integer
+    utilization_compute: Integer
+    utilization_memory: Integer
 
 
 class HardwareInformation(BaseModel):

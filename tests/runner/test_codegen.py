@@ -22,3 +22,18 @@ def test_constraints_and_defaults_reach_the_models():
     assert fields["max_tokens"].default == 256
     assert fields["temperature"].default == 0.7
     assert LLMRequest.model_json_schema()["properties"]["top_p"]["exclusiveMinimum"] == 0
+
+
+def test_integers_are_json_schema_integers():
+    """5.0 and 1e2 are integers to JSON Schema, so to the spec's clients; 2.5, "5" and true are not."""
+    import pydantic
+
+    from runner.schema import LLMRequest
+
+    def max_tokens(raw: str) -> int:
+        return LLMRequest.model_validate_json(f'{{"messages": [], "max_tokens": {raw}}}', strict=True).max_tokens
+
+    assert max_tokens("5.0") == 5 and max_tokens("1e2") == 100
+    for raw in ("2.5", '"5"', "true", "1e400"):
+        with pytest.raises(pydantic.ValidationError, match="max_tokens"):
+            max_tokens(raw)
