@@ -25,6 +25,7 @@ from pipelines.model_store import resolve_model
 from runner.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 
 if TYPE_CHECKING:
+    from vllm import SamplingParams
     from vllm.outputs import RequestOutput
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -85,6 +86,7 @@ class LLMPipeline(Pipeline):
         self.submitted = 0
         self.tokenizer = None
         self.max_model_len = 0
+        self.vocab_size = 0
 
     def operations(self) -> Mapping[str, Operation]:
         return {"genLLM": self.generate}
@@ -107,6 +109,7 @@ class LLMPipeline(Pipeline):
         self.engine = await asyncio.to_thread(self.vllm.AsyncLLM.from_engine_args, args)
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = self.engine.model_config.max_model_len
+        self.vocab_size = self.engine.model_config.get_vocab_size()
         await self.warm_up()
 
     async def warm_up(self) -> None:
@@ -135,7 +138,7 @@ class LLMPipeline(Pipeline):
         # tokens again would put a second one in front.
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def check(self, request: LLMRequest) -> list[int]:
+    def check(self, request: LLMRequest) -> tuple[list[int], SamplingParams]:
         """Everything that makes a request unservable, found before the engine sees it."""
         if request.model and request.model != self.model_id:
             raise OperationError(f"model {request.model!r} is not served here; this runner serves {self.model_id!r}")
@@ -153,14 +156,16 @@ class LLMPipeline(Pipeline):
                 f"{len(prompt) + request.max_tokens} is more than this model's limit of "
                 f"{self.max_model_len} tokens (MAX_MODEL_LEN)"
             )
-        return prompt
+        try:
+            sampling = self.vllm.sampling_params(request, self.vocab_size)
+        except ValueError as exc:  # the spec allows what vLLM refuses, e.g. a temperature above 2
+            raise OperationError(str(exc)) from None
+        return prompt, sampling
 
     async def generate(self, request: LLMRequest, request_id: str) -> LLMResponse | EventStream:
-        prompt = self.check(request)
+        prompt, sampling = self.check(request)
         self.submitted += 1
-        outputs = self.engine.generate(
-            self.vllm.tokens_prompt(prompt), self.vllm.sampling_params(request), uuid.uuid4().hex
-        )
+        outputs = self.engine.generate(self.vllm.tokens_prompt(prompt), sampling, uuid.uuid4().hex)
         reply = ReplyBuilder(f"chatcmpl-{request_id}", self.model_id, Usage(prompt_tokens=len(prompt)))
         if request.stream:
             return EventStream(events=reply.events(outputs), error_event=reply.error_event)

@@ -8,6 +8,7 @@ import psutil
 import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
@@ -58,14 +59,21 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str) -> As
     )
 
 
-def sampling_params(request: LLMRequest) -> SamplingParams:
-    return SamplingParams(
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=0 if request.top_k == -1 else request.top_k,  # both mean "off"
-        max_tokens=request.max_tokens,
-        output_kind=RequestOutputKind.DELTA,  # only new tokens each step: nothing to diff
-    )
+def sampling_params(request: LLMRequest, vocab_size: int) -> SamplingParams:
+    """Raises ValueError, with vLLM's message, for values vLLM refuses (e.g. a temperature above 2)."""
+    # -1, 0 and anything from the vocabulary's size up all mean "off"; a top_k
+    # beyond 64 bits would not even reach the engine.
+    top_k = 0 if request.top_k == -1 or request.top_k >= vocab_size else request.top_k
+    try:
+        return SamplingParams(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=top_k,
+            max_tokens=request.max_tokens,
+            output_kind=RequestOutputKind.DELTA,  # only new tokens each step: nothing to diff
+        )
+    except (VLLMClientError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def tokens_prompt(token_ids: list[int]) -> TokensPrompt:
