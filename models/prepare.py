@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
 
 
-def install_snapshot(model_dir: Path, revision: str, build) -> Path:
+def install_snapshot(model_dir: Path, revision: str, build: Callable[[Path], None]) -> Path:
     """Build a snapshot in a temp folder, then move it into the cache layout.
 
     The snapshot folder is renamed into place before refs/main is written, so an
@@ -106,6 +107,11 @@ def install_snapshot(model_dir: Path, revision: str, build) -> Path:
         tmp_dir = Path(tempfile.mkdtemp(prefix=".prepare-", dir=model_dir))
         try:
             build(tmp_dir)
+            # mkdtemp and the safetensors writer make owner-only files; the server
+            # may run as another user than the one who prepared the model.
+            tmp_dir.chmod(0o755)
+            for file in tmp_dir.iterdir():
+                file.chmod(0o644)
             try:
                 tmp_dir.rename(snapshot_dir)
             except OSError:

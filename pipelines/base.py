@@ -7,6 +7,7 @@ so a new one plugs in by declaring an entry point, without touching ``runner/``.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -39,8 +40,27 @@ class EventStream:
     error_event: Callable[[str], BaseModel]
 
 
-# Called with the validated body and the request id.
-Operation = Callable[[BaseModel, str], Awaitable[BaseModel | EventStream]]
+@dataclass
+class RequestContext:
+    """One request as the runner sees it; the pipeline fills in what it learns.
+
+    The runner logs and measures every request from these facts, so pipelines
+    report them rather than logging or timing requests themselves.
+    """
+
+    request_id: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None  # time.monotonic() of the first generated token
+    finish_reason: str = ""
+
+    def count_tokens(self, completion_tokens: int) -> None:
+        if completion_tokens and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.completion_tokens += completion_tokens
+
+
+Operation = Callable[[BaseModel, RequestContext], Awaitable[BaseModel | EventStream]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,7 @@ class EngineLoad:
 
     unfinished: int
     submitted: int
+    batch_size: int  # requests the engine runs at once; the rest wait
 
 
 class Pipeline(abc.ABC):
@@ -79,6 +100,13 @@ class Pipeline(abc.ABC):
     @abc.abstractmethod
     def engine_load(self) -> EngineLoad:
         """What the engine is working on, for metrics and drain checks."""
+
+    def max_in_flight(self) -> int | None:
+        """Requests the pipeline takes at once, queued ones included; None for no bound.
+
+        Beyond it the runner answers 503 at once instead of queueing without end.
+        """
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

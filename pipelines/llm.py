@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline
+from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline, RequestContext
 from pipelines.model_store import resolve_model
 from runner.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ROLES = ("system", "user", "assistant")
+# go-livepeer kills a container 8 s after SIGTERM and the runner drains for up to
+# DRAIN_TIMEOUT (5 s) first: the engine's processes get 2 s to exit, not vLLM's 5.
+ENGINE_SHUTDOWN_TIMEOUT = 2.0
 
 
 class LLMSettings(BaseSettings):
@@ -49,6 +52,13 @@ class LLMSettings(BaseSettings):
     dtype: str = Field("auto", alias="DTYPE")
     enforce_eager: bool | None = Field(None, alias="ENFORCE_EAGER")
     kv_cache_gib: float | None = Field(None, alias="KV_CACHE_GIB", gt=0)
+    max_waiting_requests: int | None = Field(None, alias="MAX_WAITING_REQUESTS", ge=0)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Running slots plus the queue behind them (as deep as the batch by default)."""
+        waiting = self.max_num_seqs if self.max_waiting_requests is None else self.max_waiting_requests
+        return self.max_num_seqs + waiting
 
     @model_validator(mode="after")
     def batch_holds_longest_sequence(self) -> LLMSettings:
@@ -63,17 +73,23 @@ class LLMSettings(BaseSettings):
         return self
 
 
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int = 0
-
-    def model(self) -> LLMTokenUsage:
-        return LLMTokenUsage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            total_tokens=self.prompt_tokens + self.completion_tokens,
+def parallelism_errors(settings: LLMSettings, model_config: dict, gpus: int) -> list[str]:
+    """What stops the engine from splitting this model the way the settings ask."""
+    text_config = model_config.get("text_config", model_config)
+    heads = text_config.get("num_attention_heads")
+    layers = text_config.get("num_hidden_layers")
+    tensor, pipeline = settings.tensor_parallel_size, settings.pipeline_parallel_size
+    errors = []
+    if heads and heads % tensor:
+        errors.append(f"TENSOR_PARALLEL_SIZE={tensor} must divide the model's {heads} attention heads")
+    if layers and pipeline > layers:
+        errors.append(f"PIPELINE_PARALLEL_SIZE={pipeline} is more than the model's {layers} layers")
+    if tensor * pipeline > 1 and tensor * pipeline > gpus:
+        errors.append(
+            f"TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = {tensor * pipeline} GPUs, "
+            f"but this machine has {gpus}"
         )
+    return errors
 
 
 class LLMPipeline(Pipeline):
@@ -81,6 +97,11 @@ class LLMPipeline(Pipeline):
 
     def __init__(self, model_id: str, model_dir: Path) -> None:
         super().__init__(model_id, model_dir)
+        try:
+            self.settings: LLMSettings | None = LLMSettings()
+            self.settings_error = None
+        except ValidationError as exc:  # reported by load(), so /health says ERROR with the reason
+            self.settings, self.settings_error = None, exc
         self.vllm = None  # pipelines.vllm_engine, imported by load(): importing vLLM takes seconds
         self.engine: AsyncLLM | None = None
         self.submitted = 0
@@ -91,10 +112,21 @@ class LLMPipeline(Pipeline):
     def operations(self) -> Mapping[str, Operation]:
         return {"genLLM": self.generate}
 
+    def max_in_flight(self) -> int | None:
+        return self.settings.max_in_flight if self.settings else None
+
     async def load(self) -> None:
-        settings = LLMSettings()
+        if self.settings_error is not None:
+            raise ValueError(f"invalid settings: {self.settings_error}")
+        settings = self.settings
         self.vllm = await asyncio.to_thread(importlib.import_module, "pipelines.vllm_engine")
+        if settings.use_8bit and not self.vllm.gpu_count():
+            raise ValueError("USE_8BIT needs an NVIDIA GPU (bitsandbytes); this machine has none")
         model_path = await asyncio.to_thread(resolve_model, self.model_id, self.model_dir)
+        model_config = json.loads((model_path / "config.json").read_text())
+        errors = parallelism_errors(settings, model_config, self.vllm.gpu_count())
+        if errors:
+            raise ValueError("; ".join(errors))
         args = self.vllm.engine_args(settings, model_path, self.model_id)
         log.info(
             "engine.start",
@@ -114,7 +146,7 @@ class LLMPipeline(Pipeline):
 
     async def warm_up(self) -> None:
         request = LLMRequest(messages=[LLMMessage(role="user", content="Hello")], max_tokens=4, temperature=0)
-        reply = await self.generate(request, "warm-up")
+        reply = await self.generate(request, RequestContext(request_id="warm-up"))
         log.info("engine.warm", completion_tokens=reply.usage.completion_tokens)
 
     def failure(self) -> str | None:
@@ -124,12 +156,13 @@ class LLMPipeline(Pipeline):
 
     def engine_load(self) -> EngineLoad:
         unfinished = self.engine.get_num_unfinished_requests() if self.engine else 0
-        return EngineLoad(unfinished=unfinished, submitted=self.submitted)
+        batch_size = self.settings.max_num_seqs if self.settings else 0
+        return EngineLoad(unfinished=unfinished, submitted=self.submitted, batch_size=batch_size)
 
     async def close(self) -> None:
         if self.engine is not None:
             engine, self.engine = self.engine, None
-            await asyncio.to_thread(engine.shutdown)
+            await asyncio.to_thread(engine.shutdown, ENGINE_SHUTDOWN_TIMEOUT)
 
     def prompt_token_ids(self, messages: list[LLMMessage]) -> list[int]:
         conversation = [{"role": message.role, "content": message.content} for message in messages]
@@ -162,11 +195,12 @@ class LLMPipeline(Pipeline):
             raise OperationError(str(exc)) from None
         return prompt, sampling
 
-    async def generate(self, request: LLMRequest, request_id: str) -> LLMResponse | EventStream:
+    async def generate(self, request: LLMRequest, context: RequestContext) -> LLMResponse | EventStream:
         prompt, sampling = self.check(request)
+        context.prompt_tokens = len(prompt)
         self.submitted += 1
         outputs = self.engine.generate(self.vllm.tokens_prompt(prompt), sampling, uuid.uuid4().hex)
-        reply = ReplyBuilder(f"chatcmpl-{request_id}", self.model_id, Usage(prompt_tokens=len(prompt)))
+        reply = ReplyBuilder(self.model_id, context)
         if request.stream:
             return EventStream(events=reply.events(outputs), error_event=reply.error_event)
         return await reply.whole(outputs)
@@ -175,15 +209,19 @@ class LLMPipeline(Pipeline):
 class ReplyBuilder:
     """Turns one request's engine outputs into LLMResponse documents."""
 
-    def __init__(self, completion_id: str, model: str, usage: Usage) -> None:
-        self.completion_id = completion_id
+    def __init__(self, model: str, context: RequestContext) -> None:
+        self.completion_id = f"chatcmpl-{context.request_id}"
         self.model = model
-        self.usage = usage
+        self.context = context
         self.created = int(time.time())
+
+    def usage(self) -> LLMTokenUsage:
+        prompt, completion = self.context.prompt_tokens, self.context.completion_tokens
+        return LLMTokenUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def response(self, choice: LLMChoice) -> LLMResponse:
         return LLMResponse(
-            id=self.completion_id, model=self.model, created=self.created, usage=self.usage.model(), choices=[choice]
+            id=self.completion_id, model=self.model, created=self.created, usage=self.usage(), choices=[choice]
         )
 
     def chunk(self, content: str, finish_reason: str = "") -> LLMResponse:
@@ -191,27 +229,24 @@ class ReplyBuilder:
         return self.response(LLMChoice(index=0, delta=delta, finish_reason=finish_reason))
 
     def error_event(self, msg: str) -> LLMResponse:
-        log.error("llm.stream_error", msg=msg, completion_tokens=self.usage.completion_tokens)
+        self.context.finish_reason = "error"
         return self.chunk("", finish_reason="error")
 
     def count(self, output: RequestOutput) -> str:
         if output.prompt_token_ids is not None:  # what the engine saw, not what we meant to send
-            self.usage.prompt_tokens = len(output.prompt_token_ids)
+            self.context.prompt_tokens = len(output.prompt_token_ids)
         completion = output.outputs[0]
-        self.usage.completion_tokens += len(completion.token_ids)
-        if output.finished and completion.finish_reason not in ("stop", "length"):
-            raise RuntimeError(f"the engine ended the request early ({completion.finish_reason})")
+        self.context.count_tokens(len(completion.token_ids))
+        if output.finished:
+            if completion.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"the engine ended the request early ({completion.finish_reason})")
+            self.context.finish_reason = completion.finish_reason
         return completion.text
 
     async def whole(self, outputs: AsyncIterator[RequestOutput]) -> LLMResponse:
-        parts = []
-        finish_reason = ""
-        async for output in outputs:
-            parts.append(self.count(output))
-            if output.finished:
-                finish_reason = output.outputs[0].finish_reason
+        parts = [self.count(output) async for output in outputs]
         message = LLMMessage(role="assistant", content="".join(parts))
-        return self.response(LLMChoice(index=0, message=message, finish_reason=finish_reason))
+        return self.response(LLMChoice(index=0, message=message, finish_reason=self.context.finish_reason))
 
     async def events(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[LLMResponse]:
         try:
@@ -220,6 +255,6 @@ class ReplyBuilder:
                 if text:
                     yield self.chunk(text)
                 if output.finished:
-                    yield self.chunk("", finish_reason=output.outputs[0].finish_reason)
+                    yield self.chunk("", finish_reason=self.context.finish_reason)
         finally:
             await outputs.aclose()  # aborts the engine request if the stream stopped early

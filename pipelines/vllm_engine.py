@@ -17,7 +17,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from pipelines.llm import LLMSettings
 from runner.schema import LLMRequest
 
-__all__ = ["AsyncLLM", "engine_args", "sampling_params", "tokens_prompt"]
+__all__ = ["AsyncLLM", "engine_args", "gpu_count", "sampling_params", "tokens_prompt"]
 
 GiB = 1024**3
 CPU_KV_CACHE_SHARE = 0.25  # of the RAM available at start
@@ -30,8 +30,6 @@ def cpu_has_native_bfloat16() -> bool:
 
 def engine_args(settings: LLMSettings, model_path: Path, served_name: str) -> AsyncEngineArgs:
     on_cpu = current_platform.is_cpu()
-    if settings.use_8bit and on_cpu:
-        raise ValueError("USE_8BIT needs an NVIDIA GPU (bitsandbytes); this machine has none")
     dtype = settings.dtype
     kv_cache_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
     if on_cpu:
@@ -57,6 +55,10 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str) -> As
         enforce_eager=enforce_eager,
         disable_log_stats=True,
     )
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if current_platform.is_cuda() else 0
 
 
 def sampling_params(request: LLMRequest, vocab_size: int) -> SamplingParams:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
 
 import structlog
@@ -9,8 +11,41 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from runner.app import create_app
+from runner.keys import STATE
 from runner.log import configure_logging
 from runner.settings import RunnerSettings
+
+log = structlog.get_logger("runner")
+
+
+async def serve(settings: RunnerSettings) -> None:
+    """Listen at once, load in the background, and on SIGTERM drain, then stop.
+
+    aiohttp's own run_app closes the listening socket first on a signal; here new
+    /llm calls keep getting a clear 503 while the requests in flight finish.
+    """
+    app = create_app(settings)
+    # handler_cancellation: a client that goes away cancels its handler, which stops its generation.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    log.info("runner.listening", host=settings.host, port=settings.port, pipeline=settings.pipeline,
+             model_id=settings.model_id)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    state = app[STATE]
+    log.info("runner.draining", in_flight=state.in_flight, timeout_s=settings.drain_timeout)
+    left = await state.drain(settings.drain_timeout)
+    if left:
+        log.warning("runner.drain.timeout", cut_requests=left)
+    await runner.cleanup()  # stops listening, cancels what is left, closes the pipeline
+    log.info("runner.stopped")
 
 
 def main() -> int:
@@ -20,11 +55,7 @@ def main() -> int:
         print(f"invalid runner settings:\n{exc}", file=sys.stderr)
         return 2
     configure_logging(settings.verbose_logging)
-    log = structlog.get_logger("runner")
-    app = create_app(settings)
-    log.info("runner.start", host=settings.host, port=settings.port, pipeline=settings.pipeline, model_id=settings.model_id)
-    # handler_cancellation: a client that goes away cancels its handler, which stops its generation.
-    web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True, print=None, access_log=None)
+    asyncio.run(serve(settings))
     return 0
 
 

@@ -9,14 +9,12 @@ from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pipelines.base import Pipeline, pipeline_class
-from runner import __version__
 from runner.handlers import RUNNER_HANDLERS, pipeline_handler
 from runner.hardware import NVML as NVMLReader
 from runner.keys import METRICS, NVML, REQUEST_ID, SETTINGS, STATE
+from runner.metrics import RunnerMetrics
 from runner.routes import RouteBindingError, bind_operations, error_middleware
 from runner.settings import RunnerSettings
 from runner.state import RunnerState
@@ -35,32 +33,6 @@ async def request_context_middleware(request: web.Request, handler) -> web.Strea
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
     if REQUEST_ID in request:
         response.headers["X-Request-ID"] = request[REQUEST_ID]
-
-
-class RunnerCollector:
-    """Gauges read at scrape time from the runner's state."""
-
-    def __init__(self, state: RunnerState) -> None:
-        self.state = state
-
-    def collect(self):
-        info = GaugeMetricFamily("livepeer_runner_info", "Runner version", labels=["version", "pipeline", "model_id"])
-        info.add_metric([__version__, self.state.pipeline.name, self.state.pipeline.model_id], 1)
-        yield info
-        yield GaugeMetricFamily(
-            "livepeer_runner_requests_in_flight", "Requests the runner is serving", value=self.state.in_flight
-        )
-        load = self.state.pipeline.engine_load() if self.state.loaded.is_set() else None
-        yield GaugeMetricFamily(
-            "livepeer_runner_engine_requests_unfinished",
-            "Requests the engine holds, running or waiting",
-            value=load.unfinished if load else 0,
-        )
-        yield CounterMetricFamily(
-            "livepeer_runner_engine_requests",
-            "Requests handed to the engine",
-            value=load.submitted if load else 0,
-        )
 
 
 async def nvml_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -91,15 +63,13 @@ def create_app(settings: RunnerSettings, pipeline: Pipeline | None = None) -> we
     state = RunnerState(pipeline=pipeline, load_wait_timeout=settings.load_wait_timeout)
     app[SETTINGS] = settings
     app[STATE] = state
-    registry = CollectorRegistry()
-    registry.register(RunnerCollector(state))
-    app[METRICS] = registry
+    app[METRICS] = RunnerMetrics(state)
 
     handlers = dict(RUNNER_HANDLERS)
     for operation_id, operation in pipeline.operations().items():
         if operation_id in handlers:
             raise RouteBindingError(f"pipeline {pipeline.name!r} redefines the runner's operation {operation_id!r}")
-        handlers[operation_id] = pipeline_handler(operation)
+        handlers[operation_id] = pipeline_handler(operation_id, operation)
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
     bind_operations(app, handlers, auth_token=token)
 

@@ -4,12 +4,13 @@ serves a pipeline's operations as JSON or as a Server-Sent Events stream."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipelines.base import EventStream, Operation, OperationError
+from pipelines.base import EventStream, Operation, OperationError, RequestContext
 from runner import __version__
 from runner.keys import METRICS, NVML, REQUEST_ID, SETTINGS, STATE
 from runner.routes import Handler, error_response, json_response
@@ -54,7 +55,8 @@ async def hardware_stats(request: web.Request, _body: None) -> web.Response:
 
 
 async def metrics(request: web.Request, _body: None) -> web.Response:
-    return web.Response(body=generate_latest(request.app[METRICS]), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    registry = request.app[METRICS].registry
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 RUNNER_HANDLERS: dict[str, Handler] = {
@@ -70,19 +72,33 @@ def encode_event(event) -> bytes:
     return b"data: " + event.__pydantic_serializer__.to_json(event, exclude_none=True) + b"\n\n"
 
 
-async def send_event_stream(request: web.Request, stream: EventStream) -> web.StreamResponse:
+CLIENT_GONE = 499  # nginx's code for a client that closed the connection; never sent, only counted
+
+
+class ClientGone(Exception):
+    """The client closed the connection mid-stream; ``response`` is the one it left."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__()
+        self.response = response
+
+
+async def send_event_stream(
+    request: web.Request, stream: EventStream, deadline: float, timeout_message: str
+) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     events = stream.events
     try:
-        async for event in events:
-            await response.write(encode_event(event))
+        async with asyncio.timeout_at(deadline):
+            async for event in events:
+                await response.write(encode_event(event))
     except ConnectionResetError:
-        log.info("request.client_gone", phase="streaming")
-        return response
+        raise ClientGone(response) from None
     except Exception as exc:  # after the header went out, failures are reported in-band
-        log.error("request.stream_failed", reason=str(exc), exc_info=True)
-        await response.write(encode_event(stream.error_event(failure_message(exc))))
+        message = timeout_message if isinstance(exc, TimeoutError) else failure_message(exc)
+        log.error("request.stream_failed", reason=message, exc_info=not isinstance(exc, TimeoutError))
+        await response.write(encode_event(stream.error_event(message)))
     finally:
         await events.aclose()  # stops the generation if the stream ended early
     await response.write(SSE_DONE)
@@ -95,28 +111,70 @@ def failure_message(exc: BaseException) -> str:
     return f"generation failed: {text}"
 
 
-def pipeline_handler(operation: Operation) -> Handler:
+def unavailable(msg: str) -> web.Response:
+    return error_response(503, msg, headers={"Retry-After": "1"})
+
+
+async def serve_operation(request: web.Request, body, operation: Operation, context: RequestContext):
+    settings, state = request.app[SETTINGS], request.app[STATE]
+    if state.draining:
+        return unavailable("the runner is shutting down")
+    limit = state.pipeline.max_in_flight()
+    if limit is not None and state.in_flight >= limit:
+        return unavailable(f"the runner is at capacity ({limit} requests in flight); retry later")
+    state.in_flight += 1
+    try:
+        await state.wait_until_ready()
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout
+        timeout_message = f"the request took longer than REQUEST_TIMEOUT ({settings.request_timeout:g} s) and was stopped"
+        try:
+            async with asyncio.timeout_at(deadline):
+                result = await operation(body, context)
+        except TimeoutError:
+            log.error("request.timeout", seconds=settings.request_timeout)
+            return error_response(500, timeout_message)
+        if isinstance(result, EventStream):
+            return await send_event_stream(request, result, deadline, timeout_message)
+        return json_response(result)
+    except NotReady as exc:
+        return unavailable(str(exc))
+    except OperationError as exc:
+        return error_response(exc.status, exc.msg)
+    except (asyncio.CancelledError, ClientGone):
+        raise
+    except Exception as exc:
+        log.error("request.failed", reason=str(exc), exc_info=True)
+        return error_response(500, failure_message(exc))
+    finally:
+        state.in_flight -= 1
+
+
+def pipeline_handler(operation_id: str, operation: Operation) -> Handler:
+    """Serves a pipeline operation, then counts and logs it, whatever became of it."""
+
     async def handle(request: web.Request, body) -> web.StreamResponse:
-        state = request.app[STATE]
+        started = time.monotonic()
+        context = RequestContext(request_id=request[REQUEST_ID])
+        status = CLIENT_GONE
         try:
-            await state.wait_until_ready()
-        except NotReady as exc:
-            return error_response(503, str(exc))
-        state.in_flight += 1
-        try:
-            result = await operation(body, request[REQUEST_ID])
-            if isinstance(result, EventStream):
-                return await send_event_stream(request, result)
-            return json_response(result)
-        except OperationError as exc:
-            return error_response(exc.status, exc.msg)
-        except (asyncio.CancelledError, ConnectionResetError):
-            log.info("request.client_gone", phase="generating")
-            raise
-        except Exception as exc:
-            log.error("request.failed", reason=str(exc), exc_info=True)
-            return error_response(500, failure_message(exc))
+            response = await serve_operation(request, body, operation, context)
+            status = response.status
+            return response
+        except ClientGone as gone:
+            return gone.response
         finally:
-            state.in_flight -= 1
+            finished = time.monotonic()
+            request.app[METRICS].observe(operation_id, status, context, started, finished)
+            log.info(
+                "request.done",
+                operation=operation_id,
+                model=request.app[SETTINGS].model_id,
+                status=status,
+                prompt_tokens=context.prompt_tokens,
+                completion_tokens=context.completion_tokens,
+                ttft_s=None if context.first_token_at is None else round(context.first_token_at - started, 4),
+                duration_s=round(finished - started, 4),
+                finish_reason=context.finish_reason or None,
+            )
 
     return handle

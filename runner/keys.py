@@ -1,14 +1,14 @@
 """Typed keys for what the app and each request carry."""
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from runner.hardware import NVML as NVMLReader
+from runner.metrics import RunnerMetrics
 from runner.settings import RunnerSettings
 from runner.state import RunnerState
 
 SETTINGS = web.AppKey("settings", RunnerSettings)
 STATE = web.AppKey("state", RunnerState)
 NVML = web.AppKey("nvml", NVMLReader)
-METRICS = web.AppKey("metrics", CollectorRegistry)
+METRICS = web.AppKey("metrics", RunnerMetrics)
 REQUEST_ID = web.RequestKey("request_id", str)

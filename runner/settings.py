@@ -32,6 +32,18 @@ class RunnerSettings(BaseSettings):
     max_request_bytes: int = Field(
         1024 * 1024, alias="MAX_REQUEST_BYTES", ge=1024, description="Largest request body accepted (413 beyond)."
     )
+    request_timeout: float = Field(
+        600.0,
+        alias="REQUEST_TIMEOUT",
+        gt=0,
+        description="Seconds one request may take; past it the request is stopped and fails.",
+    )
+    drain_timeout: float = Field(
+        5.0,
+        alias="DRAIN_TIMEOUT",
+        ge=0,
+        description="Seconds in-flight requests get to finish after SIGTERM (go-livepeer kills after 8).",
+    )
     load_wait_timeout: float = Field(
         180.0,
         alias="LOAD_WAIT_TIMEOUT",

@@ -24,6 +24,7 @@ class RunnerState:
     pipeline: Pipeline
     load_wait_timeout: float
     in_flight: int = 0
+    draining: bool = False
     load_error: str | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # loaded or failed
@@ -58,7 +59,19 @@ class RunnerState:
             return "ERROR"
         if not self.loaded.is_set():
             return "LOADING"
-        return "OK" if self.in_flight else "IDLE"
+        if self.in_flight:
+            return "OK"
+        # Draining takes no new work: IDLE would invite a request it must refuse.
+        return "ERROR" if self.draining else "IDLE"
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new requests and wait, bounded, for those in flight; return how many are left."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight
 
     async def wait_until_ready(self) -> None:
         """Wait, bounded, for a load in progress; raise NotReady if the pipeline can't serve."""

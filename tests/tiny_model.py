@@ -31,6 +31,7 @@ TINY_CHAT_TEMPLATE = (
 )
 
 TARGET_VOCAB_SIZE = 768
+MAX_POSITION_EMBEDDINGS = 4096
 SEED = 0
 
 TRAINING_CORPUS = """\
@@ -85,7 +86,7 @@ def _train_tokenizer():
         add_bos_token=True,
         add_eos_token=False,
         chat_template=TINY_CHAT_TEMPLATE,
-        model_max_length=4096,
+        model_max_length=MAX_POSITION_EMBEDDINGS,
     )
 
 
@@ -120,7 +121,7 @@ def _write_model(out_dir: Path) -> None:
         num_hidden_layers=2,
         num_attention_heads=2,  # head_dim 32: the CPU attention backend rejects 16
         num_key_value_heads=1,
-        max_position_embeddings=4096,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

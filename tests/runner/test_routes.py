@@ -60,7 +60,7 @@ class ScriptedPipeline(Pipeline):
         return None
 
     def engine_load(self) -> EngineLoad:
-        return EngineLoad(unfinished=0, submitted=len(self.seen))
+        return EngineLoad(unfinished=0, submitted=len(self.seen), batch_size=1)
 
     async def close(self) -> None:
         self.closed = True

@@ -1,0 +1,106 @@
+"""Prometheus metrics for /metrics, kept in a registry of the app's own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pipelines.base import RequestContext
+from runner import __version__
+from runner.state import RunnerState
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+def outcome_of(status: int, finish_reason: str) -> str:
+    if status == 499:
+        return "cancelled"
+    if status == 503:
+        return "unavailable"
+    if 400 <= status < 500:
+        return "rejected"
+    if status >= 500 or finish_reason == "error":
+        return "failed"
+    return "ok"
+
+
+class RunnerMetrics:
+    def __init__(self, state: RunnerState) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(StateCollector(state))
+        self.requests = Counter(
+            "livepeer_runner_requests",
+            "Requests by operation, outcome (ok, rejected, unavailable, failed, cancelled) and status code",
+            ["operation", "outcome", "code"],
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "livepeer_runner_time_to_first_token_seconds",
+            "From the request's arrival to its first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "livepeer_runner_time_per_output_token_seconds",
+            "Mean time between generated tokens after the first, per request",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "livepeer_runner_request_duration_seconds",
+            "From the request's arrival to its last byte",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "livepeer_runner_prompt_tokens", "Prompt tokens of served requests", registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            "livepeer_runner_completion_tokens", "Generated tokens", registry=self.registry
+        )
+
+    def observe(
+        self, operation: str, status: int, context: RequestContext, started: float, finished: float
+    ) -> None:
+        self.requests.labels(operation, outcome_of(status, context.finish_reason), str(status)).inc()
+        self.request_duration.observe(finished - started)
+        if context.completion_tokens:
+            self.prompt_tokens.inc(context.prompt_tokens)
+            self.completion_tokens.inc(context.completion_tokens)
+        if context.first_token_at is not None:
+            self.time_to_first_token.observe(context.first_token_at - started)
+            if context.completion_tokens > 1:
+                self.time_per_output_token.observe(
+                    (finished - context.first_token_at) / (context.completion_tokens - 1)
+                )
+
+
+class StateCollector:
+    """Gauges read from the runner's state at scrape time."""
+
+    def __init__(self, state: RunnerState) -> None:
+        self.state = state
+
+    def collect(self):
+        pipeline = self.state.pipeline
+        info = GaugeMetricFamily("livepeer_runner_info", "Runner version", labels=["version", "pipeline", "model_id"])
+        info.add_metric([__version__, pipeline.name, pipeline.model_id], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "livepeer_runner_requests_in_flight", "Requests the runner is serving", value=self.state.in_flight
+        )
+        load = pipeline.engine_load() if self.state.loaded.is_set() else None
+        yield GaugeMetricFamily(
+            "livepeer_runner_engine_requests_unfinished",
+            "Requests the engine holds, running or waiting",
+            value=load.unfinished if load else 0,
+        )
+        yield GaugeMetricFamily(
+            "livepeer_runner_engine_requests_waiting",
+            "Requests the engine holds beyond its batch (MAX_NUM_SEQS), waiting for a slot",
+            value=max(0, load.unfinished - load.batch_size) if load else 0,
+        )
+        yield CounterMetricFamily(
+            "livepeer_runner_engine_requests", "Requests handed to the engine", value=load.submitted if load else 0
+        )
