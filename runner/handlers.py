@@ -25,6 +25,9 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # proxies must pass each event on at once
 }
 SSE_DONE = b"data: [DONE]\n\n"
+# How long past its request's deadline a stream waits for a client that has
+# stopped reading, to hand it the stream's ending, before letting it go.
+STALLED_CLIENT_GRACE = 5.0
 
 
 async def health(request: web.Request, _body: None) -> web.Response:
@@ -83,26 +86,74 @@ class ClientGone(Exception):
         self.response = response
 
 
+class PacedStreamWriter:
+    """Writes a stream to a client that may read slowly, or stop reading.
+
+    A write waits (aiohttp's drain) while the client is behind, which holds the
+    stream back instead of buffering it. That wait runs as a task of its own,
+    so the request's deadline stops the generation without cancelling it:
+    aiohttp's drain does not recover from a cancelled wait. The stream's
+    ending waits for the client until STALLED_CLIENT_GRACE seconds past the
+    deadline; a client still not reading then is let go.
+    """
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, deadline: float) -> None:
+        self.request = request
+        self.response = response
+        self.let_go_at = deadline + STALLED_CLIENT_GRACE
+        self.pending: asyncio.Future | None = None
+
+    def client_is_behind(self, size: int) -> bool:
+        transport = self.request.transport
+        if transport is None:
+            return False  # the write fails at once, it does not wait
+        low_water, _ = transport.get_write_buffer_limits()
+        return transport.get_write_buffer_size() + size > low_water
+
+    async def write(self, data: bytes) -> None:
+        if not self.client_is_behind(len(data)):
+            await self.response.write(data)  # goes straight to the socket: nothing to wait for
+            return
+        self.pending = asyncio.ensure_future(self.response.write(data))
+        self.pending.add_done_callback(lambda write: write.cancelled() or write.exception())
+        await asyncio.shield(self.pending)
+        self.pending = None
+
+    async def finish(self, ending: bytes) -> None:
+        try:
+            async with asyncio.timeout_at(self.let_go_at):
+                if self.pending is not None:
+                    await self.pending
+                await self.response.write(ending)
+                await self.response.write_eof()
+        except (TimeoutError, ConnectionError):
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            log.info("request.client_stalled", grace_s=STALLED_CLIENT_GRACE)
+            raise ClientGone(self.response) from None
+
+
 async def send_event_stream(
     request: web.Request, stream: EventStream, deadline: float, timeout_message: str
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
+    writer = PacedStreamWriter(request, response, deadline)
     events = stream.events
+    ending = SSE_DONE
     try:
         async with asyncio.timeout_at(deadline):
             async for event in events:
-                await response.write(encode_event(event))
+                await writer.write(encode_event(event))
     except ConnectionResetError:
         raise ClientGone(response) from None
     except Exception as exc:  # after the header went out, failures are reported in-band
         message = timeout_message if isinstance(exc, TimeoutError) else failure_message(exc)
         log.error("request.stream_failed", reason=message, exc_info=not isinstance(exc, TimeoutError))
-        await response.write(encode_event(stream.error_event(message)))
+        ending = encode_event(stream.error_event(message)) + SSE_DONE
     finally:
         await events.aclose()  # stops the generation if the stream ended early
-    await response.write(SSE_DONE)
-    await response.write_eof()
+    await writer.finish(ending)
     return response
 
 

@@ -1,0 +1,234 @@
+"""A client that stops reading its stream: the runner waits for it, holding
+only what the socket buffers hold, and gives it every event once it reads again.
+
+The app runs in-process on a real TCP port, with a pipeline that could
+produce tens of megabytes of events in an instant. If the SSE writer did not
+wait for the client (aiohttp's write() awaiting the transport's drain), every
+event would pile up in the runner's memory at once; here we count how many
+the pipeline was asked for while the client read nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+from aiohttp import web
+
+from pipelines.base import EngineLoad, EventStream, Operation, Pipeline, RequestContext
+from runner.app import create_app
+from runner.handlers import STALLED_CLIENT_GRACE
+from runner.keys import METRICS, STATE
+from runner.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from runner.settings import RunnerSettings
+
+EVENT_CONTENT_BYTES = 8 * 1024
+EVENTS = 4000  # over 32 MiB of events
+CLIENT_RECEIVE_BUFFER = 4096
+# What a stalled connection may hold: the kernel's send buffer, which grows up
+# to tcp_wmem's maximum (4 MiB by default), the client's small receive buffer
+# and aiohttp's 64 KiB write buffer. Everything else must wait in the pipeline.
+KERNEL_SEND_BUFFER_MAX = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+MAX_EVENTS_BUFFERED = (KERNEL_SEND_BUFFER_MAX + 4 * CLIENT_RECEIVE_BUFFER + 256 * 1024) // EVENT_CONTENT_BYTES
+
+
+class FloodPipeline(Pipeline):
+    """Streams EVENTS large events as fast as they are asked for, counting them."""
+
+    name = "flood"
+
+    def __init__(self) -> None:
+        super().__init__("flood", Path("."))
+        self.produced = 0
+        self.finished = asyncio.Event()
+        self.closed = asyncio.Event()  # the stream was run to its end or stopped
+
+    def operations(self) -> Mapping[str, Operation]:
+        return {"genLLM": self.generate}
+
+    async def load(self) -> None:
+        pass
+
+    def failure(self) -> str | None:
+        return None
+
+    def engine_load(self) -> EngineLoad:
+        return EngineLoad(unfinished=0, submitted=0, batch_size=1)
+
+    async def close(self) -> None:
+        pass
+
+    async def generate(self, request: LLMRequest, context: RequestContext):
+        def error_event(msg: str) -> LLMResponse:
+            context.finish_reason = "error"
+            return self.event("", "error")
+
+        return EventStream(events=self.events(), error_event=error_event)
+
+    def event(self, content: str, finish_reason: str = "") -> LLMResponse:
+        usage = LLMTokenUsage(prompt_tokens=1, completion_tokens=self.produced, total_tokens=1 + self.produced)
+        choice = LLMChoice(index=0, delta=LLMMessage(role="assistant", content=content), finish_reason=finish_reason)
+        return LLMResponse(id="chatcmpl-flood", model="flood", created=0, usage=usage, choices=[choice])
+
+    async def events(self):
+        content = "x" * EVENT_CONTENT_BYTES
+        try:
+            for _ in range(EVENTS):
+                self.produced += 1
+                yield self.event(content)
+            yield self.event("", "length")
+            self.finished.set()
+        finally:
+            self.closed.set()
+
+
+async def produced_when_settled(pipeline: FloodPipeline, quiet_for: float = 0.5, within: float = 20) -> int:
+    """The pipeline's count once it has stopped growing for `quiet_for` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last, last_change = pipeline.produced, loop.time()
+    while loop.time() < deadline and not pipeline.finished.is_set():
+        await asyncio.sleep(0.05)
+        if pipeline.produced != last:
+            last, last_change = pipeline.produced, loop.time()
+        elif loop.time() - last_change >= quiet_for:
+            break
+    return pipeline.produced
+
+
+async def open_stalled_stream(server) -> socket.socket:
+    """A client that asks for a stream and then reads nothing, with a small receive window."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RECEIVE_BUFFER)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, (server.host, server.port))
+    body = json.dumps({"messages": [{"role": "user", "content": "flood"}], "stream": True}).encode()
+    await loop.sock_sendall(
+        client,
+        b"POST /llm HTTP/1.1\r\nHost: runner\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    return client
+
+
+async def flood_server(aiohttp_server, **settings):
+    pipeline = FloodPipeline()
+    server = await aiohttp_server(create_app(RunnerSettings(**settings), pipeline=pipeline))
+    await asyncio.sleep(0)  # the pipeline's (instant) load
+    return server, pipeline
+
+
+async def served_requests(server) -> dict[tuple[str, str], float]:
+    """livepeer_runner_requests_total by (outcome, code)."""
+    counts = {}
+    for metric in server.app[METRICS].registry.collect():
+        for sample in metric.samples:
+            if sample.name == "livepeer_runner_requests_total":
+                counts[sample.labels["outcome"], sample.labels["code"]] = sample.value
+    return counts
+
+
+async def test_a_client_that_stops_reading_holds_back_the_stream_not_the_memory(aiohttp_server):
+    server, pipeline = await flood_server(aiohttp_server)
+    client = await open_stalled_stream(server)
+    loop = asyncio.get_running_loop()
+    try:
+        # The client reads nothing: the writer must stop asking for events once the buffers are full.
+        stalled_at = await produced_when_settled(pipeline)
+        assert 0 < stalled_at <= MAX_EVENTS_BUFFERED, f"{stalled_at} events of {EVENTS} produced for a stalled client"
+
+        received = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 16), timeout=20):
+            received += chunk
+            if received.endswith(b"\r\n0\r\n\r\n"):  # chunked encoding's last chunk
+                break
+    finally:
+        client.close()
+    assert pipeline.finished.is_set()
+    *events, done, after_done = sse_blocks(received)
+    assert (done, after_done) == ("data: [DONE]", "")
+    assert len(events) == EVENTS + 1, "every event reaches the client once it reads again"
+    assert json.loads(events[-1].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+
+
+async def test_a_stalled_client_that_hangs_up_stops_its_stream(aiohttp_server):
+    server, pipeline = await flood_server(aiohttp_server)
+    client = await open_stalled_stream(server)
+    await produced_when_settled(pipeline)
+    client.close()
+    await asyncio.wait_for(pipeline.closed.wait(), timeout=5)
+    assert not pipeline.finished.is_set()
+    await wait_until(lambda: server.app[STATE].in_flight == 0, within=5)
+    assert await served_requests(server) == {("cancelled", "499"): 1}
+
+
+async def test_a_client_that_never_reads_again_is_let_go_after_the_request_timeout(aiohttp_server):
+    """Not reading and not hanging up (a frozen client, a connection a NAT dropped)
+    must not hold the request, and its place in the admission bound, for ever."""
+    server, pipeline = await flood_server(aiohttp_server, REQUEST_TIMEOUT=1)
+    client = await open_stalled_stream(server)
+    try:
+        await asyncio.wait_for(pipeline.closed.wait(), timeout=1 + STALLED_CLIENT_GRACE / 2)
+        assert not pipeline.finished.is_set(), "the stream was stopped at the timeout"
+        await wait_until(lambda: server.app[STATE].in_flight == 0, within=1 + STALLED_CLIENT_GRACE + 5)
+    finally:
+        client.close()
+    assert sum((await served_requests(server)).values()) == 1
+
+
+async def test_a_slow_reader_past_the_request_timeout_still_gets_the_error_event(aiohttp_server):
+    """The deadline comes while the writer waits for the client: the generation
+    stops then, and the client, once it catches up, reads the contract's ending."""
+    server, pipeline = await flood_server(aiohttp_server, REQUEST_TIMEOUT=1)
+    client = await open_stalled_stream(server)
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    try:
+        trickle_until = loop.time() + 2
+        while loop.time() < trickle_until:  # about 20 KiB/s: far behind the pipeline
+            received += await asyncio.wait_for(loop.sock_recv(client, 1024), timeout=5)
+            await asyncio.sleep(0.05)
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            chunk = await asyncio.wait_for(loop.sock_recv(client, 1 << 16), timeout=5)
+            assert chunk, f"the runner closed the stream without its ending: ...{bytes(received[-200:])!r}"
+            received += chunk
+    finally:
+        client.close()
+    assert pipeline.closed.is_set() and not pipeline.finished.is_set()
+    *events, done, after_done = sse_blocks(received)
+    assert (done, after_done) == ("data: [DONE]", "")
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "error" and last["choices"][0]["delta"]["content"] == ""
+    assert await served_requests(server) == {("failed", "200"): 1}
+
+
+def sse_blocks(raw: bytes) -> list[str]:
+    """The SSE body of a raw chunked HTTP response, split at its blank lines."""
+    raw = bytes(raw)
+    at = raw.index(b"\r\n\r\n") + 4
+    head = raw[:at]
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head, head
+    body = bytearray()
+    while True:
+        line_end = raw.index(b"\r\n", at)
+        size = int(raw[at:line_end], 16)
+        at = line_end + 2
+        if size == 0:
+            break
+        body += raw[at : at + size]
+        assert raw[at + size : at + size + 2] == b"\r\n"
+        at += size + 2
+    return body.decode().split("\n\n")
+
+
+async def wait_until(condition, within: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, f"not true within {within} s"
+        await asyncio.sleep(0.05)
