@@ -27,8 +27,13 @@ from tests.tiny_model import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-START_TIMEOUT = 420  # seconds; engines start slower when three share two cores
+START_TIMEOUT = 420  # seconds; engines start slower when several share two cores
 TINY_MAX_MODEL_LEN = 4096
+# The guarded runner: a bearer token, a small batch with a small queue behind it, a short request timeout.
+GUARDED_AUTH_TOKEN = "guarded-runner-token"
+GUARDED_MAX_NUM_SEQS = 2
+GUARDED_MAX_WAITING_REQUESTS = 2
+GUARDED_REQUEST_TIMEOUT = 4
 
 
 def free_port() -> int:
@@ -123,6 +128,19 @@ def runners(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[dict[str,
         "tiny": RunnerProcess("tiny", tiny_env, logs / "tiny.log"),
         # A runner of its own, because its engine gets killed.
         "doomed": RunnerProcess("doomed", tiny_env, logs / "doomed.log"),
+        # Another one whose engine gets killed, with 32 streams running.
+        "doomed_under_load": RunnerProcess("doomed_under_load", tiny_env, logs / "doomed_under_load.log"),
+        "guarded": RunnerProcess(
+            "guarded",
+            {
+                **tiny_env,
+                "AUTH_TOKEN": GUARDED_AUTH_TOKEN,
+                "MAX_NUM_SEQS": str(GUARDED_MAX_NUM_SEQS),
+                "MAX_WAITING_REQUESTS": str(GUARDED_MAX_WAITING_REQUESTS),
+                "REQUEST_TIMEOUT": str(GUARDED_REQUEST_TIMEOUT),
+            },
+            logs / "guarded.log",
+        ),
         "default": RunnerProcess(
             "default", {"MODEL_ID": DEFAULT_MODEL_ID, "MODEL_DIR": str(model_store)},
             logs / "default.log",
@@ -154,3 +172,13 @@ def doomed_runner(runners) -> RunnerProcess:
 @pytest.fixture(scope="session")
 def default_runner(runners) -> RunnerProcess:
     return ready(runners["default"])
+
+
+@pytest.fixture(scope="session")
+def doomed_under_load_runner(runners) -> RunnerProcess:
+    return ready(runners["doomed_under_load"])
+
+
+@pytest.fixture(scope="session")
+def guarded_runner(runners) -> RunnerProcess:
+    return ready(runners["guarded"])

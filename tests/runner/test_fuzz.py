@@ -1,0 +1,156 @@
+"""openapi.yaml against a live runner: schemathesis calls every operation with
+valid and invalid input and checks each answer against the spec.
+
+The runner is a real process with the tiny model and a bearer token (the
+guarded runner), so the spec's security scheme is enforced and checked too.
+Every answer must be one the spec documents for the operation, with its
+content type and body shape; none may be a 5xx. A streamed reply must also
+keep the contract's framing, which the spec cannot express: one `data:` line
+per event, each with exactly one choice, a finish reason on the last event,
+then `data: [DONE]`.
+
+Generation is kept short (see `keep_generation_short`): the tiny model always
+runs to max_tokens, and the spec's default of 256 tokens, times a few hundred
+examples, would take minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from typing import Any
+
+import aiohttp
+import jsonschema
+import pytest
+import schemathesis
+import yaml
+
+from tests.conftest import GUARDED_AUTH_TOKEN, ROOT, TINY_MAX_MODEL_LEN, RunnerProcess
+
+SPEC_PATH = ROOT / "openapi.yaml"
+FUZZ_MAX_TOKENS = 16
+# Examples per operation in the fuzzing phase, on top of the coverage phase's
+# deterministic edge cases. FUZZ_EXAMPLES and FUZZ_SEED widen a local hunt.
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
+FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20251122"))
+ROLES = ("system", "user", "assistant")
+
+config = schemathesis.Config.from_dict(
+    {
+        "seed": FUZZ_SEED,
+        "generation": {"mode": "all", "max-examples": FUZZ_EXAMPLES, "database": "none"},
+        "phases": {"stateful": {"enabled": False}},  # the spec has no links between operations
+        "auth": {"openapi": {"HTTPBearer": {"bearer": GUARDED_AUTH_TOKEN}}},
+        # A short stream holds at most FUZZ_MAX_TOKENS + 2 events: read them all.
+        "max-stream-events": 4 * FUZZ_MAX_TOKENS,
+        "request-timeout": 60,
+        "checks": {
+            # A request the schema allows may still be one the model cannot serve
+            # (a role it does not know, another model, a prompt that is too long):
+            # the spec documents that as 400.
+            "positive_data_acceptance": {"expected-statuses": ["2xx", "400"]},
+            "negative_data_rejection": {"expected-statuses": ["400", "401", "413", "422"]},
+        },
+    }
+)
+schema = schemathesis.openapi.from_path(SPEC_PATH, config=config)
+
+_spec = yaml.safe_load(SPEC_PATH.read_text())
+LLM_RESPONSE = jsonschema.Draft202012Validator(
+    {"$ref": "#/components/schemas/LLMResponse", "components": _spec["components"]}
+)
+
+
+def keep_generation_short(body: Any) -> Any:
+    """The body as sent: as valid or invalid as generated, but quick to serve.
+
+    Only values the schema allows are changed, into other values it allows, so
+    a positive case stays positive and a negative one negative. A max_tokens
+    the tiny model could serve becomes one of at most FUZZ_MAX_TOKENS (larger
+    ones stay: they must be refused, quickly). Half the bodies, picked by a
+    hash so a seed replays exactly, are also made servable (known roles, no
+    model, at least one message): hypothesis rarely draws them by itself, and
+    only they reach the engine and the streaming path.
+    """
+    if not isinstance(body, dict):
+        return body
+    body = dict(body)
+    servable = zlib.crc32(repr(sorted(body.items(), key=repr)).encode()) % 2 == 0
+    max_tokens = body.get("max_tokens", 256)
+    if type(max_tokens) is int and max_tokens > FUZZ_MAX_TOKENS and (servable or max_tokens <= TINY_MAX_MODEL_LEN):
+        body["max_tokens"] = max_tokens % FUZZ_MAX_TOKENS + 1
+    if servable:
+        if isinstance(body.get("model"), str):
+            body["model"] = ""
+        messages = body.get("messages")
+        if messages == []:
+            body["messages"] = [{"role": "user", "content": "Hello"}]
+        elif isinstance(messages, list):
+            body["messages"] = [
+                {**message, "role": ROLES[index % len(ROLES)]}
+                if isinstance(message, dict) and isinstance(message.get("role"), str)
+                else message
+                for index, message in enumerate(messages)
+            ]
+    return body
+
+
+def stream_follows_the_contract(ctx, response, case) -> None:
+    """A text/event-stream answer is framed as the contract says, event by event."""
+    content_type = (response.headers.get("content-type") or [""])[0]
+    asked_to_stream = isinstance(case.body, dict) and case.body.get("stream") is True
+    if response.status_code == 200 and case.path == "/llm":
+        assert content_type.startswith("text/event-stream") == asked_to_stream, (
+            f"stream={case.body.get('stream')!r} was answered with {content_type}"
+        )
+    if not content_type.startswith("text/event-stream"):
+        return
+    text = response.content.decode()
+    assert text.endswith("\n\ndata: [DONE]\n\n"), f"the stream does not end with [DONE]: ...{text[-300:]!r}"
+    events = []
+    for block in text.split("\n\n")[:-2]:
+        assert block.startswith("data: ") and "\n" not in block, f"not one data line: {block!r}"
+        event = json.loads(block.removeprefix("data: "))
+        LLM_RESPONSE.validate(event)
+        assert len(event["choices"]) == 1, f"an event without exactly one choice: {block}"
+        events.append(event)
+    assert events, "no event before [DONE]"
+    reasons = [event["choices"][0].get("finish_reason", "") for event in events]
+    assert reasons[-1] in ("stop", "length"), f"the last event's finish_reason is {reasons[-1]!r}"
+    assert not any(reasons[:-1]), f"a finish reason before the last event: {reasons}"
+    usage = events[-1]["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 1 <= usage["completion_tokens"] <= case.body.get("max_tokens", 256)
+
+
+@schema.parametrize()
+def test_every_answer_is_one_the_spec_documents(case, guarded_runner: RunnerProcess):
+    case.body = keep_generation_short(case.body)
+    case.call_and_validate(base_url=guarded_runner.url, additional_checks=[stream_follows_the_contract])
+
+
+FOUND_BY_FUZZING = [
+    # (body beyond messages, status, what the answer must say)
+    ({"temperature": 3}, 400, "temperature"),  # vLLM allows at most 2; the spec has no maximum
+    ({"temperature": 1e308}, 400, "temperature"),
+    ({"top_k": 10**29}, 200, ""),  # beyond 64 bits: the engine could not even be handed it
+    ({"top_k": 2**64 - 1}, 200, ""),
+    ({"max_tokens": 5.0}, 200, ""),  # an integer to JSON Schema
+    ({"top_k": 806425.0}, 200, ""),
+]
+
+
+@pytest.mark.parametrize(("extra", "status", "said"), FOUND_BY_FUZZING, ids=[str(case[0]) for case in FOUND_BY_FUZZING])
+async def test_what_fuzzing_found_stays_fixed(guarded_runner: RunnerProcess, extra, status, said):
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, **extra}
+    headers = {"Authorization": f"Bearer {GUARDED_AUTH_TOKEN}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async with http.post(f"{guarded_runner.url}/llm", json=body, headers=headers) as response:
+            answer = await response.json()
+    assert response.status == status, answer
+    if status == 200:
+        assert answer["usage"]["completion_tokens"] == int(body["max_tokens"])
+    else:
+        assert said in answer["detail"]["msg"]
