@@ -21,7 +21,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models dev-run test clean
+.PHONY: help install gen gen-check models dev-run test stress clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
@@ -29,6 +29,7 @@ help:
 	@echo "make install   create $(VENV) with the runner, vLLM and test tools"
 	@echo "make models    prepare the default model in $(MODEL_DIR) with no Hub access"
 	@echo "make gen       regenerate runner/schema.py from openapi.yaml"
+	@echo "make stress    hostile traffic against a runner with the tiny test model (a few minutes)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +66,11 @@ dev-run: install models
 
 test: install models
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Mixed, malformed, vanishing and bursty calls, then an engine kill, against one
+# runner on loopback; prints a table and fails if any call was lost.
+stress: install
+	$(PY) -m stress.campaign $(STRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
