@@ -224,7 +224,6 @@ class ReplyBuilder:
         return self.response(LLMChoice(index=0, delta=delta, finish_reason=finish_reason))
 
     def error_event(self, msg: str) -> LLMResponse:
-        self.context.finish_reason = "error"
         return self.chunk("", finish_reason="error")
 
     def count(self, output: RequestOutput) -> str:
