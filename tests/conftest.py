@@ -49,13 +49,17 @@ class RunnerProcess:
     log_path: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    offline: bool = True  # HF_HUB_OFFLINE=1: the model store is all there is; download tests turn it off
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "HF_HUB_OFFLINE": "1", **self.env}
+        offline = {"HF_HUB_OFFLINE": "1"} if self.offline else {}
+        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), **offline, **self.env}
+        if not self.offline:
+            env.pop("HF_HUB_OFFLINE", None)
         self.log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "runner"], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
