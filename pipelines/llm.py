@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline, RequestContext
 from pipelines.model_store import resolve_model
+from runner.hardware import NVML
 from runner.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 
 if TYPE_CHECKING:
@@ -117,12 +118,18 @@ class LLMPipeline(Pipeline):
         if self.settings_error is not None:
             raise ValueError(f"invalid settings: {self.settings_error}")
         settings = self.settings
-        self.vllm = await asyncio.to_thread(importlib.import_module, "pipelines.vllm_engine")
-        if settings.use_8bit and not self.vllm.gpu_count():
+        nvml = NVML()
+        gpus = nvml.device_count()
+        nvml.close()
+        if settings.use_8bit and not gpus:
             raise ValueError("USE_8BIT needs an NVIDIA GPU (bitsandbytes); this machine has none")
-        model_path = await asyncio.to_thread(resolve_model, self.model_id, self.model_dir)
+        # Importing vLLM takes seconds: let a download (or a quick failure to find the model) overlap it.
+        self.vllm, model_path = await asyncio.gather(
+            asyncio.to_thread(importlib.import_module, "pipelines.vllm_engine"),
+            asyncio.to_thread(resolve_model, self.model_id, self.model_dir),
+        )
         model_config = json.loads((model_path / "config.json").read_text())
-        errors = parallelism_errors(settings, model_config, self.vllm.gpu_count())
+        errors = parallelism_errors(settings, model_config, gpus)
         if errors:
             raise ValueError("; ".join(errors))
         args = self.vllm.engine_args(settings, model_path, self.model_id)

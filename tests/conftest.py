@@ -68,6 +68,7 @@ class RunnerProcess:
     request_while_loading: bool = False
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    offline: bool = True  # HF_HUB_OFFLINE=1: the model store is all there is; download tests turn it off
     launched_at: float = 0.0
     # (seconds since launch, /health status or None for no answer), polled every 0.5 s
     timeline: list[tuple[float, str | None]] = field(default_factory=list)
@@ -79,7 +80,10 @@ class RunnerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "HF_HUB_OFFLINE": "1", **self.env}
+        offline = {"HF_HUB_OFFLINE": "1"} if self.offline else {}
+        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), **offline, **self.env}
+        if not self.offline:
+            env.pop("HF_HUB_OFFLINE", None)
         self.log = self.log_path.open("wb")
         self.launched_at = time.monotonic()
         self.process = subprocess.Popen(RUNNER_COMMAND, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
