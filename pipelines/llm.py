@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
+from jinja2 import TemplateError
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -170,7 +171,10 @@ class LLMPipeline(Pipeline):
 
     def prompt_token_ids(self, messages: list[LLMMessage]) -> list[int]:
         conversation = [{"role": message.role, "content": message.content} for message in messages]
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:  # e.g. templates that insist user and assistant alternate
+            raise OperationError(f"the model's chat template refuses these messages: {exc}") from None
         # The template already holds any BOS it wants: encoding it with special
         # tokens again would put a second one in front.
         return self.tokenizer.encode(text, add_special_tokens=False)

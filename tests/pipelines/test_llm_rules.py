@@ -1,6 +1,8 @@
-"""The llm pipeline's tuning variables: each rule with a message a user can act on."""
+"""The llm pipeline's rules, checked without an engine: tuning variables and request checks."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import structlog
@@ -77,3 +79,34 @@ def test_shards_times_stages_at_most_the_gpus():
 def test_multimodal_configs_are_read_from_their_text_config():
     config = {"text_config": {"num_attention_heads": 8, "num_hidden_layers": 4}}
     assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="3"), config, gpus=8)[0].endswith("8 attention heads")
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400():
+    from jinja2 import Environment
+
+    from pipelines.base import OperationError
+    from pipelines.llm import LLMPipeline
+    from runner.schema import LLMMessage, LLMRequest
+
+    strict = Environment().from_string(
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
+
+    def raise_exception(message):
+        from jinja2 import TemplateError
+
+        raise TemplateError(message)
+
+    class StrictTokenizer:
+        def apply_chat_template(self, conversation, **_):
+            return strict.render(messages=conversation, raise_exception=raise_exception)
+
+    pipeline = LLMPipeline("strict", Path("."))
+    pipeline.tokenizer = StrictTokenizer()
+    pipeline.max_model_len = 100
+    twice = [LLMMessage(role="user", content="a"), LLMMessage(role="user", content="b")]
+    with pytest.raises(OperationError, match="roles must alternate") as refused:
+        pipeline.check(LLMRequest(messages=twice))
+    assert refused.value.status == 400
