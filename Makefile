@@ -21,7 +21,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models dev-run test stress clean
+.PHONY: help install gen gen-check models dev-run test stress docker-build docker-build-cpu docker-run clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
@@ -30,6 +30,7 @@ help:
 	@echo "make models    prepare the default model in $(MODEL_DIR) with no Hub access"
 	@echo "make gen       regenerate runner/schema.py from openapi.yaml"
 	@echo "make stress    hostile traffic against a runner with the tiny test model (a few minutes)"
+	@echo "make docker-build / docker-build-cpu / docker-run   container images (GPU / CPU)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +72,21 @@ test: install models
 # runner on loopback; prints a table and fails if any call was lost.
 stress: install
 	$(PY) -m stress.campaign $(STRESS_ARGS)
+
+IMAGE ?= livepeer-llm-runner
+# GPU image where nvidia-smi sees a GPU, CPU image elsewhere.
+IMAGE_TAG ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo latest || echo cpu)
+GPU_FLAGS := $(if $(filter latest,$(IMAGE_TAG)),--gpus all,)
+
+docker-build:
+	docker build -f docker/Dockerfile -t $(IMAGE):latest .
+
+docker-build-cpu:
+	docker build -f docker/Dockerfile.cpu -t $(IMAGE):cpu .
+
+docker-run:
+	docker run --rm $(GPU_FLAGS) -p $(PORT):8000 -e MODEL_ID=$(MODEL_ID) -e HF_TOKEN \
+	  -v $(abspath $(MODEL_DIR)):/models $(IMAGE):$(IMAGE_TAG)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
+from jinja2 import TemplateError
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline, RequestContext
 from pipelines.model_store import resolve_model
+from runner.hardware import NVML
 from runner.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 
 if TYPE_CHECKING:
@@ -119,12 +121,18 @@ class LLMPipeline(Pipeline):
         if self.settings_error is not None:
             raise ValueError(f"invalid settings: {self.settings_error}")
         settings = self.settings
-        self.vllm = await asyncio.to_thread(importlib.import_module, "pipelines.vllm_engine")
-        if settings.use_8bit and not self.vllm.gpu_count():
+        nvml = NVML()
+        gpus = nvml.device_count()
+        nvml.close()
+        if settings.use_8bit and not gpus:
             raise ValueError("USE_8BIT needs an NVIDIA GPU (bitsandbytes); this machine has none")
-        model_path = await asyncio.to_thread(resolve_model, self.model_id, self.model_dir)
+        # Importing vLLM takes seconds: let a download (or a quick failure to find the model) overlap it.
+        self.vllm, model_path = await asyncio.gather(
+            asyncio.to_thread(importlib.import_module, "pipelines.vllm_engine"),
+            asyncio.to_thread(resolve_model, self.model_id, self.model_dir),
+        )
         model_config = json.loads((model_path / "config.json").read_text())
-        errors = parallelism_errors(settings, model_config, self.vllm.gpu_count())
+        errors = parallelism_errors(settings, model_config, gpus)
         if errors:
             raise ValueError("; ".join(errors))
         args = self.vllm.engine_args(settings, model_path, self.model_id)
@@ -166,7 +174,10 @@ class LLMPipeline(Pipeline):
 
     def prompt_token_ids(self, messages: list[LLMMessage]) -> list[int]:
         conversation = [{"role": message.role, "content": message.content} for message in messages]
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:  # e.g. templates that insist user and assistant alternate
+            raise OperationError(f"the model's chat template refuses these messages: {exc}") from None
         # The template already holds any BOS it wants: encoding it with special
         # tokens again would put a second one in front.
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -229,7 +240,6 @@ class ReplyBuilder:
         return self.response(LLMChoice(index=0, delta=delta, finish_reason=finish_reason))
 
     def error_event(self, msg: str) -> LLMResponse:
-        self.context.finish_reason = "error"
         return self.chunk("", finish_reason="error")
 
     def count(self, output: RequestOutput) -> str:

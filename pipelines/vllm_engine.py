@@ -17,7 +17,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from pipelines.llm import LLMSettings
 from runner.schema import LLMRequest
 
-__all__ = ["AsyncLLM", "engine_args", "gpu_count", "sampling_params", "tokens_prompt"]
+__all__ = ["AsyncLLM", "engine_args", "sampling_params", "tokens_prompt"]
 
 GiB = 1024**3
 CPU_KV_CACHE_SHARE = 0.25  # of the RAM available at start
@@ -55,10 +55,6 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str) -> As
         enforce_eager=enforce_eager,
         disable_log_stats=True,
     )
-
-
-def gpu_count() -> int:
-    return torch.cuda.device_count() if current_platform.is_cuda() else 0
 
 
 def sampling_params(request: LLMRequest, vocab_size: int) -> SamplingParams:

@@ -134,7 +134,7 @@ class PacedStreamWriter:
 
 
 async def send_event_stream(
-    request: web.Request, stream: EventStream, deadline: float, timeout_message: str
+    request: web.Request, stream: EventStream, context: RequestContext, deadline: float, timeout_message: str
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
@@ -150,6 +150,7 @@ async def send_event_stream(
     except Exception as exc:  # after the header went out, failures are reported in-band
         message = timeout_message if isinstance(exc, TimeoutError) else failure_message(exc)
         log.error("request.stream_failed", reason=message, exc_info=not isinstance(exc, TimeoutError))
+        context.finish_reason = "error"
         ending = encode_event(stream.error_event(message)) + SSE_DONE
     finally:
         await events.aclose()  # stops the generation if the stream ended early
@@ -185,7 +186,7 @@ async def serve_operation(request: web.Request, body, operation: Operation, cont
             log.error("request.timeout", seconds=settings.request_timeout)
             return error_response(500, timeout_message)
         if isinstance(result, EventStream):
-            return await send_event_stream(request, result, deadline, timeout_message)
+            return await send_event_stream(request, result, context, deadline, timeout_message)
         return json_response(result)
     except NotReady as exc:
         return unavailable(str(exc))
@@ -219,7 +220,7 @@ def pipeline_handler(operation_id: str, operation: Operation) -> Handler:
             log.info(
                 "request.done",
                 operation=operation_id,
-                model=request.app[SETTINGS].model_id,
+                model=request.app[STATE].pipeline.model_id,
                 status=status,
                 prompt_tokens=context.prompt_tokens,
                 completion_tokens=context.completion_tokens,

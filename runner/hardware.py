@@ -5,6 +5,8 @@ A machine without an NVIDIA driver has no GPUs to report: both maps are empty.
 
 from __future__ import annotations
 
+import os
+
 import structlog
 
 from runner.schema import GPUComputeInfo, GPUUtilizationInfo
@@ -33,6 +35,16 @@ class NVML:
         if self.available:
             pynvml.nvmlShutdown()
             self.available = False
+
+    def device_count(self) -> int:
+        """GPUs this process may use: NVML's count, narrowed by CUDA_VISIBLE_DEVICES."""
+        if not self.available:
+            return 0
+        count = pynvml.nvmlDeviceGetCount()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            count = min(count, len([device for device in visible.split(",") if device.strip()]))
+        return count
 
     def _handles(self):
         if not self.available:

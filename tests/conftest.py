@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,24 +49,70 @@ def get_json(url: str, timeout: float = 5) -> dict:
         return json.load(response)
 
 
+RUNNER_COMMAND = [sys.executable, "-m", "runner"]
+
+
+def post_json(url: str, body: dict, timeout: float = 60) -> int:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 @dataclass
 class RunnerProcess:
+    """A runner process, watched from launch the way go-livepeer watches one."""
+
     name: str
     env: dict[str, str]
     log_path: Path
+    request_while_loading: bool = False
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    offline: bool = True  # HF_HUB_OFFLINE=1: the model store is all there is; download tests turn it off
+    launched_at: float = 0.0
+    # (seconds since launch, /health status or None for no answer), polled every 0.5 s
+    timeline: list[tuple[float, str | None]] = field(default_factory=list)
+    # (seconds since launch when sent, status) of a /llm call sent on the first LOADING
+    loading_request: tuple[float, int] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "HF_HUB_OFFLINE": "1", **self.env}
+        offline = {"HF_HUB_OFFLINE": "1"} if self.offline else {}
+        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), **offline, **self.env}
+        if not self.offline:
+            env.pop("HF_HUB_OFFLINE", None)
         self.log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "runner"], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
+        self.launched_at = time.monotonic()
+        self.process = subprocess.Popen(RUNNER_COMMAND, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        threading.Thread(target=self.watch_health, daemon=True).start()
+
+    def since_launch(self) -> float:
+        return time.monotonic() - self.launched_at
+
+    def watch_health(self) -> None:
+        while self.process.poll() is None:
+            try:
+                status = get_json(f"{self.url}/health", timeout=5)["status"]
+            except OSError:
+                status = None
+            self.timeline.append((self.since_launch(), status))
+            if status == "LOADING" and self.request_while_loading and self.loading_request is None:
+                sent_at = self.since_launch()
+                self.loading_request = (sent_at, 0)  # sent; the thread fills in the status
+                body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                threading.Thread(
+                    target=lambda: setattr(self, "loading_request", (sent_at, post_json(f"{self.url}/llm", body, 600))),
+                    daemon=True,
+                ).start()
+            time.sleep(0.5)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -87,7 +135,11 @@ class RunnerProcess:
         raise AssertionError(f"runner {self.name} never reached {statuses}:\n{self.log_tail()}")
 
     def engine_processes(self) -> list[psutil.Process]:
-        return psutil.Process(self.process.pid).children(recursive=True)
+        """vLLM's EngineCore and worker processes (not multiprocessing's resource tracker)."""
+        return [
+            child for child in psutil.Process(self.process.pid).children(recursive=True)
+            if child.name().startswith("VLLM") or "VLLM::" in " ".join(child.cmdline())
+        ]
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -125,8 +177,9 @@ def runners(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[dict[str,
         "KV_CACHE_GIB": "0.25",
     }
     launched = {
-        "tiny": RunnerProcess("tiny", tiny_env, logs / "tiny.log"),
-        # A runner of its own, because its engine gets killed.
+        "tiny": RunnerProcess("tiny", tiny_env, logs / "tiny.log", request_while_loading=True),
+        # Runners of their own, because their tests stop them.
+        "drained": RunnerProcess("drained", tiny_env, logs / "drained.log"),
         "doomed": RunnerProcess("doomed", tiny_env, logs / "doomed.log"),
         # Another one whose engine gets killed, with 32 streams running.
         "doomed_under_load": RunnerProcess("doomed_under_load", tiny_env, logs / "doomed_under_load.log"),
@@ -182,3 +235,8 @@ def doomed_under_load_runner(runners) -> RunnerProcess:
 @pytest.fixture(scope="session")
 def guarded_runner(runners) -> RunnerProcess:
     return ready(runners["guarded"])
+
+
+@pytest.fixture(scope="session")
+def drained_runner(runners) -> RunnerProcess:
+    return ready(runners["drained"])

@@ -280,7 +280,7 @@ async def test_engine_death_ends_requests_with_errors(http, doomed_runner):
         assert first_event.startswith(b"data: {") and await streamed.content.readline() == b"\n"
         plain_task = asyncio.create_task(plain())
         await wait_for_metric(http, doomed_runner, "livepeer_runner_engine_requests_unfinished", 2, within=10)
-        [engine] = [p for p in doomed_runner.engine_processes() if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+        [engine] = [p for p in doomed_runner.engine_processes() if "EngineCore" in p.name() + " ".join(p.cmdline())]
         killed_at = time.monotonic()
         engine.kill()
         events, _ = await asyncio.wait_for(read_stream(streamed), timeout=10)

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import structlog
 from aiohttp import web
 
 from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline
 from runner.app import create_app
+from runner.keys import STATE
 from runner.routes import RouteBindingError, bind_operations
 from runner.schema import OPERATIONS, LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from runner.settings import RunnerSettings
@@ -38,10 +40,14 @@ class ScriptedPipeline(Pipeline):
 
     name = "scripted"
 
-    def __init__(self, load_error: Exception | None = None, fail_after: int | None = None) -> None:
+    def __init__(
+        self, load_error: Exception | None = None, fail_after: int | None = None, capacity: int | None = None
+    ) -> None:
         super().__init__("scripted", Path("."))
         self.load_error = load_error
         self.fail_after = fail_after
+        self.capacity = capacity
+        self.cancelled = 0
         self.release_load = asyncio.Event()
         self.gate = asyncio.Event()
         self.gate.set()
@@ -59,27 +65,44 @@ class ScriptedPipeline(Pipeline):
     def failure(self) -> str | None:
         return None
 
+    def max_in_flight(self) -> int | None:
+        return self.capacity
+
     def engine_load(self) -> EngineLoad:
         return EngineLoad(unfinished=0, submitted=len(self.seen), batch_size=1)
 
     async def close(self) -> None:
         self.closed = True
 
-    async def generate(self, request: LLMRequest, request_id: str):
+    async def generate(self, request: LLMRequest, context):
         self.seen.append(request)
         if request.messages and request.messages[0].content == "reject":
             raise OperationError("rejected by the script")
-        await self.gate.wait()
         if not request.stream:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            context.prompt_tokens = 1
+            context.count_tokens(1)
+            context.finish_reason = "stop"
             return reply("whole answer", "stop")
-        return EventStream(events=self.events(), error_event=lambda msg: reply("", "error", streamed=True))
+        return EventStream(events=self.events(context), error_event=lambda msg: reply("", "error", streamed=True))
 
-    async def events(self):
-        for index, word in enumerate(["one ", "two ", "three"]):
-            if self.fail_after is not None and index == self.fail_after:
-                raise RuntimeError("scripted failure")
-            yield reply(word, streamed=True)
-        yield reply("", "stop", streamed=True)
+    async def events(self, context):
+        try:
+            for index, word in enumerate(["one ", "two ", "three"]):
+                if self.fail_after is not None and index == self.fail_after:
+                    raise RuntimeError("scripted failure")
+                await self.gate.wait()
+                context.count_tokens(1)
+                yield reply(word, streamed=True)
+            context.finish_reason = "stop"
+            yield reply("", "stop", streamed=True)
+        except (GeneratorExit, asyncio.CancelledError):
+            self.cancelled += 1
+            raise
 
 
 VALID = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -281,3 +304,100 @@ async def test_pipeline_is_closed_with_the_app(aiohttp_client, pipeline):
     client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
     await client.close()
     assert pipeline.closed
+
+
+async def test_beyond_capacity_is_503_at_once_and_accepted_ones_complete(aiohttp_client):
+    pipeline = ScriptedPipeline(capacity=2)
+    pipeline.release_load.set()
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    await wait_for_health(client, "IDLE")
+    pipeline.gate.clear()
+    accepted = [asyncio.create_task(client.post("/llm", json=VALID)) for _ in range(2)]
+    while client.app[STATE].in_flight < 2:
+        await asyncio.sleep(0.01)
+    response = await client.post("/llm", json=VALID)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "capacity" in (await response.json())["detail"]["msg"]
+    pipeline.gate.set()
+    assert [(await task).status for task in accepted] == [200, 200]
+    assert (await client.post("/llm", json=VALID)).status == 200
+
+
+async def test_request_timeout_stops_a_plain_request_with_a_500(aiohttp_client):
+    pipeline = ScriptedPipeline()
+    pipeline.release_load.set()
+    client = await aiohttp_client(create_app(RunnerSettings(REQUEST_TIMEOUT=0.2), pipeline=pipeline))
+    pipeline.gate.clear()
+    response = await client.post("/llm", json=VALID)
+    assert response.status == 500
+    assert "REQUEST_TIMEOUT" in (await response.json())["detail"]["msg"]
+    assert pipeline.cancelled == 1, "the operation was cancelled, which aborts its generation"
+    await wait_for_health(client, "IDLE")
+
+
+async def test_request_timeout_ends_a_stream_in_band(aiohttp_client):
+    pipeline = ScriptedPipeline()
+    pipeline.release_load.set()
+    client = await aiohttp_client(create_app(RunnerSettings(REQUEST_TIMEOUT=0.2), pipeline=pipeline))
+    pipeline.gate.clear()
+    response = await client.post("/llm", json={**VALID, "stream": True})
+    assert response.status == 200
+    blocks = (await response.read()).decode().split("\n\n")
+    assert blocks[-2:] == ["data: [DONE]", ""]
+    assert json.loads(blocks[-3].removeprefix("data: "))["choices"][0]["finish_reason"] == "error"
+    assert pipeline.cancelled == 1
+
+
+async def test_draining_refuses_new_requests_and_never_says_idle(client, pipeline):
+    await wait_for_health(client, "IDLE")
+    pipeline.gate.clear()
+    in_flight = asyncio.create_task(client.post("/llm", json=VALID))
+    await wait_for_health(client, "OK")
+    state = client.app[STATE]
+    drained = asyncio.create_task(state.drain(timeout=5))
+    response = await client.post("/llm", json=VALID)
+    assert response.status == 503 and response.headers["Retry-After"]
+    assert "shutting down" in (await response.json())["detail"]["msg"]
+    assert (await (await client.get("/health")).json())["status"] == "OK"
+    pipeline.gate.set()
+    assert (await in_flight).status == 200
+    assert await drained == 0
+    assert (await (await client.get("/health")).json())["status"] == "ERROR"
+
+
+async def test_drain_gives_up_after_its_timeout(client, pipeline):
+    await wait_for_health(client, "IDLE")
+    pipeline.gate.clear()
+    in_flight = asyncio.create_task(client.post("/llm", json=VALID))
+    await wait_for_health(client, "OK")
+    assert await client.app[STATE].drain(timeout=0.1) == 1
+    pipeline.gate.set()
+    await in_flight
+
+
+async def test_every_request_is_counted_and_logged_once(client, pipeline):
+    with structlog.testing.capture_logs() as logs:
+        await client.post("/llm", json=VALID, headers={"X-Request-ID": "req-1"})
+        await client.post("/llm", json={"messages": [{"role": "user", "content": "reject"}]})
+        await client.post("/llm", json={**VALID, "stream": True})
+    done = [entry for entry in logs if entry["event"] == "request.done"]
+    assert [entry["status"] for entry in done] == [200, 400, 200]
+    first = done[0]
+    assert first["completion_tokens"] == 1 and first["prompt_tokens"] == 1 and first["finish_reason"] == "stop"
+    assert first["ttft_s"] is not None and first["duration_s"] >= first["ttft_s"]
+    text = await (await client.get("/metrics")).text()
+    assert 'livepeer_runner_requests_total{code="200",operation="genLLM",outcome="ok"} 2.0' in text
+    assert 'livepeer_runner_requests_total{code="400",operation="genLLM",outcome="rejected"} 1.0' in text
+    assert "livepeer_runner_time_to_first_token_seconds_count 2.0" in text
+    assert "livepeer_runner_completion_tokens_total 4.0" in text
+
+
+async def test_client_that_leaves_cancels_the_operation(client, pipeline):
+    await wait_for_health(client, "IDLE")
+    pipeline.gate.clear()
+    pending = asyncio.create_task(client.post("/llm", json=VALID))
+    await wait_for_health(client, "OK")
+    pending.cancel()
+    await wait_for_health(client, "IDLE")
+    assert pipeline.cancelled == 1

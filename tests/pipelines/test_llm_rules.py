@@ -1,0 +1,112 @@
+"""The llm pipeline's rules, checked without an engine: tuning variables and request checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import structlog
+from pydantic import ValidationError
+
+from pipelines.llm import LLMSettings, parallelism_errors
+
+LLAMA_8B = {"num_attention_heads": 32, "num_hidden_layers": 32}
+
+
+def settings(**env: str) -> LLMSettings:
+    return LLMSettings(**env)
+
+
+def test_defaults_are_the_contracts():
+    defaults = settings()
+    assert (defaults.use_8bit, defaults.pipeline_parallel_size, defaults.tensor_parallel_size) == (False, 1, 1)
+    assert (defaults.max_model_len, defaults.max_num_batched_tokens, defaults.max_num_seqs) == (8192, 8192, 128)
+    assert defaults.gpu_memory_utilization == 0.85
+    assert defaults.max_in_flight == 256, "the queue behind the batch is as deep as the batch"
+
+
+def test_environment_names_are_the_documented_ones(monkeypatch):
+    monkeypatch.setenv("MAX_MODEL_LEN", "4096")
+    monkeypatch.setenv("MAX_NUM_SEQS", "8")
+    monkeypatch.setenv("MAX_WAITING_REQUESTS", "2")
+    loaded = LLMSettings()
+    assert loaded.max_model_len == 4096 and loaded.max_in_flight == 10
+
+
+def test_batched_tokens_are_raised_to_the_longest_sequence_with_a_warning():
+    with structlog.testing.capture_logs() as logs:
+        raised = settings(MAX_MODEL_LEN="16384", MAX_NUM_BATCHED_TOKENS="4096")
+    assert raised.max_num_batched_tokens == 16384
+    assert [entry["event"] for entry in logs] == ["settings.max_num_batched_tokens.raised"]
+
+
+@pytest.mark.parametrize("value", ["0", "1.01", "-0.5", "lots"])
+def test_memory_share_must_be_in_zero_one(value):
+    with pytest.raises(ValidationError, match="GPU_MEMORY_UTILIZATION"):
+        settings(GPU_MEMORY_UTILIZATION=value)
+
+
+def test_memory_share_of_one_is_allowed():
+    assert settings(GPU_MEMORY_UTILIZATION="1").gpu_memory_utilization == 1
+
+
+@pytest.mark.parametrize("name", ["TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE", "MAX_NUM_SEQS"])
+def test_sizes_are_positive(name):
+    with pytest.raises(ValidationError, match=name):
+        settings(**{name: "0"})
+
+
+def test_parallelism_that_fits_the_model_and_the_machine_passes():
+    assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="4", PIPELINE_PARALLEL_SIZE="2"), LLAMA_8B, gpus=8) == []
+    assert parallelism_errors(settings(), LLAMA_8B, gpus=0) == [], "one shard runs on a CPU"
+
+
+def test_tensor_shards_must_divide_the_heads():
+    [error] = parallelism_errors(settings(TENSOR_PARALLEL_SIZE="3"), LLAMA_8B, gpus=8)
+    assert error == "TENSOR_PARALLEL_SIZE=3 must divide the model's 32 attention heads"
+
+
+def test_pipeline_stages_at_most_the_layers():
+    [error] = parallelism_errors(settings(PIPELINE_PARALLEL_SIZE="33"), LLAMA_8B, gpus=64)
+    assert error == "PIPELINE_PARALLEL_SIZE=33 is more than the model's 32 layers"
+
+
+def test_shards_times_stages_at_most_the_gpus():
+    [error] = parallelism_errors(settings(TENSOR_PARALLEL_SIZE="4", PIPELINE_PARALLEL_SIZE="2"), LLAMA_8B, gpus=4)
+    assert error == "TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = 8 GPUs, but this machine has 4"
+
+
+def test_multimodal_configs_are_read_from_their_text_config():
+    config = {"text_config": {"num_attention_heads": 8, "num_hidden_layers": 4}}
+    assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="3"), config, gpus=8)[0].endswith("8 attention heads")
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400():
+    from jinja2 import Environment
+
+    from pipelines.base import OperationError
+    from pipelines.llm import LLMPipeline
+    from runner.schema import LLMMessage, LLMRequest
+
+    strict = Environment().from_string(
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
+
+    def raise_exception(message):
+        from jinja2 import TemplateError
+
+        raise TemplateError(message)
+
+    class StrictTokenizer:
+        def apply_chat_template(self, conversation, **_):
+            return strict.render(messages=conversation, raise_exception=raise_exception)
+
+    pipeline = LLMPipeline("strict", Path("."))
+    pipeline.tokenizer = StrictTokenizer()
+    pipeline.max_model_len = 100
+    twice = [LLMMessage(role="user", content="a"), LLMMessage(role="user", content="b")]
+    with pytest.raises(OperationError, match="roles must alternate") as refused:
+        pipeline.check(LLMRequest(messages=twice))
+    assert refused.value.status == 400

@@ -1,0 +1,119 @@
+"""The runner's life as go-livepeer sees it, on real runner processes.
+
+Starting, loading, serving, failing to load, losing the engine, and stopping on
+SIGTERM, each read through /health and the status codes the orchestrator acts on.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import psutil
+
+from tests.conftest import RunnerProcess, get_json, post_json
+
+SHORT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_health_answers_loading_at_once_then_idle(tiny_runner):
+    answered = [(at, status) for at, status in tiny_runner.timeline if status is not None]
+    first_at, first_status = answered[0]
+    assert first_status == "LOADING"
+    # Four runners start at once on this machine; alone, the first answer comes in about a second.
+    assert first_at < 10, f"/health first answered {first_at:.1f} s after launch"
+    statuses = [status for _, status in answered]
+    ready_at = statuses.index("IDLE")
+    assert set(statuses[:ready_at]) == {"LOADING"}, "nothing but LOADING until the engine is warm"
+    assert "ERROR" not in statuses
+
+
+def test_request_sent_while_loading_waits_and_is_served(tiny_runner):
+    sent_at, _ = tiny_runner.loading_request
+    deadline = time.monotonic() + 60
+    while tiny_runner.loading_request[1] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tiny_runner.loading_request[1] == 200
+    idle_at = next(at for at, status in tiny_runner.timeline if status == "IDLE")
+    assert sent_at < idle_at, "the request was sent before the runner was ready"
+
+
+def test_never_idle_while_a_request_is_in_flight(tiny_runner):
+    """The orchestrator pools a container that says IDLE and sends it more work."""
+    seen: list[str] = []
+    body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 1500, "temperature": 0}
+    status: list[int] = []
+    request = threading.Thread(target=lambda: status.append(post_json(f"{tiny_runner.url}/llm", body)))
+    request.start()
+    while request.is_alive():
+        seen.append(get_json(f"{tiny_runner.url}/health")["status"])
+        time.sleep(0.05)
+    assert status == [200]
+    assert "OK" in seen
+    # Between the thread starting and the request arriving, IDLE is the truth.
+    first_ok = seen.index("OK")
+    assert "IDLE" not in seen[first_ok:], seen
+    assert get_json(f"{tiny_runner.url}/health")["status"] == "IDLE"
+
+
+def failing_runner(tmp_path, name: str, **env: str) -> RunnerProcess:
+    runner = RunnerProcess(name, env, tmp_path / f"{name}.log")
+    runner.start()
+    return runner
+
+
+def test_load_failures_say_error_with_the_reason(tmp_path, tiny_model_dir):
+    tiny = str(tiny_model_dir)
+    cases = {
+        "unknown-model": ({"MODEL_ID": "nobody/no-such-model", "MODEL_DIR": str(tmp_path)}, "nobody/no-such-model"),
+        "tensor-parallel": ({"MODEL_ID": tiny, "TENSOR_PARALLEL_SIZE": "3"}, "TENSOR_PARALLEL_SIZE=3 must divide"),
+        "pipeline-parallel": ({"MODEL_ID": tiny, "PIPELINE_PARALLEL_SIZE": "5"}, "PIPELINE_PARALLEL_SIZE=5 is more"),
+        "gpus": ({"MODEL_ID": tiny, "TENSOR_PARALLEL_SIZE": "2"}, "but this machine has 0"),
+        "memory-share": ({"MODEL_ID": tiny, "GPU_MEMORY_UTILIZATION": "1.5"}, "GPU_MEMORY_UTILIZATION"),
+        "8bit": ({"MODEL_ID": tiny, "USE_8BIT": "true"}, "USE_8BIT needs an NVIDIA GPU"),
+    }
+    runners = {name: failing_runner(tmp_path, name, **env) for name, (env, _) in cases.items()}
+    try:
+        for name, (_, reason) in cases.items():
+            runner = runners[name]
+            assert runner.wait_until({"ERROR", "IDLE"}, timeout=120) == "ERROR", name
+            assert runner.process.poll() is None, "the process stays up to report the failure"
+            failures = [
+                json.loads(line) for line in runner.log_path.read_text().splitlines()
+                if '"pipeline.load.failed"' in line
+            ]
+            assert failures and reason in failures[0]["reason"], (name, failures)
+            assert post_json(f"{runner.url}/llm", SHORT) == 503, name
+    finally:
+        for runner in runners.values():
+            runner.stop()
+
+
+def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(drained_runner):
+    url = f"{drained_runner.url}/llm"
+    long_body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 150, "temperature": 0}
+    results: list[int] = []
+    in_flight = [threading.Thread(target=lambda: results.append(post_json(url, long_body))) for _ in range(3)]
+    for thread in in_flight:
+        thread.start()
+    deadline = time.monotonic() + 20
+    while get_json(f"{drained_runner.url}/health")["status"] != "OK" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    engine = drained_runner.engine_processes()
+    assert engine
+    signalled_at = time.monotonic()
+    drained_runner.process.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    assert post_json(url, SHORT) == 503
+    for thread in in_flight:
+        thread.join(timeout=30)
+    exit_code = drained_runner.process.wait(timeout=30)
+    took = time.monotonic() - signalled_at
+    assert results == [200, 200, 200], "requests in flight at SIGTERM finish"
+    assert exit_code == 0
+    assert took < 8, f"exit took {took:.1f} s; go-livepeer kills after 8"
+    _, alive = psutil.wait_procs(engine, timeout=5)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "engine processes left behind"
