@@ -177,7 +177,11 @@ def runners(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[dict[str,
         "KV_CACHE_GIB": "0.25",
     }
     launched = {
-        "tiny": RunnerProcess("tiny", tiny_env, logs / "tiny.log", request_while_loading=True),
+        # Its request sent while loading waits for the load, however slow six engines start.
+        "tiny": RunnerProcess(
+            "tiny", {**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT)}, logs / "tiny.log",
+            request_while_loading=True,
+        ),
         # Runners of their own, because their tests stop them.
         "drained": RunnerProcess("drained", tiny_env, logs / "drained.log"),
         "doomed": RunnerProcess("doomed", tiny_env, logs / "doomed.log"),
@@ -209,6 +213,11 @@ def runners(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[dict[str,
 def ready(runner: RunnerProcess) -> RunnerProcess:
     status = runner.wait_until({"IDLE", "ERROR"})
     assert status == "IDLE", f"runner {runner.name} failed to load:\n{runner.log_tail()}"
+    # Tests may keep the runner busy from the start: let its health watcher see it
+    # IDLE first, so the timeline's first ready state is IDLE, not a test's OK.
+    deadline = time.monotonic() + 10
+    while "IDLE" not in (status for _, status in runner.timeline) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return runner
 
 
