@@ -98,8 +98,10 @@ async def test_a_stalled_reader_slows_no_other_stream_and_loses_nothing(http, ti
             assert all(len(event["choices"]) == 1 for event in events)
 
     assert len(gaps) >= normal_tokens - 1
-    # Medians are robust to the odd scheduling hiccup of a shared two-core machine.
-    assert statistics.median(gaps) <= 2 * statistics.median(paced_gaps) + 0.01, (gaps, paced_gaps)
+    # An engine or event loop paced by its slowest reader would freeze the normal
+    # stream for seconds; the bounds leave room for a busy shared two-core machine.
+    median, paced_median = statistics.median(gaps), statistics.median(paced_gaps)
+    assert median <= 3 * paced_median + 0.02, f"median gap {median * 1000:.1f} ms, read beside readers {paced_median * 1000:.1f} ms"
     assert max(gaps) < 2, "no event of the normal stream waited on the stalled ones"
     # Four streams of a thousand events are under a megabyte; a leak or a pile-up would show.
     assert rss_growth < 64 * 1024**2, f"the runner grew by {rss_growth / 1024**2:.0f} MiB"
