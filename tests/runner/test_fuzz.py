@@ -79,8 +79,10 @@ def keep_generation_short(body: Any) -> Any:
     body = dict(body)
     servable = zlib.crc32(repr(sorted(body.items(), key=repr)).encode()) % 2 == 0
     max_tokens = body.get("max_tokens", 256)
-    if type(max_tokens) is int and max_tokens > FUZZ_MAX_TOKENS and (servable or max_tokens <= TINY_MAX_MODEL_LEN):
-        body["max_tokens"] = max_tokens % FUZZ_MAX_TOKENS + 1
+    # 1e3 is an integer too (runner/jsontypes.py), and as slow to generate as 1000.
+    if type(max_tokens) in (int, float) and float(max_tokens).is_integer():
+        if max_tokens > FUZZ_MAX_TOKENS and (servable or max_tokens <= TINY_MAX_MODEL_LEN):
+            body["max_tokens"] = int(max_tokens) % FUZZ_MAX_TOKENS + 1
     if servable:
         if isinstance(body.get("model"), str):
             body["model"] = ""
