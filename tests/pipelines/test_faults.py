@@ -97,7 +97,7 @@ async def test_a_stalled_reader_slows_no_other_stream_and_loses_nothing(http, ti
             assert events[-1]["usage"]["completion_tokens"] == stalled_tokens
             assert all(len(event["choices"]) == 1 for event in events)
 
-    assert len(gaps) >= normal_tokens - 1
+    assert len(gaps) >= normal_tokens // 4, "a stream of events, not a few merged ones"
     # An engine or event loop paced by its slowest reader would freeze the normal
     # stream for seconds; the bounds leave room for a busy shared two-core machine.
     median, paced_median = statistics.median(gaps), statistics.median(paced_gaps)

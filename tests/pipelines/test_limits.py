@@ -50,7 +50,8 @@ async def guarded(http, guarded_runner: RunnerProcess) -> RunnerProcess:
 async def test_a_call_beyond_running_and_waiting_requests_gets_503_at_once(http, guarded):
     async with aiohttp.ClientSession(headers=http.headers) as holders_session:
         holders = [asyncio.create_task(hold_with(holders_session, guarded)) for _ in range(MAX_IN_FLIGHT)]
-        await wait_for_metric(http, guarded, IN_FLIGHT, MAX_IN_FLIGHT, within=GUARDED_REQUEST_TIMEOUT - 1)
+        await wait_for_metric(http, guarded, UNFINISHED, MAX_IN_FLIGHT, within=GUARDED_REQUEST_TIMEOUT - 1)
+        assert await metric(http, guarded, IN_FLIGHT) == MAX_IN_FLIGHT
         assert await metric(http, guarded, WAITING) == GUARDED_MAX_WAITING_REQUESTS
         submitted = await metric(http, guarded, SUBMITTED)
 
