@@ -27,6 +27,7 @@ import pytest
 import schemathesis
 import yaml
 
+from pipelines.llm import ROLES
 from tests.conftest import GUARDED_AUTH_TOKEN, ROOT, TINY_MAX_MODEL_LEN, RunnerProcess
 
 SPEC_PATH = ROOT / "openapi.yaml"
@@ -35,7 +36,6 @@ FUZZ_MAX_TOKENS = 16
 # deterministic edge cases. FUZZ_EXAMPLES and FUZZ_SEED widen a local hunt.
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20251122"))
-ROLES = ("system", "user", "assistant")
 
 config = schemathesis.Config.from_dict(
     {
