@@ -21,7 +21,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models dev-run test clean
+.PHONY: help install gen gen-check models dev-run test bench clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
@@ -29,6 +29,7 @@ help:
 	@echo "make install   create $(VENV) with the runner, vLLM and test tools"
 	@echo "make models    prepare the default model in $(MODEL_DIR) with no Hub access"
 	@echo "make gen       regenerate runner/schema.py from openapi.yaml"
+	@echo "make bench     the runner against the bare vLLM engine and vllm serve (bench/results.md)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +66,11 @@ dev-run: install models
 
 test: install models
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The runner against the bare engine and vllm serve; writes bench/results.md and .png.
+# Knobs: MODEL_ID, MODEL_DIR, KV_CACHE_GIB, BENCH_PASSES, BENCH_CONCURRENCY, ... (bench/run.py).
+bench: install models
+	MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) HF_HUB_OFFLINE=1 $(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
