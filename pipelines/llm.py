@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 from pydantic import Field, model_validator
+from pydantic_core import to_json
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline
@@ -175,6 +176,9 @@ class ReplyBuilder:
         self.model = model
         self.usage = usage
         self.created = int(time.time())
+        self.text_event_head = b'{"id":%s,"model":%s,"created":%d,"usage":{"prompt_tokens":' % (
+            to_json(completion_id), to_json(model), self.created
+        )
 
     def response(self, choice: LLMChoice) -> LLMResponse:
         return LLMResponse(
@@ -184,6 +188,19 @@ class ReplyBuilder:
     def chunk(self, content: str, finish_reason: str = "") -> LLMResponse:
         delta = LLMMessage(role="assistant", content=content)
         return self.response(LLMChoice(index=0, delta=delta, finish_reason=finish_reason))
+
+    def text_event(self, content: str) -> bytes:
+        """``chunk(content)`` as the JSON bytes pydantic would write, built without models.
+
+        This runs once per token for every stream: four models and their
+        serialisation cost several times what these few byte operations do.
+        ``to_json`` escapes the text as pydantic does.
+        """
+        prompt_tokens, completion_tokens = self.usage.prompt_tokens, self.usage.completion_tokens
+        return self.text_event_head + (
+            b'%d,"completion_tokens":%d,"total_tokens":%d},'
+            b'"choices":[{"index":0,"finish_reason":"","delta":{"role":"assistant","content":%s}}]}'
+        ) % (prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, to_json(content))
 
     def error_event(self, msg: str) -> LLMResponse:
         log.error("llm.stream_error", msg=msg, completion_tokens=self.usage.completion_tokens)
@@ -208,12 +225,12 @@ class ReplyBuilder:
         message = LLMMessage(role="assistant", content="".join(parts))
         return self.response(LLMChoice(index=0, message=message, finish_reason=finish_reason))
 
-    async def events(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[LLMResponse]:
+    async def events(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[LLMResponse | bytes]:
         try:
             async for output in outputs:
                 text = self.count(output)
                 if text:
-                    yield self.chunk(text)
+                    yield self.text_event(text)
                 if output.finished:
                     yield self.chunk("", finish_reason=output.outputs[0].finish_reason)
         finally:

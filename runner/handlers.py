@@ -8,6 +8,7 @@ import asyncio
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from pipelines.base import EventStream, Operation, OperationError
 from runner import __version__
@@ -66,7 +67,9 @@ RUNNER_HANDLERS: dict[str, Handler] = {
 }
 
 
-def encode_event(event) -> bytes:
+def encode_event(event: BaseModel | bytes) -> bytes:
+    if isinstance(event, bytes):  # the pipeline serialised it already
+        return b"data: " + event + b"\n\n"
     return b"data: " + event.__pydantic_serializer__.to_json(event, exclude_none=True) + b"\n\n"
 
 
