@@ -70,7 +70,7 @@ test: install models
 # The runner against the bare engine and vllm serve; writes bench/results.md and .png.
 # Knobs: MODEL_ID, MODEL_DIR, KV_CACHE_GIB, BENCH_PASSES, BENCH_CONCURRENCY, ... (bench/run.py).
 bench: install models
-	MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) HF_HUB_OFFLINE=1 $(PY) -m bench.run
+	MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) $(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

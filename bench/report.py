@@ -75,7 +75,7 @@ def machine_facts(config: BenchConfig) -> dict[str, str]:
             f"max_tokens {config.max_tokens}; requests per level: "
             + ", ".join(f"c={c}: {len(config.workload(c))}" for c in config.concurrency)
         ),
-        "passes": f"{config.passes}, the systems' order rotating per pass",
+        "passes": f"{config.passes}, the systems' order rotating by one place per pass",
     }
 
 
@@ -232,7 +232,10 @@ class Report:
         lines += [f"- {'holds' if held else '**misses**'}: {text}" for held, text in targets]
         return lines
 
-    def chart(self, path: Path) -> None:
+    def chart(self, path: Path) -> bool:
+        """Draw the chart; False when there is nothing to draw."""
+        if not self.results:
+            return False
         import matplotlib
 
         matplotlib.use("Agg")
@@ -264,3 +267,4 @@ class Report:
         figure.tight_layout()
         figure.savefig(path, dpi=110)
         plt.close(figure)
+        return True

@@ -7,9 +7,13 @@ every concurrency on every system, the systems' order rotating from pass to pass
 so that drift on the machine spreads evenly. The report gives medians over the
 passes with their ranges, in ``bench/results.md`` and ``bench/results.png``.
 
-Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB, BENCH_PASSES,
-BENCH_CONCURRENCY, BENCH_MAX_TOKENS, BENCH_MIN_REQUESTS, BENCH_ROUNDS,
-BENCH_SYSTEMS, BENCH_OUTPUT, BENCH_REQUEST_TIMEOUT, BENCH_START_TIMEOUT.
+Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (3),
+BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (128), BENCH_MIN_REQUESTS (3)
+and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
+requests; BENCH_SYSTEMS (engine,runner,vllm-serve), BENCH_OUTPUT
+(bench/results.md), BENCH_TIME_LIMIT (1200 s: a measurement that would end past
+it is skipped, and the report says so), BENCH_REQUEST_TIMEOUT (300 s),
+BENCH_START_TIMEOUT (600 s).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from bench.systems import ROOT, EngineSystem, RunnerSystem, Startup, System, Vll
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SYSTEM_NAMES = ("engine", "runner", "vllm-serve")
-WARM_UP_CONCURRENCY = 8
+WARM_UP_CONCURRENCY = 36  # every prompt at once
+STOP_ALLOWANCE = 30  # seconds kept back from BENCH_TIME_LIMIT to stop the systems and write the report
 WARM_UP_MAX_TOKENS = 4
 
 
@@ -54,6 +59,7 @@ class BenchConfig:
     output: Path
     request_timeout: float
     start_timeout: float
+    time_limit: float
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -68,12 +74,13 @@ class BenchConfig:
             passes=int(os.environ.get("BENCH_PASSES", "3")),
             concurrency=env_ints("BENCH_CONCURRENCY", "1,8,32,64"),
             max_tokens=int(os.environ.get("BENCH_MAX_TOKENS", "128")),
-            min_requests=int(os.environ.get("BENCH_MIN_REQUESTS", "8")),
+            min_requests=int(os.environ.get("BENCH_MIN_REQUESTS", "3")),
             rounds=int(os.environ.get("BENCH_ROUNDS", "1")),
             systems=systems,
             output=Path(os.environ.get("BENCH_OUTPUT", ROOT / "bench" / "results.md")),
             request_timeout=float(os.environ.get("BENCH_REQUEST_TIMEOUT", "300")),
             start_timeout=float(os.environ.get("BENCH_START_TIMEOUT", "600")),
+            time_limit=float(os.environ.get("BENCH_TIME_LIMIT", "1200")),
         )
 
     def workload(self, concurrency: int) -> list[list[dict]]:
@@ -111,13 +118,14 @@ def serve_flags(engine_args) -> list[str]:
 
 def runner_engine_args(config: BenchConfig):
     """The runner's engine arguments for this model, and ``pipelines.vllm_engine`` with the seconds its import took."""
-    os.environ.update({"HF_HUB_OFFLINE": "1", "KV_CACHE_GIB": config.kv_cache_gib})  # as the servers see them
+    os.environ["KV_CACHE_GIB"] = config.kv_cache_gib  # as the servers see it
     import_started = time.perf_counter()
     import pipelines.vllm_engine as vllm_engine  # imports vLLM and torch
     import_s = time.perf_counter() - import_started
     from pipelines.llm import LLMSettings
     from pipelines.model_store import resolve_model
 
+    # A model missing from MODEL_DIR is fetched here, once; the systems then find it there, offline.
     model_path = resolve_model(config.model_id, config.model_dir)
     return vllm_engine, vllm_engine.engine_args(LLMSettings(), model_path, config.model_id), import_s
 
@@ -141,14 +149,14 @@ async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log
     return startups
 
 
-async def bench(config: BenchConfig) -> None:
+async def bench(config: BenchConfig, begun: float) -> None:
     log_dir = ROOT / "bench" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     facts = machine_facts(config)
     started: list[System] = []
     results: list[LevelResult] = []
+    skipped: list[str] = []
     connector = aiohttp.TCPConnector(limit=0)  # the concurrency is the bench's to set
-    begun = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector) as session:
         try:
             vllm_engine, engine_args, import_s = runner_engine_args(config)
@@ -156,28 +164,42 @@ async def bench(config: BenchConfig) -> None:
             startups = await start_systems(config, session, log_dir, vllm_engine, engine_args, import_s, started)
             systems = list(started)
             await warm_up(config, systems, session)
+            last_duration: dict[tuple[str, int], float] = {}
             for pass_index in range(config.passes):
                 order = systems[pass_index % len(systems):] + systems[: pass_index % len(systems)]
                 print(f"pass {pass_index + 1}/{config.passes}: {', '.join(s.name for s in order)}", flush=True)
                 for concurrency in config.concurrency:
                     workload = config.workload(concurrency)
                     for system in order:
+                        expected_end = time.perf_counter() + last_duration.get((system.name, concurrency), 0)
+                        if expected_end > begun + config.time_limit - STOP_ALLOWANCE:
+                            skipped.append(f"pass {pass_index + 1} c={concurrency} {system.name}")
+                            continue
+                        cell_started = time.perf_counter()
                         result = await run_level(system, session, workload, concurrency, config.max_tokens,
                                                  config.request_timeout, pass_index)
+                        last_duration[system.name, concurrency] = time.perf_counter() - cell_started
                         results.append(result)
                         print("  " + progress_line(result), flush=True)
         finally:
-            for system in reversed(started):
-                print(f"stopping {system.name}", flush=True)
-                await system.stop()
-    facts["bench wall time"] = f"{time.perf_counter() - begun:.0f} s"
+            await asyncio.gather(*(stop(system) for system in started))
+    facts["bench wall time"] = f"{time.perf_counter() - begun:.0f} s (limit {config.time_limit:.0f} s)"
+    if skipped:
+        facts["skipped at the time limit"] = ", ".join(skipped)
     report = Report(config, facts, startups, results)
     config.output.parent.mkdir(parents=True, exist_ok=True)
     config.output.write_text(report.markdown())
     chart = config.output.with_suffix(".png")
-    report.chart(chart)
     print(report.markdown())
-    print(f"wrote {config.output} and {chart}")
+    if report.chart(chart):
+        print(f"wrote {config.output} and {chart}")
+    else:
+        print(f"wrote {config.output} (no measurements, no chart)")
+
+
+async def stop(system: System) -> None:
+    print(f"stopping {system.name}", flush=True)
+    await system.stop()
 
 
 async def warm_up(config: BenchConfig, systems: list[System], session: aiohttp.ClientSession) -> None:
@@ -216,9 +238,10 @@ def progress_line(result: LevelResult) -> str:
 
 
 def main() -> int:
+    begun = time.perf_counter()
     config = BenchConfig.from_env()
     loop = asyncio.new_event_loop()
-    task = loop.create_task(bench(config))
+    task = loop.create_task(bench(config, begun))
 
     def interrupt() -> None:
         # Once only: a second signal must not cut short the stopping of the systems.
