@@ -240,6 +240,7 @@ class Report:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
         levels = self.levels()
@@ -262,6 +263,8 @@ class Report:
             axes.grid(True, which="both", alpha=0.3)
             axes.legend()
         ttft.set_yscale("log")  # from one prefill at c=1 to a queue of them at c=64
+        ttft.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ttft.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         figure.suptitle(f"{self.config.model_id}: runner vs engine vs vllm serve (medians over "
                         f"{self.config.passes} passes)", fontsize=10)
         figure.tight_layout()
