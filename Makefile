@@ -21,7 +21,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models dev-run test stress docker-build docker-build-cpu docker-run clean
+.PHONY: help install gen gen-check models dev-run test stress bench docker-build docker-build-cpu docker-run clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
@@ -31,6 +31,7 @@ help:
 	@echo "make gen       regenerate runner/schema.py from openapi.yaml"
 	@echo "make stress    hostile traffic against a runner with the tiny test model (a few minutes)"
 	@echo "make docker-build / docker-build-cpu / docker-run   container images (GPU / CPU)"
+	@echo "make bench     the runner against the bare vLLM engine and vllm serve (bench/results.md)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +88,11 @@ docker-build-cpu:
 docker-run:
 	docker run --rm $(GPU_FLAGS) -p $(PORT):8000 -e MODEL_ID=$(MODEL_ID) -e HF_TOKEN \
 	  -v $(abspath $(MODEL_DIR)):/models $(IMAGE):$(IMAGE_TAG)
+
+# The runner against the bare engine and vllm serve; writes bench/results.md and .png.
+# Knobs: MODEL_ID, MODEL_DIR, KV_CACHE_GIB, BENCH_PASSES, BENCH_CONCURRENCY, ... (bench/run.py).
+bench: install models
+	MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) $(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -32,11 +32,13 @@ class OperationError(Exception):
 class EventStream:
     """A streamed answer: the runner sends each event as it comes.
 
-    ``error_event`` builds the in-band event that reports a failure after the
-    response header has gone out.
+    An event is a protocol model, or that model's JSON already serialised
+    (``bytes``), for a pipeline that builds one event per token and would
+    otherwise spend more on models than on the token. ``error_event`` builds the
+    in-band event that reports a failure after the response header has gone out.
     """
 
-    events: AsyncIterator[BaseModel]
+    events: AsyncIterator[BaseModel | bytes]
     error_event: Callable[[str], BaseModel]
 
 

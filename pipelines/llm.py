@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 from jinja2 import TemplateError
 from pydantic import Field, ValidationError, model_validator
+from pydantic_core import to_json
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline, RequestContext
@@ -225,6 +226,9 @@ class ReplyBuilder:
         self.model = model
         self.context = context
         self.created = int(time.time())
+        self.text_event_head = b'{"id":%s,"model":%s,"created":%d,"usage":{"prompt_tokens":' % (
+            to_json(self.completion_id), to_json(model), self.created
+        )
 
     def usage(self) -> LLMTokenUsage:
         prompt, completion = self.context.prompt_tokens, self.context.completion_tokens
@@ -238,6 +242,19 @@ class ReplyBuilder:
     def chunk(self, content: str, finish_reason: str = "") -> LLMResponse:
         delta = LLMMessage(role="assistant", content=content)
         return self.response(LLMChoice(index=0, delta=delta, finish_reason=finish_reason))
+
+    def text_event(self, content: str) -> bytes:
+        """``chunk(content)`` as the JSON bytes pydantic would write, built without models.
+
+        This runs once per token for every stream: four models and their
+        serialisation cost several times what these few byte operations do.
+        ``to_json`` escapes the text as pydantic does.
+        """
+        prompt_tokens, completion_tokens = self.context.prompt_tokens, self.context.completion_tokens
+        return self.text_event_head + (
+            b'%d,"completion_tokens":%d,"total_tokens":%d},'
+            b'"choices":[{"index":0,"finish_reason":"","delta":{"role":"assistant","content":%s}}]}'
+        ) % (prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, to_json(content))
 
     def error_event(self, msg: str) -> LLMResponse:
         return self.chunk("", finish_reason="error")
@@ -258,12 +275,12 @@ class ReplyBuilder:
         message = LLMMessage(role="assistant", content="".join(parts))
         return self.response(LLMChoice(index=0, message=message, finish_reason=self.context.finish_reason))
 
-    async def events(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[LLMResponse]:
+    async def events(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[LLMResponse | bytes]:
         try:
             async for output in outputs:
                 text = self.count(output)
                 if text:
-                    yield self.chunk(text)
+                    yield self.text_event(text)
                 if output.finished:
                     yield self.chunk("", finish_reason=self.context.finish_reason)
         finally:

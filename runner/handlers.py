@@ -9,6 +9,7 @@ import time
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from pipelines.base import EventStream, Operation, OperationError, RequestContext
 from runner import __version__
@@ -71,7 +72,9 @@ RUNNER_HANDLERS: dict[str, Handler] = {
 }
 
 
-def encode_event(event) -> bytes:
+def encode_event(event: BaseModel | bytes) -> bytes:
+    if isinstance(event, bytes):  # the pipeline serialised it already
+        return b"data: " + event + b"\n\n"
     return b"data: " + event.__pydantic_serializer__.to_json(event, exclude_none=True) + b"\n\n"
 
 

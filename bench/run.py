@@ -1,0 +1,266 @@
+"""``make bench``: the runner against the bare vLLM engine and ``vllm serve``, same model, same engine settings.
+
+One fixed streaming workload (``bench/prompts.py``, temperature 0) runs at each
+concurrency against each system. All three systems start once, one after the
+other (each start timed to its first answer), and stay up; then every pass runs
+every concurrency on every system, the systems' order rotating from pass to pass
+so that drift on the machine spreads evenly. The report gives medians over the
+passes with their ranges, in ``bench/results.md`` and ``bench/results.png``.
+
+Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (3),
+BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (128), BENCH_MIN_REQUESTS (3)
+and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
+requests; BENCH_SYSTEMS (engine,runner,vllm-serve), BENCH_OUTPUT
+(bench/results.md), BENCH_TIME_LIMIT (1200 s: a measurement that would end past
+it is skipped, and the report says so), BENCH_REQUEST_TIMEOUT (300 s),
+BENCH_START_TIMEOUT (600 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from bench.load import LevelResult, run_level
+from bench.prompts import chat_prompts
+from bench.report import Report, machine_facts
+from bench.systems import ROOT, EngineSystem, RunnerSystem, Startup, System, VllmServeSystem
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SYSTEM_NAMES = ("engine", "runner", "vllm-serve")
+WARM_UP_CONCURRENCY = 36  # every prompt at once
+STOP_ALLOWANCE = 30  # seconds kept back from BENCH_TIME_LIMIT to stop the systems and write the report
+WARM_UP_MAX_TOKENS = 4
+
+
+def env_ints(name: str, default: str) -> list[int]:
+    return [int(part) for part in os.environ.get(name, default).split(",") if part.strip()]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model_id: str
+    model_dir: Path
+    kv_cache_gib: str
+    passes: int
+    concurrency: list[int]
+    max_tokens: int
+    min_requests: int  # requests per level at least ...
+    rounds: int  # ... and this many times the concurrency
+    systems: list[str]
+    output: Path
+    request_timeout: float
+    start_timeout: float
+    time_limit: float
+
+    @classmethod
+    def from_env(cls) -> BenchConfig:
+        systems = [name.strip() for name in os.environ.get("BENCH_SYSTEMS", ",".join(SYSTEM_NAMES)).split(",")]
+        unknown = set(systems) - set(SYSTEM_NAMES)
+        if unknown:
+            raise SystemExit(f"BENCH_SYSTEMS: unknown {sorted(unknown)}; known: {', '.join(SYSTEM_NAMES)}")
+        return cls(
+            model_id=os.environ.get("MODEL_ID", DEFAULT_MODEL_ID),
+            model_dir=Path(os.environ.get("MODEL_DIR", "models")).resolve(),
+            kv_cache_gib=os.environ.get("KV_CACHE_GIB", "1"),
+            passes=int(os.environ.get("BENCH_PASSES", "3")),
+            concurrency=env_ints("BENCH_CONCURRENCY", "1,8,32,64"),
+            max_tokens=int(os.environ.get("BENCH_MAX_TOKENS", "128")),
+            min_requests=int(os.environ.get("BENCH_MIN_REQUESTS", "3")),
+            rounds=int(os.environ.get("BENCH_ROUNDS", "1")),
+            systems=systems,
+            output=Path(os.environ.get("BENCH_OUTPUT", ROOT / "bench" / "results.md")),
+            request_timeout=float(os.environ.get("BENCH_REQUEST_TIMEOUT", "300")),
+            start_timeout=float(os.environ.get("BENCH_START_TIMEOUT", "600")),
+            time_limit=float(os.environ.get("BENCH_TIME_LIMIT", "1200")),
+        )
+
+    def workload(self, concurrency: int) -> list[list[dict]]:
+        prompts = chat_prompts()
+        count = max(self.min_requests, self.rounds * concurrency)
+        return [prompts[index % len(prompts)] for index in range(count)]
+
+
+def server_env(config: BenchConfig) -> dict[str, str]:
+    """The environment every system's engine sees: the same tuning variables, no Hub."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "KV_CACHE_GIB": config.kv_cache_gib}
+
+
+def serve_flags(engine_args) -> list[str]:
+    """``vllm serve`` flags for every engine argument the runner sets away from vLLM's defaults."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    defaults = AsyncEngineArgs(model=engine_args.model)
+    flags = [engine_args.model]
+    for arg in dataclasses.fields(engine_args):
+        value = getattr(engine_args, arg.name)
+        if arg.name == "model" or value == getattr(defaults, arg.name) or value is None:
+            continue
+        flag = "--" + arg.name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + arg.name.replace("_", "-"))
+        elif isinstance(value, (str, int, float)):
+            flags += [flag, str(value)]
+        else:
+            raise ValueError(f"no vllm serve flag for engine argument {arg.name}={value!r}")
+    return flags
+
+
+def runner_engine_args(config: BenchConfig):
+    """The runner's engine arguments for this model, and ``pipelines.vllm_engine`` with the seconds its import took."""
+    os.environ["KV_CACHE_GIB"] = config.kv_cache_gib  # as the servers see it
+    import_started = time.perf_counter()
+    import pipelines.vllm_engine as vllm_engine  # imports vLLM and torch
+    import_s = time.perf_counter() - import_started
+    from pipelines.llm import LLMSettings
+    from pipelines.model_store import resolve_model
+
+    # A model missing from MODEL_DIR is fetched here, once; the systems then find it there, offline.
+    model_path = resolve_model(config.model_id, config.model_dir)
+    return vllm_engine, vllm_engine.engine_args(LLMSettings(), model_path, config.model_id), import_s
+
+
+async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
+                        vllm_engine, engine_args, import_s: float, started: list[System]) -> dict[str, Startup]:
+    """Start the systems one after the other, so that each start has the machine to itself."""
+    env = server_env(config)
+    candidates: dict[str, System] = {
+        "engine": EngineSystem(config.model_id, config.model_dir, vllm_engine, engine_args, import_s),
+        "runner": RunnerSystem(config.model_id, config.model_dir, env, log_dir),
+        "vllm-serve": VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir),
+    }
+    startups = {}
+    for name in config.systems:
+        system = candidates[name]
+        print(f"starting {name} ...", flush=True)
+        started.append(system)
+        startups[name] = await system.start(session, config.start_timeout)
+        print(f"  {name}: first answer after {startups[name].first_answer_s:.1f} s", flush=True)
+    return startups
+
+
+async def bench(config: BenchConfig, begun: float) -> None:
+    log_dir = ROOT / "bench" / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    facts = machine_facts(config)
+    started: list[System] = []
+    results: list[LevelResult] = []
+    skipped: list[str] = []
+    connector = aiohttp.TCPConnector(limit=0)  # the concurrency is the bench's to set
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            vllm_engine, engine_args, import_s = runner_engine_args(config)
+            facts.update(engine_settings(engine_args))
+            startups = await start_systems(config, session, log_dir, vllm_engine, engine_args, import_s, started)
+            systems = list(started)
+            await warm_up(config, systems, session)
+            last_duration: dict[tuple[str, int], float] = {}
+            for pass_index in range(config.passes):
+                order = systems[pass_index % len(systems):] + systems[: pass_index % len(systems)]
+                print(f"pass {pass_index + 1}/{config.passes}: {', '.join(s.name for s in order)}", flush=True)
+                for concurrency in config.concurrency:
+                    workload = config.workload(concurrency)
+                    for system in order:
+                        expected_end = time.perf_counter() + last_duration.get((system.name, concurrency), 0)
+                        if expected_end > begun + config.time_limit - STOP_ALLOWANCE:
+                            skipped.append(f"pass {pass_index + 1} c={concurrency} {system.name}")
+                            continue
+                        cell_started = time.perf_counter()
+                        result = await run_level(system, session, workload, concurrency, config.max_tokens,
+                                                 config.request_timeout, pass_index)
+                        last_duration[system.name, concurrency] = time.perf_counter() - cell_started
+                        results.append(result)
+                        print("  " + progress_line(result), flush=True)
+        finally:
+            await asyncio.gather(*(stop(system) for system in started))
+    facts["bench wall time"] = f"{time.perf_counter() - begun:.0f} s (limit {config.time_limit:.0f} s)"
+    if skipped:
+        facts["skipped at the time limit"] = ", ".join(skipped)
+    report = Report(config, facts, startups, results)
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    config.output.write_text(report.markdown())
+    chart = config.output.with_suffix(".png")
+    print(report.markdown())
+    if report.chart(chart):
+        print(f"wrote {config.output} and {chart}")
+    else:
+        print(f"wrote {config.output} (no measurements, no chart)")
+
+
+async def stop(system: System) -> None:
+    print(f"stopping {system.name}", flush=True)
+    await system.stop()
+
+
+async def warm_up(config: BenchConfig, systems: list[System], session: aiohttp.ClientSession) -> None:
+    """Every prompt once (a few tokens) on every system, so that the first pass meets the
+    same engine state as the others (prefix cache, warm paths): vLLM caches prefixes by default."""
+    prompts = chat_prompts()
+    for system in systems:
+        result = await run_level(system, session, prompts, WARM_UP_CONCURRENCY, WARM_UP_MAX_TOKENS,
+                                 config.request_timeout, -1)
+        if result.errors:
+            raise RuntimeError(f"{system.name} failed its warm-up: {result.first_error}")
+
+
+def engine_settings(engine_args) -> dict[str, str]:
+    return {
+        "engine settings (all three)": (
+            f"dtype {engine_args.dtype}, enforce_eager {engine_args.enforce_eager}, "
+            f"max_model_len {engine_args.max_model_len}, max_num_batched_tokens {engine_args.max_num_batched_tokens}, "
+            f"max_num_seqs {engine_args.max_num_seqs}, KV cache {engine_args.kv_cache_memory_bytes} bytes "
+            f"({engine_args.kv_cache_memory_bytes / 1024**3:g} GiB), prefix caching on (vLLM's default; every "
+            "prompt is sent once, for a few tokens, to each system before the passes)"
+        ),
+        "vllm serve flags": "`" + " ".join(serve_flags(engine_args)) + " --disable-uvicorn-access-log`",
+    }
+
+
+def progress_line(result: LevelResult) -> str:
+    summary = result.summary()
+    errors = f", {result.errors} errors ({result.first_error})" if result.errors else ""
+    return (
+        f"c={result.concurrency:<3} {result.system:<10} {summary['tokens_per_s']:7.1f} tok/s  "
+        f"TTFT p50 {summary['ttft_p50_ms']:6.0f} ms  ITL p50 {summary['itl_p50_ms']:5.1f} ms  "
+        f"API CPU {summary['api_cpu_ms_per_token']:.3f} ms/tok  "
+        f"{result.output_tokens} tok in {result.wall_s:.1f} s{errors}"
+    )
+
+
+def main() -> int:
+    begun = time.perf_counter()
+    config = BenchConfig.from_env()
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(bench(config, begun))
+
+    def interrupt() -> None:
+        # Once only: a second signal must not cut short the stopping of the systems.
+        if not task.cancelling():
+            print("interrupted: stopping every system the bench started", file=sys.stderr, flush=True)
+            task.cancel()
+
+    # SIGTERM and Ctrl-C cancel the bench, whose finally stops every system it started.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, interrupt)
+    try:
+        loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        print("bench interrupted; the systems it started are stopped", file=sys.stderr)
+        return 130
+    finally:
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":  # vLLM's engine processes import this module again
+    sys.exit(main())

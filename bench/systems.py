@@ -1,0 +1,295 @@
+"""The three systems under test, each behind the same small interface.
+
+A system starts (timed to its first answer), streams one chat request into a
+``RequestRecord`` (the shared client code in ``bench.load`` owns the clock),
+names the process whose CPU time is its API's cost, and stops.
+
+- ``EngineSystem``: vLLM's ``AsyncLLM`` in this process, no HTTP: the ceiling.
+- ``RunnerSystem``: ``python -m runner``, ``POST /llm`` with ``stream: true``.
+- ``VllmServeSystem``: ``vllm serve``, ``POST /v1/chat/completions`` with ``stream: true``.
+
+The bench imports vLLM (through ``pipelines.vllm_engine``) only to build the
+engine arguments, and adds that import's time to the engine's start, since the
+servers pay for theirs in their start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from bench.load import RequestRecord
+from runner.schema import LLMMessage, LLMRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+POLL_INTERVAL = 0.05  # seconds between readiness polls
+STOP_TIMEOUT = 30  # seconds a server gets to exit after SIGTERM
+WARM_UP_MESSAGES = [{"role": "user", "content": "Hello"}]
+
+
+class StartFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Startup:
+    first_answer_s: float  # launch to the end of the first streamed answer
+    first_health_s: float | None = None  # launch to the first answer on /health (servers only)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class System:
+    name: str
+
+    async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
+        raise NotImplementedError
+
+    async def stream(self, session: aiohttp.ClientSession, messages: list[dict], max_tokens: int,
+                     record: RequestRecord) -> None:
+        """Send one request; call ``record.chunk()`` as each piece of text arrives, then ``record.finish``."""
+        raise NotImplementedError
+
+    def api_process(self) -> psutil.Process:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def answer_once(self, session: aiohttp.ClientSession) -> None:
+        record = RequestRecord(sent=time.perf_counter())
+        await self.stream(session, WARM_UP_MESSAGES, 4, record)
+        if not record.chunk_times:
+            raise StartFailed(f"{self.name}: the first answer had no text")
+
+
+class EngineSystem(System):
+    """AsyncLLM in this process, with the runner's engine arguments and chat-template tokenization."""
+
+    name = "engine"
+
+    def __init__(self, model_id: str, model_dir: Path, vllm_engine, engine_args, import_s: float) -> None:
+        """``vllm_engine`` is the imported ``pipelines.vllm_engine``; importing it took ``import_s``."""
+        from pipelines.llm import LLMPipeline
+
+        self.vllm = vllm_engine
+        self.engine_args = engine_args
+        self.import_s = import_s
+        self.engine = None
+        # The pipeline object only lends its chat-template tokenization (LLMPipeline.prompt_token_ids).
+        self.pipeline = LLMPipeline(model_id, model_dir)
+
+    async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
+        started = time.perf_counter()
+        self.engine = self.vllm.AsyncLLM.from_engine_args(self.engine_args)
+        self.pipeline.tokenizer = self.engine.get_tokenizer()
+        await asyncio.wait_for(self.answer_once(session), timeout)
+        # The servers import vLLM as they start; this process did it before, so it is added here.
+        return Startup(first_answer_s=self.import_s + time.perf_counter() - started)
+
+    async def stream(self, session, messages, max_tokens, record) -> None:
+        request = LLMRequest(
+            messages=[LLMMessage(**message) for message in messages], temperature=0, max_tokens=max_tokens
+        )
+        prompt = self.pipeline.prompt_token_ids(request.messages)
+        sampling = self.vllm.sampling_params(request, self.engine.model_config.get_vocab_size())
+        outputs = self.engine.generate(self.vllm.tokens_prompt(prompt), sampling, uuid.uuid4().hex)
+        output_tokens = 0
+        async for output in outputs:
+            completion = output.outputs[0]
+            output_tokens += len(completion.token_ids)
+            if completion.text:
+                record.chunk()
+            if output.finished:
+                record.finish(completion.finish_reason, output_tokens, len(output.prompt_token_ids or prompt))
+        record.done = True  # the engine's stream has no [DONE] line; its end is the same thing
+
+    def api_process(self) -> psutil.Process:
+        # The engine's front end runs in this process, beside the (in-process) client adapter.
+        return psutil.Process()
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            engine.shutdown()
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess in a session of its own, so that it and its engine can be stopped together."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> None:
+        self.log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise StartFailed(f"{self.name} exited with {self.process.returncode}; see {self.log_path}:\n"
+                              f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            group = os.getpgid(self.process.pid)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            # Engine processes left behind by the server: they are in the session we created for it.
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+class HttpSystem(System):
+    server: ServerProcess
+    health_path = "/health"
+
+    async def wait_ready(self, session: aiohttp.ClientSession, launched: float, timeout: float) -> float | None:
+        """Poll the health endpoint until the server is ready; return when it first answered at all."""
+        first_health = None
+        deadline = launched + timeout
+        while time.perf_counter() < deadline:
+            self.server.check_alive()
+            try:
+                async with session.get(self.server.url + self.health_path,
+                                       timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    if first_health is None:
+                        first_health = time.perf_counter() - launched
+                    if await self.is_ready(response):
+                        return first_health
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(POLL_INTERVAL)
+        raise StartFailed(f"{self.name} was not ready within {timeout:g} s:\n{self.server.log_tail()}")
+
+    async def is_ready(self, response: aiohttp.ClientResponse) -> bool:
+        return response.status == 200
+
+    async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
+        launched = time.perf_counter()
+        self.server.launch()
+        first_health = await self.wait_ready(session, launched, timeout)
+        await asyncio.wait_for(self.answer_once(session), timeout)
+        return Startup(first_answer_s=time.perf_counter() - launched, first_health_s=first_health)
+
+    def api_process(self) -> psutil.Process:
+        return psutil.Process(self.server.process.pid)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.server.stop)
+
+
+class RunnerSystem(HttpSystem):
+    name = "runner"
+
+    def __init__(self, model_id: str, model_dir: Path, env: dict[str, str], log_dir: Path) -> None:
+        self.model_id = model_id
+        port = free_port()
+        server_env = {**env, "MODEL_ID": model_id, "MODEL_DIR": str(model_dir), "HOST": "127.0.0.1",
+                      "PORT": str(port)}
+        self.server = ServerProcess("runner", [sys.executable, "-m", "runner"], server_env,
+                                    log_dir / "runner.log", port)
+
+    async def is_ready(self, response: aiohttp.ClientResponse) -> bool:
+        status = (await response.json())["status"]
+        if status == "ERROR":
+            raise StartFailed(f"runner reports ERROR:\n{self.server.log_tail()}")
+        return status == "IDLE"
+
+    async def stream(self, session, messages, max_tokens, record) -> None:
+        body = {"messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": True}
+        async with session.post(self.server.url + "/llm", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    record.done = True
+                    break
+                event = json.loads(payload)
+                choice = event["choices"][0]
+                if choice["delta"]["content"]:
+                    record.chunk()
+                if choice["finish_reason"]:
+                    usage = event["usage"]
+                    record.finish(choice["finish_reason"], usage["completion_tokens"], usage["prompt_tokens"])
+
+
+class VllmServeSystem(HttpSystem):
+    name = "vllm-serve"
+
+    def __init__(self, model_id: str, engine_flags: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.model_id = model_id
+        port = free_port()
+        command = [sys.executable, "-m", "bench.vllm_serve", *engine_flags, "--host", "127.0.0.1",
+                   "--port", str(port), "--disable-uvicorn-access-log"]
+        self.server = ServerProcess("vllm-serve", command, env, log_dir / "vllm-serve.log", port)
+
+    async def stream(self, session, messages, max_tokens, record) -> None:
+        # Greedy, and every sampling field spelled out, so that no model generation_config
+        # default can make vllm serve sample differently from the runner.
+        body = {
+            "model": self.model_id, "messages": messages, "temperature": 0, "top_p": 1, "top_k": -1,
+            "repetition_penalty": 1.0, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        finish_reason = ""
+        async with session.post(self.server.url + "/v1/chat/completions", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    record.done = True
+                    break
+                event = json.loads(payload)
+                if event["choices"]:
+                    choice = event["choices"][0]
+                    if choice["delta"].get("content"):
+                        record.chunk()
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                if event.get("usage"):  # the last chunk, with no choices
+                    usage = event["usage"]
+                    record.finish(finish_reason, usage["completion_tokens"], usage["prompt_tokens"])
