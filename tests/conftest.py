@@ -97,6 +97,10 @@ class RunnerProcess:
     def since_launch(self) -> float:
         return time.monotonic() - self.launched_at
 
+    def send_loading_request(self, sent_at: float) -> None:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        self.loading_request = (sent_at, post_json(f"{self.url}/llm", body, 600))
+
     def watch_health(self) -> None:
         while self.process.poll() is None:
             try:
@@ -107,11 +111,7 @@ class RunnerProcess:
             if status == "LOADING" and self.request_while_loading and self.loading_request is None:
                 sent_at = self.since_launch()
                 self.loading_request = (sent_at, 0)  # sent; the thread fills in the status
-                body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-                threading.Thread(
-                    target=lambda: setattr(self, "loading_request", (sent_at, post_json(f"{self.url}/llm", body, 600))),
-                    daemon=True,
-                ).start()
+                threading.Thread(target=self.send_loading_request, args=(sent_at,), daemon=True).start()
             time.sleep(0.5)
 
     def log_tail(self, lines: int = 40) -> str:

@@ -22,11 +22,13 @@ def test_health_answers_loading_at_once_then_idle(tiny_runner):
     answered = [(at, status) for at, status in tiny_runner.timeline if status is not None]
     first_at, first_status = answered[0]
     assert first_status == "LOADING"
-    # Four runners start at once on this machine; alone, the first answer comes in about a second.
-    assert first_at < 10, f"/health first answered {first_at:.1f} s after launch"
     statuses = [status for _, status in answered]
     ready_at = statuses.index("IDLE")
     assert set(statuses[:ready_at]) == {"LOADING"}, "nothing but LOADING until the engine is warm"
+    # The suite starts six runners at once on two cores; alone, the first answer comes in under a
+    # second (`make bench` measures it). Here it must come long before the engine is ready.
+    idle_at = answered[ready_at][0]
+    assert first_at < min(30, idle_at / 2), f"/health first answered {first_at:.1f} s, IDLE at {idle_at:.1f} s"
     assert "ERROR" not in statuses
 
 
