@@ -75,7 +75,8 @@ def machine_facts(config: BenchConfig) -> dict[str, str]:
             f"max_tokens {config.max_tokens}; requests per level: "
             + ", ".join(f"c={c}: {len(config.workload(c))}" for c in config.concurrency)
         ),
-        "passes": f"{config.passes}, the systems' order rotating by one place per pass",
+        "passes": f"{config.passes}, the systems' order rotating by one place per pass, {config.settle:g} s "
+                  "pause before each measurement (vLLM workers spin for 1 s after their last step)",
     }
 
 

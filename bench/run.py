@@ -8,12 +8,12 @@ so that drift on the machine spreads evenly. The report gives medians over the
 passes with their ranges, in ``bench/results.md`` and ``bench/results.png``.
 
 Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (3),
-BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (128), BENCH_MIN_REQUESTS (3)
+BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (128), BENCH_MIN_REQUESTS (2)
 and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
 requests; BENCH_SYSTEMS (engine,runner,vllm-serve), BENCH_OUTPUT
 (bench/results.md), BENCH_TIME_LIMIT (1200 s: a measurement that would end past
-it is skipped, and the report says so), BENCH_REQUEST_TIMEOUT (300 s),
-BENCH_START_TIMEOUT (600 s).
+it is skipped, and the report says so), BENCH_SETTLE (1.2 s between two
+measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class BenchConfig:
     request_timeout: float
     start_timeout: float
     time_limit: float
+    settle: float
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -74,13 +75,14 @@ class BenchConfig:
             passes=int(os.environ.get("BENCH_PASSES", "3")),
             concurrency=env_ints("BENCH_CONCURRENCY", "1,8,32,64"),
             max_tokens=int(os.environ.get("BENCH_MAX_TOKENS", "128")),
-            min_requests=int(os.environ.get("BENCH_MIN_REQUESTS", "3")),
+            min_requests=int(os.environ.get("BENCH_MIN_REQUESTS", "2")),
             rounds=int(os.environ.get("BENCH_ROUNDS", "1")),
             systems=systems,
             output=Path(os.environ.get("BENCH_OUTPUT", ROOT / "bench" / "results.md")),
             request_timeout=float(os.environ.get("BENCH_REQUEST_TIMEOUT", "300")),
             start_timeout=float(os.environ.get("BENCH_START_TIMEOUT", "600")),
             time_limit=float(os.environ.get("BENCH_TIME_LIMIT", "1200")),
+            settle=float(os.environ.get("BENCH_SETTLE", "1.2")),
         )
 
     def workload(self, concurrency: int) -> list[list[dict]]:
@@ -142,6 +144,8 @@ async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log
     startups = {}
     for name in config.systems:
         system = candidates[name]
+        if started:
+            await asyncio.sleep(config.settle)  # the last system's worker spins a while after its first answer
         print(f"starting {name} ...", flush=True)
         started.append(system)
         startups[name] = await system.start(session, config.start_timeout)
@@ -171,10 +175,14 @@ async def bench(config: BenchConfig, begun: float) -> None:
                 for concurrency in config.concurrency:
                     workload = config.workload(concurrency)
                     for system in order:
-                        expected_end = time.perf_counter() + last_duration.get((system.name, concurrency), 0)
+                        expected_end = (time.perf_counter() + config.settle
+                                        + last_duration.get((system.name, concurrency), 0))
                         if expected_end > begun + config.time_limit - STOP_ALLOWANCE:
                             skipped.append(f"pass {pass_index + 1} c={concurrency} {system.name}")
                             continue
+                        # vLLM's workers keep spinning for a second after their last step, pinned
+                        # to the core the next system's worker needs: let the last one go quiet.
+                        await asyncio.sleep(config.settle)
                         cell_started = time.perf_counter()
                         result = await run_level(system, session, workload, concurrency, config.max_tokens,
                                                  config.request_timeout, pass_index)
