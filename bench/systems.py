@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +211,21 @@ class HttpSystem(System):
         await asyncio.wait_for(self.answer_once(session), timeout)
         return Startup(first_answer_s=time.perf_counter() - launched, first_health_s=first_health)
 
+    async def events(self, session: aiohttp.ClientSession, path: str, body: dict,
+                     record: RequestRecord) -> AsyncIterator[dict]:
+        """POST a streaming request and yield each server-sent event's JSON; ``[DONE]`` marks the record done."""
+        async with session.post(self.server.url + path, json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    record.done = True
+                    return
+                yield json.loads(payload)
+
     def api_process(self) -> psutil.Process:
         return psutil.Process(self.server.process.pid)
 
@@ -236,23 +252,13 @@ class RunnerSystem(HttpSystem):
 
     async def stream(self, session, messages, max_tokens, record) -> None:
         body = {"messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": True}
-        async with session.post(self.server.url + "/llm", json=body) as response:
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
-            async for line in response.content:
-                if not line.startswith(b"data: "):
-                    continue
-                payload = line[6:].strip()
-                if payload == b"[DONE]":
-                    record.done = True
-                    break
-                event = json.loads(payload)
-                choice = event["choices"][0]
-                if choice["delta"]["content"]:
-                    record.chunk()
-                if choice["finish_reason"]:
-                    usage = event["usage"]
-                    record.finish(choice["finish_reason"], usage["completion_tokens"], usage["prompt_tokens"])
+        async for event in self.events(session, "/llm", body, record):
+            choice = event["choices"][0]
+            if choice["delta"]["content"]:
+                record.chunk()
+            if choice["finish_reason"]:
+                usage = event["usage"]
+                record.finish(choice["finish_reason"], usage["completion_tokens"], usage["prompt_tokens"])
 
 
 class VllmServeSystem(HttpSystem):
@@ -274,22 +280,12 @@ class VllmServeSystem(HttpSystem):
             "stream_options": {"include_usage": True},
         }
         finish_reason = ""
-        async with session.post(self.server.url + "/v1/chat/completions", json=body) as response:
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
-            async for line in response.content:
-                if not line.startswith(b"data: "):
-                    continue
-                payload = line[6:].strip()
-                if payload == b"[DONE]":
-                    record.done = True
-                    break
-                event = json.loads(payload)
-                if event["choices"]:
-                    choice = event["choices"][0]
-                    if choice["delta"].get("content"):
-                        record.chunk()
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                if event.get("usage"):  # the last chunk, with no choices
-                    usage = event["usage"]
-                    record.finish(finish_reason, usage["completion_tokens"], usage["prompt_tokens"])
+        async for event in self.events(session, "/v1/chat/completions", body, record):
+            if event["choices"]:
+                choice = event["choices"][0]
+                if choice["delta"].get("content"):
+                    record.chunk()
+                finish_reason = choice.get("finish_reason") or finish_reason
+            if event.get("usage"):  # the last chunk, with no choices
+                usage = event["usage"]
+                record.finish(finish_reason, usage["completion_tokens"], usage["prompt_tokens"])
