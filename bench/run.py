@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -124,12 +125,15 @@ def runner_engine_args(config: BenchConfig):
     import_started = time.perf_counter()
     import pipelines.vllm_engine as vllm_engine  # imports vLLM and torch
     import_s = time.perf_counter() - import_started
+    # The runner's CPU thread layout (pipelines.llm.cpu_engine_variables), for all three systems alike.
+    os.environ.update(vllm_engine.cpu_engine_environment())
     from pipelines.llm import LLMSettings
     from pipelines.model_store import resolve_model
 
     # A model missing from MODEL_DIR is fetched here, once; the systems then find it there, offline.
     model_path = resolve_model(config.model_id, config.model_dir)
-    return vllm_engine, vllm_engine.engine_args(LLMSettings(), model_path, config.model_id), import_s
+    model_config = json.loads((model_path / "config.json").read_text())
+    return vllm_engine, vllm_engine.engine_args(LLMSettings(), model_path, config.model_id, model_config), import_s
 
 
 async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
@@ -230,6 +234,9 @@ def engine_settings(engine_args) -> dict[str, str]:
             f"({engine_args.kv_cache_memory_bytes / 1024**3:g} GiB), prefix caching on (vLLM's default; every "
             "prompt is sent once, for a few tokens, to each system before the passes)"
         ),
+        "engine environment (all three)": ", ".join(
+            f"{name}={os.environ[name]}" for name in sorted(os.environ) if name.startswith("VLLM_CPU_")
+        ) or "vLLM's defaults",
         "vllm serve flags": "`" + " ".join(serve_flags(engine_args)) + " --disable-uvicorn-access-log`",
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -95,6 +96,61 @@ def parallelism_errors(settings: LLMSettings, model_config: dict, gpus: int) -> 
     return errors
 
 
+GiB = 1024**3
+CPU_KV_CACHE_SHARE = 0.25  # of the machine's RAM
+CPU_KV_CACHE_MAX_BYTES = 4 * GiB
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def kv_bytes_per_token(model_config: dict, dtype: str) -> int | None:
+    """Keys and values of one token in every layer, or None where the config does not say."""
+    text_config = model_config.get("text_config", model_config)
+    layers = text_config.get("num_hidden_layers")
+    heads = text_config.get("num_attention_heads")
+    kv_heads = text_config.get("num_key_value_heads") or heads
+    head_dim = text_config.get("head_dim")
+    if not head_dim and heads and text_config.get("hidden_size"):
+        head_dim = text_config["hidden_size"] // heads
+    if not (layers and kv_heads and head_dim and dtype in DTYPE_BYTES):
+        return None
+    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+def cpu_kv_cache_bytes(settings: LLMSettings, model_config: dict, dtype: str, total_ram: int) -> int:
+    """The CPU KV cache's size when KV_CACHE_GIB is unset.
+
+    Sized from the model and the settings, never from the RAM free at the moment,
+    so that the same settings give the same capacity on every start, whatever
+    else is starting beside it: room for MAX_NUM_SEQS sequences of MAX_MODEL_LEN
+    tokens, at most a quarter of the machine's RAM and 4 GiB, and never less than
+    one sequence of MAX_MODEL_LEN tokens (vLLM refuses to start with less).
+    """
+    cap = min(int(total_ram * CPU_KV_CACHE_SHARE), CPU_KV_CACHE_MAX_BYTES)
+    per_token = kv_bytes_per_token(model_config, dtype)
+    if per_token is None:
+        return cap
+    one_sequence = per_token * settings.max_model_len
+    return max(min(one_sequence * settings.max_num_seqs, cap), one_sequence)
+
+
+SMALL_MACHINE_CORES = 4
+
+
+def cpu_engine_variables(environ: Mapping[str, str], cores: int) -> dict[str, str]:
+    """vLLM CPU-backend variables the runner sets where the user has not: none, or one.
+
+    vLLM keeps one core out of its worker's thread team, for its scheduler
+    process. On a small machine that is a large share of the compute: on two
+    cores, letting the worker use both raised tokens per second by 45 to 67 %
+    and halved time to first token (the runner at concurrency 1, 32 and 64).
+    """
+    if cores > SMALL_MACHINE_CORES or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
+        return {}
+    if environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":  # the user placed the threads
+        return {}
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
 class LLMPipeline(Pipeline):
     name = "llm"
 
@@ -136,9 +192,12 @@ class LLMPipeline(Pipeline):
         errors = parallelism_errors(settings, model_config, gpus)
         if errors:
             raise ValueError("; ".join(errors))
-        args = self.vllm.engine_args(settings, model_path, self.model_id)
+        args = self.vllm.engine_args(settings, model_path, self.model_id, model_config)
+        environment = self.vllm.cpu_engine_environment()
+        os.environ.update(environment)  # the engine's processes inherit it
         log.info(
             "engine.start",
+            environment=environment,
             model_path=str(model_path),
             dtype=args.dtype,
             enforce_eager=args.enforce_eager,

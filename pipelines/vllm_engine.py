@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psutil
@@ -14,21 +15,18 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from pipelines.llm import LLMSettings
+from pipelines.llm import GiB, LLMSettings, cpu_engine_variables, cpu_kv_cache_bytes
 from runner.schema import LLMRequest
 
-__all__ = ["AsyncLLM", "engine_args", "sampling_params", "tokens_prompt"]
-
-GiB = 1024**3
-CPU_KV_CACHE_SHARE = 0.25  # of the RAM available at start
-CPU_KV_CACHE_MAX_BYTES = 4 * GiB
+__all__ = ["AsyncLLM", "cpu_engine_environment", "engine_args", "sampling_params", "tokens_prompt"]
 
 
 def cpu_has_native_bfloat16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def engine_args(settings: LLMSettings, model_path: Path, served_name: str) -> AsyncEngineArgs:
+def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model_config: dict) -> AsyncEngineArgs:
+    """Raises ValueError when the CPU KV cache cannot fit in the RAM free now."""
     on_cpu = current_platform.is_cpu()
     dtype = settings.dtype
     kv_cache_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
@@ -36,9 +34,14 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str) -> As
         if dtype == "auto":
             # bfloat16 gives wrong text on CPUs that only emulate it (AVX2).
             dtype = "bfloat16" if cpu_has_native_bfloat16() else "float32"
+        memory = psutil.virtual_memory()
         if kv_cache_bytes is None:
-            available = psutil.virtual_memory().available
-            kv_cache_bytes = min(int(available * CPU_KV_CACHE_SHARE), CPU_KV_CACHE_MAX_BYTES)
+            kv_cache_bytes = cpu_kv_cache_bytes(settings, model_config, dtype, memory.total)
+        if kv_cache_bytes > memory.available:
+            raise ValueError(
+                f"the KV cache needs {kv_cache_bytes / GiB:.2f} GiB of RAM and {memory.available / GiB:.2f} GiB "
+                "is free: set KV_CACHE_GIB lower (with MAX_MODEL_LEN and MAX_NUM_SEQS to match) or free some RAM"
+            )
     enforce_eager = on_cpu if settings.enforce_eager is None else settings.enforce_eager
     return AsyncEngineArgs(
         model=str(model_path),
@@ -55,6 +58,13 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str) -> As
         enforce_eager=enforce_eager,
         disable_log_stats=True,
     )
+
+
+def cpu_engine_environment() -> dict[str, str]:
+    """What the runner adds to the environment of the engine's processes on this machine."""
+    if not current_platform.is_cpu():
+        return {}
+    return cpu_engine_variables(os.environ, len(os.sched_getaffinity(0)))
 
 
 def sampling_params(request: LLMRequest, vocab_size: int) -> SamplingParams:

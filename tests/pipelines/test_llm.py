@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -319,11 +321,37 @@ def engine_start_event(runner: RunnerProcess) -> dict:
     raise AssertionError(f"no engine.start line in the log of {runner.name}")
 
 
-def test_cpu_engine_uses_float32_without_native_bfloat16_and_a_bounded_kv_cache(default_runner):
+def test_cpu_engine_uses_float32_without_native_bfloat16_and_a_kv_cache_sized_from_the_model(default_runner):
+    import psutil
     import torch
+
+    from pipelines.llm import LLMSettings, cpu_kv_cache_bytes
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     event = engine_start_event(default_runner)
-    assert event["dtype"] == ("bfloat16" if native else "float32")
+    dtype = "bfloat16" if native else "float32"
+    assert event["dtype"] == dtype
     assert event["enforce_eager"] is True
-    assert 0 < event["kv_cache_bytes"] <= 4 * 1024**3
+    config = json.loads((Path(event["model_path"]) / "config.json").read_text())
+    expected = cpu_kv_cache_bytes(LLMSettings(), config, dtype, psutil.virtual_memory().total)
+    assert 0 < event["kv_cache_bytes"] == expected <= 4 * 1024**3
+
+
+def test_on_a_small_machine_the_engine_worker_computes_on_every_core(default_runner):
+    import psutil
+
+    from pipelines.llm import SMALL_MACHINE_CORES
+
+    cores = os.sched_getaffinity(0)
+    event = engine_start_event(default_runner)
+    workers = [process for process in psutil.Process(default_runner.process.pid).children(recursive=True)
+               if process.name() == "VLLM::Worker"]
+    assert len(workers) == 1, "one vLLM worker process under the runner"
+    # vLLM binds each thread of its worker's OpenMP team to one core.
+    used = set().union(*(os.sched_getaffinity(thread.id) for thread in workers[0].threads()))
+    if len(cores) <= SMALL_MACHINE_CORES:
+        assert event["environment"] == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        assert used == cores
+    else:  # vLLM's own layout: one core kept for its scheduler process
+        assert event["environment"] == {}
+        assert len(used) == len(cores) - 1

@@ -110,3 +110,49 @@ def test_a_conversation_the_chat_template_refuses_is_a_400():
     with pytest.raises(OperationError, match="roles must alternate") as refused:
         pipeline.check(LLMRequest(messages=twice))
     assert refused.value.status == 400
+
+
+SMOLLM2_135M = {  # the config.json fields that size a KV cache
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
+}
+SMOLLM2_FLOAT32_TOKEN = 2 * 30 * 3 * 64 * 4  # keys and values, 30 layers, 3 KV heads of 64, 4 bytes
+
+
+def test_kv_bytes_per_token_follow_the_model_config():
+    from pipelines.llm import kv_bytes_per_token
+
+    assert kv_bytes_per_token(SMOLLM2_135M, "float32") == SMOLLM2_FLOAT32_TOKEN
+    assert kv_bytes_per_token(SMOLLM2_135M, "bfloat16") == SMOLLM2_FLOAT32_TOKEN // 2
+    # head_dim, when given, wins over hidden_size / heads; no KV heads means one per attention head
+    assert kv_bytes_per_token({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
+                               "head_dim": 32}, "float16") == 2 * 2 * 4 * 32 * 2
+    assert kv_bytes_per_token({"text_config": SMOLLM2_135M}, "float32") == SMOLLM2_FLOAT32_TOKEN
+    assert kv_bytes_per_token({"num_hidden_layers": 30}, "float32") is None
+
+
+def test_the_cpu_kv_cache_is_sized_from_the_model_not_from_free_ram():
+    from pipelines.llm import GiB, cpu_kv_cache_bytes
+
+    sequence = SMOLLM2_FLOAT32_TOKEN * 4096
+    small = settings(MAX_MODEL_LEN="4096", MAX_NUM_SEQS="4")
+    assert cpu_kv_cache_bytes(small, SMOLLM2_135M, "float32", 24 * GiB) == 4 * sequence
+    # the contract's defaults ask for 128 sequences of 8192 tokens: capped at 4 GiB, or a quarter of the RAM
+    assert cpu_kv_cache_bytes(settings(), SMOLLM2_135M, "float32", 24 * GiB) == 4 * GiB
+    assert cpu_kv_cache_bytes(settings(), SMOLLM2_135M, "float32", 8 * GiB) == 2 * GiB
+    # never less than one sequence of MAX_MODEL_LEN tokens, which vLLM needs to start at all
+    long = settings(MAX_MODEL_LEN="131072")
+    assert cpu_kv_cache_bytes(long, SMOLLM2_135M, "float32", 8 * GiB) == SMOLLM2_FLOAT32_TOKEN * 131072
+    # a config that does not say: the cap
+    assert cpu_kv_cache_bytes(small, {}, "float32", 24 * GiB) == 4 * GiB
+
+
+def test_on_a_small_machine_the_cpu_worker_gets_every_core_unless_the_user_placed_its_threads():
+    from pipelines.llm import cpu_engine_variables
+
+    every_core = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_engine_variables({}, 2) == every_core
+    assert cpu_engine_variables({}, 4) == every_core
+    assert cpu_engine_variables({}, 8) == {}, "a reserved core is a small share of a larger machine: vLLM's layout"
+    assert cpu_engine_variables({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, 2) == {}
+    assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "0"}, 2) == {}
+    assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, 2) == every_core
