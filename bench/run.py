@@ -8,7 +8,7 @@ so that drift on the machine spreads evenly. The report gives medians over the
 passes with their ranges, in ``bench/results.md`` and ``bench/results.png``.
 
 Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (3),
-BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (128), BENCH_MIN_REQUESTS (2)
+BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (128), BENCH_MIN_REQUESTS (4)
 and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
 requests; BENCH_SYSTEMS (engine,runner,vllm-serve), BENCH_OUTPUT
 (bench/results.md), BENCH_TIME_LIMIT (1200 s: a measurement that would end past
@@ -76,7 +76,7 @@ class BenchConfig:
             passes=int(os.environ.get("BENCH_PASSES", "3")),
             concurrency=env_ints("BENCH_CONCURRENCY", "1,8,32,64"),
             max_tokens=int(os.environ.get("BENCH_MAX_TOKENS", "128")),
-            min_requests=int(os.environ.get("BENCH_MIN_REQUESTS", "2")),
+            min_requests=int(os.environ.get("BENCH_MIN_REQUESTS", "4")),
             rounds=int(os.environ.get("BENCH_ROUNDS", "1")),
             systems=systems,
             output=Path(os.environ.get("BENCH_OUTPUT", ROOT / "bench" / "results.md")),
