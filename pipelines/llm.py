@@ -39,6 +39,11 @@ ROLES = ("system", "user", "assistant")
 # go-livepeer kills a container 8 s after SIGTERM and the runner drains for up to
 # DRAIN_TIMEOUT (5 s) first: the engine's processes get 2 s to exit, not vLLM's 5.
 ENGINE_SHUTDOWN_TIMEOUT = 2.0
+GiB = 1024**3
+CPU_KV_CACHE_SHARE = 0.25  # of the machine's RAM
+CPU_KV_CACHE_MAX_BYTES = 4 * GiB
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+SMALL_MACHINE_CORES = 4  # and fewer: vLLM's worker gets every core (cpu_engine_variables)
 
 
 class LLMSettings(BaseSettings):
@@ -96,12 +101,6 @@ def parallelism_errors(settings: LLMSettings, model_config: dict, gpus: int) -> 
     return errors
 
 
-GiB = 1024**3
-CPU_KV_CACHE_SHARE = 0.25  # of the machine's RAM
-CPU_KV_CACHE_MAX_BYTES = 4 * GiB
-DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
-
-
 def kv_bytes_per_token(model_config: dict, dtype: str) -> int | None:
     """Keys and values of one token in every layer, or None where the config does not say."""
     text_config = model_config.get("text_config", model_config)
@@ -131,9 +130,6 @@ def cpu_kv_cache_bytes(settings: LLMSettings, model_config: dict, dtype: str, to
         return cap
     one_sequence = per_token * settings.max_model_len
     return max(min(one_sequence * settings.max_num_seqs, cap), one_sequence)
-
-
-SMALL_MACHINE_CORES = 4
 
 
 def cpu_engine_variables(environ: Mapping[str, str], cores: int) -> dict[str, str]:
