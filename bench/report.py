@@ -17,13 +17,12 @@ import psutil
 
 from bench.load import LevelResult
 from bench.prompts import USER_PROMPTS
+from bench.systems import ROOT
+from pipelines.llm import GiB
 
 if TYPE_CHECKING:
     from bench.run import BenchConfig
     from bench.systems import Startup
-
-ROOT = Path(__file__).resolve().parent.parent
-GiB = 1024**3
 
 # (key in LevelResult.summary(), column heading, format)
 COLUMNS = [

@@ -337,6 +337,13 @@ def test_cpu_engine_uses_float32_without_native_bfloat16_and_a_kv_cache_sized_fr
     assert 0 < event["kv_cache_bytes"] == expected <= 4 * 1024**3
 
 
+def logged_cpu_ids(log: str, name: str) -> set[int]:
+    """A CPU list from vLLM's own report of its thread layout (``core ids=[0, 1]``, ``reserved_cpus=[]``)."""
+    found = re.search(rf"{name}=\[([\d, ]*)\]", log)
+    assert found, f"vLLM reported no {name} in the runner's log"
+    return {int(cpu) for cpu in found.group(1).split(",") if cpu.strip()}
+
+
 def test_on_a_small_machine_the_engine_worker_computes_on_every_core(default_runner):
     import psutil
 
@@ -347,11 +354,17 @@ def test_on_a_small_machine_the_engine_worker_computes_on_every_core(default_run
     workers = [process for process in psutil.Process(default_runner.process.pid).children(recursive=True)
                if process.name() == "VLLM::Worker"]
     assert len(workers) == 1, "one vLLM worker process under the runner"
-    # vLLM binds each thread of its worker's OpenMP team to one core.
+    # vLLM binds each thread of its worker's OpenMP team to one core, one logical CPU per physical
+    # core of its NUMA node: its own report says which, and which it kept for its scheduler.
     used = set().union(*(os.sched_getaffinity(thread.id) for thread in workers[0].threads()))
+    log = default_runner.log_path.read_text(errors="replace")
+    team, reserved = logged_cpu_ids(log, "core ids"), logged_cpu_ids(log, "reserved_cpus")
+    assert used == team <= cores
     if len(cores) <= SMALL_MACHINE_CORES:
         assert event["environment"] == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-        assert used == cores
+        assert reserved == set()
+        if psutil.cpu_count(logical=False) == psutil.cpu_count():  # no SMT: every allowed CPU is a core
+            assert used == cores
     else:  # vLLM's own layout: one core kept for its scheduler process
         assert event["environment"] == {}
-        assert len(used) == len(cores) - 1
+        assert len(reserved) == 1 and not reserved & team

@@ -16,7 +16,6 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-
 from pipelines.base import EngineLoad, EventStream, Operation, Pipeline, RequestContext
 from runner.app import create_app
 from runner.handlers import STALLED_CLIENT_GRACE
