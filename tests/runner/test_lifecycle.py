@@ -23,12 +23,15 @@ def test_health_answers_loading_at_once_then_idle(tiny_runner):
     first_at, first_status = answered[0]
     assert first_status == "LOADING"
     statuses = [status for _, status in answered]
-    ready_at = statuses.index("IDLE")
+    # Ready is IDLE, or OK while this runner serves the request it was sent as it loaded.
+    ready_at = next(index for index, status in enumerate(statuses) if status != "LOADING")
+    assert statuses[ready_at] in {"IDLE", "OK"}, statuses
     assert set(statuses[:ready_at]) == {"LOADING"}, "nothing but LOADING until the engine is warm"
+    assert "IDLE" in statuses[ready_at:]
     # The suite starts six runners at once on two cores; alone, the first answer comes in under a
     # second (`make bench` measures it). Here it must come long before the engine is ready.
-    idle_at = answered[ready_at][0]
-    assert first_at < min(30, idle_at / 2), f"/health first answered {first_at:.1f} s, IDLE at {idle_at:.1f} s"
+    ready_s = answered[ready_at][0]
+    assert first_at < min(30, ready_s / 2), f"/health first answered {first_at:.1f} s, ready at {ready_s:.1f} s"
     assert "ERROR" not in statuses
 
 
