@@ -18,7 +18,7 @@ import psutil
 from bench.load import LevelResult
 from bench.prompts import USER_PROMPTS
 from bench.systems import ROOT
-from pipelines.llm import GiB
+from pipelines.llm_settings import GiB
 
 if TYPE_CHECKING:
     from bench.run import BenchConfig

@@ -127,7 +127,7 @@ def runner_engine_args(config: BenchConfig):
     import_s = time.perf_counter() - import_started
     # The runner's CPU thread layout (pipelines.llm.cpu_engine_variables), for all three systems alike.
     os.environ.update(vllm_engine.cpu_engine_environment())
-    from pipelines.llm import LLMSettings
+    from pipelines.llm_settings import LLMSettings
     from pipelines.model_store import resolve_model
 
     # A model missing from MODEL_DIR is fetched here, once; the systems then find it there, offline.

@@ -32,7 +32,7 @@ import aiohttp
 import psutil
 
 from bench.load import RequestRecord
-from runner.schema import LLMMessage, LLMRequest
+from pipelines.llm_schema import LLMMessage, LLMRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL_INTERVAL = 0.05  # seconds between readiness polls
@@ -81,7 +81,7 @@ class System:
 
 
 class EngineSystem(System):
-    """AsyncLLM in this process, with the runner's engine arguments and chat-template tokenization."""
+    """The runner's engine adapter (AsyncLLM) in this process, with its engine arguments and chat-template tokenization."""
 
     name = "engine"
 
@@ -98,8 +98,8 @@ class EngineSystem(System):
 
     async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
         started = time.perf_counter()
-        self.engine = self.vllm.AsyncLLM.from_engine_args(self.engine_args)
-        self.pipeline.tokenizer = self.engine.get_tokenizer()
+        self.engine = self.vllm.VLLMEngine.start(self.engine_args)
+        self.pipeline.engine = self.engine
         await asyncio.wait_for(self.answer_once(session), timeout)
         # The servers import vLLM as they start; this process did it before, so it is added here.
         return Startup(first_answer_s=self.import_s + time.perf_counter() - started)
@@ -109,8 +109,8 @@ class EngineSystem(System):
             messages=[LLMMessage(**message) for message in messages], temperature=0, max_tokens=max_tokens
         )
         prompt = self.pipeline.prompt_token_ids(request.messages)
-        sampling = self.vllm.sampling_params(request, self.engine.model_config.get_vocab_size())
-        outputs = self.engine.generate(self.vllm.tokens_prompt(prompt), sampling, uuid.uuid4().hex)
+        sampling = self.engine.sampling_params(request.temperature, request.top_p, request.top_k, request.max_tokens)
+        outputs = self.engine.generate(prompt, sampling, uuid.uuid4().hex)
         output_tokens = 0
         async for output in outputs:
             completion = output.outputs[0]

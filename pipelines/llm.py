@@ -1,8 +1,9 @@
-"""The ``llm`` pipeline: chat completions from a vLLM engine (``AsyncLLM``).
+"""The ``llm`` pipeline: chat completions from a vLLM engine.
 
 This is the serving logic between the protocol models and the engine: it checks
 a request, renders the chat template to token ids, and turns the engine's delta
-outputs into one reply or a stream of events. HTTP is the runner's business.
+outputs into one reply or a stream of events. HTTP is the runner's business;
+the engine is ``pipelines.vllm_engine``'s, imported once loading starts.
 """
 
 from __future__ import annotations
@@ -19,136 +20,30 @@ from typing import TYPE_CHECKING
 
 import structlog
 from jinja2 import TemplateError
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError
 from pydantic_core import to_json
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline, RequestContext
+from pipelines import llm_schema
+from pipelines.llm_schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from pipelines.llm_settings import LLMSettings, parallelism_errors
 from pipelines.model_store import resolve_model
 from runner.hardware import NVML
-from runner.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from runner.pipeline import EngineLoad, EventStream, OperationError, Pipeline, RequestContext, Serve, run_blocking
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.outputs import RequestOutput
-    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from pipelines.vllm_engine import VLLMEngine
 
 log = structlog.get_logger(__name__)
 
 ROLES = ("system", "user", "assistant")
-# go-livepeer kills a container 8 s after SIGTERM and the runner drains for up to
-# DRAIN_TIMEOUT (5 s) first: the engine's processes get 2 s to exit, not vLLM's 5.
-ENGINE_SHUTDOWN_TIMEOUT = 2.0
-GiB = 1024**3
-CPU_KV_CACHE_SHARE = 0.25  # of the machine's RAM
-CPU_KV_CACHE_MAX_BYTES = 4 * GiB
-DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
-SMALL_MACHINE_CORES = 4  # and fewer: vLLM's worker gets every core (cpu_engine_variables)
-
-
-class LLMSettings(BaseSettings):
-    """The tuning variables the Livepeer docs promise, plus engine choices for CPUs."""
-
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
-
-    use_8bit: bool = Field(False, alias="USE_8BIT")
-    pipeline_parallel_size: int = Field(1, alias="PIPELINE_PARALLEL_SIZE", ge=1)
-    tensor_parallel_size: int = Field(1, alias="TENSOR_PARALLEL_SIZE", ge=1)
-    max_model_len: int = Field(8192, alias="MAX_MODEL_LEN", ge=16)
-    max_num_batched_tokens: int = Field(8192, alias="MAX_NUM_BATCHED_TOKENS", ge=1)
-    max_num_seqs: int = Field(128, alias="MAX_NUM_SEQS", ge=1)
-    gpu_memory_utilization: float = Field(0.85, alias="GPU_MEMORY_UTILIZATION", gt=0, le=1)
-    dtype: str = Field("auto", alias="DTYPE")
-    enforce_eager: bool | None = Field(None, alias="ENFORCE_EAGER")
-    kv_cache_gib: float | None = Field(None, alias="KV_CACHE_GIB", gt=0)
-    max_waiting_requests: int | None = Field(None, alias="MAX_WAITING_REQUESTS", ge=0)
-
-    @property
-    def max_in_flight(self) -> int:
-        """Running slots plus the queue behind them (as deep as the batch by default)."""
-        waiting = self.max_num_seqs if self.max_waiting_requests is None else self.max_waiting_requests
-        return self.max_num_seqs + waiting
-
-    @model_validator(mode="after")
-    def batch_holds_longest_sequence(self) -> LLMSettings:
-        if self.max_num_batched_tokens < self.max_model_len:
-            log.warning(
-                "settings.max_num_batched_tokens.raised",
-                was=self.max_num_batched_tokens,
-                now=self.max_model_len,
-                why="MAX_NUM_BATCHED_TOKENS must be at least MAX_MODEL_LEN",
-            )
-            self.max_num_batched_tokens = self.max_model_len
-        return self
-
-
-def parallelism_errors(settings: LLMSettings, model_config: dict, gpus: int) -> list[str]:
-    """What stops the engine from splitting this model the way the settings ask."""
-    text_config = model_config.get("text_config", model_config)
-    heads = text_config.get("num_attention_heads")
-    layers = text_config.get("num_hidden_layers")
-    tensor, pipeline = settings.tensor_parallel_size, settings.pipeline_parallel_size
-    errors = []
-    if heads and heads % tensor:
-        errors.append(f"TENSOR_PARALLEL_SIZE={tensor} must divide the model's {heads} attention heads")
-    if layers and pipeline > layers:
-        errors.append(f"PIPELINE_PARALLEL_SIZE={pipeline} is more than the model's {layers} layers")
-    if tensor * pipeline > 1 and tensor * pipeline > gpus:
-        errors.append(
-            f"TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = {tensor * pipeline} GPUs, "
-            f"but this machine has {gpus}"
-        )
-    return errors
-
-
-def kv_bytes_per_token(model_config: dict, dtype: str) -> int | None:
-    """Keys and values of one token in every layer, or None where the config does not say."""
-    text_config = model_config.get("text_config", model_config)
-    layers = text_config.get("num_hidden_layers")
-    heads = text_config.get("num_attention_heads")
-    kv_heads = text_config.get("num_key_value_heads") or heads
-    head_dim = text_config.get("head_dim")
-    if not head_dim and heads and text_config.get("hidden_size"):
-        head_dim = text_config["hidden_size"] // heads
-    if not (layers and kv_heads and head_dim and dtype in DTYPE_BYTES):
-        return None
-    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
-
-
-def cpu_kv_cache_bytes(settings: LLMSettings, model_config: dict, dtype: str, total_ram: int) -> int:
-    """The CPU KV cache's size when KV_CACHE_GIB is unset.
-
-    Sized from the model and the settings, never from the RAM free at the moment,
-    so that the same settings give the same capacity on every start, whatever
-    else is starting beside it: room for MAX_NUM_SEQS sequences of MAX_MODEL_LEN
-    tokens, at most a quarter of the machine's RAM and 4 GiB, and never less than
-    one sequence of MAX_MODEL_LEN tokens (vLLM refuses to start with less).
-    """
-    cap = min(int(total_ram * CPU_KV_CACHE_SHARE), CPU_KV_CACHE_MAX_BYTES)
-    per_token = kv_bytes_per_token(model_config, dtype)
-    if per_token is None:
-        return cap
-    one_sequence = per_token * settings.max_model_len
-    return max(min(one_sequence * settings.max_num_seqs, cap), one_sequence)
-
-
-def cpu_engine_variables(environ: Mapping[str, str], cores: int) -> dict[str, str]:
-    """vLLM CPU-backend variables the runner sets where the user has not: none, or one.
-
-    vLLM keeps one core out of its worker's thread team, for its scheduler
-    process. On a small machine that is a large share of the compute: on two
-    cores, letting the worker use both raised tokens per second by 45 to 67 %
-    and halved time to first token (the runner at concurrency 1, 32 and 64).
-    """
-    if cores > SMALL_MACHINE_CORES or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
-        return {}
-    if environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":  # the user placed the threads
-        return {}
-    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 class LLMPipeline(Pipeline):
     name = "llm"
+    OPERATIONS = llm_schema.OPERATIONS
 
     def __init__(self, model_id: str, model_dir: Path) -> None:
         super().__init__(model_id, model_dir)
@@ -157,14 +52,12 @@ class LLMPipeline(Pipeline):
             self.settings_error = None
         except ValidationError as exc:  # reported by load(), so /health says ERROR with the reason
             self.settings, self.settings_error = None, exc
-        self.vllm = None  # pipelines.vllm_engine, imported by load(): importing vLLM takes seconds
-        self.engine: AsyncLLM | None = None
+        self.engine: VLLMEngine | None = None
+        self.engine_module = None  # pipelines.vllm_engine, once load() has imported it
+        self.starting = False  # the engine's processes are being started
         self.submitted = 0
-        self.tokenizer = None
-        self.max_model_len = 0
-        self.vocab_size = 0
 
-    def operations(self) -> Mapping[str, Operation]:
+    def operations(self) -> Mapping[str, Serve]:
         return {"genLLM": self.generate}
 
     def max_in_flight(self) -> int | None:
@@ -180,19 +73,21 @@ class LLMPipeline(Pipeline):
         if settings.use_8bit and not gpus:
             raise ValueError("USE_8BIT needs an NVIDIA GPU (bitsandbytes); this machine has none")
         # Importing vLLM takes seconds: let a download (or a quick failure to find the model) overlap it.
-        self.vllm, model_path = await asyncio.gather(
-            asyncio.to_thread(importlib.import_module, "pipelines.vllm_engine"),
-            asyncio.to_thread(resolve_model, self.model_id, self.model_dir),
+        engine_module, model_path = await asyncio.gather(
+            run_blocking(importlib.import_module, "pipelines.vllm_engine"),
+            run_blocking(resolve_model, self.model_id, self.model_dir),
         )
+        self.engine_module = engine_module
         model_config = json.loads((model_path / "config.json").read_text())
         errors = parallelism_errors(settings, model_config, gpus)
         if errors:
             raise ValueError("; ".join(errors))
-        args = self.vllm.engine_args(settings, model_path, self.model_id, model_config)
-        environment = self.vllm.cpu_engine_environment()
+        args = engine_module.engine_args(settings, model_path, self.model_id, model_config)
+        environment = engine_module.cpu_engine_environment()
         os.environ.update(environment)  # the engine's processes inherit it
         log.info(
             "engine.start",
+            platform=engine_module.platform(),
             environment=environment,
             model_path=str(model_path),
             dtype=args.dtype,
@@ -200,12 +95,12 @@ class LLMPipeline(Pipeline):
             kv_cache_bytes=args.kv_cache_memory_bytes,
             max_model_len=args.max_model_len,
         )
-        # Building the engine blocks for as long as its worker takes to start:
+        # Building the engine blocks for as long as its processes take to start:
         # off the event loop, so /health keeps answering LOADING.
-        self.engine = await asyncio.to_thread(self.vllm.AsyncLLM.from_engine_args, args)
-        self.tokenizer = self.engine.get_tokenizer()
-        self.max_model_len = self.engine.model_config.max_model_len
-        self.vocab_size = self.engine.model_config.get_vocab_size()
+        # Until the engine is up, close() must stop what the start has begun, also if this load is cancelled.
+        self.starting = True
+        self.engine = await run_blocking(engine_module.VLLMEngine.start, args)
+        self.starting = False
         await self.warm_up()
 
     async def warm_up(self) -> None:
@@ -219,24 +114,28 @@ class LLMPipeline(Pipeline):
         return None
 
     def engine_load(self) -> EngineLoad:
-        unfinished = self.engine.get_num_unfinished_requests() if self.engine else 0
+        unfinished = self.engine.unfinished_requests() if self.engine else 0
         batch_size = self.settings.max_num_seqs if self.settings else 0
         return EngineLoad(unfinished=unfinished, submitted=self.submitted, batch_size=batch_size)
 
     async def close(self) -> None:
         if self.engine is not None:
             engine, self.engine = self.engine, None
-            await asyncio.to_thread(engine.shutdown, ENGINE_SHUTDOWN_TIMEOUT)
+            await run_blocking(engine.shutdown)
+        elif self.starting:  # stopped, or failed, while the engine was starting: end what it had started
+            stopped = await run_blocking(self.engine_module.stop_engine_processes)
+            log.info("engine.start_stopped", processes=stopped)
 
     def prompt_token_ids(self, messages: list[LLMMessage]) -> list[int]:
         conversation = [{"role": message.role, "content": message.content} for message in messages]
+        tokenizer = self.engine.tokenizer
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         except TemplateError as exc:  # e.g. templates that insist user and assistant alternate
             raise OperationError(f"the model's chat template refuses these messages: {exc}") from None
         # The template already holds any BOS it wants: encoding it with special
         # tokens again would put a second one in front.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(text, add_special_tokens=False)
 
     def check(self, request: LLMRequest) -> tuple[list[int], SamplingParams]:
         """Everything that makes a request unservable, found before the engine sees it."""
@@ -250,14 +149,15 @@ class LLMPipeline(Pipeline):
                     f"messages[{index}].role is {message.role!r}; it must be one of {', '.join(ROLES)}"
                 )
         prompt = self.prompt_token_ids(request.messages)
-        if len(prompt) + request.max_tokens > self.max_model_len:
+        max_model_len = self.engine.max_model_len
+        if len(prompt) + request.max_tokens > max_model_len:
             raise OperationError(
                 f"the prompt is {len(prompt)} tokens and max_tokens is {request.max_tokens}: "
                 f"{len(prompt) + request.max_tokens} is more than this model's limit of "
-                f"{self.max_model_len} tokens (MAX_MODEL_LEN)"
+                f"{max_model_len} tokens (MAX_MODEL_LEN)"
             )
         try:
-            sampling = self.vllm.sampling_params(request, self.vocab_size)
+            sampling = self.engine.sampling_params(request.temperature, request.top_p, request.top_k, request.max_tokens)
         except ValueError as exc:  # the spec allows what vLLM refuses, e.g. a temperature above 2
             raise OperationError(str(exc)) from None
         return prompt, sampling
@@ -266,7 +166,7 @@ class LLMPipeline(Pipeline):
         prompt, sampling = self.check(request)
         context.prompt_tokens = len(prompt)
         self.submitted += 1
-        outputs = self.engine.generate(self.vllm.tokens_prompt(prompt), sampling, uuid.uuid4().hex)
+        outputs = self.engine.generate(prompt, sampling, uuid.uuid4().hex)
         reply = ReplyBuilder(self.model_id, context)
         if request.stream:
             return EventStream(events=reply.events(outputs), error_event=reply.error_event)
@@ -274,14 +174,14 @@ class LLMPipeline(Pipeline):
 
 
 class ReplyBuilder:
-    """Turns one request's engine outputs into LLMResponse documents."""
+    """Turns one request's engine outputs into an LLMResponse, or a stream of them as JSON bytes."""
 
     def __init__(self, model: str, context: RequestContext) -> None:
         self.completion_id = f"chatcmpl-{context.request_id}"
         self.model = model
         self.context = context
         self.created = int(time.time())
-        self.text_event_head = b'{"id":%s,"model":%s,"created":%d,"usage":{"prompt_tokens":' % (
+        self.event_head = b'{"id":%s,"model":%s,"created":%d,"usage":{"prompt_tokens":' % (
             to_json(self.completion_id), to_json(model), self.created
         )
 
@@ -294,25 +194,27 @@ class ReplyBuilder:
             id=self.completion_id, model=self.model, created=self.created, usage=self.usage(), choices=[choice]
         )
 
-    def chunk(self, content: str, finish_reason: str = "") -> LLMResponse:
-        delta = LLMMessage(role="assistant", content=content)
-        return self.response(LLMChoice(index=0, delta=delta, finish_reason=finish_reason))
+    def event(self, content: str, finish_reason: str = "", error: str | None = None) -> bytes:
+        """One stream event, as the JSON bytes pydantic would write of its LLMResponse.
 
-    def text_event(self, content: str) -> bytes:
-        """``chunk(content)`` as the JSON bytes pydantic would write, built without models.
-
-        This runs once per token for every stream: four models and their
-        serialisation cost several times what these few byte operations do.
-        ``to_json`` escapes the text as pydantic does.
+        Every event of a stream is built here, without models: this runs once
+        per token for every stream, and four models and their serialisation
+        cost several times what these few byte operations do. ``to_json``
+        escapes text as pydantic does; the running ``usage`` is read now.
         """
         prompt_tokens, completion_tokens = self.context.prompt_tokens, self.context.completion_tokens
-        return self.text_event_head + (
+        document = self.event_head + (
             b'%d,"completion_tokens":%d,"total_tokens":%d},'
-            b'"choices":[{"index":0,"finish_reason":"","delta":{"role":"assistant","content":%s}}]}'
-        ) % (prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, to_json(content))
+            b'"choices":[{"index":0,"finish_reason":%s,"delta":{"role":"assistant","content":%s}}]'
+        ) % (prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, to_json(finish_reason),
+             to_json(content))
+        if error is not None:
+            document += b',"error":{"msg":%s}' % to_json(error)
+        return document + b"}"
 
-    def error_event(self, msg: str) -> LLMResponse:
-        return self.chunk("", finish_reason="error")
+    def error_event(self, reason: str) -> bytes:
+        """The in-band ending of a failed stream: one choice, empty content, finish_reason "error"."""
+        return self.event("", finish_reason="error", error=reason)
 
     def count(self, output: RequestOutput) -> str:
         if output.prompt_token_ids is not None:  # what the engine saw, not what we meant to send
@@ -330,13 +232,13 @@ class ReplyBuilder:
         message = LLMMessage(role="assistant", content="".join(parts))
         return self.response(LLMChoice(index=0, message=message, finish_reason=self.context.finish_reason))
 
-    async def events(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[LLMResponse | bytes]:
+    async def events(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
         try:
             async for output in outputs:
                 text = self.count(output)
                 if text:
-                    yield self.text_event(text)
+                    yield self.event(text)
                 if output.finished:
-                    yield self.chunk("", finish_reason=self.context.finish_reason)
+                    yield self.event("", finish_reason=self.context.finish_reason)
         finally:
             await outputs.aclose()  # aborts the engine request if the stream stopped early

@@ -1,24 +1,40 @@
-"""Everything that touches vLLM, imported by the llm pipeline once it starts loading."""
+"""The engine adapter: the one module that imports vLLM.
+
+The llm pipeline imports it once loading starts (importing vLLM and torch takes
+seconds) and talks to the engine only through ``VLLMEngine``.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
+import structlog
 import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
+from vllm.outputs import RequestOutput
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from pipelines.llm import GiB, LLMSettings, cpu_engine_variables, cpu_kv_cache_bytes
-from runner.schema import LLMRequest
+from pipelines.llm_settings import GiB, LLMSettings, cpu_engine_variables, cpu_kv_cache_bytes
 
-__all__ = ["AsyncLLM", "cpu_engine_environment", "engine_args", "sampling_params", "tokens_prompt"]
+log = structlog.get_logger(__name__)
+
+# go-livepeer kills a container 8 s after SIGTERM and the runner drains for up to
+# DRAIN_TIMEOUT (5 s) first: the engine's processes get 2 s to exit, not vLLM's 5.
+ENGINE_SHUTDOWN_TIMEOUT = 2.0
+
+
+def platform() -> str:
+    """The device type vLLM runs on here: "cpu", "cuda", ..."""
+    return current_platform.device_type
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -67,22 +83,71 @@ def cpu_engine_environment() -> dict[str, str]:
     return cpu_engine_variables(os.environ, len(os.sched_getaffinity(0)))
 
 
-def sampling_params(request: LLMRequest, vocab_size: int) -> SamplingParams:
-    """Raises ValueError, with vLLM's message, for values vLLM refuses (e.g. a temperature above 2)."""
-    # -1, 0 and anything from the vocabulary's size up all mean "off"; a top_k
-    # beyond 64 bits would not even reach the engine.
-    top_k = 0 if request.top_k == -1 or request.top_k >= vocab_size else request.top_k
-    try:
-        return SamplingParams(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=top_k,
-            max_tokens=request.max_tokens,
-            output_kind=RequestOutputKind.DELTA,  # only new tokens each step: nothing to diff
-        )
-    except (VLLMClientError, ValueError) as exc:
-        raise ValueError(str(exc)) from None
+def stop_engine_processes(grace: float = ENGINE_SHUTDOWN_TIMEOUT) -> int:
+    """End the engine processes this process started, for an engine whose start was cut short.
+
+    ``AsyncLLM`` offers no way to stop its own construction; its engine core
+    exits on SIGTERM (taking its workers with it), and what is left after
+    ``grace`` seconds is killed. multiprocessing's resource tracker is spared:
+    it removes the shared memory the others leave. Returns how many were signalled.
+    """
+    children = [
+        child for child in psutil.Process().children(recursive=True)
+        if "resource_tracker" not in " ".join(child.cmdline())
+    ]
+    for child in children:
+        try:
+            child.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(children)
 
 
-def tokens_prompt(token_ids: list[int]) -> TokensPrompt:
-    return TokensPrompt(prompt_token_ids=token_ids)
+class VLLMEngine:
+    """One running ``AsyncLLM`` and what the pipeline reads of it."""
+
+    def __init__(self, engine: AsyncLLM) -> None:
+        self.engine = engine
+        self.tokenizer = engine.get_tokenizer()
+        self.max_model_len: int = engine.model_config.max_model_len
+        self.vocab_size: int = engine.model_config.get_vocab_size()
+
+    @classmethod
+    def start(cls, args: AsyncEngineArgs) -> VLLMEngine:
+        """Build the engine; blocks for as long as its processes take to start."""
+        return cls(AsyncLLM.from_engine_args(args))
+
+    @property
+    def errored(self) -> bool:
+        return self.engine.errored
+
+    def unfinished_requests(self) -> int:
+        return self.engine.get_num_unfinished_requests()
+
+    def sampling_params(self, temperature: float, top_p: float, top_k: int, max_tokens: int) -> SamplingParams:
+        """Raises ValueError, with vLLM's message, for values vLLM refuses (e.g. a temperature above 2)."""
+        # -1, 0 and anything from the vocabulary's size up all mean "off"; a top_k
+        # beyond 64 bits would not even reach the engine.
+        top_k = 0 if top_k == -1 or top_k >= self.vocab_size else top_k
+        try:
+            return SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                max_tokens=max_tokens,
+                output_kind=RequestOutputKind.DELTA,  # only new tokens each step: nothing to diff
+            )
+        except (VLLMClientError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+
+    def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown(ENGINE_SHUTDOWN_TIMEOUT)

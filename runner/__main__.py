@@ -14,18 +14,19 @@ from pydantic import ValidationError
 from runner.app import create_app
 from runner.keys import STATE
 from runner.log import configure_logging
-from runner.settings import RunnerSettings
+from runner.settings import ListenSettings, RunnerSettings
 
 log = structlog.get_logger("runner")
 
 
-async def serve(settings: RunnerSettings) -> None:
+async def serve(settings: RunnerSettings, start_error: str | None = None) -> None:
     """Listen at once, load in the background, and on SIGTERM drain, then stop.
 
     aiohttp's own run_app closes the listening socket first on a signal; here new
-    /llm calls keep getting a clear 503 while the requests in flight finish.
+    /llm calls keep getting a clear 503 while the requests in flight finish. A
+    SIGTERM while the model loads stops the load at once.
     """
-    app = create_app(settings)
+    app = create_app(settings, start_error=start_error)
     # handler_cancellation: a client that goes away cancels its handler, which stops its generation.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
@@ -50,13 +51,21 @@ async def serve(settings: RunnerSettings) -> None:
 
 
 def main() -> int:
+    """Serve; with invalid settings, serve /health ERROR with the reason, as go-livepeer expects.
+
+    Only settings that leave nowhere to listen (HOST, PORT) end the process, with exit code 2.
+    """
     try:
-        settings = RunnerSettings()
+        listen = ListenSettings()
     except ValidationError as exc:
-        print(f"invalid runner settings:\n{exc}", file=sys.stderr)
+        print(f"invalid runner settings, nowhere to listen:\n{exc}", file=sys.stderr)
         return 2
+    try:
+        settings, start_error = RunnerSettings(), None
+    except ValidationError as exc:
+        settings, start_error = RunnerSettings.fallback(listen), f"invalid runner settings: {exc}"
     configure_logging(settings.verbose_logging)
-    run_event_loop(serve(settings))
+    run_event_loop(serve(settings, start_error))
     return 0
 
 

@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from pipelines.base import Pipeline, pipeline_class
 from runner.handlers import RUNNER_HANDLERS, pipeline_handler
 from runner.hardware import NVML as NVMLReader
 from runner.keys import METRICS, NVML, REQUEST_ID, SETTINGS, STATE
 from runner.metrics import RunnerMetrics
-from runner.routes import RouteBindingError, bind_operations, error_middleware
+from runner.pipeline import Pipeline, UnknownPipeline, pipeline_class
+from runner.routes import Handler, RouteBindingError, bind_operations, error_middleware
+from runner.schema import OPERATIONS as RUNNER_OPERATIONS
 from runner.settings import RunnerSettings
 from runner.state import RunnerState
 
@@ -42,9 +43,16 @@ async def nvml_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Load the pipeline in the background: the server answers /health meanwhile."""
+    """Load the pipeline in the background (the server answers /health meanwhile); stop it at the end.
+
+    A stop while loading cancels the load, and closing the pipeline then stops
+    whatever the load had started.
+    """
     state = app[STATE]
-    loading = asyncio.create_task(state.load(), name="pipeline-load")
+    if state.pipeline is None:  # nothing to load: the runner could not even build its pipeline
+        yield
+        return
+    loading = asyncio.create_task(state.load_pipeline(), name="pipeline-load")
     yield
     loading.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -53,25 +61,52 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("pipeline.closed")
 
 
-def create_app(settings: RunnerSettings, pipeline: Pipeline | None = None) -> web.Application:
-    if pipeline is None:
-        pipeline = pipeline_class(settings.pipeline)(settings.model_id, settings.model_dir)
+def build_pipeline(settings: RunnerSettings) -> Pipeline:
+    return pipeline_class(settings.pipeline)(settings.model_id, settings.model_dir)
+
+
+def pipeline_handlers(pipeline: Pipeline) -> dict[str, Handler]:
+    served = pipeline.operations()
+    declared = {operation.operation_id for operation in pipeline.OPERATIONS}
+    if served.keys() != declared:
+        raise RouteBindingError(
+            f"pipeline {pipeline.name!r} declares the operations {sorted(declared)} "
+            f"but serves {sorted(served)}"
+        )
+    clash = sorted(declared & RUNNER_HANDLERS.keys())
+    if clash:
+        raise RouteBindingError(f"pipeline {pipeline.name!r} redefines the runner's operations {clash}")
+    return {operation_id: pipeline_handler(operation_id, serve) for operation_id, serve in served.items()}
+
+
+def create_app(
+    settings: RunnerSettings, pipeline: Pipeline | None = None, start_error: str | None = None
+) -> web.Application:
+    """The runner for ``settings``; with ``start_error`` one that says ERROR with that reason and serves nothing else."""
+    if pipeline is None and start_error is None:
+        try:
+            pipeline = build_pipeline(settings)
+        except UnknownPipeline as exc:
+            start_error = str(exc)
+    if start_error is not None:
+        pipeline = None
+        log.error("runner.cannot_serve", reason=start_error)
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[request_context_middleware, error_middleware],
     )
-    state = RunnerState(pipeline=pipeline, load_wait_timeout=settings.load_wait_timeout)
+    state = RunnerState(pipeline, load_wait_timeout=settings.load_wait_timeout, start_error=start_error)
     app[SETTINGS] = settings
     app[STATE] = state
     app[METRICS] = RunnerMetrics(state)
 
     handlers = dict(RUNNER_HANDLERS)
-    for operation_id, operation in pipeline.operations().items():
-        if operation_id in handlers:
-            raise RouteBindingError(f"pipeline {pipeline.name!r} redefines the runner's operation {operation_id!r}")
-        handlers[operation_id] = pipeline_handler(operation_id, operation)
+    operations = list(RUNNER_OPERATIONS)
+    if pipeline is not None:
+        handlers.update(pipeline_handlers(pipeline))
+        operations.extend(pipeline.OPERATIONS)
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
-    bind_operations(app, handlers, auth_token=token)
+    bind_operations(app, handlers, auth_token=token, operations=operations)
 
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.extend([nvml_ctx, pipeline_ctx])

@@ -1,9 +1,14 @@
-"""Generate ``runner/schema.py`` from ``openapi.yaml``: ``python -m runner.codegen``.
+"""Generate the protocol modules from ``openapi.yaml``: ``python -m runner.codegen``.
 
 The spec is the single source of truth for the HTTP surface. This turns its
-component schemas into pydantic models and its operations into a table that the
-route layer binds handlers to. Only the parts of JSON Schema the spec uses are
-supported; anything else is an error here rather than a silently wrong model.
+component schemas into pydantic models and its operations into tables that the
+route layer binds handlers to. The spec is cut in parts: what carries no
+``x-pipeline`` is the runner's own (``runner/schema.py``); what carries
+``x-pipeline: NAME`` belongs to that pipeline, whose module the spec's
+``x-pipeline-modules`` names. A pipeline's models may use the runner's (its
+module imports them), never the other way round. Only the parts of JSON Schema
+the spec uses are supported; anything else is an error here rather than a
+silently wrong model.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "openapi.yaml"
-OUTPUT_PATH = Path(__file__).resolve().parent / "schema.py"
+RUNNER_PART = None  # the operations and components without x-pipeline
+RUNNER_MODULE = "runner/schema.py"
 
 HEADER = '''\
 # Generated from openapi.yaml by `make gen` (python -m runner.codegen). Do not edit.
@@ -132,12 +138,12 @@ def model_source(name: str, schema: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def operations_source(spec: dict[str, Any]) -> str:
+def operations_source(spec: dict[str, Any], part: str | None) -> str:
     default_security = spec.get("security", [])
     lines = ["OPERATIONS: tuple[Operation, ...] = ("]
     for path, path_item in spec["paths"].items():
         for method in HTTP_METHODS:
-            if method not in path_item:
+            if method not in path_item or path_item[method].get("x-pipeline") != part:
                 continue
             operation = path_item[method]
             body_schema = (
@@ -161,28 +167,65 @@ def operations_source(spec: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def generate(spec: dict[str, Any]) -> str:
+def part_of(item: dict[str, Any]) -> str | None:
+    return item.get("x-pipeline")
+
+
+def parts(spec: dict[str, Any]) -> dict[str | None, str]:
+    """Each part of the spec with the module generated for it, relative to the root."""
+    modules: dict[str | None, str] = {RUNNER_PART: RUNNER_MODULE}
+    modules.update(spec.get("x-pipeline-modules", {}))
+    used = {part_of(schema) for schema in spec["components"]["schemas"].values()}
+    used |= {part_of(op) for item in spec["paths"].values() for m, op in item.items() if m in HTTP_METHODS}
+    unnamed = sorted(str(part) for part in used - modules.keys())
+    if unnamed:
+        raise SpecError(f"x-pipeline-modules names no module for the parts {unnamed}")
+    return modules
+
+
+def module_name(path: str) -> str:
+    return path.removesuffix(".py").replace("/", ".")
+
+
+def generate(spec: dict[str, Any], part: str | None = RUNNER_PART) -> str:
+    """The module of one part: its models, in dependency order, and its operations."""
     schemas = spec["components"]["schemas"]
-    models = [model_source(name, schemas[name]) for name in dependency_order(schemas)]
-    return HEADER + "\n\n" + "\n\n\n".join(models) + "\n\n\n" + operations_source(spec) + "\n"
+    own = [name for name in dependency_order(schemas) if part_of(schemas[name]) == part]
+    borrowed: set[str] = set()
+    for name in own:
+        for dependency in dependencies(schemas[name]):
+            owner = part_of(schemas[dependency])
+            if owner == part:
+                continue
+            if owner is not RUNNER_PART:
+                raise SpecError(f"{name!r} ({part or 'runner'}) uses {dependency!r} of the pipeline {owner!r}")
+            borrowed.add(dependency)
+    header = HEADER
+    if borrowed:
+        header += f"from {module_name(RUNNER_MODULE)} import {', '.join(sorted(borrowed))}\n"
+    models = [model_source(name, schemas[name]) for name in own]
+    return header + "\n\n" + "\n\n\n".join(models) + "\n\n\n" + operations_source(spec, part) + "\n"
 
 
-def render(spec_path: Path = SPEC_PATH) -> str:
-    return generate(yaml.safe_load(spec_path.read_text()))
+def render(spec_path: Path = SPEC_PATH) -> dict[Path, str]:
+    """Every generated module's path and source."""
+    spec = yaml.safe_load(spec_path.read_text())
+    return {ROOT / module: generate(spec, part) for part, module in parts(spec).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if schema.py is stale")
+    parser.add_argument("--check", action="store_true", help="fail if a generated module is stale")
     args = parser.parse_args(argv)
-    source = render()
+    sources = render()
     if args.check:
-        if OUTPUT_PATH.read_text() != source:
-            print(f"{OUTPUT_PATH} is stale: run `make gen`", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT_PATH.write_text(source)
-    print(f"wrote {OUTPUT_PATH.relative_to(ROOT)}")
+        stale = [path for path, source in sources.items() if not path.exists() or path.read_text() != source]
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is stale: run `make gen`", file=sys.stderr)
+        return 1 if stale else 0
+    for path, source in sources.items():
+        path.write_text(source)
+        print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
 

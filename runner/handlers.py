@@ -9,11 +9,9 @@ import time
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
-
-from pipelines.base import EventStream, Operation, OperationError, RequestContext
 from runner import __version__
 from runner.keys import METRICS, NVML, REQUEST_ID, SETTINGS, STATE
+from runner.pipeline import EventStream, OperationError, RequestContext, Serve
 from runner.routes import Handler, error_response, json_response
 from runner.schema import HardwareInformation, HardwareStats, HealthCheck, Version
 from runner.state import NotReady
@@ -72,10 +70,9 @@ RUNNER_HANDLERS: dict[str, Handler] = {
 }
 
 
-def encode_event(event: BaseModel | bytes) -> bytes:
-    if isinstance(event, bytes):  # the pipeline serialised it already
-        return b"data: " + event + b"\n\n"
-    return b"data: " + event.__pydantic_serializer__.to_json(event, exclude_none=True) + b"\n\n"
+def sse_event(document: bytes) -> bytes:
+    """One Server-Sent Event whose data is one JSON document (it holds no raw newline)."""
+    return b"data: " + document + b"\n\n"
 
 
 CLIENT_GONE = 499  # nginx's code for a client that closed the connection; never sent, only counted
@@ -147,14 +144,14 @@ async def send_event_stream(
     try:
         async with asyncio.timeout_at(deadline):
             async for event in events:
-                await writer.write(encode_event(event))
+                await writer.write(sse_event(event))
     except ConnectionResetError:
         raise ClientGone(response) from None
     except Exception as exc:  # after the header went out, failures are reported in-band
-        message = timeout_message if isinstance(exc, TimeoutError) else failure_message(exc)
-        log.error("request.stream_failed", reason=message, exc_info=not isinstance(exc, TimeoutError))
+        reason = timeout_message if isinstance(exc, TimeoutError) else failure_message(exc)
+        log.error("request.stream_failed", reason=reason, exc_info=not isinstance(exc, TimeoutError))
         context.finish_reason = "error"
-        ending = encode_event(stream.error_event(message)) + SSE_DONE
+        ending = sse_event(stream.error_event(reason)) + SSE_DONE
     finally:
         await events.aclose()  # stops the generation if the stream ended early
     await writer.finish(ending)
@@ -170,41 +167,43 @@ def unavailable(msg: str) -> web.Response:
     return error_response(503, msg, headers={"Retry-After": "1"})
 
 
-async def serve_operation(request: web.Request, body, operation: Operation, context: RequestContext):
+async def serve_operation(request: web.Request, body, operation: Serve, context: RequestContext):
     settings, state = request.app[SETTINGS], request.app[STATE]
-    if state.draining:
-        return unavailable("the runner is shutting down")
-    limit = state.pipeline.max_in_flight()
-    if limit is not None and state.in_flight >= limit:
-        return unavailable(f"the runner is at capacity ({limit} requests in flight); retry later")
-    state.in_flight += 1
+    try:
+        with state.admit():
+            return await serve_admitted(request, body, operation, context, settings.request_timeout)
+    except NotReady as exc:
+        return unavailable(str(exc))
+
+
+async def serve_admitted(request: web.Request, body, operation: Serve, context: RequestContext, timeout: float):
+    state = request.app[STATE]
     try:
         await state.wait_until_ready()
-        deadline = asyncio.get_running_loop().time() + settings.request_timeout
-        timeout_message = f"the request took longer than REQUEST_TIMEOUT ({settings.request_timeout:g} s) and was stopped"
+        deadline = asyncio.get_running_loop().time() + timeout
+        timeout_message = f"the request took longer than REQUEST_TIMEOUT ({timeout:g} s) and was stopped"
         try:
             async with asyncio.timeout_at(deadline):
                 result = await operation(body, context)
         except TimeoutError:
-            log.error("request.timeout", seconds=settings.request_timeout)
+            log.error("request.timeout", seconds=timeout)
             return error_response(500, timeout_message)
         if isinstance(result, EventStream):
             return await send_event_stream(request, result, context, deadline, timeout_message)
         return json_response(result)
-    except NotReady as exc:
-        return unavailable(str(exc))
     except OperationError as exc:
+        log.info("request.refused", status=exc.status, reason=exc.msg)
+        if exc.body is not None:
+            return json_response(exc.body, status=exc.status)
         return error_response(exc.status, exc.msg)
-    except (asyncio.CancelledError, ClientGone):
+    except (asyncio.CancelledError, ClientGone, NotReady):
         raise
     except Exception as exc:
         log.error("request.failed", reason=str(exc), exc_info=True)
         return error_response(500, failure_message(exc))
-    finally:
-        state.in_flight -= 1
 
 
-def pipeline_handler(operation_id: str, operation: Operation) -> Handler:
+def pipeline_handler(operation_id: str, operation: Serve) -> Handler:
     """Serves a pipeline operation, then counts and logs it, whatever became of it."""
 
     async def handle(request: web.Request, body) -> web.StreamResponse:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from pipelines.base import RequestContext
 from runner import __version__
+from runner.pipeline import RequestContext
 from runner.state import RunnerState
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -85,12 +85,12 @@ class StateCollector:
     def collect(self):
         pipeline = self.state.pipeline
         info = GaugeMetricFamily("livepeer_runner_info", "Runner version", labels=["version", "pipeline", "model_id"])
-        info.add_metric([__version__, pipeline.name, pipeline.model_id], 1)
+        info.add_metric([__version__, pipeline.name if pipeline else "", pipeline.model_id if pipeline else ""], 1)
         yield info
         yield GaugeMetricFamily(
             "livepeer_runner_requests_in_flight", "Requests the runner is serving", value=self.state.in_flight
         )
-        load = pipeline.engine_load() if self.state.loaded.is_set() else None
+        load = pipeline.engine_load() if self.state.ready else None
         yield GaugeMetricFamily(
             "livepeer_runner_engine_requests_unfinished",
             "Requests the engine holds, running or waiting",

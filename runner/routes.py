@@ -1,9 +1,10 @@
-"""The route layer: binds a handler to every operation of openapi.yaml.
+"""The route layer: binds a handler to every operation the runner serves.
 
-The operations and their request models are generated from the spec
-(``runner/schema.py``), so the HTTP surface cannot drift from it: an operation
-without a handler, or a handler without an operation, stops the app from being
-built. Bodies are parsed and validated here, before any handler runs, and every
+The operations and their request models are generated from the spec (the
+runner's own in ``runner/schema.py``, each pipeline's in a module of its own),
+so the HTTP surface cannot drift from it: an operation without a handler, a
+handler without an operation, or two operations on one route stop the app from
+being built. Bodies are parsed and validated here, before any handler runs, and every
 error leaves in the spec's shapes.
 """
 
@@ -98,12 +99,18 @@ def bind_operations(
     operations: Iterable[Operation] = OPERATIONS,
 ) -> None:
     operations = tuple(operations)
-    spec_ids = {operation.operation_id for operation in operations}
+    routes = [(operation.method, operation.path) for operation in operations]
+    ids = [operation.operation_id for operation in operations]
+    for kind, seen in (("route", routes), ("operationId", ids)):
+        twice = sorted({str(item) for item in seen if seen.count(item) > 1})
+        if twice:
+            raise RouteBindingError(f"more than one operation has the {kind} {', '.join(twice)}")
+    spec_ids = set(ids)
     unbound = sorted(spec_ids - handlers.keys())
     unknown = sorted(handlers.keys() - spec_ids)
     if unbound or unknown:
         raise RouteBindingError(
-            f"openapi.yaml and the handlers disagree: operations without a handler {unbound}, "
+            f"the operations and their handlers disagree: operations without a handler {unbound}, "
             f"handlers without an operation {unknown}"
         )
     for operation in operations:

@@ -9,42 +9,6 @@ from runner.jsontypes import Integer
 from runner.operations import Operation
 
 
-class LLMMessage(BaseModel):
-    role: str
-    content: str
-
-
-class LLMRequest(BaseModel):
-    messages: list[LLMMessage]
-    model: str = ''
-    temperature: float = Field(default=0.7, ge=0)
-    max_tokens: Integer = Field(default=256, ge=1)
-    top_p: float = Field(default=1.0, le=1, gt=0)
-    top_k: Integer = Field(default=-1, ge=-1)
-    stream: bool = False
-
-
-class LLMTokenUsage(BaseModel):
-    prompt_tokens: Integer
-    completion_tokens: Integer
-    total_tokens: Integer
-
-
-class LLMChoice(BaseModel):
-    index: Integer
-    finish_reason: str = ''
-    delta: LLMMessage | None = None
-    message: LLMMessage | None = None
-
-
-class LLMResponse(BaseModel):
-    id: str
-    model: str
-    created: Integer
-    usage: LLMTokenUsage
-    choices: list[LLMChoice]
-
-
 class APIErrorMessage(BaseModel):
     msg: str
 
@@ -104,13 +68,6 @@ class HardwareStats(BaseModel):
 
 
 OPERATIONS: tuple[Operation, ...] = (
-    Operation(
-        operation_id='genLLM',
-        method='POST',
-        path='/llm',
-        request_model=LLMRequest,
-        authenticated=True,
-    ),
     Operation(
         operation_id='health',
         method='GET',

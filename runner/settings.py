@@ -13,9 +13,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-class RunnerSettings(BaseSettings):
+class ListenSettings(BaseSettings):
+    """Where the runner listens: with these valid it can at least say ERROR on /health."""
+
     model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
 
+    host: str = Field("0.0.0.0", alias="HOST")
+    port: int = Field(8000, alias="PORT", ge=1, le=65535)
+
+
+class RunnerSettings(ListenSettings):
     pipeline: str = Field("llm", alias="PIPELINE", min_length=1)
     model_id: str = Field(DEFAULT_MODEL_ID, alias="MODEL_ID", min_length=1)
     model_dir: Path = Field(
@@ -23,8 +30,6 @@ class RunnerSettings(BaseSettings):
         alias="MODEL_DIR",
         description="Model store in the Hugging Face cache layout (a container mounts /models).",
     )
-    host: str = Field("0.0.0.0", alias="HOST")
-    port: int = Field(8000, alias="PORT", ge=1, le=65535)
     verbose_logging: bool = Field(False, alias="VERBOSE_LOGGING")
     auth_token: SecretStr | None = Field(
         None, alias="AUTH_TOKEN", description="When set, /llm requires `Authorization: Bearer <token>`."
@@ -50,3 +55,8 @@ class RunnerSettings(BaseSettings):
         ge=0,
         description="Seconds a request that arrives while the model loads waits for it.",
     )
+
+    @classmethod
+    def fallback(cls, listen: ListenSettings) -> RunnerSettings:
+        """Defaults but for where to listen: for a runner whose own settings are invalid."""
+        return cls.model_construct(**{name: getattr(listen, name) for name in ListenSettings.model_fields})

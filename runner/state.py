@@ -1,84 +1,129 @@
-"""The runner's lifecycle: loading, serving, failed, as /health reports it."""
+"""The runner's lifecycle and admission: loading, ready or failed, and what is in flight.
+
+One small object answers every question /health, the handlers and the drain
+ask: may this request come in, how many are in, is everything finished.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import contextlib
+import enum
+from collections.abc import Iterator
 from typing import Literal
 
 import structlog
 
-from pipelines.base import Pipeline
+from runner.pipeline import Pipeline
 
 log = structlog.get_logger(__name__)
 
 HealthStatus = Literal["LOADING", "OK", "IDLE", "ERROR"]
 
 
+class Load(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
 class NotReady(Exception):
-    """The pipeline cannot take a request now; the message says why."""
+    """The runner cannot take a request now; the message says why (503)."""
 
 
-@dataclass
+class AtCapacity(NotReady):
+    """Every running slot and every place in the queue behind them is taken (503)."""
+
+
 class RunnerState:
-    pipeline: Pipeline
-    load_wait_timeout: float
-    in_flight: int = 0
-    draining: bool = False
-    load_error: str | None = None
-    loaded: asyncio.Event = field(default_factory=asyncio.Event)
-    settled: asyncio.Event = field(default_factory=asyncio.Event)  # loaded or failed
+    def __init__(self, pipeline: Pipeline | None, load_wait_timeout: float, start_error: str | None = None) -> None:
+        self.pipeline = pipeline
+        self.load_wait_timeout = load_wait_timeout
+        self.load = Load.LOADING if start_error is None else Load.FAILED
+        self.load_error = start_error
+        self.in_flight = 0
+        self.draining = False
+        self.settled = asyncio.Event()  # the load is over, one way or the other
+        self.idle = asyncio.Event()  # nothing in flight
+        self.idle.set()
+        if start_error is not None:
+            self.settled.set()
 
-    async def load(self) -> None:
+    async def load_pipeline(self) -> None:
+        assert self.pipeline is not None
         log.info("pipeline.load.start", pipeline=self.pipeline.name, model_id=self.pipeline.model_id)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             await self.pipeline.load()
         except asyncio.CancelledError:
-            self.load_error = "loading was cancelled"
+            self.fail("loading was cancelled")
             raise
         except Exception as exc:  # any failure to load is reported, never raised out of the server
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.fail(f"{type(exc).__name__}: {exc}")
             log.error("pipeline.load.failed", reason=self.load_error, exc_info=True)
         else:
-            self.loaded.set()
-            log.info("pipeline.load.done", seconds=round(loop.time() - started, 2))
-        finally:
+            self.load = Load.READY
             self.settled.set()
+            log.info("pipeline.load.done", seconds=round(loop.time() - started, 2))
+
+    def fail(self, reason: str) -> None:
+        self.load, self.load_error = Load.FAILED, reason
+        self.settled.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.load is Load.READY
 
     def failure(self) -> str | None:
-        if self.load_error is not None:
+        if self.load is Load.FAILED:
             return self.load_error
-        if self.loaded.is_set():
+        if self.load is Load.READY:
             return self.pipeline.failure()
         return None
 
     def health(self) -> HealthStatus:
         if self.failure() is not None:
             return "ERROR"
-        if not self.loaded.is_set():
+        if self.load is Load.LOADING:
             return "LOADING"
         if self.in_flight:
             return "OK"
         # Draining takes no new work: IDLE would invite a request it must refuse.
         return "ERROR" if self.draining else "IDLE"
 
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one place for a request while it is served; raise NotReady when it may not come in."""
+        if self.draining:
+            raise NotReady("the runner is shutting down")
+        limit = self.pipeline.max_in_flight() if self.pipeline is not None else None
+        if limit is not None and self.in_flight >= limit:
+            raise AtCapacity(f"the runner is at capacity ({limit} requests in flight); retry later")
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+
     async def drain(self, timeout: float) -> int:
         """Refuse new requests and wait, bounded, for those in flight; return how many are left."""
         self.draining = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.in_flight and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.idle.wait()
         return self.in_flight
 
     async def wait_until_ready(self) -> None:
         """Wait, bounded, for a load in progress; raise NotReady if the pipeline can't serve."""
         if not self.settled.is_set():
             try:
-                await asyncio.wait_for(self.settled.wait(), self.load_wait_timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.load_wait_timeout):
+                    await self.settled.wait()
+            except TimeoutError:
                 raise NotReady(
                     f"the model is still loading after {self.load_wait_timeout:g} s; retry later"
                 ) from None

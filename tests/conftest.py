@@ -2,8 +2,9 @@
 
 Each runner is `python -m runner`, the container's own entry point, with a real
 vLLM engine (CPU backend) behind it, reached over loopback HTTP. Engines take
-tens of seconds to start, so every runner the session needs is launched at once
-when the first is asked for, and each is shared by the tests that use it.
+tens of seconds to start, so each shared runner is started before the first
+module that uses it and kept for the modules after it, with never more than
+MAX_ENGINES engines alive at once (RunnerPool).
 """
 
 from __future__ import annotations
@@ -134,6 +135,27 @@ class RunnerProcess:
             time.sleep(0.25)
         raise AssertionError(f"runner {self.name} never reached {statuses}:\n{self.log_tail()}")
 
+    def pace(self) -> float:
+        """This machine's pace as this runner sees it now: the median seconds of a two-token call.
+
+        Timing bounds are multiples of it (with a floor), so that they hold on a
+        loaded two-core box as on a GPU machine, and still catch a stall.
+        """
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+        times = []
+        for _ in range(3):
+            started = time.monotonic()
+            assert post_json(f"{self.url}/llm", body) == 200
+            times.append(time.monotonic() - started)
+        return sorted(times)[1]
+
+    def engine_died(self) -> bool:
+        """A test killed this runner's engine: it says ERROR for good."""
+        try:
+            return self.health() == "ERROR"
+        except OSError:
+            return False
+
     def engine_processes(self) -> list[psutil.Process]:
         """vLLM's EngineCore and worker processes (not multiprocessing's resource tracker)."""
         return [
@@ -168,27 +190,28 @@ def model_store() -> Path:
     return store
 
 
-@pytest.fixture(scope="session")
-def runners(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[dict[str, RunnerProcess]]:
-    logs = tmp_path_factory.mktemp("runner-logs")
-    tiny_env = {
-        "MODEL_ID": str(tiny_model_dir),
-        "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN),
-        "KV_CACHE_GIB": "0.25",
-    }
-    launched = {
-        # Its request sent while loading waits for the load, however slow six engines start.
-        "tiny": RunnerProcess(
-            "tiny", {**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT)}, logs / "tiny.log",
-            request_while_loading=True,
-        ),
-        # Runners of their own, because their tests stop them.
-        "drained": RunnerProcess("drained", tiny_env, logs / "drained.log"),
-        "doomed": RunnerProcess("doomed", tiny_env, logs / "doomed.log"),
-        # Another one whose engine gets killed, with 32 streams running.
-        "doomed_under_load": RunnerProcess("doomed_under_load", tiny_env, logs / "doomed_under_load.log"),
-        "guarded": RunnerProcess(
-            "guarded",
+MAX_ENGINES = 3  # vLLM engines alive at once, whatever the suite does
+RUNNER_FIXTURES = {  # fixture name -> runner name in RUNNER_SPECS
+    "tiny_runner": "tiny",
+    "doomed_runner": "doomed",
+    "default_runner": "default",
+    "doomed_under_load_runner": "doomed_under_load",
+    "guarded_runner": "guarded",
+    "drained_runner": "drained",
+}
+
+
+def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dict[str, str], bool]]:
+    """Each shared runner's environment, and whether it is sent a request while it loads."""
+    tiny_env = {"MODEL_ID": str(tiny_model_dir), "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN), "KV_CACHE_GIB": "0.25"}
+    return {
+        # Its request sent while loading waits for the load, however slowly engines start beside it.
+        "tiny": ({**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT)}, True),
+        # Runners of their own, because their tests stop them or kill their engines.
+        "drained": (tiny_env, False),
+        "doomed": (tiny_env, False),
+        "doomed_under_load": (tiny_env, False),
+        "guarded": (
             {
                 **tiny_env,
                 "AUTH_TOKEN": GUARDED_AUTH_TOKEN,
@@ -196,18 +219,78 @@ def runners(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[dict[str,
                 "MAX_WAITING_REQUESTS": str(GUARDED_MAX_WAITING_REQUESTS),
                 "REQUEST_TIMEOUT": str(GUARDED_REQUEST_TIMEOUT),
             },
-            logs / "guarded.log",
+            False,
         ),
-        "default": RunnerProcess(
-            "default", {"MODEL_ID": DEFAULT_MODEL_ID, "MODEL_DIR": str(model_store)},
-            logs / "default.log",
-        ),
+        "default": ({"MODEL_ID": DEFAULT_MODEL_ID, "MODEL_DIR": str(model_store)}, False),
     }
-    for runner in launched.values():
-        runner.start()
-    yield launched
-    for runner in launched.values():
-        runner.stop()
+
+
+class RunnerPool:
+    """The shared runners, started when a test module first needs them, at most MAX_ENGINES alive.
+
+    Before each module, the runners its tests use are started together (their
+    engines start side by side); a runner another module left alive is kept
+    while there is room and stopped, least recently used first, when there is not.
+    A runner whose test stopped it or killed its engine is started anew if needed again.
+    """
+
+    def __init__(self, specs: dict[str, tuple[dict[str, str], bool]], logs: Path) -> None:
+        self.specs = specs
+        self.logs = logs
+        self.alive: dict[str, RunnerProcess] = {}  # in order of last use
+        self.starts: dict[str, int] = {}
+
+    def usable(self, runner: RunnerProcess) -> bool:
+        return runner.process.poll() is None and not runner.engine_died()
+
+    def prepare(self, names: set[str], own_engines: int = 0) -> None:
+        if len(names) + own_engines > MAX_ENGINES:
+            raise AssertionError(f"a module needs {sorted(names)} and {own_engines} engines of its own: more than {MAX_ENGINES}")
+        for name, runner in list(self.alive.items()):
+            if not self.usable(runner):
+                runner.stop()
+                del self.alive[name]
+        for name in [name for name in self.alive if name in names]:
+            self.alive[name] = self.alive.pop(name)  # most recently used last
+        missing = [name for name in sorted(names) if name not in self.alive]
+        room = MAX_ENGINES - own_engines - len(missing)
+        for name in [name for name in self.alive if name not in names][: max(0, len(self.alive) - room)]:
+            self.alive.pop(name).stop()
+        for name in missing:
+            env, request_while_loading = self.specs[name]
+            self.starts[name] = self.starts.get(name, 0) + 1
+            log_path = self.logs / f"{name}-{self.starts[name]}.log"
+            runner = RunnerProcess(name, env, log_path, request_while_loading=request_while_loading)
+            runner.start()
+            self.alive[name] = runner
+
+    def get(self, name: str) -> RunnerProcess:
+        if name not in self.alive:
+            self.prepare({name, *self.alive})
+        return self.alive[name]
+
+    def stop_all(self) -> None:
+        for runner in self.alive.values():
+            runner.stop()
+        self.alive.clear()
+
+
+@pytest.fixture(scope="session")
+def runner_pool(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[RunnerPool]:
+    pool = RunnerPool(runner_specs(tiny_model_dir, model_store), tmp_path_factory.mktemp("runner-logs"))
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_runners(request) -> None:
+    """Start the shared runners this module's tests use, before its first test, within MAX_ENGINES."""
+    items = [item for item in request.session.items if item.module is request.module]
+    names = {RUNNER_FIXTURES[name] for item in items for name in item.fixturenames if name in RUNNER_FIXTURES}
+    marker = request.node.get_closest_marker("own_engines")
+    own = marker.args[0] if marker else 0
+    if names or own:
+        request.getfixturevalue("runner_pool").prepare(names, own)
 
 
 def ready(runner: RunnerProcess) -> RunnerProcess:
@@ -221,31 +304,65 @@ def ready(runner: RunnerProcess) -> RunnerProcess:
     return runner
 
 
-@pytest.fixture(scope="session")
-def tiny_runner(runners) -> RunnerProcess:
-    return ready(runners["tiny"])
+@pytest.fixture
+def tiny_runner(runner_pool) -> RunnerProcess:
+    return ready(runner_pool.get("tiny"))
 
 
-@pytest.fixture(scope="session")
-def doomed_runner(runners) -> RunnerProcess:
-    return ready(runners["doomed"])
+@pytest.fixture
+def doomed_runner(runner_pool) -> RunnerProcess:
+    return ready(runner_pool.get("doomed"))
 
 
-@pytest.fixture(scope="session")
-def default_runner(runners) -> RunnerProcess:
-    return ready(runners["default"])
+@pytest.fixture
+def default_runner(runner_pool) -> RunnerProcess:
+    return ready(runner_pool.get("default"))
 
 
-@pytest.fixture(scope="session")
-def doomed_under_load_runner(runners) -> RunnerProcess:
-    return ready(runners["doomed_under_load"])
+@pytest.fixture
+def doomed_under_load_runner(runner_pool) -> RunnerProcess:
+    return ready(runner_pool.get("doomed_under_load"))
 
 
-@pytest.fixture(scope="session")
-def guarded_runner(runners) -> RunnerProcess:
-    return ready(runners["guarded"])
+@pytest.fixture
+def guarded_runner(runner_pool) -> RunnerProcess:
+    return ready(runner_pool.get("guarded"))
 
 
-@pytest.fixture(scope="session")
-def drained_runner(runners) -> RunnerProcess:
-    return ready(runners["drained"])
+@pytest.fixture
+def drained_runner(runner_pool) -> RunnerProcess:
+    return ready(runner_pool.get("drained"))
+
+
+class SuiteFootprint:
+    """Samples the suite's process tree once a second: its peak RSS and the most engines alive at once."""
+
+    def __init__(self) -> None:
+        self.peak_rss = 0
+        self.peak_engines = 0
+        self.stopped = threading.Event()
+        threading.Thread(target=self.sample, daemon=True, name="suite-footprint").start()
+
+    def sample(self) -> None:
+        me = psutil.Process()
+        while not self.stopped.wait(1.0):
+            rss, engines = me.memory_info().rss, 0
+            for child in me.children(recursive=True):
+                try:
+                    rss += child.memory_info().rss
+                    engines += "EngineCore" in child.name()
+                except psutil.Error:
+                    continue
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_engines = max(self.peak_engines, engines)
+
+
+FOOTPRINT = SuiteFootprint()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    FOOTPRINT.stopped.set()
+    terminalreporter.write_line(
+        f"suite footprint: peak RSS of the process tree {FOOTPRINT.peak_rss / 1024**3:.2f} GiB, "
+        f"at most {FOOTPRINT.peak_engines} vLLM engines alive at once (limit {MAX_ENGINES})"
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.llm import LLMSettings
+from pipelines.llm_settings import LLMSettings
 from tests.conftest import ROOT, RUNNER_COMMAND
 
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile*"))

@@ -62,6 +62,7 @@ async def test_a_stalled_reader_slows_no_other_stream_and_loses_nothing(http, ti
     every event once they read again."""
     stalled_count, stalled_tokens, normal_tokens = 4, 1000, 200
     api = psutil.Process(tiny_runner.process.pid)
+    pace = await asyncio.to_thread(tiny_runner.pace)
 
     async def normal_beside(streams: list) -> list[float]:
         await wait_for_metric(http, tiny_runner, UNFINISHED, len(streams), within=10)
@@ -102,7 +103,7 @@ async def test_a_stalled_reader_slows_no_other_stream_and_loses_nothing(http, ti
     # stream for seconds; the bounds leave room for a busy shared two-core machine.
     median, paced_median = statistics.median(gaps), statistics.median(paced_gaps)
     assert median <= 3 * paced_median + 0.02, f"median gap {median * 1000:.1f} ms, read beside readers {paced_median * 1000:.1f} ms"
-    assert max(gaps) < 2, "no event of the normal stream waited on the stalled ones"
+    assert max(gaps) < max(2.0, 20 * pace), "no event of the normal stream waited on the stalled ones"
     # Four streams of a thousand events are under a megabyte; a leak or a pile-up would show.
     assert rss_growth < 64 * 1024**2, f"the runner grew by {rss_growth / 1024**2:.0f} MiB"
 
@@ -155,8 +156,9 @@ async def test_streams_cut_at_random_points_leave_nothing_behind(http, tiny_runn
     received = await asyncio.wait_for(
         asyncio.gather(*(cut_stream(tiny_runner, body, cut_after) for cut_after in cut_points)), timeout=120
     )
-    seconds = await wait_for_idle_engine(http, tiny_runner, within=10)
-    assert seconds < 1, f"requests were still held {seconds:.2f} s after the last cut"
+    bound = max(1.0, 10 * await asyncio.to_thread(tiny_runner.pace))
+    seconds = await wait_for_idle_engine(http, tiny_runner, within=10 * bound)
+    assert seconds < bound, f"requests were still held {seconds:.2f} s after the last cut"
 
     assert sum(1 for got in received if got > 1000) > 50, "most clients were cut inside the event stream"
     assert await metric(http, tiny_runner, SUBMITTED) - submitted >= 90, "the engine saw the requests"

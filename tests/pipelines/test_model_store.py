@@ -24,6 +24,9 @@ from pipelines.model_store import ModelDownloadError, resolve_model, wanted_file
 from tests.conftest import RunnerProcess
 from tests.hub_standin import HubRepo, HubStandin
 
+# The fresh runner and the resumed one serve: two engines of this module's own.
+pytestmark = pytest.mark.own_engines(2)
+
 # Repositories the runner processes download, one per scenario.
 PUBLIC = "standin-org/tiny-llama"
 GATED = "standin-gated/tiny-llama"

@@ -1,12 +1,56 @@
-"""runner/schema.py must be what `make gen` makes of openapi.yaml today."""
+"""The protocol modules must be what `make gen` makes of openapi.yaml today, each part in its own."""
 
 import pytest
 
 from runner import codegen
 
 
-def test_schema_module_is_generated_from_the_current_spec():
-    assert codegen.OUTPUT_PATH.read_text() == codegen.render(), "runner/schema.py is stale: run `make gen`"
+def test_every_module_is_generated_from_the_current_spec():
+    sources = codegen.render()
+    assert {path.relative_to(codegen.ROOT).as_posix() for path in sources} == {
+        "runner/schema.py", "pipelines/llm_schema.py"
+    }
+    for path, source in sources.items():
+        assert path.read_text() == source, f"{path} is stale: run `make gen`"
+
+
+def part_spec(runner_uses_pipeline: bool = False) -> dict:
+    return {
+        "x-pipeline-modules": {"echo": "pipelines/echo_schema.py"},
+        "paths": {
+            "/echo": {"post": {"operationId": "echo", "x-pipeline": "echo", "requestBody": {
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EchoRequest"}}}}}},
+            "/health": {"get": {"operationId": "health", "security": []}},
+        },
+        "components": {"schemas": {
+            "Shared": {"type": "object", "properties": {"msg": {"type": "string"}}},
+            "EchoRequest": {"x-pipeline": "echo", "type": "object",
+                            "properties": {"text": {"type": "string"}, "note": {"$ref": "#/components/schemas/Shared"}}},
+            "Health": {"type": "object", "properties": {
+                "echo": {"$ref": "#/components/schemas/EchoRequest"} if runner_uses_pipeline else {"type": "string"}}},
+        }},
+    }
+
+
+def test_each_part_gets_its_own_models_and_operations():
+    pipeline_source = codegen.generate(part_spec(), "echo")
+    runner_source = codegen.generate(part_spec())
+    assert "class EchoRequest" in pipeline_source and "class Shared" not in pipeline_source
+    assert "from runner.schema import Shared" in pipeline_source
+    assert "operation_id='echo'" in pipeline_source and "operation_id='health'" not in pipeline_source
+    assert "class EchoRequest" not in runner_source and "operation_id='echo'" not in runner_source
+
+
+def test_the_runner_part_may_not_use_a_pipelines_models():
+    with pytest.raises(codegen.SpecError, match="EchoRequest"):
+        codegen.generate(part_spec(runner_uses_pipeline=True))
+
+
+def test_a_part_without_a_module_is_refused():
+    spec = part_spec()
+    spec["x-pipeline-modules"] = {}
+    with pytest.raises(codegen.SpecError, match="echo"):
+        codegen.parts(spec)
 
 
 def test_generator_refuses_what_it_cannot_express():
@@ -16,7 +60,7 @@ def test_generator_refuses_what_it_cannot_express():
 
 
 def test_constraints_and_defaults_reach_the_models():
-    from runner.schema import LLMRequest
+    from pipelines.llm_schema import LLMRequest
 
     fields = LLMRequest.model_fields
     assert fields["max_tokens"].default == 256
@@ -28,7 +72,7 @@ def test_integers_are_json_schema_integers():
     """5.0 and 1e2 are integers to JSON Schema, so to the spec's clients; 2.5, "5" and true are not."""
     import pydantic
 
-    from runner.schema import LLMRequest
+    from pipelines.llm_schema import LLMRequest
 
     def max_tokens(raw: str) -> int:
         return LLMRequest.model_validate_json(f'{{"messages": [], "max_tokens": {raw}}}', strict=True).max_tokens

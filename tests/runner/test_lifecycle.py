@@ -12,8 +12,12 @@ import threading
 import time
 
 import psutil
+import pytest
 
-from tests.conftest import RunnerProcess, get_json, post_json
+from tests.conftest import TINY_MAX_MODEL_LEN, RunnerProcess, get_json, post_json
+
+# test_sigterm_while_the_engine_starts_stops_it starts (part of) an engine of its own.
+pytestmark = pytest.mark.own_engines(1)
 
 SHORT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -122,3 +126,31 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(drained_runner):
     assert took < 8, f"exit took {took:.1f} s; go-livepeer kills after 8"
     _, alive = psutil.wait_procs(engine, timeout=5)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "engine processes left behind"
+
+
+def test_sigterm_while_the_engine_starts_stops_it(tmp_path, tiny_model_dir):
+    """go-livepeer may give up on a container that is still LOADING: it must go within 8 s, engine and all."""
+    env = {"MODEL_ID": str(tiny_model_dir), "KV_CACHE_GIB": "0.25", "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN)}
+    runner = RunnerProcess("stopped-loading", env,
+                           tmp_path / "stopped-loading.log")
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        engine: list[psutil.Process] = []
+        while not engine and time.monotonic() < deadline:
+            assert runner.process.poll() is None, runner.log_tail()
+            engine = runner.engine_processes()
+            time.sleep(0.1)
+        assert engine, f"the engine never started:\n{runner.log_tail()}"
+        assert runner.health() == "LOADING"
+        signalled_at = time.monotonic()
+        runner.process.send_signal(signal.SIGTERM)
+        exit_code = runner.process.wait(timeout=30)
+        took = time.monotonic() - signalled_at
+        assert took < 8, f"exit took {took:.1f} s; go-livepeer kills after 8"
+        assert exit_code == 0
+        _, alive = psutil.wait_procs(engine, timeout=2)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "engine processes left behind"
+        assert '"engine.start_stopped"' in runner.log_path.read_text()
+    finally:
+        runner.stop()

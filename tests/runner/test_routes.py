@@ -16,12 +16,18 @@ import pytest
 import structlog
 from aiohttp import web
 
-from pipelines.base import EngineLoad, EventStream, Operation, OperationError, Pipeline
+from pipelines import llm_schema
+from pipelines.llm_schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from runner.app import create_app
 from runner.keys import STATE
+from runner.pipeline import EngineLoad, EventStream, OperationError, Pipeline, Serve
 from runner.routes import RouteBindingError, bind_operations
-from runner.schema import OPERATIONS, LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from runner.schema import OPERATIONS as RUNNER_OPERATIONS
+from runner.schema import APIErrorMessage
 from runner.settings import RunnerSettings
+
+# The scripted pipeline serves the llm pipeline's part of the spec.
+OPERATIONS = RUNNER_OPERATIONS + llm_schema.OPERATIONS
 
 
 def reply(content: str, finish_reason: str = "", streamed: bool = False) -> LLMResponse:
@@ -35,10 +41,15 @@ def reply(content: str, finish_reason: str = "", streamed: bool = False) -> LLMR
     return LLMResponse(id="chatcmpl-x", model="scripted", created=0, usage=usage, choices=[choice])
 
 
+def as_event(response: LLMResponse) -> bytes:
+    return response.model_dump_json(exclude_none=True).encode()
+
+
 class ScriptedPipeline(Pipeline):
     """Answers from a script; `gate` holds a request open until the test releases it."""
 
     name = "scripted"
+    OPERATIONS = llm_schema.OPERATIONS
 
     def __init__(
         self, load_error: Exception | None = None, fail_after: int | None = None, capacity: int | None = None
@@ -54,7 +65,7 @@ class ScriptedPipeline(Pipeline):
         self.seen: list[LLMRequest] = []
         self.closed = False
 
-    def operations(self) -> Mapping[str, Operation]:
+    def operations(self) -> Mapping[str, Serve]:
         return {"genLLM": self.generate}
 
     async def load(self) -> None:
@@ -88,7 +99,11 @@ class ScriptedPipeline(Pipeline):
             context.count_tokens(1)
             context.finish_reason = "stop"
             return reply("whole answer", "stop")
-        return EventStream(events=self.events(context), error_event=lambda msg: reply("", "error", streamed=True))
+        return EventStream(events=self.events(context), error_event=self.error_event)
+
+    @staticmethod
+    def error_event(reason: str) -> bytes:
+        return as_event(reply("", "error", streamed=True).model_copy(update={"error": APIErrorMessage(msg=reason)}))
 
     async def events(self, context):
         try:
@@ -97,9 +112,9 @@ class ScriptedPipeline(Pipeline):
                     raise RuntimeError("scripted failure")
                 await self.gate.wait()
                 context.count_tokens(1)
-                yield reply(word, streamed=True)
+                yield as_event(reply(word, streamed=True))
             context.finish_reason = "stop"
-            yield reply("", "stop", streamed=True)
+            yield as_event(reply("", "stop", streamed=True))
         except (GeneratorExit, asyncio.CancelledError):
             self.cancelled += 1
             raise
@@ -132,13 +147,30 @@ def test_every_spec_operation_needs_a_handler():
     handlers = {op.operation_id: None for op in OPERATIONS}
     del handlers["genLLM"]
     with pytest.raises(RouteBindingError, match="genLLM"):
-        bind_operations(web.Application(), handlers)
+        bind_operations(web.Application(), handlers, operations=OPERATIONS)
 
 
 def test_a_handler_without_an_operation_is_refused():
     handlers = {op.operation_id: None for op in OPERATIONS} | {"genImage": None}
     with pytest.raises(RouteBindingError, match="genImage"):
-        bind_operations(web.Application(), handlers)
+        bind_operations(web.Application(), handlers, operations=OPERATIONS)
+
+
+def test_two_operations_on_one_route_are_refused():
+    twice = OPERATIONS + (llm_schema.OPERATIONS[0].__class__(
+        operation_id="genLLM2", method="POST", path="/llm", request_model=None, authenticated=True),)
+    handlers = {op.operation_id: None for op in twice}
+    with pytest.raises(RouteBindingError, match="/llm"):
+        bind_operations(web.Application(), handlers, operations=twice)
+
+
+def test_a_pipeline_that_serves_other_operations_than_it_declares_is_refused():
+    class Undeclared(ScriptedPipeline):
+        def operations(self):
+            return {"genLLM": self.generate, "genImage": self.generate}
+
+    with pytest.raises(RouteBindingError, match="genImage"):
+        create_app(RunnerSettings(), pipeline=Undeclared())
 
 
 async def test_routes_are_exactly_the_spec(client):
@@ -245,6 +277,7 @@ async def test_failure_mid_stream_is_reported_in_band(aiohttp_client):
     last = json.loads(blocks[-3].removeprefix("data: "))
     assert last["choices"][0]["finish_reason"] == "error"
     assert last["choices"][0]["delta"]["content"] == ""
+    assert last["error"] == {"msg": "generation failed: scripted failure"}, "the reason reaches the client"
     assert (await client.post("/llm", json=VALID)).status == 200
 
 

@@ -16,11 +16,12 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipelines.base import EngineLoad, EventStream, Operation, Pipeline, RequestContext
+from pipelines import llm_schema
+from pipelines.llm_schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from runner.app import create_app
 from runner.handlers import STALLED_CLIENT_GRACE
 from runner.keys import METRICS, STATE
-from runner.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from runner.pipeline import EngineLoad, EventStream, Pipeline, RequestContext, Serve
 from runner.settings import RunnerSettings
 
 EVENT_CONTENT_BYTES = 8 * 1024
@@ -37,6 +38,7 @@ class FloodPipeline(Pipeline):
     """Streams EVENTS large events as fast as they are asked for, counting them."""
 
     name = "flood"
+    OPERATIONS = llm_schema.OPERATIONS
 
     def __init__(self) -> None:
         super().__init__("flood", Path("."))
@@ -44,7 +46,7 @@ class FloodPipeline(Pipeline):
         self.finished = asyncio.Event()
         self.closed = asyncio.Event()  # the stream was run to its end or stopped
 
-    def operations(self) -> Mapping[str, Operation]:
+    def operations(self) -> Mapping[str, Serve]:
         return {"genLLM": self.generate}
 
     async def load(self) -> None:
@@ -60,16 +62,17 @@ class FloodPipeline(Pipeline):
         pass
 
     async def generate(self, request: LLMRequest, context: RequestContext):
-        def error_event(msg: str) -> LLMResponse:
+        def error_event(reason: str) -> bytes:
             context.finish_reason = "error"
             return self.event("", "error")
 
         return EventStream(events=self.events(), error_event=error_event)
 
-    def event(self, content: str, finish_reason: str = "") -> LLMResponse:
+    def event(self, content: str, finish_reason: str = "") -> bytes:
         usage = LLMTokenUsage(prompt_tokens=1, completion_tokens=self.produced, total_tokens=1 + self.produced)
         choice = LLMChoice(index=0, delta=LLMMessage(role="assistant", content=content), finish_reason=finish_reason)
-        return LLMResponse(id="chatcmpl-flood", model="flood", created=0, usage=usage, choices=[choice])
+        response = LLMResponse(id="chatcmpl-flood", model="flood", created=0, usage=usage, choices=[choice])
+        return response.model_dump_json(exclude_none=True).encode()
 
     async def events(self):
         content = "x" * EVENT_CONTENT_BYTES

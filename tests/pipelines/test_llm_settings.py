@@ -1,14 +1,13 @@
-"""The llm pipeline's rules, checked without an engine: tuning variables and request checks."""
+"""The llm pipeline's settings and the engine sizes that follow from them, checked without an engine."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import structlog
 from pydantic import ValidationError
 
-from pipelines.llm import LLMSettings, parallelism_errors
+from pipelines.llm_settings import LLMSettings, parallelism_errors
 
 LLAMA_8B = {"num_attention_heads": 32, "num_hidden_layers": 32}
 
@@ -81,37 +80,6 @@ def test_multimodal_configs_are_read_from_their_text_config():
     assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="3"), config, gpus=8)[0].endswith("8 attention heads")
 
 
-def test_a_conversation_the_chat_template_refuses_is_a_400():
-    from jinja2 import Environment
-
-    from pipelines.base import OperationError
-    from pipelines.llm import LLMPipeline
-    from runner.schema import LLMMessage, LLMRequest
-
-    strict = Environment().from_string(
-        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
-        "{% endif %}{{ m.content }}{% endfor %}"
-    )
-
-    def raise_exception(message):
-        from jinja2 import TemplateError
-
-        raise TemplateError(message)
-
-    class StrictTokenizer:
-        def apply_chat_template(self, conversation, **_):
-            return strict.render(messages=conversation, raise_exception=raise_exception)
-
-    pipeline = LLMPipeline("strict", Path("."))
-    pipeline.tokenizer = StrictTokenizer()
-    pipeline.max_model_len = 100
-    twice = [LLMMessage(role="user", content="a"), LLMMessage(role="user", content="b")]
-    with pytest.raises(OperationError, match="roles must alternate") as refused:
-        pipeline.check(LLMRequest(messages=twice))
-    assert refused.value.status == 400
-
-
 SMOLLM2_135M = {  # the config.json fields that size a KV cache
     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
 }
@@ -119,7 +87,7 @@ SMOLLM2_FLOAT32_TOKEN = 2 * 30 * 3 * 64 * 4  # keys and values, 30 layers, 3 KV 
 
 
 def test_kv_bytes_per_token_follow_the_model_config():
-    from pipelines.llm import kv_bytes_per_token
+    from pipelines.llm_settings import kv_bytes_per_token
 
     assert kv_bytes_per_token(SMOLLM2_135M, "float32") == SMOLLM2_FLOAT32_TOKEN
     assert kv_bytes_per_token(SMOLLM2_135M, "bfloat16") == SMOLLM2_FLOAT32_TOKEN // 2
@@ -131,7 +99,7 @@ def test_kv_bytes_per_token_follow_the_model_config():
 
 
 def test_the_cpu_kv_cache_is_sized_from_the_model_not_from_free_ram():
-    from pipelines.llm import GiB, cpu_kv_cache_bytes
+    from pipelines.llm_settings import GiB, cpu_kv_cache_bytes
 
     sequence = SMOLLM2_FLOAT32_TOKEN * 4096
     small = settings(MAX_MODEL_LEN="4096", MAX_NUM_SEQS="4")
@@ -147,7 +115,7 @@ def test_the_cpu_kv_cache_is_sized_from_the_model_not_from_free_ram():
 
 
 def test_on_a_small_machine_the_cpu_worker_gets_every_core_unless_the_user_placed_its_threads():
-    from pipelines.llm import cpu_engine_variables
+    from pipelines.llm_settings import cpu_engine_variables
 
     every_core = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     assert cpu_engine_variables({}, 2) == every_core

@@ -1,0 +1,183 @@
+"""The contract between the generic runner and a pipeline that plugs into it.
+
+Pipelines import this module; the runner never imports a pipeline. It finds one
+by name among the ``livepeer_runner.pipelines`` entry points, so a new pipeline
+plugs in by declaring an entry point and the operations it serves, without
+touching ``runner/``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from pydantic import BaseModel
+
+from runner.operations import Operation
+
+ENTRY_POINT_GROUP = "livepeer_runner.pipelines"
+T = TypeVar("T")
+
+
+class OperationError(Exception):
+    """A request the pipeline cannot serve; the runner answers ``status`` with ``msg``.
+
+    ``body``, where given, is the whole error document instead of the route's
+    usual error shape (an API with error shapes of its own, e.g. OpenAI's).
+    """
+
+    def __init__(self, msg: str, status: int = 400, body: BaseModel | None = None) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.status = status
+        self.body = body
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """A streamed answer: the runner frames each event as one SSE ``data:`` line.
+
+    Each event is one JSON document, already serialised by the pipeline: a
+    pipeline that streams one event per token would otherwise spend more on
+    models than on the token. ``error_event(reason)`` builds the in-band event
+    that reports a failure after the response header has gone out.
+    """
+
+    events: AsyncIterator[bytes]
+    error_event: Callable[[str], bytes]
+
+
+@dataclass
+class RequestContext:
+    """One request as the runner sees it; the pipeline fills in what it learns.
+
+    The runner logs and measures every request from these facts, so pipelines
+    report them rather than logging or timing requests themselves.
+    """
+
+    request_id: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None  # time.monotonic() of the first generated token
+    finish_reason: str = ""
+
+    def count_tokens(self, completion_tokens: int) -> None:
+        if completion_tokens and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.completion_tokens += completion_tokens
+
+
+Serve = Callable[[BaseModel | None, RequestContext], Awaitable[BaseModel | EventStream]]
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds now (running or waiting), and all it was ever handed."""
+
+    unfinished: int
+    submitted: int
+    batch_size: int  # requests the engine runs at once; the rest wait
+
+
+class Pipeline(abc.ABC):
+    """One model behind HTTP operations of its own.
+
+    ``OPERATIONS`` are the operations of the spec this pipeline serves (the
+    generated table of its part of openapi.yaml); ``operations()`` gives the
+    coroutine for each. The constructor must be cheap: the runner builds the
+    pipeline before it listens and calls ``load`` in the background while
+    ``/health`` says LOADING.
+    """
+
+    name: ClassVar[str]
+    OPERATIONS: ClassVar[tuple[Operation, ...]]
+
+    def __init__(self, model_id: str, model_dir: Path) -> None:
+        self.model_id = model_id
+        self.model_dir = model_dir
+
+    @abc.abstractmethod
+    def operations(self) -> Mapping[str, Serve]:
+        """Each of ``OPERATIONS``'s operationIds with the coroutine that serves it."""
+
+    @abc.abstractmethod
+    async def load(self) -> None:
+        """Validate settings, fetch the model, start and warm the engine.
+
+        Cancelling it (SIGTERM while loading) must stop whatever it started.
+        """
+
+    @abc.abstractmethod
+    def failure(self) -> str | None:
+        """Why the loaded pipeline can no longer serve, or None while it can."""
+
+    @abc.abstractmethod
+    def engine_load(self) -> EngineLoad:
+        """What the engine is working on, for metrics and drain checks."""
+
+    def max_in_flight(self) -> int | None:
+        """Requests the pipeline takes at once, queued ones included; None for no bound.
+
+        Beyond it the runner answers 503 at once instead of queueing without end.
+        """
+        return None
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop the engine and free what it holds, also when ``load`` was cut short."""
+
+
+class UnknownPipeline(LookupError):
+    pass
+
+
+def pipeline_class(name: str) -> type[Pipeline]:
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none installed"
+        raise UnknownPipeline(f"PIPELINE={name!r} is not a known pipeline (known: {known})")
+    try:
+        cls = found[name].load()
+    except Exception as exc:  # a broken pipeline package is a start failure, not a traceback
+        raise UnknownPipeline(f"pipeline {name!r} ({found[name].value}) cannot be imported: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
+        raise UnknownPipeline(f"entry point {name!r} does not name a Pipeline subclass")
+    return cls
+
+
+async def run_blocking(function: Callable[..., T], *args: object) -> T:
+    """``function(*args)`` in a daemon thread of its own, awaited without blocking the loop.
+
+    Unlike ``asyncio.to_thread``, a call cut short (SIGTERM while a model
+    downloads or an engine starts) never holds the process's exit: the default
+    executor's threads are joined at exit, a daemon thread is not.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def hand_over(outcome: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, outcome)
+
+    def work() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:  # handed to the awaiting task, whatever it is
+            hand_over(lambda error=exc: future.set_exception(error))
+        else:
+            hand_over(lambda: future.set_result(result))
+
+    threading.Thread(target=work, name=getattr(function, "__name__", "blocking"), daemon=True).start()
+    return await future
