@@ -25,13 +25,14 @@ from pydantic_core import to_json
 
 from pipelines import llm_schema
 from pipelines.llm_schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
-from pipelines.llm_settings import LLMSettings, parallelism_errors
+from pipelines.llm_openai import OpenAIServing
+from pipelines.llm_settings import LLMSettings, parallelism_errors, tool_parser_for_template
 from pipelines.model_store import resolve_model
+from pipelines.sampling import Sampling
 from runner.hardware import NVML
 from runner.pipeline import EngineLoad, EventStream, OperationError, Pipeline, RequestContext, Serve, run_blocking
 
 if TYPE_CHECKING:
-    from vllm import SamplingParams
     from vllm.outputs import RequestOutput
 
     from pipelines.vllm_engine import VLLMEngine
@@ -56,9 +57,17 @@ class LLMPipeline(Pipeline):
         self.engine_module = None  # pipelines.vllm_engine, once load() has imported it
         self.starting = False  # the engine's processes are being started
         self.submitted = 0
+        self.tool_parser = None  # the vLLM tool-call parser for tool_choice "auto", when one fits the model
+        self.openai = OpenAIServing(self)
 
     def operations(self) -> Mapping[str, Serve]:
-        return {"genLLM": self.generate}
+        return {
+            "genLLM": self.generate,
+            "createChatCompletion": self.openai.chat_completion,
+            "createCompletion": self.openai.completion,
+            "listModels": self.openai.list_models,
+            "retrieveModel": self.openai.retrieve_model,
+        }
 
     def max_in_flight(self) -> int | None:
         return self.settings.max_in_flight if self.settings else None
@@ -101,7 +110,19 @@ class LLMPipeline(Pipeline):
         self.starting = True
         self.engine = await run_blocking(engine_module.VLLMEngine.start, args)
         self.starting = False
+        self.tool_parser = self.choose_tool_parser(engine_module)
         await self.warm_up()
+
+    def choose_tool_parser(self, engine_module):
+        """TOOL_CALL_PARSER, or the parser the chat template's tool-call syntax names; None when none fits."""
+        names = engine_module.tool_parser_names()
+        name = self.settings.tool_call_parser
+        if name is not None and name not in names:
+            raise ValueError(f"TOOL_CALL_PARSER={name!r} is not one of vLLM's tool-call parsers: {', '.join(names)}")
+        if name is None:
+            name = tool_parser_for_template(getattr(self.engine.tokenizer, "chat_template", None) or "")
+        log.info("engine.tool_parser", name=name, chosen_by="TOOL_CALL_PARSER" if self.settings.tool_call_parser else "chat template")
+        return None if name is None else self.engine.tool_parser(name)
 
     async def warm_up(self) -> None:
         request = LLMRequest(messages=[LLMMessage(role="user", content="Hello")], max_tokens=4, temperature=0)
@@ -126,19 +147,42 @@ class LLMPipeline(Pipeline):
             stopped = await run_blocking(self.engine_module.stop_engine_processes)
             log.info("engine.start_stopped", processes=stopped)
 
-    def prompt_token_ids(self, messages: list[LLMMessage]) -> list[int]:
-        conversation = [{"role": message.role, "content": message.content} for message in messages]
+    def render_chat(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The one chat-template step of every operation: the conversation as prompt token ids."""
         tokenizer = self.engine.tokenizer
         try:
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(
+                conversation, tools=tools or None, add_generation_prompt=True, tokenize=False
+            )
         except TemplateError as exc:  # e.g. templates that insist user and assistant alternate
-            raise OperationError(f"the model's chat template refuses these messages: {exc}") from None
+            raise OperationError(f"the model's chat template refuses these messages: {exc}", param="messages") from None
         # The template already holds any BOS it wants: encoding it with special
         # tokens again would put a second one in front.
         return tokenizer.encode(text, add_special_tokens=False)
 
-    def check(self, request: LLMRequest) -> tuple[list[int], SamplingParams]:
-        """Everything that makes a request unservable, found before the engine sees it."""
+    def start_generation(
+        self, prompt: list[int], sampling: Sampling, context: RequestContext, length_param: str = "max_tokens"
+    ) -> AsyncIterator[RequestOutput]:
+        """Hand one prompt to the engine, after the checks every operation shares."""
+        max_model_len = self.engine.max_model_len
+        if len(prompt) + sampling.max_tokens > max_model_len:
+            raise OperationError(
+                f"the prompt is {len(prompt)} tokens and {length_param} is {sampling.max_tokens}: "
+                f"{len(prompt) + sampling.max_tokens} is more than this model's limit of "
+                f"{max_model_len} tokens (MAX_MODEL_LEN)",
+                param=length_param,
+                code="context_length_exceeded",
+            )
+        try:
+            params = self.engine.sampling_params(sampling)
+        except ValueError as exc:  # the spec allows what vLLM refuses, e.g. a temperature above 2
+            raise OperationError(str(exc)) from None
+        context.prompt_tokens += len(prompt)
+        self.submitted += 1
+        return self.engine.generate(prompt, params, uuid.uuid4().hex)
+
+    def check(self, request: LLMRequest) -> list[dict]:
+        """Everything that makes an /llm request unservable, found before the engine sees it."""
         if request.model and request.model != self.model_id:
             raise OperationError(f"model {request.model!r} is not served here; this runner serves {self.model_id!r}")
         if not request.messages:
@@ -148,25 +192,14 @@ class LLMPipeline(Pipeline):
                 raise OperationError(
                     f"messages[{index}].role is {message.role!r}; it must be one of {', '.join(ROLES)}"
                 )
-        prompt = self.prompt_token_ids(request.messages)
-        max_model_len = self.engine.max_model_len
-        if len(prompt) + request.max_tokens > max_model_len:
-            raise OperationError(
-                f"the prompt is {len(prompt)} tokens and max_tokens is {request.max_tokens}: "
-                f"{len(prompt) + request.max_tokens} is more than this model's limit of "
-                f"{max_model_len} tokens (MAX_MODEL_LEN)"
-            )
-        try:
-            sampling = self.engine.sampling_params(request.temperature, request.top_p, request.top_k, request.max_tokens)
-        except ValueError as exc:  # the spec allows what vLLM refuses, e.g. a temperature above 2
-            raise OperationError(str(exc)) from None
-        return prompt, sampling
+        return [{"role": message.role, "content": message.content} for message in request.messages]
 
     async def generate(self, request: LLMRequest, context: RequestContext) -> LLMResponse | EventStream:
-        prompt, sampling = self.check(request)
-        context.prompt_tokens = len(prompt)
-        self.submitted += 1
-        outputs = self.engine.generate(prompt, sampling, uuid.uuid4().hex)
+        prompt = self.render_chat(self.check(request))
+        sampling = Sampling(
+            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
+        )
+        outputs = self.start_generation(prompt, sampling, context)
         reply = ReplyBuilder(self.model_id, context)
         if request.stream:
             return EventStream(events=reply.events(outputs), error_event=reply.error_event)

@@ -37,6 +37,10 @@ class LLMSettings(BaseSettings):
     enforce_eager: bool | None = Field(None, alias="ENFORCE_EAGER")
     kv_cache_gib: float | None = Field(None, alias="KV_CACHE_GIB", gt=0)
     max_waiting_requests: int | None = Field(None, alias="MAX_WAITING_REQUESTS", ge=0)
+    tool_call_parser: str | None = Field(
+        None, alias="TOOL_CALL_PARSER", min_length=1,
+        description="vLLM's tool-call parser for tool_choice 'auto' (default: chosen from the chat template)",
+    )
 
     @property
     def max_in_flight(self) -> int:
@@ -120,3 +124,20 @@ def cpu_engine_variables(environ: Mapping[str, str], cores: int) -> dict[str, st
     if environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":  # the user placed the threads
         return {}
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+# A chat template's tool-call syntax, and vLLM's parser for it (first match wins).
+TOOL_CALL_SYNTAX = (
+    ("<tool_call>", "hermes"),  # Qwen 2.5, Hermes, SmolLM3 and most others
+    ("<|python_tag|>", "llama3_json"),  # Llama 3.1 to 3.3
+    ("[TOOL_CALLS]", "mistral"),
+    ("<|tool_call|>", "granite"),
+)
+
+
+def tool_parser_for_template(chat_template: str) -> str | None:
+    """The tool-call parser that fits a chat template, or None for a template that knows no tools."""
+    for marker, name in TOOL_CALL_SYNTAX:
+        if marker in chat_template:
+            return name
+    return None

@@ -20,10 +20,11 @@ from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.outputs import RequestOutput
 from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from pipelines.llm_settings import GiB, LLMSettings, cpu_engine_variables, cpu_kv_cache_bytes
+from pipelines.sampling import Sampling
 
 log = structlog.get_logger(__name__)
 
@@ -130,24 +131,73 @@ class VLLMEngine:
     def unfinished_requests(self) -> int:
         return self.engine.get_num_unfinished_requests()
 
-    def sampling_params(self, temperature: float, top_p: float, top_k: int, max_tokens: int) -> SamplingParams:
-        """Raises ValueError, with vLLM's message, for values vLLM refuses (e.g. a temperature above 2)."""
+    def sampling_params(self, sampling: Sampling) -> SamplingParams:
+        """The one builder of SamplingParams, for every operation.
+
+        Raises ValueError, with vLLM's message, for values vLLM refuses (e.g. a temperature above 2).
+        """
         # -1, 0 and anything from the vocabulary's size up all mean "off"; a top_k
         # beyond 64 bits would not even reach the engine.
-        top_k = 0 if top_k == -1 or top_k >= self.vocab_size else top_k
+        top_k = 0 if sampling.top_k == -1 or sampling.top_k >= self.vocab_size else sampling.top_k
+        structured = None
+        if sampling.json_schema is not None:
+            structured = StructuredOutputsParams(json=sampling.json_schema)
+        elif sampling.json_object:
+            structured = StructuredOutputsParams(json_object=True)
         try:
             return SamplingParams(
-                temperature=temperature,
-                top_p=top_p,
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
                 top_k=top_k,
-                max_tokens=max_tokens,
+                min_p=sampling.min_p,
+                max_tokens=sampling.max_tokens,
+                stop=sampling.stop or None,
+                seed=sampling.seed,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                repetition_penalty=sampling.repetition_penalty,
+                logit_bias=sampling.logit_bias,
+                logprobs=sampling.logprobs,
+                structured_outputs=structured,
                 output_kind=RequestOutputKind.DELTA,  # only new tokens each step: nothing to diff
             )
         except (VLLMClientError, ValueError) as exc:
             raise ValueError(str(exc)) from None
+
+    def tool_parser(self, name: str) -> ToolCallParser:
+        return ToolCallParser(name, self.tokenizer)
 
     def generate(self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         return self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), sampling, request_id)
 
     def shutdown(self) -> None:
         self.engine.shutdown(ENGINE_SHUTDOWN_TIMEOUT)
+
+
+def tool_parser_names() -> list[str]:
+    from vllm.tool_parsers import ToolParserManager
+
+    return sorted(ToolParserManager.list_registered())
+
+
+class ToolCallParser:
+    """One of vLLM's tool-call parsers, reading tool calls out of a model's whole answer."""
+
+    def __init__(self, name: str, tokenizer) -> None:
+        from vllm.tool_parsers import ToolParserManager
+
+        self.name = name
+        self.parser_class = ToolParserManager.get_tool_parser(name)
+        self.tokenizer = tokenizer
+
+    def extract(self, text: str, request: dict) -> tuple[str | None, list[tuple[str, str]]]:
+        """The answer's content and its tool calls as (name, arguments JSON); ``request`` is the OpenAI body."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        vllm_request = ChatCompletionRequest.model_validate(request)
+        parser = self.parser_class(self.tokenizer, vllm_request.tools)
+        found = parser.extract_tool_calls(text, vllm_request)
+        if not found.tools_called:
+            return text, []
+        return found.content, [(call.function.name, call.function.arguments) for call in found.tool_calls]

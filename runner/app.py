@@ -67,7 +67,8 @@ def build_pipeline(settings: RunnerSettings) -> Pipeline:
 
 def pipeline_handlers(pipeline: Pipeline) -> dict[str, Handler]:
     served = pipeline.operations()
-    declared = {operation.operation_id for operation in pipeline.OPERATIONS}
+    operations = {operation.operation_id: operation for operation in pipeline.OPERATIONS}
+    declared = set(operations)
     if served.keys() != declared:
         raise RouteBindingError(
             f"pipeline {pipeline.name!r} declares the operations {sorted(declared)} "
@@ -76,7 +77,7 @@ def pipeline_handlers(pipeline: Pipeline) -> dict[str, Handler]:
     clash = sorted(declared & RUNNER_HANDLERS.keys())
     if clash:
         raise RouteBindingError(f"pipeline {pipeline.name!r} redefines the runner's operations {clash}")
-    return {operation_id: pipeline_handler(operation_id, serve) for operation_id, serve in served.items()}
+    return {operation_id: pipeline_handler(operations[operation_id], serve) for operation_id, serve in served.items()}
 
 
 def create_app(
@@ -91,20 +92,19 @@ def create_app(
     if start_error is not None:
         pipeline = None
         log.error("runner.cannot_serve", reason=start_error)
-    app = web.Application(
-        client_max_size=settings.max_request_bytes,
-        middlewares=[request_context_middleware, error_middleware],
-    )
-    state = RunnerState(pipeline, load_wait_timeout=settings.load_wait_timeout, start_error=start_error)
-    app[SETTINGS] = settings
-    app[STATE] = state
-    app[METRICS] = RunnerMetrics(state)
-
     handlers = dict(RUNNER_HANDLERS)
     operations = list(RUNNER_OPERATIONS)
     if pipeline is not None:
         handlers.update(pipeline_handlers(pipeline))
         operations.extend(pipeline.OPERATIONS)
+    app = web.Application(
+        client_max_size=settings.max_request_bytes,
+        middlewares=[request_context_middleware, error_middleware(operations)],
+    )
+    state = RunnerState(pipeline, load_wait_timeout=settings.load_wait_timeout, start_error=start_error)
+    app[SETTINGS] = settings
+    app[STATE] = state
+    app[METRICS] = RunnerMetrics(state)
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
     bind_operations(app, handlers, auth_token=token, operations=operations)
 

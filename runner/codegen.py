@@ -29,9 +29,9 @@ HEADER = '''\
 # Generated from openapi.yaml by `make gen` (python -m runner.codegen). Do not edit.
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from runner.jsontypes import Integer
 from runner.operations import Operation
@@ -39,7 +39,13 @@ from runner.operations import Operation
 
 # JSON Schema's integer is any number without a fractional part, 5.0 included.
 SCALARS = {"string": "str", "integer": "Integer", "number": "float", "boolean": "bool"}
-CONSTRAINTS = {"minimum": "ge", "maximum": "le", "exclusiveMinimum": "gt", "exclusiveMaximum": "lt"}
+CONSTRAINTS = {
+    "minimum": "ge", "maximum": "le", "exclusiveMinimum": "gt", "exclusiveMaximum": "lt",
+    "minItems": "min_length", "maxItems": "max_length", "minLength": "min_length", "maxLength": "max_length",
+}
+ANNOTATIONS = {"description", "title", "examples"}  # say nothing of the type
+# Field names that BaseModel's own attributes would shadow: generated as NAME_ with the alias NAME.
+RESERVED = {"schema", "json", "copy", "dict", "validate", "construct", "fields"}
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 
@@ -54,18 +60,33 @@ def ref_name(ref: str) -> str:
     return ref[len(prefix):]
 
 
-def type_expr(schema: dict[str, Any]) -> str:
+def type_expr(schema: dict[str, Any], in_any_of: bool = False, constrained: bool = True) -> str:
+    """The annotation for ``schema``; its constraints ride along (Annotated) unless the caller writes them."""
+    constraints = [f"{CONSTRAINTS[key]}={schema[key]!r}" for key in CONSTRAINTS if key in schema]
+    if constrained and constraints:
+        inner = type_expr(schema, in_any_of, constrained=False)
+        return f"Annotated[{inner}, Field({', '.join(constraints)})]"
     if "$ref" in schema:
         return ref_name(schema["$ref"])
     if "anyOf" in schema:
-        return " | ".join(type_expr(option) for option in schema["anyOf"])
+        return " | ".join(type_expr(option, in_any_of=True) for option in schema["anyOf"])
     if "enum" in schema:
         return "Literal[" + ", ".join(repr(value) for value in schema["enum"]) + "]"
+    if "const" in schema:
+        return f"Literal[{schema['const']!r}]"
+    if not set(schema) - ANNOTATIONS:  # the empty schema: any JSON value
+        return "Any"
     kind = schema.get("type")
+    if kind == "null" and in_any_of:  # nullable: anyOf [X, {type: "null"}]
+        return "None"
     if kind == "array":
         return f"list[{type_expr(schema['items'])}]"
     if kind == "object":
-        values = schema.get("additionalProperties")
+        if "properties" in schema:
+            raise SpecError("an inline object with properties must be a component of its own")
+        values = schema.get("additionalProperties", True)
+        if values is True:  # a free-form object, e.g. a JSON schema or a function's parameters
+            return "dict[str, Any]"
         if not isinstance(values, dict):
             raise SpecError("an inline object needs additionalProperties with a schema")
         return f"dict[str, {type_expr(values)}]"
@@ -75,14 +96,18 @@ def type_expr(schema: dict[str, Any]) -> str:
 
 
 def field_line(name: str, schema: dict[str, Any], required: bool) -> str:
-    annotation = type_expr(schema)
+    annotation = type_expr(schema, constrained=False)
     args = [f"{CONSTRAINTS[key]}={schema[key]!r}" for key in CONSTRAINTS if key in schema]
+    if name in RESERVED:
+        args.append(f"alias={name!r}")
+        name += "_"
     if "default" in schema:
         default = schema["default"]
     elif required:
         default = ...
     else:
-        annotation += " | None"
+        if "None" not in annotation.split(" | "):
+            annotation += " | None"
         default = None
     if not args:
         return f"    {name}: {annotation}" + ("" if default is ... else f" = {default!r}")
@@ -133,6 +158,9 @@ def model_source(name: str, schema: dict[str, Any]) -> str:
     if "description" in schema:
         lines.append(f"    {schema['description']!r}")
         lines.append("")
+    if schema.get("additionalProperties") is False:  # an unknown field is an error, not ignored
+        lines.append('    model_config = ConfigDict(extra="forbid")')
+        lines.append("")
     for field, field_schema in schema["properties"].items():
         lines.append(field_line(field, field_schema, field in required))
     return "\n".join(lines)
@@ -161,6 +189,7 @@ def operations_source(spec: dict[str, Any], part: str | None) -> str:
                 f"        path={path!r},",
                 f"        request_model={request_model},",
                 f"        authenticated={authenticated!r},",
+                f"        error_shape={operation.get('x-error-shape', 'livepeer')!r},",
                 "    ),",
             ]
     lines.append(")")

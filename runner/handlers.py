@@ -12,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from runner import __version__
 from runner.keys import METRICS, NVML, REQUEST_ID, SETTINGS, STATE
 from runner.pipeline import EventStream, OperationError, RequestContext, Serve
-from runner.routes import Handler, error_response, json_response
+from runner.operations import Operation
+from runner.routes import ERROR_SHAPES, ErrorShape, Handler, json_response
 from runner.schema import HardwareInformation, HardwareStats, HealthCheck, Version
 from runner.state import NotReady
 
@@ -163,20 +164,18 @@ def failure_message(exc: BaseException) -> str:
     return f"generation failed: {text}"
 
 
-def unavailable(msg: str) -> web.Response:
-    return error_response(503, msg, headers={"Retry-After": "1"})
-
-
-async def serve_operation(request: web.Request, body, operation: Serve, context: RequestContext):
+async def serve_operation(request: web.Request, body, serve: Serve, context: RequestContext, errors: ErrorShape):
     settings, state = request.app[SETTINGS], request.app[STATE]
     try:
         with state.admit():
-            return await serve_admitted(request, body, operation, context, settings.request_timeout)
+            return await serve_admitted(request, body, serve, context, settings.request_timeout, errors)
     except NotReady as exc:
-        return unavailable(str(exc))
+        return errors.error(503, str(exc), headers={"Retry-After": "1"})
 
 
-async def serve_admitted(request: web.Request, body, operation: Serve, context: RequestContext, timeout: float):
+async def serve_admitted(
+    request: web.Request, body, serve: Serve, context: RequestContext, timeout: float, errors: ErrorShape
+):
     state = request.app[STATE]
     try:
         await state.wait_until_ready()
@@ -184,34 +183,33 @@ async def serve_admitted(request: web.Request, body, operation: Serve, context: 
         timeout_message = f"the request took longer than REQUEST_TIMEOUT ({timeout:g} s) and was stopped"
         try:
             async with asyncio.timeout_at(deadline):
-                result = await operation(body, context)
+                result = await serve(body, context)
         except TimeoutError:
             log.error("request.timeout", seconds=timeout)
-            return error_response(500, timeout_message)
+            return errors.error(500, timeout_message)
         if isinstance(result, EventStream):
             return await send_event_stream(request, result, context, deadline, timeout_message)
         return json_response(result)
     except OperationError as exc:
         log.info("request.refused", status=exc.status, reason=exc.msg)
-        if exc.body is not None:
-            return json_response(exc.body, status=exc.status)
-        return error_response(exc.status, exc.msg)
+        return errors.error(exc.status, exc.msg, param=exc.param, code=exc.code)
     except (asyncio.CancelledError, ClientGone, NotReady):
         raise
     except Exception as exc:
         log.error("request.failed", reason=str(exc), exc_info=True)
-        return error_response(500, failure_message(exc))
+        return errors.error(500, failure_message(exc))
 
 
-def pipeline_handler(operation_id: str, operation: Serve) -> Handler:
+def pipeline_handler(operation: Operation, serve: Serve) -> Handler:
     """Serves a pipeline operation, then counts and logs it, whatever became of it."""
+    operation_id, errors = operation.operation_id, ERROR_SHAPES[operation.error_shape]
 
     async def handle(request: web.Request, body) -> web.StreamResponse:
         started = time.monotonic()
-        context = RequestContext(request_id=request[REQUEST_ID])
+        context = RequestContext(request_id=request[REQUEST_ID], params=dict(request.match_info))
         status = CLIENT_GONE
         try:
-            response = await serve_operation(request, body, operation, context)
+            response = await serve_operation(request, body, serve, context, errors)
             status = response.status
             return response
         except ClientGone as gone:

@@ -14,3 +14,6 @@ class Operation:
     path: str
     request_model: type[BaseModel] | None
     authenticated: bool
+    # How its errors are written: "livepeer" ({"detail": ...}, 422 for a bad body) or
+    # "openai" ({"error": {"message", "type", "param", "code"}}, 400 for a bad body).
+    error_shape: str = "livepeer"

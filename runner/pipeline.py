@@ -14,7 +14,7 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -30,15 +30,16 @@ T = TypeVar("T")
 class OperationError(Exception):
     """A request the pipeline cannot serve; the runner answers ``status`` with ``msg``.
 
-    ``body``, where given, is the whole error document instead of the route's
-    usual error shape (an API with error shapes of its own, e.g. OpenAI's).
+    ``param`` (the request field at fault) and ``code`` reach the error shapes
+    that have room for them (OpenAI's).
     """
 
-    def __init__(self, msg: str, status: int = 400, body: BaseModel | None = None) -> None:
+    def __init__(self, msg: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
         super().__init__(msg)
         self.msg = msg
         self.status = status
-        self.body = body
+        self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class RequestContext:
     """
 
     request_id: str
+    params: dict[str, str] = field(default_factory=dict)  # the path's parameters, e.g. {"model": ...}
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None  # time.monotonic() of the first generated token

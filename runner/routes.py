@@ -11,6 +11,7 @@ error leaves in the spec's shapes.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -18,7 +19,15 @@ import pydantic
 from aiohttp import web
 
 from runner.operations import Operation
-from runner.schema import OPERATIONS, APIErrorMessage, HTTPError, HTTPValidationError, ValidationError
+from runner.schema import (
+    OPERATIONS,
+    APIErrorMessage,
+    HTTPError,
+    HTTPValidationError,
+    OpenAIError,
+    OpenAIErrorDetail,
+    ValidationError,
+)
 
 Handler = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
 
@@ -29,7 +38,7 @@ class RouteBindingError(RuntimeError):
 
 def json_response(model: pydantic.BaseModel, status: int = 200, **kwargs: Any) -> web.Response:
     return web.Response(
-        body=model.model_dump_json(exclude_none=True),
+        body=model.model_dump_json(exclude_none=True, by_alias=True),
         status=status,
         content_type="application/json",
         **kwargs,
@@ -71,21 +80,61 @@ async def parse_body(request: web.Request, model: type[pydantic.BaseModel]) -> p
         raise InvalidBody(body_errors(exc)) from None
 
 
+class LivepeerErrors:
+    """The Livepeer runner's error shapes: ``{"detail": {"msg"}}``, and 422 with every field for a bad body."""
+
+    def error(self, status: int, msg: str, param: str | None = None, code: str | None = None, **kwargs: Any):
+        return error_response(status, msg, **kwargs)
+
+    def invalid_body(self, errors: list[ValidationError]) -> web.Response:
+        return validation_error_response(errors)
+
+
+class OpenAIErrors:
+    """OpenAI's error shape, which its SDKs read on every error: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def error(self, status: int, msg: str, param: str | None = None, code: str | None = None, **kwargs: Any):
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        detail = OpenAIErrorDetail(message=msg, type=kind, param=param, code=code)
+        body = OpenAIError(error=detail).model_dump_json()  # param and code are null, not left out
+        return web.Response(body=body, status=status, content_type="application/json", **kwargs)
+
+    def invalid_body(self, errors: list[ValidationError]) -> web.Response:
+        first = errors[0]
+        location = [str(part) for part in first.loc[1:]]
+        param = ".".join(location) or None
+        if first.type == "extra_forbidden":
+            msg = f"Unrecognized request argument supplied: {param}"
+        else:
+            msg = f"{param}: {first.msg}" if param else first.msg
+        if len(errors) > 1:
+            msg += f" (and {len(errors) - 1} more)"
+        return self.error(400, msg, param=param)
+
+
+ERROR_SHAPES = {"livepeer": LivepeerErrors(), "openai": OpenAIErrors()}
+ErrorShape = LivepeerErrors | OpenAIErrors
+
+
 def bearer_token_matches(request: web.Request, token: str) -> bool:
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
 
 
 def endpoint(operation: Operation, handler: Handler, auth_token: str | None) -> Callable:
+    errors = ERROR_SHAPES[operation.error_shape]
+
     async def handle(request: web.Request) -> web.StreamResponse:
         if operation.authenticated and auth_token and not bearer_token_matches(request, auth_token):
-            return error_response(401, "Invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+            return errors.error(
+                401, "Invalid bearer token", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+            )
         body = None
         if operation.request_model is not None:
             try:
                 body = await parse_body(request, operation.request_model)
             except InvalidBody as invalid:
-                return validation_error_response(invalid.errors)
+                return errors.invalid_body(invalid.errors)
         return await handler(request, body)
 
     handle.__name__ = operation.operation_id
@@ -115,17 +164,36 @@ def bind_operations(
         )
     for operation in operations:
         app.router.add_route(
-            operation.method, operation.path, endpoint(operation, handlers[operation.operation_id], auth_token)
+            operation.method, route_path(operation.path), endpoint(operation, handlers[operation.operation_id], auth_token)
         )
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Answer aiohttp's own errors (404, 405, 413, ...) in the spec's HTTPError shape."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        kept = {name: exc.headers[name] for name in ("Allow", "Retry-After") if name in exc.headers}
-        return error_response(exc.status, exc.reason, headers=kept)
+def route_path(spec_path: str) -> str:
+    """aiohttp's form of a spec path: a parameter may hold slashes (``/v1/models/{model}`` takes ``org/name``)."""
+    return re.sub(r"\{(\w+)\}", r"{\1:.+}", spec_path)
+
+
+def error_shape_for(path: str, operations: Iterable[Operation]) -> ErrorShape:
+    """The error shape of the API a path belongs to: that of the operations under its first segment."""
+    top = "/" + path.lstrip("/").split("/", 1)[0]
+    for operation in operations:
+        if operation.path == top or operation.path.startswith(top + "/"):
+            return ERROR_SHAPES[operation.error_shape]
+    return ERROR_SHAPES["livepeer"]
+
+
+def error_middleware(operations: Iterable[Operation]) -> Callable:
+    """Answers aiohttp's own errors (404, 405, 413, ...) in the shape of the API the path belongs to."""
+    operations = tuple(operations)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kept = {name: exc.headers[name] for name in ("Allow", "Retry-After") if name in exc.headers}
+            return error_shape_for(request.path, operations).error(exc.status, exc.reason, headers=kept)
+
+    return middleware

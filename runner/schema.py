@@ -1,9 +1,9 @@
 # Generated from openapi.yaml by `make gen` (python -m runner.codegen). Do not edit.
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from runner.jsontypes import Integer
 from runner.operations import Operation
@@ -67,6 +67,19 @@ class HardwareStats(BaseModel):
     gpu_stats: dict[str, GPUUtilizationInfo]
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    "OpenAI's error shape, on every error of the /v1 operations."
+
+    error: OpenAIErrorDetail
+
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         operation_id='health',
@@ -74,6 +87,7 @@ OPERATIONS: tuple[Operation, ...] = (
         path='/health',
         request_model=None,
         authenticated=False,
+        error_shape='livepeer',
     ),
     Operation(
         operation_id='version',
@@ -81,6 +95,7 @@ OPERATIONS: tuple[Operation, ...] = (
         path='/version',
         request_model=None,
         authenticated=False,
+        error_shape='livepeer',
     ),
     Operation(
         operation_id='hardwareInfo',
@@ -88,6 +103,7 @@ OPERATIONS: tuple[Operation, ...] = (
         path='/hardware/info',
         request_model=None,
         authenticated=False,
+        error_shape='livepeer',
     ),
     Operation(
         operation_id='hardwareStats',
@@ -95,6 +111,7 @@ OPERATIONS: tuple[Operation, ...] = (
         path='/hardware/stats',
         request_model=None,
         authenticated=False,
+        error_shape='livepeer',
     ),
     Operation(
         operation_id='metrics',
@@ -102,5 +119,6 @@ OPERATIONS: tuple[Operation, ...] = (
         path='/metrics',
         request_model=None,
         authenticated=False,
+        error_shape='livepeer',
     ),
 )

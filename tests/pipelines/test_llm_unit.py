@@ -94,5 +94,5 @@ def test_a_conversation_the_chat_template_refuses_is_a_400():
     pipeline.engine = SimpleNamespace(tokenizer=StrictTokenizer(), max_model_len=100)
     twice = [LLMMessage(role="user", content="a"), LLMMessage(role="user", content="b")]
     with pytest.raises(OperationError, match="roles must alternate") as refused:
-        pipeline.check(LLMRequest(messages=twice))
+        pipeline.render_chat(pipeline.check(LLMRequest(messages=twice)))
     assert refused.value.status == 400

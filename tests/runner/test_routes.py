@@ -26,8 +26,10 @@ from runner.schema import OPERATIONS as RUNNER_OPERATIONS
 from runner.schema import APIErrorMessage
 from runner.settings import RunnerSettings
 
+GEN_LLM = tuple(op for op in llm_schema.OPERATIONS if op.operation_id == "genLLM")  # /llm alone
+
 # The scripted pipeline serves the llm pipeline's part of the spec.
-OPERATIONS = RUNNER_OPERATIONS + llm_schema.OPERATIONS
+OPERATIONS = RUNNER_OPERATIONS + GEN_LLM
 
 
 def reply(content: str, finish_reason: str = "", streamed: bool = False) -> LLMResponse:
@@ -49,7 +51,7 @@ class ScriptedPipeline(Pipeline):
     """Answers from a script; `gate` holds a request open until the test releases it."""
 
     name = "scripted"
-    OPERATIONS = llm_schema.OPERATIONS
+    OPERATIONS = GEN_LLM
 
     def __init__(
         self, load_error: Exception | None = None, fail_after: int | None = None, capacity: int | None = None
@@ -157,7 +159,7 @@ def test_a_handler_without_an_operation_is_refused():
 
 
 def test_two_operations_on_one_route_are_refused():
-    twice = OPERATIONS + (llm_schema.OPERATIONS[0].__class__(
+    twice = OPERATIONS + (GEN_LLM[0].__class__(
         operation_id="genLLM2", method="POST", path="/llm", request_model=None, authenticated=True),)
     handlers = {op.operation_id: None for op in twice}
     with pytest.raises(RouteBindingError, match="/llm"):

@@ -24,6 +24,8 @@ from runner.keys import METRICS, STATE
 from runner.pipeline import EngineLoad, EventStream, Pipeline, RequestContext, Serve
 from runner.settings import RunnerSettings
 
+GEN_LLM = tuple(op for op in llm_schema.OPERATIONS if op.operation_id == "genLLM")  # /llm alone
+
 EVENT_CONTENT_BYTES = 8 * 1024
 EVENTS = 4000  # over 32 MiB of events
 CLIENT_RECEIVE_BUFFER = 4096
@@ -38,7 +40,7 @@ class FloodPipeline(Pipeline):
     """Streams EVENTS large events as fast as they are asked for, counting them."""
 
     name = "flood"
-    OPERATIONS = llm_schema.OPERATIONS
+    OPERATIONS = GEN_LLM
 
     def __init__(self) -> None:
         super().__init__("flood", Path("."))
