@@ -100,8 +100,10 @@ class OpenAIErrors:
         return web.Response(body=body, status=status, content_type="application/json", **kwargs)
 
     def invalid_body(self, errors: list[ValidationError]) -> web.Response:
-        first = errors[0]
-        location = [str(part) for part in first.loc[1:]]
+        # Of a union's failures ("not a string", "more than 4 items"), the one that says most.
+        first = min(errors, key=lambda error: (error.type.endswith("_type"), -len(error.loc)))
+        # pydantic names the union member it tried (stop.list[str], tool_choice.NamedToolChoice): not a param.
+        location = [str(part) for part in first.loc[1:] if not UNION_MEMBER.fullmatch(str(part))]
         param = ".".join(location) or None
         if first.type == "extra_forbidden":
             msg = f"Unrecognized request argument supplied: {param}"
@@ -112,6 +114,7 @@ class OpenAIErrors:
         return self.error(400, msg, param=param)
 
 
+UNION_MEMBER = re.compile(r"[A-Z]\w*|str|int|float|bool|none|literal\[.*\]|(list|dict|function-\w+)\[.*\]")
 ERROR_SHAPES = {"livepeer": LivepeerErrors(), "openai": OpenAIErrors()}
 ErrorShape = LivepeerErrors | OpenAIErrors
 

@@ -218,6 +218,7 @@ def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dic
                 "MAX_NUM_SEQS": str(GUARDED_MAX_NUM_SEQS),
                 "MAX_WAITING_REQUESTS": str(GUARDED_MAX_WAITING_REQUESTS),
                 "REQUEST_TIMEOUT": str(GUARDED_REQUEST_TIMEOUT),
+                "TOOL_CALL_PARSER": "hermes",  # tool_choice "auto" on a model whose template knows no tools
             },
             False,
         ),
