@@ -113,11 +113,10 @@ class OpenAIServing:
     # /v1/models
 
     def model_card(self) -> Model:
-        engine = self.pipeline.engine
-        return Model(
-            id=self.pipeline.model_id, object="model", created=self.created, owned_by="livepeer",
-            max_model_len=engine.max_model_len if engine else None,
-        )
+        card = Model(id=self.pipeline.model_id, object="model", created=self.created, owned_by="livepeer")
+        if self.pipeline.engine is not None:
+            card.max_model_len = self.pipeline.engine.max_model_len
+        return card
 
     async def list_models(self, _body: None, context: RequestContext) -> ModelList:
         return ModelList(object="list", data=[self.model_card()])
@@ -431,7 +430,7 @@ class ChatReply:
             reason = self.finish_reason(state, calls)
             choices.append(ChatCompletionChoice(
                 index=state.index,
-                message=AssistantMessage(role="assistant", content=content, tool_calls=calls or None),
+                message=AssistantMessage(role="assistant", content=content, **({"tool_calls": calls} if calls else {})),
                 logprobs=ChoiceLogprobs(content=state.logprobs) if self.top_logprobs is not None else None,
                 finish_reason=reason,
             ))

@@ -37,8 +37,9 @@ class RouteBindingError(RuntimeError):
 
 
 def json_response(model: pydantic.BaseModel, status: int = 200, **kwargs: Any) -> web.Response:
+    """The model as JSON: what was set, a null included (a required nullable field), and nothing left unset."""
     return web.Response(
-        body=model.model_dump_json(exclude_none=True, by_alias=True),
+        body=model.model_dump_json(exclude_unset=True, by_alias=True),
         status=status,
         content_type="application/json",
         **kwargs,

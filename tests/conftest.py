@@ -305,32 +305,32 @@ def ready(runner: RunnerProcess) -> RunnerProcess:
     return runner
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny_runner(runner_pool) -> RunnerProcess:
     return ready(runner_pool.get("tiny"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def doomed_runner(runner_pool) -> RunnerProcess:
     return ready(runner_pool.get("doomed"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def default_runner(runner_pool) -> RunnerProcess:
     return ready(runner_pool.get("default"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def doomed_under_load_runner(runner_pool) -> RunnerProcess:
     return ready(runner_pool.get("doomed_under_load"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def guarded_runner(runner_pool) -> RunnerProcess:
     return ready(runner_pool.get("guarded"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def drained_runner(runner_pool) -> RunnerProcess:
     return ready(runner_pool.get("drained"))
 
