@@ -30,9 +30,11 @@ class RequestRecord:
     prompt_tokens: int = 0
     done: bool = False  # the stream ended as the protocol says (data: [DONE])
     failure: str | None = None
+    text: list[str] = field(default_factory=list)
 
-    def chunk(self) -> None:
+    def chunk(self, text: str = "") -> None:
         self.chunk_times.append(time.perf_counter())
+        self.text.append(text)
 
     def finish(self, finish_reason: str, output_tokens: int, prompt_tokens: int) -> None:
         self.finish_reason = finish_reason

@@ -93,7 +93,7 @@ class Report:
         self.facts = facts
         self.startups = startups
         self.results = results
-        self.systems = [name for name in ("engine", "runner", "vllm-serve") if name in startups]
+        self.systems = [name for name in ("engine", "runner", "runner-v1", "vllm-serve") if name in startups]
         grouped: dict[tuple[str, int], list[LevelResult]] = defaultdict(list)
         for result in results:
             grouped[result.system, result.concurrency].append(result)
@@ -172,9 +172,9 @@ class Report:
                 lines.append(f"- {label} tokens: the same on every system and pass at each concurrency")
         return lines
 
-    def ratio(self, key: str, concurrency: int, other: str) -> float:
-        mine, theirs = self.median("runner", concurrency, key), self.median(other, concurrency, key)
-        return mine / theirs if theirs else math.nan
+    def ratio(self, key: str, concurrency: int, other: str, mine: str = "runner") -> float:
+        ours, theirs = self.median(mine, concurrency, key), self.median(other, concurrency, key)
+        return ours / theirs if theirs else math.nan
 
     def ratio_lines(self) -> list[str]:
         if "runner" not in self.systems or len(self.systems) < 2:
@@ -185,6 +185,9 @@ class Report:
             headings += [f"tok/s runner/{other}", f"TTFT p50 runner/{other}", f"TTFT p50 runner − {other}"]
         if "vllm-serve" in others:
             headings.append("API CPU runner/vllm-serve")
+        openai = {"runner-v1", "vllm-serve"} <= set(self.systems)
+        if openai:
+            headings += ["tok/s runner-v1/vllm-serve", "API CPU runner-v1/vllm-serve"]
         lines = ["", "## Ratios of the medians", "", "| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
         for concurrency in self.levels():
             row = [str(concurrency)]
@@ -194,6 +197,9 @@ class Report:
                         f"{self.ratio('ttft_p50_ms', concurrency, other):.3f}", f"{gap:+.1f} ms"]
             if "vllm-serve" in others:
                 row.append(f"{self.ratio('api_cpu_ms_per_token', concurrency, 'vllm-serve'):.2f}")
+            if openai:
+                row += [f"{self.ratio('tokens_per_s', concurrency, 'vllm-serve', 'runner-v1'):.3f}",
+                        f"{self.ratio('api_cpu_ms_per_token', concurrency, 'vllm-serve', 'runner-v1'):.2f}"]
             lines.append("| " + " | ".join(row) + " |")
         return lines
 
@@ -205,6 +211,13 @@ class Report:
             theirs = self.median("vllm-serve", 32, "api_cpu_ms_per_token")
             found.append((mine <= theirs, f"runner API CPU per output token at c=32 ≤ vllm-serve's: "
                                           f"{mine:.3f} vs {theirs:.3f} ms"))
+        if {"runner-v1", "vllm-serve"} <= have:
+            for concurrency in (32, 64):
+                if concurrency in self.levels():
+                    mine = self.median("runner-v1", concurrency, "api_cpu_ms_per_token")
+                    theirs = self.median("vllm-serve", concurrency, "api_cpu_ms_per_token")
+                    found.append((mine <= theirs, f"runner /v1 API CPU per output token at c={concurrency} ≤ "
+                                                  f"vllm-serve's: {mine:.3f} vs {theirs:.3f} ms"))
         if {"runner", "engine"} <= have:
             ratios = {c: self.ratio("tokens_per_s", c, "engine") for c in self.levels()}
             found.append((all(r >= 0.97 for r in ratios.values()),

@@ -10,7 +10,7 @@ passes with their ranges, in ``bench/results.md`` and ``bench/results.png``.
 Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (3),
 BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (128), BENCH_MIN_REQUESTS (4)
 and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
-requests; BENCH_SYSTEMS (engine,runner,vllm-serve), BENCH_OUTPUT
+requests; BENCH_SYSTEMS (engine,runner,runner-v1,vllm-serve), BENCH_OUTPUT
 (bench/results.md), BENCH_TIME_LIMIT (1200 s: a measurement that would end past
 it is skipped, and the report says so), BENCH_SETTLE (1.2 s between two
 measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s).
@@ -30,13 +30,13 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.load import LevelResult, run_level
+from bench.load import LevelResult, RequestRecord, run_level
 from bench.prompts import chat_prompts
 from bench.report import Report, machine_facts
-from bench.systems import ROOT, EngineSystem, RunnerSystem, Startup, System, VllmServeSystem
+from bench.systems import ROOT, EngineSystem, RunnerOpenAISystem, RunnerSystem, Startup, System, VllmServeSystem
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SYSTEM_NAMES = ("engine", "runner", "vllm-serve")
+SYSTEM_NAMES = ("engine", "runner", "runner-v1", "vllm-serve")
 WARM_UP_CONCURRENCY = 36  # every prompt at once
 STOP_ALLOWANCE = 30  # seconds kept back from BENCH_TIME_LIMIT to stop the systems and write the report
 WARM_UP_MAX_TOKENS = 4
@@ -140,9 +140,11 @@ async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log
                         vllm_engine, engine_args, import_s: float, started: list[System]) -> dict[str, Startup]:
     """Start the systems one after the other, so that each start has the machine to itself."""
     env = server_env(config)
+    runner = RunnerSystem(config.model_id, config.model_dir, env, log_dir)
     candidates: dict[str, System] = {
         "engine": EngineSystem(config.model_id, config.model_dir, vllm_engine, engine_args, import_s),
-        "runner": RunnerSystem(config.model_id, config.model_dir, env, log_dir),
+        "runner": runner,
+        "runner-v1": RunnerOpenAISystem(runner),
         "vllm-serve": VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir),
     }
     startups = {}
@@ -172,6 +174,7 @@ async def bench(config: BenchConfig, begun: float) -> None:
             startups = await start_systems(config, session, log_dir, vllm_engine, engine_args, import_s, started)
             systems = list(started)
             await warm_up(config, systems, session)
+            facts.update(await output_parity(config, systems, session))
             last_duration: dict[tuple[str, int], float] = {}
             for pass_index in range(config.passes):
                 order = systems[pass_index % len(systems):] + systems[: pass_index % len(systems)]
@@ -207,6 +210,28 @@ async def bench(config: BenchConfig, begun: float) -> None:
         print(f"wrote {config.output} and {chart}")
     else:
         print(f"wrote {config.output} (no measurements, no chart)")
+
+
+async def output_parity(config: BenchConfig, systems: list[System], session: aiohttp.ClientSession) -> dict[str, str]:
+    """Every prompt once at temperature 0 on the runner's /v1 and on vllm serve: the same text and token counts?"""
+    by_name = {system.name: system for system in systems}
+    if not {"runner-v1", "vllm-serve"} <= by_name.keys():
+        return {}
+    answers = {}
+    for name in ("runner-v1", "vllm-serve"):
+        answers[name] = []
+        for messages in chat_prompts():
+            record = RequestRecord(sent=time.perf_counter())
+            await asyncio.wait_for(by_name[name].stream(session, messages, config.max_tokens, record),
+                                   config.request_timeout)
+            answers[name].append(("".join(record.text), record.prompt_tokens, record.output_tokens))
+    same = sum(ours == theirs for ours, theirs in zip(answers["runner-v1"], answers["vllm-serve"]))
+    line = f"{same}/{len(answers['runner-v1'])} prompts with the same text, prompt and output tokens"
+    print(f"output parity, runner /v1 against vllm serve at temperature 0: {line}", flush=True)
+    for index, (ours, theirs) in enumerate(zip(answers["runner-v1"], answers["vllm-serve"])):
+        if ours != theirs:
+            print(f"  prompt {index}: runner-v1 {ours!r}\n            vllm-serve {theirs!r}", flush=True)
+    return {"output parity (runner /v1 vs vllm serve, temperature 0)": line}
 
 
 async def stop(system: System) -> None:

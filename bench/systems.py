@@ -1,4 +1,4 @@
-"""The three systems under test, each behind the same small interface.
+"""The systems under test, each behind the same small interface.
 
 A system starts (timed to its first answer), streams one chat request into a
 ``RequestRecord`` (the shared client code in ``bench.load`` owns the clock),
@@ -6,6 +6,7 @@ names the process whose CPU time is its API's cost, and stops.
 
 - ``EngineSystem``: vLLM's ``AsyncLLM`` in this process, no HTTP: the ceiling.
 - ``RunnerSystem``: ``python -m runner``, ``POST /llm`` with ``stream: true``.
+- ``RunnerOpenAISystem``: the same runner process, ``POST /v1/chat/completions`` with ``stream: true``.
 - ``VllmServeSystem``: ``vllm serve``, ``POST /v1/chat/completions`` with ``stream: true``.
 
 The bench imports vLLM (through ``pipelines.vllm_engine``) only to build the
@@ -255,25 +256,20 @@ class RunnerSystem(HttpSystem):
         async for event in self.events(session, "/llm", body, record):
             choice = event["choices"][0]
             if choice["delta"]["content"]:
-                record.chunk()
+                record.chunk(choice["delta"]["content"])
             if choice["finish_reason"]:
                 usage = event["usage"]
                 record.finish(choice["finish_reason"], usage["completion_tokens"], usage["prompt_tokens"])
 
 
-class VllmServeSystem(HttpSystem):
-    name = "vllm-serve"
+class OpenAIStreaming(HttpSystem):
+    """A server's /v1/chat/completions, streamed, with the usage chunk: vllm serve and the runner's alike."""
 
-    def __init__(self, model_id: str, engine_flags: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.model_id = model_id
-        port = free_port()
-        command = [sys.executable, "-m", "bench.vllm_serve", *engine_flags, "--host", "127.0.0.1",
-                   "--port", str(port), "--disable-uvicorn-access-log"]
-        self.server = ServerProcess("vllm-serve", command, env, log_dir / "vllm-serve.log", port)
+    model_id: str
 
     async def stream(self, session, messages, max_tokens, record) -> None:
         # Greedy, and every sampling field spelled out, so that no model generation_config
-        # default can make vllm serve sample differently from the runner.
+        # default can make a server sample differently from the others.
         body = {
             "model": self.model_id, "messages": messages, "temperature": 0, "top_p": 1, "top_k": -1,
             "repetition_penalty": 1.0, "max_tokens": max_tokens, "stream": True,
@@ -284,8 +280,40 @@ class VllmServeSystem(HttpSystem):
             if event["choices"]:
                 choice = event["choices"][0]
                 if choice["delta"].get("content"):
-                    record.chunk()
+                    record.chunk(choice["delta"]["content"])
                 finish_reason = choice.get("finish_reason") or finish_reason
             if event.get("usage"):  # the last chunk, with no choices
                 usage = event["usage"]
                 record.finish(finish_reason, usage["completion_tokens"], usage["prompt_tokens"])
+
+
+class RunnerOpenAISystem(OpenAIStreaming):
+    """The runner's OpenAI API: the runner system's own process, so it starts with it."""
+
+    name = "runner-v1"
+
+    def __init__(self, runner: RunnerSystem) -> None:
+        self.runner = runner
+        self.model_id = runner.model_id
+        self.server = runner.server
+
+    async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
+        if self.server.process is None:
+            raise StartFailed("runner-v1 runs on the runner system's process: BENCH_SYSTEMS needs runner before it")
+        started = time.perf_counter()
+        await asyncio.wait_for(self.answer_once(session), timeout)
+        return Startup(first_answer_s=time.perf_counter() - started)
+
+    async def stop(self) -> None:
+        pass  # the runner system stops the process
+
+
+class VllmServeSystem(OpenAIStreaming):
+    name = "vllm-serve"
+
+    def __init__(self, model_id: str, engine_flags: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.model_id = model_id
+        port = free_port()
+        command = [sys.executable, "-m", "bench.vllm_serve", *engine_flags, "--host", "127.0.0.1",
+                   "--port", str(port), "--disable-uvicorn-access-log"]
+        self.server = ServerProcess("vllm-serve", command, env, log_dir / "vllm-serve.log", port)
