@@ -34,6 +34,7 @@ import psutil
 
 from bench.load import RequestRecord
 from pipelines.llm_schema import LLMMessage, LLMRequest
+from pipelines.sampling import Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL_INTERVAL = 0.05  # seconds between readiness polls
@@ -94,7 +95,7 @@ class EngineSystem(System):
         self.engine_args = engine_args
         self.import_s = import_s
         self.engine = None
-        # The pipeline object only lends its chat-template tokenization (LLMPipeline.prompt_token_ids).
+        # The pipeline object only lends its request checks and chat-template step (LLMPipeline.render_chat).
         self.pipeline = LLMPipeline(model_id, model_dir)
 
     async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
@@ -109,8 +110,10 @@ class EngineSystem(System):
         request = LLMRequest(
             messages=[LLMMessage(**message) for message in messages], temperature=0, max_tokens=max_tokens
         )
-        prompt = self.pipeline.prompt_token_ids(request.messages)
-        sampling = self.engine.sampling_params(request.temperature, request.top_p, request.top_k, request.max_tokens)
+        prompt = self.pipeline.render_chat(self.pipeline.check(request))
+        sampling = self.engine.sampling_params(Sampling(
+            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
+        ))
         outputs = self.engine.generate(prompt, sampling, uuid.uuid4().hex)
         output_tokens = 0
         async for output in outputs:
