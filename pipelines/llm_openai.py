@@ -253,8 +253,15 @@ class OpenAIServing:
                 schema = response_format.json_schema.schema_
             json_object = response_format.type == "json_object"
         requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        return self.sampling(
+            request, self.max_tokens(requested, prompt), logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+            json_schema=schema, json_object=json_object,
+        )
+
+    def sampling(self, request: ChatCompletionRequest | CompletionRequest, max_tokens: int, **only: Any) -> Sampling:
+        """The sampling fields both OpenAI requests share, OpenAI's defaults for those left out, and ``only`` theirs."""
         return Sampling(
-            max_tokens=self.max_tokens(requested, prompt),
+            max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=-1 if request.top_k is None else request.top_k,
@@ -266,9 +273,7 @@ class OpenAIServing:
             frequency_penalty=request.frequency_penalty or 0.0,
             repetition_penalty=request.repetition_penalty or 1.0,
             logit_bias=self.logit_bias(request.logit_bias),
-            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-            json_schema=schema,
-            json_object=json_object,
+            **only,
         )
 
     async def chat_completion(self, request: ChatCompletionRequest, context: RequestContext):
@@ -305,21 +310,7 @@ class OpenAIServing:
         runs = []
         for prompt in self.completion_prompts(request):
             prompt_ids = tokenizer.encode(prompt)
-            sampling = Sampling(
-                max_tokens=self.max_tokens(request.max_tokens, prompt_ids),
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                top_k=-1 if request.top_k is None else request.top_k,
-                min_p=request.min_p or 0.0,
-                n=request.n or 1,
-                stop=self.stop_list(request.stop),
-                seed=request.seed,
-                presence_penalty=request.presence_penalty or 0.0,
-                frequency_penalty=request.frequency_penalty or 0.0,
-                repetition_penalty=request.repetition_penalty or 1.0,
-                logit_bias=self.logit_bias(request.logit_bias),
-                logprobs=request.logprobs,
-            )
+            sampling = self.sampling(request, self.max_tokens(request.max_tokens, prompt_ids), logprobs=request.logprobs)
             runs.append((prompt, prompt_ids, sampling))
         outputs = [self.pipeline.start_generation(ids, sampling, context) for _, ids, sampling in runs]
         reply = CompletionReply(self, request, [prompt for prompt, _, _ in runs], context)
