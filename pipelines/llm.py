@@ -144,7 +144,7 @@ class LLMPipeline(Pipeline):
             engine, self.engine = self.engine, None
             await run_blocking(engine.shutdown)
         elif self.starting:  # stopped, or failed, while the engine was starting: end what it had started
-            stopped = await run_blocking(self.engine_module.stop_engine_processes)
+            stopped = await run_blocking(self.engine_module.stop_engine_processes, 1.0)  # nothing to save in a half-started engine
             log.info("engine.start_stopped", processes=stopped)
 
     def render_chat(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
