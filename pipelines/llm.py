@@ -26,7 +26,7 @@ from pydantic_core import to_json
 from pipelines import llm_schema
 from pipelines.llm_schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from pipelines.llm_openai import OpenAIServing
-from pipelines.llm_settings import LLMSettings, parallelism_errors, tool_parser_for_template
+from pipelines.llm_settings import LLMSettings, distributed_errors, parallelism_errors, tool_parser_for_template
 from pipelines.model_store import resolve_model
 from pipelines.sampling import Sampling
 from runner.hardware import NVML
@@ -88,11 +88,14 @@ class LLMPipeline(Pipeline):
         )
         self.engine_module = engine_module
         model_config = json.loads((model_path / "config.json").read_text())
-        errors = parallelism_errors(settings, model_config, gpus)
+        on_cpu = engine_module.platform() == "cpu"
+        devices, device = (len(os.sched_getaffinity(0)), "core") if on_cpu else (gpus, "GPU")
+        errors = parallelism_errors(settings, model_config, devices, device)
+        errors += distributed_errors(settings, on_cpu, os.environ)
         if errors:
             raise ValueError("; ".join(errors))
         args = engine_module.engine_args(settings, model_path, self.model_id, model_config)
-        environment = engine_module.cpu_engine_environment()
+        environment = engine_module.cpu_engine_environment(settings.local_world_size)
         os.environ.update(environment)  # the engine's processes inherit it
         log.info(
             "engine.start",
@@ -103,6 +106,10 @@ class LLMPipeline(Pipeline):
             enforce_eager=args.enforce_eager,
             kv_cache_bytes=args.kv_cache_memory_bytes,
             max_model_len=args.max_model_len,
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
         )
         # Building the engine blocks for as long as its processes take to start:
         # off the event loop, so /health keeps answering LOADING.

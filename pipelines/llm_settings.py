@@ -6,7 +6,8 @@ CPUs; every rule here is checked without an engine (tests/pipelines/test_llm_set
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import structlog
 from pydantic import Field, model_validator
@@ -41,6 +42,28 @@ class LLMSettings(BaseSettings):
         None, alias="TOOL_CALL_PARSER", min_length=1,
         description="vLLM's tool-call parser for tool_choice 'auto' (default: chosen from the chat template)",
     )
+    # Several machines, vLLM's meanings: NODE_RANK 0 serves HTTP and hosts the rendezvous at MASTER_ADDR:MASTER_PORT.
+    nnodes: int = Field(1, alias="NNODES", ge=1)
+    node_rank: int = Field(0, alias="NODE_RANK", ge=0)
+    master_addr: str = Field("127.0.0.1", alias="MASTER_ADDR", min_length=1)
+    master_port: int = Field(29501, alias="MASTER_PORT", ge=1, le=65535)
+    master_wait_timeout: float = Field(300.0, alias="MASTER_WAIT_TIMEOUT", gt=0)
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(None, alias="DISTRIBUTED_EXECUTOR_BACKEND")
+
+    @property
+    def world_size(self) -> int:
+        """Engine ranks over all nodes: one per device."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def local_world_size(self) -> int:
+        """Engine ranks on this node (vLLM splits the world evenly over the nodes)."""
+        return max(1, self.world_size // self.nnodes)
+
+    @property
+    def worker_node(self) -> bool:
+        """This runner runs another node's share of the engine's ranks, and serves no requests."""
+        return self.node_rank > 0
 
     @property
     def max_in_flight(self) -> int:
@@ -61,8 +84,14 @@ class LLMSettings(BaseSettings):
         return self
 
 
-def parallelism_errors(settings: LLMSettings, model_config: dict, gpus: int) -> list[str]:
-    """What stops the engine from splitting this model the way the settings ask."""
+def parallelism_errors(settings: LLMSettings, model_config: dict, devices: int, device: str = "GPU") -> list[str]:
+    """What stops the engine from splitting this model the way the settings ask.
+
+    ``devices`` are what one rank each can run on here: GPUs, or on a machine
+    without one the cores this process may use (``device="core"``). vLLM puts
+    the same number of ranks on every node, so several nodes have NNODES times
+    this node's devices.
+    """
     text_config = model_config.get("text_config", model_config)
     heads = text_config.get("num_attention_heads")
     layers = text_config.get("num_hidden_layers")
@@ -72,12 +101,89 @@ def parallelism_errors(settings: LLMSettings, model_config: dict, gpus: int) -> 
         errors.append(f"TENSOR_PARALLEL_SIZE={tensor} must divide the model's {heads} attention heads")
     if layers and pipeline > layers:
         errors.append(f"PIPELINE_PARALLEL_SIZE={pipeline} is more than the model's {layers} layers")
-    if tensor * pipeline > 1 and tensor * pipeline > gpus:
+    world, nodes = tensor * pipeline, settings.nnodes
+    if settings.node_rank >= nodes:
+        errors.append(f"NODE_RANK={settings.node_rank} must be below NNODES={nodes} (ranks count from 0)")
+    if world % nodes:
         errors.append(
-            f"TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = {tensor * pipeline} GPUs, "
-            f"but this machine has {gpus}"
+            f"NNODES={nodes} must divide TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = {world}: "
+            "every node runs the same number of ranks"
+        )
+    elif nodes > 1:
+        if world // nodes > devices:
+            errors.append(
+                f"TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = {world} ranks over NNODES={nodes} is "
+                f"{world // nodes} {device}s a node, but this node has {devices} "
+                f"(all nodes: {nodes * devices}): lower the sizes or raise NNODES"
+            )
+    elif world > 1 and world > devices:
+        if device == "GPU":
+            errors.append(
+                f"TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = {world} GPUs, but this machine has {devices}"
+            )
+        else:
+            errors.append(
+                f"TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = {world} ranks of at least one {device} each, "
+                f"but this machine has {devices} {device}{'' if devices == 1 else 's'}: lower the sizes or spread the ranks over "
+                "several machines (NNODES)"
+            )
+    return errors
+
+
+def distributed_errors(settings: LLMSettings, on_cpu: bool, environ: Mapping[str, str]) -> list[str]:
+    """What stops the chosen executor backend here, found before anything starts."""
+    errors = []
+    if settings.distributed_executor_backend == "ray":
+        if on_cpu:
+            errors.append(
+                "DISTRIBUTED_EXECUTOR_BACKEND=ray: vLLM's CPU backend does not support Ray "
+                "(\"current platform cpu does not support ray\"); on CPUs use mp (the default), "
+                "with NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT for several machines"
+            )
+        elif not environ.get("RAY_ADDRESS"):
+            errors.append(
+                "DISTRIBUTED_EXECUTOR_BACKEND=ray needs RAY_ADDRESS, the head of a running Ray cluster "
+                "(host:port); the runner joins a cluster, it does not start one"
+            )
+        if settings.nnodes > 1:
+            errors.append("NNODES is for the mp backend; with DISTRIBUTED_EXECUTOR_BACKEND=ray, Ray places the ranks")
+    if on_cpu and settings.pipeline_parallel_size > 1 and settings.enforce_eager:
+        errors.append(
+            "PIPELINE_PARALLEL_SIZE>1 on a CPU needs compiled mode: unset ENFORCE_EAGER or set it false "
+            "(in eager mode vLLM 0.32's CPU backend stops at the first request)"
         )
     return errors
+
+
+def cpu_enforce_eager(settings: LLMSettings) -> bool:
+    """Eager mode on CPUs unless ENFORCE_EAGER says otherwise; compiled for pipeline parallelism.
+
+    In eager mode vLLM 0.32's CPU backend fails the first request with
+    PIPELINE_PARALLEL_SIZE>1 (rank 1 asserts ``intermediate_tensors is not
+    None``); compiled, it serves.
+    """
+    if settings.enforce_eager is not None:
+        return settings.enforce_eager
+    return settings.pipeline_parallel_size == 1
+
+
+def cpu_thread_binding(cpus: Iterable[int], ranks: int, reserve: int = 0) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``ranks`` workers: the cores split into contiguous lists, "0,1|2,3".
+
+    vLLM's automatic binding gives each rank a NUMA node of its own and refuses
+    more ranks than nodes; the runner splits the cores it may use instead.
+    ``reserve`` cores (the last ones) are left to vLLM's scheduler process.
+    """
+    cores = sorted(cpus)
+    if reserve and len(cores) - reserve >= ranks:
+        cores = cores[:-reserve]
+    share, extra = divmod(len(cores), ranks)
+    lists, start = [], 0
+    for rank in range(ranks):
+        end = start + share + (rank < extra)
+        lists.append(",".join(str(core) for core in cores[start:end]))
+        start = end
+    return "|".join(lists)
 
 
 def kv_bytes_per_token(model_config: dict, dtype: str) -> int | None:
@@ -111,14 +217,25 @@ def cpu_kv_cache_bytes(settings: LLMSettings, model_config: dict, dtype: str, to
     return max(min(one_sequence * settings.max_num_seqs, cap), one_sequence)
 
 
-def cpu_engine_variables(environ: Mapping[str, str], cores: int) -> dict[str, str]:
+def cpu_engine_variables(
+    environ: Mapping[str, str], cores: int, cpus: Iterable[int] = (), local_ranks: int = 1
+) -> dict[str, str]:
     """vLLM CPU-backend variables the runner sets where the user has not: none, or one.
 
     vLLM keeps one core out of its worker's thread team, for its scheduler
     process. On a small machine that is a large share of the compute: on two
     cores, letting the worker use both raised tokens per second by 45 to 67 %
     and halved time to first token (the runner at concurrency 1, 32 and 64).
+
+    With several ranks on this node (tensor or pipeline parallel) the runner
+    binds each rank's threads to a share of ``cpus`` (cpu_thread_binding),
+    keeping one core for the scheduler on machines larger than a small one.
     """
+    if local_ranks > 1:
+        if environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+            return {}
+        reserve = 0 if cores <= SMALL_MACHINE_CORES else int(environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"))
+        return {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(cpus, local_ranks, reserve)}
     if cores > SMALL_MACHINE_CORES or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
         return {}
     if environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":  # the user placed the threads

@@ -23,7 +23,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from pipelines.llm_settings import GiB, LLMSettings, cpu_engine_variables, cpu_kv_cache_bytes
+from pipelines.llm_settings import GiB, LLMSettings, cpu_enforce_eager, cpu_engine_variables, cpu_kv_cache_bytes
 from pipelines.sampling import Sampling
 
 log = structlog.get_logger(__name__)
@@ -59,7 +59,13 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model
                 f"the KV cache needs {kv_cache_bytes / GiB:.2f} GiB of RAM and {memory.available / GiB:.2f} GiB "
                 "is free: set KV_CACHE_GIB lower (with MAX_MODEL_LEN and MAX_NUM_SEQS to match) or free some RAM"
             )
-    enforce_eager = on_cpu if settings.enforce_eager is None else settings.enforce_eager
+    if on_cpu:
+        enforce_eager = cpu_enforce_eager(settings)
+        if not enforce_eager and settings.enforce_eager is None:
+            log.info("engine.compiled_for_pipeline_parallel", pipeline_parallel_size=settings.pipeline_parallel_size,
+                     why="vLLM's CPU backend fails pipeline parallelism in eager mode")
+    else:
+        enforce_eager = bool(settings.enforce_eager)
     return AsyncEngineArgs(
         model=str(model_path),
         served_model_name=served_name,
@@ -74,14 +80,27 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model
         quantization="bitsandbytes" if settings.use_8bit else None,
         enforce_eager=enforce_eager,
         disable_log_stats=True,
+        **distributed_args(settings),
     )
 
 
-def cpu_engine_environment() -> dict[str, str]:
+def distributed_args(settings: LLMSettings) -> dict:
+    """The executor backend and, for several nodes, where they meet (vLLM's own multi-node launch)."""
+    args = {}
+    if settings.distributed_executor_backend:
+        args["distributed_executor_backend"] = settings.distributed_executor_backend
+    if settings.nnodes > 1:
+        args.update(nnodes=settings.nnodes, node_rank=settings.node_rank,
+                    master_addr=settings.master_addr, master_port=settings.master_port)
+    return args
+
+
+def cpu_engine_environment(local_ranks: int = 1) -> dict[str, str]:
     """What the runner adds to the environment of the engine's processes on this machine."""
     if not current_platform.is_cpu():
         return {}
-    return cpu_engine_variables(os.environ, len(os.sched_getaffinity(0)))
+    cpus = os.sched_getaffinity(0)
+    return cpu_engine_variables(os.environ, len(cpus), cpus, local_ranks)
 
 
 def stop_engine_processes(grace: float = ENGINE_SHUTDOWN_TIMEOUT) -> int:

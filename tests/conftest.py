@@ -80,6 +80,7 @@ class RunnerProcess:
     timeline: list[tuple[float, str | None]] = field(default_factory=list)
     # (seconds since launch when sent, status) of a /llm call sent on the first LOADING
     loading_request: tuple[float, int] | None = None
+    cpus: set[int] | None = None  # the cores the runner (and its engine) may use; None: all
 
     @property
     def url(self) -> str:
@@ -92,7 +93,9 @@ class RunnerProcess:
             env.pop("HF_HUB_OFFLINE", None)
         self.log = self.log_path.open("wb")
         self.launched_at = time.monotonic()
-        self.process = subprocess.Popen(RUNNER_COMMAND, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        pinned = (lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None
+        self.process = subprocess.Popen(RUNNER_COMMAND, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        preexec_fn=pinned)
         threading.Thread(target=self.watch_health, daemon=True).start()
 
     def since_launch(self) -> float:

@@ -56,28 +56,28 @@ def test_sizes_are_positive(name):
 
 
 def test_parallelism_that_fits_the_model_and_the_machine_passes():
-    assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="4", PIPELINE_PARALLEL_SIZE="2"), LLAMA_8B, gpus=8) == []
-    assert parallelism_errors(settings(), LLAMA_8B, gpus=0) == [], "one shard runs on a CPU"
+    assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="4", PIPELINE_PARALLEL_SIZE="2"), LLAMA_8B, devices=8) == []
+    assert parallelism_errors(settings(), LLAMA_8B, devices=0) == [], "one shard runs on a CPU"
 
 
 def test_tensor_shards_must_divide_the_heads():
-    [error] = parallelism_errors(settings(TENSOR_PARALLEL_SIZE="3"), LLAMA_8B, gpus=8)
+    [error] = parallelism_errors(settings(TENSOR_PARALLEL_SIZE="3"), LLAMA_8B, devices=8)
     assert error == "TENSOR_PARALLEL_SIZE=3 must divide the model's 32 attention heads"
 
 
 def test_pipeline_stages_at_most_the_layers():
-    [error] = parallelism_errors(settings(PIPELINE_PARALLEL_SIZE="33"), LLAMA_8B, gpus=64)
+    [error] = parallelism_errors(settings(PIPELINE_PARALLEL_SIZE="33"), LLAMA_8B, devices=64)
     assert error == "PIPELINE_PARALLEL_SIZE=33 is more than the model's 32 layers"
 
 
 def test_shards_times_stages_at_most_the_gpus():
-    [error] = parallelism_errors(settings(TENSOR_PARALLEL_SIZE="4", PIPELINE_PARALLEL_SIZE="2"), LLAMA_8B, gpus=4)
+    [error] = parallelism_errors(settings(TENSOR_PARALLEL_SIZE="4", PIPELINE_PARALLEL_SIZE="2"), LLAMA_8B, devices=4)
     assert error == "TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = 8 GPUs, but this machine has 4"
 
 
 def test_multimodal_configs_are_read_from_their_text_config():
     config = {"text_config": {"num_attention_heads": 8, "num_hidden_layers": 4}}
-    assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="3"), config, gpus=8)[0].endswith("8 attention heads")
+    assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="3"), config, devices=8)[0].endswith("8 attention heads")
 
 
 SMOLLM2_135M = {  # the config.json fields that size a KV cache
@@ -124,3 +124,64 @@ def test_on_a_small_machine_the_cpu_worker_gets_every_core_unless_the_user_place
     assert cpu_engine_variables({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, 2) == {}
     assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "0"}, 2) == {}
     assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, 2) == every_core
+
+
+def test_on_a_cpu_each_rank_needs_a_core_and_the_message_says_what_to_change():
+    [error] = parallelism_errors(settings(TENSOR_PARALLEL_SIZE="2", PIPELINE_PARALLEL_SIZE="2"), LLAMA_8B,
+                                 devices=2, device="core")
+    assert error.startswith("TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = 4 ranks of at least one core each, "
+                            "but this machine has 2 cores")
+    assert "NNODES" in error
+    assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="2"), LLAMA_8B, devices=2, device="core") == []
+
+
+def test_several_nodes_count_every_nodes_devices():
+    two_nodes = {"NNODES": "2", "TENSOR_PARALLEL_SIZE": "4", "PIPELINE_PARALLEL_SIZE": "2"}
+    assert parallelism_errors(settings(**two_nodes), LLAMA_8B, devices=4) == [], "2 nodes of 4 GPUs hold 8 ranks"
+    [error] = parallelism_errors(settings(**two_nodes), LLAMA_8B, devices=2)
+    assert error == ("TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = 8 ranks over NNODES=2 is 4 GPUs a node, "
+                     "but this node has 2 (all nodes: 4): lower the sizes or raise NNODES")
+    [error] = parallelism_errors(settings(NNODES="3", TENSOR_PARALLEL_SIZE="2"), LLAMA_8B, devices=8)
+    assert error.startswith("NNODES=3 must divide TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = 2")
+    [error] = parallelism_errors(settings(NNODES="2", NODE_RANK="2", TENSOR_PARALLEL_SIZE="2"), LLAMA_8B, devices=1)
+    assert error == "NODE_RANK=2 must be below NNODES=2 (ranks count from 0)"
+    assert settings(NNODES="2", TENSOR_PARALLEL_SIZE="4").local_world_size == 2
+
+
+def test_ray_is_refused_on_cpus_with_vllms_reason_and_needs_a_cluster_elsewhere():
+    from pipelines.llm_settings import distributed_errors
+
+    ray = settings(DISTRIBUTED_EXECUTOR_BACKEND="ray")
+    [error] = distributed_errors(ray, on_cpu=True, environ={"RAY_ADDRESS": "10.0.0.1:6379"})
+    assert "current platform cpu does not support ray" in error and "use mp" in error
+    [error] = distributed_errors(ray, on_cpu=False, environ={})
+    assert "needs RAY_ADDRESS" in error and "does not start one" in error
+    assert distributed_errors(ray, on_cpu=False, environ={"RAY_ADDRESS": "10.0.0.1:6379"}) == []
+    assert distributed_errors(settings(DISTRIBUTED_EXECUTOR_BACKEND="mp"), on_cpu=True, environ={}) == []
+    with pytest.raises(ValidationError, match="DISTRIBUTED_EXECUTOR_BACKEND"):
+        settings(DISTRIBUTED_EXECUTOR_BACKEND="threads")
+
+
+def test_pipeline_parallel_on_cpus_runs_compiled():
+    from pipelines.llm_settings import cpu_enforce_eager, distributed_errors
+
+    assert cpu_enforce_eager(settings()) is True
+    assert cpu_enforce_eager(settings(PIPELINE_PARALLEL_SIZE="2")) is False
+    assert cpu_enforce_eager(settings(PIPELINE_PARALLEL_SIZE="2", ENFORCE_EAGER="false")) is False
+    [error] = distributed_errors(settings(PIPELINE_PARALLEL_SIZE="2", ENFORCE_EAGER="true"), on_cpu=True, environ={})
+    assert "unset ENFORCE_EAGER" in error
+    assert distributed_errors(settings(PIPELINE_PARALLEL_SIZE="2", ENFORCE_EAGER="true"), on_cpu=False, environ={}) == []
+
+
+def test_several_ranks_on_a_cpu_get_a_share_of_the_cores_each_unless_the_user_placed_them():
+    from pipelines.llm_settings import cpu_engine_variables, cpu_thread_binding
+
+    assert cpu_thread_binding([1, 0], 2) == "0|1"
+    assert cpu_thread_binding(range(5), 2) == "0,1,2|3,4"
+    assert cpu_thread_binding(range(8), 2, reserve=1) == "0,1,2,3|4,5,6"
+    assert cpu_thread_binding([0, 1], 2, reserve=1) == "0|1", "never fewer cores than ranks"
+    assert cpu_engine_variables({}, 2, [0, 1], local_ranks=2) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    assert cpu_engine_variables({}, 8, range(8), local_ranks=2) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3|4,5,6"}
+    assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, 2, [0, 1], local_ranks=2) == {}
+    assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, 2, [0, 1], local_ranks=2) == {
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1"}

@@ -7,6 +7,7 @@ SIGTERM, each read through /health and the status codes the orchestrator acts on
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -67,8 +68,8 @@ def test_never_idle_while_a_request_is_in_flight(tiny_runner):
     assert get_json(f"{tiny_runner.url}/health")["status"] == "IDLE"
 
 
-def failing_runner(tmp_path, name: str, **env: str) -> RunnerProcess:
-    runner = RunnerProcess(name, env, tmp_path / f"{name}.log")
+def failing_runner(tmp_path, name: str, cpus: set[int] | None = None, **env: str) -> RunnerProcess:
+    runner = RunnerProcess(name, env, tmp_path / f"{name}.log", cpus=cpus)
     runner.start()
     return runner
 
@@ -79,11 +80,18 @@ def test_load_failures_say_error_with_the_reason(tmp_path, tiny_model_dir):
         "unknown-model": ({"MODEL_ID": "nobody/no-such-model", "MODEL_DIR": str(tmp_path)}, "nobody/no-such-model"),
         "tensor-parallel": ({"MODEL_ID": tiny, "TENSOR_PARALLEL_SIZE": "3"}, "TENSOR_PARALLEL_SIZE=3 must divide"),
         "pipeline-parallel": ({"MODEL_ID": tiny, "PIPELINE_PARALLEL_SIZE": "5"}, "PIPELINE_PARALLEL_SIZE=5 is more"),
-        "gpus": ({"MODEL_ID": tiny, "TENSOR_PARALLEL_SIZE": "2"}, "but this machine has 0"),
+        # On a machine without a GPU each rank needs a core: 4 ranks on the one core it is given.
+        "cores": ({"MODEL_ID": tiny, "TENSOR_PARALLEL_SIZE": "2", "PIPELINE_PARALLEL_SIZE": "2"},
+                  "= 4 ranks of at least one core each, but this machine has 1 core:"),
+        "ray-on-cpu": ({"MODEL_ID": tiny, "DISTRIBUTED_EXECUTOR_BACKEND": "ray"},
+                       "vLLM's CPU backend does not support Ray"),
         "memory-share": ({"MODEL_ID": tiny, "GPU_MEMORY_UTILIZATION": "1.5"}, "GPU_MEMORY_UTILIZATION"),
         "8bit": ({"MODEL_ID": tiny, "USE_8BIT": "true"}, "USE_8BIT needs an NVIDIA GPU"),
     }
-    runners = {name: failing_runner(tmp_path, name, **env) for name, (env, _) in cases.items()}
+    runners = {
+        name: failing_runner(tmp_path, name, cpus={min(os.sched_getaffinity(0))} if name == "cores" else None, **env)
+        for name, (env, _) in cases.items()
+    }
     try:
         for name, (_, reason) in cases.items():
             runner = runners[name]
