@@ -80,6 +80,28 @@ def error_event(reason: str) -> bytes:
     return b'{"error":{"message":%s,"type":"server_error","param":null,"code":null}}' % to_json(reason)
 
 
+class ChunkEnvelope:
+    """What every streamed chunk of one OpenAI answer shares, prebuilt once per request as bytes."""
+
+    def __init__(self, object_name: str, answer_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.head = b'{"id":%s,"object":%s,"created":%d,"model":%s,"choices":[' % (
+            to_json(answer_id), to_json(object_name), created, to_json(model)
+        )
+        self.tail = b'],"usage":null}' if include_usage else b"]}"
+        self.include_usage = include_usage
+
+    def chunk(self, choice: bytes) -> bytes:
+        return self.head + choice + self.tail
+
+    def usage_chunk(self, context: RequestContext) -> bytes:
+        """The last chunk when stream_options.include_usage asks for it: no choices, the usage."""
+        return self.head + b'],"usage":' + usage_bytes(context) + b"}"
+
+
+def include_usage(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(request.stream_options and request.stream_options.include_usage)
+
+
 @dataclass
 class ToolPlan:
     """How a chat request's tools shape its generation and its answer."""
@@ -96,7 +118,6 @@ class ChoiceState:
     index: int
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    tokens: int = 0
     finish_reason: str | None = None
     started: bool = False  # the stream has sent this choice's first chunk
 
@@ -358,11 +379,9 @@ class ChatReply:
         self.choices = {index: ChoiceState(index) for index in range(sampling.n)}
         self.id = f"chatcmpl-{context.request_id}"
         self.created = int(time.time())
-        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        self.head = b'{"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,"choices":[' % (
-            to_json(self.id), self.created, to_json(serving.pipeline.model_id)
+        self.envelope = ChunkEnvelope(
+            "chat.completion.chunk", self.id, self.created, serving.pipeline.model_id, include_usage(request)
         )
-        self.tail = b'],"usage":null}' if self.include_usage else b"]}"
 
     def take(self, output: RequestOutput) -> list[tuple[ChoiceState, str, list[TokenLogprob]]]:
         """Count one engine output; each updated choice with its new text and logprobs."""
@@ -372,7 +391,6 @@ class ChatReply:
         for completion in output.outputs:
             state = self.choices[completion.index]
             self.context.count_tokens(len(completion.token_ids))
-            state.tokens += len(completion.token_ids)
             state.parts.append(completion.text)
             entries = token_logprobs(completion, self.top_logprobs) if self.top_logprobs is not None else []
             state.logprobs.extend(entries)
@@ -430,12 +448,9 @@ class ChatReply:
         return ChatCompletion(id=self.id, object="chat.completion", created=self.created,
                               model=self.serving.pipeline.model_id, choices=choices, usage=usage_of(self.context))
 
-    def chunk(self, choice: bytes) -> bytes:
-        return self.head + choice + self.tail
-
     def delta_chunk(self, index: int, delta: bytes, logprobs: list[TokenLogprob], finish_reason: str | None) -> bytes:
         logprobs_json = to_json(ChoiceLogprobs(content=logprobs)) if self.top_logprobs is not None else b"null"
-        return self.chunk(b'{"index":%d,"delta":%s,"logprobs":%s,"finish_reason":%s}' % (
+        return self.envelope.chunk(b'{"index":%d,"delta":%s,"logprobs":%s,"finish_reason":%s}' % (
             index, delta, logprobs_json, to_json(finish_reason)))
 
     async def events(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
@@ -459,15 +474,15 @@ class ChatReply:
                         yield self.delta_chunk(state.index, delta, entries, None)
                     if state.finish_reason is not None:
                         yield self.ending(state)
-            if self.include_usage:
-                yield self.head + b'],"usage":' + usage_bytes(self.context) + b"}"
+            if self.envelope.include_usage:
+                yield self.envelope.usage_chunk(self.context)
         finally:
             await outputs.aclose()  # aborts the engine request if the stream stopped early
 
     def ending(self, state: ChoiceState) -> bytes:
         """A choice's last chunk: for tools decided at the end ("required", "auto"), the whole answer first."""
-        if self.plan.mode == "named":
-            return self.delta_chunk(state.index, b"{}", [], self.finish_reason(state, [True]))
+        if self.plan.mode == "named":  # its one call went out with the first chunk
+            return self.delta_chunk(state.index, b"{}", [], "length" if state.finish_reason == "length" else "tool_calls")
         if self.plan.mode == "text":
             return self.delta_chunk(state.index, b"{}", [], state.finish_reason)
         content, calls = self.tool_calls(state)
@@ -494,11 +509,9 @@ class CompletionReply:
         self.n = request.n or 1
         self.id = f"cmpl-{context.request_id}"
         self.created = int(time.time())
-        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        self.head = b'{"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":[' % (
-            to_json(self.id), self.created, to_json(serving.pipeline.model_id)
+        self.envelope = ChunkEnvelope(
+            "text_completion", self.id, self.created, serving.pipeline.model_id, include_usage(request)
         )
-        self.tail = b'],"usage":null}' if self.include_usage else b"]}"
         self.choices = {index: ChoiceState(index) for index in range(len(prompts) * self.n)}
 
     def take(self, run: int, output: RequestOutput) -> list[tuple[ChoiceState, str, CompletionLogprobs | None]]:
@@ -554,9 +567,9 @@ class CompletionReply:
         return "length" if any(state.finish_reason == "length" for state in self.choices.values()) else "stop"
 
     def choice_chunk(self, index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None) -> bytes:
-        return self.head + b'{"index":%d,"text":%s,"logprobs":%s,"finish_reason":%s}' % (
+        return self.envelope.chunk(b'{"index":%d,"text":%s,"logprobs":%s,"finish_reason":%s}' % (
             index, to_json(text), b"null" if logprobs is None else to_json(logprobs), to_json(finish_reason)
-        ) + self.tail
+        ))
 
     async def events(self, runs: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
         try:
@@ -567,8 +580,8 @@ class CompletionReply:
                         if text or logprobs is not None or state.finish_reason is not None:
                             yield self.choice_chunk(state.index, text, logprobs, state.finish_reason)
             self.context.finish_reason = self.overall_finish()
-            if self.include_usage:
-                yield self.head + b'],"usage":' + usage_bytes(self.context) + b"}"
+            if self.envelope.include_usage:
+                yield self.envelope.usage_chunk(self.context)
         finally:
             for outputs in runs:
                 await outputs.aclose()
