@@ -29,7 +29,7 @@ from pipelines.llm_openai import OpenAIServing
 from pipelines.llm_settings import LLMSettings, distributed_errors, parallelism_errors, tool_parser_for_template
 from pipelines.model_store import resolve_model
 from pipelines.sampling import Sampling
-from pipelines.worker_node import WorkerNode
+from pipelines.worker_node import WorkerNode, watch_worker_nodes
 from runner.hardware import NVML
 from runner.pipeline import EngineLoad, EventStream, OperationError, Pipeline, RequestContext, Serve, run_blocking
 
@@ -57,6 +57,8 @@ class LLMPipeline(Pipeline):
         self.engine: VLLMEngine | None = None
         self.engine_module = None  # pipelines.vllm_engine, once load() has imported it
         self.worker_node: WorkerNode | None = None  # NODE_RANK > 0: this node's ranks, no engine to serve from
+        self.node_watch: asyncio.Task | None = None  # NODE_RANK=0 of several: watches the other nodes' ranks
+        self.node_error: str | None = None
         self.starting = False  # the engine's processes are being started
         self.submitted = 0
         self.tool_parser = None  # the vLLM tool-call parser for tool_choice "auto", when one fits the model
@@ -146,6 +148,12 @@ class LLMPipeline(Pipeline):
         self.starting = False
         self.tool_parser = self.choose_tool_parser(engine_module)
         await self.warm_up()
+        if settings.nnodes > 1:
+            self.node_watch = asyncio.create_task(watch_worker_nodes(settings, self.lose_worker_node))
+
+    def lose_worker_node(self, reason: str) -> None:
+        log.error("serving_node.worker_node_lost", reason=reason)
+        self.node_error = reason
 
     def choose_tool_parser(self, engine_module):
         """TOOL_CALL_PARSER, or the parser the chat template's tool-call syntax names; None when none fits."""
@@ -166,6 +174,8 @@ class LLMPipeline(Pipeline):
     def failure(self) -> str | None:
         if self.worker_node is not None:
             return self.worker_node.error
+        if self.node_error is not None:
+            return self.node_error
         if self.engine is not None and self.engine.errored:
             return "the vLLM engine has stopped (its worker process died or failed)"
         return None
@@ -176,6 +186,8 @@ class LLMPipeline(Pipeline):
         return EngineLoad(unfinished=unfinished, submitted=self.submitted, batch_size=batch_size)
 
     async def close(self) -> None:
+        if self.node_watch is not None:
+            self.node_watch.cancel()
         if self.worker_node is not None:
             await self.worker_node.close()
         if self.engine is not None:

@@ -138,3 +138,35 @@ class WorkerNode:
         if self.watcher is not None and not self.watcher.done():
             self.watcher.cancel()
         await asyncio.to_thread(self.stop)
+
+
+def master_store_clients(master_port: int) -> int:
+    """The ranks connected now to the master store this process's engine serves (one connection per rank).
+
+    Every rank, on whichever node, keeps its connection to rank 0's torch.distributed
+    store open for as long as it lives: the serving node sees a worker node go
+    away as connections that close, with no request in flight to fail.
+    """
+    import psutil
+
+    clients = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            connections = child.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        clients += sum(1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == master_port)
+    return clients
+
+
+async def watch_worker_nodes(settings: LLMSettings, on_lost) -> None:
+    """On the serving node: call ``on_lost(reason)`` once a rank's connection to the master store closes."""
+    baseline = await asyncio.to_thread(master_store_clients, settings.master_port)
+    log.info("serving_node.ranks_connected", connections=baseline, master_port=settings.master_port)
+    while True:
+        await asyncio.sleep(PROBE_INTERVAL)
+        now = await asyncio.to_thread(master_store_clients, settings.master_port)
+        if now < baseline:
+            on_lost(f"a worker node went away: {baseline - now} of the engine's ranks lost their connection to the "
+                    f"master store (MASTER_PORT={settings.master_port}); restart the worker nodes, then this runner")
+            return
