@@ -138,6 +138,7 @@ class LLMPipeline(Pipeline):
                 async with asyncio.timeout(settings.master_wait_timeout):
                     self.engine = await run_blocking(engine_module.VLLMEngine.start, args)
             except TimeoutError:
+                await run_blocking(engine_module.stop_engine_processes, 1.0)
                 raise ValueError(
                     f"the engine's {settings.world_size - settings.local_world_size} ranks on the other nodes did not "
                     f"join within MASTER_WAIT_TIMEOUT ({settings.master_wait_timeout:g} s): start the worker nodes "

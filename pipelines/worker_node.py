@@ -56,6 +56,13 @@ class WorkerNode:
 
     async def start(self) -> None:
         """Start the ranks and return once they have joined the master; raises ValueError when they cannot."""
+        try:
+            await self.join()
+        except BaseException:  # failed or cancelled: nothing of this node's ranks may outlive the start
+            await asyncio.to_thread(self.stop)
+            raise
+
+    async def join(self) -> None:
         read_fd, write_fd = os.pipe()
         command = [sys.executable, "-m", "pipelines.vllm_engine", str(self.model_path), self.served_name, str(write_fd)]
         self.process = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True)

@@ -179,3 +179,42 @@ def test_a_worker_node_exits_when_the_serving_node_does_and_on_sigterm(tmp_path,
     finally:
         serving.stop()
         worker.stop()
+
+
+def wait_error(runner: RunnerProcess, timeout: float) -> str:
+    """The runner's ERROR reason (from its log) once /health says ERROR, within ``timeout`` seconds."""
+    assert runner.wait_until({"ERROR", "IDLE"}, timeout) == "ERROR", runner.log_tail()
+    return next(json.loads(line)["reason"] for line in runner.log_path.read_text().splitlines()
+                if '"pipeline.load.failed"' in line)
+
+
+def test_a_worker_node_whose_master_never_answers_is_error_and_stops_on_sigterm(tmp_path, tiny_model_dir):
+    wait_timeout = 3
+    env = {**two_node_env(tiny_model_dir, free_port(), 1), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
+    worker = start(tmp_path, "lonely-node1", env, cpus={sorted(os.sched_getaffinity(0))[-1]})
+    try:
+        reason = wait_error(worker, timeout=wait_timeout + 60)  # + importing vLLM, and a loaded machine
+        print(f"worker node without a master: ERROR at {worker.since_launch():.1f} s (MASTER_WAIT_TIMEOUT="
+              f"{wait_timeout} s)")
+        assert "MASTER_WAIT_TIMEOUT" in reason and "MASTER_ADDR" in reason, reason
+        seconds, left = sigterm_exit_seconds(worker)
+        print(f"worker node exited {seconds:.2f} s after SIGTERM")
+        assert not left, f"left behind: {left}"
+    finally:
+        worker.stop()
+
+
+def test_a_serving_node_whose_worker_nodes_never_join_is_error(tmp_path, tiny_model_dir):
+    wait_timeout = 5
+    env = {**two_node_env(tiny_model_dir, free_port(), 0), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
+    serving = start(tmp_path, "lonely-node0", env, cpus={sorted(os.sched_getaffinity(0))[0]})
+    try:
+        reason = wait_error(serving, timeout=wait_timeout + 60)
+        print(f"serving node without worker nodes: ERROR at {serving.since_launch():.1f} s (MASTER_WAIT_TIMEOUT="
+              f"{wait_timeout} s)")
+        assert "MASTER_WAIT_TIMEOUT" in reason and "NODE_RANK=1" in reason, reason
+        seconds, left = sigterm_exit_seconds(serving)
+        print(f"serving node exited {seconds:.2f} s after SIGTERM")
+        assert not left, f"left behind: {left}"
+    finally:
+        serving.stop()
