@@ -29,6 +29,7 @@ from pipelines.llm_openai import OpenAIServing
 from pipelines.llm_settings import LLMSettings, distributed_errors, parallelism_errors, tool_parser_for_template
 from pipelines.model_store import resolve_model
 from pipelines.sampling import Sampling
+from pipelines.worker_node import WorkerNode, watch_worker_nodes
 from runner.hardware import NVML
 from runner.pipeline import EngineLoad, EventStream, OperationError, Pipeline, RequestContext, Serve, run_blocking
 
@@ -55,12 +56,17 @@ class LLMPipeline(Pipeline):
             self.settings, self.settings_error = None, exc
         self.engine: VLLMEngine | None = None
         self.engine_module = None  # pipelines.vllm_engine, once load() has imported it
+        self.worker_node: WorkerNode | None = None  # NODE_RANK > 0: this node's ranks, no engine to serve from
+        self.node_watch: asyncio.Task | None = None  # NODE_RANK=0 of several: watches the other nodes' ranks
+        self.node_error: str | None = None
         self.starting = False  # the engine's processes are being started
         self.submitted = 0
         self.tool_parser = None  # the vLLM tool-call parser for tool_choice "auto", when one fits the model
         self.openai = OpenAIServing(self)
 
     def operations(self) -> Mapping[str, Serve]:
+        if self.settings is not None and self.settings.worker_node:
+            return {operation.operation_id: self.refuse_on_worker_node for operation in self.OPERATIONS}
         return {
             "genLLM": self.generate,
             "createChatCompletion": self.openai.chat_completion,
@@ -68,6 +74,13 @@ class LLMPipeline(Pipeline):
             "listModels": self.openai.list_models,
             "retrieveModel": self.openai.retrieve_model,
         }
+
+    async def refuse_on_worker_node(self, _body, _context: RequestContext):
+        settings = self.settings
+        raise OperationError(
+            f"this runner is worker node {settings.node_rank} of {settings.nnodes} (NODE_RANK={settings.node_rank}): "
+            f"it runs engine ranks and serves no requests; send them to the serving node (NODE_RANK=0, "
+            f"{settings.master_addr})", status=503)
 
     def max_in_flight(self) -> int | None:
         return self.settings.max_in_flight if self.settings else None
@@ -97,6 +110,11 @@ class LLMPipeline(Pipeline):
         args = engine_module.engine_args(settings, model_path, self.model_id, model_config)
         environment = engine_module.cpu_engine_environment(settings.local_world_size)
         os.environ.update(environment)  # the engine's processes inherit it
+        if settings.worker_node:
+            log.info("worker_node.environment", environment=environment)
+            self.worker_node = WorkerNode(settings, model_path, self.model_id)
+            await self.worker_node.start()
+            return
         log.info(
             "engine.start",
             platform=engine_module.platform(),
@@ -115,10 +133,28 @@ class LLMPipeline(Pipeline):
         # off the event loop, so /health keeps answering LOADING.
         # Until the engine is up, close() must stop what the start has begun, also if this load is cancelled.
         self.starting = True
-        self.engine = await run_blocking(engine_module.VLLMEngine.start, args)
+        if settings.nnodes > 1:
+            try:
+                async with asyncio.timeout(settings.master_wait_timeout):
+                    self.engine = await run_blocking(engine_module.VLLMEngine.start, args)
+            except TimeoutError:
+                await run_blocking(engine_module.stop_engine_processes, 1.0)
+                raise ValueError(
+                    f"the engine's {settings.world_size - settings.local_world_size} ranks on the other nodes did not "
+                    f"join within MASTER_WAIT_TIMEOUT ({settings.master_wait_timeout:g} s): start the worker nodes "
+                    f"(NODE_RANK=1..{settings.nnodes - 1}) with MASTER_ADDR={settings.master_addr} and "
+                    f"MASTER_PORT={settings.master_port}, or raise MASTER_WAIT_TIMEOUT") from None
+        else:
+            self.engine = await run_blocking(engine_module.VLLMEngine.start, args)
         self.starting = False
         self.tool_parser = self.choose_tool_parser(engine_module)
         await self.warm_up()
+        if settings.nnodes > 1:
+            self.node_watch = asyncio.create_task(watch_worker_nodes(settings, self.lose_worker_node))
+
+    def lose_worker_node(self, reason: str) -> None:
+        log.error("serving_node.worker_node_lost", reason=reason)
+        self.node_error = reason
 
     def choose_tool_parser(self, engine_module):
         """TOOL_CALL_PARSER, or the parser the chat template's tool-call syntax names; None when none fits."""
@@ -137,6 +173,10 @@ class LLMPipeline(Pipeline):
         log.info("engine.warm", completion_tokens=reply.usage.completion_tokens)
 
     def failure(self) -> str | None:
+        if self.worker_node is not None:
+            return self.worker_node.error
+        if self.node_error is not None:
+            return self.node_error
         if self.engine is not None and self.engine.errored:
             return "the vLLM engine has stopped (its worker process died or failed)"
         return None
@@ -147,6 +187,10 @@ class LLMPipeline(Pipeline):
         return EngineLoad(unfinished=unfinished, submitted=self.submitted, batch_size=batch_size)
 
     async def close(self) -> None:
+        if self.node_watch is not None:
+            self.node_watch.cancel()
+        if self.worker_node is not None:
+            await self.worker_node.close()
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await run_blocking(engine.shutdown)

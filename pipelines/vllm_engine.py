@@ -220,3 +220,34 @@ class ToolCallParser:
         if not found.tools_called:
             return text, []
         return found.content, [(call.function.name, call.function.arguments) for call in found.tool_calls]
+
+
+def run_worker_node(model_path: Path, served_name: str, ready_fd: int) -> None:
+    """This node's share of the engine's ranks, as ``vllm serve --headless`` runs them for mp and several nodes.
+
+    Runs in a process of its own (``python -m pipelines.vllm_engine``) that the
+    worker-node runner starts in a process group it kills as a whole: vLLM's
+    headless process ignores SIGTERM for longer than go-livepeer waits. Writes
+    one line to ``ready_fd`` once the local ranks have joined the master, then
+    returns when one of them dies.
+    """
+    import json
+
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    settings = LLMSettings()
+    model_config = json.loads((model_path / "config.json").read_text())
+    args = engine_args(settings, model_path, served_name, model_config)
+    vllm_config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER, headless=True)
+    executor = MultiprocExecutor(vllm_config, monitor_workers=False)
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    executor.start_worker_monitor(inline=True)  # returns once a local rank has died
+    log.error("worker_node.rank_died")
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_worker_node(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

@@ -11,12 +11,13 @@ import json
 import os
 import signal
 import time
+import urllib.error
 import urllib.request
 
 import psutil
 import pytest
 
-from tests.conftest import DEFAULT_MODEL_ID, START_TIMEOUT, TINY_MAX_MODEL_LEN, RunnerProcess
+from tests.conftest import DEFAULT_MODEL_ID, START_TIMEOUT, free_port, TINY_MAX_MODEL_LEN, RunnerProcess
 
 # A TP=2 (or PP=2) runner is an engine core and two workers: it counts as two engines beside a shared runner.
 pytestmark = pytest.mark.own_engines(2)
@@ -95,3 +96,125 @@ def test_tensor_parallel_serves_the_tiny_model_like_one_rank_and_a_dead_rank_is_
         assert not left_behind(engine), "engine processes left behind"
     finally:
         runner.stop()
+
+
+def node_processes(runner: RunnerProcess) -> list[psutil.Process]:
+    """A runner and everything it started (a worker node's ranks run in a process group of their own)."""
+    root = psutil.Process(runner.process.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def post(runner: RunnerProcess, body: dict = PROMPT) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"{runner.url}/llm", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def sigterm_exit_seconds(runner: RunnerProcess) -> tuple[float, list[psutil.Process]]:
+    processes = node_processes(runner)
+    sent_at = time.monotonic()
+    runner.process.send_signal(signal.SIGTERM)
+    runner.process.wait(timeout=8)
+    return time.monotonic() - sent_at, left_behind(processes, timeout=1)
+
+
+def two_node_env(tiny_model_dir, master_port: int, node_rank: int) -> dict[str, str]:
+    return {"MODEL_ID": str(tiny_model_dir), "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN), "KV_CACHE_GIB": "0.25",
+            "TENSOR_PARALLEL_SIZE": "2", "NNODES": "2", "NODE_RANK": str(node_rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
+
+
+def test_two_nodes_on_loopback_serve_like_one_and_a_lost_worker_node_is_error(tmp_path, tiny_model_dir, tiny_runner):
+    cores = sorted(os.sched_getaffinity(0))
+    master_port = free_port()
+    serving = start(tmp_path, "node0", two_node_env(tiny_model_dir, master_port, 0), cpus={cores[0]})
+    worker = start(tmp_path, "node1", two_node_env(tiny_model_dir, master_port, 1), cpus={cores[-1]})
+    try:
+        wait_idle(serving)
+        wait_idle(worker)
+        print(f"two-node start: serving node IDLE at {serving.since_launch():.1f} s, worker node at "
+              f"{worker.since_launch():.1f} s")
+        assert text(serving) == text(tiny_runner), "two nodes give the text of one at temperature 0"
+        status, body = post(worker)
+        assert status == 503 and "serves no requests" in body["detail"]["msg"], (status, body)
+
+        # The worker node goes away (all of its processes): the serving node says ERROR within 5 s.
+        doomed = node_processes(worker)
+        killed_at = time.monotonic()
+        for process in doomed:
+            process.kill()
+        while serving.health() != "ERROR":
+            assert time.monotonic() - killed_at < 5, "no ERROR within 5 s of losing the worker node"
+            time.sleep(0.1)
+        print(f"serving node ERROR {time.monotonic() - killed_at:.2f} s after the worker node was killed")
+        seconds, left = sigterm_exit_seconds(serving)
+        print(f"serving node exited {seconds:.2f} s after SIGTERM")
+        assert not left, f"left behind: {left}"
+    finally:
+        serving.stop()
+        worker.stop()
+
+
+def test_a_worker_node_exits_when_the_serving_node_does_and_on_sigterm(tmp_path, tiny_model_dir):
+    cores = sorted(os.sched_getaffinity(0))
+    master_port = free_port()
+    serving = start(tmp_path, "node0", two_node_env(tiny_model_dir, master_port, 0), cpus={cores[0]})
+    worker = start(tmp_path, "node1", two_node_env(tiny_model_dir, master_port, 1), cpus={cores[-1]})
+    try:
+        wait_idle(serving)
+        wait_idle(worker)
+        worker_processes = node_processes(worker)
+        seconds, left = sigterm_exit_seconds(serving)
+        print(f"serving node exited {seconds:.2f} s after SIGTERM")
+        assert not left, f"left behind on the serving node: {left}"
+        gone_at = time.monotonic()
+        assert worker.process.wait(timeout=10) == 0, worker.log_tail()
+        print(f"worker node exited {time.monotonic() - gone_at:.2f} s after the serving node")
+        assert not left_behind(worker_processes, timeout=1), "worker node left processes behind"
+    finally:
+        serving.stop()
+        worker.stop()
+
+
+def wait_error(runner: RunnerProcess, timeout: float) -> str:
+    """The runner's ERROR reason (from its log) once /health says ERROR, within ``timeout`` seconds."""
+    assert runner.wait_until({"ERROR", "IDLE"}, timeout) == "ERROR", runner.log_tail()
+    return next(json.loads(line)["reason"] for line in runner.log_path.read_text().splitlines()
+                if '"pipeline.load.failed"' in line)
+
+
+def test_a_worker_node_whose_master_never_answers_is_error_and_stops_on_sigterm(tmp_path, tiny_model_dir):
+    wait_timeout = 3
+    env = {**two_node_env(tiny_model_dir, free_port(), 1), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
+    worker = start(tmp_path, "lonely-node1", env, cpus={sorted(os.sched_getaffinity(0))[-1]})
+    try:
+        reason = wait_error(worker, timeout=wait_timeout + 60)  # + importing vLLM, and a loaded machine
+        print(f"worker node without a master: ERROR at {worker.since_launch():.1f} s (MASTER_WAIT_TIMEOUT="
+              f"{wait_timeout} s)")
+        assert "MASTER_WAIT_TIMEOUT" in reason and "MASTER_ADDR" in reason, reason
+        seconds, left = sigterm_exit_seconds(worker)
+        print(f"worker node exited {seconds:.2f} s after SIGTERM")
+        assert not left, f"left behind: {left}"
+    finally:
+        worker.stop()
+
+
+def test_a_serving_node_whose_worker_nodes_never_join_is_error(tmp_path, tiny_model_dir):
+    wait_timeout = 5
+    env = {**two_node_env(tiny_model_dir, free_port(), 0), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
+    serving = start(tmp_path, "lonely-node0", env, cpus={sorted(os.sched_getaffinity(0))[0]})
+    try:
+        reason = wait_error(serving, timeout=wait_timeout + 60)
+        print(f"serving node without worker nodes: ERROR at {serving.since_launch():.1f} s (MASTER_WAIT_TIMEOUT="
+              f"{wait_timeout} s)")
+        assert "MASTER_WAIT_TIMEOUT" in reason and "NODE_RANK=1" in reason, reason
+        seconds, left = sigterm_exit_seconds(serving)
+        print(f"serving node exited {seconds:.2f} s after SIGTERM")
+        assert not left, f"left behind: {left}"
+    finally:
+        serving.stop()

@@ -1,0 +1,179 @@
+"""A worker node (NODE_RANK > 0): this node's share of the engine's ranks, and no requests.
+
+The ranks run in a child process (``python -m pipelines.vllm_engine``), in a
+process group of its own: vLLM's headless process ignores SIGTERM for longer
+than go-livepeer's 8 s, so stopping means signalling the whole group and
+killing what is left of it. The serving node (NODE_RANK=0) is watched through
+its master port (the torch.distributed store its rank 0 holds): while it does
+not answer, the node waits, for MASTER_WAIT_TIMEOUT at most; once the ranks
+run, a master that stops answering means the serving node went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from pipelines.llm_settings import LLMSettings
+
+log = structlog.get_logger(__name__)
+
+PROBE_INTERVAL = 0.5  # seconds between looks at the master and the ranks
+MASTER_GONE_PROBES = 2  # the master fails this many probes in a row once the ranks run: the serving node is gone
+STOP_GRACE = 1.0  # seconds the ranks get after SIGTERM before the group is killed
+
+
+def master_answers(address: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class WorkerNode:
+    def __init__(self, settings: LLMSettings, model_path: Path, served_name: str) -> None:
+        self.settings = settings
+        self.model_path = model_path
+        self.served_name = served_name
+        self.process: subprocess.Popen | None = None
+        self.ready = False
+        self.error: str | None = None  # why this node can no longer run its ranks
+        self.master_lost: asyncio.Event = asyncio.Event()
+        self.watcher: asyncio.Task | None = None
+
+    @property
+    def master(self) -> str:
+        return f"{self.settings.master_addr}:{self.settings.master_port}"
+
+    async def start(self) -> None:
+        """Start the ranks and return once they have joined the master; raises ValueError when they cannot."""
+        try:
+            await self.join()
+        except BaseException:  # failed or cancelled: nothing of this node's ranks may outlive the start
+            await asyncio.to_thread(self.stop)
+            raise
+
+    async def join(self) -> None:
+        read_fd, write_fd = os.pipe()
+        command = [sys.executable, "-m", "pipelines.vllm_engine", str(self.model_path), self.served_name, str(write_fd)]
+        self.process = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True)
+        os.close(write_fd)
+        log.info("worker_node.start", pid=self.process.pid, master=self.master, nnodes=self.settings.nnodes,
+                 node_rank=self.settings.node_rank, local_ranks=self.settings.local_world_size)
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def on_readable() -> None:
+            data = os.read(read_fd, 64)
+            loop.remove_reader(read_fd)
+            os.close(read_fd)
+            if not ready.done():
+                ready.set_result(bool(data))
+
+        loop.add_reader(read_fd, on_readable)
+        started = time.monotonic()
+        master_seen = False
+        while not ready.done():
+            if self.process.poll() is not None:
+                raise ValueError(f"this node's engine ranks exited with code {self.process.returncode} before joining "
+                                 f"the master at {self.master}: see the log above")
+            if not master_seen:
+                master_seen = await asyncio.to_thread(master_answers, self.settings.master_addr,
+                                                      self.settings.master_port)
+                waited = time.monotonic() - started
+                if not master_seen and waited > self.settings.master_wait_timeout:
+                    raise ValueError(
+                        f"the master at {self.master} did not answer within MASTER_WAIT_TIMEOUT "
+                        f"({self.settings.master_wait_timeout:g} s): start the serving node (NODE_RANK=0) "
+                        "or set MASTER_ADDR and MASTER_PORT to its address and port")
+            await asyncio.wait({ready}, timeout=PROBE_INTERVAL)
+        if not ready.result():
+            raise ValueError("this node's engine ranks stopped before joining the master")
+        self.ready = True
+        log.info("worker_node.ranks_running", seconds=round(time.monotonic() - started, 2), master=self.master)
+        self.watcher = asyncio.create_task(self.watch(), name="worker-node-watch")
+
+    async def watch(self) -> None:
+        """Until the ranks die or the serving node goes away; then say why, and end this runner."""
+        failed_probes = 0
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            if self.process.poll() is not None:
+                self.error = f"this node's engine ranks exited (code {self.process.returncode})"
+                break
+            if await asyncio.to_thread(master_answers, self.settings.master_addr, self.settings.master_port):
+                failed_probes = 0
+                continue
+            failed_probes += 1
+            if failed_probes >= MASTER_GONE_PROBES:
+                self.error = f"the serving node (master {self.master}) went away"
+                break
+        log.error("worker_node.stopped", reason=self.error)
+        self.master_lost.set()
+        await asyncio.to_thread(self.stop)
+        # A worker node without its serving node has nothing left to do: end the runner as SIGTERM does.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(self) -> None:
+        """End the ranks' process group: SIGTERM, then SIGKILL for what is left after STOP_GRACE."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    async def close(self) -> None:
+        if self.watcher is not None and not self.watcher.done():
+            self.watcher.cancel()
+        await asyncio.to_thread(self.stop)
+
+
+def master_store_clients(master_port: int) -> int:
+    """The ranks connected now to the master store this process's engine serves (one connection per rank).
+
+    Every rank, on whichever node, keeps its connection to rank 0's torch.distributed
+    store open for as long as it lives: the serving node sees a worker node go
+    away as connections that close, with no request in flight to fail.
+    """
+    import psutil
+
+    clients = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            connections = child.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        clients += sum(1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == master_port)
+    return clients
+
+
+async def watch_worker_nodes(settings: LLMSettings, on_lost) -> None:
+    """On the serving node: call ``on_lost(reason)`` once a rank's connection to the master store closes."""
+    baseline = await asyncio.to_thread(master_store_clients, settings.master_port)
+    log.info("serving_node.ranks_connected", connections=baseline, master_port=settings.master_port)
+    while True:
+        await asyncio.sleep(PROBE_INTERVAL)
+        now = await asyncio.to_thread(master_store_clients, settings.master_port)
+        if now < baseline:
+            on_lost(f"a worker node went away: {baseline - now} of the engine's ranks lost their connection to the "
+                    f"master store (MASTER_PORT={settings.master_port}); restart the worker nodes, then this runner")
+            return
