@@ -79,6 +79,30 @@ def machine_facts(config: BenchConfig) -> dict[str, str]:
     }
 
 
+# Student's t, two-sided 95 %, by degrees of freedom (beyond 30: the normal's 1.96 is close enough).
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def paired_ratio_interval(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """The ratio mine/theirs over pairs measured side by side, with its 95 % confidence interval.
+
+    Each pair is one pass: both systems measured back to back, so the machine's
+    drift between passes cancels in the pair's ratio. The interval is Student's
+    t on the ratios' logarithms (a ratio's noise is multiplicative); NaNs for
+    fewer than two pairs.
+    """
+    logs = [math.log(mine / theirs) for mine, theirs in pairs if mine > 0 and theirs > 0]
+    if not logs:
+        return math.nan, math.nan, math.nan
+    centre = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(centre), math.nan, math.nan
+    t = T_975[len(logs) - 2] if len(logs) - 1 <= len(T_975) else 1.96
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(centre), math.exp(centre - half), math.exp(centre + half)
+
+
 def median_and_range(values: list[float]) -> tuple[float, float, float]:
     finite = [value for value in values if not math.isnan(value)]
     if not finite:
@@ -150,6 +174,7 @@ class Report:
                 lines.append(f"| {concurrency} | {name} | " + " | ".join(cells) + f" | {tokens:.0f} | {errors} |")
         lines += self.sameness_lines()
         lines += self.ratio_lines()
+        lines += self.paired_lines()
         lines += self.target_lines()
         lines += ["", f"Chart: `{self.config.output.with_suffix('.png').name}` (tokens per second and TTFT p50 "
                   "against concurrency; bars span the passes)."]
@@ -170,6 +195,31 @@ class Report:
                 lines.append(f"- {label} tokens differ between systems or passes: " + "; ".join(differing))
             else:
                 lines.append(f"- {label} tokens: the same on every system and pass at each concurrency")
+        return lines
+
+    def paired(self, key: str, concurrency: int, other: str, mine: str = "runner") -> tuple[float, float, float]:
+        """``mine``/``other`` on ``key``, paired pass by pass, with its 95 % confidence interval."""
+        by_pass = {run.pass_index: run.summary()[key] for run in self.grouped.get((other, concurrency), [])}
+        pairs = [(run.summary()[key], by_pass[run.pass_index])
+                 for run in self.grouped.get((mine, concurrency), []) if run.pass_index in by_pass]
+        return paired_ratio_interval(pairs)
+
+    def paired_lines(self) -> list[str]:
+        """Throughput ratios whose noise shows: an interval that holds 1 cannot tell the systems apart."""
+        if not {"runner", "engine"} <= set(self.systems) or self.config.passes < 2:
+            return []
+        lines = ["", "## Throughput, paired by pass", "",
+                 "Each pass measures every system at a concurrency back to back; the ratio of a pass's pair "
+                 "cancels the machine's drift between passes. Geometric mean of the passes' ratios, with its "
+                 "95 % confidence interval (Student's t on the logarithms): an interval that holds 1.000 means "
+                 "the difference is within the noise of this run.", "",
+                 "| concurrency | tok/s runner/engine [95 % CI] | API CPU runner − engine ms/token |",
+                 "| --- | --- | --- |"]
+        for concurrency in self.levels():
+            centre, low, high = self.paired("tokens_per_s", concurrency, "engine")
+            gap = (self.median("runner", concurrency, "api_cpu_ms_per_token")
+                   - self.median("engine", concurrency, "api_cpu_ms_per_token"))
+            lines.append(f"| {concurrency} | {centre:.3f} [{low:.3f}–{high:.3f}] | {gap:+.3f} |")
         return lines
 
     def ratio(self, key: str, concurrency: int, other: str, mine: str = "runner") -> float:
@@ -219,6 +269,19 @@ class Report:
                     found.append((mine <= theirs, f"runner /v1 API CPU per output token at c={concurrency} ≤ "
                                                   f"vllm-serve's: {mine:.3f} vs {theirs:.3f} ms"))
         if {"runner", "engine"} <= have:
+            for concurrency, bound in ((64, "engine + 0.015"), (32, "0.06")):
+                if concurrency in self.levels():
+                    mine = self.median("runner", concurrency, "api_cpu_ms_per_token")
+                    engine = self.median("engine", concurrency, "api_cpu_ms_per_token")
+                    limit = engine + 0.015 if concurrency == 64 else 0.06
+                    found.append((mine <= limit, f"runner API CPU per output token at c={concurrency} ≤ {bound} "
+                                                 f"ms: {mine:.3f} vs {limit:.3f} ms"))
+            for concurrency in self.levels():
+                centre, low, high = self.paired("tokens_per_s", concurrency, "engine")
+                if not math.isnan(high):
+                    verdict = "a real shortfall" if high < 0.97 else "within the noise" if low < 0.97 else "above it"
+                    found.append((centre >= 0.97, f"runner tok/s ≥ 0.97 × engine at c={concurrency}, paired by pass: "
+                                                  f"{centre:.3f} [95 % CI {low:.3f}–{high:.3f}], {verdict}"))
             ratios = {c: self.ratio("tokens_per_s", c, "engine") for c in self.levels()}
             found.append((all(r >= 0.97 for r in ratios.values()),
                           "runner tok/s ≥ 0.97 × engine at every concurrency: "
