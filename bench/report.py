@@ -112,8 +112,9 @@ def median_and_range(values: list[float]) -> tuple[float, float, float]:
 
 class Report:
     def __init__(self, config: BenchConfig, facts: dict[str, str], startups: dict[str, Startup],
-                 results: list[LevelResult]) -> None:
+                 results: list[LevelResult], alone: dict[str, list[Startup]] | None = None) -> None:
         self.config = config
+        self.alone = {name: runs for name, runs in (alone or {}).items() if runs}
         self.facts = facts
         self.startups = startups
         self.results = results
@@ -155,6 +156,7 @@ class Report:
             health = f"{startup.first_health_s:.2f} s" if startup.first_health_s is not None else "–"
             lines.append(f"| {name} | {startup.first_answer_s:.1f} s | {health} |")
         lines += ["", "The engine's start includes the bench's import of vLLM, as the servers' starts include theirs."]
+        lines += self.alone_lines()
         lines += ["", "## Streaming workload", "",
                   "Each cell: median over the passes [lowest–highest]. TTFT: request sent to first text; "
                   "ITL: gap between consecutive text chunks; API CPU: user+system CPU seconds of the API process "
@@ -179,6 +181,25 @@ class Report:
         lines += ["", f"Chart: `{self.config.output.with_suffix('.png').name}` (tokens per second and TTFT p50 "
                   "against concurrency; bars span the passes)."]
         return "\n".join(lines) + "\n"
+
+    def alone_median(self, name: str) -> float:
+        return statistics.median(startup.first_answer_s for startup in self.alone[name])
+
+    def alone_lines(self) -> list[str]:
+        """Starts with nothing else up (BENCH_STARTS each, round robin): the figures the start-up target reads."""
+        if not self.alone:
+            return []
+        lines = ["", "### Each system started alone", "",
+                 "Launch to the first answer with no other system up, the systems' starts taking turns; "
+                 "the ones above were started one after the other for the passes, the earlier ones left idle.", "",
+                 "| system | starts | median | lowest–highest | median − engine's |", "| --- | --- | --- | --- | --- |"]
+        engine = self.alone_median("engine") if "engine" in self.alone else math.nan
+        for name, runs in self.alone.items():
+            values = [startup.first_answer_s for startup in runs]
+            gap = "–" if math.isnan(engine) or name == "engine" else f"{self.alone_median(name) - engine:+.1f} s"
+            lines.append(f"| {name} | {len(values)} | {statistics.median(values):.1f} s | "
+                         f"{min(values):.1f}–{max(values):.1f} s | {gap} |")
+        return lines
 
     def sameness_lines(self) -> list[str]:
         """Whether the systems were handed the same prompts (tokens) and gave the same number of tokens back."""
@@ -295,6 +316,11 @@ class Report:
             mine, theirs = self.median("runner", 1, "ttft_p50_ms"), self.median("engine", 1, "ttft_p50_ms")
             found.append((mine - theirs <= 5, f"runner TTFT p50 at c=1 within 5 ms of the engine's: "
                                               f"{mine:.1f} vs {theirs:.1f} ms ({mine - theirs:+.1f} ms)"))
+        if {"runner", "engine"} <= self.alone.keys():
+            mine, theirs = self.alone_median("runner"), self.alone_median("engine")
+            found.append((mine <= theirs + 2, f"runner launch to first answer ≤ the engine's + 2 s, each started "
+                                              f"alone, medians of {len(self.alone['runner'])}: {mine:.1f} vs "
+                                              f"{theirs:.1f} s ({mine - theirs:+.1f} s)"))
         if "runner" in have and self.startups["runner"].first_health_s is not None:
             health = self.startups["runner"].first_health_s
             found.append((health <= 2, f"runner /health answers within 2 s of launch: {health:.2f} s"))

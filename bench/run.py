@@ -62,6 +62,7 @@ class BenchConfig:
     start_timeout: float
     time_limit: float
     settle: float
+    starts: int  # timed starts of each system alone, before the passes
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -84,6 +85,7 @@ class BenchConfig:
             start_timeout=float(os.environ.get("BENCH_START_TIMEOUT", "600")),
             time_limit=float(os.environ.get("BENCH_TIME_LIMIT", "1200")),
             settle=float(os.environ.get("BENCH_SETTLE", "1.2")),
+            starts=int(os.environ.get("BENCH_STARTS", "3")),
         )
 
     def workload(self, concurrency: int) -> list[list[dict]]:
@@ -136,9 +138,8 @@ def runner_engine_args(config: BenchConfig):
     return vllm_engine, vllm_engine.engine_args(LLMSettings(), model_path, config.model_id, model_config), import_s
 
 
-async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
-                        vllm_engine, engine_args, import_s: float, started: list[System]) -> dict[str, Startup]:
-    """Start the systems one after the other, so that each start has the machine to itself."""
+def candidate_systems(config: BenchConfig, log_dir: Path, vllm_engine, engine_args, import_s: float
+                      ) -> dict[str, System]:
     env = server_env(config)
     runner = RunnerSystem(config.model_id, config.model_dir, env, log_dir)
     candidates: dict[str, System] = {
@@ -147,6 +148,35 @@ async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log
         "runner-v1": RunnerOpenAISystem(runner),
         "vllm-serve": VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir),
     }
+
+
+async def timed_starts(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
+                       vllm_engine, engine_args, import_s: float) -> dict[str, list[Startup]]:
+    """Each system started and stopped BENCH_STARTS times with nothing else up, round robin.
+
+    Round robin rather than one system's starts in a row, so that a slow spell
+    on the machine falls on every system; the report gives the medians.
+    """
+    names = [name for name in config.systems if name != "runner-v1"]  # runner-v1 is the runner's own process
+    starts: dict[str, list[Startup]] = {name: [] for name in names}
+    for round_index in range(config.starts):
+        for name in names:
+            system = candidate_systems(config, log_dir, vllm_engine, engine_args, import_s)[name]
+            await asyncio.sleep(config.settle)
+            print(f"start {round_index + 1}/{config.starts} of {name} alone ...", flush=True)
+            try:
+                startup = await system.start(session, config.start_timeout)
+            finally:
+                await system.stop()
+            starts[name].append(startup)
+            print(f"  {name}: first answer after {startup.first_answer_s:.1f} s", flush=True)
+    return starts
+
+
+async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
+                        vllm_engine, engine_args, import_s: float, started: list[System]) -> dict[str, Startup]:
+    """Start the systems one after the other for the passes, each start timed to its first answer."""
+    candidates = candidate_systems(config, log_dir, vllm_engine, engine_args, import_s)
     startups = {}
     for name in config.systems:
         system = candidates[name]
@@ -171,6 +201,7 @@ async def bench(config: BenchConfig, begun: float) -> None:
         try:
             vllm_engine, engine_args, import_s = runner_engine_args(config)
             facts.update(engine_settings(engine_args))
+            alone = await timed_starts(config, session, log_dir, vllm_engine, engine_args, import_s)
             startups = await start_systems(config, session, log_dir, vllm_engine, engine_args, import_s, started)
             systems = list(started)
             await warm_up(config, systems, session)
@@ -201,7 +232,7 @@ async def bench(config: BenchConfig, begun: float) -> None:
     facts["bench wall time"] = f"{time.perf_counter() - begun:.0f} s (limit {config.time_limit:.0f} s)"
     if skipped:
         facts["skipped at the time limit"] = ", ".join(skipped)
-    report = Report(config, facts, startups, results)
+    report = Report(config, facts, startups, results, alone)
     config.output.parent.mkdir(parents=True, exist_ok=True)
     config.output.write_text(report.markdown())
     chart = config.output.with_suffix(".png")
