@@ -13,7 +13,9 @@ and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
 requests; BENCH_SYSTEMS (engine,runner,runner-v1,vllm-serve), BENCH_OUTPUT
 (bench/results.md), BENCH_TIME_LIMIT (1200 s: a measurement that would end past
 it is skipped, and the report says so), BENCH_SETTLE (1.2 s between two
-measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s).
+measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s),
+BENCH_STARTS (3: timed starts of each system alone, round robin, before the
+passes; 0 for none).
 """
 
 from __future__ import annotations
