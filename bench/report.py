@@ -15,6 +15,15 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from bench.growth import (
+    CONVERSATIONS,
+    GROWTH_MAX_TOKENS,
+    LENGTH_SAMPLES,
+    OPEN_STREAM_MAX_TOKENS,
+    SYSTEM_PROMPT_WORDS,
+    TURNS,
+    median_ttft,
+)
 from bench.load import LevelResult
 from bench.prompts import USER_PROMPTS
 from bench.systems import ROOT
@@ -112,8 +121,10 @@ def median_and_range(values: list[float]) -> tuple[float, float, float]:
 
 class Report:
     def __init__(self, config: BenchConfig, facts: dict[str, str], startups: dict[str, Startup],
-                 results: list[LevelResult], alone: dict[str, list[Startup]] | None = None) -> None:
+                 results: list[LevelResult], alone: dict[str, list[Startup]] | None = None,
+                 growth: dict[str, dict] | None = None) -> None:
         self.config = config
+        self.growth = growth or {}
         self.alone = {name: runs for name, runs in (alone or {}).items() if runs}
         self.facts = facts
         self.startups = startups
@@ -177,6 +188,7 @@ class Report:
         lines += self.sameness_lines()
         lines += self.ratio_lines()
         lines += self.paired_lines()
+        lines += self.growth_lines()
         lines += self.target_lines()
         lines += ["", f"Chart: `{self.config.output.with_suffix('.png').name}` (tokens per second and TTFT p50 "
                   "against concurrency; bars span the passes)."]
@@ -241,6 +253,50 @@ class Report:
             gap = (self.median("runner", concurrency, "api_cpu_ms_per_token")
                    - self.median("engine", concurrency, "api_cpu_ms_per_token"))
             lines.append(f"| {concurrency} | {centre:.3f} [{low:.3f}–{high:.3f}] | {gap:+.3f} |")
+        return lines
+
+    def growth_series(self, part: str) -> dict[str, list[tuple[int, float, int]]]:
+        """(length or turn, median TTFT ms, median prompt tokens) by system, for a part of the growth phase."""
+        series: dict[str, list[tuple[int, float, int]]] = defaultdict(list)
+        for (name, x), runs in sorted(self.growth.get(part, {}).items(), key=lambda item: item[0][1]):  # by x
+            series[name].append((x, median_ttft(runs), int(statistics.median(run.prompt_tokens for run in runs))))
+        return series
+
+    def growth_lines(self) -> list[str]:
+        lines = []
+        lengths = self.growth_series("prompt_length")
+        if lengths:
+            names = list(lengths)
+            lines += ["", "## Time to first token against prompt length", "",
+                      f"One request at a time, {GROWTH_MAX_TOKENS} output tokens, {LENGTH_SAMPLES} unique prompts "
+                      "per length (no prefix shared with any earlier prompt); medians.", "",
+                      "| prompt tokens | " + " | ".join(f"{name} TTFT ms" for name in names)
+                      + (" | runner − engine |" if {"runner", "engine"} <= set(names) else " |"),
+                      "|" + " --- |" * (len(names) + 1 + ({"runner", "engine"} <= set(names)))]
+            for index, (_, _, tokens) in enumerate(lengths[names[0]]):
+                row = [str(tokens)] + [f"{lengths[name][index][1]:.0f}" for name in names]
+                if {"runner", "engine"} <= set(names):
+                    row.append(f"{lengths['runner'][index][1] - lengths['engine'][index][1]:+.0f} ms")
+                lines.append("| " + " | ".join(row) + " |")
+        memory = self.growth.get("memory")
+        if memory is not None:
+            lines += ["", "## The runner's memory with many streams open", "",
+                      f"RSS of the runner's API process (not its engine) before, at its peak while {memory.streams} "
+                      f"streams of {OPEN_STREAM_MAX_TOKENS} tokens were open at once ({memory.errors} errors), "
+                      "and 3 s after they ended.", "",
+                      "| before | peak, streams open | after |", "| --- | --- | --- |",
+                      f"| {memory.before_mib:.0f} MiB | {memory.peak_mib:.0f} MiB | {memory.after_mib:.0f} MiB |"]
+        turns = self.growth_series("multi_turn")
+        if len(turns) == 2:
+            on, off = turns
+            lines += ["", "## Multi-turn chat: prefix cache on and off", "",
+                      f"{CONVERSATIONS} chats of {TURNS} turns, one at a time, all sharing one system prompt of "
+                      f"about {SYSTEM_PROMPT_WORDS} words; each turn's request holds the whole chat so far. "
+                      f"**{on}** has the prefix cache on (the default), **{off}** has ENABLE_PREFIX_CACHING=false. "
+                      "Median TTFT over the chats (the first chat's first turn finds nothing cached).", "",
+                      f"| turn | prompt tokens | {on} TTFT ms | {off} TTFT ms | on / off |", "| --- | --- | --- | --- | --- |"]
+            for (turn, cached, tokens), (_, uncached, _) in zip(turns[on], turns[off]):
+                lines.append(f"| {turn} | {tokens} | {cached:.0f} | {uncached:.0f} | {cached / uncached:.2f} |")
         return lines
 
     def ratio(self, key: str, concurrency: int, other: str, mine: str = "runner") -> float:
@@ -344,7 +400,27 @@ class Report:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
 
-        figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+        lengths, turns = self.growth_series("prompt_length"), self.growth_series("multi_turn")
+        panels = 2 + bool(lengths) + bool(turns)
+        figure, axes_row = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+        throughput, ttft = axes_row[0], axes_row[1]
+        extra = list(axes_row[2:])
+        if lengths:
+            by_length = extra.pop(0)
+            for name, points in lengths.items():
+                by_length.plot([p[2] for p in points], [p[1] for p in points], marker="o", label=name)
+            by_length.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms",
+                          title="Time to first token against prompt length")
+            by_length.grid(True, which="both", alpha=0.3)
+            by_length.legend()
+        if turns:
+            by_turn = extra.pop(0)
+            for name, points in turns.items():
+                by_turn.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            by_turn.set(xlabel="turn", ylabel="ms", title="Multi-turn chat: TTFT by turn")
+            by_turn.set_xticks([p[0] for p in next(iter(turns.values()))])
+            by_turn.grid(True, alpha=0.3)
+            by_turn.legend()
         levels = self.levels()
         for index, name in enumerate(self.systems):
             # Nudged apart along x so that the three systems' ranges do not hide each other.

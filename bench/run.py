@@ -15,7 +15,9 @@ requests; BENCH_SYSTEMS (engine,runner,runner-v1,vllm-serve), BENCH_OUTPUT
 it is skipped, and the report says so), BENCH_SETTLE (1.2 s between two
 measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s),
 BENCH_STARTS (3: timed starts of each system alone, round robin, before the
-passes; 0 for none).
+passes; 0 for none), BENCH_GROWTH (1: TTFT against prompt length on the engine
+and the runner, and a multi-turn chat on the runner with the prefix cache on
+and off, after the passes; 0 to skip).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench import growth
 from bench.load import LevelResult, RequestRecord, run_level
 from bench.prompts import chat_prompts
 from bench.report import Report, machine_facts
@@ -42,6 +45,7 @@ SYSTEM_NAMES = ("engine", "runner", "runner-v1", "vllm-serve")
 WARM_UP_CONCURRENCY = 36  # every prompt at once
 STOP_ALLOWANCE = 30  # seconds kept back from BENCH_TIME_LIMIT to stop the systems and write the report
 WARM_UP_MAX_TOKENS = 4
+NO_PREFIX_CACHE = "runner-no-prefix-cache"  # the runner with ENABLE_PREFIX_CACHING=false, for the multi-turn chat
 
 
 def env_ints(name: str, default: str) -> list[int]:
@@ -65,6 +69,7 @@ class BenchConfig:
     time_limit: float
     settle: float
     starts: int  # timed starts of each system alone, before the passes
+    growth: bool  # TTFT against prompt length, and a multi-turn chat with the prefix cache on and off
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -88,6 +93,7 @@ class BenchConfig:
             time_limit=float(os.environ.get("BENCH_TIME_LIMIT", "1200")),
             settle=float(os.environ.get("BENCH_SETTLE", "1.2")),
             starts=int(os.environ.get("BENCH_STARTS", "3")),
+            growth=os.environ.get("BENCH_GROWTH", "1") != "0",
         )
 
     def workload(self, concurrency: int) -> list[list[dict]]:
@@ -198,6 +204,7 @@ async def bench(config: BenchConfig, begun: float) -> None:
     started: list[System] = []
     results: list[LevelResult] = []
     skipped: list[str] = []
+    grown: dict[str, dict] = {}
     connector = aiohttp.TCPConnector(limit=0)  # the concurrency is the bench's to set
     async with aiohttp.ClientSession(connector=connector) as session:
         try:
@@ -229,12 +236,14 @@ async def bench(config: BenchConfig, begun: float) -> None:
                         last_duration[system.name, concurrency] = time.perf_counter() - cell_started
                         results.append(result)
                         print("  " + progress_line(result), flush=True)
+            if config.growth:
+                grown = await measure_growth(config, session, log_dir, systems, started)
         finally:
             await asyncio.gather(*(stop(system) for system in started))
     facts["bench wall time"] = f"{time.perf_counter() - begun:.0f} s (limit {config.time_limit:.0f} s)"
     if skipped:
         facts["skipped at the time limit"] = ", ".join(skipped)
-    report = Report(config, facts, startups, results, alone)
+    report = Report(config, facts, startups, results, alone, grown)
     config.output.parent.mkdir(parents=True, exist_ok=True)
     config.output.write_text(report.markdown())
     chart = config.output.with_suffix(".png")
@@ -243,6 +252,31 @@ async def bench(config: BenchConfig, begun: float) -> None:
         print(f"wrote {config.output} and {chart}")
     else:
         print(f"wrote {config.output} (no measurements, no chart)")
+
+
+async def measure_growth(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
+                         systems: list[System], started: list[System]) -> dict[str, dict]:
+    """TTFT against prompt length (engine and runner), then the multi-turn chat (runner, prefix cache on and off)."""
+    by_name = {system.name: system for system in systems}
+    measured: dict[str, dict] = {}
+    compared = [by_name[name] for name in ("engine", "runner") if name in by_name]
+    if compared:
+        print("TTFT against prompt length ...", flush=True)
+        measured["prompt_length"] = await growth.ttft_by_prompt_length(
+            compared, session, config.request_timeout, config.settle)
+    if "runner" in by_name:
+        print(f"the runner's memory with {growth.OPEN_STREAMS} streams open ...", flush=True)
+        measured["memory"] = await growth.rss_with_open_streams(
+            by_name["runner"], session, chat_prompts(), config.request_timeout)
+        uncached = RunnerSystem(config.model_id, config.model_dir, {**server_env(config), "ENABLE_PREFIX_CACHING": "false"},
+                                log_dir, name=NO_PREFIX_CACHE)
+        print(f"starting {NO_PREFIX_CACHE} ...", flush=True)
+        started.append(uncached)
+        await uncached.start(session, config.start_timeout)
+        print("multi-turn chat, prefix cache on and off ...", flush=True)
+        measured["multi_turn"] = await growth.multi_turn(
+            [by_name["runner"], uncached], session, config.request_timeout, config.settle)
+    return measured
 
 
 async def output_parity(config: BenchConfig, systems: list[System], session: aiohttp.ClientSession) -> dict[str, str]:
