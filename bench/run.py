@@ -323,8 +323,10 @@ def engine_settings(engine_args) -> dict[str, str]:
             f"dtype {engine_args.dtype}, enforce_eager {engine_args.enforce_eager}, "
             f"max_model_len {engine_args.max_model_len}, max_num_batched_tokens {engine_args.max_num_batched_tokens}, "
             f"max_num_seqs {engine_args.max_num_seqs}, KV cache {engine_args.kv_cache_memory_bytes} bytes "
-            f"({engine_args.kv_cache_memory_bytes / 1024**3:g} GiB), prefix caching on (vLLM's default; every "
-            "prompt is sent once, for a few tokens, to each system before the passes)"
+            f"({engine_args.kv_cache_memory_bytes / 1024**3:g} GiB), prefix caching "
+            f"{'on' if engine_args.enable_prefix_caching else 'off'} (ENABLE_PREFIX_CACHING; every prompt is sent "
+            "once, for a few tokens, to each system before the passes), stream interval "
+            f"{engine_args.stream_interval}"
         ),
         "engine environment (all three)": ", ".join(
             f"{name}={os.environ[name]}" for name in sorted(os.environ) if name.startswith("VLLM_CPU_")
