@@ -148,9 +148,10 @@ def runner_engine_args(config: BenchConfig):
 
 def candidate_systems(config: BenchConfig, log_dir: Path, vllm_engine, engine_args, import_s: float
                       ) -> dict[str, System]:
+    """Every system the bench knows, not started; runner-v1 shares the runner's process."""
     env = server_env(config)
     runner = RunnerSystem(config.model_id, config.model_dir, env, log_dir)
-    candidates: dict[str, System] = {
+    return {
         "engine": EngineSystem(config.model_id, config.model_dir, vllm_engine, engine_args, import_s),
         "runner": runner,
         "runner-v1": RunnerOpenAISystem(runner),
