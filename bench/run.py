@@ -23,6 +23,7 @@ and off, after the passes; 0 to skip).
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import os
@@ -152,7 +153,8 @@ def candidate_systems(config: BenchConfig, log_dir: Path, vllm_engine, engine_ar
     env = server_env(config)
     runner = RunnerSystem(config.model_id, config.model_dir, env, log_dir)
     return {
-        "engine": EngineSystem(config.model_id, config.model_dir, vllm_engine, engine_args, import_s),
+        # A copy: vLLM fills in the arguments it is started with, and serve_flags reads the ones the runner chose.
+        "engine": EngineSystem(config.model_id, config.model_dir, vllm_engine, copy.deepcopy(engine_args), import_s),
         "runner": runner,
         "runner-v1": RunnerOpenAISystem(runner),
         "vllm-serve": VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir),
