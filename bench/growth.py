@@ -45,11 +45,14 @@ class Timed:
 
 
 async def timed_request(system: System, session: aiohttp.ClientSession, messages: list[dict]) -> Timed:
+    """TTFT of one request: to its first text, or to its end where the model's first token ends it (no text)."""
     record = RequestRecord(sent=time.perf_counter())
     await system.stream(session, messages, GROWTH_MAX_TOKENS, record)
-    if record.error is not None:
+    ended = time.perf_counter()
+    if record.error is not None and record.error != "no text":
         raise RuntimeError(f"{system.name}: {record.error}")
-    return Timed(1000 * (record.chunk_times[0] - record.sent), record.prompt_tokens)
+    first = record.chunk_times[0] if record.chunk_times else ended
+    return Timed(1000 * (first - record.sent), record.prompt_tokens)
 
 
 async def ttft_by_prompt_length(systems: list[System], session: aiohttp.ClientSession, timeout: float,
