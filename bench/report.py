@@ -15,6 +15,15 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from bench.growth import (
+    CONVERSATIONS,
+    GROWTH_MAX_TOKENS,
+    LENGTH_SAMPLES,
+    OPEN_STREAM_MAX_TOKENS,
+    SYSTEM_PROMPT_WORDS,
+    TURNS,
+    median_ttft,
+)
 from bench.load import LevelResult
 from bench.prompts import USER_PROMPTS
 from bench.systems import ROOT
@@ -79,6 +88,30 @@ def machine_facts(config: BenchConfig) -> dict[str, str]:
     }
 
 
+# Student's t, two-sided 95 %, by degrees of freedom (beyond 30: the normal's 1.96 is close enough).
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def paired_ratio_interval(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """The ratio mine/theirs over pairs measured side by side, with its 95 % confidence interval.
+
+    Each pair is one pass: both systems measured back to back, so the machine's
+    drift between passes cancels in the pair's ratio. The interval is Student's
+    t on the ratios' logarithms (a ratio's noise is multiplicative); NaNs for
+    fewer than two pairs.
+    """
+    logs = [math.log(mine / theirs) for mine, theirs in pairs if mine > 0 and theirs > 0]
+    if not logs:
+        return math.nan, math.nan, math.nan
+    centre = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(centre), math.nan, math.nan
+    t = T_975[len(logs) - 2] if len(logs) - 1 <= len(T_975) else 1.96
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(centre), math.exp(centre - half), math.exp(centre + half)
+
+
 def median_and_range(values: list[float]) -> tuple[float, float, float]:
     finite = [value for value in values if not math.isnan(value)]
     if not finite:
@@ -88,8 +121,11 @@ def median_and_range(values: list[float]) -> tuple[float, float, float]:
 
 class Report:
     def __init__(self, config: BenchConfig, facts: dict[str, str], startups: dict[str, Startup],
-                 results: list[LevelResult]) -> None:
+                 results: list[LevelResult], alone: dict[str, list[Startup]] | None = None,
+                 growth: dict[str, dict] | None = None) -> None:
         self.config = config
+        self.growth = growth or {}
+        self.alone = {name: runs for name, runs in (alone or {}).items() if runs}
         self.facts = facts
         self.startups = startups
         self.results = results
@@ -131,6 +167,7 @@ class Report:
             health = f"{startup.first_health_s:.2f} s" if startup.first_health_s is not None else "–"
             lines.append(f"| {name} | {startup.first_answer_s:.1f} s | {health} |")
         lines += ["", "The engine's start includes the bench's import of vLLM, as the servers' starts include theirs."]
+        lines += self.alone_lines()
         lines += ["", "## Streaming workload", "",
                   "Each cell: median over the passes [lowest–highest]. TTFT: request sent to first text; "
                   "ITL: gap between consecutive text chunks; API CPU: user+system CPU seconds of the API process "
@@ -150,10 +187,31 @@ class Report:
                 lines.append(f"| {concurrency} | {name} | " + " | ".join(cells) + f" | {tokens:.0f} | {errors} |")
         lines += self.sameness_lines()
         lines += self.ratio_lines()
+        lines += self.paired_lines()
+        lines += self.growth_lines()
         lines += self.target_lines()
         lines += ["", f"Chart: `{self.config.output.with_suffix('.png').name}` (tokens per second and TTFT p50 "
                   "against concurrency; bars span the passes)."]
         return "\n".join(lines) + "\n"
+
+    def alone_median(self, name: str) -> float:
+        return statistics.median(startup.first_answer_s for startup in self.alone[name])
+
+    def alone_lines(self) -> list[str]:
+        """Starts with nothing else up (BENCH_STARTS each, round robin): the figures the start-up target reads."""
+        if not self.alone:
+            return []
+        lines = ["", "### Each system started alone", "",
+                 "Launch to the first answer with no other system up, the systems' starts taking turns; "
+                 "the ones above were started one after the other for the passes, the earlier ones left idle.", "",
+                 "| system | starts | median | lowest–highest | median − engine's |", "| --- | --- | --- | --- | --- |"]
+        engine = self.alone_median("engine") if "engine" in self.alone else math.nan
+        for name, runs in self.alone.items():
+            values = [startup.first_answer_s for startup in runs]
+            gap = "–" if math.isnan(engine) or name == "engine" else f"{self.alone_median(name) - engine:+.1f} s"
+            lines.append(f"| {name} | {len(values)} | {statistics.median(values):.1f} s | "
+                         f"{min(values):.1f}–{max(values):.1f} s | {gap} |")
+        return lines
 
     def sameness_lines(self) -> list[str]:
         """Whether the systems were handed the same prompts (tokens) and gave the same number of tokens back."""
@@ -170,6 +228,75 @@ class Report:
                 lines.append(f"- {label} tokens differ between systems or passes: " + "; ".join(differing))
             else:
                 lines.append(f"- {label} tokens: the same on every system and pass at each concurrency")
+        return lines
+
+    def paired(self, key: str, concurrency: int, other: str, mine: str = "runner") -> tuple[float, float, float]:
+        """``mine``/``other`` on ``key``, paired pass by pass, with its 95 % confidence interval."""
+        by_pass = {run.pass_index: run.summary()[key] for run in self.grouped.get((other, concurrency), [])}
+        pairs = [(run.summary()[key], by_pass[run.pass_index])
+                 for run in self.grouped.get((mine, concurrency), []) if run.pass_index in by_pass]
+        return paired_ratio_interval(pairs)
+
+    def paired_lines(self) -> list[str]:
+        """Throughput ratios whose noise shows: an interval that holds 1 cannot tell the systems apart."""
+        if not {"runner", "engine"} <= set(self.systems) or self.config.passes < 2:
+            return []
+        lines = ["", "## Throughput, paired by pass", "",
+                 "Each pass measures every system at a concurrency back to back; the ratio of a pass's pair "
+                 "cancels the machine's drift between passes. Geometric mean of the passes' ratios, with its "
+                 "95 % confidence interval (Student's t on the logarithms): an interval that holds 1.000 means "
+                 "the difference is within the noise of this run.", "",
+                 "| concurrency | tok/s runner/engine [95 % CI] | API CPU runner − engine ms/token |",
+                 "| --- | --- | --- |"]
+        for concurrency in self.levels():
+            centre, low, high = self.paired("tokens_per_s", concurrency, "engine")
+            gap = (self.median("runner", concurrency, "api_cpu_ms_per_token")
+                   - self.median("engine", concurrency, "api_cpu_ms_per_token"))
+            lines.append(f"| {concurrency} | {centre:.3f} [{low:.3f}–{high:.3f}] | {gap:+.3f} |")
+        return lines
+
+    def growth_series(self, part: str) -> dict[str, list[tuple[int, float, int]]]:
+        """(length or turn, median TTFT ms, median prompt tokens) by system, for a part of the growth phase."""
+        series: dict[str, list[tuple[int, float, int]]] = defaultdict(list)
+        for (name, x), runs in sorted(self.growth.get(part, {}).items(), key=lambda item: item[0][1]):  # by x
+            series[name].append((x, median_ttft(runs), int(statistics.median(run.prompt_tokens for run in runs))))
+        return series
+
+    def growth_lines(self) -> list[str]:
+        lines = []
+        lengths = self.growth_series("prompt_length")
+        if lengths:
+            names = list(lengths)
+            lines += ["", "## Time to first token against prompt length", "",
+                      f"One request at a time, {GROWTH_MAX_TOKENS} output tokens, {LENGTH_SAMPLES} unique prompts "
+                      "per length (no prefix shared with any earlier prompt); medians.", "",
+                      "| prompt tokens | " + " | ".join(f"{name} TTFT ms" for name in names)
+                      + (" | runner − engine |" if {"runner", "engine"} <= set(names) else " |"),
+                      "|" + " --- |" * (len(names) + 1 + ({"runner", "engine"} <= set(names)))]
+            for index, (_, _, tokens) in enumerate(lengths[names[0]]):
+                row = [str(tokens)] + [f"{lengths[name][index][1]:.0f}" for name in names]
+                if {"runner", "engine"} <= set(names):
+                    row.append(f"{lengths['runner'][index][1] - lengths['engine'][index][1]:+.0f} ms")
+                lines.append("| " + " | ".join(row) + " |")
+        memory = self.growth.get("memory")
+        if memory is not None:
+            lines += ["", "## The runner's memory with many streams open", "",
+                      f"RSS of the runner's API process (not its engine) before, at its peak while {memory.streams} "
+                      f"streams of {OPEN_STREAM_MAX_TOKENS} tokens were open at once ({memory.errors} errors), "
+                      "and 3 s after they ended.", "",
+                      "| before | peak, streams open | after |", "| --- | --- | --- |",
+                      f"| {memory.before_mib:.0f} MiB | {memory.peak_mib:.0f} MiB | {memory.after_mib:.0f} MiB |"]
+        turns = self.growth_series("multi_turn")
+        if len(turns) == 2:
+            on, off = turns
+            lines += ["", "## Multi-turn chat: prefix cache on and off", "",
+                      f"{CONVERSATIONS} chats of {TURNS} turns, one at a time, all sharing one system prompt of "
+                      f"about {SYSTEM_PROMPT_WORDS} words; each turn's request holds the whole chat so far. "
+                      f"**{on}** has the prefix cache on (the default), **{off}** has ENABLE_PREFIX_CACHING=false. "
+                      "Median TTFT over the chats (the first chat's first turn finds nothing cached).", "",
+                      f"| turn | prompt tokens | {on} TTFT ms | {off} TTFT ms | on / off |", "| --- | --- | --- | --- | --- |"]
+            for (turn, cached, tokens), (_, uncached, _) in zip(turns[on], turns[off]):
+                lines.append(f"| {turn} | {tokens} | {cached:.0f} | {uncached:.0f} | {cached / uncached:.2f} |")
         return lines
 
     def ratio(self, key: str, concurrency: int, other: str, mine: str = "runner") -> float:
@@ -219,6 +346,19 @@ class Report:
                     found.append((mine <= theirs, f"runner /v1 API CPU per output token at c={concurrency} ≤ "
                                                   f"vllm-serve's: {mine:.3f} vs {theirs:.3f} ms"))
         if {"runner", "engine"} <= have:
+            for concurrency, bound in ((64, "engine + 0.015"), (32, "0.06")):
+                if concurrency in self.levels():
+                    mine = self.median("runner", concurrency, "api_cpu_ms_per_token")
+                    engine = self.median("engine", concurrency, "api_cpu_ms_per_token")
+                    limit = engine + 0.015 if concurrency == 64 else 0.06
+                    found.append((mine <= limit, f"runner API CPU per output token at c={concurrency} ≤ {bound} "
+                                                 f"ms: {mine:.3f} vs {limit:.3f} ms"))
+            for concurrency in self.levels():
+                centre, low, high = self.paired("tokens_per_s", concurrency, "engine")
+                if not math.isnan(high):
+                    verdict = "a real shortfall" if high < 0.97 else "within the noise" if low < 0.97 else "above it"
+                    found.append((centre >= 0.97, f"runner tok/s ≥ 0.97 × engine at c={concurrency}, paired by pass: "
+                                                  f"{centre:.3f} [95 % CI {low:.3f}–{high:.3f}], {verdict}"))
             ratios = {c: self.ratio("tokens_per_s", c, "engine") for c in self.levels()}
             found.append((all(r >= 0.97 for r in ratios.values()),
                           "runner tok/s ≥ 0.97 × engine at every concurrency: "
@@ -232,6 +372,11 @@ class Report:
             mine, theirs = self.median("runner", 1, "ttft_p50_ms"), self.median("engine", 1, "ttft_p50_ms")
             found.append((mine - theirs <= 5, f"runner TTFT p50 at c=1 within 5 ms of the engine's: "
                                               f"{mine:.1f} vs {theirs:.1f} ms ({mine - theirs:+.1f} ms)"))
+        if {"runner", "engine"} <= self.alone.keys():
+            mine, theirs = self.alone_median("runner"), self.alone_median("engine")
+            found.append((mine <= theirs + 2, f"runner launch to first answer ≤ the engine's + 2 s, each started "
+                                              f"alone, medians of {len(self.alone['runner'])}: {mine:.1f} vs "
+                                              f"{theirs:.1f} s ({mine - theirs:+.1f} s)"))
         if "runner" in have and self.startups["runner"].first_health_s is not None:
             health = self.startups["runner"].first_health_s
             found.append((health <= 2, f"runner /health answers within 2 s of launch: {health:.2f} s"))
@@ -255,7 +400,27 @@ class Report:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
 
-        figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+        lengths, turns = self.growth_series("prompt_length"), self.growth_series("multi_turn")
+        panels = 2 + bool(lengths) + bool(turns)
+        figure, axes_row = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+        throughput, ttft = axes_row[0], axes_row[1]
+        extra = list(axes_row[2:])
+        if lengths:
+            by_length = extra.pop(0)
+            for name, points in lengths.items():
+                by_length.plot([p[2] for p in points], [p[1] for p in points], marker="o", label=name)
+            by_length.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms",
+                          title="Time to first token against prompt length")
+            by_length.grid(True, which="both", alpha=0.3)
+            by_length.legend()
+        if turns:
+            by_turn = extra.pop(0)
+            for name, points in turns.items():
+                by_turn.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            by_turn.set(xlabel="turn", ylabel="ms", title="Multi-turn chat: TTFT by turn")
+            by_turn.set_xticks([p[0] for p in next(iter(turns.values()))])
+            by_turn.grid(True, alpha=0.3)
+            by_turn.legend()
         levels = self.levels()
         for index, name in enumerate(self.systems):
             # Nudged apart along x so that the three systems' ranges do not hide each other.

@@ -13,12 +13,17 @@ and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
 requests; BENCH_SYSTEMS (engine,runner,runner-v1,vllm-serve), BENCH_OUTPUT
 (bench/results.md), BENCH_TIME_LIMIT (1200 s: a measurement that would end past
 it is skipped, and the report says so), BENCH_SETTLE (1.2 s between two
-measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s).
+measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s),
+BENCH_STARTS (3: timed starts of each system alone, round robin, before the
+passes; 0 for none), BENCH_GROWTH (1: TTFT against prompt length on the engine
+and the runner, and a multi-turn chat on the runner with the prefix cache on
+and off, after the passes; 0 to skip).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import os
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench import growth
 from bench.load import LevelResult, RequestRecord, run_level
 from bench.prompts import chat_prompts
 from bench.report import Report, machine_facts
@@ -40,6 +46,7 @@ SYSTEM_NAMES = ("engine", "runner", "runner-v1", "vllm-serve")
 WARM_UP_CONCURRENCY = 36  # every prompt at once
 STOP_ALLOWANCE = 30  # seconds kept back from BENCH_TIME_LIMIT to stop the systems and write the report
 WARM_UP_MAX_TOKENS = 4
+NO_PREFIX_CACHE = "runner-no-prefix-cache"  # the runner with ENABLE_PREFIX_CACHING=false, for the multi-turn chat
 
 
 def env_ints(name: str, default: str) -> list[int]:
@@ -62,6 +69,8 @@ class BenchConfig:
     start_timeout: float
     time_limit: float
     settle: float
+    starts: int  # timed starts of each system alone, before the passes
+    growth: bool  # TTFT against prompt length, and a multi-turn chat with the prefix cache on and off
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -84,6 +93,8 @@ class BenchConfig:
             start_timeout=float(os.environ.get("BENCH_START_TIMEOUT", "600")),
             time_limit=float(os.environ.get("BENCH_TIME_LIMIT", "1200")),
             settle=float(os.environ.get("BENCH_SETTLE", "1.2")),
+            starts=int(os.environ.get("BENCH_STARTS", "3")),
+            growth=os.environ.get("BENCH_GROWTH", "1") != "0",
         )
 
     def workload(self, concurrency: int) -> list[list[dict]]:
@@ -136,17 +147,47 @@ def runner_engine_args(config: BenchConfig):
     return vllm_engine, vllm_engine.engine_args(LLMSettings(), model_path, config.model_id, model_config), import_s
 
 
-async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
-                        vllm_engine, engine_args, import_s: float, started: list[System]) -> dict[str, Startup]:
-    """Start the systems one after the other, so that each start has the machine to itself."""
+def candidate_systems(config: BenchConfig, log_dir: Path, vllm_engine, engine_args, import_s: float
+                      ) -> dict[str, System]:
+    """Every system the bench knows, not started; runner-v1 shares the runner's process."""
     env = server_env(config)
     runner = RunnerSystem(config.model_id, config.model_dir, env, log_dir)
-    candidates: dict[str, System] = {
-        "engine": EngineSystem(config.model_id, config.model_dir, vllm_engine, engine_args, import_s),
+    return {
+        # A copy: vLLM fills in the arguments it is started with, and serve_flags reads the ones the runner chose.
+        "engine": EngineSystem(config.model_id, config.model_dir, vllm_engine, copy.deepcopy(engine_args), import_s),
         "runner": runner,
         "runner-v1": RunnerOpenAISystem(runner),
         "vllm-serve": VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir),
     }
+
+
+async def timed_starts(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
+                       vllm_engine, engine_args, import_s: float) -> dict[str, list[Startup]]:
+    """Each system started and stopped BENCH_STARTS times with nothing else up, round robin.
+
+    Round robin rather than one system's starts in a row, so that a slow spell
+    on the machine falls on every system; the report gives the medians.
+    """
+    names = [name for name in config.systems if name != "runner-v1"]  # runner-v1 is the runner's own process
+    starts: dict[str, list[Startup]] = {name: [] for name in names}
+    for round_index in range(config.starts):
+        for name in names:
+            system = candidate_systems(config, log_dir, vllm_engine, engine_args, import_s)[name]
+            await asyncio.sleep(config.settle)
+            print(f"start {round_index + 1}/{config.starts} of {name} alone ...", flush=True)
+            try:
+                startup = await system.start(session, config.start_timeout)
+            finally:
+                await system.stop()
+            starts[name].append(startup)
+            print(f"  {name}: first answer after {startup.first_answer_s:.1f} s", flush=True)
+    return starts
+
+
+async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
+                        vllm_engine, engine_args, import_s: float, started: list[System]) -> dict[str, Startup]:
+    """Start the systems one after the other for the passes, each start timed to its first answer."""
+    candidates = candidate_systems(config, log_dir, vllm_engine, engine_args, import_s)
     startups = {}
     for name in config.systems:
         system = candidates[name]
@@ -166,11 +207,13 @@ async def bench(config: BenchConfig, begun: float) -> None:
     started: list[System] = []
     results: list[LevelResult] = []
     skipped: list[str] = []
+    grown: dict[str, dict] = {}
     connector = aiohttp.TCPConnector(limit=0)  # the concurrency is the bench's to set
     async with aiohttp.ClientSession(connector=connector) as session:
         try:
             vllm_engine, engine_args, import_s = runner_engine_args(config)
             facts.update(engine_settings(engine_args))
+            alone = await timed_starts(config, session, log_dir, vllm_engine, engine_args, import_s)
             startups = await start_systems(config, session, log_dir, vllm_engine, engine_args, import_s, started)
             systems = list(started)
             await warm_up(config, systems, session)
@@ -196,12 +239,14 @@ async def bench(config: BenchConfig, begun: float) -> None:
                         last_duration[system.name, concurrency] = time.perf_counter() - cell_started
                         results.append(result)
                         print("  " + progress_line(result), flush=True)
+            if config.growth:
+                grown = await measure_growth(config, session, log_dir, systems, started)
         finally:
             await asyncio.gather(*(stop(system) for system in started))
     facts["bench wall time"] = f"{time.perf_counter() - begun:.0f} s (limit {config.time_limit:.0f} s)"
     if skipped:
         facts["skipped at the time limit"] = ", ".join(skipped)
-    report = Report(config, facts, startups, results)
+    report = Report(config, facts, startups, results, alone, grown)
     config.output.parent.mkdir(parents=True, exist_ok=True)
     config.output.write_text(report.markdown())
     chart = config.output.with_suffix(".png")
@@ -210,6 +255,31 @@ async def bench(config: BenchConfig, begun: float) -> None:
         print(f"wrote {config.output} and {chart}")
     else:
         print(f"wrote {config.output} (no measurements, no chart)")
+
+
+async def measure_growth(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
+                         systems: list[System], started: list[System]) -> dict[str, dict]:
+    """TTFT against prompt length (engine and runner), then the multi-turn chat (runner, prefix cache on and off)."""
+    by_name = {system.name: system for system in systems}
+    measured: dict[str, dict] = {}
+    compared = [by_name[name] for name in ("engine", "runner") if name in by_name]
+    if compared:
+        print("TTFT against prompt length ...", flush=True)
+        measured["prompt_length"] = await growth.ttft_by_prompt_length(
+            compared, session, config.request_timeout, config.settle)
+    if "runner" in by_name:
+        print(f"the runner's memory with {growth.OPEN_STREAMS} streams open ...", flush=True)
+        measured["memory"] = await growth.rss_with_open_streams(
+            by_name["runner"], session, chat_prompts(), config.request_timeout)
+        uncached = RunnerSystem(config.model_id, config.model_dir, {**server_env(config), "ENABLE_PREFIX_CACHING": "false"},
+                                log_dir, name=NO_PREFIX_CACHE)
+        print(f"starting {NO_PREFIX_CACHE} ...", flush=True)
+        started.append(uncached)
+        await uncached.start(session, config.start_timeout)
+        print("multi-turn chat, prefix cache on and off ...", flush=True)
+        measured["multi_turn"] = await growth.multi_turn(
+            [by_name["runner"], uncached], session, config.request_timeout, config.settle)
+    return measured
 
 
 async def output_parity(config: BenchConfig, systems: list[System], session: aiohttp.ClientSession) -> dict[str, str]:
@@ -256,8 +326,10 @@ def engine_settings(engine_args) -> dict[str, str]:
             f"dtype {engine_args.dtype}, enforce_eager {engine_args.enforce_eager}, "
             f"max_model_len {engine_args.max_model_len}, max_num_batched_tokens {engine_args.max_num_batched_tokens}, "
             f"max_num_seqs {engine_args.max_num_seqs}, KV cache {engine_args.kv_cache_memory_bytes} bytes "
-            f"({engine_args.kv_cache_memory_bytes / 1024**3:g} GiB), prefix caching on (vLLM's default; every "
-            "prompt is sent once, for a few tokens, to each system before the passes)"
+            f"({engine_args.kv_cache_memory_bytes / 1024**3:g} GiB), prefix caching "
+            f"{'on' if engine_args.enable_prefix_caching else 'off'} (ENABLE_PREFIX_CACHING; every prompt is sent "
+            "once, for a few tokens, to each system before the passes), stream interval "
+            f"{engine_args.stream_interval}"
         ),
         "engine environment (all three)": ", ".join(
             f"{name}={os.environ[name]}" for name in sorted(os.environ) if name.startswith("VLLM_CPU_")

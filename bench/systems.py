@@ -240,13 +240,15 @@ class HttpSystem(System):
 class RunnerSystem(HttpSystem):
     name = "runner"
 
-    def __init__(self, model_id: str, model_dir: Path, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, model_id: str, model_dir: Path, env: dict[str, str], log_dir: Path,
+                 name: str = "runner") -> None:
+        self.name = name
         self.model_id = model_id
         port = free_port()
         server_env = {**env, "MODEL_ID": model_id, "MODEL_DIR": str(model_dir), "HOST": "127.0.0.1",
                       "PORT": str(port)}
-        self.server = ServerProcess("runner", [sys.executable, "-m", "runner"], server_env,
-                                    log_dir / "runner.log", port)
+        self.server = ServerProcess(name, [sys.executable, "-m", "runner"], server_env,
+                                    log_dir / f"{name}.log", port)
 
     async def is_ready(self, response: aiohttp.ClientResponse) -> bool:
         status = (await response.json())["status"]

@@ -26,7 +26,13 @@ from pydantic_core import to_json
 from pipelines import llm_schema
 from pipelines.llm_schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from pipelines.llm_openai import OpenAIServing
-from pipelines.llm_settings import LLMSettings, distributed_errors, parallelism_errors, tool_parser_for_template
+from pipelines.llm_settings import (
+    LLMSettings,
+    distributed_errors,
+    engine_cache_variables,
+    parallelism_errors,
+    tool_parser_for_template,
+)
 from pipelines.model_store import resolve_model
 from pipelines.sampling import Sampling
 from pipelines.worker_node import WorkerNode, watch_worker_nodes
@@ -108,7 +114,8 @@ class LLMPipeline(Pipeline):
         if errors:
             raise ValueError("; ".join(errors))
         args = engine_module.engine_args(settings, model_path, self.model_id, model_config)
-        environment = engine_module.cpu_engine_environment(settings.local_world_size)
+        environment = engine_cache_variables(os.environ, self.model_dir)
+        environment.update(engine_module.cpu_engine_environment(settings.local_world_size))
         os.environ.update(environment)  # the engine's processes inherit it
         if settings.worker_node:
             log.info("worker_node.environment", environment=environment)
@@ -122,6 +129,8 @@ class LLMPipeline(Pipeline):
             model_path=str(model_path),
             dtype=args.dtype,
             enforce_eager=args.enforce_eager,
+            enable_prefix_caching=args.enable_prefix_caching,
+            stream_interval=args.stream_interval,
             kv_cache_bytes=args.kv_cache_memory_bytes,
             max_model_len=args.max_model_len,
             tensor_parallel_size=args.tensor_parallel_size,

@@ -7,6 +7,7 @@ CPUs; every rule here is checked without an engine (tests/pipelines/test_llm_set
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Literal
 
 import structlog
@@ -19,6 +20,7 @@ GiB = 1024**3
 CPU_KV_CACHE_SHARE = 0.25  # of the machine's RAM
 CPU_KV_CACHE_MAX_BYTES = 4 * GiB
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+ENGINE_CACHE_FOLDER = "vllm-cache"  # inside the model store, beside the Hub's models--* folders
 SMALL_MACHINE_CORES = 4  # and fewer: vLLM's worker gets every core (cpu_engine_variables)
 
 
@@ -37,6 +39,10 @@ class LLMSettings(BaseSettings):
     dtype: str = Field("auto", alias="DTYPE")
     enforce_eager: bool | None = Field(None, alias="ENFORCE_EAGER")
     kv_cache_gib: float | None = Field(None, alias="KV_CACHE_GIB", gt=0)
+    enable_prefix_caching: bool = Field(True, alias="ENABLE_PREFIX_CACHING")
+    # Tokens the engine gathers per stream before it hands them on (its first and last always at once):
+    # fewer, larger stream events, for less front-end CPU per token at the cost of coarser arrival.
+    stream_interval: int = Field(1, alias="STREAM_INTERVAL", ge=1)
     max_waiting_requests: int | None = Field(None, alias="MAX_WAITING_REQUESTS", ge=0)
     tool_call_parser: str | None = Field(
         None, alias="TOOL_CALL_PARSER", min_length=1,
@@ -153,6 +159,18 @@ def distributed_errors(settings: LLMSettings, on_cpu: bool, environ: Mapping[str
             "(in eager mode vLLM 0.32's CPU backend stops at the first request)"
         )
     return errors
+
+
+def engine_cache_variables(environ: Mapping[str, str], model_dir: Path) -> dict[str, str]:
+    """VLLM_CACHE_ROOT in the model store, unless the user chose one: none, or one.
+
+    vLLM keeps its torch.compile artefacts there; a container's only lasting
+    folder is the store it mounts at /models, so a restarted container finds
+    its compiled graphs instead of compiling again.
+    """
+    if "VLLM_CACHE_ROOT" in environ:
+        return {}
+    return {"VLLM_CACHE_ROOT": str(model_dir.resolve() / ENGINE_CACHE_FOLDER)}
 
 
 def cpu_enforce_eager(settings: LLMSettings) -> bool:

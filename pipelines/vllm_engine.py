@@ -79,6 +79,8 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model
         pipeline_parallel_size=settings.pipeline_parallel_size,
         quantization="bitsandbytes" if settings.use_8bit else None,
         enforce_eager=enforce_eager,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        stream_interval=settings.stream_interval,
         disable_log_stats=True,
         **distributed_args(settings),
     )

@@ -37,6 +37,7 @@ GUARDED_AUTH_TOKEN = "guarded-runner-token"
 GUARDED_MAX_NUM_SEQS = 2
 GUARDED_MAX_WAITING_REQUESTS = 2
 GUARDED_REQUEST_TIMEOUT = 4
+DRAINED_STREAM_INTERVAL = 4
 
 
 def free_port() -> int:
@@ -211,7 +212,9 @@ def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dic
         # Its request sent while loading waits for the load, however slowly engines start beside it.
         "tiny": ({**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT)}, True),
         # Runners of their own, because their tests stop them or kill their engines.
-        "drained": (tiny_env, False),
+        # Its stream settings are not the defaults: tests/pipelines/test_llm.py checks that they reach the engine.
+        "drained": ({**tiny_env, "STREAM_INTERVAL": str(DRAINED_STREAM_INTERVAL), "ENABLE_PREFIX_CACHING": "false"},
+                    False),
         "doomed": (tiny_env, False),
         "doomed_under_load": (tiny_env, False),
         "guarded": (

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import TINY_MAX_MODEL_LEN, RunnerProcess
+from tests.conftest import DRAINED_STREAM_INTERVAL, TINY_MAX_MODEL_LEN, RunnerProcess
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -161,6 +161,23 @@ async def test_stream_follows_the_contract(http, tiny_runner):
     status, whole = await post(http, tiny_runner, body)
     assert "".join(e["choices"][0]["delta"]["content"] for e in events) == whole["choices"][0]["message"]["content"]
     assert last["usage"] == whole["usage"]
+
+
+async def test_stream_interval_gathers_tokens_per_event_with_exact_usage(http, tiny_runner, drained_runner):
+    """STREAM_INTERVAL=4: the same text as one token per event, in events of up to four tokens, usage exact."""
+    body = {"messages": STORY, "max_tokens": 50, "temperature": 0}
+    one_each = await stream(http, tiny_runner, body)
+    gathered = await stream(http, drained_runner, body)
+    text = "".join(event["choices"][0]["delta"]["content"] for event in gathered)
+    assert text == "".join(event["choices"][0]["delta"]["content"] for event in one_each)
+    assert gathered[-1]["usage"] == one_each[-1]["usage"]
+    counts = [event["usage"]["completion_tokens"] for event in gathered]
+    steps = [later - earlier for earlier, later in zip([0, *counts], counts)]
+    assert counts[0] == 1, "the first token goes at once"
+    assert max(steps) <= DRAINED_STREAM_INTERVAL and len(gathered) < len(one_each) / 2, steps
+    assert gathered[-1]["choices"][0]["finish_reason"] == "length"
+    start = engine_start_event(drained_runner)
+    assert (start["stream_interval"], start["enable_prefix_caching"]) == (DRAINED_STREAM_INTERVAL, False)
 
 
 async def test_stream_events_are_flushed_as_tokens_come(http, tiny_runner):
@@ -322,7 +339,7 @@ def engine_start_event(runner: RunnerProcess) -> dict:
     raise AssertionError(f"no engine.start line in the log of {runner.name}")
 
 
-def test_engine_choices_follow_the_platform(default_runner):
+def test_engine_choices_follow_the_platform(default_runner, model_store):
     """On a CPU: float32 without native bfloat16, eager mode, a KV cache sized from the model.
     On a GPU: vLLM's own choices (compiled graphs, the cache from GPU_MEMORY_UTILIZATION)."""
     import psutil
@@ -330,6 +347,10 @@ def test_engine_choices_follow_the_platform(default_runner):
     from pipelines.llm_settings import LLMSettings, cpu_kv_cache_bytes
 
     event = engine_start_event(default_runner)
+    assert (event["enable_prefix_caching"], event["stream_interval"]) == (True, 1)
+    if "VLLM_CACHE_ROOT" not in os.environ:  # the user's choice wins
+        cache = str(model_store.resolve() / "vllm-cache")
+        assert event["environment"]["VLLM_CACHE_ROOT"] == cache, "the compile cache is in the model store"
     if event["platform"] != "cpu":
         assert (event["dtype"], event["enforce_eager"], event["kv_cache_bytes"]) == ("auto", False, None), event
         return
@@ -358,6 +379,10 @@ def test_on_a_small_machine_the_engine_worker_computes_on_every_core(default_run
 
     cores = os.sched_getaffinity(0)
     event = engine_start_event(default_runner)
+    assert (event["enable_prefix_caching"], event["stream_interval"]) == (True, 1)
+    if "VLLM_CACHE_ROOT" not in os.environ:  # the user's choice wins
+        cache = str(model_store.resolve() / "vllm-cache")
+        assert event["environment"]["VLLM_CACHE_ROOT"] == cache, "the compile cache is in the model store"
     if event["platform"] != "cpu":
         assert event["environment"] == {}, "the runner places no threads beside a GPU engine"
         return

@@ -185,3 +185,19 @@ def test_several_ranks_on_a_cpu_get_a_share_of_the_cores_each_unless_the_user_pl
     assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, 2, [0, 1], local_ranks=2) == {}
     assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, 2, [0, 1], local_ranks=2) == {
         "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+def test_prefix_caching_is_on_and_one_token_per_event_unless_asked():
+    defaults = settings()
+    assert defaults.enable_prefix_caching is True and defaults.stream_interval == 1
+    chosen = settings(ENABLE_PREFIX_CACHING="false", STREAM_INTERVAL="4")
+    assert chosen.enable_prefix_caching is False and chosen.stream_interval == 4
+    with pytest.raises(ValidationError):
+        settings(STREAM_INTERVAL="0")
+
+
+def test_the_engine_compile_cache_lives_in_the_model_store_unless_the_user_placed_it(tmp_path):
+    from pipelines.llm_settings import engine_cache_variables
+
+    assert engine_cache_variables({}, tmp_path) == {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    assert engine_cache_variables({"VLLM_CACHE_ROOT": "/elsewhere"}, tmp_path) == {}
