@@ -37,7 +37,7 @@ GUARDED_AUTH_TOKEN = "guarded-runner-token"
 GUARDED_MAX_NUM_SEQS = 2
 GUARDED_MAX_WAITING_REQUESTS = 2
 GUARDED_REQUEST_TIMEOUT = 4
-DRAINED_STREAM_INTERVAL = 4
+DOOMED_STREAM_INTERVAL = 4
 
 
 def free_port() -> int:
@@ -212,10 +212,11 @@ def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dic
         # Its request sent while loading waits for the load, however slowly engines start beside it.
         "tiny": ({**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT)}, True),
         # Runners of their own, because their tests stop them or kill their engines.
-        # Its stream settings are not the defaults: tests/pipelines/test_llm.py checks that they reach the engine.
-        "drained": ({**tiny_env, "STREAM_INTERVAL": str(DRAINED_STREAM_INTERVAL), "ENABLE_PREFIX_CACHING": "false"},
-                    False),
-        "doomed": (tiny_env, False),
+        "drained": (tiny_env, False),
+        # Its stream settings are not the defaults: tests/pipelines/test_llm.py checks that they reach the engine
+        # (on a runner that module starts anyway: it may use no more than MAX_ENGINES).
+        "doomed": ({**tiny_env, "STREAM_INTERVAL": str(DOOMED_STREAM_INTERVAL), "ENABLE_PREFIX_CACHING": "false"},
+                   False),
         "doomed_under_load": (tiny_env, False),
         "guarded": (
             {

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import DRAINED_STREAM_INTERVAL, TINY_MAX_MODEL_LEN, RunnerProcess
+from tests.conftest import DOOMED_STREAM_INTERVAL, TINY_MAX_MODEL_LEN, RunnerProcess
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -163,21 +163,21 @@ async def test_stream_follows_the_contract(http, tiny_runner):
     assert last["usage"] == whole["usage"]
 
 
-async def test_stream_interval_gathers_tokens_per_event_with_exact_usage(http, tiny_runner, drained_runner):
+async def test_stream_interval_gathers_tokens_per_event_with_exact_usage(http, tiny_runner, doomed_runner):
     """STREAM_INTERVAL=4: the same text as one token per event, in events of up to four tokens, usage exact."""
     body = {"messages": STORY, "max_tokens": 50, "temperature": 0}
     one_each = await stream(http, tiny_runner, body)
-    gathered = await stream(http, drained_runner, body)
+    gathered = await stream(http, doomed_runner, body)
     text = "".join(event["choices"][0]["delta"]["content"] for event in gathered)
     assert text == "".join(event["choices"][0]["delta"]["content"] for event in one_each)
     assert gathered[-1]["usage"] == one_each[-1]["usage"]
     counts = [event["usage"]["completion_tokens"] for event in gathered]
     steps = [later - earlier for earlier, later in zip([0, *counts], counts)]
     assert counts[0] == 1, "the first token goes at once"
-    assert max(steps) <= DRAINED_STREAM_INTERVAL and len(gathered) < len(one_each) / 2, steps
+    assert max(steps) <= DOOMED_STREAM_INTERVAL and len(gathered) < len(one_each) / 2, steps
     assert gathered[-1]["choices"][0]["finish_reason"] == "length"
-    start = engine_start_event(drained_runner)
-    assert (start["stream_interval"], start["enable_prefix_caching"]) == (DRAINED_STREAM_INTERVAL, False)
+    start = engine_start_event(doomed_runner)
+    assert (start["stream_interval"], start["enable_prefix_caching"]) == (DOOMED_STREAM_INTERVAL, False)
 
 
 async def test_stream_events_are_flushed_as_tokens_come(http, tiny_runner):
