@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import DEFAULT_MODEL_ID
-from tests.pipelines.test_parallel import engine_start, start, text, wait_idle, workers
+from tests.pipelines.test_parallel import engine_start, start, text, two_ranks_missing, wait_idle, workers
 
-pytestmark = pytest.mark.own_engines(2)
+pytestmark = [pytest.mark.own_engines(2), pytest.mark.skipif(bool(two_ranks_missing()), reason=two_ranks_missing())]
 
 
 def test_pipeline_parallel_serves_the_default_model_like_one_stage(tmp_path, model_store, default_runner):
