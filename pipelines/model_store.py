@@ -470,7 +470,14 @@ class TerminalProgress:
 
     def file_start(self, name: str, size: int | None, resume_from: int) -> None:
         self.bars[name] = HubProgressBar(
-            total=size, initial=resume_from, desc=name, unit="B", unit_scale=True, unit_divisor=1024, file=self.out
+            total=size,
+            initial=resume_from,
+            desc=name,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=self.out,
+            ncols=shutil.get_terminal_size().columns,  # 80 where the terminal reports no width
         )
 
     def file_progress(self, name: str, done: int, size: int | None) -> None:
