@@ -21,13 +21,14 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models dev-run test stress bench docker-build docker-build-cpu docker-run clean
+.PHONY: help install gen gen-check models prefetch dev-run test stress bench docker-build docker-build-cpu docker-run clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
 	@echo "make test      install and run the whole suite"
 	@echo "make install   create $(VENV) with the runner, vLLM and test tools"
 	@echo "make models    prepare the default model in $(MODEL_DIR) with no Hub access"
+	@echo "make prefetch MODEL_ID=<hub id>   download a Hub model into $(MODEL_DIR) as the runner's start would"
 	@echo "make gen       regenerate runner/schema.py from openapi.yaml"
 	@echo "make stress    hostile traffic against a runner with the tiny test model (a few minutes)"
 	@echo "make docker-build / docker-build-cpu / docker-run   container images (GPU / CPU)"
@@ -62,6 +63,10 @@ gen-check: install
 
 models: install
 	$(PY) models/prepare.py --model-dir $(MODEL_DIR)
+
+# Any Hub model, into the store before a container starts (HF_TOKEN, HF_ENDPOINT honoured).
+prefetch: install
+	$(PY) -m pipelines.model_store "$(MODEL_ID)" --model-dir "$(MODEL_DIR)"
 
 dev-run: install models
 	PIPELINE=$(PIPELINE) MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m runner

@@ -18,8 +18,10 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import prometheus_client
 import structlog
 from jinja2 import TemplateError
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from pydantic_core import to_json
 
@@ -194,6 +196,10 @@ class LLMPipeline(Pipeline):
         unfinished = self.engine.unfinished_requests() if self.engine else 0
         batch_size = self.settings.max_num_seqs if self.settings else 0
         return EngineLoad(unfinished=unfinished, submitted=self.submitted, batch_size=batch_size)
+
+    def metrics_registry(self) -> CollectorRegistry | None:
+        """vLLM's own series (vllm:*): its PrometheusStatLogger registers them in the global registry."""
+        return prometheus_client.REGISTRY if self.engine is not None else None
 
     async def close(self) -> None:
         if self.node_watch is not None:

@@ -18,15 +18,18 @@ HTTP transfers (the Hub's resolve URLs, redirected to its CDN), never hf_xet.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fnmatch
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, TextIO
 from urllib.parse import urlsplit
 
 import httpx2
@@ -77,6 +80,16 @@ class SilentProgressBar(HubProgressBar):
         super().__init__(*args, **{**kwargs, "disable": True})
 
 
+class DownloadProgress(Protocol):
+    """Told about each file of a download; the prefetch command shows it as a bar or JSON lines."""
+
+    def file_start(self, name: str, size: int | None, resume_from: int) -> None: ...
+
+    def file_progress(self, name: str, done: int, size: int | None) -> None: ...
+
+    def file_done(self, name: str, size: int, resumed_from: int, already_stored: bool) -> None: ...
+
+
 class ModelDownloadError(RuntimeError):
     """The model is not in the store and cannot be fetched; the message says why and what to do."""
 
@@ -99,7 +112,14 @@ def wanted_files(repo_files: Iterable[str]) -> list[str]:
     return sorted(name for name in candidates if matches(name, patterns))
 
 
-def resolve_model(model_id: str, model_dir: Path, *, token: str | None = None, endpoint: str | None = None) -> Path:
+def resolve_model(
+    model_id: str,
+    model_dir: Path,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    progress: DownloadProgress | None = None,
+) -> Path:
     """The folder vLLM loads `model_id` from, downloading it into the store on a miss.
 
     `token` defaults to huggingface_hub's (HF_TOKEN, else a saved login) and
@@ -119,7 +139,9 @@ def resolve_model(model_id: str, model_dir: Path, *, token: str | None = None, e
     if cached is not None:
         log.info("model.store_hit", path=str(cached))
         return cached
-    return download(model_id, model_dir, token=token if token is not None else get_token(), endpoint=endpoint)
+    return download(
+        model_id, model_dir, token=token if token is not None else get_token(), endpoint=endpoint, progress=progress
+    )
 
 
 def cached_snapshot(model_id: str, model_dir: Path) -> Path | None:
@@ -162,7 +184,9 @@ def missing_files(snapshot: Path, repo_files: list[str] | None) -> list[str]:
     return missing
 
 
-def download(model_id: str, model_dir: Path, *, token: str | None, endpoint: str | None) -> Path:
+def download(
+    model_id: str, model_dir: Path, *, token: str | None, endpoint: str | None, progress: DownloadProgress | None = None
+) -> Path:
     started = time.monotonic()
     with hub_errors(model_id, model_dir, token, endpoint):
         info = HfApi(endpoint=endpoint, token=token).model_info(model_id, files_metadata=True)
@@ -193,6 +217,7 @@ def download(model_id: str, model_dir: Path, *, token: str | None, endpoint: str
                 token=token,
                 endpoint=endpoint,
                 sha256=lfs.sha256 if lfs else None,
+                progress=progress,
             )
         # Every blob is in place: this only links them into the snapshot folder and
         # records the ref and the file list (it would fetch anything still missing).
@@ -243,13 +268,22 @@ def same_origin(url: str, other: str) -> bool:
 
 
 def fetch_file(
-    url: str, name: str, storage: Path, *, token: str | None, endpoint: str | None, sha256: str | None
+    url: str,
+    name: str,
+    storage: Path,
+    *,
+    token: str | None,
+    endpoint: str | None,
+    sha256: str | None,
+    progress: DownloadProgress | None = None,
 ) -> None:
     """Put one repo file in the store's blobs, resuming a partial copy an earlier start left."""
     metadata = get_hf_file_metadata(url, token=token, endpoint=endpoint)
     blob = storage / "blobs" / metadata.etag
     if blob.is_file():
         log.info("model.download.file", file=name, bytes=blob.stat().st_size, already_stored=True)
+        if progress is not None:
+            progress.file_done(name, blob.stat().st_size, 0, already_stored=True)
         return
     headers = build_hf_headers(token=token)
     headers["Accept-Encoding"] = "identity"  # byte ranges of the file itself, not of a compressed body
@@ -263,14 +297,21 @@ def fetch_file(
     with WeakFileLock(lock):
         if blob.is_file():
             return
-        BlobTransfer(metadata.location, blob, name, headers, metadata.size, sha256).run()
+        BlobTransfer(metadata.location, blob, name, headers, metadata.size, sha256, progress).run()
 
 
 class BlobTransfer:
     """One file, fetched into `<blob>.incomplete` from where it stopped, then renamed to `<blob>`."""
 
     def __init__(
-        self, url: str, blob: Path, name: str, headers: dict[str, str], size: int | None, sha256: str | None
+        self,
+        url: str,
+        blob: Path,
+        name: str,
+        headers: dict[str, str],
+        size: int | None,
+        sha256: str | None,
+        progress: DownloadProgress | None = None,
     ) -> None:
         self.url = url
         self.blob = blob
@@ -279,6 +320,7 @@ class BlobTransfer:
         self.headers = headers
         self.size = size
         self.sha256 = sha256
+        self.progress = progress
         self.digest = hashlib.sha256()
         self.done = 0
         self.last_progress = time.monotonic()
@@ -294,6 +336,8 @@ class BlobTransfer:
                     self.digest.update(chunk)
         self.check_disk_space()
         log.info("model.download.file.start", file=self.name, bytes=self.size, resume_from=resumed_from)
+        if self.progress is not None:
+            self.progress.file_start(self.name, self.size, resumed_from)
         started = time.monotonic()
         failures = 0
         # A partial file that is already whole: the last start died before renaming it.
@@ -322,6 +366,8 @@ class BlobTransfer:
             resumed_from=resumed_from,
             seconds=round(time.monotonic() - started, 2),
         )
+        if self.progress is not None:
+            self.progress.file_done(self.name, self.done, resumed_from, already_stored=False)
 
     def restart(self) -> None:
         self.partial.unlink(missing_ok=True)
@@ -361,6 +407,8 @@ class BlobTransfer:
                     out.write(chunk)
                     self.digest.update(chunk)
                     self.done += len(chunk)
+                    if self.progress is not None:
+                        self.progress.file_progress(self.name, self.done, self.size)
                     self.report_progress()
 
     def report_progress(self) -> None:
@@ -382,3 +430,95 @@ class BlobTransfer:
                 f"downloading {self.name} failed: {problem}; the copy was discarded and the next start "
                 "downloads it again"
             )
+
+
+# The prefetch command: `python -m pipelines.model_store <hub id> [--model-dir DIR]`
+
+
+class JsonLinesProgress:
+    """One JSON object a line: each file's start and end, and its bytes at most every `every` seconds between."""
+
+    def __init__(self, out: TextIO, every: float = 1.0) -> None:
+        self.out = out
+        self.every = every
+        self.last_line: dict[str, float] = {}
+
+    def emit(self, event: str, **fields: object) -> None:
+        self.out.write(json.dumps({"event": event, **fields}) + "\n")
+        self.out.flush()
+
+    def file_start(self, name: str, size: int | None, resume_from: int) -> None:
+        self.last_line[name] = time.monotonic()
+        self.emit("file.start", file=name, bytes=size, resume_from=resume_from)
+
+    def file_progress(self, name: str, done: int, size: int | None) -> None:
+        now = time.monotonic()
+        if now - self.last_line.get(name, 0.0) >= self.every:
+            self.last_line[name] = now
+            self.emit("file.progress", file=name, bytes_done=done, bytes=size)
+
+    def file_done(self, name: str, size: int, resumed_from: int, already_stored: bool) -> None:
+        self.emit("file.done", file=name, bytes=size, resumed_from=resumed_from, already_stored=already_stored)
+
+
+class TerminalProgress:
+    """A bar per file, on a terminal."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.bars: dict[str, HubProgressBar] = {}
+
+    def file_start(self, name: str, size: int | None, resume_from: int) -> None:
+        self.bars[name] = HubProgressBar(
+            total=size,
+            initial=resume_from,
+            desc=name,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=self.out,
+            ncols=shutil.get_terminal_size().columns,  # 80 where the terminal reports no width
+        )
+
+    def file_progress(self, name: str, done: int, size: int | None) -> None:
+        bar = self.bars[name]
+        bar.update(done - bar.n)
+
+    def file_done(self, name: str, size: int, resumed_from: int, already_stored: bool) -> None:
+        bar = self.bars.pop(name, None)
+        if bar is None:
+            self.out.write(f"{name}: already in the store ({size} bytes)\n")
+            return
+        bar.update(size - bar.n)
+        bar.close()
+
+
+def prefetch(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.model_store",
+        description="Download a Hugging Face Hub model into the model store as the runner's start would "
+        "(HF_TOKEN for gated models, HF_ENDPOINT for another hub); prints the snapshot folder.",
+    )
+    parser.add_argument("model_id", help="a Hub model id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "models")), help="the store (MODEL_DIR)"
+    )
+    args = parser.parse_args(argv)
+    # The model store's own events would repeat the progress: only its warnings (retries) are shown.
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(30),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    progress: DownloadProgress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else JsonLinesProgress(sys.stderr)
+    try:
+        path = resolve_model(args.model_id, args.model_dir, progress=progress)
+    except ModelDownloadError as exc:
+        print(f"prefetch of {args.model_id} failed: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(prefetch())

@@ -81,7 +81,9 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model
         enforce_eager=enforce_eager,
         enable_prefix_caching=settings.enable_prefix_caching,
         stream_interval=settings.stream_interval,
-        disable_log_stats=True,
+        # Stats on: vLLM's PrometheusStatLogger records each step's into prometheus_client's
+        # global registry, which /metrics serves (LLMPipeline.metrics_registry). Its
+        # LoggingStatLogger only writes when do_log_stats() is called, which the runner never does.
         **distributed_args(settings),
     )
 

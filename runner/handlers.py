@@ -58,8 +58,12 @@ async def hardware_stats(request: web.Request, _body: None) -> web.Response:
 
 
 async def metrics(request: web.Request, _body: None) -> web.Response:
-    registry = request.app[METRICS].registry
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body = generate_latest(request.app[METRICS].registry)
+    pipeline = request.app[STATE].pipeline
+    engine_registry = pipeline.metrics_registry() if pipeline is not None else None
+    if engine_registry is not None:
+        body += generate_latest(engine_registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 RUNNER_HANDLERS: dict[str, Handler] = {

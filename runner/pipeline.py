@@ -19,6 +19,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from runner.operations import Operation
@@ -124,6 +125,10 @@ class Pipeline(abc.ABC):
     @abc.abstractmethod
     def engine_load(self) -> EngineLoad:
         """What the engine is working on, for metrics and drain checks."""
+
+    def metrics_registry(self) -> CollectorRegistry | None:
+        """The pipeline's own Prometheus series (its engine's), served on /metrics after the runner's."""
+        return None
 
     def max_in_flight(self) -> int | None:
         """Requests the pipeline takes at once, queued ones included; None for no bound.

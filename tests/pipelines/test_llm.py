@@ -104,6 +104,50 @@ async def test_usage_counts_the_engines_tokens(http, tiny_runner):
     assert usage["total_tokens"] == usage["prompt_tokens"] + 37
 
 
+ENGINE_SERIES = (
+    "vllm:kv_cache_usage_perc",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:num_preemptions_total",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:iteration_tokens_total_count",
+)
+
+
+async def engine_series(http, runner: RunnerProcess) -> dict[str, float]:
+    """vLLM's own series on /metrics, by name (one engine, one model: one value each)."""
+    async with http.get(f"{runner.url}/metrics") as response:
+        text = await response.text()
+    assert "livepeer_runner_requests_in_flight" in text, "the runner's series stay"
+    found = {}
+    for name in ENGINE_SERIES:
+        match = re.search(rf'^{re.escape(name)}{{[^}}]*model_name="[^"]+"[^}}]*}} (\S+)$', text, re.MULTILINE)
+        assert match, f"{name} not in /metrics"
+        found[name] = float(match.group(1))
+    return found
+
+
+async def test_metrics_have_the_engines_own_series(http, tiny_runner):
+    before = await engine_series(http, tiny_runner)
+    status, body = await post(http, tiny_runner, {"messages": STORY, "max_tokens": 9, "temperature": 0})
+    assert status == 200
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    deadline = time.monotonic() + 10
+    while True:
+        after = await engine_series(http, tiny_runner)
+        generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+        if generated >= 9 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert generated == 9, "vLLM counts the tokens it generated"
+    assert after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"] == prompt_tokens
+    assert after["vllm:iteration_tokens_total_count"] > before["vllm:iteration_tokens_total_count"]
+    assert 0 <= after["vllm:kv_cache_usage_perc"] <= 1
+
+
 # 2. Non-streamed replies
 
 
