@@ -132,7 +132,7 @@ def build(engine: str) -> float:
            "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", IMAGE, ".", cwd=ROOT)
     else:
         volumes = [arg for source, target in mounts for arg in ("--volume", f"{source}:{target}:ro")]
-        sh(*buildah("bud", "--isolation", "chroot", "--layers", "-f", "docker/Dockerfile.cpu", *args, *volumes,
+        sh(*buildah("bud", "--format", "docker", "--isolation", "chroot", "--layers", "-f", "docker/Dockerfile.cpu", *args, *volumes,
                     "-t", IMAGE, "."), cwd=ROOT)
     return time.monotonic() - start
 
