@@ -108,6 +108,7 @@ image-tools:
 	  command -v $$tool >/dev/null || { echo "image-test needs $$tool (no docker daemon answers): apt-get install -y buildah debootstrap"; exit 1; }; \
 	done
 
-image-test: install models image-tools
+# Needs only the host's python3 and the prepared store (make models); it does not (re)install the venv.
+image-test: image-tools
 	IMAGE=localhost/$(IMAGE):cpu BASE_IMAGE=$(BASE_IMAGE) IMAGE_CACHE=$(IMAGE_CACHE) MODEL_ID=$(MODEL_ID) \
-	  MODEL_DIR=$(abspath $(MODEL_DIR)) PY=$(PY) $(PY) docker/image_test.py
+	  MODEL_DIR=$(abspath $(MODEL_DIR)) PY=$(PYTHON) $(PYTHON) docker/image_test.py
