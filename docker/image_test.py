@@ -205,6 +205,31 @@ def entrypoint_pid(launcher: int, entrypoint: list[str]) -> int | None:
     return None
 
 
+# Paths `buildah run` itself writes into a container's root at each run (its resolv.conf, hosts, ...).
+RUN_ARTIFACTS = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/run/")
+
+
+def written_outside_store(container: str, since: float) -> list[str]:
+    """Paths in the container's root (not the /models volume) created or changed since ``since``."""
+    root = Path(sh(*buildah("mount", container), capture_output=True).stdout.strip())
+    try:
+        changed = []
+        for directory, dirs, files in os.walk(root):
+            relative = "/" + str(Path(directory).relative_to(root)).removeprefix(".")
+            dirs[:] = [d for d in dirs if f"{relative.rstrip('/')}/{d}" not in ("/proc", "/sys", "/dev", "/models")]
+            for name in files:
+                path = Path(directory, name)
+                try:
+                    stat = path.lstat()
+                except OSError:
+                    continue
+                if max(stat.st_mtime, stat.st_ctime) >= since:
+                    changed.append(f"{relative.rstrip('/')}/{name}")
+        return sorted(p for p in changed if not p.startswith(RUN_ARTIFACTS))
+    finally:
+        subprocess.run(buildah("umount", container), capture_output=True)
+
+
 def run_and_probe(engine: str, entrypoint: list[str], healthcheck: list[str]) -> dict[str, float]:
     port = free_port()
     env = {"PIPELINE": "llm", "MODEL_ID": MODEL_ID, "PORT": str(port)}
@@ -216,9 +241,12 @@ def run_and_probe(engine: str, entrypoint: list[str], healthcheck: list[str]) ->
                    *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], IMAGE]
     else:
         container = sh(*buildah("from", IMAGE), capture_output=True).stdout.strip()
+        # buildah run gives an image's VOLUME a fresh empty folder even where --volume names the
+        # same path; dropped from this working container only, the store's bind mount shows through.
+        sh(*buildah("config", "--volume", "/models-", container))
         command = buildah("run", "--isolation", "chroot", "--network", "host", "--volume", f"{MODEL_DIR}:/models:rw",
                           *[a for k, v in env.items() for a in ("--env", f"{k}={v}")], container, "--", *entrypoint)
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     with open(log_path, "w") as log:
         launcher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     figures: dict[str, float] = {}
@@ -291,6 +319,11 @@ def run_and_probe(engine: str, entrypoint: list[str], healthcheck: list[str]) ->
         foreign = [str(p) for p in MODEL_DIR.rglob("*") if p.stat().st_uid not in (1000,)]
         if foreign:
             raise Failed(f"files in the store not owned by the image's user: {foreign[:5]}")
+        if container:
+            outside = written_outside_store(container, started_wall - 1)
+            if outside:
+                raise Failed(f"the runner wrote outside /models: {outside[:20]}")
+            say("nothing written in the container's root outside /models")
         return figures
     finally:
         if launcher.poll() is None:
