@@ -193,8 +193,29 @@ def descendants(pid: int) -> list[int]:
 
 
 def entrypoint_pid(launcher: int, entrypoint: list[str]) -> int | None:
-    """The container's entrypoint process: what docker signals as PID 1 (buildah run does not forward signals)."""
-    for pid in descendants(launcher):
+    """The container's entrypoint process: what docker signals as PID 1 (buildah run does not forward signals).
+
+    vLLM renames its process title, so the entrypoint is found as the first process under the
+    launcher that is not buildah itself but whose parent is; its command line is only a fallback.
+    """
+    def exe(pid: int) -> str:
+        try:
+            return os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return ""
+
+    def parent(pid: int) -> int:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            return -1
+
+    buildah_exe = exe(launcher)
+    under = sorted(descendants(launcher))
+    for pid in under:
+        if exe(pid) and exe(pid) != buildah_exe and exe(parent(pid)) == buildah_exe:
+            return pid
+    for pid in under:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
         except OSError:
