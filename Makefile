@@ -21,7 +21,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models prefetch dev-run test stress bench docker-build docker-build-cpu docker-run clean
+.PHONY: help install gen gen-check models prefetch dev-run test stress bench docker-build docker-build-cpu docker-run image-tools image-test clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
@@ -101,3 +101,19 @@ bench: install models
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Build the CPU image here (docker, else buildah) and run it as go-livepeer does: PIPELINE=llm,
+# MODEL_ID, the model store at /models, port 8000, SIGTERM with 8 s to exit (docker/image_test.py).
+# The debootstrap base tree and build files live in IMAGE_CACHE, outside the checkout.
+IMAGE_CACHE ?= /var/tmp/livepeer-llm-runner-image
+BASE_IMAGE ?= localhost/debian-bookworm:debootstrap
+image-tools:
+	@if docker info >/dev/null 2>&1; then exit 0; fi; \
+	for tool in buildah debootstrap; do \
+	  command -v $$tool >/dev/null || { echo "image-test needs $$tool (no docker daemon answers): apt-get install -y buildah debootstrap"; exit 1; }; \
+	done
+
+# Needs only the host's python3 and the prepared store (make models); it does not (re)install the venv.
+image-test: image-tools
+	IMAGE=localhost/$(IMAGE):cpu BASE_IMAGE=$(BASE_IMAGE) IMAGE_CACHE=$(IMAGE_CACHE) MODEL_ID=$(MODEL_ID) \
+	  MODEL_DIR=$(abspath $(MODEL_DIR)) PY=$(PYTHON) $(PYTHON) docker/image_test.py
