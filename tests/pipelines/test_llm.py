@@ -423,12 +423,10 @@ def test_on_a_small_machine_the_engine_worker_computes_on_every_core(default_run
 
     cores = os.sched_getaffinity(0)
     event = engine_start_event(default_runner)
-    assert (event["enable_prefix_caching"], event["stream_interval"]) == (True, 1)
-    if "VLLM_CACHE_ROOT" not in os.environ:  # the user's choice wins
-        cache = str(model_store.resolve() / "vllm-cache")
-        assert event["environment"]["VLLM_CACHE_ROOT"] == cache, "the compile cache is in the model store"
+    # What the runner set to place the engine's threads (the compile cache's place aside).
+    placed = {name: value for name, value in event["environment"].items() if name != "VLLM_CACHE_ROOT"}
     if event["platform"] != "cpu":
-        assert event["environment"] == {}, "the runner places no threads beside a GPU engine"
+        assert placed == {}, "the runner places no threads beside a GPU engine"
         return
     workers = [process for process in psutil.Process(default_runner.process.pid).children(recursive=True)
                if process.name() == "VLLM::Worker"]
@@ -440,10 +438,10 @@ def test_on_a_small_machine_the_engine_worker_computes_on_every_core(default_run
     team, reserved = logged_cpu_ids(log, "core ids"), logged_cpu_ids(log, "reserved_cpus")
     assert used == team <= cores
     if len(cores) <= SMALL_MACHINE_CORES:
-        assert event["environment"] == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        assert placed == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
         assert reserved == set()
         if psutil.cpu_count(logical=False) == psutil.cpu_count():  # no SMT: every allowed CPU is a core
             assert used == cores
     else:  # vLLM's own layout: one core kept for its scheduler process
-        assert event["environment"] == {}
+        assert placed == {}
         assert len(reserved) == 1 and not reserved & team
