@@ -11,11 +11,12 @@ Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (3),
 BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (128), BENCH_MIN_REQUESTS (4)
 and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
 requests; BENCH_SYSTEMS (engine,runner,runner-v1,vllm-serve), BENCH_OUTPUT
-(bench/results.md), BENCH_TIME_LIMIT (1200 s: a measurement that would end past
+(bench/results.md), BENCH_TIME_LIMIT (3600 s: a measurement that would end past
 it is skipped, and the report says so), BENCH_SETTLE (1.2 s between two
 measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s),
 BENCH_STARTS (3: timed starts of each system alone, round robin, before the
-passes; 0 for none), BENCH_GROWTH (1: TTFT against prompt length on the engine
+passes; 0 for none), BENCH_COMPILED (1: the runner compiled, ENFORCE_EAGER=false,
+started on an empty compile cache and restarted on the one it left; 0 to skip), BENCH_GROWTH (1: TTFT against prompt length on the engine
 and the runner, and a multi-turn chat on the runner with the prefix cache on
 and off, after the passes; 0 to skip).
 """
@@ -27,8 +28,10 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,7 @@ import aiohttp
 from bench import growth
 from bench.load import LevelResult, RequestRecord, run_level
 from bench.prompts import chat_prompts
-from bench.report import Report, machine_facts
+from bench.report import COLD_COMPILED, WARM_COMPILED, Report, machine_facts
 from bench.systems import ROOT, EngineSystem, RunnerOpenAISystem, RunnerSystem, Startup, System, VllmServeSystem
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -71,6 +74,7 @@ class BenchConfig:
     settle: float
     starts: int  # timed starts of each system alone, before the passes
     growth: bool  # TTFT against prompt length, and a multi-turn chat with the prefix cache on and off
+    compiled: bool  # the runner compiled, started on an empty compile cache and restarted on its own
 
     @classmethod
     def from_env(cls) -> BenchConfig:
@@ -91,10 +95,11 @@ class BenchConfig:
             output=Path(os.environ.get("BENCH_OUTPUT", ROOT / "bench" / "results.md")),
             request_timeout=float(os.environ.get("BENCH_REQUEST_TIMEOUT", "300")),
             start_timeout=float(os.environ.get("BENCH_START_TIMEOUT", "600")),
-            time_limit=float(os.environ.get("BENCH_TIME_LIMIT", "1200")),
+            time_limit=float(os.environ.get("BENCH_TIME_LIMIT", "3600")),
             settle=float(os.environ.get("BENCH_SETTLE", "1.2")),
             starts=int(os.environ.get("BENCH_STARTS", "3")),
             growth=os.environ.get("BENCH_GROWTH", "1") != "0",
+            compiled=os.environ.get("BENCH_COMPILED", "1") != "0",
         )
 
     def workload(self, concurrency: int) -> list[list[dict]]:
@@ -184,6 +189,31 @@ async def timed_starts(config: BenchConfig, session: aiohttp.ClientSession, log_
     return starts
 
 
+async def compiled_restarts(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path
+                            ) -> dict[str, list[Startup]]:
+    """The runner compiled (ENFORCE_EAGER=false) as a container starts it, alone: first on an empty
+    compile cache (VLLM_CACHE_ROOT, /models/vllm-cache in a container), then restarted on the cache
+    that start left. Each start gets an empty TMPDIR, as a new container's /tmp is empty
+    (torch's inductor keeps a cache of its own there)."""
+    cache = log_dir / "compile-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    found = {}
+    for label in (COLD_COMPILED, WARM_COMPILED):
+        scratch = tempfile.mkdtemp(prefix="bench-tmp-")
+        env = {**server_env(config), "ENFORCE_EAGER": "false", "VLLM_CACHE_ROOT": str(cache), "TMPDIR": scratch}
+        system = RunnerSystem(config.model_id, config.model_dir, env, log_dir, name="runner-compiled")
+        await asyncio.sleep(config.settle)
+        print(f"start of the {label} alone ...", flush=True)
+        try:
+            startup = await system.start(session, config.start_timeout)
+        finally:
+            await system.stop()
+            shutil.rmtree(scratch, ignore_errors=True)
+        print(f"  {label}: first answer after {startup.first_answer_s:.1f} s", flush=True)
+        found[label] = [startup]
+    return found
+
+
 async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
                         vllm_engine, engine_args, import_s: float, started: list[System]) -> dict[str, Startup]:
     """Start the systems one after the other for the passes, each start timed to its first answer."""
@@ -214,6 +244,8 @@ async def bench(config: BenchConfig, begun: float) -> None:
             vllm_engine, engine_args, import_s = runner_engine_args(config)
             facts.update(engine_settings(engine_args))
             alone = await timed_starts(config, session, log_dir, vllm_engine, engine_args, import_s)
+            if config.compiled and "runner" in config.systems:
+                alone |= await compiled_restarts(config, session, log_dir)
             startups = await start_systems(config, session, log_dir, vllm_engine, engine_args, import_s, started)
             systems = list(started)
             await warm_up(config, systems, session)
@@ -271,6 +303,9 @@ async def measure_growth(config: BenchConfig, session: aiohttp.ClientSession, lo
         print(f"the runner's memory with {growth.OPEN_STREAMS} streams open ...", flush=True)
         measured["memory"] = await growth.rss_with_open_streams(
             by_name["runner"], session, chat_prompts(), config.request_timeout)
+        for system in [system for system in started if system.name in ("engine", "vllm-serve")]:
+            await stop(system)  # the multi-turn chat needs the two runners only: room for the second
+            started.remove(system)
         uncached = RunnerSystem(config.model_id, config.model_dir, {**server_env(config), "ENABLE_PREFIX_CACHING": "false"},
                                 log_dir, name=NO_PREFIX_CACHE)
         print(f"starting {NO_PREFIX_CACHE} ...", flush=True)

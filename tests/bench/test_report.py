@@ -24,3 +24,18 @@ def test_the_pair_cancels_drift_that_both_systems_share():
 def test_one_pair_has_no_interval():
     centre, low, high = paired_ratio_interval([(1, 2)])
     assert centre == 0.5 and math.isnan(low) and math.isnan(high)
+
+
+def test_starts_alone_report_the_gap_to_the_engine_and_what_a_warm_compile_cache_saves(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.report import COLD_COMPILED, WARM_COMPILED, Report
+    from bench.systems import Startup
+
+    config = SimpleNamespace(passes=3, concurrency=[1], output=tmp_path / "results.md")
+    alone = {"engine": [Startup(first_answer_s=s) for s in (30, 31, 35)],
+             "runner": [Startup(first_answer_s=s) for s in (31, 33, 40)],
+             COLD_COMPILED: [Startup(first_answer_s=120)], WARM_COMPILED: [Startup(first_answer_s=90)]}
+    lines = Report(config, {}, {}, [], alone).alone_lines()
+    assert "| runner | 3 | 33.0 s | 31.0–40.0 s | +2.0 s |" in lines
+    assert any("after 90.0 s instead of 120.0 s: 30.0 s saved (0.75x)" in line for line in lines)
