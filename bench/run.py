@@ -272,7 +272,11 @@ async def bench(config: BenchConfig, begun: float) -> None:
                         results.append(result)
                         print("  " + progress_line(result), flush=True)
             if config.growth:
-                grown = await measure_growth(config, session, log_dir, systems, started)
+                try:
+                    grown = await measure_growth(config, session, log_dir, systems, started)
+                except Exception as exc:  # the passes' figures are still reported
+                    print(f"growth measurements failed: {exc!r}", flush=True)
+                    facts["growth measurements failed"] = repr(exc)
         finally:
             await asyncio.gather(*(stop(system) for system in started))
     facts["bench wall time"] = f"{time.perf_counter() - begun:.0f} s (limit {config.time_limit:.0f} s)"

@@ -192,63 +192,83 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def entrypoint_pid(launcher: int, entrypoint: list[str]) -> int | None:
-    """The container's entrypoint process: what docker signals as PID 1 (buildah run does not forward signals).
+def in_image(pid: int) -> bool:
+    """Whether the process runs a program of the image: chrooted, its executable inside that root."""
+    try:
+        root, exe = os.readlink(f"/proc/{pid}/root"), os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    return root != "/" and exe.startswith(root.rstrip("/") + "/")
 
-    vLLM renames its process title, so the entrypoint is found as the first process under the
-    launcher that is not buildah itself but whose parent is; its command line is only a fallback.
+
+def parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return -1
+
+
+def entrypoint_pid(launcher: int) -> int | None:
+    """The container's entrypoint process: what docker signals as PID 1.
+
+    `buildah run` does not forward signals, and between it and the entrypoint sit its own
+    chroot-runtime and chroot-exec (programs in memory, the second already chrooted): the
+    entrypoint is the one process of the image whose parent is not of the image.
     """
-    def exe(pid: int) -> str:
-        try:
-            return os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            return ""
+    found = [pid for pid in descendants(launcher) if in_image(pid) and not in_image(parent_of(pid))]
+    return found[0] if len(found) == 1 else None
 
-    def parent(pid: int) -> int:
-        try:
-            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):
-            return -1
 
-    buildah_exe = exe(launcher)
-    under = sorted(descendants(launcher))
-    for pid in under:
-        if exe(pid) and exe(pid) != buildah_exe and exe(parent(pid)) == buildah_exe:
-            return pid
-    for pid in under:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-        except OSError:
-            continue
-        if [part.decode() for part in argv[-len(entrypoint):]] == entrypoint[-len(entrypoint):] and \
-                not any(b"buildah" in part for part in argv[:1]):
-            return pid
-    return None
+def chrooted_into(root: str) -> list[int]:
+    """Processes running chrooted into ``root``: with no PID namespace, what outlived the entrypoint."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "root") == root:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "?"
 
 
 # Paths `buildah run` itself writes into a container's root at each run (its resolv.conf, hosts, ...).
 RUN_ARTIFACTS = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/run/")
+# Scratch space: vLLM's ZeroMQ sockets between the runner and its engine core live here (a
+# container with --read-only needs --tmpfs /tmp); reported, not a failure.
+SCRATCH = "/tmp/"
 
 
-def written_outside_store(container: str, since: float) -> list[str]:
-    """Paths in the container's root (not the /models volume) created or changed since ``since``."""
+def root_files(container: str) -> dict[str, tuple[int, float]]:
+    """(size, mtime) of every file in the container's root, not under /models, /proc, /sys or /dev."""
     root = Path(sh(*buildah("mount", container), capture_output=True).stdout.strip())
     try:
-        changed = []
+        found = {}
         for directory, dirs, files in os.walk(root):
             relative = "/" + str(Path(directory).relative_to(root)).removeprefix(".")
             dirs[:] = [d for d in dirs if f"{relative.rstrip('/')}/{d}" not in ("/proc", "/sys", "/dev", "/models")]
             for name in files:
-                path = Path(directory, name)
                 try:
-                    stat = path.lstat()
+                    stat = Path(directory, name).lstat()
                 except OSError:
                     continue
-                if max(stat.st_mtime, stat.st_ctime) >= since:
-                    changed.append(f"{relative.rstrip('/')}/{name}")
-        return sorted(p for p in changed if not p.startswith(RUN_ARTIFACTS))
+                found[f"{relative.rstrip('/')}/{name}"] = (stat.st_size, stat.st_mtime)
+        return found
     finally:
         subprocess.run(buildah("umount", container), capture_output=True)
+
+
+def written_outside_store(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]) -> list[str]:
+    """Files the run created or changed in the container's root, less what `buildah run` writes itself."""
+    changed = [path for path, seen in after.items() if before.get(path) != seen]
+    return sorted(path for path in changed if not path.startswith(RUN_ARTIFACTS))
 
 
 def run_and_probe(engine: str, entrypoint: list[str], healthcheck: list[str]) -> dict[str, float]:
@@ -267,7 +287,8 @@ def run_and_probe(engine: str, entrypoint: list[str], healthcheck: list[str]) ->
         sh(*buildah("config", "--volume", "/models-", container))
         command = buildah("run", "--isolation", "chroot", "--network", "host", "--volume", f"{MODEL_DIR}:/models:rw",
                           *[a for k, v in env.items() for a in ("--env", f"{k}={v}")], container, "--", *entrypoint)
-    started, started_wall = time.monotonic(), time.time()
+    before = root_files(container) if container else {}
+    started = time.monotonic()
     with open(log_path, "w") as log:
         launcher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     figures: dict[str, float] = {}
@@ -326,9 +347,10 @@ def run_and_probe(engine: str, entrypoint: list[str], healthcheck: list[str]) ->
                 raise Failed(f"HEALTHCHECK {probe} failed: {result.stdout}{result.stderr}")
             say(f"HEALTHCHECK {probe} passes inside the image")
 
-        pid = entrypoint_pid(launcher.pid, entrypoint) if engine != "docker" else launcher.pid
+        pid = entrypoint_pid(launcher.pid) if engine != "docker" else launcher.pid
         if pid is None:
-            raise Failed("cannot find the entrypoint's process to signal")
+            raise Failed(f"cannot tell the entrypoint's process among {descendants(launcher.pid)}")
+        root = os.readlink(f"/proc/{pid}/root") if engine != "docker" else None
         stop = time.monotonic()
         os.kill(pid, signal.SIGTERM)
         try:
@@ -337,14 +359,26 @@ def run_and_probe(engine: str, entrypoint: list[str], healthcheck: list[str]) ->
             raise Failed(f"the runner did not exit within {STOP_GRACE_S:.0f} s of SIGTERM") from None
         figures["stop_s"] = time.monotonic() - stop
         say(f"SIGTERM: exited {launcher.returncode} in {figures['stop_s']:.1f} s")
+        if launcher.returncode != 0:
+            raise Failed(f"the runner exited {launcher.returncode} after SIGTERM, not 0; see {log_path}")
+        if root:
+            time.sleep(0.5)
+            left = chrooted_into(root)
+            if left:
+                for orphan in left:
+                    os.kill(orphan, signal.SIGKILL)
+                raise Failed(f"processes outlived the runner (killed now): {[command_line(p) for p in left]}")
+            say("no process of the image outlived the runner")
         foreign = [str(p) for p in MODEL_DIR.rglob("*") if p.stat().st_uid not in (1000,)]
         if foreign:
             raise Failed(f"files in the store not owned by the image's user: {foreign[:5]}")
         if container:
-            outside = written_outside_store(container, started_wall - 1)
+            outside = written_outside_store(before, root_files(container))
+            scratch = [path for path in outside if path.startswith(SCRATCH)]
+            outside = [path for path in outside if not path.startswith(SCRATCH)]
             if outside:
-                raise Failed(f"the runner wrote outside /models: {outside[:20]}")
-            say("nothing written in the container's root outside /models")
+                raise Failed(f"the runner wrote outside /models and {SCRATCH}: {outside[:20]}")
+            say(f"nothing written in the container's root outside /models and {SCRATCH} ({len(scratch)} there: {scratch[:4]})")
         return figures
     finally:
         if launcher.poll() is None:
