@@ -175,15 +175,18 @@ def http(port: int, method: str, path: str, body: dict | None = None, timeout: f
     return urllib.request.urlopen(request, timeout=timeout)
 
 
+def parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return -1
+
+
 def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+            children.setdefault(parent_of(int(entry.name)), []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -199,13 +202,6 @@ def in_image(pid: int) -> bool:
     except OSError:
         return False
     return root != "/" and exe.startswith(root.rstrip("/") + "/")
-
-
-def parent_of(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError):
-        return -1
 
 
 def entrypoint_pid(launcher: int) -> int | None:
@@ -266,8 +262,8 @@ def root_files(container: str) -> dict[str, tuple[int, float]]:
 
 
 def written_outside_store(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]) -> list[str]:
-    """Files the run created or changed in the container's root, less what `buildah run` writes itself."""
-    changed = [path for path, seen in after.items() if before.get(path) != seen]
+    """Files the run created, changed or removed in the container's root, less what `buildah run` writes itself."""
+    changed = [path for path in before.keys() | after.keys() if before.get(path) != after.get(path)]
     return sorted(path for path in changed if not path.startswith(RUN_ARTIFACTS))
 
 
