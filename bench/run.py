@@ -178,15 +178,21 @@ async def timed_starts(config: BenchConfig, session: aiohttp.ClientSession, log_
     for round_index in range(config.starts):
         for name in names:
             system = candidate_systems(config, log_dir, vllm_engine, engine_args, import_s)[name]
-            await asyncio.sleep(config.settle)
-            print(f"start {round_index + 1}/{config.starts} of {name} alone ...", flush=True)
-            try:
-                startup = await system.start(session, config.start_timeout)
-            finally:
-                await system.stop()
-            starts[name].append(startup)
-            print(f"  {name}: first answer after {startup.first_answer_s:.1f} s", flush=True)
+            starts[name].append(await start_alone(config, session, system,
+                                                  f"start {round_index + 1}/{config.starts} of {name}"))
     return starts
+
+
+async def start_alone(config: BenchConfig, session: aiohttp.ClientSession, system: System, label: str) -> Startup:
+    """One timed start of ``system`` with nothing else up, stopped again at once."""
+    await asyncio.sleep(config.settle)
+    print(f"{label} alone ...", flush=True)
+    try:
+        startup = await system.start(session, config.start_timeout)
+    finally:
+        await system.stop()
+    print(f"  {label}: first answer after {startup.first_answer_s:.1f} s", flush=True)
+    return startup
 
 
 async def compiled_restarts(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path
@@ -202,15 +208,10 @@ async def compiled_restarts(config: BenchConfig, session: aiohttp.ClientSession,
         scratch = tempfile.mkdtemp(prefix="bench-tmp-")
         env = {**server_env(config), "ENFORCE_EAGER": "false", "VLLM_CACHE_ROOT": str(cache), "TMPDIR": scratch}
         system = RunnerSystem(config.model_id, config.model_dir, env, log_dir, name="runner-compiled")
-        await asyncio.sleep(config.settle)
-        print(f"start of the {label} alone ...", flush=True)
         try:
-            startup = await system.start(session, config.start_timeout)
+            found[label] = [await start_alone(config, session, system, f"start of the {label}")]
         finally:
-            await system.stop()
             shutil.rmtree(scratch, ignore_errors=True)
-        print(f"  {label}: first answer after {startup.first_answer_s:.1f} s", flush=True)
-        found[label] = [startup]
     return found
 
 
