@@ -109,11 +109,20 @@ class PacedStreamWriter:
         self.pending: asyncio.Future | None = None
 
     def client_is_behind(self, size: int) -> bool:
+        """Whether writing ``size`` bytes now may wait for the client.
+
+        A write waits only while the transport has paused the protocol: from the
+        moment its buffer passes the high-water mark until it drains to the low
+        one. At or below the low mark it is not paused, so only this write
+        itself passing the high mark can make it wait. (uvloop's low mark is 16
+        bytes: testing each event against it sent every write down the slow path.)
+        """
         transport = self.request.transport
         if transport is None:
             return False  # the write fails at once, it does not wait
-        low_water, _ = transport.get_write_buffer_limits()
-        return transport.get_write_buffer_size() + size > low_water
+        low_water, high_water = transport.get_write_buffer_limits()
+        buffered = transport.get_write_buffer_size()
+        return buffered > low_water or buffered + size > high_water
 
     async def write(self, data: bytes) -> None:
         if not self.client_is_behind(len(data)):

@@ -16,10 +16,14 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
+import aiohttp
+import uvloop
+from aiohttp.test_utils import TestServer
+
 from pipelines import llm_schema
 from pipelines.llm_schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from runner.app import create_app
-from runner.handlers import STALLED_CLIENT_GRACE
+from runner.handlers import STALLED_CLIENT_GRACE, PacedStreamWriter
 from runner.keys import METRICS, STATE
 from runner.pipeline import EngineLoad, EventStream, Pipeline, RequestContext, Serve
 from runner.settings import RunnerSettings
@@ -42,8 +46,10 @@ class FloodPipeline(Pipeline):
     name = "flood"
     OPERATIONS = GEN_LLM
 
-    def __init__(self) -> None:
+    def __init__(self, events: int = EVENTS, content_bytes: int = EVENT_CONTENT_BYTES) -> None:
         super().__init__("flood", Path("."))
+        self.events_wanted = events
+        self.content_bytes = content_bytes
         self.produced = 0
         self.finished = asyncio.Event()
         self.closed = asyncio.Event()  # the stream was run to its end or stopped
@@ -77,9 +83,9 @@ class FloodPipeline(Pipeline):
         return response.model_dump_json(exclude_none=True).encode()
 
     async def events(self):
-        content = "x" * EVENT_CONTENT_BYTES
+        content = "x" * self.content_bytes
         try:
-            for _ in range(EVENTS):
+            for _ in range(self.events_wanted):
                 self.produced += 1
                 yield self.event(content)
             yield self.event("", "length")
@@ -208,6 +214,48 @@ async def test_a_slow_reader_past_the_request_timeout_still_gets_the_error_event
     last = json.loads(events[-1].removeprefix("data: "))
     assert last["choices"][0]["finish_reason"] == "error" and last["choices"][0]["delta"]["content"] == ""
     assert await served_requests(server) == {("failed", "200"): 1}
+
+
+def test_on_uvloop_a_reading_client_is_written_to_directly_and_a_frozen_one_is_let_go(monkeypatch):
+    """The runner serves on uvloop, whose transports' low-water mark is 16 bytes
+    (asyncio's is 16 KiB). A client that keeps up must get every event by the
+    direct write, not the waiting path meant for clients that are behind (a task
+    and a shield per token); a client that stops reading must still be let go."""
+    verdicts: list[bool] = []
+    client_is_behind = PacedStreamWriter.client_is_behind
+
+    def recorded(writer, size: int) -> bool:
+        verdicts.append(client_is_behind(writer, size))
+        return verdicts[-1]
+
+    monkeypatch.setattr(PacedStreamWriter, "client_is_behind", recorded)
+
+    async def scenario() -> None:
+        # 200 events of 300 bytes: all of it fits the client's receive buffer, so nothing waits in the runner's.
+        pipeline = FloodPipeline(events=200, content_bytes=300)
+        async with TestServer(create_app(RunnerSettings(), pipeline=pipeline), host="127.0.0.1") as server:
+            await asyncio.sleep(0)  # the pipeline's (instant) load
+            body = {"messages": [{"role": "user", "content": "flood"}], "stream": True}
+            async with aiohttp.ClientSession() as session, session.post(server.make_url("/llm"), json=body) as response:
+                events = [line async for line in response.content if line.startswith(b"data: ")]
+        assert len(events) == 200 + 2  # every event, the final one and [DONE]
+        assert verdicts and not any(verdicts), f"{sum(verdicts)} of {len(verdicts)} writes took the waiting path"
+
+        pipeline = FloodPipeline()
+        async with TestServer(create_app(RunnerSettings(REQUEST_TIMEOUT=1), pipeline=pipeline),
+                              host="127.0.0.1") as server:
+            await asyncio.sleep(0)
+            client = await open_stalled_stream(server)
+            try:
+                await asyncio.wait_for(pipeline.closed.wait(), timeout=1 + STALLED_CLIENT_GRACE / 2)
+                assert not pipeline.finished.is_set(), "the stream was stopped at the timeout"
+                await wait_until(lambda: server.app[STATE].in_flight == 0, within=1 + STALLED_CLIENT_GRACE + 5)
+            finally:
+                client.close()
+        assert any(verdicts), "the frozen client's writes took the waiting path"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
 
 
 def sse_blocks(raw: bytes) -> list[str]:
