@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 import structlog
 from aiohttp import web
@@ -107,6 +108,7 @@ class PacedStreamWriter:
         self.response = response
         self.let_go_at = deadline + STALLED_CLIENT_GRACE
         self.pending: asyncio.Future | None = None
+        self.transport = request.transport  # the connection's own, looked up once: this runs for every token
 
     def client_is_behind(self, size: int) -> bool:
         """Whether writing ``size`` bytes now may wait for the client.
@@ -117,17 +119,19 @@ class PacedStreamWriter:
         itself passing the high mark can make it wait. (uvloop's low mark is 16
         bytes: testing each event against it sent every write down the slow path.)
         """
-        transport = self.request.transport
-        if transport is None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return False  # the write fails at once, it does not wait
         low_water, high_water = transport.get_write_buffer_limits()
         buffered = transport.get_write_buffer_size()
         return buffered > low_water or buffered + size > high_water
 
-    async def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> Awaitable[None]:
         if not self.client_is_behind(len(data)):
-            await self.response.write(data)  # goes straight to the socket: nothing to wait for
-            return
+            return self.response.write(data)  # goes straight to the socket: nothing to wait for
+        return self.write_when_caught_up(data)
+
+    async def write_when_caught_up(self, data: bytes) -> None:
         self.pending = asyncio.ensure_future(self.response.write(data))
         self.pending.add_done_callback(lambda write: write.cancelled() or write.exception())
         await asyncio.shield(self.pending)
