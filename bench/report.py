@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from bench.floor import FLOOR_STREAMS, FLOOR_TOKENS, KINDS, STEP_S, median_us
 from bench.growth import (
     CONVERSATIONS,
     GROWTH_MAX_TOKENS,
@@ -191,6 +192,7 @@ class Report:
         lines += self.sameness_lines()
         lines += self.ratio_lines()
         lines += self.paired_lines()
+        lines += self.floor_lines()
         lines += self.growth_lines()
         lines += self.target_lines()
         lines += ["", f"Chart: `{self.config.output.with_suffix('.png').name}` (tokens per second and TTFT p50 "
@@ -263,6 +265,35 @@ class Report:
             lines.append(f"| {concurrency} | {centre:.3f} [{low:.3f}–{high:.3f}] | {gap:+.3f} |")
         return lines
 
+    def floor_lines(self) -> list[str]:
+        found = self.growth.get("floor")
+        if not found:
+            return []
+        stand_in, socket_us, aiohttp_us, runner_us = (median_us(found[kind]) for kind in KINDS)
+        rounds = len(found["runner"].cpu_us_per_event)
+        lines = ["", "## Where the runner's per-token HTTP cost goes", "",
+                 f"CPU of each server process per streamed event, {FLOOR_STREAMS} streams of {FLOOR_TOKENS} tokens "
+                 f"at once on uvloop, over one stand-in engine that gives every open stream a token each "
+                 f"{1000 * STEP_S:.0f} ms (`bench/floor.py`); medians of {rounds} rounds, the servers measured in "
+                 "turn. Each row adds one layer to the one above it.", "",
+                 "| server | CPU µs per event | added by the layer |", "| --- | --- | --- |",
+                 f"| the stand-in's streams consumed in-process, no socket | {stand_in:.1f} | – |",
+                 f"| + one socket write per event (a bare protocol, HTTP chunked) | {socket_us:.1f} | "
+                 f"{socket_us - stand_in:+.1f} |",
+                 f"| aiohttp `StreamResponse.write` instead | {aiohttp_us:.1f} | {aiohttp_us - socket_us:+.1f} |",
+                 f"| the runner's `/llm` (app, middlewares, reply builder, paced writer) | {runner_us:.1f} | "
+                 f"{runner_us - aiohttp_us:+.1f} |"]
+        top = max(self.levels(), default=None)
+        if top is not None and {"runner", "engine"} <= set(self.systems):
+            gap_us = 1000 * (self.median("runner", top, "api_cpu_ms_per_token")
+                             - self.median("engine", top, "api_cpu_ms_per_token"))
+            lines += ["", f"In the passes at c={top} the runner's API process spent {gap_us:.0f} µs per output token "
+                      "more than the engine's in-process front end, which writes to no socket. Over the stand-in, the "
+                      f"runner's whole HTTP path costs {runner_us - stand_in:.0f} µs per event, of which "
+                      f"{socket_us - stand_in:.0f} µs is the socket write itself, which any server streaming one "
+                      "event per token pays."]
+        return lines
+
     def growth_series(self, part: str) -> dict[str, list[tuple[int, float, int]]]:
         """(length or turn, median TTFT ms, median prompt tokens) by system, for a part of the growth phase."""
         series: dict[str, list[tuple[int, float, int]]] = defaultdict(list)
@@ -276,8 +307,10 @@ class Report:
         if lengths:
             names = list(lengths)
             lines += ["", "## Time to first token against prompt length", "",
-                      f"One request at a time, {GROWTH_MAX_TOKENS} output tokens, {LENGTH_SAMPLES} unique prompts "
-                      "per length (no prefix shared with any earlier prompt); medians.", "",
+                      f"One request at a time, {GROWTH_MAX_TOKENS} output tokens, "
+                      + ", ".join(str(samples) for samples in LENGTH_SAMPLES.values())
+                      + " unique prompts at each length, shortest first (no prefix shared with any earlier prompt); "
+                      "medians.", "",
                       "| prompt tokens | " + " | ".join(f"{name} TTFT ms" for name in names)
                       + (" | runner − engine |" if {"runner", "engine"} <= set(names) else " |"),
                       "|" + " --- |" * (len(names) + 1 + ({"runner", "engine"} <= set(names)))]

@@ -8,15 +8,18 @@ so that drift on the machine spreads evenly. The report gives medians over the
 passes with their ranges, in ``bench/results.md`` and ``bench/results.png``.
 
 Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (3),
-BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (128), BENCH_MIN_REQUESTS (4)
+BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (64), BENCH_MIN_REQUESTS (4)
 and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
 requests; BENCH_SYSTEMS (engine,runner,runner-v1,vllm-serve), BENCH_OUTPUT
 (bench/results.md), BENCH_TIME_LIMIT (3600 s: a measurement that would end past
 it is skipped, and the report says so), BENCH_SETTLE (1.2 s between two
 measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s),
 BENCH_STARTS (3: timed starts of each system alone, round robin, before the
-passes; 0 for none), BENCH_COMPILED (1: the runner compiled, ENFORCE_EAGER=false,
-started on an empty compile cache and restarted on the one it left; 0 to skip), BENCH_GROWTH (1: TTFT against prompt length on the engine
+passes; 0 for none), BENCH_ALONE (engine,runner: the systems given those timed
+starts; vllm serve's start is timed once, as the systems start for the passes), BENCH_COMPILED (1: the runner compiled, ENFORCE_EAGER=false,
+started on an empty compile cache and restarted on the one it left; 0 to skip), BENCH_FLOOR (1: CPU
+per streamed event of a bare socket, aiohttp and the runner over a stand-in engine,
+``bench/floor.py``, after the passes; 0 to skip), BENCH_GROWTH (1: TTFT against prompt length on the engine
 and the runner, and a multi-turn chat on the runner with the prefix cache on
 and off, after the passes; 0 to skip).
 """
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import growth
+from bench import floor, growth
 from bench.load import LevelResult, RequestRecord, run_level
 from bench.prompts import chat_prompts
 from bench.report import COLD_COMPILED, WARM_COMPILED, Report, machine_facts
@@ -72,23 +75,27 @@ class BenchConfig:
     start_timeout: float
     time_limit: float
     settle: float
-    starts: int  # timed starts of each system alone, before the passes
+    starts: int  # timed starts of each system alone, before the passes ...
+    alone: list[str]  # ... of these systems
     growth: bool  # TTFT against prompt length, and a multi-turn chat with the prefix cache on and off
     compiled: bool  # the runner compiled, started on an empty compile cache and restarted on its own
+    floor: bool  # the per-event CPU of the HTTP path's layers, over a stand-in engine
 
     @classmethod
     def from_env(cls) -> BenchConfig:
         systems = [name.strip() for name in os.environ.get("BENCH_SYSTEMS", ",".join(SYSTEM_NAMES)).split(",")]
-        unknown = set(systems) - set(SYSTEM_NAMES)
-        if unknown:
-            raise SystemExit(f"BENCH_SYSTEMS: unknown {sorted(unknown)}; known: {', '.join(SYSTEM_NAMES)}")
+        alone = [name.strip() for name in os.environ.get("BENCH_ALONE", "engine,runner").split(",") if name.strip()]
+        for variable, names in (("BENCH_SYSTEMS", systems), ("BENCH_ALONE", alone)):
+            unknown = set(names) - set(SYSTEM_NAMES)
+            if unknown:
+                raise SystemExit(f"{variable}: unknown {sorted(unknown)}; known: {', '.join(SYSTEM_NAMES)}")
         return cls(
             model_id=os.environ.get("MODEL_ID", DEFAULT_MODEL_ID),
             model_dir=Path(os.environ.get("MODEL_DIR", "models")).resolve(),
             kv_cache_gib=os.environ.get("KV_CACHE_GIB", "1"),
             passes=int(os.environ.get("BENCH_PASSES", "3")),
             concurrency=env_ints("BENCH_CONCURRENCY", "1,8,32,64"),
-            max_tokens=int(os.environ.get("BENCH_MAX_TOKENS", "128")),
+            max_tokens=int(os.environ.get("BENCH_MAX_TOKENS", "64")),
             min_requests=int(os.environ.get("BENCH_MIN_REQUESTS", "4")),
             rounds=int(os.environ.get("BENCH_ROUNDS", "1")),
             systems=systems,
@@ -98,8 +105,10 @@ class BenchConfig:
             time_limit=float(os.environ.get("BENCH_TIME_LIMIT", "3600")),
             settle=float(os.environ.get("BENCH_SETTLE", "1.2")),
             starts=int(os.environ.get("BENCH_STARTS", "3")),
+            alone=alone,
             growth=os.environ.get("BENCH_GROWTH", "1") != "0",
             compiled=os.environ.get("BENCH_COMPILED", "1") != "0",
+            floor=os.environ.get("BENCH_FLOOR", "1") != "0",
         )
 
     def workload(self, concurrency: int) -> list[list[dict]]:
@@ -173,7 +182,8 @@ async def timed_starts(config: BenchConfig, session: aiohttp.ClientSession, log_
     Round robin rather than one system's starts in a row, so that a slow spell
     on the machine falls on every system; the report gives the medians.
     """
-    names = [name for name in config.systems if name != "runner-v1"]  # runner-v1 is the runner's own process
+    # runner-v1 is the runner's own process: its start is the runner's.
+    names = [name for name in config.systems if name in config.alone and name != "runner-v1"]
     starts: dict[str, list[Startup]] = {name: [] for name in names}
     for round_index in range(config.starts):
         for name in names:
@@ -272,9 +282,16 @@ async def bench(config: BenchConfig, begun: float) -> None:
                         last_duration[system.name, concurrency] = time.perf_counter() - cell_started
                         results.append(result)
                         print("  " + progress_line(result), flush=True)
+            if config.floor:
+                print("CPU per streamed event: socket, aiohttp, runner over a stand-in engine ...", flush=True)
+                try:
+                    grown["floor"] = await floor.measure()
+                except Exception as exc:  # the passes' figures are still reported
+                    print(f"per-event floor failed: {exc!r}", flush=True)
+                    facts["per-event floor failed"] = repr(exc)
             if config.growth:
                 try:
-                    grown = await measure_growth(config, session, log_dir, systems, started)
+                    grown |= await measure_growth(config, session, log_dir, systems, started)
                 except Exception as exc:  # the passes' figures are still reported
                     print(f"growth measurements failed: {exc!r}", flush=True)
                     facts["growth measurements failed"] = repr(exc)
@@ -323,20 +340,27 @@ async def measure_growth(config: BenchConfig, session: aiohttp.ClientSession, lo
 
 
 async def output_parity(config: BenchConfig, systems: list[System], session: aiohttp.ClientSession) -> dict[str, str]:
-    """Every prompt once at temperature 0 on the runner's /v1 and on vllm serve: the same text and token counts?"""
+    """Every prompt at temperature 0 on the runner's /v1 and on vllm serve: the same text and token counts?
+
+    All prompts at once on each system in turn (one at a time would take most of
+    an hour on a slow CPU): both servers see the same batch.
+    """
     by_name = {system.name: system for system in systems}
     if not {"runner-v1", "vllm-serve"} <= by_name.keys():
         return {}
+
+    async def answer(system: System, messages: list[dict]) -> tuple[str, int, int]:
+        record = RequestRecord(sent=time.perf_counter())
+        await asyncio.wait_for(system.stream(session, messages, config.max_tokens, record), config.request_timeout)
+        return "".join(record.text), record.prompt_tokens, record.output_tokens
+
     answers = {}
     for name in ("runner-v1", "vllm-serve"):
-        answers[name] = []
-        for messages in chat_prompts():
-            record = RequestRecord(sent=time.perf_counter())
-            await asyncio.wait_for(by_name[name].stream(session, messages, config.max_tokens, record),
-                                   config.request_timeout)
-            answers[name].append(("".join(record.text), record.prompt_tokens, record.output_tokens))
+        await asyncio.sleep(config.settle)
+        answers[name] = await asyncio.gather(*(answer(by_name[name], messages) for messages in chat_prompts()))
     same = sum(ours == theirs for ours, theirs in zip(answers["runner-v1"], answers["vllm-serve"]))
-    line = f"{same}/{len(answers['runner-v1'])} prompts with the same text, prompt and output tokens"
+    line = (f"{same}/{len(answers['runner-v1'])} prompts with the same text, prompt and output tokens "
+            f"(all {len(answers['runner-v1'])} at once, max_tokens {config.max_tokens})")
     print(f"output parity, runner /v1 against vllm serve at temperature 0: {line}", flush=True)
     for index, (ours, theirs) in enumerate(zip(answers["runner-v1"], answers["vllm-serve"])):
         if ours != theirs:

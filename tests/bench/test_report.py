@@ -39,3 +39,48 @@ def test_starts_alone_report_the_gap_to_the_engine_and_what_a_warm_compile_cache
     lines = Report(config, {}, {}, [], alone).alone_lines()
     assert "| runner | 3 | 33.0 s | 31.0–40.0 s | +2.0 s |" in lines
     assert any("after 90.0 s instead of 120.0 s: 30.0 s saved (0.75x)" in line for line in lines)
+
+
+def test_ttft_by_prompt_length_is_reported_per_length_with_its_sample_count(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.growth import LENGTH_SAMPLES, Timed
+    from bench.report import Report
+
+    config = SimpleNamespace(passes=3, concurrency=[1], output=tmp_path / "results.md")
+    found = {}
+    for length, samples in LENGTH_SAMPLES.items():
+        for name, scale in (("engine", 1.0), ("runner", 1.1)):
+            found[name, length] = [Timed(ttft_ms=scale * length * (1 + sample), prompt_tokens=length + 20)
+                                   for sample in range(samples)]
+    lines = Report(config, {}, {}, [], None, {"prompt_length": found}).growth_lines()
+    counts = ", ".join(str(samples) for samples in LENGTH_SAMPLES.values())
+    assert any(f"{counts} unique prompts at each length" in line for line in lines)
+    # 256 words, 3 samples: medians 512 (engine) and 563 (runner); 7680 words, 1 sample: 7680 and 8448.
+    assert "| 276 | 512 | 563 | +51 ms |" in lines
+    assert "| 7700 | 7680 | 8448 | +768 ms |" in lines
+
+
+def test_the_per_event_floor_is_reported_layer_by_layer_against_the_passes_gap(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.floor import FloorResult
+    from bench.load import LevelResult
+    from bench.report import Report
+    from bench.systems import Startup
+
+    config = SimpleNamespace(passes=1, concurrency=[64], output=tmp_path / "results.md")
+    floor = {kind: FloorResult(kind, [us]) for kind, us in
+             (("stand-in", 15.0), ("socket", 35.0), ("aiohttp", 45.0), ("runner", 60.0))}
+
+    def level(system: str, cpu_s: float) -> LevelResult:
+        return LevelResult(system=system, concurrency=64, pass_index=0, requests=64, errors=0, output_tokens=4000,
+                           prompt_tokens=2000, wall_s=10.0, ttft_ms=[1.0], itl_ms=[1.0], api_cpu_s=cpu_s)
+
+    startups = {"engine": Startup(first_answer_s=1), "runner": Startup(first_answer_s=1)}
+    report = Report(config, {}, startups, [level("engine", 0.36), level("runner", 0.56)], None, {"floor": floor})
+    lines = report.floor_lines()
+    assert "| + one socket write per event (a bare protocol, HTTP chunked) | 35.0 | +20.0 |" in lines
+    assert "| the runner's `/llm` (app, middlewares, reply builder, paced writer) | 60.0 | +15.0 |" in lines
+    assert any("at c=64 the runner's API process spent 50 µs per output token more" in line
+               and "costs 45 µs per event, of which 20 µs is the socket write" in line for line in lines)

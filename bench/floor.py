@@ -1,0 +1,282 @@
+"""Where the runner's per-token HTTP cost goes: CPU per streamed event of four servers, side by side.
+
+The passes show the runner's API process spending more CPU per token than the
+engine's in-process front end, which writes to no socket. This part splits that
+cost in layers, each a server process on loopback fed by the same stand-in engine
+(every open stream gets one token per step, as vLLM's scheduler gives them), so
+that the engine's own work is the same in all and small:
+
+- ``stand-in``: the stand-in engine's streams consumed in the server process,
+  no socket per event (one request starts them all): the stand-in's own cost,
+  as the engine row of the passes is the real engine's.
+- ``socket``: a bare uvloop protocol writing each event as one HTTP chunk, one
+  write each: what any HTTP server pays per event (system call, loopback TCP).
+- ``aiohttp``: aiohttp's ``StreamResponse.write`` per event, on uvloop.
+- ``runner``: the runner's own app and ``/llm`` path (middlewares, admission,
+  ``LLMPipeline``'s reply builder, the paced stream writer) over the stand-in.
+
+Each serves FLOOR_STREAMS streams of FLOOR_TOKENS tokens at once, FLOOR_ROUNDS
+times round robin; the report gives the medians in microseconds per event and the
+layers' differences. A stand-in engine is no evidence of how the runner serves a
+real one (the passes are); it only isolates the HTTP path's share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import aiohttp
+import psutil
+from aiohttp import web
+
+FLOOR_STREAMS = 64
+FLOOR_TOKENS = 128
+FLOOR_ROUNDS = 3
+STEP_S = 0.02  # the stand-in engine's step: every open stream gets a token
+KINDS = ("stand-in", "socket", "aiohttp", "runner")
+EVENT = b'data: {"id":"chatcmpl-0123456789abcdef0123456789abcdef","model":"HuggingFaceTB/SmolLM2-135M-Instruct",' \
+        b'"created":1764771234,"usage":{"prompt_tokens":31,"completion_tokens":17,"total_tokens":48},"choices":' \
+        b'[{"index":0,"finish_reason":"","delta":{"role":"assistant","content":" word"}}]}\n\n'  # the runner's size
+
+
+class SteppedEngine:
+    """The part of the runner's engine adapter that ``LLMPipeline`` streams from, one token per step and stream."""
+
+    max_model_len = 8192
+    errored = False
+
+    def __init__(self) -> None:
+        self.waiting: set[asyncio.Queue] = set()
+        self.stepper = asyncio.ensure_future(self.step())
+
+    def sampling_params(self, sampling):
+        return sampling
+
+    def unfinished_requests(self) -> int:
+        return len(self.waiting)
+
+    async def step(self) -> None:
+        while True:
+            await asyncio.sleep(STEP_S)
+            for queue in list(self.waiting):
+                queue.put_nowait(None)
+
+    async def generate(self, prompt: list[int], params, request_id: str = ""):
+        queue: asyncio.Queue = asyncio.Queue()
+        self.waiting.add(queue)
+        try:
+            for produced in range(1, params.max_tokens + 1):
+                await queue.get()
+                finished = produced == params.max_tokens
+                completion = SimpleNamespace(index=0, logprobs=None, token_ids=[17], text=" word",
+                                             finish_reason="length" if finished else None)
+                yield SimpleNamespace(prompt_token_ids=prompt, finished=finished, outputs=[completion])
+        finally:
+            self.waiting.discard(queue)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def serve_socket(port: int, tokens: int, started: asyncio.Event) -> None:
+    engine = SteppedEngine()
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n")
+
+    class Stream(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            self.transport, self.received = transport, b""
+
+        def data_received(self, data: bytes) -> None:
+            self.received += data
+            if b"\r\n\r\n" in self.received and not hasattr(self, "task"):
+                self.task = asyncio.ensure_future(self.stream())
+
+        async def stream(self) -> None:
+            self.transport.write(head)
+            async for _ in engine.generate([0] * 20, SimpleNamespace(max_tokens=tokens)):
+                self.transport.write(chunk(EVENT))
+            self.transport.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            self.transport.close()
+
+    await asyncio.get_running_loop().create_server(Stream, "127.0.0.1", port)
+    started.set()
+
+
+async def listen(app: web.Application, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+
+def one_route(handler) -> web.Application:
+    app = web.Application()
+    app.router.add_post("/llm", handler)
+    return app
+
+
+async def serve_stand_in(port: int, tokens: int, started: asyncio.Event) -> None:
+    engine = SteppedEngine()
+
+    async def consume() -> int:
+        return sum([1 async for _ in engine.generate([0] * 20, SimpleNamespace(max_tokens=tokens))])
+
+    async def streams(request: web.Request) -> web.Response:
+        count = (await request.json())["streams"]
+        return web.json_response({"events": sum(await asyncio.gather(*(consume() for _ in range(count))))})
+
+    await listen(one_route(streams), port)
+    started.set()
+
+
+async def serve_aiohttp(port: int, tokens: int, started: asyncio.Event) -> None:
+    engine = SteppedEngine()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        async for _ in engine.generate([0] * 20, SimpleNamespace(max_tokens=tokens)):
+            await response.write(EVENT)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    await listen(one_route(stream), port)
+    started.set()
+
+
+async def serve_runner(port: int, tokens: int, started: asyncio.Event) -> None:
+    from pipelines.llm import LLMPipeline
+    from runner.app import create_app
+    from runner.keys import STATE
+    from runner.settings import RunnerSettings
+
+    class SteppedPipeline(LLMPipeline):
+        """LLMPipeline as the runner serves it, on the stepped engine and a fixed 20-token prompt."""
+
+        async def load(self) -> None:
+            self.engine = SteppedEngine()
+
+        async def warm_up(self) -> None:
+            pass
+
+        def render_chat(self, conversation, tools=None) -> list[int]:
+            return [0] * 20
+
+        def metrics_registry(self):
+            return None
+
+        async def close(self) -> None:
+            self.engine.stepper.cancel()
+
+    app = create_app(RunnerSettings(), pipeline=SteppedPipeline("floor", Path(".")))
+    await listen(app, port)
+    while app[STATE].pipeline.engine is None:  # loaded in the background, as the runner's pipeline is
+        await asyncio.sleep(0.01)
+    started.set()
+
+
+SERVERS = {"stand-in": serve_stand_in, "socket": serve_socket, "aiohttp": serve_aiohttp, "runner": serve_runner}
+
+
+def serve(kind: str, port: int, tokens: int, ready) -> None:
+    """The server child's main: one kind of server on ``port``, until killed."""
+    import uvloop
+
+    from runner.log import configure_logging
+
+    sys.stderr = open(os.devnull, "w")  # the runner's request.done lines are made, as in service, but not shown
+    configure_logging(False)
+
+    async def main() -> None:
+        started = asyncio.Event()
+        await SERVERS[kind](port, tokens, started)
+        await started.wait()
+        ready.set()
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+@dataclass
+class FloorResult:
+    kind: str
+    cpu_us_per_event: list[float]
+
+
+async def read_streams(session: aiohttp.ClientSession, kind: str, url: str, streams: int, tokens: int) -> int:
+    """Every stream of one round, read to its end; the number of events they held."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True}
+    if kind == "stand-in":
+        async with session.post(url, json={"streams": streams}) as response:
+            return (await response.json())["events"]
+
+    async def one() -> int:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
+            return sum([line.startswith(b"data: {") async for line in response.content])
+
+    return sum(await asyncio.gather(*(one() for _ in range(streams))))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def measure(rounds: int = FLOOR_ROUNDS, streams: int = FLOOR_STREAMS,
+                  tokens: int = FLOOR_TOKENS) -> dict[str, FloorResult]:
+    """Start the servers, then measure them round robin; CPU time of each server process per event."""
+    context = multiprocessing.get_context("spawn")
+    servers = {}
+    try:
+        for kind in KINDS:
+            ready, port = context.Event(), free_port()
+            process = context.Process(target=serve, args=(kind, port, tokens, ready), daemon=True)
+            process.start()
+            servers[kind] = (process, f"http://127.0.0.1:{port}/llm")
+            if not await asyncio.to_thread(ready.wait, 60):
+                raise RuntimeError(f"the {kind} floor server did not start within 60 s")
+        found = {kind: FloorResult(kind, []) for kind in KINDS}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            for kind in KINDS:
+                await read_streams(session, kind, servers[kind][1], streams, tokens)  # warm
+            for _ in range(rounds):
+                for kind in KINDS:
+                    process, url = servers[kind]
+                    watched = psutil.Process(process.pid)
+                    before = watched.cpu_times()
+                    events = await read_streams(session, kind, url, streams, tokens)
+                    after = watched.cpu_times()
+                    if events < streams * tokens:  # the runner sends one more a stream, its final one
+                        raise RuntimeError(f"{kind}: {events} events, not the {streams * tokens} asked for")
+                    cpu = (after.user - before.user) + (after.system - before.system)
+                    found[kind].cpu_us_per_event.append(1e6 * cpu / events)
+        return found
+    finally:
+        for process, _ in servers.values():
+            process.kill()
+            process.join(5)
+
+
+def median_us(result: FloorResult) -> float:
+    return statistics.median(result.cpu_us_per_event)
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    for kind, result in asyncio.run(measure()).items():
+        print(f"{kind:8} {median_us(result):6.1f} us/event  ({', '.join(f'{v:.1f}' for v in result.cpu_us_per_event)})")
+    print(f"{time.perf_counter() - started:.1f} s; pid {os.getpid()}")
