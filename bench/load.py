@@ -68,6 +68,7 @@ class LevelResult:
     itl_ms: list[float]
     api_cpu_s: float
     first_error: str | None = None
+    client_cpu_s: float = float("nan")  # the bench process's: the load client (for the engine, also its front end)
 
     @property
     def tokens_per_s(self) -> float:
@@ -78,6 +79,10 @@ class LevelResult:
         """API process CPU milliseconds per output token (= CPU seconds per 1,000 tokens)."""
         return 1000 * self.api_cpu_s / self.output_tokens if self.output_tokens else float("nan")
 
+    @property
+    def client_cpu_ms_per_token(self) -> float:
+        return 1000 * self.client_cpu_s / self.output_tokens if self.output_tokens else float("nan")
+
     def summary(self) -> dict[str, float]:
         return {
             "tokens_per_s": self.tokens_per_s,
@@ -86,6 +91,7 @@ class LevelResult:
             "itl_p50_ms": percentile(self.itl_ms, 50),
             "itl_p95_ms": percentile(self.itl_ms, 95),
             "api_cpu_ms_per_token": self.api_cpu_ms_per_token,
+            "client_cpu_ms_per_token": self.client_cpu_ms_per_token,
             "errors": self.errors,
         }
 
@@ -116,7 +122,7 @@ async def run_level(
     pass_index: int,
 ) -> LevelResult:
     """Send every request of the workload, ``concurrency`` at a time, and time them."""
-    api_process = system.api_process()
+    api_process, client_process = system.api_process(), psutil.Process()
     pending = iter(workload)
     records: list[RequestRecord] = []
 
@@ -131,11 +137,12 @@ async def run_level(
                 record.failure = f"{type(exc).__name__}: {exc}"
             records.append(record)
 
-    cpu_before = cpu_seconds(api_process)
+    cpu_before, client_before = cpu_seconds(api_process), cpu_seconds(client_process)
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall_s = time.perf_counter() - started
     api_cpu_s = cpu_seconds(api_process) - cpu_before
+    client_cpu_s = cpu_seconds(client_process) - client_before
 
     answered = [record for record in records if record.error is None]
     failed = [record for record in records if record.error is not None]
@@ -156,4 +163,5 @@ async def run_level(
         ],
         api_cpu_s=api_cpu_s,
         first_error=failed[0].error if failed else None,
+        client_cpu_s=client_cpu_s,
     )

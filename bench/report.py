@@ -42,6 +42,7 @@ COLUMNS = [
     ("itl_p50_ms", "ITL p50 ms", "{:.1f}"),
     ("itl_p95_ms", "ITL p95 ms", "{:.1f}"),
     ("api_cpu_ms_per_token", "API CPU s / 1k tok", "{:.3f}"),
+    ("client_cpu_ms_per_token", "client CPU s / 1k tok", "{:.3f}"),
 ]
 
 
@@ -176,8 +177,9 @@ class Report:
                   "Each cell: median over the passes [lowest–highest]. TTFT: request sent to first text; "
                   "ITL: gap between consecutive text chunks; API CPU: user+system CPU seconds of the API process "
                   "alone (not its engine-core child) per 1,000 output tokens, which is also milliseconds per "
-                  "token. For the engine that process is the bench itself, so its figure includes the in-process "
-                  "client adapter.", ""]
+                  "token. Client CPU: the same for the bench process, which sends the requests and reads the "
+                  "streams. For the engine that one process is both, so its API figure includes the in-process "
+                  "client adapter and its two CPU columns are the same figure.", ""]
         headings = ["concurrency", "system", *(heading for _, heading, _ in COLUMNS), "output tokens", "errors"]
         lines += ["| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
         for concurrency in self.levels():
@@ -255,14 +257,20 @@ class Report:
                  "Each pass measures every system at a concurrency back to back; the ratio of a pass's pair "
                  "cancels the machine's drift between passes. Geometric mean of the passes' ratios, with its "
                  "95 % confidence interval (Student's t on the logarithms): an interval that holds 1.000 means "
-                 "the difference is within the noise of this run.", "",
-                 "| concurrency | tok/s runner/engine [95 % CI] | API CPU runner − engine ms/token |",
-                 "| --- | --- | --- |"]
+                 "the difference is within the noise of this run. The last column is all the CPU outside the "
+                 "engine core that serving through the runner adds per token (its API process and the HTTP client "
+                 "reading its streams, against the engine's in-process front end and adapter): on a machine with "
+                 "few cores it is taken from the engine's own threads.", "",
+                 "| concurrency | tok/s runner/engine [95 % CI] | API CPU runner − engine ms/token "
+                 "| API + client CPU runner − engine ms/token |",
+                 "| --- | --- | --- | --- |"]
         for concurrency in self.levels():
             centre, low, high = self.paired("tokens_per_s", concurrency, "engine")
-            gap = (self.median("runner", concurrency, "api_cpu_ms_per_token")
-                   - self.median("engine", concurrency, "api_cpu_ms_per_token"))
-            lines.append(f"| {concurrency} | {centre:.3f} [{low:.3f}–{high:.3f}] | {gap:+.3f} |")
+            engine = self.median("engine", concurrency, "api_cpu_ms_per_token")
+            api = self.median("runner", concurrency, "api_cpu_ms_per_token")
+            client = self.median("runner", concurrency, "client_cpu_ms_per_token")
+            lines.append(f"| {concurrency} | {centre:.3f} [{low:.3f}–{high:.3f}] | {api - engine:+.3f} "
+                         f"| {api + client - engine:+.3f} |")
         return lines
 
     def floor_lines(self) -> list[str]:

@@ -408,7 +408,7 @@ def progress_line(result: LevelResult) -> str:
     return (
         f"c={result.concurrency:<3} {result.system:<10} {summary['tokens_per_s']:7.1f} tok/s  "
         f"TTFT p50 {summary['ttft_p50_ms']:6.0f} ms  ITL p50 {summary['itl_p50_ms']:5.1f} ms  "
-        f"API CPU {summary['api_cpu_ms_per_token']:.3f} ms/tok  "
+        f"API CPU {summary['api_cpu_ms_per_token']:.3f} ms/tok  client CPU {summary['client_cpu_ms_per_token']:.3f}  "
         f"{result.output_tokens} tok in {result.wall_s:.1f} s{errors}"
     )
 

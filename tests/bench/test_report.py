@@ -84,3 +84,25 @@ def test_the_per_event_floor_is_reported_layer_by_layer_against_the_passes_gap(t
     assert "| the runner's `/llm` (app, middlewares, reply builder, paced writer) | 60.0 | +15.0 |" in lines
     assert any("at c=64 the runner's API process spent 50 µs per output token more" in line
                and "costs 45 µs per event, of which 20 µs is the socket write" in line for line in lines)
+
+
+def test_the_paired_table_adds_the_http_clients_cpu_to_the_runners(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.load import LevelResult
+    from bench.report import Report
+    from bench.systems import Startup
+
+    config = SimpleNamespace(passes=2, concurrency=[64], output=tmp_path / "results.md")
+
+    def level(system: str, pass_index: int, tokens_per_s: float, api_s: float, client_s: float) -> LevelResult:
+        return LevelResult(system=system, concurrency=64, pass_index=pass_index, requests=64, errors=0,
+                           output_tokens=4000, prompt_tokens=2000, wall_s=4000 / tokens_per_s, ttft_ms=[1.0],
+                           itl_ms=[1.0], api_cpu_s=api_s, client_cpu_s=client_s)
+
+    # The engine's adapter is in the bench process: its client CPU is its API CPU.
+    results = [level("engine", 0, 100, 0.4, 0.4), level("runner", 0, 90, 0.6, 0.8),
+               level("engine", 1, 50, 0.4, 0.4), level("runner", 1, 45, 0.6, 0.8)]
+    startups = {"engine": Startup(first_answer_s=1), "runner": Startup(first_answer_s=1)}
+    lines = Report(config, {}, startups, results).paired_lines()
+    assert "| 64 | 0.900 [0.900–0.900] | +0.050 | +0.250 |" in lines
