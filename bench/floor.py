@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import time
@@ -37,6 +36,8 @@ from types import SimpleNamespace
 import aiohttp
 import psutil
 from aiohttp import web
+
+from bench.systems import free_port
 
 FLOOR_STREAMS = 64
 FLOOR_TOKENS = 128
@@ -228,12 +229,6 @@ async def read_streams(session: aiohttp.ClientSession, kind: str, url: str, stre
             return sum([line.startswith(b"data: {") async for line in response.content])
 
     return sum(await asyncio.gather(*(one() for _ in range(streams))))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def measure(rounds: int = FLOOR_ROUNDS, streams: int = FLOOR_STREAMS,

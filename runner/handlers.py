@@ -104,7 +104,6 @@ class PacedStreamWriter:
     """
 
     def __init__(self, request: web.Request, response: web.StreamResponse, deadline: float) -> None:
-        self.request = request
         self.response = response
         self.let_go_at = deadline + STALLED_CLIENT_GRACE
         self.pending: asyncio.Future | None = None
@@ -145,8 +144,8 @@ class PacedStreamWriter:
                 await self.response.write(ending)
                 await self.response.write_eof()
         except (TimeoutError, ConnectionError):
-            if self.request.transport is not None:
-                self.request.transport.abort()
+            if self.transport is not None:
+                self.transport.abort()
             log.info("request.client_stalled", grace_s=STALLED_CLIENT_GRACE)
             raise ClientGone(self.response) from None
 
