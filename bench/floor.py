@@ -49,18 +49,39 @@ EVENT = b'data: {"id":"chatcmpl-0123456789abcdef0123456789abcdef","model":"Huggi
         b'[{"index":0,"finish_reason":"","delta":{"role":"assistant","content":" word"}}]}\n\n'  # the runner's size
 
 
+class SteppedTokenizer:
+    """Every conversation is the same 20-token prompt."""
+
+    chat_template = None
+
+    def apply_chat_template(self, conversation, **kwargs) -> str:
+        return "prompt"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [0] * 20
+
+
 class SteppedEngine:
-    """The part of the runner's engine adapter that ``LLMPipeline`` streams from, one token per step and stream."""
+    """The llm pipeline's ``Engine`` protocol, one token per step and stream."""
 
     max_model_len = 8192
+    vocab_size = 32000
     errored = False
+    tokenizer = SteppedTokenizer()
 
     def __init__(self) -> None:
         self.waiting: set[asyncio.Queue] = set()
-        self.stepper = asyncio.ensure_future(self.step())
+        self.stepper: asyncio.Future | None = None  # started by the first request, on the serving loop
 
-    def sampling_params(self, sampling):
-        return sampling
+    def tool_parser_names(self) -> list[str]:
+        return []
+
+    def metrics_registry(self):
+        return None
+
+    def shutdown(self) -> None:
+        if self.stepper is not None:
+            self.stepper.cancel()
 
     def unfinished_requests(self) -> int:
         return len(self.waiting)
@@ -72,6 +93,8 @@ class SteppedEngine:
                 queue.put_nowait(None)
 
     async def generate(self, prompt: list[int], params, request_id: str = ""):
+        if self.stepper is None:
+            self.stepper = asyncio.ensure_future(self.step())
         queue: asyncio.Queue = asyncio.Queue()
         self.waiting.add(queue)
         try:
@@ -156,35 +179,45 @@ async def serve_aiohttp(port: int, tokens: int, started: asyncio.Event) -> None:
     started.set()
 
 
+class SteppedBackend:
+    """The llm pipeline's engine host hands out the stepped engine: no model, no vLLM."""
+
+    def platform(self) -> str:
+        return "cpu"
+
+    def engine_args(self, settings, model_path, served_name, model_config) -> SimpleNamespace:
+        return SimpleNamespace(dtype="auto", enforce_eager=True, enable_prefix_caching=False, stream_interval=1,
+                               kv_cache_memory_bytes=None, max_model_len=8192, tensor_parallel_size=1,
+                               pipeline_parallel_size=1, nnodes=1, node_rank=0)
+
+    def start_engine(self, args, environment) -> SteppedEngine:
+        return SteppedEngine()
+
+    def stop_engine_processes(self, grace: float) -> int:
+        return 0
+
+
 async def serve_runner(port: int, tokens: int, started: asyncio.Event) -> None:
-    from pipelines.llm import LLMPipeline
+    import json
+    import tempfile
+
+    from pipelines.llm.host import EngineHost
+    from pipelines.llm.pipeline import LLMPipeline
+    from pipelines.llm.settings import LLMSettings
     from runner.app import create_app
     from runner.keys import STATE
     from runner.settings import RunnerSettings
 
-    class SteppedPipeline(LLMPipeline):
-        """LLMPipeline as the runner serves it, on the stepped engine and a fixed 20-token prompt."""
-
-        async def load(self) -> None:
-            self.engine = SteppedEngine()
-
-        async def warm_up(self) -> None:
-            pass
-
-        def render_chat(self, conversation, tools=None) -> list[int]:
-            return [0] * 20
-
-        def metrics_registry(self):
-            return None
-
-        async def close(self) -> None:
-            self.engine.stepper.cancel()
-
-    app = create_app(RunnerSettings(), pipeline=SteppedPipeline("floor", Path(".")))
+    model = Path(tempfile.mkdtemp(prefix="floor-model-"))
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 1, "num_hidden_layers": 1}))
+    settings = LLMSettings.model_validate({})
+    host = EngineHost(settings, str(model), model, backend=SteppedBackend, gpus=0)
+    app = create_app(RunnerSettings(), pipeline=LLMPipeline(str(model), model, settings, host=host))
     await listen(app, port)
-    while app[STATE].pipeline.engine is None:  # loaded in the background, as the runner's pipeline is
+    while not app[STATE].ready:  # loaded in the background, as the runner's pipeline is
         await asyncio.sleep(0.01)
     started.set()
+
 
 
 SERVERS = {"stand-in": serve_stand_in, "socket": serve_socket, "aiohttp": serve_aiohttp, "runner": serve_runner}

@@ -28,7 +28,7 @@ from bench.growth import (
 from bench.load import LevelResult
 from bench.prompts import USER_PROMPTS
 from bench.systems import ROOT
-from pipelines.llm_settings import GiB
+from pipelines.llm.layout import GiB
 
 if TYPE_CHECKING:
     from bench.run import BenchConfig

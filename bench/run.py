@@ -145,30 +145,38 @@ def serve_flags(engine_args) -> list[str]:
 
 
 def runner_engine_args(config: BenchConfig):
-    """The runner's engine arguments for this model, and ``pipelines.vllm_engine`` with the seconds its import took."""
+    """The runner's engine arguments for this model, and ``pipelines.llm.vllm_backend`` with the seconds its import took.
+
+    The runner's engine environment (pipelines.llm.layout.engine_environment: its
+    compile cache in the model store, its CPU thread layout) goes into this
+    process's environment, for all systems alike: the in-process engine starts
+    its processes with it, and the servers inherit it.
+    """
     os.environ["KV_CACHE_GIB"] = config.kv_cache_gib  # as the servers see it
     import_started = time.perf_counter()
-    import pipelines.vllm_engine as vllm_engine  # imports vLLM and torch
+    import pipelines.llm.vllm_backend as vllm_backend  # imports vLLM and torch
     import_s = time.perf_counter() - import_started
-    # The runner's CPU thread layout (pipelines.llm.cpu_engine_variables), for all three systems alike.
-    os.environ.update(vllm_engine.cpu_engine_environment())
-    from pipelines.llm_settings import LLMSettings
+    from pipelines.llm.layout import engine_environment
+    from pipelines.llm.settings import LLMSettings
     from pipelines.model_store import resolve_model
 
+    settings = LLMSettings()
+    os.environ.update(engine_environment(settings, config.model_dir, vllm_backend.platform() == "cpu",
+                                         os.sched_getaffinity(0)))
     # A model missing from MODEL_DIR is fetched here, once; the systems then find it there, offline.
     model_path = resolve_model(config.model_id, config.model_dir)
     model_config = json.loads((model_path / "config.json").read_text())
-    return vllm_engine, vllm_engine.engine_args(LLMSettings(), model_path, config.model_id, model_config), import_s
+    return vllm_backend, vllm_backend.engine_args(settings, model_path, config.model_id, model_config), import_s
 
 
-def candidate_systems(config: BenchConfig, log_dir: Path, vllm_engine, engine_args, import_s: float
+def candidate_systems(config: BenchConfig, log_dir: Path, vllm_backend, engine_args, import_s: float
                       ) -> dict[str, System]:
     """Every system the bench knows, not started; runner-v1 shares the runner's process."""
     env = server_env(config)
     runner = RunnerSystem(config.model_id, config.model_dir, env, log_dir)
     return {
         # A copy: vLLM fills in the arguments it is started with, and serve_flags reads the ones the runner chose.
-        "engine": EngineSystem(config.model_id, config.model_dir, vllm_engine, copy.deepcopy(engine_args), import_s),
+        "engine": EngineSystem(vllm_backend, copy.deepcopy(engine_args), import_s),
         "runner": runner,
         "runner-v1": RunnerOpenAISystem(runner),
         "vllm-serve": VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir),
@@ -176,7 +184,7 @@ def candidate_systems(config: BenchConfig, log_dir: Path, vllm_engine, engine_ar
 
 
 async def timed_starts(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
-                       vllm_engine, engine_args, import_s: float) -> dict[str, list[Startup]]:
+                       vllm_backend, engine_args, import_s: float) -> dict[str, list[Startup]]:
     """Each system started and stopped BENCH_STARTS times with nothing else up, round robin.
 
     Round robin rather than one system's starts in a row, so that a slow spell
@@ -187,7 +195,7 @@ async def timed_starts(config: BenchConfig, session: aiohttp.ClientSession, log_
     starts: dict[str, list[Startup]] = {name: [] for name in names}
     for round_index in range(config.starts):
         for name in names:
-            system = candidate_systems(config, log_dir, vllm_engine, engine_args, import_s)[name]
+            system = candidate_systems(config, log_dir, vllm_backend, engine_args, import_s)[name]
             starts[name].append(await start_alone(config, session, system,
                                                   f"start {round_index + 1}/{config.starts} of {name}"))
     return starts
@@ -226,9 +234,9 @@ async def compiled_restarts(config: BenchConfig, session: aiohttp.ClientSession,
 
 
 async def start_systems(config: BenchConfig, session: aiohttp.ClientSession, log_dir: Path,
-                        vllm_engine, engine_args, import_s: float, started: list[System]) -> dict[str, Startup]:
+                        vllm_backend, engine_args, import_s: float, started: list[System]) -> dict[str, Startup]:
     """Start the systems one after the other for the passes, each start timed to its first answer."""
-    candidates = candidate_systems(config, log_dir, vllm_engine, engine_args, import_s)
+    candidates = candidate_systems(config, log_dir, vllm_backend, engine_args, import_s)
     startups = {}
     for name in config.systems:
         system = candidates[name]
@@ -252,12 +260,12 @@ async def bench(config: BenchConfig, begun: float) -> None:
     connector = aiohttp.TCPConnector(limit=0)  # the concurrency is the bench's to set
     async with aiohttp.ClientSession(connector=connector) as session:
         try:
-            vllm_engine, engine_args, import_s = runner_engine_args(config)
+            vllm_backend, engine_args, import_s = runner_engine_args(config)
             facts.update(engine_settings(engine_args))
-            alone = await timed_starts(config, session, log_dir, vllm_engine, engine_args, import_s)
+            alone = await timed_starts(config, session, log_dir, vllm_backend, engine_args, import_s)
             if config.compiled and "runner" in config.systems:
                 alone |= await compiled_restarts(config, session, log_dir)
-            startups = await start_systems(config, session, log_dir, vllm_engine, engine_args, import_s, started)
+            startups = await start_systems(config, session, log_dir, vllm_backend, engine_args, import_s, started)
             systems = list(started)
             await warm_up(config, systems, session)
             facts.update(await output_parity(config, systems, session))

@@ -9,7 +9,7 @@ names the process whose CPU time is its API's cost, and stops.
 - ``RunnerOpenAISystem``: the same runner process, ``POST /v1/chat/completions`` with ``stream: true``.
 - ``VllmServeSystem``: ``vllm serve``, ``POST /v1/chat/completions`` with ``stream: true``.
 
-The bench imports vLLM (through ``pipelines.vllm_engine``) only to build the
+The bench imports vLLM (through ``pipelines.llm.vllm_backend``) only to build the
 engine arguments, and adds that import's time to the engine's start, since the
 servers pay for theirs in their start.
 """
@@ -33,8 +33,9 @@ import aiohttp
 import psutil
 
 from bench.load import RequestRecord
-from pipelines.llm_schema import LLMMessage, LLMRequest
-from pipelines.sampling import Sampling
+from pipelines.llm.conversation import turn
+from pipelines.llm.engine import Sampling
+from pipelines.llm.generation import Generation
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL_INTERVAL = 0.05  # seconds between readiness polls
@@ -83,38 +84,32 @@ class System:
 
 
 class EngineSystem(System):
-    """The runner's engine adapter (AsyncLLM) in this process, with its engine arguments and chat-template tokenization."""
+    """The runner's engine adapter (AsyncLLM) in this process, with its engine arguments and chat-template step."""
 
     name = "engine"
 
-    def __init__(self, model_id: str, model_dir: Path, vllm_engine, engine_args, import_s: float) -> None:
-        """``vllm_engine`` is the imported ``pipelines.vllm_engine``; importing it took ``import_s``."""
-        from pipelines.llm import LLMPipeline
-
-        self.vllm = vllm_engine
+    def __init__(self, vllm_backend, engine_args, import_s: float) -> None:
+        """``vllm_backend`` is the imported ``pipelines.llm.vllm_backend``; importing it took ``import_s``."""
+        self.vllm = vllm_backend
         self.engine_args = engine_args
         self.import_s = import_s
         self.engine = None
-        # The pipeline object only lends its request checks and chat-template step (LLMPipeline.render_chat).
-        self.pipeline = LLMPipeline(model_id, model_dir)
+        self.generation = Generation()  # the runner's chat-template step (Generation.render_chat)
 
     async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
         started = time.perf_counter()
-        self.engine = self.vllm.VLLMEngine.start(self.engine_args)
-        self.pipeline.engine = self.engine
+        # The runner's engine environment is this process's already (bench.run), as the servers inherit it.
+        self.engine = self.vllm.start_engine(self.engine_args, {})
+        self.generation.use(self.engine, None)
         await asyncio.wait_for(self.answer_once(session), timeout)
         # The servers import vLLM as they start; this process did it before, so it is added here.
         return Startup(first_answer_s=self.import_s + time.perf_counter() - started)
 
     async def stream(self, session, messages, max_tokens, record) -> None:
-        request = LLMRequest(
-            messages=[LLMMessage(**message) for message in messages], temperature=0, max_tokens=max_tokens
+        prompt = self.generation.render_chat(
+            [turn(index, message["role"], message["content"]) for index, message in enumerate(messages)]
         )
-        prompt = self.pipeline.render_chat(self.pipeline.check(request))
-        sampling = self.engine.sampling_params(Sampling(
-            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
-        ))
-        outputs = self.engine.generate(prompt, sampling, uuid.uuid4().hex)
+        outputs = self.engine.generate(prompt, Sampling(max_tokens=max_tokens, temperature=0), uuid.uuid4().hex)
         output_tokens = 0
         async for output in outputs:
             completion = output.outputs[0]

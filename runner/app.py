@@ -7,6 +7,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
+import pydantic
 import structlog
 from aiohttp import web
 
@@ -14,11 +15,11 @@ from runner.handlers import RUNNER_HANDLERS, pipeline_handler
 from runner.hardware import NVML as NVMLReader
 from runner.keys import METRICS, NVML, REQUEST_ID, SETTINGS, STATE
 from runner.metrics import RunnerMetrics
-from runner.pipeline import Pipeline, UnknownPipeline, pipeline_class
+from runner.pipeline import Pipeline, PipelineUnavailable, pipeline_class
 from runner.routes import Handler, RouteBindingError, bind_operations, error_middleware
 from runner.schema import OPERATIONS as RUNNER_OPERATIONS
 from runner.settings import RunnerSettings
-from runner.state import RunnerState
+from runner.state import Load, RunnerState
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +50,7 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     whatever the load had started.
     """
     state = app[STATE]
-    if state.pipeline is None:  # nothing to load: the runner could not even build its pipeline
+    if state.load is Load.FAILED:  # nothing to load: the runner could not build its pipeline, or not validly
         yield
         return
     loading = asyncio.create_task(state.load_pipeline(), name="pipeline-load")
@@ -61,8 +62,26 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("pipeline.closed")
 
 
-def build_pipeline(settings: RunnerSettings) -> Pipeline:
-    return pipeline_class(settings.pipeline)(settings.model_id, settings.model_dir)
+def build_pipeline(settings: RunnerSettings) -> tuple[Pipeline | None, str | None]:
+    """The pipeline PIPELINE names, with its own settings read from the environment now, at start.
+
+    Also the reason it cannot serve, if any. A pipeline whose settings are
+    invalid is still built, on its defaults, so that its routes exist and answer
+    503 with the reason; it is never loaded.
+    """
+    try:
+        cls = pipeline_class(settings.pipeline)
+    except PipelineUnavailable as exc:
+        return None, str(exc)
+    error = None
+    try:
+        pipeline_settings = cls.settings_class() if cls.settings_class is not None else None
+    except pydantic.ValidationError as exc:
+        pipeline_settings, error = cls.settings_class.model_construct(), f"invalid {settings.pipeline} settings: {exc}"
+    try:
+        return cls(settings.model_id, settings.model_dir, pipeline_settings), error
+    except Exception as exc:  # e.g. one of its parts cannot be imported: a start failure, not a traceback
+        return None, f"pipeline {settings.pipeline!r} cannot be built: {exc}"
 
 
 def pipeline_handlers(pipeline: Pipeline) -> dict[str, Handler]:
@@ -85,12 +104,8 @@ def create_app(
 ) -> web.Application:
     """The runner for ``settings``; with ``start_error`` one that says ERROR with that reason and serves nothing else."""
     if pipeline is None and start_error is None:
-        try:
-            pipeline = build_pipeline(settings)
-        except UnknownPipeline as exc:
-            start_error = str(exc)
+        pipeline, start_error = build_pipeline(settings)
     if start_error is not None:
-        pipeline = None
         log.error("runner.cannot_serve", reason=start_error)
     handlers = dict(RUNNER_HANDLERS)
     operations = list(RUNNER_OPERATIONS)

@@ -21,6 +21,7 @@ from typing import ClassVar, TypeVar
 
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
+from pydantic_settings import BaseSettings
 
 from runner.operations import Operation
 
@@ -95,15 +96,18 @@ class Pipeline(abc.ABC):
 
     ``OPERATIONS`` are the operations of the spec this pipeline serves (the
     generated table of its part of openapi.yaml); ``operations()`` gives the
-    coroutine for each. The constructor must be cheap: the runner builds the
-    pipeline before it listens and calls ``load`` in the background while
-    ``/health`` says LOADING.
+    coroutine for each. ``settings_class`` is the pipeline's own settings: the
+    runner reads them from the environment at start, with its own, and hands
+    them in (invalid ones are /health ERROR with the reason). The constructor
+    must be cheap: the runner builds the pipeline before it listens and calls
+    ``load`` in the background while ``/health`` says LOADING.
     """
 
     name: ClassVar[str]
-    OPERATIONS: ClassVar[tuple[Operation, ...]]
+    OPERATIONS: tuple[Operation, ...]
+    settings_class: ClassVar[type[BaseSettings] | None] = None
 
-    def __init__(self, model_id: str, model_dir: Path) -> None:
+    def __init__(self, model_id: str, model_dir: Path, settings: BaseSettings | None = None) -> None:
         self.model_id = model_id
         self.model_dir = model_dir
 
@@ -142,7 +146,11 @@ class Pipeline(abc.ABC):
         """Stop the engine and free what it holds, also when ``load`` was cut short."""
 
 
-class UnknownPipeline(LookupError):
+class PipelineUnavailable(Exception):
+    """The pipeline cannot even be built (unknown, broken, or invalid settings); the message says why."""
+
+
+class UnknownPipeline(PipelineUnavailable, LookupError):
     pass
 
 

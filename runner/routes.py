@@ -91,13 +91,18 @@ class LivepeerErrors:
         return validation_error_response(errors)
 
 
+def openai_error_document(status: int, msg: str, param: str | None = None, code: str | None = None) -> bytes:
+    """OpenAI's error document, as its SDKs read it in an error response and in a stream's failed ending."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    detail = OpenAIErrorDetail(message=msg, type=kind, param=param, code=code)
+    return OpenAIError(error=detail).model_dump_json().encode()  # param and code are null, not left out
+
+
 class OpenAIErrors:
     """OpenAI's error shape, which its SDKs read on every error: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def error(self, status: int, msg: str, param: str | None = None, code: str | None = None, **kwargs: Any):
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        detail = OpenAIErrorDetail(message=msg, type=kind, param=param, code=code)
-        body = OpenAIError(error=detail).model_dump_json()  # param and code are null, not left out
+        body = openai_error_document(status, msg, param, code)
         return web.Response(body=body, status=status, content_type="application/json", **kwargs)
 
     def invalid_body(self, errors: list[ValidationError]) -> web.Response:

@@ -35,8 +35,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from tests.conftest import RunnerProcess
-from tests.tiny_model import build_tiny_llama
+from tests.support.runner_process import RunnerProcess
+from tests.support.tiny_model import build_tiny_llama
 
 MAX_NUM_SEQS = 8
 MAX_WAITING_REQUESTS = 8

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.llm_settings import LLMSettings
-from tests.conftest import ROOT, RUNNER_COMMAND
+from pipelines.llm.settings import LLMSettings
+from tests.support.runner_process import ROOT, RUNNER_COMMAND
 
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile*"))
 

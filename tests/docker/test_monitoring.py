@@ -23,9 +23,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import GUARDED_AUTH_TOKEN, ROOT, RunnerProcess, free_port, get_json
+from tests.support.runner_process import ROOT, RunnerProcess, free_port, get_json
+from tests.support.runners import GUARDED_AUTH_TOKEN
 from tests.pipelines.test_limits import MAX_IN_FLIGHT, UNFINISHED, hold_with
-from tests.pipelines.test_llm import QUESTION, metric, wait_for_metric
+from tests.support.http import QUESTION, metric, wait_for_metric
 
 MONITORING = ROOT / "docker" / "monitoring"
 DASHBOARD = MONITORING / "dashboard.json"

@@ -18,8 +18,8 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.conftest import RunnerProcess
-from tests.pipelines.test_llm import QUESTION, STORY, metric, post, read_stream, wait_for_metric
+from tests.support.runner_process import RunnerProcess
+from tests.support.http import QUESTION, STORY, metric, post, read_stream, wait_for_metric
 
 UNFINISHED = "livepeer_runner_engine_requests_unfinished"
 IN_FLIGHT = "livepeer_runner_requests_in_flight"

@@ -15,14 +15,9 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import (
-    GUARDED_AUTH_TOKEN,
-    GUARDED_MAX_NUM_SEQS,
-    GUARDED_MAX_WAITING_REQUESTS,
-    GUARDED_REQUEST_TIMEOUT,
-    RunnerProcess,
-)
-from tests.pipelines.test_llm import QUESTION, STORY, metric, read_stream, wait_for_metric
+from tests.support.runner_process import RunnerProcess
+from tests.support.runners import GUARDED_AUTH_TOKEN, GUARDED_MAX_NUM_SEQS, GUARDED_MAX_WAITING_REQUESTS, GUARDED_REQUEST_TIMEOUT
+from tests.support.http import QUESTION, STORY, metric, read_stream, wait_for_metric
 
 UNFINISHED = "livepeer_runner_engine_requests_unfinished"
 WAITING = "livepeer_runner_engine_requests_waiting"

@@ -18,11 +18,11 @@ import aiohttp
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import DOOMED_STREAM_INTERVAL, TINY_MAX_MODEL_LEN, RunnerProcess
+from tests.support.http import QUESTION, STORY, metric, post, read_stream, wait_for_metric
+from tests.support.runner_process import RunnerProcess
+from tests.support.runners import DOOMED_STREAM_INTERVAL, TINY_MAX_MODEL_LEN
 
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-STORY = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me a long story."}]
 
 
 @pytest.fixture
@@ -31,24 +31,6 @@ async def http():
         yield session
 
 
-async def post(http: aiohttp.ClientSession, runner: RunnerProcess, body: dict) -> tuple[int, dict]:
-    async with http.post(f"{runner.url}/llm", json=body) as response:
-        return response.status, await response.json()
-
-
-async def read_stream(response: aiohttp.ClientResponse) -> tuple[list[dict], list[str]]:
-    """Events and the raw lines, checking each line is a contract SSE line."""
-    lines = []
-    async for raw in response.content:
-        lines.append(raw.decode().rstrip("\n"))
-    assert lines[-2:] == ["data: [DONE]", ""], lines[-3:]
-    blocks = lines[:-2]
-    assert blocks[1::2] == [""] * (len(blocks) // 2), "each event is one data line then a blank line"
-    events = []
-    for line in blocks[0::2]:
-        assert line.startswith("data: "), line
-        events.append(json.loads(line.removeprefix("data: ")))
-    return events, lines
 
 
 async def stream(http, runner, body) -> list[dict]:
@@ -60,22 +42,6 @@ async def stream(http, runner, body) -> list[dict]:
     return events
 
 
-async def metric(http, runner: RunnerProcess, name: str) -> float:
-    async with http.get(f"{runner.url}/metrics") as response:
-        text = await response.text()
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
-
-
-async def wait_for_metric(http, runner, name: str, value: float, within: float) -> float:
-    """Seconds until the metric reads `value`; fails after `within` seconds."""
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        if await metric(http, runner, name) == value:
-            return time.monotonic() - started
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{name} did not reach {value} within {within} s")
 
 
 # 1. Chat template and exact usage
@@ -388,7 +354,8 @@ def test_engine_choices_follow_the_platform(default_runner, model_store):
     On a GPU: vLLM's own choices (compiled graphs, the cache from GPU_MEMORY_UTILIZATION)."""
     import psutil
 
-    from pipelines.llm_settings import LLMSettings, cpu_kv_cache_bytes
+    from pipelines.llm.layout import cpu_kv_cache_bytes
+    from pipelines.llm.settings import LLMSettings
 
     event = engine_start_event(default_runner)
     assert (event["enable_prefix_caching"], event["stream_interval"]) == (True, 1)
@@ -419,7 +386,7 @@ def logged_cpu_ids(log: str, name: str) -> set[int]:
 def test_on_a_small_machine_the_engine_worker_computes_on_every_core(default_runner):
     import psutil
 
-    from pipelines.llm_settings import SMALL_MACHINE_CORES
+    from pipelines.llm.layout import SMALL_MACHINE_CORES
 
     cores = os.sched_getaffinity(0)
     event = engine_start_event(default_runner)

@@ -17,8 +17,9 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import GUARDED_AUTH_TOKEN, GUARDED_REQUEST_TIMEOUT, TINY_MAX_MODEL_LEN, RunnerProcess
-from tests.pipelines.test_llm import metric, wait_for_metric
+from tests.support.runner_process import RunnerProcess
+from tests.support.runners import GUARDED_AUTH_TOKEN, GUARDED_REQUEST_TIMEOUT, TINY_MAX_MODEL_LEN
+from tests.support.http import metric, wait_for_metric
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -26,8 +26,8 @@ import pytest
 from huggingface_hub import constants
 
 from pipelines.model_store import ModelDownloadError, resolve_model, wanted_files
-from tests.conftest import RunnerProcess
-from tests.hub_standin import HubRepo, HubStandin
+from tests.support.runner_process import RunnerProcess
+from tests.support.hub_standin import HubRepo, HubStandin
 
 # The fresh runner and the resumed one serve: two engines of this module's own.
 pytestmark = pytest.mark.own_engines(2)

@@ -17,7 +17,8 @@ import urllib.request
 import psutil
 import pytest
 
-from tests.conftest import DEFAULT_MODEL_ID, START_TIMEOUT, free_port, TINY_MAX_MODEL_LEN, RunnerProcess
+from tests.support.runner_process import RunnerProcess, START_TIMEOUT, free_port
+from tests.support.runners import TINY_MAX_MODEL_LEN
 
 # A TP=2 (or PP=2) runner is an engine core and two workers: it counts as two engines beside a shared runner.
 

@@ -8,7 +8,7 @@ from runner import codegen
 def test_every_module_is_generated_from_the_current_spec():
     sources = codegen.render()
     assert {path.relative_to(codegen.ROOT).as_posix() for path in sources} == {
-        "runner/schema.py", "pipelines/llm_schema.py"
+        "runner/schema.py", "pipelines/llm/schema.py"
     }
     for path, source in sources.items():
         assert path.read_text() == source, f"{path} is stale: run `make gen`"
@@ -60,7 +60,7 @@ def test_generator_refuses_what_it_cannot_express():
 
 
 def test_constraints_and_defaults_reach_the_models():
-    from pipelines.llm_schema import LLMRequest
+    from pipelines.llm.schema import LLMRequest
 
     fields = LLMRequest.model_fields
     assert fields["max_tokens"].default == 256
@@ -72,7 +72,7 @@ def test_integers_are_json_schema_integers():
     """5.0 and 1e2 are integers to JSON Schema, so to the spec's clients; 2.5, "5" and true are not."""
     import pydantic
 
-    from pipelines.llm_schema import LLMRequest
+    from pipelines.llm.schema import LLMRequest
 
     def max_tokens(raw: str) -> int:
         return LLMRequest.model_validate_json(f'{{"messages": [], "max_tokens": {raw}}}', strict=True).max_tokens

@@ -30,8 +30,9 @@ import pytest
 import schemathesis
 import yaml
 
-from pipelines.llm import ROLES
-from tests.conftest import GUARDED_AUTH_TOKEN, ROOT, TINY_MAX_MODEL_LEN, RunnerProcess
+from pipelines.llm.conversation import TEMPLATE_ROLES
+from tests.support.runner_process import ROOT, RunnerProcess
+from tests.support.runners import GUARDED_AUTH_TOKEN, TINY_MAX_MODEL_LEN
 
 SPEC_PATH = ROOT / "openapi.yaml"
 FUZZ_MAX_TOKENS = 16
@@ -73,7 +74,7 @@ STREAM_EVENTS = {  # what each streaming path's events are
     "/v1/chat/completions": component_validator("ChatCompletionChunk"),
     "/v1/completions": component_validator("Completion"),
 }
-OPENAI_ROLES = ("system", "developer", "user", "assistant")
+ROLES = tuple(role for role in TEMPLATE_ROLES if role != "tool")  # a tool message needs the call it answers
 
 
 def keep_generation_short(body: Any, path: str = "/llm", model_id: str = "") -> Any:
@@ -131,7 +132,7 @@ def keep_openai_generation_short(body: dict, servable: bool, model_id: str) -> d
             body["messages"] = [{"role": "user", "content": "Hello"}]
         elif isinstance(messages, list):
             body["messages"] = [
-                {**message, "role": OPENAI_ROLES[index % len(OPENAI_ROLES)]}
+                {**message, "role": ROLES[index % len(ROLES)]}
                 if isinstance(message, dict) and isinstance(message.get("role"), str)
                 else message
                 for index, message in enumerate(messages)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from runner import codegen
-from tests.conftest import ROOT, RunnerProcess, get_json, post_json
+from tests.support.runner_process import ROOT, RunnerProcess, get_json, post_json
 
 ECHO_SPEC = {
     "x-pipeline-modules": {"echo": "echo_schema.py"},
@@ -151,19 +151,24 @@ def error_reason(runner: RunnerProcess) -> str:
 
 
 @pytest.mark.parametrize(
-    ("env", "reason"),
+    ("env", "reason", "llm_status"),
     [
-        ({"PIPELINE": "no-such-pipeline"}, "PIPELINE='no-such-pipeline' is not a known pipeline (known: llm"),
-        ({"REQUEST_TIMEOUT": "-1"}, "REQUEST_TIMEOUT"),
-        ({"MAX_REQUEST_BYTES": "lots"}, "MAX_REQUEST_BYTES"),
+        ({"PIPELINE": "no-such-pipeline"}, "PIPELINE='no-such-pipeline' is not a known pipeline (known: llm", 404),
+        ({"REQUEST_TIMEOUT": "-1"}, "REQUEST_TIMEOUT", 404),
+        ({"MAX_REQUEST_BYTES": "lots"}, "MAX_REQUEST_BYTES", 404),
+        # The pipeline's own settings, read by the runner at start: its routes exist and say why they cannot serve.
+        ({"GPU_MEMORY_UTILIZATION": "1.5"}, "invalid llm settings", 503),
     ],
 )
-def test_settings_the_runner_cannot_serve_with_are_error_with_the_reason(tmp_path, env, reason):
+def test_settings_the_runner_cannot_serve_with_are_error_with_the_reason(tmp_path, env, reason, llm_status):
     runner = start(tmp_path, "unservable", **env)
     try:
         assert runner.wait_until({"ERROR", "IDLE", "LOADING"}, timeout=60) == "ERROR"
         assert reason in error_reason(runner)
-        assert post_json(f"{runner.url}/llm", {"messages": [{"role": "user", "content": "hi"}]}) == 404
+        status, answer = post(f"{runner.url}/llm", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == llm_status
+        if llm_status == 503:
+            assert "GPU_MEMORY_UTILIZATION" in answer["detail"]["msg"]
         assert runner.process.poll() is None, "the process stays up to report the failure"
     finally:
         runner.stop()

@@ -16,8 +16,8 @@ import pytest
 import structlog
 from aiohttp import web
 
-from pipelines import llm_schema
-from pipelines.llm_schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from pipelines.llm import schema as llm_schema
+from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from runner.app import create_app
 from runner.keys import STATE
 from runner.pipeline import EngineLoad, EventStream, OperationError, Pipeline, Serve

@@ -20,8 +20,8 @@ import aiohttp
 import uvloop
 from aiohttp.test_utils import TestServer
 
-from pipelines import llm_schema
-from pipelines.llm_schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from pipelines.llm import schema as llm_schema
+from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from runner.app import create_app
 from runner.handlers import STALLED_CLIENT_GRACE, PacedStreamWriter
 from runner.keys import METRICS, STATE

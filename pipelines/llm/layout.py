@@ -1,20 +1,16 @@
-"""The llm pipeline's settings and the engine sizes that follow from them: pure, no vLLM.
+"""What the llm pipeline's settings mean on this machine: pure functions, no vLLM.
 
-The tuning variables the Livepeer docs promise, plus the engine choices for
-CPUs; every rule here is checked without an engine (tests/pipelines/test_llm_settings.py).
+How the engine's ranks fit the model and the devices, where its caches and
+threads go, and the one place the engine's environment is built
+(``engine_environment``). Every rule here is checked without an engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
-import structlog
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-log = structlog.get_logger(__name__)
+from pipelines.llm.settings import LLMSettings
 
 GiB = 1024**3
 CPU_KV_CACHE_SHARE = 0.25  # of the machine's RAM
@@ -22,72 +18,6 @@ CPU_KV_CACHE_MAX_BYTES = 4 * GiB
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 ENGINE_CACHE_FOLDER = "vllm-cache"  # inside the model store, beside the Hub's models--* folders
 SMALL_MACHINE_CORES = 4  # and fewer: vLLM's worker gets every core (cpu_engine_variables)
-
-
-class LLMSettings(BaseSettings):
-    """The tuning variables the Livepeer docs promise, plus engine choices for CPUs."""
-
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
-
-    use_8bit: bool = Field(False, alias="USE_8BIT")
-    pipeline_parallel_size: int = Field(1, alias="PIPELINE_PARALLEL_SIZE", ge=1)
-    tensor_parallel_size: int = Field(1, alias="TENSOR_PARALLEL_SIZE", ge=1)
-    max_model_len: int = Field(8192, alias="MAX_MODEL_LEN", ge=16)
-    max_num_batched_tokens: int = Field(8192, alias="MAX_NUM_BATCHED_TOKENS", ge=1)
-    max_num_seqs: int = Field(128, alias="MAX_NUM_SEQS", ge=1)
-    gpu_memory_utilization: float = Field(0.85, alias="GPU_MEMORY_UTILIZATION", gt=0, le=1)
-    dtype: str = Field("auto", alias="DTYPE")
-    enforce_eager: bool | None = Field(None, alias="ENFORCE_EAGER")
-    kv_cache_gib: float | None = Field(None, alias="KV_CACHE_GIB", gt=0)
-    enable_prefix_caching: bool = Field(True, alias="ENABLE_PREFIX_CACHING")
-    # Tokens the engine gathers per stream before it hands them on (its first and last always at once):
-    # fewer, larger stream events, for less front-end CPU per token at the cost of coarser arrival.
-    stream_interval: int = Field(1, alias="STREAM_INTERVAL", ge=1)
-    max_waiting_requests: int | None = Field(None, alias="MAX_WAITING_REQUESTS", ge=0)
-    tool_call_parser: str | None = Field(
-        None, alias="TOOL_CALL_PARSER", min_length=1,
-        description="vLLM's tool-call parser for tool_choice 'auto' (default: chosen from the chat template)",
-    )
-    # Several machines, vLLM's meanings: NODE_RANK 0 serves HTTP and hosts the rendezvous at MASTER_ADDR:MASTER_PORT.
-    nnodes: int = Field(1, alias="NNODES", ge=1)
-    node_rank: int = Field(0, alias="NODE_RANK", ge=0)
-    master_addr: str = Field("127.0.0.1", alias="MASTER_ADDR", min_length=1)
-    master_port: int = Field(29501, alias="MASTER_PORT", ge=1, le=65535)
-    master_wait_timeout: float = Field(300.0, alias="MASTER_WAIT_TIMEOUT", gt=0)
-    distributed_executor_backend: Literal["mp", "ray"] | None = Field(None, alias="DISTRIBUTED_EXECUTOR_BACKEND")
-
-    @property
-    def world_size(self) -> int:
-        """Engine ranks over all nodes: one per device."""
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    @property
-    def local_world_size(self) -> int:
-        """Engine ranks on this node (vLLM splits the world evenly over the nodes)."""
-        return max(1, self.world_size // self.nnodes)
-
-    @property
-    def worker_node(self) -> bool:
-        """This runner runs another node's share of the engine's ranks, and serves no requests."""
-        return self.node_rank > 0
-
-    @property
-    def max_in_flight(self) -> int:
-        """Running slots plus the queue behind them (as deep as the batch by default)."""
-        waiting = self.max_num_seqs if self.max_waiting_requests is None else self.max_waiting_requests
-        return self.max_num_seqs + waiting
-
-    @model_validator(mode="after")
-    def batch_holds_longest_sequence(self) -> LLMSettings:
-        if self.max_num_batched_tokens < self.max_model_len:
-            log.warning(
-                "settings.max_num_batched_tokens.raised",
-                was=self.max_num_batched_tokens,
-                now=self.max_model_len,
-                why="MAX_NUM_BATCHED_TOKENS must be at least MAX_MODEL_LEN",
-            )
-            self.max_num_batched_tokens = self.max_model_len
-        return self
 
 
 def parallelism_errors(settings: LLMSettings, model_config: dict, devices: int, device: str = "GPU") -> list[str]:
@@ -136,7 +66,7 @@ def parallelism_errors(settings: LLMSettings, model_config: dict, devices: int, 
     return errors
 
 
-def distributed_errors(settings: LLMSettings, on_cpu: bool, environ: Mapping[str, str]) -> list[str]:
+def distributed_errors(settings: LLMSettings, on_cpu: bool) -> list[str]:
     """What stops the chosen executor backend here, found before anything starts."""
     errors = []
     if settings.distributed_executor_backend == "ray":
@@ -146,7 +76,7 @@ def distributed_errors(settings: LLMSettings, on_cpu: bool, environ: Mapping[str
                 "(\"current platform cpu does not support ray\"); on CPUs use mp (the default), "
                 "with NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT for several machines"
             )
-        elif not environ.get("RAY_ADDRESS"):
+        elif not settings.ray_address:
             errors.append(
                 "DISTRIBUTED_EXECUTOR_BACKEND=ray needs RAY_ADDRESS, the head of a running Ray cluster "
                 "(host:port); the runner joins a cluster, it does not start one"
@@ -161,14 +91,14 @@ def distributed_errors(settings: LLMSettings, on_cpu: bool, environ: Mapping[str
     return errors
 
 
-def engine_cache_variables(environ: Mapping[str, str], model_dir: Path) -> dict[str, str]:
+def engine_cache_variables(settings: LLMSettings, model_dir: Path) -> dict[str, str]:
     """VLLM_CACHE_ROOT in the model store, unless the user chose one: none, or one.
 
     vLLM keeps its torch.compile artefacts there; a container's only lasting
     folder is the store it mounts at /models, so a restarted container finds
     its compiled graphs instead of compiling again.
     """
-    if "VLLM_CACHE_ROOT" in environ:
+    if settings.vllm_cache_root is not None:
         return {}
     return {"VLLM_CACHE_ROOT": str(model_dir.resolve() / ENGINE_CACHE_FOLDER)}
 
@@ -235,9 +165,7 @@ def cpu_kv_cache_bytes(settings: LLMSettings, model_config: dict, dtype: str, to
     return max(min(one_sequence * settings.max_num_seqs, cap), one_sequence)
 
 
-def cpu_engine_variables(
-    environ: Mapping[str, str], cores: int, cpus: Iterable[int] = (), local_ranks: int = 1
-) -> dict[str, str]:
+def cpu_engine_variables(settings: LLMSettings, cpus: Iterable[int]) -> dict[str, str]:
     """vLLM CPU-backend variables the runner sets where the user has not: none, or one.
 
     vLLM keeps one core out of its worker's thread team, for its scheduler
@@ -249,30 +177,41 @@ def cpu_engine_variables(
     binds each rank's threads to a share of ``cpus`` (cpu_thread_binding),
     keeping one core for the scheduler on machines larger than a small one.
     """
-    if local_ranks > 1:
-        if environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
-            return {}
-        reserve = 0 if cores <= SMALL_MACHINE_CORES else int(environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"))
-        return {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(cpus, local_ranks, reserve)}
-    if cores > SMALL_MACHINE_CORES or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
+    cpus = sorted(cpus)
+    cores, local_ranks = len(cpus), settings.local_world_size
+    if settings.vllm_cpu_threads_bind != "auto":  # the user placed the threads
         return {}
-    if environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":  # the user placed the threads
+    if local_ranks > 1:
+        reserved = settings.vllm_cpu_reserved_cores
+        reserve = 0 if cores <= SMALL_MACHINE_CORES else (1 if reserved is None else reserved)
+        return {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(cpus, local_ranks, reserve)}
+    if cores > SMALL_MACHINE_CORES or settings.vllm_cpu_reserved_cores is not None:
         return {}
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
-# A chat template's tool-call syntax, and vLLM's parser for it (first match wins).
-TOOL_CALL_SYNTAX = (
-    ("<tool_call>", "hermes"),  # Qwen 2.5, Hermes, SmolLM3 and most others
-    ("<|python_tag|>", "llama3_json"),  # Llama 3.1 to 3.3
-    ("[TOOL_CALLS]", "mistral"),
-    ("<|tool_call|>", "granite"),
-)
+def engine_environment(settings: LLMSettings, model_dir: Path, on_cpu: bool, cpus: Iterable[int]) -> dict[str, str]:
+    """The variables the runner adds to the environment of the engine's processes: the one place they are chosen.
+
+    vLLM's processes read these from the environment they start with, and its
+    multiprocessing start has no other way in than the parent's environment: the
+    vLLM backend lays them over this process's environment only while the
+    engine's processes are started, then restores it (vLLM does the same for
+    OMP_NUM_THREADS), and a worker node passes them to the process that runs its
+    ranks (``env=``). Nothing else in the runner writes the environment.
+    """
+    environment = engine_cache_variables(settings, model_dir)
+    if on_cpu:
+        environment.update(cpu_engine_variables(settings, cpus))
+    return environment
 
 
-def tool_parser_for_template(chat_template: str) -> str | None:
-    """The tool-call parser that fits a chat template, or None for a template that knows no tools."""
-    for marker, name in TOOL_CALL_SYNTAX:
-        if marker in chat_template:
-            return name
-    return None
+def layout_errors(settings: LLMSettings, model_config: dict, on_cpu: bool, gpus: int, cores: int) -> list[str]:
+    """Everything that stops the engine from starting the way the settings ask on this machine."""
+    errors = []
+    if settings.use_8bit and not gpus:
+        errors.append("USE_8BIT needs an NVIDIA GPU (bitsandbytes); this machine has none")
+    devices, device = (cores, "core") if on_cpu else (gpus, "GPU")
+    errors += parallelism_errors(settings, model_config, devices, device)
+    errors += distributed_errors(settings, on_cpu)
+    return errors

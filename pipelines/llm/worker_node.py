@@ -1,6 +1,6 @@
 """A worker node (NODE_RANK > 0): this node's share of the engine's ranks, and no requests.
 
-The ranks run in a child process (``python -m pipelines.vllm_engine``), in a
+The ranks run in a child process (``python -m pipelines.llm.vllm_backend.worker``), in a
 process group of its own: vLLM's headless process ignores SIGTERM for longer
 than go-livepeer's 8 s, so stopping means signalling the whole group and
 killing what is left of it. The serving node (NODE_RANK=0) is watched through
@@ -12,6 +12,7 @@ run, a master that stops answering means the serving node went away.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import structlog
 
-from pipelines.llm_settings import LLMSettings
+from pipelines.llm.settings import LLMSettings
 
 log = structlog.get_logger(__name__)
 
+WORKER_MODULE = "pipelines.llm.vllm_backend.worker"  # run as a program: this module never imports vLLM
 PROBE_INTERVAL = 0.5  # seconds between looks at the master and the ranks
 MASTER_GONE_PROBES = 2  # the master fails this many probes in a row once the ranks run: the serving node is gone
 STOP_GRACE = 1.0  # seconds the ranks get after SIGTERM before the group is killed
@@ -40,10 +42,11 @@ def master_answers(address: str, port: int, timeout: float = 1.0) -> bool:
 
 
 class WorkerNode:
-    def __init__(self, settings: LLMSettings, model_path: Path, served_name: str) -> None:
+    def __init__(self, settings: LLMSettings, model_path: Path, served_name: str, environment: dict[str, str]) -> None:
         self.settings = settings
         self.model_path = model_path
         self.served_name = served_name
+        self.environment = environment  # what the runner adds to the ranks' environment (layout.engine_environment)
         self.process: subprocess.Popen | None = None
         self.ready = False
         self.error: str | None = None  # why this node can no longer run its ranks
@@ -64,7 +67,8 @@ class WorkerNode:
 
     async def join(self) -> None:
         read_fd, write_fd = os.pipe()
-        command = [sys.executable, "-m", "pipelines.vllm_engine", str(self.model_path), self.served_name, str(write_fd)]
+        command = [sys.executable, "-m", WORKER_MODULE, str(self.model_path), self.served_name, str(write_fd),
+                   self.settings.model_dump_json(by_alias=True), json.dumps(self.environment)]
         self.process = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
         log.info("worker_node.start", pid=self.process.pid, master=self.master, nnodes=self.settings.nnodes,

@@ -1,13 +1,23 @@
-"""The llm pipeline's settings and the engine sizes that follow from them, checked without an engine."""
+"""What the llm pipeline's settings mean on a machine (pipelines.llm.layout), checked without an engine."""
 
 from __future__ import annotations
 
-
 import pytest
-import structlog
 from pydantic import ValidationError
 
-from pipelines.llm_settings import LLMSettings, parallelism_errors
+from pipelines.llm.layout import (
+    GiB,
+    cpu_engine_variables,
+    cpu_enforce_eager,
+    cpu_kv_cache_bytes,
+    cpu_thread_binding,
+    distributed_errors,
+    engine_cache_variables,
+    engine_environment,
+    kv_bytes_per_token,
+    parallelism_errors,
+)
+from pipelines.llm.settings import LLMSettings
 
 LLAMA_8B = {"num_attention_heads": 32, "num_hidden_layers": 32}
 
@@ -16,43 +26,10 @@ def settings(**env: str) -> LLMSettings:
     return LLMSettings(**env)
 
 
-def test_defaults_are_the_contracts():
-    defaults = settings()
-    assert (defaults.use_8bit, defaults.pipeline_parallel_size, defaults.tensor_parallel_size) == (False, 1, 1)
-    assert (defaults.max_model_len, defaults.max_num_batched_tokens, defaults.max_num_seqs) == (8192, 8192, 128)
-    assert defaults.gpu_memory_utilization == 0.85
-    assert defaults.max_in_flight == 256, "the queue behind the batch is as deep as the batch"
-
-
-def test_environment_names_are_the_documented_ones(monkeypatch):
-    monkeypatch.setenv("MAX_MODEL_LEN", "4096")
-    monkeypatch.setenv("MAX_NUM_SEQS", "8")
-    monkeypatch.setenv("MAX_WAITING_REQUESTS", "2")
-    loaded = LLMSettings()
-    assert loaded.max_model_len == 4096 and loaded.max_in_flight == 10
-
-
-def test_batched_tokens_are_raised_to_the_longest_sequence_with_a_warning():
-    with structlog.testing.capture_logs() as logs:
-        raised = settings(MAX_MODEL_LEN="16384", MAX_NUM_BATCHED_TOKENS="4096")
-    assert raised.max_num_batched_tokens == 16384
-    assert [entry["event"] for entry in logs] == ["settings.max_num_batched_tokens.raised"]
-
-
-@pytest.mark.parametrize("value", ["0", "1.01", "-0.5", "lots"])
-def test_memory_share_must_be_in_zero_one(value):
-    with pytest.raises(ValidationError, match="GPU_MEMORY_UTILIZATION"):
-        settings(GPU_MEMORY_UTILIZATION=value)
-
-
-def test_memory_share_of_one_is_allowed():
-    assert settings(GPU_MEMORY_UTILIZATION="1").gpu_memory_utilization == 1
-
-
-@pytest.mark.parametrize("name", ["TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE", "MAX_NUM_SEQS"])
-def test_sizes_are_positive(name):
-    with pytest.raises(ValidationError, match=name):
-        settings(**{name: "0"})
+SMOLLM2_135M = {  # the config.json fields that size a KV cache
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
+}
+SMOLLM2_FLOAT32_TOKEN = 2 * 30 * 3 * 64 * 4  # keys and values, 30 layers, 3 KV heads of 64, 4 bytes
 
 
 def test_parallelism_that_fits_the_model_and_the_machine_passes():
@@ -80,15 +57,7 @@ def test_multimodal_configs_are_read_from_their_text_config():
     assert parallelism_errors(settings(TENSOR_PARALLEL_SIZE="3"), config, devices=8)[0].endswith("8 attention heads")
 
 
-SMOLLM2_135M = {  # the config.json fields that size a KV cache
-    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
-}
-SMOLLM2_FLOAT32_TOKEN = 2 * 30 * 3 * 64 * 4  # keys and values, 30 layers, 3 KV heads of 64, 4 bytes
-
-
 def test_kv_bytes_per_token_follow_the_model_config():
-    from pipelines.llm_settings import kv_bytes_per_token
-
     assert kv_bytes_per_token(SMOLLM2_135M, "float32") == SMOLLM2_FLOAT32_TOKEN
     assert kv_bytes_per_token(SMOLLM2_135M, "bfloat16") == SMOLLM2_FLOAT32_TOKEN // 2
     # head_dim, when given, wins over hidden_size / heads; no KV heads means one per attention head
@@ -99,8 +68,6 @@ def test_kv_bytes_per_token_follow_the_model_config():
 
 
 def test_the_cpu_kv_cache_is_sized_from_the_model_not_from_free_ram():
-    from pipelines.llm_settings import GiB, cpu_kv_cache_bytes
-
     sequence = SMOLLM2_FLOAT32_TOKEN * 4096
     small = settings(MAX_MODEL_LEN="4096", MAX_NUM_SEQS="4")
     assert cpu_kv_cache_bytes(small, SMOLLM2_135M, "float32", 24 * GiB) == 4 * sequence
@@ -115,15 +82,13 @@ def test_the_cpu_kv_cache_is_sized_from_the_model_not_from_free_ram():
 
 
 def test_on_a_small_machine_the_cpu_worker_gets_every_core_unless_the_user_placed_its_threads():
-    from pipelines.llm_settings import cpu_engine_variables
-
     every_core = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    assert cpu_engine_variables({}, 2) == every_core
-    assert cpu_engine_variables({}, 4) == every_core
-    assert cpu_engine_variables({}, 8) == {}, "a reserved core is a small share of a larger machine: vLLM's layout"
-    assert cpu_engine_variables({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, 2) == {}
-    assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "0"}, 2) == {}
-    assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, 2) == every_core
+    assert cpu_engine_variables(settings(), range(2)) == every_core
+    assert cpu_engine_variables(settings(), range(4)) == every_core
+    assert cpu_engine_variables(settings(), range(8)) == {}, "a reserved core is a small share of a larger machine: vLLM's layout"
+    assert cpu_engine_variables(settings(VLLM_CPU_NUM_OF_RESERVED_CPU="1"), range(2)) == {}
+    assert cpu_engine_variables(settings(VLLM_CPU_OMP_THREADS_BIND="0"), range(2)) == {}
+    assert cpu_engine_variables(settings(VLLM_CPU_OMP_THREADS_BIND="auto"), range(2)) == every_core
 
 
 def test_on_a_cpu_each_rank_needs_a_core_and_the_message_says_what_to_change():
@@ -149,55 +114,48 @@ def test_several_nodes_count_every_nodes_devices():
 
 
 def test_ray_is_refused_on_cpus_with_vllms_reason_and_needs_a_cluster_elsewhere():
-    from pipelines.llm_settings import distributed_errors
-
     ray = settings(DISTRIBUTED_EXECUTOR_BACKEND="ray")
-    [error] = distributed_errors(ray, on_cpu=True, environ={"RAY_ADDRESS": "10.0.0.1:6379"})
+    [error] = distributed_errors(settings(DISTRIBUTED_EXECUTOR_BACKEND="ray", RAY_ADDRESS="10.0.0.1:6379"), on_cpu=True)
     assert "current platform cpu does not support ray" in error and "use mp" in error
-    [error] = distributed_errors(ray, on_cpu=False, environ={})
+    [error] = distributed_errors(ray, on_cpu=False)
     assert "needs RAY_ADDRESS" in error and "does not start one" in error
-    assert distributed_errors(ray, on_cpu=False, environ={"RAY_ADDRESS": "10.0.0.1:6379"}) == []
-    assert distributed_errors(settings(DISTRIBUTED_EXECUTOR_BACKEND="mp"), on_cpu=True, environ={}) == []
+    assert distributed_errors(settings(DISTRIBUTED_EXECUTOR_BACKEND="ray", RAY_ADDRESS="10.0.0.1:6379"),
+                              on_cpu=False) == []
+    assert distributed_errors(settings(DISTRIBUTED_EXECUTOR_BACKEND="mp"), on_cpu=True) == []
     with pytest.raises(ValidationError, match="DISTRIBUTED_EXECUTOR_BACKEND"):
         settings(DISTRIBUTED_EXECUTOR_BACKEND="threads")
 
 
 def test_pipeline_parallel_on_cpus_runs_compiled():
-    from pipelines.llm_settings import cpu_enforce_eager, distributed_errors
-
     assert cpu_enforce_eager(settings()) is True
     assert cpu_enforce_eager(settings(PIPELINE_PARALLEL_SIZE="2")) is False
     assert cpu_enforce_eager(settings(PIPELINE_PARALLEL_SIZE="2", ENFORCE_EAGER="false")) is False
-    [error] = distributed_errors(settings(PIPELINE_PARALLEL_SIZE="2", ENFORCE_EAGER="true"), on_cpu=True, environ={})
+    [error] = distributed_errors(settings(PIPELINE_PARALLEL_SIZE="2", ENFORCE_EAGER="true"), on_cpu=True)
     assert "unset ENFORCE_EAGER" in error
-    assert distributed_errors(settings(PIPELINE_PARALLEL_SIZE="2", ENFORCE_EAGER="true"), on_cpu=False, environ={}) == []
+    assert distributed_errors(settings(PIPELINE_PARALLEL_SIZE="2", ENFORCE_EAGER="true"), on_cpu=False) == []
 
 
 def test_several_ranks_on_a_cpu_get_a_share_of_the_cores_each_unless_the_user_placed_them():
-    from pipelines.llm_settings import cpu_engine_variables, cpu_thread_binding
-
     assert cpu_thread_binding([1, 0], 2) == "0|1"
     assert cpu_thread_binding(range(5), 2) == "0,1,2|3,4"
     assert cpu_thread_binding(range(8), 2, reserve=1) == "0,1,2,3|4,5,6"
     assert cpu_thread_binding([0, 1], 2, reserve=1) == "0|1", "never fewer cores than ranks"
-    assert cpu_engine_variables({}, 2, [0, 1], local_ranks=2) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    assert cpu_engine_variables({}, 8, range(8), local_ranks=2) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3|4,5,6"}
-    assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, 2, [0, 1], local_ranks=2) == {}
-    assert cpu_engine_variables({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, 2, [0, 1], local_ranks=2) == {
+    two_ranks = {"TENSOR_PARALLEL_SIZE": "2"}
+    assert cpu_engine_variables(settings(**two_ranks), [1, 0]) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    assert cpu_engine_variables(settings(**two_ranks), range(8)) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3|4,5,6"}
+    assert cpu_engine_variables(settings(**two_ranks, VLLM_CPU_OMP_THREADS_BIND="0|1"), [0, 1]) == {}
+    assert cpu_engine_variables(settings(**two_ranks, VLLM_CPU_OMP_THREADS_BIND="auto"), [0, 1]) == {
         "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
-def test_prefix_caching_is_on_and_one_token_per_event_unless_asked():
-    defaults = settings()
-    assert defaults.enable_prefix_caching is True and defaults.stream_interval == 1
-    chosen = settings(ENABLE_PREFIX_CACHING="false", STREAM_INTERVAL="4")
-    assert chosen.enable_prefix_caching is False and chosen.stream_interval == 4
-    with pytest.raises(ValidationError):
-        settings(STREAM_INTERVAL="0")
-
-
 def test_the_engine_compile_cache_lives_in_the_model_store_unless_the_user_placed_it(tmp_path):
-    from pipelines.llm_settings import engine_cache_variables
+    assert engine_cache_variables(settings(), tmp_path) == {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    assert engine_cache_variables(settings(VLLM_CACHE_ROOT="/elsewhere"), tmp_path) == {}
 
-    assert engine_cache_variables({}, tmp_path) == {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
-    assert engine_cache_variables({"VLLM_CACHE_ROOT": "/elsewhere"}, tmp_path) == {}
+
+def test_the_engine_environment_is_chosen_in_one_place_and_cpu_variables_only_on_a_cpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    cache = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    assert engine_environment(settings(), tmp_path, on_cpu=True, cpus={0, 1}) == {
+        **cache, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert engine_environment(settings(), tmp_path, on_cpu=False, cpus={0, 1}) == cache

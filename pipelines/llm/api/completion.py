@@ -1,0 +1,128 @@
+"""``POST /v1/completions``: OpenAI's (legacy) text completions, JSON or SSE chunks.
+
+Several prompts in one request run in the engine at once; a stream interleaves
+their choices as they are generated, each choice's chunks in order and told
+apart by ``index`` (prompt by prompt, ``n`` each), as OpenAI orders them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+from pydantic_core import to_json
+
+from pipelines.llm import schema
+from pipelines.llm.api import spec_operations
+from pipelines.llm.api.openai_base import ChunkEnvelope, OpenAIAPI, bad, error_event
+from pipelines.llm.engine import GenerationStep
+from pipelines.llm.replies import Choice, LogprobEntry, ReplyTracker, usage_of
+from pipelines.llm.schema import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionUsage
+from runner.pipeline import EventStream, RequestContext, Serve
+
+
+class CompletionAPI(OpenAIAPI):
+    OPERATIONS = spec_operations(schema.OPERATIONS, "createCompletion")
+
+    def operations(self) -> Mapping[str, Serve]:
+        return {"createCompletion": self.completion}
+
+    async def completion(self, request: CompletionRequest, context: RequestContext):
+        model = self.served(request.model)
+        texts = prompts(request)
+        include_usage = self.include_usage(request)
+        runs = []
+        for text in texts:
+            prompt = self.generation.encode(text)
+            runs.append((prompt, self.sampling(request, self.max_tokens(request.max_tokens, prompt),
+                                               logprobs=request.logprobs)))
+        steps = self.generation.start_all(runs, context)
+        tracker = ReplyTracker(context, [len(prompt) for prompt, _ in runs], n=request.n or 1,
+                               logprobs=request.logprobs)
+        reply = CompletionReply(model.id, texts if request.echo else None, tracker, include_usage)
+        if request.stream:
+            return EventStream(events=reply.events(steps), error_event=error_event)
+        return await reply.whole(steps)
+
+
+def prompts(request: CompletionRequest) -> list[str]:
+    if request.suffix is not None:
+        raise bad("suffix is not supported", "suffix")
+    if request.best_of is not None and request.best_of != (request.n or 1):
+        raise bad("best_of is supported only equal to n", "best_of")
+    if request.echo and request.logprobs is not None:
+        raise bad("echo with logprobs is not supported", "echo")
+    texts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+    if any(not text for text in texts):
+        raise bad("a prompt must not be empty", "prompt")
+    return texts
+
+
+def completion_logprobs(entries: Sequence[LogprobEntry], offset: int) -> CompletionLogprobs:
+    """OpenAI's completion logprobs for tokens whose text starts ``offset`` characters into the choice."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return CompletionLogprobs(
+        tokens=[entry.token for entry in entries],
+        token_logprobs=[entry.logprob for entry in entries],
+        top_logprobs=[dict(entry.top) for entry in entries],
+        text_offset=offsets,
+    )
+
+
+class CompletionReply:
+    """One completion request's tracked choices as a Completion, or as a stream of chunks."""
+
+    def __init__(self, model: str, echoed: list[str] | None, tracker: ReplyTracker, include_usage: bool) -> None:
+        self.model = model
+        self.echoed = echoed  # the prompts, when each choice's text starts with its prompt
+        self.tracker = tracker
+        self.context = tracker.context
+        self.with_logprobs = tracker.logprobs is not None
+        self.id = f"cmpl-{self.context.request_id}"
+        self.created = int(time.time())
+        self.envelope = ChunkEnvelope("text_completion", self.id, self.created, model, include_usage)
+
+    def echo(self, choice: Choice) -> str:
+        return self.echoed[choice.index // self.tracker.n] if self.echoed else ""
+
+    async def whole(self, steps: AsyncIterator[tuple[int, GenerationStep]]) -> Completion:
+        async for prompt, step in steps:
+            self.tracker.take(step, prompt)
+        choices = [
+            CompletionChoice(index=choice.index, text=self.echo(choice) + choice.text,
+                             logprobs=completion_logprobs(choice.logprobs, 0) if self.with_logprobs else None,
+                             finish_reason=choice.finish_reason)
+            for choice in self.tracker.choices
+        ]
+        prompt_tokens, completion_tokens, total = usage_of(self.context)
+        return Completion(id=self.id, object="text_completion", created=self.created, model=self.model,
+                          choices=choices, usage=CompletionUsage(prompt_tokens=prompt_tokens,
+                                                                 completion_tokens=completion_tokens,
+                                                                 total_tokens=total))
+
+    def choice_chunk(self, choice: Choice, text: str, logprobs: CompletionLogprobs | None) -> bytes:
+        return self.envelope.chunk(b'{"index":%d,"text":%s,"logprobs":%s,"finish_reason":%s}' % (
+            choice.index, to_json(text), b"null" if logprobs is None else to_json(logprobs),
+            to_json(choice.finish_reason)
+        ))
+
+    async def events(self, steps: AsyncIterator[tuple[int, GenerationStep]]) -> AsyncIterator[bytes]:
+        try:
+            async for prompt, step in steps:
+                for update in self.tracker.take(step, prompt):
+                    choice, text = update.choice, update.text
+                    logprobs = None
+                    if self.with_logprobs:
+                        logprobs = completion_logprobs(update.logprobs, len(choice.text) - len(text))
+                    if not choice.started:
+                        choice.started = True
+                        text = self.echo(choice) + text
+                    if text or logprobs is not None or update.finished:
+                        yield self.choice_chunk(choice, text, logprobs)
+            if self.envelope.include_usage:
+                yield self.envelope.usage_chunk(self.context)
+        finally:
+            await steps.aclose()  # aborts every engine request of the stream if it stopped early

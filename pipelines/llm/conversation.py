@@ -1,0 +1,49 @@
+"""A conversation as the chat template reads it: the turns every chat-shaped API builds.
+
+The roles the templates know, what each turn must carry and how it is written
+for the template are decided here once, whichever API the messages came from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from runner.pipeline import OperationError
+
+# The roles a request may give, as the chat templates know them: "developer" is OpenAI's newer name for "system".
+TEMPLATE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+def require_turns(messages: Sequence[Any], param: str = "messages") -> None:
+    if not messages:
+        raise OperationError(f"{param} must hold at least one message", param=param)
+
+
+def turn(index: int, role: str, content: str | None, *, tool_call_id: str | None = None, name: str | None = None,
+         tool_calls: Sequence[tuple[str, str, str]] = ()) -> dict:
+    """One turn for the template; ``tool_calls`` are the (id, name, arguments JSON) an assistant turn made."""
+    if role not in TEMPLATE_ROLES:
+        raise OperationError(f"messages[{index}].role is {role!r}; it must be one of {', '.join(TEMPLATE_ROLES)}",
+                             param=f"messages.[{index}].role")
+    written: dict[str, Any] = {"role": TEMPLATE_ROLES[role], "content": content or ""}
+    if role == "tool":
+        if not tool_call_id:
+            raise OperationError("a tool message needs the tool_call_id it answers",
+                                 param=f"messages.[{index}].tool_call_id")
+        written["tool_call_id"] = tool_call_id
+    if name:
+        written["name"] = name
+    if tool_calls:
+        calls = []
+        for call_id, function, arguments in tool_calls:
+            try:
+                parsed = json.loads(arguments)
+            except ValueError:
+                raise OperationError(f"the arguments of tool call {call_id!r} are not JSON",
+                                     param=f"messages.[{index}].tool_calls") from None
+            # Chat templates take the arguments as an object, as Hugging Face's do.
+            calls.append({"id": call_id, "type": "function", "function": {"name": function, "arguments": parsed}})
+        written["tool_calls"] = calls
+    return written

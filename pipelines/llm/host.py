@@ -1,0 +1,173 @@
+"""The engine's host: finds the model, checks the layout, starts the engine (or this node's ranks), stops it.
+
+The host knows the machine (GPUs, cores), the model store and the nodes; the
+engine itself comes from a backend, by default vLLM's
+(``pipelines.llm.vllm_backend``, imported once loading starts: importing vLLM
+and torch takes seconds). Tests hand in a backend of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from pipelines.llm.engine import Engine
+from pipelines.llm.layout import engine_environment, layout_errors
+from pipelines.llm.settings import LLMSettings
+from pipelines.llm.worker_node import WorkerNode, watch_worker_nodes
+from pipelines.model_store import resolve_model
+from runner.hardware import NVML
+from runner.pipeline import run_blocking
+
+log = structlog.get_logger(__name__)
+
+ABANDONED_START_GRACE = 1.0  # seconds a half-started engine's processes get before they are killed: nothing to save
+
+
+class Backend(Protocol):
+    """What the host needs of an engine implementation (``pipelines.llm.vllm_backend`` is one)."""
+
+    def platform(self) -> str:
+        """The device type the engine runs on here: "cpu", "cuda", ..."""
+        ...
+
+    def engine_args(self, settings: LLMSettings, model_path: Path, served_name: str, model_config: dict) -> Any: ...
+
+    def start_engine(self, args: Any, environment: Mapping[str, str]) -> Engine:
+        """Build the engine; blocks for as long as its processes take to start."""
+        ...
+
+    def stop_engine_processes(self, grace: float) -> int:
+        """End the processes of an engine whose start was cut short; how many there were."""
+        ...
+
+
+def vllm_backend() -> Backend:
+    return importlib.import_module("pipelines.llm.vllm_backend")
+
+
+class EngineHost:
+    def __init__(self, settings: LLMSettings, model_id: str, model_dir: Path,
+                 backend: Callable[[], Backend] = vllm_backend, gpus: int | None = None,
+                 cpus: set[int] | None = None) -> None:
+        self.settings = settings
+        self.model_id = model_id
+        self.model_dir = model_dir
+        self.load_backend = backend
+        self.gpus = gpus  # None: as many as NVML finds
+        self.cpus = cpus  # None: the cores this process may run on
+        self.backend: Backend | None = None
+        self.engine: Engine | None = None
+        self.worker_node: WorkerNode | None = None  # NODE_RANK > 0: this node's ranks, no engine to serve from
+        self.node_watch: asyncio.Task | None = None  # NODE_RANK=0 of several: watches the other nodes' ranks
+        self.node_error: str | None = None
+        self.starting = False  # the engine's processes are being started
+
+    async def start(self) -> Engine | None:
+        """The running engine, or None on a worker node once its ranks have joined; raises ValueError when it cannot start.
+
+        Cancelling it (SIGTERM while loading) stops whatever it started; so does ``close``.
+        """
+        settings = self.settings
+        gpus = self.gpus if self.gpus is not None else count_gpus()
+        cpus = self.cpus if self.cpus is not None else os.sched_getaffinity(0)
+        # Importing vLLM takes seconds: let a download (or a quick failure to find the model) overlap it.
+        self.backend, model_path = await asyncio.gather(
+            run_blocking(self.load_backend), run_blocking(resolve_model, self.model_id, self.model_dir)
+        )
+        backend = self.backend
+        model_config = json.loads((model_path / "config.json").read_text())
+        on_cpu = backend.platform() == "cpu"
+        errors = layout_errors(settings, model_config, on_cpu, gpus, len(cpus))
+        if errors:
+            raise ValueError("; ".join(errors))
+        args = backend.engine_args(settings, model_path, self.model_id, model_config)
+        environment = engine_environment(settings, self.model_dir, on_cpu, cpus)
+        if settings.worker_node:
+            log.info("worker_node.environment", environment=environment)
+            self.worker_node = WorkerNode(settings, model_path, self.model_id, environment)
+            await self.worker_node.start()
+            return None
+        log.info(
+            "engine.start",
+            platform=backend.platform(),
+            environment=environment,
+            model_path=str(model_path),
+            dtype=args.dtype,
+            enforce_eager=args.enforce_eager,
+            enable_prefix_caching=args.enable_prefix_caching,
+            stream_interval=args.stream_interval,
+            kv_cache_bytes=args.kv_cache_memory_bytes,
+            max_model_len=args.max_model_len,
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+        )
+        # Building the engine blocks for as long as its processes take to start:
+        # off the event loop, so /health keeps answering LOADING.
+        # Until the engine is up, close() must stop what the start has begun, also if this start is cancelled.
+        self.starting = True
+        if settings.nnodes > 1:
+            try:
+                async with asyncio.timeout(settings.master_wait_timeout):
+                    self.engine = await run_blocking(backend.start_engine, args, environment)
+            except TimeoutError:
+                await run_blocking(backend.stop_engine_processes, ABANDONED_START_GRACE)
+                raise ValueError(
+                    f"the engine's {settings.world_size - settings.local_world_size} ranks on the other nodes did not "
+                    f"join within MASTER_WAIT_TIMEOUT ({settings.master_wait_timeout:g} s): start the worker nodes "
+                    f"(NODE_RANK=1..{settings.nnodes - 1}) with MASTER_ADDR={settings.master_addr} and "
+                    f"MASTER_PORT={settings.master_port}, or raise MASTER_WAIT_TIMEOUT") from None
+        else:
+            self.engine = await run_blocking(backend.start_engine, args, environment)
+        self.starting = False
+        return self.engine
+
+    def watch_nodes(self) -> None:
+        """On a serving node of several, from now on: a worker node that goes away is this runner's failure."""
+        if self.settings.nnodes > 1 and not self.settings.worker_node:
+            self.node_watch = asyncio.create_task(watch_worker_nodes(self.settings, self.lose_worker_node))
+
+    def lose_worker_node(self, reason: str) -> None:
+        log.error("serving_node.worker_node_lost", reason=reason)
+        self.node_error = reason
+
+    def failure(self) -> str | None:
+        if self.worker_node is not None:
+            return self.worker_node.error
+        if self.node_error is not None:
+            return self.node_error
+        if self.engine is not None and self.engine.errored:
+            return "the vLLM engine has stopped (its worker process died or failed)"
+        return None
+
+    def metrics_registry(self):
+        return self.engine.metrics_registry() if self.engine is not None else None
+
+    async def close(self) -> None:
+        if self.node_watch is not None:
+            self.node_watch.cancel()
+        if self.worker_node is not None:
+            await self.worker_node.close()
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await run_blocking(engine.shutdown)
+        elif self.starting:  # stopped, or failed, while the engine was starting: end what it had started
+            stopped = await run_blocking(self.backend.stop_engine_processes, ABANDONED_START_GRACE)
+            log.info("engine.start_stopped", processes=stopped)
+
+
+def count_gpus() -> int:
+    nvml = NVML()
+    try:
+        return nvml.device_count()
+    finally:
+        nvml.close()

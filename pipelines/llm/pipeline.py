@@ -1,0 +1,102 @@
+"""The ``llm`` pipeline: its APIs on one engine.
+
+It composes the parts and owns nothing else: the host starts the engine, the
+generation path is every API's one way into it, and each API module serves its
+own operations of openapi.yaml. HTTP is the runner's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from pipelines.llm.api import LLMAPI, installed_apis
+from pipelines.llm.engine import Engine, Sampling
+from pipelines.llm.generation import Generation
+from pipelines.llm.host import EngineHost
+from pipelines.llm.replies import ReplyTracker
+from pipelines.llm.served_models import ServedModels
+from pipelines.llm.settings import LLMSettings
+from pipelines.llm.tools import tool_parser_for_template
+from runner.pipeline import EngineLoad, OperationError, Pipeline, RequestContext, Serve
+
+log = structlog.get_logger(__name__)
+
+
+class LLMPipeline(Pipeline):
+    name = "llm"
+    settings_class = LLMSettings
+
+    def __init__(self, model_id: str, model_dir: Path, settings: LLMSettings,
+                 host: EngineHost | None = None, apis: list[type[LLMAPI]] | None = None) -> None:
+        super().__init__(model_id, model_dir, settings)
+        self.settings = settings
+        self.host = host if host is not None else EngineHost(settings, model_id, model_dir)
+        self.generation = Generation()
+        self.models = ServedModels(model_id)
+        self.apis = [api(self.generation, self.models) for api in (apis if apis is not None else installed_apis())]
+        self.OPERATIONS = tuple(operation for api in self.apis for operation in api.OPERATIONS)
+
+    def operations(self) -> Mapping[str, Serve]:
+        if self.settings.worker_node:
+            return {operation.operation_id: self.refuse_on_worker_node for operation in self.OPERATIONS}
+        served: dict[str, Serve] = {}
+        for api in self.apis:
+            served.update(api.operations())
+        return served
+
+    async def refuse_on_worker_node(self, _body, _context: RequestContext):
+        settings = self.settings
+        raise OperationError(
+            f"this runner is worker node {settings.node_rank} of {settings.nnodes} (NODE_RANK={settings.node_rank}): "
+            f"it runs engine ranks and serves no requests; send them to the serving node (NODE_RANK=0, "
+            f"{settings.master_addr})", status=503)
+
+    def max_in_flight(self) -> int | None:
+        return self.settings.max_in_flight
+
+    async def load(self) -> None:
+        engine = await self.host.start()
+        if engine is None:  # a worker node: its ranks run, nothing here to serve from
+            return
+        self.generation.use(engine, self.choose_tool_parser(engine))
+        await self.warm_up()
+        self.host.watch_nodes()
+
+    def choose_tool_parser(self, engine: Engine):
+        """TOOL_CALL_PARSER, or the parser the chat template's tool-call syntax names; None when none fits."""
+        names = engine.tool_parser_names()
+        name = self.settings.tool_call_parser
+        if name is not None and name not in names:
+            raise ValueError(f"TOOL_CALL_PARSER={name!r} is not one of vLLM's tool-call parsers: {', '.join(names)}")
+        if name is None:
+            name = tool_parser_for_template(getattr(engine.tokenizer, "chat_template", None) or "")
+        log.info("engine.tool_parser", name=name,
+                 chosen_by="TOOL_CALL_PARSER" if self.settings.tool_call_parser else "chat template")
+        return None if name is None else engine.tool_parser(name)
+
+    async def warm_up(self) -> None:
+        """One short generation through the shared path, so the first request finds the engine warm."""
+        context = RequestContext(request_id="warm-up")
+        prompt = self.generation.render_chat([{"role": "user", "content": "Hello"}])
+        tracker = ReplyTracker(context, [len(prompt)])
+        async for step in self.generation.start(prompt, Sampling(max_tokens=4, temperature=0), context):
+            tracker.take(step)
+        log.info("engine.warm", completion_tokens=context.completion_tokens)
+
+    def failure(self) -> str | None:
+        return self.host.failure()
+
+    def engine_load(self) -> EngineLoad:
+        return EngineLoad(unfinished=self.generation.unfinished_requests(), submitted=self.generation.submitted,
+                          batch_size=self.settings.max_num_seqs)
+
+    def metrics_registry(self) -> CollectorRegistry | None:
+        """The engine's own series (vllm:*), once it runs."""
+        return self.host.metrics_registry()
+
+    async def close(self) -> None:
+        await self.host.close()

@@ -1,0 +1,166 @@
+"""vLLM's ``AsyncLLM`` behind the pipeline's ``Engine`` protocol (``pipelines.llm.engine``).
+
+The llm pipeline's host imports this package once loading starts (importing vLLM
+and torch takes seconds); nothing outside ``pipelines.llm.vllm_backend`` imports vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator, Mapping
+
+import psutil
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.inputs import TokensPrompt
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+from pipelines.llm.engine import Sampling, SamplingRefused
+from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser, tool_parser_names
+
+log = structlog.get_logger(__name__)
+
+# go-livepeer kills a container 8 s after SIGTERM and the runner drains for up to
+# DRAIN_TIMEOUT (5 s) first: the engine's processes get 2 s to exit, not vLLM's 5.
+ENGINE_SHUTDOWN_TIMEOUT = 2.0
+
+
+@contextlib.contextmanager
+def process_environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """``variables`` in this process's environment while the engine's processes start, restored after.
+
+    vLLM starts its processes with multiprocessing, which hands them this
+    process's environment and takes no other; vLLM itself sets OMP_NUM_THREADS
+    around its own process starts the same way.
+    """
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def engine_series_logger(registry: CollectorRegistry) -> type[PrometheusStatLogger]:
+    """vLLM's Prometheus stat logger, recording into ``registry`` instead of prometheus_client's global one."""
+    metrics = {
+        "_gauge_cls": functools.partial(Gauge, registry=registry),
+        "_counter_cls": functools.partial(Counter, registry=registry),
+        "_histogram_cls": functools.partial(Histogram, registry=registry),
+    }
+
+    def own(cls: type) -> type:
+        return type(cls.__name__, (cls,), {name: made for name, made in metrics.items() if hasattr(cls, name)})
+
+    helpers = ("_spec_decoding_cls", "_kv_connector_cls", "_ec_connector_cls", "_perf_metrics_cls")
+    return type("EngineSeries", (PrometheusStatLogger,), {
+        **metrics, **{name: own(getattr(PrometheusStatLogger, name)) for name in helpers},
+    })
+
+
+def stop_engine_processes(grace: float = ENGINE_SHUTDOWN_TIMEOUT) -> int:
+    """End the engine processes this process started, for an engine whose start was cut short.
+
+    ``AsyncLLM`` offers no way to stop its own construction; its engine core
+    exits on SIGTERM (taking its workers with it), and what is left after
+    ``grace`` seconds is killed. multiprocessing's resource tracker is spared:
+    it removes the shared memory the others leave. Returns how many were signalled.
+    """
+    children = [
+        child for child in psutil.Process().children(recursive=True)
+        if "resource_tracker" not in " ".join(child.cmdline())
+    ]
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    return len(children)
+
+
+class VLLMEngine:
+    """One running ``AsyncLLM``, as the ``Engine`` protocol describes it."""
+
+    def __init__(self, engine: AsyncLLM, registry: CollectorRegistry) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.tokenizer = engine.get_tokenizer()
+        self.max_model_len: int = engine.model_config.max_model_len
+        self.vocab_size: int = engine.model_config.get_vocab_size()
+
+    @classmethod
+    def start(cls, args: AsyncEngineArgs, environment: Mapping[str, str]) -> VLLMEngine:
+        """Build the engine, its processes started with ``environment``; blocks until they are up."""
+        registry = CollectorRegistry(auto_describe=True)
+        with process_environment(environment):
+            engine = AsyncLLM.from_engine_args(args, stat_loggers=[engine_series_logger(registry)])
+        return cls(engine, registry)
+
+    @property
+    def errored(self) -> bool:
+        return self.engine.errored
+
+    def unfinished_requests(self) -> int:
+        return self.engine.get_num_unfinished_requests()
+
+    def sampling_params(self, sampling: Sampling) -> SamplingParams:
+        """The one builder of SamplingParams; SamplingRefused, with vLLM's message, for values vLLM refuses."""
+        # -1, 0 and anything from the vocabulary's size up all mean "off"; a top_k
+        # beyond 64 bits would not even reach the engine.
+        top_k = 0 if sampling.top_k == -1 or sampling.top_k >= self.vocab_size else sampling.top_k
+        structured = None
+        if sampling.json_schema is not None:
+            structured = StructuredOutputsParams(json=sampling.json_schema)
+        elif sampling.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        try:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=top_k,
+                min_p=sampling.min_p,
+                max_tokens=sampling.max_tokens,
+                stop=sampling.stop or None,
+                seed=sampling.seed,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                repetition_penalty=sampling.repetition_penalty,
+                logit_bias=sampling.logit_bias,
+                logprobs=sampling.logprobs,
+                structured_outputs=structured,
+                output_kind=RequestOutputKind.DELTA,  # only new tokens each step: nothing to diff
+            )
+        except (VLLMClientError, ValueError) as exc:
+            raise SamplingRefused(str(exc)) from None
+
+    def generate(self, prompt: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[RequestOutput]:
+        params = self.sampling_params(sampling)
+        return self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id)
+
+    def tool_parser_names(self) -> list[str]:
+        return tool_parser_names()
+
+    def tool_parser(self, name: str) -> ToolCallParser:
+        return ToolCallParser(name, self.tokenizer)
+
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.registry
+
+    def shutdown(self) -> None:
+        self.engine.shutdown(ENGINE_SHUTDOWN_TIMEOUT)

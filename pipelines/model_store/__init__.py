@@ -1,0 +1,9 @@
+"""The model store: any pipeline's models, found locally, in the store, or fetched from the Hub.
+
+``resolve_model`` is the one entry; ``python -m pipelines.model_store`` prefetches.
+"""
+
+from pipelines.model_store.errors import ModelDownloadError
+from pipelines.model_store.resolve import resolve_model, wanted_files
+
+__all__ = ["ModelDownloadError", "resolve_model", "wanted_files"]

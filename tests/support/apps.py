@@ -1,0 +1,60 @@
+"""The llm pipeline served in-process, on a fake engine: the runner's own app, its real route layer and APIs.
+
+Only the engine is a stand-in (``tests.support.fake_engine``); the host, the
+generation path, the replies and every API module are the ones a container runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from pipelines.llm.api import LLMAPI, installed_apis
+from pipelines.llm.host import EngineHost
+from pipelines.llm.pipeline import LLMPipeline
+from pipelines.llm.settings import LLMSettings
+from runner.app import create_app
+from runner.settings import RunnerSettings
+from tests.support.fake_engine import FakeBackend, FakeEngine, fake_model_dir
+
+CPUS = {0, 1}
+
+
+def llm_settings(**values: Any) -> LLMSettings:
+    """The llm pipeline's settings from these values alone, not from this process's environment."""
+    return LLMSettings.model_validate(values)
+
+
+def runner_settings(**values: Any) -> RunnerSettings:
+    return RunnerSettings.model_validate(values)
+
+
+def llm_pipeline(engine: FakeEngine, folder: Path, settings: LLMSettings | None = None,
+                 apis: list[type[LLMAPI]] | None = None, backend: FakeBackend | None = None,
+                 gpus: int = 0, cpus: set[int] = CPUS) -> LLMPipeline:
+    model = fake_model_dir(folder)
+    settings = settings or llm_settings()
+    backend = backend or FakeBackend(engine)
+    host = EngineHost(settings, str(model), model, backend=lambda: backend, gpus=gpus, cpus=cpus)
+    return LLMPipeline(str(model), model, settings, host=host,
+                       apis=apis if apis is not None else installed_apis())
+
+
+def llm_app(engine: FakeEngine, folder: Path, settings: LLMSettings | None = None,
+            runner: RunnerSettings | None = None, **kwargs: Any) -> web.Application:
+    pipeline = llm_pipeline(engine, folder, settings, **kwargs)
+    return create_app(runner or runner_settings(), pipeline=pipeline)
+
+
+async def ready_client(aiohttp_client, app: web.Application, timeout: float = 5.0):
+    """The app under pytest-aiohttp's test client, once its pipeline has loaded (IDLE or ERROR)."""
+    import asyncio
+
+    # As the runner's own server: a client that goes away cancels its handler.
+    client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    async with asyncio.timeout(timeout):
+        while (await (await client.get("/health")).json())["status"] == "LOADING":
+            await asyncio.sleep(0.01)
+    return client

@@ -1,0 +1,58 @@
+"""Talking to a runner over HTTP in tests: the contract's SSE framing, /metrics readings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import aiohttp
+
+from tests.support.runner_process import RunnerProcess
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me a long story."}]
+UNFINISHED = "livepeer_runner_engine_requests_unfinished"
+WAITING = "livepeer_runner_engine_requests_waiting"
+IN_FLIGHT = "livepeer_runner_requests_in_flight"
+SUBMITTED = "livepeer_runner_engine_requests_total"
+
+
+async def post(http: aiohttp.ClientSession, runner: RunnerProcess, body: dict) -> tuple[int, dict]:
+    async with http.post(f"{runner.url}/llm", json=body) as response:
+        return response.status, await response.json()
+
+
+async def read_stream(response: aiohttp.ClientResponse) -> tuple[list[dict], list[str]]:
+    """Events and the raw lines, checking each line is a contract SSE line."""
+    lines = []
+    async for raw in response.content:
+        lines.append(raw.decode().rstrip("\n"))
+    assert lines[-2:] == ["data: [DONE]", ""], lines[-3:]
+    blocks = lines[:-2]
+    assert blocks[1::2] == [""] * (len(blocks) // 2), "each event is one data line then a blank line"
+    events = []
+    for line in blocks[0::2]:
+        assert line.startswith("data: "), line
+        events.append(json.loads(line.removeprefix("data: ")))
+    return events, lines
+
+
+async def metric(http: aiohttp.ClientSession, runner: RunnerProcess, name: str) -> float:
+    async with http.get(f"{runner.url}/metrics") as response:
+        text = await response.text()
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+async def wait_for_metric(http: aiohttp.ClientSession, runner: RunnerProcess, name: str, value: float,
+                          within: float) -> float:
+    """Seconds until the metric reads `value`; fails after `within` seconds."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if await metric(http, runner, name) == value:
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{name} did not reach {value} within {within} s")
