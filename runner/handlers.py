@@ -236,7 +236,7 @@ def pipeline_handler(operation: Operation, serve: Serve) -> Handler:
             log.info(
                 "request.done",
                 operation=operation_id,
-                model=request.app[STATE].pipeline.model_id,
+                model=context.model or request.app[STATE].pipeline.model_id,
                 status=status,
                 prompt_tokens=context.prompt_tokens,
                 completion_tokens=context.completion_tokens,

@@ -68,6 +68,7 @@ class RequestContext:
 
     request_id: str
     params: dict[str, str] = field(default_factory=dict)  # the path's parameters, e.g. {"model": ...}
+    model: str = ""  # the model id the request was served by, once the pipeline knows it
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None  # time.monotonic() of the first generated token

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from jinja2 import TemplateError
 
 from pipelines.llm.engine import Engine, GenerationStep, Sampling, SamplingRefused, ToolCallParser
+from pipelines.llm.served_models import ServedModel
 from runner.pipeline import OperationError, RequestContext
 
 
@@ -82,9 +83,9 @@ class Generation:
                 code="context_length_exceeded",
             )
 
-    def start(self, prompt: list[int], sampling: Sampling, context: RequestContext,
+    def start(self, prompt: list[int], sampling: Sampling, context: RequestContext, model: ServedModel,
               length_param: str = "max_tokens") -> AsyncIterator[GenerationStep]:
-        """Hand one prompt to the engine, after the checks every API shares.
+        """Hand one prompt to the engine, for ``model``, after the checks every API shares.
 
         The engine takes the request when the iterator is first read; closing it early aborts it.
         """
@@ -94,10 +95,11 @@ class Generation:
         except SamplingRefused as exc:  # the spec allows what the engine refuses, e.g. a temperature above 2
             raise OperationError(str(exc)) from None
         context.prompt_tokens += len(prompt)
+        context.model = model.id
         self.submitted += 1
         return steps
 
-    def start_all(self, runs: Sequence[tuple[list[int], Sampling]], context: RequestContext,
+    def start_all(self, runs: Sequence[tuple[list[int], Sampling]], context: RequestContext, model: ServedModel,
                   length_param: str = "max_tokens") -> AsyncIterator[tuple[int, GenerationStep]]:
         """Several prompts of one request, all in the engine at once: each step with its prompt's place.
 
@@ -108,7 +110,7 @@ class Generation:
         """
         for prompt, sampling in runs:
             self.check_length(prompt, sampling, length_param)
-        return merged([self.start(prompt, sampling, context, length_param) for prompt, sampling in runs])
+        return merged([self.start(prompt, sampling, context, model, length_param) for prompt, sampling in runs])
 
 
 async def merged(iterators: list[AsyncIterator[GenerationStep]]) -> AsyncIterator[tuple[int, GenerationStep]]:

@@ -83,7 +83,7 @@ class LLMPipeline(Pipeline):
         context = RequestContext(request_id="warm-up")
         prompt = self.generation.render_chat([{"role": "user", "content": "Hello"}])
         tracker = ReplyTracker(context, [len(prompt)])
-        async for step in self.generation.start(prompt, Sampling(max_tokens=4, temperature=0), context):
+        async for step in self.generation.start(prompt, Sampling(max_tokens=4, temperature=0), context, self.models.base):
             tracker.take(step)
         log.info("engine.warm", completion_tokens=context.completion_tokens)
 

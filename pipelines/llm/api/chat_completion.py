@@ -46,7 +46,7 @@ class ChatCompletionAPI(OpenAIAPI):
         prompt = self.generation.render_chat(conversation(request), plan.template_tools)
         sampling = self.chat_sampling(request, prompt, plan)
         length_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-        steps = self.generation.start(prompt, sampling, context, length_param)
+        steps = self.generation.start(prompt, sampling, context, model, length_param)
         tracker = ReplyTracker(context, [len(prompt)], n=sampling.n, logprobs=sampling.logprobs)
         reply = ChatReply(self, request, plan, model.id, tracker)
         if request.stream:

@@ -36,7 +36,7 @@ class CompletionAPI(OpenAIAPI):
             prompt = self.generation.encode(text)
             runs.append((prompt, self.sampling(request, self.max_tokens(request.max_tokens, prompt),
                                                logprobs=request.logprobs)))
-        steps = self.generation.start_all(runs, context)
+        steps = self.generation.start_all(runs, context, model)
         tracker = ReplyTracker(context, [len(prompt) for prompt, _ in runs], n=request.n or 1,
                                logprobs=request.logprobs)
         reply = CompletionReply(model.id, texts if request.echo else None, tracker, include_usage)

@@ -34,7 +34,7 @@ class LivepeerAPI(LLMAPI):
         sampling = Sampling(
             max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
         )
-        steps = self.generation.start(prompt, sampling, context)
+        steps = self.generation.start(prompt, sampling, context, model)
         reply = LivepeerReply(model.id, ReplyTracker(context, [len(prompt)]))
         if request.stream:
             return EventStream(events=reply.events(steps), error_event=reply.error_event)
