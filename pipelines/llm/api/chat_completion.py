@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
 from pydantic_core import to_json
 
 from pipelines.llm import schema
 from pipelines.llm.api import spec_operations
+from pipelines.llm.answers import AnswerEvent, AnswerReader, CallArguments, CallStart, TextDelta, ToolCall
 from pipelines.llm.api.openai_base import ChunkEnvelope, OpenAIAPI, bad, error_event
 from pipelines.llm.conversation import require_turns, turn
 from pipelines.llm.engine import GenerationStep, Sampling
-from pipelines.llm.replies import Choice, LogprobEntry, ReplyTracker, choice_finish_reason, usage_of
+from pipelines.llm.replies import LogprobEntry, ReplyTracker, choice_finish_reason, usage_of
 from pipelines.llm.schema import (
     AssistantMessage,
     ChatCompletion,
@@ -26,7 +26,7 @@ from pipelines.llm.schema import (
     TokenLogprob,
     TopLogprob,
 )
-from pipelines.llm.tools import ToolPlan, call_id, plan_tools, read_calls
+from pipelines.llm.tools import ToolPlan, plan_tools
 from runner.pipeline import EventStream, RequestContext, Serve
 
 
@@ -108,34 +108,29 @@ class ChatReply:
 
     def __init__(self, api: ChatCompletionAPI, request: ChatCompletionRequest, plan: ToolPlan, model: str,
                  tracker: ReplyTracker) -> None:
-        self.api = api
-        self.request = request
-        self.plan = plan
-        self.model = model
         self.tracker = tracker
         self.context = tracker.context
         self.with_logprobs = tracker.logprobs is not None
+        body = request.model_dump(exclude_none=True, by_alias=True) if plan.mode == "auto" else None
+        self.readers = [AnswerReader(plan, api.generation.tool_parser, body) for _ in tracker.choices]
+        self.model = model
         self.id = f"chatcmpl-{self.context.request_id}"
         self.created = int(time.time())
         self.envelope = ChunkEnvelope("chat.completion.chunk", self.id, self.created, model,
                                       api.include_usage(request))
 
-    def calls(self, choice: Choice) -> tuple[str | None, list[ChatToolCall]]:
-        """The choice's content and tool calls, by the plan; a cut (length) answer keeps its partial text."""
-        body = self.request.model_dump(exclude_none=True, by_alias=True) if self.plan.mode == "auto" else None
-        content, found = read_calls(self.plan, choice.text, choice.finish_reason == "length",
-                                    self.api.generation.tool_parser, body)
-        return content, [tool_call(name, arguments) for name, arguments in found]
-
     async def whole(self, steps: AsyncIterator[GenerationStep]) -> ChatCompletion:
         async for step in steps:
             self.tracker.take(step)
         choices = []
-        for choice in self.tracker.choices:
-            content, calls = self.calls(choice)
+        for choice, reader in zip(self.tracker.choices, self.readers):
+            reader.feed(choice.text)
+            reader.finish(cut=choice.finish_reason == "length")
+            calls = [tool_call(call) for call in reader.calls]
             choices.append(ChatCompletionChoice(
                 index=choice.index,
-                message=AssistantMessage(role="assistant", content=content, **({"tool_calls": calls} if calls else {})),
+                message=AssistantMessage(role="assistant", content=reader.content,
+                                         **({"tool_calls": calls} if calls else {})),
                 logprobs=ChoiceLogprobs(content=chat_logprobs(choice.logprobs)) if self.with_logprobs else None,
                 finish_reason=choice_finish_reason(choice, bool(calls)),
             ))
@@ -145,60 +140,59 @@ class ChatReply:
                               choices=choices, usage=CompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
                                                                      total_tokens=total))
 
-    def delta_chunk(self, index: int, delta: bytes, logprobs: list[LogprobEntry], finish_reason: str | None) -> bytes:
+    def chunk(self, index: int, delta: bytes, logprobs: list[LogprobEntry], finish_reason: str | None = None) -> bytes:
         logprobs_json = to_json(ChoiceLogprobs(content=chat_logprobs(logprobs))) if self.with_logprobs else b"null"
         return self.envelope.chunk(b'{"index":%d,"delta":%s,"logprobs":%s,"finish_reason":%s}' % (
             index, delta, logprobs_json, to_json(finish_reason)))
 
     async def events(self, steps: AsyncIterator[GenerationStep]) -> AsyncIterator[bytes]:
-        streams_text = self.plan.mode in ("text", "named")
         reasons: list[str] = []
+        held: dict[int, list[LogprobEntry]] = {choice.index: [] for choice in self.tracker.choices}
         try:
             async for step in steps:
                 for update in self.tracker.take(step):
                     choice = update.choice
+                    reader = self.readers[choice.index]
+                    logprobs = held[choice.index]
+                    logprobs.extend(update.logprobs)
                     if not choice.started:
                         choice.started = True
-                        yield self.first_chunk(choice)
-                    if streams_text and (update.text or update.logprobs):
-                        if self.plan.mode == "named":
-                            delta = b'{"tool_calls":[{"index":0,"function":{"arguments":%s}}]}' % to_json(update.text)
-                        else:
-                            delta = b'{"content":%s}' % to_json(update.text)
-                        yield self.delta_chunk(choice.index, delta, list(update.logprobs), None)
+                        yield self.first_chunk(choice.index, reader.start())
+                    for event in reader.feed(update.text):
+                        yield self.chunk(choice.index, delta_of(event), logprobs)
+                        logprobs = held[choice.index] = []
                     if update.finished:
-                        chunk, reason = self.ending(choice)
+                        for event in reader.finish(cut=choice.finish_reason == "length"):
+                            yield self.chunk(choice.index, delta_of(event), logprobs)
+                            logprobs = held[choice.index] = []
+                        reason = choice_finish_reason(choice, bool(reader.calls))
                         reasons.append(reason)
-                        yield chunk
+                        yield self.chunk(choice.index, b"{}", logprobs, reason)
+                        held[choice.index] = []
             self.tracker.settle(reasons)
             if self.envelope.include_usage:
                 yield self.envelope.usage_chunk(self.context)
         finally:
             await steps.aclose()  # aborts the engine request if the stream stopped early
 
-    def first_chunk(self, choice: Choice) -> bytes:
-        if self.plan.mode == "named":  # the call's name goes first; its arguments stream as generated
-            call = {"index": 0, "id": call_id(), "type": "function", "function": {"name": self.plan.name, "arguments": ""}}
-            return self.delta_chunk(choice.index, b'{"role":"assistant","tool_calls":[%s]}' % to_json(call), [], None)
-        return self.delta_chunk(choice.index, b'{"role":"assistant","content":""}', [], None)
-
-    def ending(self, choice: Choice) -> tuple[bytes, str]:
-        """A choice's last chunk and its finish reason: for tools decided at the end ("required", "auto"), the whole answer first."""
-        if self.plan.mode == "named":  # its one call went out with the first chunk
-            reason = choice_finish_reason(choice, called_tools=True)
-            return self.delta_chunk(choice.index, b"{}", [], reason), reason
-        if self.plan.mode == "text":
-            reason = choice_finish_reason(choice)
-            return self.delta_chunk(choice.index, b"{}", [], reason), reason
-        content, calls = self.calls(choice)
-        delta: dict[str, Any] = {}
-        if content:
-            delta["content"] = content
-        if calls:
-            delta["tool_calls"] = [{"index": position, **call.model_dump()} for position, call in enumerate(calls)]
-        reason = choice_finish_reason(choice, bool(calls))
-        return self.delta_chunk(choice.index, to_json(delta), choice.logprobs if self.with_logprobs else [], reason), reason
+    def first_chunk(self, index: int, events: list[AnswerEvent]) -> bytes:
+        """The role, with whatever the answer says before its first token (a forced call's name)."""
+        if events and isinstance(events[0], CallStart):
+            return self.chunk(index, b'{"role":"assistant",' + delta_of(events[0])[1:], [])
+        return self.chunk(index, b'{"role":"assistant","content":""}', [])
 
 
-def tool_call(name: str, arguments: str) -> ChatToolCall:
-    return ChatToolCall(id=call_id(), type="function", function=ChatToolCallFunction(name=name, arguments=arguments))
+def delta_of(event: AnswerEvent) -> bytes:
+    """One answer event as a chat chunk's delta."""
+    if isinstance(event, TextDelta):
+        return b'{"content":%s}' % to_json(event.text)
+    if isinstance(event, CallArguments):
+        return b'{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}' % (event.index, to_json(event.text))
+    if isinstance(event, CallStart):
+        return b'{"tool_calls":[{"index":%d,"id":%s,"type":"function","function":{"name":%s,"arguments":""}}]}' % (
+            event.index, to_json(event.id), to_json(event.name))
+    return b'{"reasoning_content":%s}' % to_json(event.text)
+
+
+def tool_call(call: ToolCall) -> ChatToolCall:
+    return ChatToolCall(id=call.id, type="function", function=ChatToolCallFunction(name=call.name, arguments=call.arguments))
