@@ -9,8 +9,25 @@ from pathlib import Path
 import pytest
 
 from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess
-from tests.support.runners import MAX_ENGINES, RUNNER_FIXTURES, RunnerPool, SuiteFootprint, ready, runner_specs
+from tests.support.runners import (
+    MAX_ENGINES,
+    RUNNER_FIXTURES,
+    RunnerPool,
+    SuiteFootprint,
+    module_order,
+    ready,
+    runner_specs,
+)
 from tests.support.tiny_model import build_tiny_llama
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "ends_runners(*names): the module stops or kills these shared runners")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Modules in the order that starts the fewest engines (tests/support/runners.py, module_order)."""
+    items[:] = module_order(items)
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +75,6 @@ def doomed_runner(runner_pool) -> RunnerProcess:
 @pytest.fixture(scope="module")
 def default_runner(runner_pool) -> RunnerProcess:
     return ready(runner_pool.get("default"))
-
-
-@pytest.fixture(scope="module")
-def doomed_under_load_runner(runner_pool) -> RunnerProcess:
-    return ready(runner_pool.get("doomed_under_load"))
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,7 @@ class LLMSettings(BaseSettings):
     vllm_cache_root: Path | None = Field(None, alias="VLLM_CACHE_ROOT")
     vllm_cpu_reserved_cores: int | None = Field(None, alias="VLLM_CPU_NUM_OF_RESERVED_CPU", ge=0)
     vllm_cpu_threads_bind: str = Field("auto", alias="VLLM_CPU_OMP_THREADS_BIND", min_length=1)
+    torch_compile_disable: bool | None = Field(None, alias="TORCH_COMPILE_DISABLE")
 
     @property
     def world_size(self) -> int:

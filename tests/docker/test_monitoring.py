@@ -23,10 +23,15 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.http import (
+    QUESTION,
+    UNFINISHED,
+    hold_stream,
+    metric,
+    wait_for_metric,
+)
 from tests.support.runner_process import ROOT, RunnerProcess, free_port, get_json
-from tests.support.runners import GUARDED_AUTH_TOKEN
-from tests.pipelines.test_limits import MAX_IN_FLIGHT, UNFINISHED, hold_with
-from tests.support.http import QUESTION, metric, wait_for_metric
+from tests.support.runners import GUARDED_AUTH_TOKEN, GUARDED_MAX_IN_FLIGHT
 
 MONITORING = ROOT / "docker" / "monitoring"
 DASHBOARD = MONITORING / "dashboard.json"
@@ -129,9 +134,9 @@ async def exposed(guarded_runner: RunnerProcess) -> dict[str, list[dict[str, str
         await wait_for_metric(http, guarded_runner, "livepeer_runner_requests_in_flight", 0, within=15)
         async with http.post(f"{guarded_runner.url}/llm", json={"messages": QUESTION, "max_tokens": 4}) as response:
             assert response.status == 200
-        holders = [asyncio.create_task(hold_with(http, guarded_runner)) for _ in range(MAX_IN_FLIGHT)]
+        holders = [asyncio.create_task(hold_stream(http, guarded_runner)) for _ in range(GUARDED_MAX_IN_FLIGHT)]
         try:
-            await wait_for_metric(http, guarded_runner, UNFINISHED, MAX_IN_FLIGHT, within=3)
+            await wait_for_metric(http, guarded_runner, UNFINISHED, GUARDED_MAX_IN_FLIGHT, within=3)
             async with http.post(f"{guarded_runner.url}/llm", json={"messages": QUESTION, "max_tokens": 2}) as response:
                 assert response.status == 503
         finally:

@@ -17,7 +17,7 @@ import urllib.request
 import psutil
 import pytest
 
-from tests.support.runner_process import RunnerProcess, START_TIMEOUT, free_port
+from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port
 from tests.support.runners import TINY_MAX_MODEL_LEN
 
 # A TP=2 (or PP=2) runner is an engine core and two workers: it counts as two engines beside a shared runner.

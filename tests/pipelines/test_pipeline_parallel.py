@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.pipelines.test_parallel import (
+    engine_start,
+    start,
+    text,
+    two_ranks_missing,
+    wait_idle,
+    workers,
+)
 from tests.support.runner_process import DEFAULT_MODEL_ID
-from tests.pipelines.test_parallel import engine_start, start, text, two_ranks_missing, wait_idle, workers
 
 pytestmark = [pytest.mark.own_engines(2), pytest.mark.skipif(bool(two_ranks_missing()), reason=two_ranks_missing())]
 

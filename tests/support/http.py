@@ -56,3 +56,10 @@ async def wait_for_metric(http: aiohttp.ClientSession, runner: RunnerProcess, na
             return time.monotonic() - started
         await asyncio.sleep(0.02)
     raise AssertionError(f"{name} did not reach {value} within {within} s")
+
+
+async def hold_stream(session: aiohttp.ClientSession, runner: RunnerProcess, max_tokens: int = 4000) -> None:
+    """One long /llm stream, read to its end: it holds a place in the runner until cancelled."""
+    body = {"messages": STORY, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    async with session.post(f"{runner.url}/llm", json=body) as response:
+        await response.read()

@@ -23,6 +23,7 @@ GUARDED_AUTH_TOKEN = "guarded-runner-token"
 GUARDED_MAX_NUM_SEQS = 2
 GUARDED_MAX_WAITING_REQUESTS = 2
 GUARDED_REQUEST_TIMEOUT = 4
+GUARDED_MAX_IN_FLIGHT = GUARDED_MAX_NUM_SEQS + GUARDED_MAX_WAITING_REQUESTS
 DOOMED_STREAM_INTERVAL = 4
 
 
@@ -31,7 +32,6 @@ RUNNER_FIXTURES = {  # fixture name -> runner name in RUNNER_SPECS
     "tiny_runner": "tiny",
     "doomed_runner": "doomed",
     "default_runner": "default",
-    "doomed_under_load_runner": "doomed_under_load",
     "guarded_runner": "guarded",
     "drained_runner": "drained",
 }
@@ -45,11 +45,10 @@ def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dic
         "tiny": ({**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT)}, True),
         # Runners of their own, because their tests stop them or kill their engines.
         "drained": (tiny_env, False),
-        # Its stream settings are not the defaults: tests/pipelines/test_llm.py checks that they reach the engine
-        # (on a runner that module starts anyway: it may use no more than MAX_ENGINES).
+        # Its stream settings are not the defaults: real_engine/test_livepeer.py checks that they reach the engine,
+        # before real_engine/test_faults.py kills its engine under load.
         "doomed": ({**tiny_env, "STREAM_INTERVAL": str(DOOMED_STREAM_INTERVAL), "ENABLE_PREFIX_CACHING": "false"},
                    False),
-        "doomed_under_load": (tiny_env, False),
         "guarded": (
             {
                 **tiny_env,
@@ -147,3 +146,27 @@ class SuiteFootprint:
                     continue
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_engines = max(self.peak_engines, engines)
+
+
+def module_order(items: list) -> list:
+    """The suite's items, module by module in the order that starts the fewest engines.
+
+    Modules that need no shared runner come first; then those that use the
+    guarded runner (which no later module needs, so the pool may drop it);
+    then the rest; then modules that end a shared runner (``ends_runners``),
+    after every module that needs that runner alive; modules with engines of
+    their own come last. Within a module, and between equals, the order is
+    the collection's.
+    """
+    modules: dict[object, list] = {}
+    for item in items:
+        modules.setdefault(item.module, []).append(item)
+
+    def key(module_items: list) -> tuple:
+        runners = {RUNNER_FIXTURES[name] for item in module_items for name in item.fixturenames if name in RUNNER_FIXTURES}
+        ends = module_items[0].get_closest_marker("ends_runners")
+        own = module_items[0].get_closest_marker("own_engines")
+        return (bool(own), bool(ends), bool(runners) and "guarded" not in runners, bool(runners))
+
+    ordered = sorted(modules.values(), key=key)  # stable: equals keep the collection's order
+    return [item for module_items in ordered for item in module_items]

@@ -47,13 +47,14 @@ async def test_a_start_that_cannot_work_is_error_with_the_reason_and_503(aiohttp
 async def test_the_engine_environment_is_handed_to_the_engine_not_written_here(aiohttp_client, tmp_path, monkeypatch):
     monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
     before = dict(os.environ)
     engine = FakeEngine()
     backend = FakeBackend(engine)
     with structlog.testing.capture_logs() as logs:
         await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model", backend=backend))
     expected = {"VLLM_CACHE_ROOT": str((tmp_path / "model").resolve() / "vllm-cache"),
-                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TORCH_COMPILE_DISABLE": "1"}
     assert backend.environment == expected
     [started] = [entry for entry in logs if entry["event"] == "engine.start"]
     assert started["environment"] == expected

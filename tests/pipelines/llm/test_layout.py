@@ -7,8 +7,9 @@ from pydantic import ValidationError
 
 from pipelines.llm.layout import (
     GiB,
-    cpu_engine_variables,
+    cpu_eager_variables,
     cpu_enforce_eager,
+    cpu_engine_variables,
     cpu_kv_cache_bytes,
     cpu_thread_binding,
     distributed_errors,
@@ -156,6 +157,15 @@ def test_the_engine_compile_cache_lives_in_the_model_store_unless_the_user_place
 def test_the_engine_environment_is_chosen_in_one_place_and_cpu_variables_only_on_a_cpu(tmp_path, monkeypatch):
     monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
     cache = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
     assert engine_environment(settings(), tmp_path, on_cpu=True, cpus={0, 1}) == {
-        **cache, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        **cache, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TORCH_COMPILE_DISABLE": "1"}
     assert engine_environment(settings(), tmp_path, on_cpu=False, cpus={0, 1}) == cache
+
+
+def test_an_eager_cpu_engine_compiles_nothing_unless_the_user_says_otherwise(monkeypatch):
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
+    assert cpu_eager_variables(settings()) == {"TORCH_COMPILE_DISABLE": "1"}
+    assert cpu_eager_variables(settings(ENFORCE_EAGER="false")) == {}, "compiled mode compiles"
+    assert cpu_eager_variables(settings(PIPELINE_PARALLEL_SIZE="2")) == {}, "compiled by itself for PP"
+    assert cpu_eager_variables(settings(TORCH_COMPILE_DISABLE="0")) == {}

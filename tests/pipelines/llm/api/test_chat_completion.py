@@ -12,8 +12,8 @@ import json
 import openai
 import pytest
 
-from pipelines.llm.api.chat_completion import ChatReply, delta_of
 from pipelines.llm.answers import CallArguments, CallStart, TextDelta
+from pipelines.llm.api.chat_completion import ChatReply, delta_of
 from pipelines.llm.api.openai_base import ChunkEnvelope, error_event
 from pipelines.llm.replies import LogprobEntry
 from pipelines.llm.schema import (
@@ -29,7 +29,13 @@ from pipelines.llm.schema import (
 )
 from runner.pipeline import RequestContext
 from tests.support.apps import llm_app, llm_settings, ready_client, runner_settings
-from tests.support.fake_engine import DEFAULT_WORDS, FakeEngine, FakeTokenizer, Script, scripted_text
+from tests.support.fake_engine import (
+    DEFAULT_WORDS,
+    FakeEngine,
+    FakeTokenizer,
+    Script,
+    scripted_text,
+)
 from tests.support.http import QUESTION
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

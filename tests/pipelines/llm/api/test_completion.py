@@ -18,7 +18,7 @@ from pipelines.llm.replies import Choice, ReplyTracker
 from pipelines.llm.schema import Completion, CompletionChoice, CompletionLogprobs
 from runner.pipeline import RequestContext
 from tests.support.apps import llm_app, ready_client
-from tests.support.fake_engine import DEFAULT_WORDS, BOS, FakeEngine
+from tests.support.fake_engine import BOS, DEFAULT_WORDS, FakeEngine
 
 
 def test_a_chunk_is_what_pydantic_writes_of_the_spec_model():

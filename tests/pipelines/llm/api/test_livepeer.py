@@ -17,7 +17,13 @@ from pipelines.llm.schema import LLMChoice, LLMMessage, LLMResponse, LLMTokenUsa
 from runner.pipeline import RequestContext
 from runner.schema import APIErrorMessage
 from tests.support.apps import llm_app, ready_client
-from tests.support.fake_engine import DEFAULT_WORDS, FakeEngine, FakeTokenizer, Script, scripted_text
+from tests.support.fake_engine import (
+    DEFAULT_WORDS,
+    FakeEngine,
+    FakeTokenizer,
+    Script,
+    scripted_text,
+)
 from tests.support.http import QUESTION, STORY
 
 TEXTS = [

@@ -18,12 +18,21 @@ import aiohttp
 import psutil
 import pytest
 
+from tests.support.http import (
+    IN_FLIGHT,
+    QUESTION,
+    STORY,
+    SUBMITTED,
+    UNFINISHED,
+    metric,
+    post,
+    read_stream,
+    wait_for_metric,
+)
 from tests.support.runner_process import RunnerProcess
-from tests.support.http import QUESTION, STORY, metric, post, read_stream, wait_for_metric
 
-UNFINISHED = "livepeer_runner_engine_requests_unfinished"
-IN_FLIGHT = "livepeer_runner_requests_in_flight"
-SUBMITTED = "livepeer_runner_engine_requests_total"
+# Its last test kills the doomed runner's engine: it runs after the modules that use that runner alive.
+pytestmark = pytest.mark.ends_runners("doomed")
 
 
 @pytest.fixture
@@ -167,12 +176,12 @@ async def test_streams_cut_at_random_points_leave_nothing_behind(http, tiny_runn
     assert status == 200 and answer["usage"]["completion_tokens"] == 5
 
 
-async def test_engine_death_under_load_ends_every_request_in_a_known_way(http, doomed_under_load_runner):
+async def test_engine_death_under_load_ends_every_request_in_a_known_way(http, doomed_runner):
     """32 streams and 4 plain calls are running when the engine's process is
     killed: every stream ends with the contract's error event then [DONE],
     every plain call with a 500 in the spec's shape, within seconds; /health
     says ERROR and new calls get 503."""
-    runner = doomed_under_load_runner
+    runner = doomed_runner
     url = f"{runner.url}/llm"
     plain_body = {"messages": STORY, "max_tokens": 4000, "temperature": 0}
 

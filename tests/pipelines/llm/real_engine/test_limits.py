@@ -15,15 +15,26 @@ import time
 import aiohttp
 import pytest
 
+from tests.support.http import (
+    IN_FLIGHT,
+    QUESTION,
+    STORY,
+    SUBMITTED,
+    UNFINISHED,
+    WAITING,
+    hold_stream,
+    metric,
+    read_stream,
+    wait_for_metric,
+)
 from tests.support.runner_process import RunnerProcess
-from tests.support.runners import GUARDED_AUTH_TOKEN, GUARDED_MAX_NUM_SEQS, GUARDED_MAX_WAITING_REQUESTS, GUARDED_REQUEST_TIMEOUT
-from tests.support.http import QUESTION, STORY, metric, read_stream, wait_for_metric
+from tests.support.runners import (
+    GUARDED_AUTH_TOKEN,
+    GUARDED_MAX_IN_FLIGHT,
+    GUARDED_MAX_WAITING_REQUESTS,
+    GUARDED_REQUEST_TIMEOUT,
+)
 
-UNFINISHED = "livepeer_runner_engine_requests_unfinished"
-WAITING = "livepeer_runner_engine_requests_waiting"
-IN_FLIGHT = "livepeer_runner_requests_in_flight"
-SUBMITTED = "livepeer_runner_engine_requests_total"
-MAX_IN_FLIGHT = GUARDED_MAX_NUM_SEQS + GUARDED_MAX_WAITING_REQUESTS
 # 4000 tokens take the tiny model well over REQUEST_TIMEOUT on this machine's CPUs.
 LONG = {"messages": STORY, "max_tokens": 4000, "temperature": 0}
 
@@ -44,9 +55,9 @@ async def guarded(http, guarded_runner: RunnerProcess) -> RunnerProcess:
 
 async def test_a_call_beyond_running_and_waiting_requests_gets_503_at_once(http, guarded):
     async with aiohttp.ClientSession(headers=http.headers) as holders_session:
-        holders = [asyncio.create_task(hold_with(holders_session, guarded)) for _ in range(MAX_IN_FLIGHT)]
-        await wait_for_metric(http, guarded, UNFINISHED, MAX_IN_FLIGHT, within=GUARDED_REQUEST_TIMEOUT - 1)
-        assert await metric(http, guarded, IN_FLIGHT) == MAX_IN_FLIGHT
+        holders = [asyncio.create_task(hold_stream(holders_session, guarded)) for _ in range(GUARDED_MAX_IN_FLIGHT)]
+        await wait_for_metric(http, guarded, UNFINISHED, GUARDED_MAX_IN_FLIGHT, within=GUARDED_REQUEST_TIMEOUT - 1)
+        assert await metric(http, guarded, IN_FLIGHT) == GUARDED_MAX_IN_FLIGHT
         assert await metric(http, guarded, WAITING) == GUARDED_MAX_WAITING_REQUESTS
         submitted = await metric(http, guarded, SUBMITTED)
 
@@ -56,7 +67,7 @@ async def test_a_call_beyond_running_and_waiting_requests_gets_503_at_once(http,
             answer = await response.json()
         assert response.status == 503
         assert int(response.headers["Retry-After"]) >= 1
-        assert set(answer) == {"detail"} and str(MAX_IN_FLIGHT) in answer["detail"]["msg"]
+        assert set(answer) == {"detail"} and str(GUARDED_MAX_IN_FLIGHT) in answer["detail"]["msg"]
         # Queued, it would have waited for a slot, then for REQUEST_TIMEOUT.
         assert refused_after < GUARDED_REQUEST_TIMEOUT / 2
         assert await metric(http, guarded, SUBMITTED) == submitted, "the refused call never reached the engine"
@@ -69,10 +80,6 @@ async def test_a_call_beyond_running_and_waiting_requests_gets_503_at_once(http,
     async with http.post(f"{guarded.url}/llm", json={"messages": QUESTION, "max_tokens": 2}) as response:
         assert response.status == 200
 
-
-async def hold_with(session: aiohttp.ClientSession, runner: RunnerProcess) -> None:
-    async with session.post(f"{runner.url}/llm", json={**LONG, "stream": True}) as response:
-        await response.read()
 
 
 async def test_requests_past_request_timeout_end_in_known_ways_and_free_the_engine(http, guarded):

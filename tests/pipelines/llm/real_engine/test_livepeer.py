@@ -18,11 +18,16 @@ import aiohttp
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support.http import QUESTION, STORY, metric, post, read_stream, wait_for_metric
+from tests.support.http import (
+    QUESTION,
+    STORY,
+    metric,
+    post,
+    read_stream,
+    wait_for_metric,
+)
 from tests.support.runner_process import RunnerProcess
 from tests.support.runners import DOOMED_STREAM_INTERVAL, TINY_MAX_MODEL_LEN
-
-
 
 
 @pytest.fixture
@@ -193,7 +198,7 @@ async def test_stream_interval_gathers_tokens_per_event_with_exact_usage(http, t
 async def test_stream_events_are_flushed_as_tokens_come(http, tiny_runner):
     started = time.monotonic()
     async with http.post(
-        f"{tiny_runner.url}/llm", json={"messages": STORY, "max_tokens": 2000, "temperature": 0, "stream": True}
+        f"{tiny_runner.url}/llm", json={"messages": STORY, "max_tokens": 600, "temperature": 0, "stream": True}
     ) as response:
         first_line = await response.content.readline()
         first_event_at = time.monotonic() - started
@@ -293,37 +298,6 @@ async def test_client_that_disconnects_stops_its_generation(http, tiny_runner, s
     assert tiny_runner.health() == "IDLE"
 
 
-# 7. Engine failure
-
-
-async def test_engine_death_ends_requests_with_errors(http, doomed_runner):
-    url = f"{doomed_runner.url}/llm"
-    long_body = {"messages": STORY, "max_tokens": 4000, "temperature": 0}
-
-    async def plain():
-        async with http.post(url, json=long_body) as response:
-            return response.status, await response.json()
-
-    async with http.post(url, json={**long_body, "stream": True}) as streamed:
-        assert streamed.status == 200
-        first_event = await streamed.content.readline()
-        assert first_event.startswith(b"data: {") and await streamed.content.readline() == b"\n"
-        plain_task = asyncio.create_task(plain())
-        await wait_for_metric(http, doomed_runner, "livepeer_runner_engine_requests_unfinished", 2, within=10)
-        [engine] = [p for p in doomed_runner.engine_processes() if "EngineCore" in p.name() + " ".join(p.cmdline())]
-        killed_at = time.monotonic()
-        engine.kill()
-        events, _ = await asyncio.wait_for(read_stream(streamed), timeout=10)
-    last = events[-1]["choices"][0]
-    assert last["finish_reason"] == "error" and last["delta"]["content"] == ""
-    status, body = await asyncio.wait_for(plain_task, timeout=10)
-    assert status == 500 and body["detail"]["msg"]
-    assert time.monotonic() - killed_at < 10
-    assert doomed_runner.wait_until({"ERROR"}, timeout=5) == "ERROR"
-    status, body = await post(http, doomed_runner, {"messages": QUESTION})
-    assert status == 503 and "engine" in body["detail"]["msg"]
-
-
 # 8. Version and hardware
 
 
@@ -371,6 +345,8 @@ def test_engine_choices_follow_the_platform(default_runner, model_store):
     dtype = "bfloat16" if native else "float32"
     assert event["dtype"] == dtype
     assert event["enforce_eager"] is True
+    if "TORCH_COMPILE_DISABLE" not in os.environ:  # eager means no torch.compile in the engine either
+        assert event["environment"]["TORCH_COMPILE_DISABLE"] == "1"
     config = json.loads((Path(event["model_path"]) / "config.json").read_text())
     expected = cpu_kv_cache_bytes(LLMSettings(), config, dtype, psutil.virtual_memory().total)
     assert 0 < event["kv_cache_bytes"] == expected <= 4 * 1024**3
@@ -390,8 +366,9 @@ def test_on_a_small_machine_the_engine_worker_computes_on_every_core(default_run
 
     cores = os.sched_getaffinity(0)
     event = engine_start_event(default_runner)
-    # What the runner set to place the engine's threads (the compile cache's place aside).
-    placed = {name: value for name, value in event["environment"].items() if name != "VLLM_CACHE_ROOT"}
+    # What the runner set to place the engine's threads (the compile cache's place and eager mode aside).
+    placed = {name: value for name, value in event["environment"].items()
+              if name not in ("VLLM_CACHE_ROOT", "TORCH_COMPILE_DISABLE")}
     if event["platform"] != "cpu":
         assert placed == {}, "the runner places no threads beside a GPU engine"
         return

@@ -17,9 +17,13 @@ import jsonschema
 import openai
 import pytest
 
+from tests.support.http import IN_FLIGHT, UNFINISHED, metric, wait_for_metric
 from tests.support.runner_process import RunnerProcess
-from tests.support.runners import GUARDED_AUTH_TOKEN, GUARDED_REQUEST_TIMEOUT, TINY_MAX_MODEL_LEN
-from tests.support.http import metric, wait_for_metric
+from tests.support.runners import (
+    GUARDED_AUTH_TOKEN,
+    GUARDED_REQUEST_TIMEOUT,
+    TINY_MAX_MODEL_LEN,
+)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -36,8 +40,6 @@ TIME_TOOL = {
                        "required": ["zone"]},
     },
 }
-UNFINISHED = "livepeer_runner_engine_requests_unfinished"
-IN_FLIGHT = "livepeer_runner_requests_in_flight"
 
 
 def client(runner: RunnerProcess, api_key: str = "unused") -> openai.AsyncOpenAI:
@@ -121,6 +123,26 @@ async def test_completions_plain_streamed_and_echoed(default):
     two = await default.completions.create(model=DEFAULT_MODEL, prompt=[prompt, "One, two,"], max_tokens=4, temperature=0)
     assert [choice.index for choice in two.choices] == [0, 1]
     assert two.choices[0].text == plain.choices[0].text[: len(two.choices[0].text)]
+
+
+async def test_six_prompts_in_one_request_run_together_not_one_after_the_other(tiny, tiny_runner):
+    """The engine takes a request only when its stream is first read: reading six one after the other would
+    take six times one prompt's time. Read together, they share the engine's steps."""
+    import time
+
+    model, prompts = tiny_model(tiny_runner), [f"Story number {index}:" for index in range(6)]
+
+    async def seconds(prompt) -> float:
+        started = time.monotonic()
+        answer = await tiny.completions.create(model=model, prompt=prompt, max_tokens=64, temperature=0)
+        assert answer.usage.completion_tokens == 64 * (len(prompt) if isinstance(prompt, list) else 1)
+        return time.monotonic() - started
+
+    await seconds(prompts[0])  # the prompt's prefix enters the cache, as it then does for every measurement
+    one = sorted([await seconds(prompts[0]) for _ in range(3)])[1]
+    six = sorted([await seconds(prompts) for _ in range(3)])[1]
+    print(f"six prompts in one request: {six:.2f} s, one prompt: {one:.2f} s, {six / one:.2f}x")
+    assert six < 3 * one, f"six prompts took {six:.2f} s, one {one:.2f} s: {six / one:.1f}x"
 
 
 async def test_models_lists_the_served_model(default):
