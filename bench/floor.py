@@ -185,9 +185,9 @@ class SteppedBackend:
     def platform(self) -> str:
         return "cpu"
 
-    def engine_args(self, settings, model_path, served_name, model_config) -> SimpleNamespace:
-        return SimpleNamespace(dtype="auto", enforce_eager=True, enable_prefix_caching=False, stream_interval=1,
-                               kv_cache_memory_bytes=None, max_model_len=8192, tensor_parallel_size=1,
+    def engine_args(self, settings, model_path, served_name, model_config, gpu=None) -> SimpleNamespace:
+        return SimpleNamespace(dtype="auto", quantization=None, enforce_eager=True, enable_prefix_caching=False,
+                               stream_interval=1, kv_cache_memory_bytes=None, max_model_len=8192, tensor_parallel_size=1,
                                pipeline_parallel_size=1, nnodes=1, node_rank=0)
 
     def start_engine(self, args, environment) -> SteppedEngine:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from pipelines.llm.engine import Engine
-from pipelines.llm.layout import engine_environment, layout_errors
+from pipelines.llm.layout import GPU, engine_environment, layout_errors
 from pipelines.llm.settings import LLMSettings
 from pipelines.llm.worker_node import WorkerNode, watch_worker_nodes
 from pipelines.model_store import resolve_model
@@ -38,7 +38,8 @@ class Backend(Protocol):
         """The device type the engine runs on here: "cpu", "cuda", ..."""
         ...
 
-    def engine_args(self, settings: LLMSettings, model_path: Path, served_name: str, model_config: dict) -> Any: ...
+    def engine_args(self, settings: LLMSettings, model_path: Path, served_name: str, model_config: dict,
+                    gpu: GPU | None = None) -> Any: ...
 
     def start_engine(self, args: Any, environment: Mapping[str, str]) -> Engine:
         """Build the engine; blocks for as long as its processes take to start."""
@@ -56,12 +57,13 @@ def vllm_backend() -> Backend:
 class EngineHost:
     def __init__(self, settings: LLMSettings, model_id: str, model_dir: Path,
                  backend: Callable[[], Backend] = vllm_backend, gpus: int | None = None,
-                 cpus: set[int] | None = None) -> None:
+                 cpus: set[int] | None = None, gpu: GPU | None = None) -> None:
         self.settings = settings
         self.model_id = model_id
         self.model_dir = model_dir
         self.load_backend = backend
         self.gpus = gpus  # None: as many as NVML finds
+        self.gpu = gpu  # the least capable of the ``gpus``; with gpus=None, NVML's
         self.cpus = cpus  # None: the cores this process may run on
         self.backend: Backend | None = None
         self.engine: Engine | None = None
@@ -76,7 +78,7 @@ class EngineHost:
         Cancelling it (SIGTERM while loading) stops whatever it started; so does ``close``.
         """
         settings = self.settings
-        gpus = self.gpus if self.gpus is not None else count_gpus()
+        gpus, gpu = (self.gpus, self.gpu) if self.gpus is not None else (count_gpus(), least_capable_gpu())
         cpus = self.cpus if self.cpus is not None else os.sched_getaffinity(0)
         # Importing vLLM takes seconds: let a download (or a quick failure to find the model) overlap it.
         self.backend, model_path = await asyncio.gather(
@@ -85,14 +87,14 @@ class EngineHost:
         backend = self.backend
         model_config = json.loads((model_path / "config.json").read_text())
         on_cpu = backend.platform() == "cpu"
-        errors = layout_errors(settings, model_config, on_cpu, gpus, len(cpus))
+        errors = layout_errors(settings, model_config, on_cpu, gpus, len(cpus), gpu)
         if errors:
             raise ValueError("; ".join(errors))
-        args = backend.engine_args(settings, model_path, self.model_id, model_config)
+        args = backend.engine_args(settings, model_path, self.model_id, model_config, gpu)
         environment = engine_environment(settings, self.model_dir, on_cpu, cpus)
         if settings.worker_node:
             log.info("worker_node.environment", environment=environment)
-            self.worker_node = WorkerNode(settings, model_path, self.model_id, environment)
+            self.worker_node = WorkerNode(settings, model_path, self.model_id, environment, gpu)
             await self.worker_node.start()
             return None
         log.info(
@@ -101,6 +103,8 @@ class EngineHost:
             environment=environment,
             model_path=str(model_path),
             dtype=args.dtype,
+            quantization=args.quantization,
+            gpu=str(gpu) if gpu else None,
             enforce_eager=args.enforce_eager,
             enable_prefix_caching=args.enable_prefix_caching,
             stream_interval=args.stream_interval,
@@ -171,3 +175,13 @@ def count_gpus() -> int:
         return nvml.device_count()
     finally:
         nvml.close()
+
+
+def least_capable_gpu() -> GPU | None:
+    """The machine's GPU of the lowest compute capability (what USE_8BIT's method must run on), or None."""
+    nvml = NVML()
+    try:
+        gpus = [GPU(info.name, (info.major, info.minor)) for info in nvml.compute_info().values()]
+    finally:
+        nvml.close()
+    return min(gpus, key=lambda gpu: gpu.capability, default=None)

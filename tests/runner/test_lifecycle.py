@@ -92,6 +92,8 @@ def test_load_failures_say_error_with_the_reason(tmp_path, tiny_model_dir):
     }
     if gpus >= 4:
         del cases["devices"]
+    if not gpus:  # on a GPU, USE_8BIT starts (tests/pipelines/llm/test_host.py has its refusals there)
+        cases["8bit"] = ({"MODEL_ID": tiny, "USE_8BIT": "true"}, "USE_8BIT needs an NVIDIA GPU")
     runners = {
         name: failing_runner(tmp_path, name, cpus={min(os.sched_getaffinity(0))} if name == "devices" else None, **env)
         for name, (env, _) in cases.items()

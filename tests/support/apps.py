@@ -13,6 +13,7 @@ from aiohttp import web
 
 from pipelines.llm.api import LLMAPI, installed_apis
 from pipelines.llm.host import EngineHost
+from pipelines.llm.layout import GPU
 from pipelines.llm.pipeline import LLMPipeline
 from pipelines.llm.settings import LLMSettings
 from runner.app import create_app
@@ -33,11 +34,12 @@ def runner_settings(**values: Any) -> RunnerSettings:
 
 def llm_pipeline(engine: FakeEngine, folder: Path, settings: LLMSettings | None = None,
                  apis: list[type[LLMAPI]] | None = None, backend: FakeBackend | None = None,
-                 gpus: int = 0, cpus: set[int] = CPUS) -> LLMPipeline:
-    model = fake_model_dir(folder)
+                 gpus: int = 0, cpus: set[int] = CPUS, gpu: GPU | None = None,
+                 model_config: dict | None = None) -> LLMPipeline:
+    model = fake_model_dir(folder, model_config)
     settings = settings or llm_settings()
     backend = backend or FakeBackend(engine)
-    host = EngineHost(settings, str(model), model, backend=lambda: backend, gpus=gpus, cpus=cpus)
+    host = EngineHost(settings, str(model), model, backend=lambda: backend, gpus=gpus, cpus=cpus, gpu=gpu)
     return LLMPipeline(str(model), model, settings, host=host,
                        apis=apis if apis is not None else installed_apis())
 

@@ -26,6 +26,7 @@ from jinja2 import Environment
 from prometheus_client import CollectorRegistry
 
 from pipelines.llm.engine import Sampling, SamplingRefused
+from pipelines.llm.layout import eight_bit_quantization
 
 BOS, EOS = 256, 257  # the byte tokenizer's two special tokens; bytes are tokens 0-255
 VOCAB_SIZE = 258
@@ -274,9 +275,10 @@ class FakeBackend:
     def platform(self) -> str:
         return self.device_type
 
-    def engine_args(self, settings, model_path: Path, served_name: str, model_config: dict) -> SimpleNamespace:
+    def engine_args(self, settings, model_path: Path, served_name: str, model_config: dict, gpu=None) -> SimpleNamespace:
         return SimpleNamespace(
             model=str(model_path), served_model_name=served_name, dtype=settings.dtype,
+            quantization=eight_bit_quantization(settings, model_config, gpu),
             enforce_eager=bool(settings.enforce_eager), enable_prefix_caching=settings.enable_prefix_caching,
             stream_interval=settings.stream_interval, kv_cache_memory_bytes=None,
             max_model_len=settings.max_model_len, tensor_parallel_size=settings.tensor_parallel_size,

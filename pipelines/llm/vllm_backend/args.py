@@ -10,7 +10,14 @@ import torch
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
 
-from pipelines.llm.layout import GiB, cpu_enforce_eager, cpu_kv_cache_bytes
+from pipelines.llm.layout import (
+    EIGHT_BIT_METHODS,
+    GPU,
+    GiB,
+    cpu_enforce_eager,
+    cpu_kv_cache_bytes,
+    eight_bit_quantization,
+)
 from pipelines.llm.settings import LLMSettings
 
 log = structlog.get_logger(__name__)
@@ -25,9 +32,13 @@ def cpu_has_native_bfloat16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model_config: dict) -> AsyncEngineArgs:
-    """Raises ValueError when the CPU KV cache cannot fit in the RAM free now."""
-    on_cpu = current_platform.is_cpu()
+def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model_config: dict,
+                gpu: GPU | None = None) -> AsyncEngineArgs:
+    """vLLM's arguments for these settings here; ``gpu`` is the machine's least capable GPU (None: none).
+
+    Raises ValueError when the CPU KV cache cannot fit in the RAM free now.
+    """
+    on_cpu = platform() == "cpu"
     dtype = settings.dtype
     kv_cache_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
     if on_cpu:
@@ -59,13 +70,23 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model
         kv_cache_memory_bytes=kv_cache_bytes,
         tensor_parallel_size=settings.tensor_parallel_size,
         pipeline_parallel_size=settings.pipeline_parallel_size,
-        quantization="bitsandbytes" if settings.use_8bit else None,
+        quantization=eight_bit_quantization(settings, model_config, gpu),
         enforce_eager=enforce_eager,
         enable_prefix_caching=settings.enable_prefix_caching,
         stream_interval=settings.stream_interval,
         # Stats on: the engine's series are recorded each step into the registry VLLMEngine serves.
         **distributed_args(settings),
     )
+
+
+def missing_eight_bit_methods() -> list[str]:
+    """The quantisation methods USE_8BIT may ask for that this vLLM lacks: none for the release pyproject.toml pins.
+
+    The GPU image runs it at its build, so that a vLLM without them fails there, not at a start with USE_8BIT.
+    """
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    return [method for method in EIGHT_BIT_METHODS if method not in QUANTIZATION_METHODS]
 
 
 def distributed_args(settings: LLMSettings) -> dict:

@@ -1,9 +1,9 @@
-"""A worker node's ranks: ``python -m pipelines.llm.vllm_backend.worker MODEL_PATH NAME READY_FD SETTINGS ENVIRONMENT``.
+"""A worker node's ranks: ``python -m pipelines.llm.vllm_backend.worker MODEL NAME READY_FD SETTINGS ENVIRONMENT GPU``.
 
 This node's share of the engine's ranks, as ``vllm serve --headless`` runs them
 for the mp backend over several nodes. ``pipelines.llm.worker_node`` starts it
-in a process group of its own, with its settings and the variables the runner
-adds to the engine's environment (both JSON; the variables are set before the
+in a process group of its own, with its settings, the variables the runner adds
+to the engine's environment and this node's least capable GPU (all JSON; the variables are set before the
 ranks start, which is this process's start); it writes one line to READY_FD once the local ranks have joined the
 master, then returns when one of them dies.
 """
@@ -19,15 +19,16 @@ import structlog
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
+from pipelines.llm.layout import GPU
 from pipelines.llm.settings import LLMSettings
 from pipelines.llm.vllm_backend.args import engine_args
 
 log = structlog.get_logger(__name__)
 
 
-def run_worker_node(model_path: Path, served_name: str, ready_fd: int, settings: LLMSettings) -> None:
+def run_worker_node(model_path: Path, served_name: str, ready_fd: int, settings: LLMSettings, gpu: GPU | None) -> None:
     model_config = json.loads((model_path / "config.json").read_text())
-    args = engine_args(settings, model_path, served_name, model_config)
+    args = engine_args(settings, model_path, served_name, model_config, gpu)
     vllm_config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER, headless=True)
     executor = MultiprocExecutor(vllm_config, monitor_workers=False)
     os.write(ready_fd, b"ready\n")
@@ -37,6 +38,8 @@ def run_worker_node(model_path: Path, served_name: str, ready_fd: int, settings:
 
 
 if __name__ == "__main__":
-    model, name, fd, settings_json, environment_json = sys.argv[1:6]
+    model, name, fd, settings_json, environment_json, gpu_json = sys.argv[1:7]
     os.environ.update(json.loads(environment_json))
-    run_worker_node(Path(model), name, int(fd), LLMSettings.model_validate_json(settings_json))
+    gpu = json.loads(gpu_json)
+    run_worker_node(Path(model), name, int(fd), LLMSettings.model_validate_json(settings_json),
+                    GPU(gpu["name"], tuple(gpu["capability"])) if gpu else None)

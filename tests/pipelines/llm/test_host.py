@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+from types import SimpleNamespace
 
 import pytest
 import structlog
 
+from pipelines.llm import host
+from pipelines.llm.layout import GPU
 from tests.support.apps import llm_app, llm_settings, ready_client
-from tests.support.fake_engine import FakeBackend, FakeEngine
+from tests.support.fake_engine import MODEL_CONFIG, FakeBackend, FakeEngine
 from tests.support.http import QUESTION
+
+H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0))
+A100 = GPU("NVIDIA A100-SXM4-40GB", (8, 0))
+V100 = GPU("Tesla V100-SXM2-16GB", (7, 0))
+GPTQ_4BIT = {**MODEL_CONFIG, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+FP8_CHECKPOINT = {**MODEL_CONFIG, "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}
 
 CASES = {
     "tensor-parallel": ({"TENSOR_PARALLEL_SIZE": "3"}, {}, "TENSOR_PARALLEL_SIZE=3 must divide the model's 4 attention heads"),
@@ -25,14 +34,22 @@ CASES = {
               "= 4 ranks of at least one core each, but this machine has 1 core:"),
     "ray-on-cpu": ({"DISTRIBUTED_EXECUTOR_BACKEND": "ray"}, {}, "vLLM's CPU backend does not support Ray"),
     "8bit": ({"USE_8BIT": "true"}, {}, "USE_8BIT needs an NVIDIA GPU"),
+    "8bit-old-gpu": ({"USE_8BIT": "true"}, {"gpus": 1, "gpu": V100, "platform": "cuda"},
+                     "the GPU Tesla V100-SXM2-16GB (compute capability 7.0) has no 8-bit weight kernel in vLLM"),
+    "8bit-quantised-checkpoint": ({"USE_8BIT": "true"},
+                                  {"gpus": 1, "gpu": H100, "platform": "cuda", "model_config": GPTQ_4BIT},
+                                  "the checkpoint is already quantised (gptq, 4-bit weights)"),
+    "8bit-float32": ({"USE_8BIT": "true", "DTYPE": "float32"}, {"gpus": 1, "gpu": H100, "platform": "cuda"},
+                     "not DTYPE=float32: set DTYPE=auto, bfloat16 or float16"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 async def test_a_start_that_cannot_work_is_error_with_the_reason_and_503(aiohttp_client, tmp_path, case):
     values, machine, reason = CASES[case]
+    machine = dict(machine)
     engine = FakeEngine()
-    backend = FakeBackend(engine)
+    backend = FakeBackend(engine, machine.pop("platform", "cpu"))
     app = llm_app(engine, tmp_path / "model", llm_settings(**values), backend=backend, **machine)
     with structlog.testing.capture_logs() as logs:
         client = await ready_client(aiohttp_client, app)
@@ -81,3 +98,46 @@ async def test_a_stop_while_the_engine_starts_ends_what_it_started(aiohttp_clien
     release.set()
     assert backend.stopped_processes == 1
     assert "engine.start_stopped" in [entry["event"] for entry in logs]
+
+
+EIGHT_BIT = {  # the machine's least capable GPU, the checkpoint -> what USE_8BIT asks of vLLM
+    "fp8-gpu": (H100, MODEL_CONFIG, "fp8_per_channel"),
+    "gpu-without-fp8": (A100, MODEL_CONFIG, "fp8_per_tensor"),
+    "fp8-checkpoint": (A100, FP8_CHECKPOINT, None),
+}
+
+
+@pytest.mark.parametrize("case", EIGHT_BIT)
+async def test_use_8bit_asks_vllm_for_what_the_gpu_and_the_checkpoint_allow(aiohttp_client, tmp_path, case):
+    gpu, model_config, quantization = EIGHT_BIT[case]
+    engine = FakeEngine()
+    backend = FakeBackend(engine, "cuda")
+    app = llm_app(engine, tmp_path / "model", llm_settings(USE_8BIT="true"), backend=backend, gpus=2, gpu=gpu,
+                  model_config=model_config)
+    with structlog.testing.capture_logs() as logs:
+        client = await ready_client(aiohttp_client, app)
+    assert (await (await client.get("/health")).json())["status"] == "IDLE"
+    assert backend.args.quantization == quantization
+    [started] = [entry for entry in logs if entry["event"] == "engine.start"]
+    assert started["quantization"] == quantization and started["gpu"] == str(gpu)
+    assert (await client.post("/llm", json={"messages": QUESTION})).status == 200
+
+
+def test_the_host_takes_the_least_capable_gpu_nvml_finds(monkeypatch):
+    class TwoGPUs:
+        def compute_info(self):
+            return {"0": SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0),
+                    "1": SimpleNamespace(name="NVIDIA A100-SXM4-40GB", major=8, minor=0)}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(host, "NVML", TwoGPUs)
+    assert host.least_capable_gpu() == A100
+
+    class NoGPU(TwoGPUs):
+        def compute_info(self):
+            return {}
+
+    monkeypatch.setattr(host, "NVML", NoGPU)
+    assert host.least_capable_gpu() is None

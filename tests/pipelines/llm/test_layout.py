@@ -6,16 +6,23 @@ import pytest
 from pydantic import ValidationError
 
 from pipelines.llm.layout import (
+    GPU,
     GiB,
+    checkpoint_format,
+    checkpoint_weight_bits,
     cpu_eager_variables,
-    cpu_enforce_eager,
     cpu_engine_variables,
+    cpu_enforce_eager,
     cpu_kv_cache_bytes,
     cpu_thread_binding,
     distributed_errors,
+    eight_bit_errors,
+    eight_bit_method,
+    eight_bit_quantization,
     engine_cache_variables,
     engine_environment,
     kv_bytes_per_token,
+    layout_errors,
     parallelism_errors,
 )
 from pipelines.llm.settings import LLMSettings
@@ -169,3 +176,71 @@ def test_an_eager_cpu_engine_compiles_nothing_unless_the_user_says_otherwise(mon
     assert cpu_eager_variables(settings(ENFORCE_EAGER="false")) == {}, "compiled mode compiles"
     assert cpu_eager_variables(settings(PIPELINE_PARALLEL_SIZE="2")) == {}, "compiled by itself for PP"
     assert cpu_eager_variables(settings(TORCH_COMPILE_DISABLE="0")) == {}
+
+
+H100, L40S, A100, T4, V100 = (GPU("NVIDIA H100", (9, 0)), GPU("NVIDIA L40S", (8, 9)), GPU("NVIDIA A100", (8, 0)),
+                               GPU("Tesla T4", (7, 5)), GPU("Tesla V100-SXM2-32GB", (7, 0)))
+GPTQ_4BIT = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+
+
+def test_use_8bit_is_fp8_computed_where_the_gpu_has_fp8_and_fp8_weights_where_it_does_not():
+    assert [eight_bit_method(gpu) for gpu in (H100, L40S, A100, T4, V100)] == [
+        "fp8_per_channel", "fp8_per_channel", "fp8_per_tensor", "fp8_per_tensor", None]
+    # several nodes each see their own GPUs only: one method for every rank, whatever each node has
+    assert eight_bit_method(H100, nnodes=2) == eight_bit_method(A100, nnodes=2) == "fp8_per_tensor"
+    on = settings(USE_8BIT="true")
+    assert eight_bit_quantization(on, SMOLLM2_135M, H100) == "fp8_per_channel"
+    assert eight_bit_quantization(settings(), SMOLLM2_135M, H100) is None, "off by default"
+    assert eight_bit_quantization(on, {**SMOLLM2_135M, **GPTQ_4BIT}, H100) is None, "a checkpoint keeps its format"
+
+
+def test_use_8bit_errors_name_the_machine_the_gpu_or_the_checkpoint_and_what_to_do():
+    on = settings(USE_8BIT="true")
+    assert eight_bit_errors(settings(), SMOLLM2_135M, on_cpu=True, gpu=None) == []
+    assert eight_bit_errors(on, SMOLLM2_135M, on_cpu=False, gpu=A100) == []
+    [error] = eight_bit_errors(on, SMOLLM2_135M, on_cpu=True, gpu=None)
+    assert error.startswith("USE_8BIT needs an NVIDIA GPU") and "set USE_8BIT=false" in error
+    [error] = eight_bit_errors(on, SMOLLM2_135M, on_cpu=False, gpu=V100)
+    assert "Tesla V100-SXM2-32GB (compute capability 7.0)" in error and "7.5 or newer" in error
+    assert "set USE_8BIT=false" in error
+    [error] = eight_bit_errors(on, {**SMOLLM2_135M, **GPTQ_4BIT}, on_cpu=False, gpu=H100)
+    assert "already quantised (gptq, 4-bit weights)" in error and "set USE_8BIT=false" in error
+    [error] = eight_bit_errors(settings(USE_8BIT="true", DTYPE="float32"), SMOLLM2_135M, on_cpu=False, gpu=H100)
+    assert "DTYPE=float32" in error and "set DTYPE=auto, bfloat16 or float16" in error
+    # layout_errors takes the GPU only where there are GPUs
+    assert layout_errors(on, SMOLLM2_135M, on_cpu=False, gpus=0, cores=8, gpu=H100)[0].startswith(
+        "USE_8BIT needs an NVIDIA GPU")
+
+
+def test_an_8bit_checkpoint_is_served_as_it_is_with_use_8bit():
+    on = settings(USE_8BIT="true")
+    fp8 = {**SMOLLM2_135M, "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}
+    assert eight_bit_errors(on, fp8, on_cpu=False, gpu=A100) == []
+    assert eight_bit_quantization(on, fp8, A100) is None, "vLLM reads the format from config.json"
+
+
+CHECKPOINTS = {  # config.json's quantization_config -> (format named in messages, bits per weight)
+    "fp8": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8", 8),
+    "gptq-8": ({"quant_method": "gptq", "bits": 8}, "gptq", 8),
+    "awq": ({"quant_method": "awq", "w_bit": 4, "q_group_size": 128}, "awq", 4),
+    "w8a8": ({"quant_method": "compressed-tensors", "config_groups": {
+        "group_0": {"weights": {"num_bits": 8, "type": "int"}, "input_activations": {"num_bits": 8}}}},
+        "compressed-tensors", 8),
+    "w4a16": ({"quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {"num_bits": 4}}}},
+              "compressed-tensors", 4),
+    "modelopt-fp8": ({"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}}, "modelopt", 8),
+    "mxfp4": ({"quant_method": "mxfp4"}, "mxfp4", None),
+}
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_a_quantised_checkpoint_says_its_format_and_width(name):
+    quantization, format_, bits = CHECKPOINTS[name]
+    assert (checkpoint_format(quantization), checkpoint_weight_bits(quantization)) == (format_, bits)
+    model = {**SMOLLM2_135M, "quantization_config": quantization}
+    errors = eight_bit_errors(settings(USE_8BIT="true"), model, on_cpu=False, gpu=H100)
+    if bits == 8:
+        assert errors == [], "served as it is"
+    else:
+        [error] = errors
+        assert f"already quantised ({format_}" in error
