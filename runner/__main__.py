@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from runner.app import create_app
+from runner.app import create_app, leave_network
 from runner.keys import STATE
 from runner.log import configure_logging
 from runner.settings import ListenSettings, RunnerSettings
@@ -42,6 +42,7 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
     await stop.wait()
 
     state = app[STATE]
+    await leave_network(app)  # a Live Runner leaves the orchestrator's pool before it refuses work
     log.info("runner.draining", in_flight=state.in_flight, timeout_s=settings.drain_timeout)
     left = await state.drain(settings.drain_timeout)
     if left:
