@@ -27,11 +27,21 @@ from runner.state import Load, RunnerState
 log = structlog.get_logger(__name__)
 
 
+# What go-livepeer's Live Runner proxy adds to each request it passes on, and the log keys they go under.
+# Its Livepeer-Session-Token is a credential: it is never read, let alone logged.
+SESSION_HEADERS = {"Livepeer-Session-Id": "session_id", "Livepeer-Runner-Route": "runner_route"}
+SESSION_HEADER_LENGTH = 128  # a client that reaches the runner directly may send anything
+
+
 @web.middleware
 async def request_context_middleware(request: web.Request, handler) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
     request[REQUEST_ID] = request_id
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
+    context = {"request_id": request_id}
+    for header, key in SESSION_HEADERS.items():
+        if value := request.headers.get(header):
+            context[key] = value[:SESSION_HEADER_LENGTH]
+    with structlog.contextvars.bound_contextvars(**context):
         return await handler(request)
 
 
