@@ -85,7 +85,8 @@ class LiveRunnerSettings(BaseSettings):
     @classmethod
     def app_is_trimmed(cls, app: str | None) -> str | None:
         if app is not None and (not app.strip() or app != app.strip()):
-            raise ValueError("LIVE_RUNNER_APP must be a name without leading or trailing spaces (go-livepeer refuses it)")
+            raise ValueError("LIVE_RUNNER_APP must be a name without leading or trailing spaces "
+                             "(go-livepeer refuses it)")
         return app
 
     @model_validator(mode="after")

@@ -389,7 +389,8 @@ def decode_heartbeat(raw: bytes) -> dict[str, Any]:
             raise BadRequest("json: cannot unmarshal into Go struct field LiveRunnerHeartbeatRequest.price_info")
         price = price_info.get("price")
         if price is not None and (isinstance(price, bool) or not isinstance(price, (int, float, str))):
-            raise BadRequest("json: cannot unmarshal into Go struct field LiveRunnerPriceInfo.price of type json.Number")
+            raise BadRequest("json: cannot unmarshal into Go struct field LiveRunnerPriceInfo.price "
+                             "of type json.Number")
     return body
 
 
