@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from runner.app import create_app
+from runner.app import create_app, leave_network
 from runner.keys import STATE
 from runner.log import configure_logging
 from runner.settings import ListenSettings, RunnerSettings
@@ -42,8 +42,12 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
     await stop.wait()
 
     state = app[STATE]
-    log.info("runner.draining", in_flight=state.in_flight, timeout_s=settings.drain_timeout)
-    left = await state.drain(settings.drain_timeout)
+    signalled_at = loop.time()
+    await leave_network(app)  # a Live Runner leaves the orchestrator's pool before it refuses work (<= 1 s)
+    # DRAIN_TIMEOUT counts from SIGTERM: the unregister's time comes out of it, inside go-livepeer's 8 s.
+    drain_timeout = max(0.0, settings.drain_timeout - (loop.time() - signalled_at))
+    log.info("runner.draining", in_flight=state.in_flight, timeout_s=round(drain_timeout, 3))
+    left = await state.drain(drain_timeout)
     if left:
         log.warning("runner.drain.timeout", cut_requests=left)
     await runner.cleanup()  # stops listening, cancels what is left, closes the pipeline

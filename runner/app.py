@@ -7,13 +7,16 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pydantic
 import structlog
 from aiohttp import web
 
+from runner import __version__
 from runner.handlers import RUNNER_HANDLERS, pipeline_handler
 from runner.hardware import NVML as NVMLReader
-from runner.keys import METRICS, NVML, REQUEST_ID, SETTINGS, STATE
+from runner.keys import LIVE_RUNNER, METRICS, NVML, REQUEST_ID, SETTINGS, STATE
+from runner.live_runner import UNREGISTER_TIMEOUT, LiveRunnerSettings, Registration, gpu_entry
 from runner.metrics import RunnerMetrics
 from runner.pipeline import Pipeline, PipelineUnavailable, pipeline_class
 from runner.routes import Handler, RouteBindingError, bind_operations, error_middleware
@@ -24,11 +27,21 @@ from runner.state import Load, RunnerState
 log = structlog.get_logger(__name__)
 
 
+# What go-livepeer's Live Runner proxy adds to each request it passes on, and the log keys they go under.
+# Its Livepeer-Session-Token is a credential: it is never read, let alone logged.
+SESSION_HEADERS = {"Livepeer-Session-Id": "session_id", "Livepeer-Runner-Route": "runner_route"}
+SESSION_HEADER_LENGTH = 128  # a client that reaches the runner directly may send anything
+
+
 @web.middleware
 async def request_context_middleware(request: web.Request, handler) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
     request[REQUEST_ID] = request_id
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
+    context = {"request_id": request_id}
+    for header, key in SESSION_HEADERS.items():
+        if value := request.headers.get(header):
+            context[key] = value[:SESSION_HEADER_LENGTH]
+    with structlog.contextvars.bound_contextvars(**context):
         return await handler(request)
 
 
@@ -60,6 +73,29 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         await loading
     await state.pipeline.close()
     log.info("pipeline.closed")
+
+
+async def live_runner_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Registration with the orchestrator beside the server; unregister at the end if SIGTERM has not."""
+    registration = app[LIVE_RUNNER]
+    headers = {"User-Agent": f"livepeer-llm-runner/{__version__}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        registration.start(http, gpu_entry(app[NVML].compute_info()))
+        yield
+        await registration.leave()
+
+
+async def leave_network(app: web.Application) -> None:
+    """On SIGTERM, before the drain: stop heartbeating and unregister (within UNREGISTER_TIMEOUT)."""
+    await app[LIVE_RUNNER].leave(UNREGISTER_TIMEOUT)
+
+
+def read_live_runner_settings() -> tuple[LiveRunnerSettings, str | None]:
+    """The Live Runner settings from the environment now, at start, and why they are invalid, if they are."""
+    try:
+        return LiveRunnerSettings(), None
+    except pydantic.ValidationError as exc:
+        return LiveRunnerSettings.model_construct(), f"invalid live runner settings: {exc}"
 
 
 def build_pipeline(settings: RunnerSettings) -> tuple[Pipeline | None, str | None]:
@@ -100,11 +136,20 @@ def pipeline_handlers(pipeline: Pipeline) -> dict[str, Handler]:
 
 
 def create_app(
-    settings: RunnerSettings, pipeline: Pipeline | None = None, start_error: str | None = None
+    settings: RunnerSettings,
+    pipeline: Pipeline | None = None,
+    start_error: str | None = None,
+    live_runner: LiveRunnerSettings | None = None,
 ) -> web.Application:
-    """The runner for ``settings``; with ``start_error`` one that says ERROR with that reason and serves nothing else."""
+    """The runner for ``settings``; with ``start_error`` one that says ERROR with that reason and serves nothing else.
+
+    The Live Runner settings are read from the environment unless given.
+    """
     if pipeline is None and start_error is None:
         pipeline, start_error = build_pipeline(settings)
+    if live_runner is None:
+        live_runner, live_runner_error = read_live_runner_settings()
+        start_error = start_error or live_runner_error
     if start_error is not None:
         log.error("runner.cannot_serve", reason=start_error)
     handlers = dict(RUNNER_HANDLERS)
@@ -117,12 +162,16 @@ def create_app(
         middlewares=[request_context_middleware, error_middleware(operations)],
     )
     state = RunnerState(pipeline, load_wait_timeout=settings.load_wait_timeout, start_error=start_error)
+    registration = Registration(live_runner, state, app_name=f"{settings.pipeline}/{settings.model_id}")
     app[SETTINGS] = settings
     app[STATE] = state
-    app[METRICS] = RunnerMetrics(state)
+    app[LIVE_RUNNER] = registration
+    app[METRICS] = RunnerMetrics(state, registration.record)
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
     bind_operations(app, handlers, auth_token=token, operations=operations)
 
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.extend([nvml_ctx, pipeline_ctx])
+    if live_runner.enabled and start_error is None:
+        app.cleanup_ctx.append(live_runner_ctx)  # after the NVML reader it asks for the GPU; torn down first
     return app

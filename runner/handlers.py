@@ -35,6 +35,12 @@ async def health(request: web.Request, _body: None) -> web.Response:
     return json_response(HealthCheck(status=request.app[STATE].health()))
 
 
+async def ready(request: web.Request, _body: None) -> web.Response:
+    """/health's body, with the status code saying whether a request sent now would be served."""
+    state = request.app[STATE]
+    return json_response(HealthCheck(status=state.health()), status=200 if state.accepting() else 503)
+
+
 async def version(request: web.Request, _body: None) -> web.Response:
     settings = request.app[SETTINGS]
     return json_response(Version(pipeline=settings.pipeline, model_id=settings.model_id, version=__version__))
@@ -69,6 +75,8 @@ async def metrics(request: web.Request, _body: None) -> web.Response:
 
 RUNNER_HANDLERS: dict[str, Handler] = {
     "health": health,
+    "ready": ready,
+    "readyz": ready,
     "version": version,
     "hardwareInfo": hardware_info,
     "hardwareStats": hardware_stats,

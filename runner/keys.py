@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from runner.hardware import NVML as NVMLReader
+from runner.live_runner import Registration
 from runner.metrics import RunnerMetrics
 from runner.settings import RunnerSettings
 from runner.state import RunnerState
@@ -11,4 +12,5 @@ SETTINGS = web.AppKey("settings", RunnerSettings)
 STATE = web.AppKey("state", RunnerState)
 NVML = web.AppKey("nvml", NVMLReader)
 METRICS = web.AppKey("metrics", RunnerMetrics)
+LIVE_RUNNER = web.AppKey("live_runner", Registration)
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from runner import __version__
+from runner.live_runner import Outcome, RegistrationRecord, RegistrationState
 from runner.pipeline import RequestContext
 from runner.state import RunnerState
 
@@ -26,9 +27,10 @@ def outcome_of(status: int, finish_reason: str) -> str:
 
 
 class RunnerMetrics:
-    def __init__(self, state: RunnerState) -> None:
+    def __init__(self, state: RunnerState, registration: RegistrationRecord) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(StateCollector(state))
+        self.registry.register(RegistrationCollector(registration))
         self.requests = Counter(
             "livepeer_runner_requests",
             "Requests by operation, outcome (ok, rejected, unavailable, failed, cancelled) and status code",
@@ -104,3 +106,47 @@ class StateCollector:
         yield CounterMetricFamily(
             "livepeer_runner_engine_requests", "Requests handed to the engine", value=load.submitted if load else 0
         )
+
+
+class RegistrationCollector:
+    """The Live Runner registration (runner/live_runner.py), read at scrape time.
+
+    Each state and outcome is a series of its own, 1 for the current one and 0
+    for the rest (a state set), so that every series exists from the start,
+    with the registration off too.
+    """
+
+    def __init__(self, record: RegistrationRecord) -> None:
+        self.record = record
+
+    def collect(self):
+        state = GaugeMetricFamily(
+            "livepeer_runner_live_registration",
+            "Registration with a go-livepeer orchestrator as a Live Runner: off, waiting (for the runner to be "
+            "ready), registering, registered, unregistered (1 for the current state)",
+            labels=["state"],
+        )
+        for member in RegistrationState:
+            state.add_metric([member.value], float(member is self.record.state))
+        yield state
+        last = GaugeMetricFamily(
+            "livepeer_runner_live_heartbeat_last_outcome",
+            "What became of the last heartbeat sent to the orchestrator (1 for it; none before the first)",
+            labels=["outcome"],
+        )
+        for member in Outcome:
+            last.add_metric([member.value], float(member is self.record.last_outcome))
+        yield last
+        counted = CounterMetricFamily(
+            "livepeer_runner_live_heartbeats", "Heartbeats sent to the orchestrator, by outcome", labels=["outcome"]
+        )
+        for member in Outcome:
+            if member is not Outcome.NONE:
+                counted.add_metric([member.value], self.record.outcomes[member])
+        yield counted
+        if self.record.last_ok_at is not None:
+            yield GaugeMetricFamily(
+                "livepeer_runner_live_heartbeat_last_ok_timestamp_seconds",
+                "Unix time of the last heartbeat the orchestrator accepted",
+                value=self.record.last_ok_at,
+            )

@@ -90,6 +90,22 @@ OPERATIONS: tuple[Operation, ...] = (
         error_shape='livepeer',
     ),
     Operation(
+        operation_id='ready',
+        method='GET',
+        path='/ready',
+        request_model=None,
+        authenticated=False,
+        error_shape='livepeer',
+    ),
+    Operation(
+        operation_id='readyz',
+        method='GET',
+        path='/readyz',
+        request_model=None,
+        authenticated=False,
+        error_shape='livepeer',
+    ),
+    Operation(
         operation_id='version',
         method='GET',
         path='/version',

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import structlog
@@ -46,8 +46,21 @@ class RunnerState:
         self.settled = asyncio.Event()  # the load is over, one way or the other
         self.idle = asyncio.Event()  # nothing in flight
         self.idle.set()
+        self.listeners: list[Callable[[], None]] = []
         if start_error is not None:
             self.settled.set()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when the load settles or draining starts (not for each request).
+
+        A pipeline's own failure after its load (its engine dying) is no event
+        here: ``failure()`` reads it when asked.
+        """
+        self.listeners.append(listener)
+
+    def changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     async def load_pipeline(self) -> None:
         assert self.pipeline is not None
@@ -66,10 +79,12 @@ class RunnerState:
             self.load = Load.READY
             self.settled.set()
             log.info("pipeline.load.done", seconds=round(loop.time() - started, 2))
+            self.changed()
 
     def fail(self, reason: str) -> None:
         self.load, self.load_error = Load.FAILED, reason
         self.settled.set()
+        self.changed()
 
     @property
     def ready(self) -> bool:
@@ -92,6 +107,10 @@ class RunnerState:
         # Draining takes no new work: IDLE would invite a request it must refuse.
         return "ERROR" if self.draining else "IDLE"
 
+    def accepting(self) -> bool:
+        """Whether a request arriving now would be served (GET /ready): ready, sound, not draining."""
+        return not self.draining and self.health() in ("IDLE", "OK")
+
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
         """Hold one place for a request while it is served; raise NotReady when it may not come in."""
@@ -112,6 +131,7 @@ class RunnerState:
     async def drain(self, timeout: float) -> int:
         """Refuse new requests and wait, bounded, for those in flight; return how many are left."""
         self.draining = True
+        self.changed()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self.idle.wait()
