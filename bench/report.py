@@ -134,7 +134,8 @@ class Report:
         self.facts = facts
         self.startups = startups
         self.results = results
-        self.systems = [name for name in ("engine", "runner", "runner-v1", "vllm-serve") if name in startups]
+        self.systems = [name for name in ("engine", "runner", "runner-v1", "runner-responses", "vllm-serve")
+                        if name in startups]
         grouped: dict[tuple[str, int], list[LevelResult]] = defaultdict(list)
         for result in results:
             grouped[result.system, result.concurrency].append(result)
@@ -163,7 +164,9 @@ class Report:
         lines += [f"- **{key}**: {value}" for key, value in self.facts.items()]
         lines += ["", "Systems: **engine** is vLLM's `AsyncLLM` driven in the bench process with no HTTP (the ceiling); "
                   "**runner** is `python -m runner`, `POST /llm` with `stream: true`; **vllm-serve** is `vllm serve`, "
-                  "`POST /v1/chat/completions` with `stream: true`. All three on the same model and engine "
+                  "`POST /v1/chat/completions` with `stream: true`; **runner-v1** and **runner-responses** are the "
+                  "runner's own process, `POST /v1/chat/completions` and `POST /v1/responses` with `stream: true`. "
+                  "All on the same model and engine "
                   "arguments, up at the same time (idle while another is measured), reached over 127.0.0.1."]
         lines += ["", "## Start-up", "", "| system | launch to first answer | launch to first /health answer |",
                   "| --- | --- | --- |"]
@@ -364,6 +367,9 @@ class Report:
         openai = {"runner-v1", "vllm-serve"} <= set(self.systems)
         if openai:
             headings += ["tok/s runner-v1/vllm-serve", "API CPU runner-v1/vllm-serve"]
+        responses = {"runner-responses", "runner-v1"} <= set(self.systems)
+        if responses:
+            headings += ["API CPU runner-responses/runner-v1"]
         lines = ["", "## Ratios of the medians", "", "| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
         for concurrency in self.levels():
             row = [str(concurrency)]
@@ -376,6 +382,8 @@ class Report:
             if openai:
                 row += [f"{self.ratio('tokens_per_s', concurrency, 'vllm-serve', 'runner-v1'):.3f}",
                         f"{self.ratio('api_cpu_ms_per_token', concurrency, 'vllm-serve', 'runner-v1'):.2f}"]
+            if responses:
+                row.append(f"{self.ratio('api_cpu_ms_per_token', concurrency, 'runner-v1', 'runner-responses'):.2f}")
             lines.append("| " + " | ".join(row) + " |")
         return lines
 
@@ -394,6 +402,13 @@ class Report:
                     theirs = self.median("vllm-serve", concurrency, "api_cpu_ms_per_token")
                     found.append((mine <= theirs, f"runner /v1 API CPU per output token at c={concurrency} ≤ "
                                                   f"vllm-serve's: {mine:.3f} vs {theirs:.3f} ms"))
+        if {"runner-responses", "runner-v1"} <= have:
+            for concurrency in self.levels():
+                mine = self.median("runner-responses", concurrency, "api_cpu_ms_per_token")
+                chat = self.median("runner-v1", concurrency, "api_cpu_ms_per_token")
+                found.append((mine <= 1.1 * chat, f"runner /v1/responses API CPU per output token within 1.1x of "
+                                                  f"/v1/chat/completions' at c={concurrency}: {mine:.3f} vs "
+                                                  f"{chat:.3f} ms ({mine / chat:.2f}x)"))
         if {"runner", "engine"} <= have:
             for concurrency, bound in ((64, "engine + 0.015"), (32, "0.06")):
                 if concurrency in self.levels():

@@ -263,6 +263,8 @@ def function_tools(request: ResponsesRequest) -> list[dict]:
 
 def chat_tool_choice(request: ResponsesRequest) -> str | dict | None:
     choice = request.tool_choice
+    if choice == "auto" and not request.tools:  # as vLLM reads it: nothing to call, so no call
+        return None
     if choice is None or isinstance(choice, str):
         return choice
     if choice.type != "function":

@@ -238,7 +238,7 @@ async def test_text_format_constrains_the_output(client, sdk, engine, model):
     assert answer.text.format.type == "json_schema"
     await sdk.responses.create(model=model, input="Where?", text={"format": {"type": "json_object"}})
     assert engine.submitted[-1].sampling.json_object and engine.submitted[-1].sampling.json_schema is None
-    await sdk.responses.create(model=model, input="Where?", text={"format": {"type": "text"}})
+    await sdk.responses.create(model=model, input="Where?", text={"format": {"type": "text"}}, tool_choice="auto")
     assert not engine.submitted[-1].sampling.json_object and engine.submitted[-1].sampling.json_schema is None
 
 
