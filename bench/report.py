@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from bench.floor import FLOOR_STREAMS, FLOOR_TOKENS, KINDS, STEP_S, median_us
+from bench.floor import FLOOR_STREAMS, FLOOR_TOKENS, STEP_S, median_token_us, median_us
 from bench.growth import (
     CONVERSATIONS,
     GROWTH_MAX_TOKENS,
@@ -280,7 +280,8 @@ class Report:
         found = self.growth.get("floor")
         if not found:
             return []
-        stand_in, socket_us, aiohttp_us, runner_us = (median_us(found[kind]) for kind in KINDS)
+        stand_in, socket_us, aiohttp_us, runner_us = (median_us(found[kind])
+                                                      for kind in ("stand-in", "socket", "aiohttp", "runner"))
         rounds = len(found["runner"].cpu_us_per_event)
         lines = ["", "## Where the runner's per-token HTTP cost goes", "",
                  f"CPU of each server process per streamed event, {FLOOR_STREAMS} streams of {FLOOR_TOKENS} tokens "
@@ -294,6 +295,12 @@ class Report:
                  f"| aiohttp `StreamResponse.write` instead | {aiohttp_us:.1f} | {aiohttp_us - socket_us:+.1f} |",
                  f"| the runner's `/llm` (app, middlewares, reply builder, paced writer) | {runner_us:.1f} | "
                  f"{runner_us - aiohttp_us:+.1f} |"]
+        if {"runner-v1", "runner-responses"} <= found.keys():
+            chat, responses = median_token_us(found["runner-v1"]), median_token_us(found["runner-responses"])
+            lines += ["", f"The same runner's OpenAI APIs over the stand-in, CPU µs per output token (their streams "
+                      f"frame tokens differently: chat adds 2 events a stream, Responses 8): "
+                      f"`/v1/chat/completions` {chat:.1f}, `/v1/responses` {responses:.1f}, "
+                      f"{responses / chat:.2f}x chat's (target: within 1.1x)."]
         top = max(self.levels(), default=None)
         if top is not None and {"runner", "engine"} <= set(self.systems):
             gap_us = 1000 * (self.median("runner", top, "api_cpu_ms_per_token")
