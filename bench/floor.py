@@ -14,6 +14,9 @@ that the engine's own work is the same in all and small:
 - ``aiohttp``: aiohttp's ``StreamResponse.write`` per event, on uvloop.
 - ``runner``: the runner's own app and ``/llm`` path (middlewares, admission,
   ``LLMPipeline``'s reply builder, the paced stream writer) over the stand-in.
+- ``runner-v1``, ``runner-responses``: the same runner's ``/v1/chat/completions``
+  and ``/v1/responses``, whose per-token costs the report compares (those two
+  are also given per output token, as their streams frame tokens differently).
 
 Each serves FLOOR_STREAMS streams of FLOOR_TOKENS tokens at once, FLOOR_ROUNDS
 times round robin; the report gives the medians in microseconds per event and the
@@ -29,7 +32,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,7 +46,9 @@ FLOOR_STREAMS = 64
 FLOOR_TOKENS = 128
 FLOOR_ROUNDS = 3
 STEP_S = 0.02  # the stand-in engine's step: every open stream gets a token
-KINDS = ("stand-in", "socket", "aiohttp", "runner")
+KINDS = ("stand-in", "socket", "aiohttp", "runner", "runner-v1", "runner-responses")
+FLOOR_MODEL = "floor-model"  # the id the stand-in runner serves
+PATHS = {"runner-v1": "/v1/chat/completions", "runner-responses": "/v1/responses"}  # /llm otherwise
 EVENT = b'data: {"id":"chatcmpl-0123456789abcdef0123456789abcdef","model":"HuggingFaceTB/SmolLM2-135M-Instruct",' \
         b'"created":1764771234,"usage":{"prompt_tokens":31,"completion_tokens":17,"total_tokens":48},"choices":' \
         b'[{"index":0,"finish_reason":"","delta":{"role":"assistant","content":" word"}}]}\n\n'  # the runner's size
@@ -212,7 +217,7 @@ async def serve_runner(port: int, tokens: int, started: asyncio.Event) -> None:
     (model / "config.json").write_text(json.dumps({"num_attention_heads": 1, "num_hidden_layers": 1}))
     settings = LLMSettings.model_validate({})
     host = EngineHost(settings, str(model), model, backend=SteppedBackend, gpus=0)
-    app = create_app(RunnerSettings(), pipeline=LLMPipeline(str(model), model, settings, host=host))
+    app = create_app(RunnerSettings(), pipeline=LLMPipeline(FLOOR_MODEL, model, settings, host=host))
     await listen(app, port)
     while not app[STATE].ready:  # loaded in the background, as the runner's pipeline is
         await asyncio.sleep(0.01)
@@ -220,7 +225,8 @@ async def serve_runner(port: int, tokens: int, started: asyncio.Event) -> None:
 
 
 
-SERVERS = {"stand-in": serve_stand_in, "socket": serve_socket, "aiohttp": serve_aiohttp, "runner": serve_runner}
+SERVERS = {"stand-in": serve_stand_in, "socket": serve_socket, "aiohttp": serve_aiohttp, "runner": serve_runner,
+           "runner-v1": serve_runner, "runner-responses": serve_runner}
 
 
 def serve(kind: str, port: int, tokens: int, ready) -> None:
@@ -246,11 +252,16 @@ def serve(kind: str, port: int, tokens: int, ready) -> None:
 class FloorResult:
     kind: str
     cpu_us_per_event: list[float]
+    cpu_us_per_token: list[float] = field(default_factory=list)
 
 
 async def read_streams(session: aiohttp.ClientSession, kind: str, url: str, streams: int, tokens: int) -> int:
     """Every stream of one round, read to its end; the number of events they held."""
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True}
+    if kind == "runner-v1":
+        body["model"] = FLOOR_MODEL
+    elif kind == "runner-responses":
+        body = {"model": FLOOR_MODEL, "input": "hi", "max_output_tokens": tokens, "stream": True, "store": False}
     if kind == "stand-in":
         async with session.post(url, json={"streams": streams}) as response:
             return (await response.json())["events"]
@@ -274,7 +285,7 @@ async def measure(rounds: int = FLOOR_ROUNDS, streams: int = FLOOR_STREAMS,
             ready, port = context.Event(), free_port()
             process = context.Process(target=serve, args=(kind, port, tokens, ready), daemon=True)
             process.start()
-            servers[kind] = (process, f"http://127.0.0.1:{port}/llm")
+            servers[kind] = (process, f"http://127.0.0.1:{port}{PATHS.get(kind, '/llm')}")
             if not await asyncio.to_thread(ready.wait, 60):
                 raise RuntimeError(f"the {kind} floor server did not start within 60 s")
         found = {kind: FloorResult(kind, []) for kind in KINDS}
@@ -292,6 +303,7 @@ async def measure(rounds: int = FLOOR_ROUNDS, streams: int = FLOOR_STREAMS,
                         raise RuntimeError(f"{kind}: {events} events, not the {streams * tokens} asked for")
                     cpu = (after.user - before.user) + (after.system - before.system)
                     found[kind].cpu_us_per_event.append(1e6 * cpu / events)
+                    found[kind].cpu_us_per_token.append(1e6 * cpu / (streams * tokens))
         return found
     finally:
         for process, _ in servers.values():
@@ -303,8 +315,13 @@ def median_us(result: FloorResult) -> float:
     return statistics.median(result.cpu_us_per_event)
 
 
+def median_token_us(result: FloorResult) -> float:
+    return statistics.median(result.cpu_us_per_token)
+
+
 if __name__ == "__main__":
     started = time.perf_counter()
     for kind, result in asyncio.run(measure()).items():
-        print(f"{kind:8} {median_us(result):6.1f} us/event  ({', '.join(f'{v:.1f}' for v in result.cpu_us_per_event)})")
+        print(f"{kind:16} {median_us(result):6.1f} us/event {median_token_us(result):6.1f} us/token  "
+              f"({', '.join(f'{v:.1f}' for v in result.cpu_us_per_event)})")
     print(f"{time.perf_counter() - started:.1f} s; pid {os.getpid()}")

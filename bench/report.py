@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from bench.floor import FLOOR_STREAMS, FLOOR_TOKENS, KINDS, STEP_S, median_us
+from bench.floor import FLOOR_STREAMS, FLOOR_TOKENS, STEP_S, median_token_us, median_us
 from bench.growth import (
     CONVERSATIONS,
     GROWTH_MAX_TOKENS,
@@ -134,7 +134,8 @@ class Report:
         self.facts = facts
         self.startups = startups
         self.results = results
-        self.systems = [name for name in ("engine", "runner", "runner-v1", "vllm-serve") if name in startups]
+        self.systems = [name for name in ("engine", "runner", "runner-v1", "runner-responses", "vllm-serve")
+                        if name in startups]
         grouped: dict[tuple[str, int], list[LevelResult]] = defaultdict(list)
         for result in results:
             grouped[result.system, result.concurrency].append(result)
@@ -163,7 +164,9 @@ class Report:
         lines += [f"- **{key}**: {value}" for key, value in self.facts.items()]
         lines += ["", "Systems: **engine** is vLLM's `AsyncLLM` driven in the bench process with no HTTP (the ceiling); "
                   "**runner** is `python -m runner`, `POST /llm` with `stream: true`; **vllm-serve** is `vllm serve`, "
-                  "`POST /v1/chat/completions` with `stream: true`. All three on the same model and engine "
+                  "`POST /v1/chat/completions` with `stream: true`; **runner-v1** and **runner-responses** are the "
+                  "runner's own process, `POST /v1/chat/completions` and `POST /v1/responses` with `stream: true`. "
+                  "All on the same model and engine "
                   "arguments, up at the same time (idle while another is measured), reached over 127.0.0.1."]
         lines += ["", "## Start-up", "", "| system | launch to first answer | launch to first /health answer |",
                   "| --- | --- | --- |"]
@@ -277,7 +280,8 @@ class Report:
         found = self.growth.get("floor")
         if not found:
             return []
-        stand_in, socket_us, aiohttp_us, runner_us = (median_us(found[kind]) for kind in KINDS)
+        stand_in, socket_us, aiohttp_us, runner_us = (median_us(found[kind])
+                                                      for kind in ("stand-in", "socket", "aiohttp", "runner"))
         rounds = len(found["runner"].cpu_us_per_event)
         lines = ["", "## Where the runner's per-token HTTP cost goes", "",
                  f"CPU of each server process per streamed event, {FLOOR_STREAMS} streams of {FLOOR_TOKENS} tokens "
@@ -291,6 +295,12 @@ class Report:
                  f"| aiohttp `StreamResponse.write` instead | {aiohttp_us:.1f} | {aiohttp_us - socket_us:+.1f} |",
                  f"| the runner's `/llm` (app, middlewares, reply builder, paced writer) | {runner_us:.1f} | "
                  f"{runner_us - aiohttp_us:+.1f} |"]
+        if {"runner-v1", "runner-responses"} <= found.keys():
+            chat, responses = median_token_us(found["runner-v1"]), median_token_us(found["runner-responses"])
+            lines += ["", f"The same runner's OpenAI APIs over the stand-in, CPU µs per output token (their streams "
+                      f"frame tokens differently: chat adds 2 events a stream, Responses 8): "
+                      f"`/v1/chat/completions` {chat:.1f}, `/v1/responses` {responses:.1f}, "
+                      f"{responses / chat:.2f}x chat's (target: within 1.1x)."]
         top = max(self.levels(), default=None)
         if top is not None and {"runner", "engine"} <= set(self.systems):
             gap_us = 1000 * (self.median("runner", top, "api_cpu_ms_per_token")
@@ -364,6 +374,9 @@ class Report:
         openai = {"runner-v1", "vllm-serve"} <= set(self.systems)
         if openai:
             headings += ["tok/s runner-v1/vllm-serve", "API CPU runner-v1/vllm-serve"]
+        responses = {"runner-responses", "runner-v1"} <= set(self.systems)
+        if responses:
+            headings += ["API CPU runner-responses/runner-v1"]
         lines = ["", "## Ratios of the medians", "", "| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
         for concurrency in self.levels():
             row = [str(concurrency)]
@@ -376,6 +389,8 @@ class Report:
             if openai:
                 row += [f"{self.ratio('tokens_per_s', concurrency, 'vllm-serve', 'runner-v1'):.3f}",
                         f"{self.ratio('api_cpu_ms_per_token', concurrency, 'vllm-serve', 'runner-v1'):.2f}"]
+            if responses:
+                row.append(f"{self.ratio('api_cpu_ms_per_token', concurrency, 'runner-v1', 'runner-responses'):.2f}")
             lines.append("| " + " | ".join(row) + " |")
         return lines
 
@@ -394,6 +409,13 @@ class Report:
                     theirs = self.median("vllm-serve", concurrency, "api_cpu_ms_per_token")
                     found.append((mine <= theirs, f"runner /v1 API CPU per output token at c={concurrency} ≤ "
                                                   f"vllm-serve's: {mine:.3f} vs {theirs:.3f} ms"))
+        if {"runner-responses", "runner-v1"} <= have:
+            for concurrency in self.levels():
+                mine = self.median("runner-responses", concurrency, "api_cpu_ms_per_token")
+                chat = self.median("runner-v1", concurrency, "api_cpu_ms_per_token")
+                found.append((mine <= 1.1 * chat, f"runner /v1/responses API CPU per output token within 1.1x of "
+                                                  f"/v1/chat/completions' at c={concurrency}: {mine:.3f} vs "
+                                                  f"{chat:.3f} ms ({mine / chat:.2f}x)"))
         if {"runner", "engine"} <= have:
             for concurrency, bound in ((64, "engine + 0.015"), (32, "0.06")):
                 if concurrency in self.levels():

@@ -10,7 +10,7 @@ passes with their ranges, in ``bench/results.md`` and ``bench/results.png``.
 Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (3),
 BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (64), BENCH_MIN_REQUESTS (4)
 and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
-requests; BENCH_SYSTEMS (engine,runner,runner-v1,vllm-serve), BENCH_OUTPUT
+requests; BENCH_SYSTEMS (engine,runner,runner-v1,runner-responses,vllm-serve), BENCH_OUTPUT
 (bench/results.md), BENCH_TIME_LIMIT (3600 s: a measurement that would end past
 it is skipped, and the report says so), BENCH_SETTLE (1.2 s between two
 measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s),
@@ -45,10 +45,21 @@ from bench import floor, growth
 from bench.load import LevelResult, RequestRecord, run_level
 from bench.prompts import chat_prompts
 from bench.report import COLD_COMPILED, WARM_COMPILED, Report, machine_facts
-from bench.systems import ROOT, EngineSystem, RunnerOpenAISystem, RunnerSystem, Startup, System, VllmServeSystem
+from bench.systems import (
+    ROOT,
+    EngineSystem,
+    RunnerOpenAISystem,
+    RunnerResponsesSystem,
+    RunnerSystem,
+    Startup,
+    System,
+    VllmServeResponses,
+    VllmServeSystem,
+)
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SYSTEM_NAMES = ("engine", "runner", "runner-v1", "vllm-serve")
+SYSTEM_NAMES = ("engine", "runner", "runner-v1", "runner-responses", "vllm-serve")
+ON_THE_RUNNERS_PROCESS = ("runner-v1", "runner-responses")  # the runner's other APIs: they start with it
 WARM_UP_CONCURRENCY = 36  # every prompt at once
 STOP_ALLOWANCE = 30  # seconds kept back from BENCH_TIME_LIMIT to stop the systems and write the report
 WARM_UP_MAX_TOKENS = 4
@@ -171,7 +182,7 @@ def runner_engine_args(config: BenchConfig):
 
 def candidate_systems(config: BenchConfig, log_dir: Path, vllm_backend, engine_args, import_s: float
                       ) -> dict[str, System]:
-    """Every system the bench knows, not started; runner-v1 shares the runner's process."""
+    """Every system the bench knows, not started; runner-v1 and runner-responses share the runner's process."""
     env = server_env(config)
     runner = RunnerSystem(config.model_id, config.model_dir, env, log_dir)
     return {
@@ -179,6 +190,7 @@ def candidate_systems(config: BenchConfig, log_dir: Path, vllm_backend, engine_a
         "engine": EngineSystem(vllm_backend, copy.deepcopy(engine_args), import_s),
         "runner": runner,
         "runner-v1": RunnerOpenAISystem(runner),
+        "runner-responses": RunnerResponsesSystem(runner),
         "vllm-serve": VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir),
     }
 
@@ -190,8 +202,8 @@ async def timed_starts(config: BenchConfig, session: aiohttp.ClientSession, log_
     Round robin rather than one system's starts in a row, so that a slow spell
     on the machine falls on every system; the report gives the medians.
     """
-    # runner-v1 is the runner's own process: its start is the runner's.
-    names = [name for name in config.systems if name in config.alone and name != "runner-v1"]
+    # runner-v1 and runner-responses are the runner's own process: their start is the runner's.
+    names = [name for name in config.systems if name in config.alone and name not in ON_THE_RUNNERS_PROCESS]
     starts: dict[str, list[Startup]] = {name: [] for name in names}
     for round_index in range(config.starts):
         for name in names:
@@ -350,30 +362,42 @@ async def measure_growth(config: BenchConfig, session: aiohttp.ClientSession, lo
 async def output_parity(config: BenchConfig, systems: list[System], session: aiohttp.ClientSession) -> dict[str, str]:
     """Every prompt at temperature 0 on the runner's /v1 and on vllm serve: the same text and token counts?
 
-    All prompts at once on each system in turn (one at a time would take most of
-    an hour on a slow CPU): both servers see the same batch.
+    Chat completions on both, and the Responses API on both when runner-responses
+    runs. All prompts at once on each system in turn (one at a time would take
+    most of an hour on a slow CPU): both servers see the same batch.
     """
     by_name = {system.name: system for system in systems}
-    if not {"runner-v1", "vllm-serve"} <= by_name.keys():
+    if "vllm-serve" not in by_name:
         return {}
+    pairs = []
+    if "runner-v1" in by_name:
+        pairs.append(("runner /v1 vs vllm serve", by_name["runner-v1"], by_name["vllm-serve"]))
+    if "runner-responses" in by_name:
+        pairs.append(("runner /v1/responses vs vllm serve /v1/responses", by_name["runner-responses"],
+                      VllmServeResponses(by_name["vllm-serve"])))
 
     async def answer(system: System, messages: list[dict]) -> tuple[str, int, int]:
         record = RequestRecord(sent=time.perf_counter())
         await asyncio.wait_for(system.stream(session, messages, config.max_tokens, record), config.request_timeout)
+        if record.error not in (None, "no text"):  # a failed answer is a difference, shown below
+            return f"<failed: {record.error}>", record.prompt_tokens, record.output_tokens
         return "".join(record.text), record.prompt_tokens, record.output_tokens
 
-    answers = {}
-    for name in ("runner-v1", "vllm-serve"):
-        await asyncio.sleep(config.settle)
-        answers[name] = await asyncio.gather(*(answer(by_name[name], messages) for messages in chat_prompts()))
-    same = sum(ours == theirs for ours, theirs in zip(answers["runner-v1"], answers["vllm-serve"]))
-    line = (f"{same}/{len(answers['runner-v1'])} prompts with the same text, prompt and output tokens "
-            f"(all {len(answers['runner-v1'])} at once, max_tokens {config.max_tokens})")
-    print(f"output parity, runner /v1 against vllm serve at temperature 0: {line}", flush=True)
-    for index, (ours, theirs) in enumerate(zip(answers["runner-v1"], answers["vllm-serve"])):
-        if ours != theirs:
-            print(f"  prompt {index}: runner-v1 {ours!r}\n            vllm-serve {theirs!r}", flush=True)
-    return {"output parity (runner /v1 vs vllm serve, temperature 0)": line}
+    found = {}
+    for label, ours, theirs in pairs:
+        answers = []
+        for system in (ours, theirs):
+            await asyncio.sleep(config.settle)
+            answers.append(await asyncio.gather(*(answer(system, messages) for messages in chat_prompts())))
+        same = sum(mine == other for mine, other in zip(*answers))
+        line = (f"{same}/{len(answers[0])} prompts with the same text, prompt and output tokens "
+                f"(all {len(answers[0])} at once, max_tokens {config.max_tokens})")
+        print(f"output parity, {label} at temperature 0: {line}", flush=True)
+        for index, (mine, other) in enumerate(zip(*answers)):
+            if mine != other:
+                print(f"  prompt {index}: {ours.name} {mine!r}\n            {theirs.name} {other!r}", flush=True)
+        found[f"output parity ({label}, temperature 0)"] = line
+    return found
 
 
 async def stop(system: System) -> None:

@@ -7,6 +7,7 @@ names the process whose CPU time is its API's cost, and stops.
 - ``EngineSystem``: vLLM's ``AsyncLLM`` in this process, no HTTP: the ceiling.
 - ``RunnerSystem``: ``python -m runner``, ``POST /llm`` with ``stream: true``.
 - ``RunnerOpenAISystem``: the same runner process, ``POST /v1/chat/completions`` with ``stream: true``.
+- ``RunnerResponsesSystem``: the same runner process, ``POST /v1/responses`` with ``stream: true``.
 - ``VllmServeSystem``: ``vllm serve``, ``POST /v1/chat/completions`` with ``stream: true``.
 
 The bench imports vLLM (through ``pipelines.llm.vllm_backend``) only to build the
@@ -287,25 +288,79 @@ class OpenAIStreaming(HttpSystem):
                 record.finish(finish_reason, usage["completion_tokens"], usage["prompt_tokens"])
 
 
-class RunnerOpenAISystem(OpenAIStreaming):
-    """The runner's OpenAI API: the runner system's own process, so it starts with it."""
+class ResponsesStreaming(HttpSystem):
+    """A server's /v1/responses, streamed: the runner's and vllm serve's alike.
 
-    name = "runner-v1"
+    vllm serve names each event (``event:`` lines) and sends no ``[DONE]``;
+    the runner sends ``data:`` lines and ``[DONE]``: the stream's end is its
+    terminal event either way.
+    """
 
-    def __init__(self, runner: RunnerSystem) -> None:
-        self.runner = runner
-        self.model_id = runner.model_id
-        self.server = runner.server
+    model_id: str
+
+    async def stream(self, session, messages, max_tokens, record) -> None:
+        # As OpenAIStreaming's: greedy, every sampling field spelled out; nothing kept in a store.
+        body = {
+            "model": self.model_id, "input": messages, "temperature": 0, "top_p": 1, "top_k": -1,
+            "repetition_penalty": 1.0, "max_output_tokens": max_tokens, "stream": True, "store": False,
+        }
+        async with session.post(self.server.url + "/v1/responses", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                event = json.loads(line[6:])
+                kind = event["type"]
+                if kind == "response.output_text.delta":
+                    if event["delta"]:
+                        record.chunk(event["delta"])
+                elif kind in ("response.completed", "response.incomplete"):
+                    answer = event["response"]
+                    usage = answer["usage"]
+                    record.finish("length" if answer["status"] == "incomplete" else "stop",
+                                  usage["output_tokens"], usage["input_tokens"])
+                    record.done = True
+                elif kind in ("response.failed", "error"):
+                    record.failure = f"{kind}: {json.dumps(event)[:200]}"
+
+
+class OnAnotherSystemsProcess(HttpSystem):
+    """Another API of a server a system before it started: it starts and stops with that system."""
+
+    def __init__(self, host: HttpSystem) -> None:
+        self.host = host
+        self.model_id = host.model_id
+        self.server = host.server
 
     async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
         if self.server.process is None:
-            raise StartFailed("runner-v1 runs on the runner system's process: BENCH_SYSTEMS needs runner before it")
+            raise StartFailed(f"{self.name} runs on the {self.host.name} system's process: "
+                              f"BENCH_SYSTEMS needs {self.host.name} before it")
         started = time.perf_counter()
         await asyncio.wait_for(self.answer_once(session), timeout)
         return Startup(first_answer_s=time.perf_counter() - started)
 
     async def stop(self) -> None:
-        pass  # the runner system stops the process
+        pass  # the host system stops the process
+
+
+class RunnerOpenAISystem(OnAnotherSystemsProcess, OpenAIStreaming):
+    """The runner's OpenAI chat completions: the runner system's own process, so it starts with it."""
+
+    name = "runner-v1"
+
+
+class RunnerResponsesSystem(OnAnotherSystemsProcess, ResponsesStreaming):
+    """The runner's OpenAI Responses API: the runner system's own process, so it starts with it."""
+
+    name = "runner-responses"
+
+
+class VllmServeResponses(OnAnotherSystemsProcess, ResponsesStreaming):
+    """vllm serve's /v1/responses, for the output parity check only (not a measured system)."""
+
+    name = "vllm-serve-responses"
 
 
 class VllmServeSystem(OpenAIStreaming):

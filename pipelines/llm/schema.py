@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runner.jsontypes import Integer
 from runner.operations import Operation
-from runner.schema import APIErrorMessage
+from runner.schema import APIErrorMessage, OpenAIErrorDetail
 
 
 class LLMMessage(BaseModel):
@@ -288,6 +288,222 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
+class ResponsesContentPart(BaseModel):
+    "One part of an item's content. Text parts (`input_text`, `output_text`, `text`) and a reasoning item's `reasoning_text` are read; any other type (an image, a file, audio, a refusal) is a 400 naming it."
+
+    type: str
+    text: str | None = None
+
+
+class ResponsesInputItem(BaseModel):
+    'One item of `input`: a message (`type` "message", the default when a `role` is given), a `function_call` the model made (`call_id`, `name`, `arguments`), a `function_call_output` (`call_id`, `output`), or a `reasoning` item (accepted and not shown to the model again, as the templates of reasoning models drop earlier thinking). Other fields of an item (ids, status, annotations) are accepted and ignored.'
+
+    type: str | None = None
+    role: Literal['user', 'assistant', 'system', 'developer'] | None = None
+    content: str | list[ResponsesContentPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[ResponsesContentPart] | None = None
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponsesTool(BaseModel):
+    'A tool the model may call; only `type` "function" is served (built-in tools are a 400).'
+
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesToolChoice(BaseModel):
+    'A named tool choice; only `type` "function" with its `name` is served.'
+
+    type: str
+    name: str | None = None
+
+
+class ResponsesTextFormat(BaseModel):
+    type: Literal['text', 'json_object', 'json_schema']
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias='schema')
+    strict: bool | None = None
+
+
+class ResponsesTextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: ResponsesTextFormat | None = None
+    verbosity: Literal['low', 'medium', 'high'] | None = None
+
+
+class ResponsesReasoningConfig(BaseModel):
+    'Accepted when every field is null; a reasoning effort or summary is not served (400).'
+
+    effort: str | None = None
+    summary: str | None = None
+    generate_summary: str | None = None
+
+
+class ResponsesStreamOptions(BaseModel):
+    include_obfuscation: bool | None = None
+
+
+class ResponsesRequest(BaseModel):
+    "OpenAI's Responses API request. An unknown field is a 400, as OpenAI answers it; the fields documented as not served are a 400 naming them when set to anything but their default."
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: str | list[ResponsesInputItem] | None = None
+    instructions: str | None = None
+    max_output_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Literal['none', 'auto', 'required'] | ResponsesToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: ResponsesTextConfig | None = None
+    stream: bool | None = None
+    stream_options: ResponsesStreamOptions | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    service_tier: str | None = None
+    truncation: Literal['auto', 'disabled'] | None = None
+    background: bool | None = None
+    include: list[str] | None = None
+    reasoning: ResponsesReasoningConfig | None = None
+    max_tool_calls: Annotated[Integer, Field(ge=1)] | None = None
+    top_logprobs: Annotated[Integer, Field(ge=0, le=20)] | None = None
+    conversation: Any | None = None
+    prompt: Any | None = None
+    top_k: Annotated[Integer, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(le=2, gt=0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    seed: Integer | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+
+
+class ResponsesOutputText(BaseModel):
+    type: Literal['output_text']
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any] | None = None
+
+
+class ResponsesOutputMessage(BaseModel):
+    id: str
+    type: Literal['message']
+    role: Literal['assistant']
+    status: Literal['in_progress', 'completed', 'incomplete']
+    content: list[ResponsesOutputText]
+
+
+class ResponsesFunctionCall(BaseModel):
+    id: str
+    type: Literal['function_call']
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal['in_progress', 'completed', 'incomplete']
+
+
+class ResponsesReasoningText(BaseModel):
+    type: Literal['reasoning_text']
+    text: str
+
+
+class ResponsesReasoningItem(BaseModel):
+    id: str
+    type: Literal['reasoning']
+    summary: list[Any]
+    content: list[ResponsesReasoningText] | None = None
+    status: Literal['in_progress', 'completed', 'incomplete']
+
+
+class ResponsesInputTokensDetails(BaseModel):
+    cached_tokens: Integer
+    cache_write_tokens: Integer
+
+
+class ResponsesOutputTokensDetails(BaseModel):
+    reasoning_tokens: Integer
+
+
+class ResponsesUsage(BaseModel):
+    input_tokens: Integer
+    input_tokens_details: ResponsesInputTokensDetails
+    output_tokens: Integer
+    output_tokens_details: ResponsesOutputTokensDetails
+    total_tokens: Integer
+
+
+class ResponsesError(BaseModel):
+    code: str
+    message: str
+
+
+class ResponsesIncompleteDetails(BaseModel):
+    reason: Literal['max_output_tokens']
+
+
+class ResponsesResponse(BaseModel):
+    "OpenAI's response object. `status` is completed, or incomplete (with `incomplete_details`) when the answer reached max_output_tokens; in_progress in a stream's first events and failed in its `response.failed` ending."
+
+    id: str
+    object: Literal['response']
+    created_at: Integer
+    status: Literal['completed', 'incomplete', 'in_progress', 'failed']
+    error: ResponsesError | None
+    incomplete_details: ResponsesIncompleteDetails | None
+    model: str
+    output: list[ResponsesOutputMessage | ResponsesFunctionCall | ResponsesReasoningItem]
+    instructions: str | None
+    metadata: dict[str, str] | None
+    parallel_tool_calls: bool
+    temperature: float | None
+    top_p: float | None
+    tool_choice: Literal['none', 'auto', 'required'] | ResponsesToolChoice
+    tools: list[ResponsesTool]
+    max_output_tokens: Integer | None
+    previous_response_id: str | None
+    text: ResponsesTextConfig
+    store: bool
+    background: bool
+    truncation: Literal['disabled']
+    usage: ResponsesUsage | None
+
+
+class ResponsesStreamEvent(BaseModel):
+    "One event of a streamed response, as OpenAI's SDKs read them: its `type`, its `sequence_number` (0, 1, 2, ... in the order sent), and the fields of that type. `response.failed` also carries `error` (OpenAI's error object), which the SDKs raise."
+
+    type: Literal['response.created', 'response.in_progress', 'response.output_item.added', 'response.content_part.added', 'response.output_text.delta', 'response.output_text.done', 'response.reasoning_text.delta', 'response.reasoning_text.done', 'response.function_call_arguments.delta', 'response.function_call_arguments.done', 'response.content_part.done', 'response.output_item.done', 'response.completed', 'response.incomplete', 'response.failed']
+    sequence_number: Integer = Field(ge=0)
+    response: ResponsesResponse | None = None
+    output_index: Integer | None = None
+    content_index: Integer | None = None
+    item_id: str | None = None
+    item: ResponsesOutputMessage | ResponsesFunctionCall | ResponsesReasoningItem | None = None
+    part: ResponsesOutputText | ResponsesReasoningText | None = None
+    delta: str | None = None
+    text: str | None = None
+    arguments: str | None = None
+    name: str | None = None
+    logprobs: list[Any] | None = None
+    error: OpenAIErrorDetail | None = None
+
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         operation_id='genLLM',
@@ -325,6 +541,22 @@ OPERATIONS: tuple[Operation, ...] = (
         operation_id='retrieveModel',
         method='GET',
         path='/v1/models/{model}',
+        request_model=None,
+        authenticated=True,
+        error_shape='openai',
+    ),
+    Operation(
+        operation_id='createResponse',
+        method='POST',
+        path='/v1/responses',
+        request_model=ResponsesRequest,
+        authenticated=True,
+        error_shape='openai',
+    ),
+    Operation(
+        operation_id='retrieveResponse',
+        method='GET',
+        path='/v1/responses/{response_id}',
         request_model=None,
         authenticated=True,
         error_shape='openai',

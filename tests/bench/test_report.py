@@ -106,3 +106,31 @@ def test_the_paired_table_adds_the_http_clients_cpu_to_the_runners(tmp_path):
     startups = {"engine": Startup(first_answer_s=1), "runner": Startup(first_answer_s=1)}
     lines = Report(config, {}, startups, results).paired_lines()
     assert "| 64 | 0.900 [0.900–0.900] | +0.050 | +0.250 |" in lines
+
+
+def test_the_responses_api_cpu_is_reported_against_chat_completions_with_its_target(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.load import LevelResult
+    from bench.report import Report
+    from bench.systems import Startup
+
+    config = SimpleNamespace(passes=1, concurrency=[8, 32], output=tmp_path / "results.md")
+
+    def level(system: str, concurrency: int, api_s: float) -> LevelResult:
+        return LevelResult(system=system, concurrency=concurrency, pass_index=0, requests=8, errors=0,
+                           output_tokens=1000, prompt_tokens=500, wall_s=10.0, ttft_ms=[1.0], itl_ms=[1.0],
+                           api_cpu_s=api_s)
+
+    results = [level("runner", c, 0.2) for c in (8, 32)] + [level("runner-v1", c, 0.3) for c in (8, 32)]
+    results += [level("runner-responses", 8, 0.32), level("runner-responses", 32, 0.36)]
+    startups = {name: Startup(first_answer_s=1) for name in ("runner", "runner-v1", "runner-responses")}
+    report = Report(config, {}, startups, results)
+    lines = report.ratio_lines()
+    assert lines[3] == "| concurrency | API CPU runner-responses/runner-v1 |"
+    assert lines[5:] == ["| 8 | 1.07 |", "| 32 | 1.20 |"]
+    targets = report.targets()
+    assert (True, "runner /v1/responses API CPU per output token within 1.1x of /v1/chat/completions' at c=8: "
+                  "0.320 vs 0.300 ms (1.07x)") in targets
+    assert (False, "runner /v1/responses API CPU per output token within 1.1x of /v1/chat/completions' at c=32: "
+                   "0.360 vs 0.300 ms (1.20x)") in targets

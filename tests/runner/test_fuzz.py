@@ -73,6 +73,7 @@ LLM_RESPONSE = component_validator("LLMResponse")
 STREAM_EVENTS = {  # what each streaming path's events are
     "/v1/chat/completions": component_validator("ChatCompletionChunk"),
     "/v1/completions": component_validator("Completion"),
+    "/v1/responses": component_validator("ResponsesStreamEvent"),
 }
 ROLES = tuple(role for role in TEMPLATE_ROLES if role != "tool")  # a tool message needs the call it answers
 
@@ -93,7 +94,7 @@ def keep_generation_short(body: Any, path: str = "/llm", model_id: str = "") -> 
     body = dict(body)
     servable = zlib.crc32(repr(sorted(body.items(), key=repr)).encode()) % 2 == 0
     if path.startswith("/v1/"):
-        return keep_openai_generation_short(body, servable, model_id)
+        return keep_openai_generation_short(body, servable, model_id, path)
     max_tokens = body.get("max_tokens", 256)
     # 1e3 is an integer too (runner/jsontypes.py), and as slow to generate as 1000.
     if type(max_tokens) in (int, float) and float(max_tokens).is_integer():
@@ -115,8 +116,10 @@ def keep_generation_short(body: Any, path: str = "/llm", model_id: str = "") -> 
     return body
 
 
-def keep_openai_generation_short(body: dict, servable: bool, model_id: str) -> dict:
+def keep_openai_generation_short(body: dict, servable: bool, model_id: str, path: str = "") -> dict:
     """keep_generation_short for the OpenAI operations: their max_tokens defaults to all the room there is."""
+    if path == "/v1/responses":
+        return keep_responses_generation_short(body, servable, model_id)
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
         # A null max_completion_tokens is no limit either: max_tokens, or all the room there is, applies.
@@ -137,6 +140,21 @@ def keep_openai_generation_short(body: dict, servable: bool, model_id: str) -> d
                 else message
                 for index, message in enumerate(messages)
             ]
+    return body
+
+
+def keep_responses_generation_short(body: dict, servable: bool, model_id: str) -> dict:
+    """keep_generation_short for /v1/responses: max_output_tokens, and an input to answer."""
+    value = body.get("max_output_tokens")
+    if value is None:
+        body["max_output_tokens"] = FUZZ_MAX_TOKENS
+    elif type(value) in (int, float) and float(value).is_integer() and FUZZ_MAX_TOKENS < value <= TINY_MAX_MODEL_LEN:
+        body["max_output_tokens"] = int(value) % FUZZ_MAX_TOKENS + 1
+    if servable:
+        if isinstance(body.get("model"), str):
+            body["model"] = model_id
+        if body.get("input") in (None, []):
+            body["input"] = "Hello"
     return body
 
 

@@ -25,6 +25,7 @@ GUARDED_MAX_WAITING_REQUESTS = 2
 GUARDED_REQUEST_TIMEOUT = 4
 GUARDED_MAX_IN_FLIGHT = GUARDED_MAX_NUM_SEQS + GUARDED_MAX_WAITING_REQUESTS
 DOOMED_STREAM_INTERVAL = 4
+TINY_RESPONSES_STORE_SIZE = 2  # the tiny runner keeps its last two Responses only
 
 
 MAX_ENGINES = 3  # vLLM engines alive at once, whatever the suite does
@@ -42,7 +43,8 @@ def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dic
     tiny_env = {"MODEL_ID": str(tiny_model_dir), "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN), "KV_CACHE_GIB": "0.25"}
     return {
         # Its request sent while loading waits for the load, however slowly engines start beside it.
-        "tiny": ({**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT)}, True),
+        "tiny": ({**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT),
+                  "RESPONSES_STORE_SIZE": str(TINY_RESPONSES_STORE_SIZE)}, True),
         # Runners of their own, because their tests stop them or kill their engines.
         "drained": (tiny_env, False),
         # Its stream settings are not the defaults: real_engine/test_livepeer.py checks that they reach the engine,

@@ -1,0 +1,675 @@
+"""``POST /v1/responses`` and ``GET /v1/responses/{response_id}``: OpenAI's Responses API, JSON or SSE events.
+
+The input items become the chat template's turns (``conversation.turn``), the
+function tools and tool choice an OpenAI-style tool plan (``tools.plan_tools``),
+and the answer is read by the shared ``AnswerReader``: its events (text,
+thinking, a call's start, a piece of its arguments) are written here as output
+items and Responses stream events, so whatever the reader streams, this API
+streams. Finished responses are kept in a bounded store of this process
+(RESPONSES_STORE_SIZE) for ``GET`` and ``previous_response_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import Field
+from pydantic_core import to_json
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.llm import schema
+from pipelines.llm.answers import AnswerEvent, AnswerReader, CallArguments, CallStart, ReasoningDelta, TextDelta
+from pipelines.llm.api import spec_operations
+from pipelines.llm.api.openai_base import OpenAIAPI, bad
+from pipelines.llm.conversation import turn
+from pipelines.llm.engine import GenerationStep, Sampling
+from pipelines.llm.generation import Generation
+from pipelines.llm.replies import ReplyTracker, choice_finish_reason, usage_of
+from pipelines.llm.schema import (
+    ResponsesContentPart,
+    ResponsesError,
+    ResponsesFunctionCall,
+    ResponsesIncompleteDetails,
+    ResponsesInputItem,
+    ResponsesInputTokensDetails,
+    ResponsesOutputMessage,
+    ResponsesOutputText,
+    ResponsesOutputTokensDetails,
+    ResponsesReasoningItem,
+    ResponsesReasoningText,
+    ResponsesRequest,
+    ResponsesResponse,
+    ResponsesTextConfig,
+    ResponsesUsage,
+)
+from pipelines.llm.served_models import ServedModels
+from pipelines.llm.tools import ToolPlan, plan_tools
+from runner.pipeline import EventStream, OperationError, RequestContext, Serve
+from runner.schema import OpenAIErrorDetail
+
+TEXT_PARTS = ("input_text", "output_text", "text")  # the content parts read as text, whatever the role
+REASONING_PARTS = ("reasoning_text", "summary_text")
+
+
+class ResponsesSettings(BaseSettings):
+    """The Responses API's own setting, read with the pipeline at start."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=True)
+
+    store_size: int = Field(
+        1000, alias="RESPONSES_STORE_SIZE", ge=0,
+        description="Finished responses kept in memory for GET /v1/responses/{id} and previous_response_id "
+                    "(the oldest dropped first; 0 keeps none)",
+    )
+
+
+# 1. The conversation: Responses items as the chat template's turns
+
+
+@dataclass
+class Message:
+    """One turn of a conversation, before the template reads it; ``origin`` is the request field it came from."""
+
+    role: str  # user, assistant, system, developer or tool
+    content: str | None
+    origin: str
+    tool_call_id: str | None = None
+    calls: list[tuple[str, str, str]] = field(default_factory=list)  # (call_id, name, arguments JSON)
+
+    def copy(self) -> Message:
+        return Message(self.role, self.content, self.origin, self.tool_call_id, list(self.calls))
+
+
+class Conversation:
+    """Messages built from Responses items, a function call joining the assistant turn before it."""
+
+    def __init__(self, history: Iterable[Message] = ()) -> None:
+        self.messages = [message.copy() for message in history]
+
+    def say(self, role: str, content: str | None, origin: str) -> None:
+        self.messages.append(Message(role, content, origin))
+
+    def call(self, call_id: str, name: str, arguments: str, origin: str) -> None:
+        last = self.messages[-1] if self.messages else None
+        if last is not None and last.role == "assistant":
+            last.calls.append((call_id, name, arguments))
+        else:
+            self.messages.append(Message("assistant", None, origin, calls=[(call_id, name, arguments)]))
+
+    def answer(self, call_id: str, output: str, origin: str) -> None:
+        self.messages.append(Message("tool", output, origin, tool_call_id=call_id))
+
+    def read_input(self, request_input: str | list[ResponsesInputItem] | None) -> None:
+        if isinstance(request_input, str):
+            self.say("user", request_input, "input")
+            return
+        for index, item in enumerate(request_input or ()):
+            self.read_item(index, item)
+
+    def read_item(self, index: int, item: ResponsesInputItem) -> None:
+        where = f"input.[{index}]"
+        kind = item.type or ("message" if item.role is not None else None)
+        if kind == "message":
+            if item.role is None:
+                raise bad("a message item needs its role (user, assistant, system or developer)", f"{where}.role")
+            if item.content is None:
+                raise bad("a message item needs its content", f"{where}.content")
+            self.say(item.role, text_of(item.content, f"{where}.content"), where)
+        elif kind == "function_call":
+            for name in ("call_id", "name", "arguments"):
+                if getattr(item, name) is None:
+                    raise bad(f"a function_call item needs its {name}", f"{where}.{name}")
+            try:
+                json.loads(item.arguments)
+            except ValueError:
+                raise bad(f"the arguments of function call {item.call_id!r} are not JSON", f"{where}.arguments") from None
+            self.call(item.call_id, item.name, item.arguments, where)
+        elif kind == "function_call_output":
+            for name in ("call_id", "output"):
+                if getattr(item, name) is None:
+                    raise bad(f"a function_call_output item needs its {name}", f"{where}.{name}")
+            self.answer(item.call_id, text_of(item.output, f"{where}.output"), where)
+        elif kind == "reasoning":
+            pass  # earlier thinking is not shown to the model again, as reasoning models' templates drop it
+        elif kind is None:
+            raise bad("an input item needs its type (message, function_call or function_call_output)", f"{where}.type")
+        else:
+            raise bad(f"input items of type {kind!r} are not served: only message, function_call, "
+                      "function_call_output and reasoning items", f"{where}.type")
+
+    def turns(self, instructions: str | None) -> list[dict]:
+        """The template's turns: the instructions as a system turn first, then the messages."""
+        messages = ([Message("system", instructions, "instructions")] if instructions else []) + self.messages
+        turns = []
+        for index, message in enumerate(messages):
+            try:
+                turns.append(turn(index, message.role, message.content, tool_call_id=message.tool_call_id,
+                                  tool_calls=message.calls))
+            except OperationError as exc:  # named by the field the message came from, not by its place
+                raise bad(exc.msg, message.origin) from None
+        return turns
+
+    def chat_messages(self, instructions: str | None) -> list[dict]:
+        """The conversation as OpenAI chat messages, as vLLM's tool-call parsers read a request."""
+        turns = self.turns(instructions)
+        for written in turns:
+            for call in written.get("tool_calls", ()):
+                call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+        return turns
+
+
+def text_of(content: str | list[ResponsesContentPart], where: str) -> str:
+    """A message's content, or a function call's output, as the text the template reads."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        if part.type not in TEXT_PARTS or part.text is None:
+            raise bad(f"content parts of type {part.type!r} are not served: this model reads text parts only "
+                      f"({', '.join(TEXT_PARTS)})", f"{where}.[{index}].type")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+# 2. The store of finished responses
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    response: ResponsesResponse
+    history: tuple[Message, ...]  # its conversation without its instructions, then its output
+
+
+class ResponseStore:
+    """The last ``size`` finished responses of this process, the oldest dropped first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.kept: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def put(self, stored: StoredResponse) -> None:
+        if self.size == 0:
+            return
+        self.kept[stored.response.id] = stored
+        while len(self.kept) > self.size:
+            self.kept.popitem(last=False)
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        return self.kept.get(response_id)
+
+    def find(self, response_id: str, param: str) -> StoredResponse:
+        stored = self.get(response_id)
+        if stored is None:
+            raise OperationError(
+                f"Response with id {response_id!r} not found: this runner keeps the last {self.size} stored "
+                "responses of this process (RESPONSES_STORE_SIZE), in memory, and only those sent with store true",
+                status=404, param=param,
+            )
+        return stored
+
+
+# 3. The request: what is served, the tools, the sampling
+
+NOT_SERVED = (  # (param, whether the request asks for it, why not)
+    ("background", lambda r: bool(r.background), "background responses are not served; leave background out"),
+    ("include", lambda r: bool(r.include), "include is not served (no logprobs, no encrypted reasoning)"),
+    ("max_tool_calls", lambda r: r.max_tool_calls is not None, "max_tool_calls is not served"),
+    ("top_logprobs", lambda r: bool(r.top_logprobs), "top_logprobs is not served"),
+    ("conversation", lambda r: r.conversation is not None,
+     "conversation objects are not served; use previous_response_id"),
+    ("prompt", lambda r: r.prompt is not None, "prompt templates are not served; send input"),
+    ("truncation", lambda r: r.truncation == "auto",
+     "truncation 'auto' is not served: a conversation too long for the model is a 400"),
+    ("service_tier", lambda r: r.service_tier not in (None, "auto", "default"),
+     "service_tier is served as 'auto' or 'default' only"),
+    ("reasoning.effort", lambda r: r.reasoning is not None and r.reasoning.effort is not None,
+     "reasoning effort is not served"),
+    ("reasoning.summary", lambda r: r.reasoning is not None and r.reasoning.summary is not None,
+     "reasoning summaries are not served"),
+    ("reasoning.generate_summary", lambda r: r.reasoning is not None and r.reasoning.generate_summary is not None,
+     "reasoning summaries are not served"),
+    ("text.verbosity", lambda r: r.text is not None and r.text.verbosity not in (None, "medium"),
+     "text.verbosity is served as 'medium' only"),
+)
+
+
+def refuse_what_is_not_served(request: ResponsesRequest) -> None:
+    for param, asked, why in NOT_SERVED:
+        if asked(request):
+            raise bad(why, param)
+
+
+def function_tools(request: ResponsesRequest) -> list[dict]:
+    """The request's function tools as OpenAI chat tools, which the tool plan and the templates read."""
+    tools = []
+    for index, tool in enumerate(request.tools or ()):
+        if tool.type != "function":
+            raise bad(f"tools of type {tool.type!r} are not served: only function tools", f"tools.[{index}].type")
+        if not tool.name:
+            raise bad("a function tool needs its name", f"tools.[{index}].name")
+        function: dict = {"name": tool.name}
+        if tool.description is not None:
+            function["description"] = tool.description
+        if tool.parameters is not None:
+            function["parameters"] = tool.parameters
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def chat_tool_choice(request: ResponsesRequest) -> str | dict | None:
+    choice = request.tool_choice
+    if choice == "auto" and not request.tools:  # as vLLM reads it: nothing to call, so no call
+        return None
+    if choice is None or isinstance(choice, str):
+        return choice
+    if choice.type != "function":
+        raise bad(f"tool_choice of type {choice.type!r} is not served: give none, auto, required or "
+                  "{'type': 'function', 'name': ...}", "tool_choice")
+    if not choice.name:
+        raise bad("a function tool_choice needs the function's name", "tool_choice.name")
+    return {"type": "function", "function": {"name": choice.name}}
+
+
+def output_format(request: ResponsesRequest) -> tuple[dict | None, bool]:
+    """The JSON schema the answer must match, and whether it must be a JSON object, by text.format."""
+    text_format = request.text.format if request.text is not None else None
+    if text_format is None or text_format.type == "text":
+        return None, False
+    if text_format.type == "json_object":
+        return None, True
+    if text_format.schema_ is None:
+        raise bad("text.format json_schema needs its schema", "text.format.schema")
+    return text_format.schema_, False
+
+
+# 4. The output items, and the stream events that build them
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class MessageItem:
+    kind = "message"
+
+    def __init__(self, index: int) -> None:
+        self.id, self.index, self.parts, self.status = new_id("msg"), index, [], "in_progress"
+        # Each piece of text is one event: its bytes up to the sequence number are written once.
+        self.delta_head = b'{"type":"response.output_text.delta","item_id":%s,"output_index":%d,' \
+                          b'"content_index":0,"logprobs":[],"sequence_number":' % (to_json(self.id), index)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def part(self) -> ResponsesOutputText:
+        return ResponsesOutputText(type="output_text", text=self.text, annotations=[], logprobs=[])
+
+    def model(self, opened: bool = False) -> ResponsesOutputMessage:
+        return ResponsesOutputMessage(id=self.id, type="message", role="assistant", status=self.status,
+                                      content=[] if opened else [self.part()])
+
+
+class ReasoningItem:
+    kind = "reasoning"
+
+    def __init__(self, index: int) -> None:
+        self.id, self.index, self.parts, self.status = new_id("rs"), index, [], "in_progress"
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def part(self) -> ResponsesReasoningText:
+        return ResponsesReasoningText(type="reasoning_text", text=self.text)
+
+    def model(self, opened: bool = False) -> ResponsesReasoningItem:
+        return ResponsesReasoningItem(id=self.id, type="reasoning", summary=[], status=self.status,
+                                      content=[] if opened else [self.part()])
+
+
+class CallItem:
+    kind = "function_call"
+
+    def __init__(self, index: int, call_id: str, name: str) -> None:
+        self.id, self.index, self.call_id, self.name = new_id("fc"), index, call_id, name
+        self.parts: list[str] = []
+        self.status = "in_progress"
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.parts)
+
+    def model(self, opened: bool = False) -> ResponsesFunctionCall:
+        return ResponsesFunctionCall(id=self.id, type="function_call", call_id=self.call_id, name=self.name,
+                                     arguments="" if opened else self.arguments, status=self.status)
+
+
+OutputItem = MessageItem | ReasoningItem | CallItem
+
+
+class Output:
+    """One answer's output items as its events come, and (when ``streaming``) the stream events that say so.
+
+    Text and thinking go to the open item of their kind, a new one opening
+    when the kind changes; each call is an item of its own, and calls stay
+    open, taking their argument pieces by the reader's call index, until
+    text or thinking follows or the answer ends.
+    """
+
+    def __init__(self, streaming: bool) -> None:
+        self.streaming = streaming
+        self.items: list[OutputItem] = []
+        self.open: MessageItem | ReasoningItem | None = None
+        self.calls: dict[int, CallItem] = {}  # the open calls, by the reader's call index
+        self.sequence = 0  # the next event's sequence_number
+
+    def event(self, kind: str, **fields) -> bytes:
+        number, self.sequence = self.sequence, self.sequence + 1
+        return to_json({"type": kind, "sequence_number": number, **fields})
+
+    def text_delta(self, text: str) -> bytes:
+        """The hot path: one piece of text for the open message."""
+        item = self.open
+        item.parts.append(text)
+        number, self.sequence = self.sequence, self.sequence + 1
+        return item.delta_head + b'%d,"delta":%s}' % (number, to_json(text))
+
+    @property
+    def writing_text(self) -> bool:
+        return self.streaming and self.open is not None and self.open.kind == "message"
+
+    def take(self, event: AnswerEvent) -> list[bytes]:
+        sent: list[bytes] = []
+        if isinstance(event, TextDelta):
+            if not event.text:
+                return sent
+            if self.open is None or self.open.kind != "message":
+                sent += self.close_open() + self.close_calls() + self.start(MessageItem(len(self.items)))
+            if self.streaming:
+                sent.append(self.text_delta(event.text))
+            else:
+                self.open.parts.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            if not event.text:
+                return sent
+            if self.open is None or self.open.kind != "reasoning":
+                sent += self.close_open() + self.close_calls() + self.start(ReasoningItem(len(self.items)))
+            item = self.open
+            item.parts.append(event.text)
+            if self.streaming:
+                sent.append(self.event("response.reasoning_text.delta", item_id=item.id, output_index=item.index,
+                                       content_index=0, delta=event.text))
+        elif isinstance(event, CallStart):
+            sent += self.close_open()
+            call = CallItem(len(self.items), event.id, event.name)
+            self.calls[event.index] = call
+            sent += self.start(call)
+        elif isinstance(event, CallArguments):
+            call = self.calls.get(event.index)
+            if call is None:
+                raise RuntimeError(f"arguments for tool call {event.index}, which has not started or has ended")
+            call.parts.append(event.text)
+            if self.streaming and event.text:
+                sent.append(self.event("response.function_call_arguments.delta", item_id=call.id,
+                                       output_index=call.index, delta=event.text))
+        return sent
+
+    def start(self, item: OutputItem) -> list[bytes]:
+        self.items.append(item)
+        if item.kind != "function_call":
+            self.open = item
+        if not self.streaming:
+            return []
+        sent = [self.event("response.output_item.added", output_index=item.index, item=item.model(opened=True))]
+        if item.kind != "function_call":
+            empty = ResponsesOutputText(type="output_text", text="", annotations=[], logprobs=[]) \
+                if item.kind == "message" else ResponsesReasoningText(type="reasoning_text", text="")
+            sent.append(self.event("response.content_part.added", item_id=item.id, output_index=item.index,
+                                   content_index=0, part=empty))
+        return sent
+
+    def close_open(self, status: str = "completed") -> list[bytes]:
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        item.status = status
+        if not self.streaming:
+            return []
+        done = "response.output_text.done" if item.kind == "message" else "response.reasoning_text.done"
+        fields = {"logprobs": []} if item.kind == "message" else {}
+        return [
+            self.event(done, item_id=item.id, output_index=item.index, content_index=0, text=item.text, **fields),
+            self.event("response.content_part.done", item_id=item.id, output_index=item.index, content_index=0,
+                       part=item.part()),
+            self.event("response.output_item.done", output_index=item.index, item=item.model()),
+        ]
+
+    def close_calls(self, status: str = "completed") -> list[bytes]:
+        sent = []
+        for call in self.calls.values():
+            call.status = status
+            if self.streaming:
+                sent += [
+                    self.event("response.function_call_arguments.done", item_id=call.id, output_index=call.index,
+                               name=call.name, arguments=call.arguments),
+                    self.event("response.output_item.done", output_index=call.index, item=call.model()),
+                ]
+        self.calls = {}
+        return sent
+
+    def close(self, cut: bool) -> list[bytes]:
+        """The end of the answer: what is still open ends, "incomplete" when the length limit cut it."""
+        if not self.items:  # nothing at all was said: an empty message, as OpenAI answers it
+            sent = self.start(MessageItem(0))
+        else:
+            sent = []
+        status = "incomplete" if cut else "completed"
+        return sent + self.close_open(status) + self.close_calls(status)
+
+    def models(self) -> list:
+        return [item.model() for item in self.items]
+
+    def message_text(self) -> str | None:
+        texts = [item.text for item in self.items if item.kind == "message"]
+        return "".join(texts) if any(texts) else None
+
+
+# 5. One response: JSON, or a stream of events
+
+
+class ResponsesReply:
+    """One Responses request's answer, as a ResponsesResponse or as its stream of events."""
+
+    def __init__(self, request: ResponsesRequest, sampling: Sampling, model: str, tracker: ReplyTracker,
+                 reader: AnswerReader, conversation: Conversation, store: ResponseStore) -> None:
+        self.request = request
+        self.sampling = sampling
+        self.model = model
+        self.tracker = tracker
+        self.context = tracker.context
+        self.reader = reader
+        self.conversation = conversation
+        self.store = store
+        self.id = new_id("resp")
+        self.created = int(time.time())
+        self.output = Output(streaming=bool(request.stream))
+        self.counted = 0  # the choice's tokens already told apart as thinking or not
+        self.reasoning_tokens = 0
+
+    def response(self, status: str, output: list, usage: ResponsesUsage | None = None,
+                 error: ResponsesError | None = None) -> ResponsesResponse:
+        request = self.request
+        tool_choice = request.tool_choice if request.tool_choice is not None else "auto" if request.tools else "none"
+        return ResponsesResponse(
+            id=self.id, object="response", created_at=self.created, status=status, error=error,
+            incomplete_details=ResponsesIncompleteDetails(reason="max_output_tokens") if status == "incomplete"
+            else None,
+            model=self.model, output=output, instructions=request.instructions, metadata=request.metadata,
+            parallel_tool_calls=request.parallel_tool_calls is not False,
+            temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+            tool_choice=tool_choice, tools=list(request.tools or ()),
+            max_output_tokens=request.max_output_tokens, previous_response_id=request.previous_response_id,
+            text=request.text if request.text is not None and request.text.format is not None
+            else ResponsesTextConfig(format=schema.ResponsesTextFormat(type="text")),
+            store=request.store is not False, background=False, truncation="disabled", usage=usage,
+        )
+
+    def usage(self) -> ResponsesUsage:
+        prompt, completion, total = usage_of(self.context)
+        # The engine protocol carries no prefix-cache counts: cached_tokens says 0, not "none were cached".
+        return ResponsesUsage(
+            input_tokens=prompt, output_tokens=completion, total_tokens=total,
+            input_tokens_details=ResponsesInputTokensDetails(cached_tokens=0, cache_write_tokens=0),
+            output_tokens_details=ResponsesOutputTokensDetails(reasoning_tokens=self.reasoning_tokens),
+        )
+
+    def read(self, update_tokens: int, text: str) -> list[AnswerEvent]:
+        """The reader's events for one engine step's text; the step's tokens count as thinking if all it said was."""
+        events = self.reader.feed(text)
+        tokens, self.counted = update_tokens - self.counted, update_tokens
+        if events and type(events[-1]) is ReasoningDelta and all(type(event) is ReasoningDelta for event in events):
+            self.reasoning_tokens += tokens
+        return events
+
+    def finish(self, cut: bool) -> ResponsesResponse:
+        """The finished response, kept in the store when the request asked (and the store keeps any)."""
+        [choice] = self.tracker.choices
+        self.tracker.settle([choice_finish_reason(choice, bool(self.reader.calls))])
+        response = self.response("incomplete" if cut else "completed", self.output.models(), self.usage())
+        if self.request.store is not False:
+            answered = Message("assistant", self.output.message_text(), "previous_response_id",
+                               calls=[(call.id, call.name, call.arguments) for call in self.reader.calls])
+            history = [*self.conversation.messages, *([answered] if answered.content or answered.calls else [])]
+            self.store.put(StoredResponse(response, tuple(history)))
+        return response
+
+    async def whole(self, steps: AsyncIterator[GenerationStep]) -> ResponsesResponse:
+        output = self.output
+        for event in self.reader.start():
+            output.take(event)
+        async for step in steps:
+            for update in self.tracker.take(step):
+                for event in self.read(update.choice.tokens, update.text):
+                    output.take(event)
+        [choice] = self.tracker.choices
+        cut = choice.finish_reason == "length"
+        for event in self.reader.finish(cut=cut):
+            output.take(event)
+        output.close(cut)
+        return self.finish(cut)
+
+    def lifecycle(self, kind: str, response: ResponsesResponse, **extra: bytes) -> bytes:
+        """An event that carries the whole response, written as the JSON answer is (what was set, by alias)."""
+        output = self.output
+        number, output.sequence = output.sequence, output.sequence + 1
+        document = b'{"type":%s,"sequence_number":%d,"response":%s' % (
+            to_json(kind), number, response.model_dump_json(exclude_unset=True, by_alias=True).encode())
+        for name, value in extra.items():
+            document += b',"%s":%s' % (name.encode(), value)
+        return document + b"}"
+
+    async def events(self, steps: AsyncIterator[GenerationStep]) -> AsyncIterator[bytes]:
+        output = self.output
+        try:
+            started = self.response("in_progress", [])
+            yield self.lifecycle("response.created", started)
+            yield self.lifecycle("response.in_progress", started)
+            for event in self.reader.start():
+                for data in output.take(event):
+                    yield data
+            cut = False
+            async for step in steps:
+                for update in self.tracker.take(step):
+                    for event in self.read(update.choice.tokens, update.text):
+                        if type(event) is TextDelta and event.text and output.writing_text:
+                            yield output.text_delta(event.text)
+                        else:
+                            for data in output.take(event):
+                                yield data
+                    if update.finished:
+                        cut = update.choice.finish_reason == "length"
+                        for event in self.reader.finish(cut=cut):
+                            for data in output.take(event):
+                                yield data
+            for data in output.close(cut):
+                yield data
+            response = self.finish(cut)
+            yield self.lifecycle("response.incomplete" if cut else "response.completed", response)
+        finally:
+            await steps.aclose()  # aborts the engine request if the stream stopped early
+
+    def error_event(self, reason: str) -> bytes:
+        """The in-band ending of a failed stream: ``response.failed``, with OpenAI's error object for the SDKs to raise."""
+        failed = self.response("failed", self.output.models(), self.usage(),
+                               ResponsesError(code="server_error", message=reason))
+        detail = OpenAIErrorDetail(message=reason, type="server_error", param=None, code=None)
+        return self.lifecycle("response.failed", failed, error=detail.model_dump_json().encode())
+
+
+# 6. The API
+
+
+class ResponsesAPI(OpenAIAPI):
+    OPERATIONS = spec_operations(schema.OPERATIONS, "createResponse", "retrieveResponse")
+
+    def __init__(self, generation: Generation, models: ServedModels, settings: ResponsesSettings | None = None) -> None:
+        super().__init__(generation, models)
+        self.settings = settings if settings is not None else ResponsesSettings()
+        self.store = ResponseStore(self.settings.store_size)
+
+    def operations(self) -> Mapping[str, Serve]:
+        return {"createResponse": self.create_response, "retrieveResponse": self.retrieve_response}
+
+    async def retrieve_response(self, _body: None, context: RequestContext) -> ResponsesResponse:
+        return self.store.find(context.params.get("response_id", ""), "response_id").response
+
+    async def create_response(self, request: ResponsesRequest, context: RequestContext):
+        model = self.models.base if not request.model else self.served(request.model)
+        refuse_what_is_not_served(request)
+        previous = None
+        if request.previous_response_id is not None:
+            previous = self.store.find(request.previous_response_id, "previous_response_id")
+        conversation = Conversation(previous.history if previous is not None else ())
+        conversation.read_input(request.input)
+        if not conversation.messages:
+            raise bad("input must hold at least one item (or name a previous_response_id)", "input")
+        tools = function_tools(request)
+        plan = plan_tools(tools, chat_tool_choice(request), request.parallel_tool_calls,
+                          self.generation.tool_parser is not None, self.models.base.id)
+        prompt = self.generation.render_chat(conversation.turns(request.instructions), plan.template_tools)
+        sampling = self.response_sampling(request, prompt, plan)
+        steps = self.generation.start(prompt, sampling, context, model, "max_output_tokens")
+        tracker = ReplyTracker(context, [len(prompt)])
+        chat_body = {"model": model.id, "messages": conversation.chat_messages(request.instructions),
+                     "tools": tools, "tool_choice": "auto"} if plan.mode == "auto" else None
+        reader = AnswerReader(plan, self.generation.tool_parser, chat_body)
+        reply = ResponsesReply(request, sampling, model.id, tracker, reader, conversation, self.store)
+        if request.stream:
+            return EventStream(events=reply.events(steps), error_event=reply.error_event)
+        return await reply.whole(steps)
+
+    def response_sampling(self, request: ResponsesRequest, prompt: Sequence[int], plan: ToolPlan) -> Sampling:
+        json_schema, json_object = output_format(request)
+        if plan.schema is not None:  # a forced call's arguments (or calls) are what the output must match
+            json_schema, json_object = plan.schema, False
+        stop = request.stop
+        return Sampling(
+            max_tokens=self.max_tokens(request.max_output_tokens, list(prompt)),
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=-1 if request.top_k is None else request.top_k,
+            min_p=request.min_p or 0.0,
+            stop=[] if stop is None else [stop] if isinstance(stop, str) else list(stop),
+            seed=request.seed,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            repetition_penalty=request.repetition_penalty or 1.0,
+            json_schema=json_schema,
+            json_object=json_object,
+        )
