@@ -136,30 +136,37 @@ class ServedModels:
             raise AdapterBusy(f"adapter {name!r} is being loaded or unloaded right now: retry when that is done")
 
     async def add(self, files: AdapterFiles) -> ServedModel:
-        """Serve a found and checked adapter under its name: the engine loads its weights first (AdapterError if it cannot)."""
-        name = files.name
-        self.check_new_name(name)
-        self.changing.add(name)
+        """Serve a found and checked adapter under its name (LORA_ADAPTERS at start); AdapterError if it cannot be."""
+        self.check_new_name(files.name)
+        self.changing.add(files.name)
         try:
-            served = ServedModel(name, parent=self.base.id, adapter=Adapter(name, next(self.adapter_ids), files.path))
-            try:
-                await self._engine.add_adapter(served.adapter)
-            except AdapterRefused as exc:
-                raise AdapterError(f"adapter {name!r}: the engine cannot load it: {exc}") from None
-            self.adapters[name] = served
+            return await self.attach(files)
         finally:
-            self.changing.discard(name)
-        log.info("adapter.loaded", model=name, parent=self.base.id, path=str(files.path), rank=files.rank,
-                 adapter_id=served.adapter.id)
-        return served
+            self.changing.discard(files.name)
 
     async def load(self, name: str, source: str) -> ServedModel:
         """An adapter from a Hub id or a local folder, served under ``name`` (at run time); AdapterError says why not."""
         self.check_new_name(name)
+        self.changing.add(name)  # before the download: a second load of the name waits for nothing, it is refused
         started = time.monotonic()
-        files = await self._prepare(name, source)
-        served = await self.add(files)
+        try:
+            served = await self.attach(await self._prepare(name, source))
+        finally:
+            self.changing.discard(name)
         log.info("adapter.load.done", model=name, source=source, seconds=round(time.monotonic() - started, 2))
+        return served
+
+    async def attach(self, files: AdapterFiles) -> ServedModel:
+        """The engine loads the adapter's weights (AdapterError if it cannot), then requests may name it."""
+        name = files.name
+        served = ServedModel(name, parent=self.base.id, adapter=Adapter(name, next(self.adapter_ids), files.path))
+        try:
+            await self._engine.add_adapter(served.adapter)
+        except AdapterRefused as exc:
+            raise AdapterError(f"adapter {name!r}: the engine cannot load it: {exc}") from None
+        self.adapters[name] = served
+        log.info("adapter.loaded", model=name, parent=self.base.id, path=str(files.path), rank=files.rank,
+                 adapter_id=served.adapter.id)
         return served
 
     async def unload(self, name: str) -> None:

@@ -385,3 +385,23 @@ async def test_an_adapter_request_is_counted_until_it_ends_however_it_ends(how):
         del held
         gc.collect()
     assert in_flight.count == 0 and in_flight.idle.is_set()
+
+
+async def test_two_changes_of_one_name_at_once_the_second_is_refused():
+    from pipelines.llm.adapters import AdapterFiles
+    from pipelines.llm.served_models import AdapterBusy, ServedModels
+
+    models = ServedModels("base", runtime_updates=True)
+    downloaded = asyncio.Event()
+
+    async def prepare(name: str, source: str) -> AdapterFiles:
+        await downloaded.wait()  # a download under way
+        return AdapterFiles(name, Path(source), 8, None, (), None)
+
+    models.use(FakeEngine(), prepare)
+    first = asyncio.create_task(models.load("x", "/first"))
+    await asyncio.sleep(0)
+    with pytest.raises(AdapterBusy, match="adapter 'x' is being loaded or unloaded right now"):
+        await models.load("x", "/second")
+    downloaded.set()
+    assert (await first).adapter.path == Path("/first")
