@@ -405,3 +405,11 @@ async def test_two_changes_of_one_name_at_once_the_second_is_refused():
         await models.load("x", "/second")
     downloaded.set()
     assert (await first).adapter.path == Path("/first")
+
+
+async def test_an_adapter_given_as_model_id_says_to_serve_its_base(base, sql):
+    from pipelines.llm.host import EngineHost
+
+    host = EngineHost(llm_settings(), str(sql), sql, backend=lambda: FakeBackend(FakeEngine()), gpus=0, cpus={0})
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a model: serve its base model as MODEL_ID"):
+        await host.start()
