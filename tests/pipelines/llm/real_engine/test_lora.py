@@ -86,7 +86,9 @@ def runners(tmp_path_factory, tiny_model_dir, model_store, hub) -> Iterator[LoRA
         "LORA_RUNTIME_UPDATES": "true", "AUTH_TOKEN": TOKEN, "LORA_UNLOAD_TIMEOUT": "60",
     }, logs / "tiny.log", offline=False)
     default = RunnerProcess("lora-default", {
-        "MODEL_ID": DEFAULT_MODEL_ID, "MODEL_DIR": str(model_store), "MAX_MODEL_LEN": "2048",
+        # A KV cache of its own size: on a GPU the engine would otherwise take GPU_MEMORY_UTILIZATION of it,
+        # beside the suite's other engines.
+        "MODEL_ID": DEFAULT_MODEL_ID, "MODEL_DIR": str(model_store), "MAX_MODEL_LEN": "2048", "KV_CACHE_GIB": "1",
         "LORA_ADAPTERS": f"smol={adapters['smol']}",
     }, logs / "default.log")
     try:
