@@ -18,9 +18,9 @@ what one more adapter adds once loaded (BENCH_LORA_EXTRA adapters loaded at run
 time, the growth divided among them), beside the adapter's file size; on a GPU
 machine also the GPU memory in use before and after.
 
-Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (2),
+Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (4),
 BENCH_CONCURRENCY (8,32), BENCH_MAX_TOKENS (64), BENCH_LORA_RANK (8),
-BENCH_LORA_EXTRA (4), BENCH_SETTLE (1.2 s), BENCH_REQUEST_TIMEOUT (300 s),
+BENCH_LORA_EXTRA (8), BENCH_SETTLE (1.2 s), BENCH_REQUEST_TIMEOUT (300 s),
 BENCH_START_TIMEOUT (600 s).
 """
 
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,6 +44,7 @@ from bench.load import LevelResult, RequestRecord, run_level
 from bench.prompts import chat_prompts
 from bench.run import DEFAULT_MODEL_ID, progress_line
 from bench.systems import ROOT, RunnerSystem, System
+from pipelines.llm.adapters import safetensors_shapes
 from pipelines.model_store import resolve_model
 from runner.hardware import NVML
 from tests.support.lora_adapters import make_adapter
@@ -112,37 +115,54 @@ def median(results: list[LevelResult], key: str) -> float:
     return statistics.median(result.summary()[key] for result in results)
 
 
+def paired_ratio(cells: list[LevelResult], others: list[LevelResult]) -> float:
+    """The median over the passes of tok/s divided by the other system's in the same pass."""
+    pairs = [mine.tokens_per_s / other.tokens_per_s for mine in cells for other in others
+             if other.pass_index == mine.pass_index]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
 def report(results: list[LevelResult], concurrency: list[int], memory: dict[str, str], facts: dict[str, str]) -> str:
     lines = ["## LoRA adapters: the same workload on the base, one adapter and a mix of two", ""]
     lines += [f"- {name}: {value}" for name, value in facts.items()]
-    lines += ["", "| c | system | output tok/s | vs plain | TTFT p50 ms | ITL p50 ms | errors |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| c | system | output tok/s | vs plain | vs lora-base | TTFT p50 ms | ITL p50 ms | errors |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for level in concurrency:
         at_level = [result for result in results if result.concurrency == level]
-        plain = [result for result in at_level if result.system == "plain"]
-        for name in ("plain", "lora-base", "lora-one", "lora-mix"):
-            cells = [result for result in at_level if result.system == name]
+        by_name = {name: [result for result in at_level if result.system == name]
+                   for name in ("plain", "lora-base", "lora-one", "lora-mix")}
+        for name, cells in by_name.items():
             if not cells:
                 continue
-            pairs = [(mine.tokens_per_s, base.tokens_per_s) for mine in cells for base in plain
-                     if base.pass_index == mine.pass_index]
-            ratio = statistics.median(mine / base for mine, base in pairs) if pairs else float("nan")
-            lines.append(f"| {level} | {name} | {median(cells, 'tokens_per_s'):.1f} | {ratio:.2f} | "
+            lines.append(f"| {level} | {name} | {median(cells, 'tokens_per_s'):.1f} | "
+                         f"{paired_ratio(cells, by_name['plain']):.2f} | {paired_ratio(cells, by_name['lora-base']):.2f} | "
                          f"{median(cells, 'ttft_p50_ms'):.0f} | {median(cells, 'itl_p50_ms'):.1f} | "
                          f"{sum(cell.errors for cell in cells)} |")
-    lines += ["", "vs plain: the median over the passes of tok/s divided by plain's in the same pass.", ""]
+    lines += ["", "tok/s, TTFT and ITL: medians over the passes. vs X: the median over the passes of tok/s divided "
+              "by X's in the same pass (the systems of one pass run minutes apart, not at once).", ""]
     lines += [f"- {name}: {value}" for name, value in memory.items()]
     return "\n".join(lines)
+
+
+def adapter_bytes(folder: Path, dtype_bytes: int) -> int:
+    """The adapter's weights as the engine holds them: every element of its tensors, in the engine's dtype."""
+    total = 0
+    for shape in safetensors_shapes(folder / "adapter_model.safetensors").values():
+        count = 1
+        for side in shape:
+            count *= side
+        total += count
+    return total * dtype_bytes
 
 
 async def bench() -> str:
     model_id = os.environ.get("MODEL_ID", DEFAULT_MODEL_ID)
     model_dir = Path(os.environ.get("MODEL_DIR", "models")).resolve()
-    passes = int(os.environ.get("BENCH_PASSES", "2"))
+    passes = int(os.environ.get("BENCH_PASSES", "4"))
     concurrency = [int(part) for part in os.environ.get("BENCH_CONCURRENCY", "8,32").split(",") if part.strip()]
     max_tokens = int(os.environ.get("BENCH_MAX_TOKENS", "64"))
     rank = int(os.environ.get("BENCH_LORA_RANK", "8"))
-    extra = int(os.environ.get("BENCH_LORA_EXTRA", "4"))
+    extra = int(os.environ.get("BENCH_LORA_EXTRA", "8"))
     settle = float(os.environ.get("BENCH_SETTLE", "1.2"))
     request_timeout = float(os.environ.get("BENCH_REQUEST_TIMEOUT", "300"))
     start_timeout = float(os.environ.get("BENCH_START_TIMEOUT", "600"))
@@ -183,6 +203,23 @@ async def bench() -> str:
             memory["runner and engine RSS at rest, plain"] = f"{plain_rss / MiB:.0f} MiB"
             memory["runner and engine RSS at rest, LoRA (MAX_LORAS=2, 2 adapters loaded)"] = (
                 f"{lora_rss / MiB:.0f} MiB ({(lora_rss - plain_rss) / MiB:+.0f} MiB)")
+            # Before the passes: their large batches leave freed memory in the allocator's arenas, which new
+            # tensors would fill without growing the resident set.
+            gpu_before = gpu_used()
+            for index in range(extra):
+                await load_adapter(session, lora, f"extra{index}", adapters[f"extra{index}"])
+            extra_system = ModelChoice("extras", lora, [f"extra{index}" for index in range(extra)])
+            await run_level(extra_system, session, chat_prompts()[:extra], 2, 4, request_timeout, -1)
+            after, gpu_after = await settled_rss(lora.api_process(), settle), gpu_used()
+            dtype_bytes = 4 if engine_dtype(lora) == "float32" else 2
+            memory[f"one more adapter, loaded at run time and used ({extra} of them, growth / {extra})"] = (
+                f"{(after - lora_rss) / extra / MiB:+.1f} MiB RSS; its weights in the engine's dtype "
+                f"({engine_dtype(lora)}): {adapter_bytes(adapters['a'], dtype_bytes) / MiB:.1f} MiB "
+                f"(adapter_model.safetensors, float32: "
+                f"{(adapters['a'] / 'adapter_model.safetensors').stat().st_size / MiB:.1f} MiB)")
+            if gpu_before is not None and gpu_after is not None:
+                memory["GPU memory in use, before and after those loads"] = (
+                    f"{gpu_before / MiB:.0f} and {gpu_after / MiB:.0f} MiB")
             for index in range(passes):
                 order = systems[index % len(systems):] + systems[: index % len(systems)]
                 print(f"pass {index + 1}/{passes}: {', '.join(system.name for system in order)}", flush=True)
@@ -193,23 +230,19 @@ async def bench() -> str:
                         result = await run_level(system, session, workload, level, max_tokens, request_timeout, index)
                         results.append(result)
                         print("  " + progress_line(result), flush=True)
-            before, gpu_before = await settled_rss(lora.api_process(), settle), gpu_used()
-            for index in range(extra):
-                await load_adapter(session, lora, f"extra{index}", adapters[f"extra{index}"])
-            extra_system = ModelChoice("extras", lora, [f"extra{index}" for index in range(extra)])
-            await run_level(extra_system, session, chat_prompts()[:extra], extra, 4, request_timeout, -1)
-            after, gpu_after = await settled_rss(lora.api_process(), settle), gpu_used()
-            size = (adapters["a"] / "adapter_model.safetensors").stat().st_size
-            memory[f"one more adapter loaded at run time ({extra} loaded and used, growth / {extra})"] = (
-                f"{(after - before) / extra / MiB:+.1f} MiB RSS; its adapter_model.safetensors is {size / MiB:.1f} MiB "
-                "(float32)")
-            if gpu_before is not None and gpu_after is not None:
-                memory["GPU memory in use, before and after those loads"] = (
-                    f"{gpu_before / MiB:.0f} and {gpu_after / MiB:.0f} MiB")
         finally:
             for runner in started:
                 await runner.stop()
+            shutil.rmtree(scratch, ignore_errors=True)
     return report(results, concurrency, memory, facts)
+
+
+def engine_dtype(runner: RunnerSystem) -> str:
+    """The dtype the runner's engine started with, from its engine.start log line."""
+    for line in runner.server.log_path.read_text(errors="replace").splitlines():
+        if '"engine.start"' in line:
+            return json.loads(line).get("dtype", "auto")
+    return "auto"
 
 
 def main() -> int:
