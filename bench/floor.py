@@ -97,7 +97,7 @@ class SteppedEngine:
             for queue in list(self.waiting):
                 queue.put_nowait(None)
 
-    async def generate(self, prompt: list[int], params, request_id: str = ""):
+    async def generate(self, prompt: list[int], params, request_id: str = "", adapter=None):
         if self.stepper is None:
             self.stepper = asyncio.ensure_future(self.step())
         queue: asyncio.Queue = asyncio.Queue()

@@ -240,11 +240,14 @@ def pipeline_handler(operation: Operation, serve: Serve) -> Handler:
             return gone.response
         finally:
             finished = time.monotonic()
-            request.app[METRICS].observe(operation_id, status, context, started, finished)
+            # A request no model served (refused before one was chosen) counts under the runner's MODEL_ID:
+            # a label value per unknown name a client sends would grow without bound.
+            model = context.model or request.app[STATE].pipeline.model_id
+            request.app[METRICS].observe(operation_id, status, context, started, finished, model)
             log.info(
                 "request.done",
                 operation=operation_id,
-                model=context.model or request.app[STATE].pipeline.model_id,
+                model=model,
                 status=status,
                 prompt_tokens=context.prompt_tokens,
                 completion_tokens=context.completion_tokens,

@@ -33,8 +33,8 @@ class RunnerMetrics:
         self.registry.register(RegistrationCollector(registration))
         self.requests = Counter(
             "livepeer_runner_requests",
-            "Requests by operation, outcome (ok, rejected, unavailable, failed, cancelled) and status code",
-            ["operation", "outcome", "code"],
+            "Requests by operation, outcome (ok, rejected, unavailable, failed, cancelled), status code and model id",
+            ["operation", "outcome", "code", "model"],
             registry=self.registry,
         )
         self.time_to_first_token = Histogram(
@@ -56,20 +56,22 @@ class RunnerMetrics:
             registry=self.registry,
         )
         self.prompt_tokens = Counter(
-            "livepeer_runner_prompt_tokens", "Prompt tokens of served requests", registry=self.registry
+            "livepeer_runner_prompt_tokens", "Prompt tokens of served requests, by model id", ["model"],
+            registry=self.registry,
         )
         self.completion_tokens = Counter(
-            "livepeer_runner_completion_tokens", "Generated tokens", registry=self.registry
+            "livepeer_runner_completion_tokens", "Generated tokens, by model id", ["model"], registry=self.registry
         )
 
     def observe(
-        self, operation: str, status: int, context: RequestContext, started: float, finished: float
+        self, operation: str, status: int, context: RequestContext, started: float, finished: float, model: str
     ) -> None:
-        self.requests.labels(operation, outcome_of(status, context.finish_reason), str(status)).inc()
+        """One finished request; ``model`` is the id that served it (the runner's own for one no model served)."""
+        self.requests.labels(operation, outcome_of(status, context.finish_reason), str(status), model).inc()
         self.request_duration.observe(finished - started)
         if context.completion_tokens:
-            self.prompt_tokens.inc(context.prompt_tokens)
-            self.completion_tokens.inc(context.completion_tokens)
+            self.prompt_tokens.labels(model).inc(context.prompt_tokens)
+            self.completion_tokens.labels(model).inc(context.completion_tokens)
         if context.first_token_at is not None:
             self.time_to_first_token.observe(context.first_token_at - started)
             if context.completion_tokens > 1:

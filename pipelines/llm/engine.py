@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -40,6 +41,19 @@ class Sampling:
 
 class SamplingRefused(ValueError):
     """The engine refuses these sampling values (e.g. a temperature above 2); the message is the engine's."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter the engine applies on top of the base model, for the requests that ask for it."""
+
+    name: str
+    id: int  # unique for the engine's life: the engine caches an adapter's weights under it
+    path: Path  # a folder in PEFT's format (adapter_config.json and its weights)
+
+
+class AdapterRefused(ValueError):
+    """The engine cannot load this adapter; the message is the engine's."""
 
 
 class TokenLogprob(Protocol):
@@ -104,12 +118,22 @@ class Engine(Protocol):
 
     def unfinished_requests(self) -> int: ...
 
-    def generate(self, prompt: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[GenerationStep]:
-        """The steps of one request. Raises SamplingRefused at once, before anything reaches the engine.
+    def generate(self, prompt: list[int], sampling: Sampling, request_id: str,
+                 adapter: Adapter | None = None) -> AsyncIterator[GenerationStep]:
+        """The steps of one request, on the base model or through ``adapter``.
 
-        The request is submitted when the iterator is first read, and aborted
-        when it is closed before its last step.
+        Raises SamplingRefused at once, before anything reaches the engine. The
+        request is submitted when the iterator is first read, and aborted when
+        it is closed before its last step.
         """
+        ...
+
+    async def add_adapter(self, adapter: Adapter) -> None:
+        """Load ``adapter``'s weights so that requests may ask for it; AdapterRefused when the engine cannot."""
+        ...
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        """Drop ``adapter``'s weights; no request may ask for it any more."""
         ...
 
     def tool_parser_names(self) -> list[str]: ...

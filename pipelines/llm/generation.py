@@ -85,18 +85,20 @@ class Generation:
 
     def start(self, prompt: list[int], sampling: Sampling, context: RequestContext, model: ServedModel,
               length_param: str = "max_tokens") -> AsyncIterator[GenerationStep]:
-        """Hand one prompt to the engine, for ``model``, after the checks every API shares.
+        """Hand one prompt to the engine, for ``model`` (the base, or a LoRA adapter on it), after the checks every API shares.
 
         The engine takes the request when the iterator is first read; closing it early aborts it.
         """
         self.check_length(prompt, sampling, length_param)
         try:
-            steps = self.engine.generate(prompt, sampling, uuid.uuid4().hex)
+            steps = self.engine.generate(prompt, sampling, uuid.uuid4().hex, model.adapter)
         except SamplingRefused as exc:  # the spec allows what the engine refuses, e.g. a temperature above 2
             raise OperationError(str(exc)) from None
         context.prompt_tokens += len(prompt)
         context.model = model.id
         self.submitted += 1
+        if model.adapter is not None:  # counted while in flight: unloading the adapter waits for it
+            return model.in_flight.hold(steps)
         return steps
 
     def start_all(self, runs: Sequence[tuple[list[int], Sampling]], context: RequestContext, model: ServedModel,

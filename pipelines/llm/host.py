@@ -1,4 +1,4 @@
-"""The engine's host: finds the model, checks the layout, starts the engine (or this node's ranks), stops it.
+"""The engine's host: finds the model and its adapters, checks the layout, starts the engine (or this node's ranks), stops it.
 
 The host knows the machine (GPUs, cores), the model store and the nodes; the
 engine itself comes from a backend, by default vLLM's
@@ -18,17 +18,28 @@ from typing import Any, Protocol
 
 import structlog
 
+from pipelines.llm.adapters import (
+    ADAPTER_CONFIG,
+    AdapterError,
+    AdapterFiles,
+    ServedBase,
+    checkpoint_shapes,
+    fit_errors,
+    rank_for,
+    read_adapter,
+)
 from pipelines.llm.engine import Engine
 from pipelines.llm.layout import GPU, engine_environment, layout_errors
 from pipelines.llm.settings import LLMSettings
 from pipelines.llm.worker_node import WorkerNode, watch_worker_nodes
-from pipelines.model_store import resolve_model
+from pipelines.model_store import ModelDownloadError, resolve_model
 from runner.hardware import NVML
 from runner.pipeline import run_blocking
 
 log = structlog.get_logger(__name__)
 
 ABANDONED_START_GRACE = 1.0  # seconds a half-started engine's processes get before they are killed: nothing to save
+RUNTIME_LORA_RANK = 16  # vLLM's default max_lora_rank: the rank left for adapters loaded at run time, unless set
 
 
 class Backend(Protocol):
@@ -71,6 +82,9 @@ class EngineHost:
         self.node_watch: asyncio.Task | None = None  # NODE_RANK=0 of several: watches the other nodes' ranks
         self.node_error: str | None = None
         self.starting = False  # the engine's processes are being started
+        self.base: ServedBase | None = None  # the model adapters are checked against, once found
+        self.adapters: list[AdapterFiles] = []  # LORA_ADAPTERS, found and checked
+        self.max_lora_rank: int | None = None  # the engine's, once chosen (MAX_LORA_RANK or the adapters')
 
     async def start(self) -> Engine | None:
         """The running engine, or None on a worker node once its ranks have joined; raises ValueError when it cannot start.
@@ -85,11 +99,15 @@ class EngineHost:
             run_blocking(self.load_backend), run_blocking(resolve_model, self.model_id, self.model_dir)
         )
         backend = self.backend
+        if not (model_path / "config.json").is_file():
+            raise not_a_model(self.model_id, model_path)
         model_config = json.loads((model_path / "config.json").read_text())
         on_cpu = backend.platform() == "cpu"
         errors = layout_errors(settings, model_config, on_cpu, gpus, len(cpus), gpu)
         if errors:
             raise ValueError("; ".join(errors))
+        if settings.lora_enabled:
+            settings = await self.find_adapters(model_path)
         args = backend.engine_args(settings, model_path, self.model_id, model_config, gpu)
         environment = engine_environment(settings, self.model_dir, on_cpu, cpus)
         if settings.worker_node:
@@ -114,6 +132,10 @@ class EngineHost:
             pipeline_parallel_size=args.pipeline_parallel_size,
             nnodes=args.nnodes,
             node_rank=args.node_rank,
+            lora_adapters=[adapter.name for adapter in self.adapters],
+            max_loras=settings.lora_slots if settings.lora_enabled else None,
+            max_lora_rank=settings.max_lora_rank,
+            max_cpu_loras=settings.lora_cpu_slots if settings.lora_enabled else None,
         )
         # Building the engine blocks for as long as its processes take to start:
         # off the event loop, so /health keeps answering LOADING.
@@ -134,6 +156,59 @@ class EngineHost:
             self.engine = await run_blocking(backend.start_engine, args, environment)
         self.starting = False
         return self.engine
+
+    async def find_adapters(self, model_path: Path) -> LLMSettings:
+        """LORA_ADAPTERS found (downloaded where needed, all at once) and checked; the settings with the engine's LoRA rank.
+
+        A worker node reads no adapters: the serving node does, and MAX_LORA_RANK, which every node must set, sizes them.
+        """
+        settings = self.settings
+        if settings.worker_node:
+            self.max_lora_rank = settings.max_lora_rank
+            return settings
+        self.base = await run_blocking(served_base, self.model_id, model_path)
+        found = await asyncio.gather(*(run_blocking(self.read, name, source) for name, source in settings.lora_adapters),
+                                     return_exceptions=True)
+        errors = [f"adapter {name!r} has the base model's id (MODEL_ID): give the adapter a name of its own"
+                  for name, _ in settings.lora_adapters if name == self.model_id]
+        errors += [str(result) for result in found if isinstance(result, BaseException)]
+        for result in found:
+            if isinstance(result, BaseException) and not isinstance(result, AdapterError):
+                raise result
+        self.adapters = [result for result in found if isinstance(result, AdapterFiles)]
+        ranks = [adapter.rank for adapter in self.adapters] + ([RUNTIME_LORA_RANK] if settings.lora_runtime_updates else [])
+        try:
+            self.max_lora_rank = settings.max_lora_rank or rank_for(ranks)
+        except AdapterError as exc:
+            errors.append(str(exc))
+        for adapter in self.adapters:
+            errors += fit_errors(adapter, self.base, self.max_lora_rank)
+        if errors:
+            raise AdapterError("; ".join(errors))
+        if settings.max_lora_rank is None:
+            log.info("engine.max_lora_rank", rank=self.max_lora_rank, chosen_by="the adapters' ranks"
+                     + (f" and {RUNTIME_LORA_RANK} for run-time loads" if settings.lora_runtime_updates else ""))
+        return settings.model_copy(update={"max_lora_rank": self.max_lora_rank})
+
+    def read(self, name: str, source: str) -> AdapterFiles:
+        """An adapter from a local folder or the Hub (into the model store, as the base model is); blocks while it downloads."""
+        local = Path(source).expanduser()
+        if not local.is_dir() and source.startswith(("/", ".", "~")):
+            raise AdapterError(f"adapter {name!r}: {source} is not a folder: give a local folder in PEFT's format "
+                               f"({ADAPTER_CONFIG} and its weights) or a Hub id")
+        try:
+            path = resolve_model(source, self.model_dir)
+        except ModelDownloadError as exc:
+            raise AdapterError(f"adapter {name!r}: {exc}") from None
+        return read_adapter(name, path)
+
+    async def prepare_adapter(self, name: str, source: str) -> AdapterFiles:
+        """An adapter asked for at run time, found and checked against the running engine; AdapterError says why not."""
+        adapter = await run_blocking(self.read, name, source)
+        errors = fit_errors(adapter, self.base, self.max_lora_rank)
+        if errors:
+            raise AdapterError("; ".join(errors))
+        return adapter
 
     def watch_nodes(self) -> None:
         """On a serving node of several, from now on: a worker node that goes away is this runner's failure."""
@@ -167,6 +242,17 @@ class EngineHost:
         elif self.starting:  # stopped, or failed, while the engine was starting: end what it had started
             stopped = await run_blocking(self.backend.stop_engine_processes, ABANDONED_START_GRACE)
             log.info("engine.start_stopped", processes=stopped)
+
+
+def served_base(model_id: str, model_path: Path) -> ServedBase:
+    return ServedBase(model_id, model_path, checkpoint_shapes(model_path))
+
+
+def not_a_model(model_id: str, model_path: Path) -> ValueError:
+    if (model_path / ADAPTER_CONFIG).is_file():
+        return ValueError(f"MODEL_ID {model_id!r} is a LoRA adapter, not a model: serve its base model as MODEL_ID "
+                          f"and name the adapter in LORA_ADAPTERS (e.g. LORA_ADAPTERS=mine={model_id})")
+    return ValueError(f"MODEL_ID {model_id!r}: {model_path} has no config.json, so it is not a model vLLM can load")
 
 
 def count_gpus() -> int:

@@ -36,7 +36,7 @@ class LLMPipeline(Pipeline):
         self.settings = settings
         self.host = host if host is not None else EngineHost(settings, model_id, model_dir)
         self.generation = Generation()
-        self.models = ServedModels(model_id)
+        self.models = ServedModels(model_id, settings.lora_runtime_updates, settings.lora_unload_timeout)
         self.apis = [api(self.generation, self.models) for api in (apis if apis is not None else installed_apis())]
         self.OPERATIONS = tuple(operation for api in self.apis for operation in api.OPERATIONS)
 
@@ -63,6 +63,9 @@ class LLMPipeline(Pipeline):
         if engine is None:  # a worker node: its ranks run, nothing here to serve from
             return
         self.generation.use(engine, self.choose_tool_parser(engine))
+        self.models.use(engine, self.host.prepare_adapter)
+        for adapter in self.host.adapters:  # LORA_ADAPTERS: a refusal is a start failure, with the reason
+            await self.models.add(adapter)
         await self.warm_up()
         self.host.watch_nodes()
 

@@ -281,6 +281,7 @@ class Model(BaseModel):
     created: Integer
     owned_by: str
     max_model_len: Integer | None = None
+    parent: str | None = None
 
 
 class ModelList(BaseModel):
@@ -504,6 +505,23 @@ class ResponsesStreamEvent(BaseModel):
     error: OpenAIErrorDetail | None = None
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    lora_name: str
+    lora_int_id: Integer | None = None
+
+
+class LoRAAdapterStatus(BaseModel):
+    lora_name: str
+    status: Literal['loaded', 'unloaded']
+    message: str
+
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         operation_id='genLLM',
@@ -558,6 +576,22 @@ OPERATIONS: tuple[Operation, ...] = (
         method='GET',
         path='/v1/responses/{response_id}',
         request_model=None,
+        authenticated=True,
+        error_shape='openai',
+    ),
+    Operation(
+        operation_id='loadLoRAAdapter',
+        method='POST',
+        path='/v1/load_lora_adapter',
+        request_model=LoadLoRAAdapterRequest,
+        authenticated=True,
+        error_shape='openai',
+    ),
+    Operation(
+        operation_id='unloadLoRAAdapter',
+        method='POST',
+        path='/v1/unload_lora_adapter',
+        request_model=UnloadLoRAAdapterRequest,
         authenticated=True,
         error_shape='openai',
     ),

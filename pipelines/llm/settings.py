@@ -10,13 +10,35 @@ settings mean for this machine is ``pipelines.llm.layout``'s business.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import structlog
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = structlog.get_logger(__name__)
+
+# The ranks vLLM 0.32 takes for max_lora_rank (vllm.config.lora.MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MAX_LORAS_DEFAULT_CAP = 8  # the default MAX_LORAS follows LORA_ADAPTERS up to here: each slot reserves device memory
+RUNTIME_MAX_LORAS_DEFAULT = 4  # with LORA_RUNTIME_UPDATES, the default leaves room to mix adapters loaded later
+
+
+def parse_adapter_list(text: str) -> tuple[tuple[str, str], ...]:
+    """LORA_ADAPTERS: ``name=source`` items, comma separated; each name once."""
+    adapters: list[tuple[str, str]] = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, equals, source = (part.strip() for part in item.partition("="))
+        if not equals or not name or not source:
+            raise ValueError(
+                f"LORA_ADAPTERS item {item.strip()!r} is not name=source: give each adapter a model id and where it "
+                "is, a Hub id or a local folder (e.g. LORA_ADAPTERS=sql=org/sql-lora,chat=/adapters/chat)")
+        if name in (known for known, _ in adapters):
+            raise ValueError(f"LORA_ADAPTERS names {name!r} twice: each adapter needs a model id of its own")
+        adapters.append((name, source))
+    return tuple(adapters)
 
 
 class LLMSettings(BaseSettings):
@@ -57,6 +79,16 @@ class LLMSettings(BaseSettings):
     vllm_cpu_reserved_cores: int | None = Field(None, alias="VLLM_CPU_NUM_OF_RESERVED_CPU", ge=0)
     vllm_cpu_threads_bind: str = Field("auto", alias="VLLM_CPU_OMP_THREADS_BIND", min_length=1)
     torch_compile_disable: bool | None = Field(None, alias="TORCH_COMPILE_DISABLE")
+    # LoRA adapters, each served as a model id of its own on the one base model (docs/lora.md).
+    lora_adapters: Annotated[tuple[tuple[str, str], ...], NoDecode] = Field((), alias="LORA_ADAPTERS")
+    max_loras: int | None = Field(None, alias="MAX_LORAS", ge=1, description="adapters in one batch")
+    max_lora_rank: int | None = Field(None, alias="MAX_LORA_RANK", description="default: from the adapters' configs")
+    max_cpu_loras: int | None = Field(None, alias="MAX_CPU_LORAS", ge=1, description="adapters kept in host memory")
+    lora_runtime_updates: bool = Field(False, alias="LORA_RUNTIME_UPDATES")
+    lora_unload_timeout: float = Field(30.0, alias="LORA_UNLOAD_TIMEOUT", gt=0)
+    # The runner's bearer token (the runner checks it): read here only to know that one is set, because
+    # LORA_RUNTIME_UPDATES lets a caller load files into the engine and may not be left open.
+    auth_token: SecretStr | None = Field(None, alias="AUTH_TOKEN", repr=False)
 
     @property
     def world_size(self) -> int:
@@ -78,6 +110,51 @@ class LLMSettings(BaseSettings):
         """Running slots plus the queue behind them (as deep as the batch by default)."""
         waiting = self.max_num_seqs if self.max_waiting_requests is None else self.max_waiting_requests
         return self.max_num_seqs + waiting
+
+    @property
+    def lora_enabled(self) -> bool:
+        """The engine is started with room for LoRA adapters."""
+        return bool(self.lora_adapters) or self.lora_runtime_updates
+
+    @property
+    def lora_slots(self) -> int:
+        """MAX_LORAS, or its default: one per adapter listed, at least RUNTIME_MAX_LORAS_DEFAULT for run-time loads."""
+        if self.max_loras is not None:
+            return self.max_loras
+        wanted = max(len(self.lora_adapters), RUNTIME_MAX_LORAS_DEFAULT if self.lora_runtime_updates else 1)
+        return min(wanted, MAX_LORAS_DEFAULT_CAP)
+
+    @property
+    def lora_cpu_slots(self) -> int:
+        """MAX_CPU_LORAS, or its default: every adapter listed stays in host memory."""
+        if self.max_cpu_loras is not None:
+            return self.max_cpu_loras
+        return max(self.lora_slots, len(self.lora_adapters))
+
+    @field_validator("lora_adapters", mode="before")
+    @classmethod
+    def adapter_list(cls, value):
+        return parse_adapter_list(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def lora_fits(self) -> LLMSettings:
+        errors = []
+        if self.max_lora_rank is not None and self.max_lora_rank not in LORA_RANKS:
+            above = [rank for rank in LORA_RANKS if rank >= self.max_lora_rank]
+            errors.append(f"MAX_LORA_RANK={self.max_lora_rank} is not a rank vLLM takes "
+                          f"({', '.join(map(str, LORA_RANKS))})" + (f": use {above[0]}" if above else ""))
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.lora_slots:
+            errors.append(f"MAX_CPU_LORAS={self.max_cpu_loras} is less than MAX_LORAS={self.lora_slots}: the adapters "
+                          "of a batch must fit in host memory too; raise MAX_CPU_LORAS or lower MAX_LORAS")
+        if self.lora_runtime_updates and self.auth_token is None:
+            errors.append("LORA_RUNTIME_UPDATES=true lets callers load adapters into the engine: set AUTH_TOKEN too, "
+                          "so that only holders of the token can")
+        if self.lora_enabled and self.nnodes > 1 and self.max_lora_rank is None:
+            errors.append("LoRA over several nodes needs MAX_LORA_RANK set on every node (all nodes must agree, and "
+                          "only the serving node reads the adapters)")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
     @model_validator(mode="after")
     def batch_holds_longest_sequence(self) -> LLMSettings:

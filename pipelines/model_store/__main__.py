@@ -17,10 +17,10 @@ from pipelines.model_store.resolve import resolve_model
 def prefetch(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.model_store",
-        description="Download a Hugging Face Hub model into the model store as the runner's start would "
+        description="Download a Hugging Face Hub model, or a LoRA adapter, into the model store as the runner's start would "
         "(HF_TOKEN for gated models, HF_ENDPOINT for another hub); prints the snapshot folder.",
     )
-    parser.add_argument("model_id", help="a Hub model id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("model_id", help="a Hub model or adapter id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument(
         "--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "models")), help="the store (MODEL_DIR)"
     )

@@ -1,5 +1,9 @@
 """Find a model's files: a local folder, the model store, or the Hugging Face Hub.
 
+A model is a repository with a ``config.json``; a LoRA adapter one with an
+``adapter_config.json`` (PEFT's format) and no ``config.json``. Both are found,
+stored and resumed the same way.
+
 The store (``MODEL_DIR``) has the Hugging Face cache layout, so a container's
 ``/models`` mount, ``make models`` and huggingface_hub downloads all share it.
 A store miss downloads only what vLLM reads (configs, tokenizer files and one
@@ -37,6 +41,7 @@ from pipelines.model_store.transfer import fetch_file
 log = structlog.get_logger(__name__)
 
 CONFIG_FILE = "config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA adapter's, in PEFT's format
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # What vLLM reads: configs, tokenizer files, chat templates and weights.
 CONFIG_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
@@ -65,6 +70,12 @@ def wanted_files(repo_files: Iterable[str]) -> list[str]:
     return sorted(name for name in candidates if matches(name, patterns))
 
 
+def main_config(repo_files: Iterable[str]) -> str:
+    """The file that makes a repository loadable: a model's config.json, else an adapter's adapter_config.json."""
+    files = set(repo_files)
+    return ADAPTER_CONFIG_FILE if ADAPTER_CONFIG_FILE in files and CONFIG_FILE not in files else CONFIG_FILE
+
+
 def resolve_model(
     model_id: str,
     model_dir: Path,
@@ -73,7 +84,7 @@ def resolve_model(
     endpoint: str | None = None,
     progress: DownloadProgress | None = None,
 ) -> Path:
-    """The folder vLLM loads `model_id` from, downloading it into the store on a miss.
+    """The folder vLLM loads `model_id` (a model or a LoRA adapter) from, downloading it into the store on a miss.
 
     `token` defaults to huggingface_hub's (HF_TOKEN, else a saved login) and
     `endpoint` to HF_ENDPOINT, else the Hub.
@@ -87,7 +98,7 @@ def resolve_model(
         cached = cached_snapshot(model_id, model_dir)
     except HFValidationError as exc:
         raise ModelDownloadError(
-            f"MODEL_ID {model_id!r} is neither a local folder nor a Hugging Face model id: {exc}"
+            f"{model_id!r} is neither a local folder nor a Hugging Face model id: {exc}"
         ) from exc
     if cached is not None:
         log.info("model.store_hit", path=str(cached))
@@ -104,11 +115,10 @@ def cached_snapshot(model_id: str, model_dir: Path) -> Path | None:
     ref points at, including one that an interrupted download left half-filled.
     """
     try:
-        # Only config.json is asked for here: the folder's completeness is judged
+        # Only the config is asked for here: the folder's completeness is judged
         # below, by what vLLM needs rather than by every file of the repo.
-        snapshot = Path(
-            snapshot_download(model_id, cache_dir=model_dir, local_files_only=True, allow_patterns=[CONFIG_FILE])
-        )
+        snapshot = Path(snapshot_download(model_id, cache_dir=model_dir, local_files_only=True,
+                                          allow_patterns=[CONFIG_FILE, ADAPTER_CONFIG_FILE]))
     except LocalEntryNotFoundError:
         return None
     missing = missing_files(snapshot, listed_files(model_id, model_dir))
@@ -127,7 +137,8 @@ def listed_files(model_id: str, model_dir: Path) -> list[str] | None:
 
 
 def missing_files(snapshot: Path, repo_files: list[str] | None) -> list[str]:
-    needed = {CONFIG_FILE, *(wanted_files(repo_files) if repo_files is not None else [])}
+    present = repo_files if repo_files is not None else [path.name for path in snapshot.iterdir()]
+    needed = {main_config(present), *(wanted_files(repo_files) if repo_files is not None else [])}
     index = snapshot / SAFETENSORS_INDEX
     if index.is_file():
         needed.update(json.loads(index.read_text())["weight_map"].values())
@@ -145,15 +156,18 @@ def download(
         info = HfApi(endpoint=endpoint, token=token).model_info(model_id, files_metadata=True)
         siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
         wanted = wanted_files(siblings)
-        if CONFIG_FILE not in wanted or not any(matches(name, WEIGHT_FILE_PATTERNS) for name in wanted):
+        config = main_config(wanted)
+        if config not in wanted or not any(matches(name, WEIGHT_FILE_PATTERNS) for name in wanted):
             raise ModelDownloadError(
-                f"{model_id} has no {CONFIG_FILE} or no weights vLLM can load (*.safetensors or *.bin) "
-                f"outside {SKIPPED_FOLDER}; its files: {', '.join(sorted(siblings))}"
+                f"{model_id} has no {CONFIG_FILE} (a model) or {ADAPTER_CONFIG_FILE} (a LoRA adapter), or no "
+                f"weights vLLM can load (*.safetensors or *.bin) outside {SKIPPED_FOLDER}; "
+                f"its files: {', '.join(sorted(siblings))}"
             )
         log.info(
             "model.download.start",
             model_id=model_id,
             model_dir=str(model_dir),
+            kind="lora adapter" if config == ADAPTER_CONFIG_FILE else "model",
             commit=info.sha,
             gated=info.gated,
             files=len(wanted),

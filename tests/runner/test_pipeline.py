@@ -127,7 +127,7 @@ def test_a_second_pipeline_is_served_through_its_entry_point(echo_site, tmp_path
         assert post_json(f"{runner.url}/llm", {"messages": []}) == 404, "the llm pipeline's operations are not served"
         assert get_json(f"{runner.url}/version")["pipeline"] == "echo"
         metrics = urllib.request.urlopen(f"{runner.url}/metrics", timeout=5).read().decode()
-        assert 'livepeer_runner_requests_total{code="200",operation="genEcho",outcome="ok"} 1.0' in metrics
+        assert 'livepeer_runner_requests_total{code="200",model="echo/none",operation="genEcho",outcome="ok"} 1.0' in metrics
     finally:
         runner.stop()
     assert runner.process.returncode == 0

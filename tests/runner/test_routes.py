@@ -422,10 +422,10 @@ async def test_every_request_is_counted_and_logged_once(client, pipeline):
     assert first["completion_tokens"] == 1 and first["prompt_tokens"] == 1 and first["finish_reason"] == "stop"
     assert first["ttft_s"] is not None and first["duration_s"] >= first["ttft_s"]
     text = await (await client.get("/metrics")).text()
-    assert 'livepeer_runner_requests_total{code="200",operation="genLLM",outcome="ok"} 2.0' in text
-    assert 'livepeer_runner_requests_total{code="400",operation="genLLM",outcome="rejected"} 1.0' in text
+    assert 'livepeer_runner_requests_total{code="200",model="scripted",operation="genLLM",outcome="ok"} 2.0' in text
+    assert 'livepeer_runner_requests_total{code="400",model="scripted",operation="genLLM",outcome="rejected"} 1.0' in text
     assert "livepeer_runner_time_to_first_token_seconds_count 2.0" in text
-    assert "livepeer_runner_completion_tokens_total 4.0" in text
+    assert 'livepeer_runner_completion_tokens_total{model="scripted"} 4.0' in text
 
 
 async def test_client_that_leaves_cancels_the_operation(client, pipeline):

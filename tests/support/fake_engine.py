@@ -25,7 +25,7 @@ from typing import Any
 from jinja2 import Environment
 from prometheus_client import CollectorRegistry
 
-from pipelines.llm.engine import Sampling, SamplingRefused
+from pipelines.llm.engine import Adapter, AdapterRefused, Sampling, SamplingRefused
 from pipelines.llm.layout import eight_bit_quantization
 
 BOS, EOS = 256, 257  # the byte tokenizer's two special tokens; bytes are tokens 0-255
@@ -143,6 +143,7 @@ class Submitted:
     prompt: list[int]
     sampling: Sampling
     request_id: str
+    adapter: Adapter | None = None  # the LoRA adapter the request asked for; None: the base model
     aborted: bool = False
     finished: bool = False
 
@@ -159,6 +160,8 @@ class FakeEngine:
         self.step_seconds = step_seconds
         self.tool_parsers = dict(tool_parsers or {})
         self.submitted: list[Submitted] = []
+        self.adapters: dict[int, Adapter] = {}  # loaded, by id
+        self.refused_adapters: dict[str, str] = {}  # adapter name -> the reason the engine gives for refusing it
         self.running: set[str] = set()
         self.dead = False
         self.was_shut_down = False
@@ -175,15 +178,25 @@ class FakeEngine:
     def unfinished_requests(self) -> int:
         return len(self.running)
 
-    def generate(self, prompt: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[Step]:
+    def generate(self, prompt: list[int], sampling: Sampling, request_id: str,
+                 adapter: Adapter | None = None) -> AsyncIterator[Step]:
         if sampling.temperature > 2:  # as vLLM refuses it
             raise SamplingRefused(f"temperature must be in [0, 2], got {sampling.temperature}.")
         if sampling.logprobs is not None and sampling.logprobs > 20:
             raise SamplingRefused(f"Requested sample logprobs of {sampling.logprobs}, which is greater than max allowed: 20")
-        return self.steps(list(prompt), sampling, request_id)
+        return self.steps(list(prompt), sampling, request_id, adapter)
 
-    async def steps(self, prompt: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[Step]:
-        request = Submitted(prompt, sampling, request_id)
+    async def add_adapter(self, adapter: Adapter) -> None:
+        if adapter.name in self.refused_adapters:
+            raise AdapterRefused(self.refused_adapters[adapter.name])
+        self.adapters[adapter.id] = adapter
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        self.adapters.pop(adapter.id, None)
+
+    async def steps(self, prompt: list[int], sampling: Sampling, request_id: str,
+                    adapter: Adapter | None = None) -> AsyncIterator[Step]:
+        request = Submitted(prompt, sampling, request_id, adapter)
         self.submitted.append(request)
         if self.dead:
             raise EngineDied("the engine is dead")
@@ -252,7 +265,7 @@ class FakeEngine:
 
 
 MODEL_CONFIG = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 2,
-                "num_hidden_layers": 2, "hidden_size": 128, "head_dim": 32}
+                "num_hidden_layers": 2, "hidden_size": 128, "head_dim": 32, "intermediate_size": 256}
 
 
 def fake_model_dir(folder: Path, config: dict | None = None) -> Path:
@@ -283,7 +296,9 @@ class FakeBackend:
             stream_interval=settings.stream_interval, kv_cache_memory_bytes=None,
             max_model_len=settings.max_model_len, tensor_parallel_size=settings.tensor_parallel_size,
             pipeline_parallel_size=settings.pipeline_parallel_size, nnodes=settings.nnodes,
-            node_rank=settings.node_rank,
+            node_rank=settings.node_rank, enable_lora=settings.lora_enabled,
+            max_loras=settings.lora_slots if settings.lora_enabled else None, max_lora_rank=settings.max_lora_rank,
+            max_cpu_loras=settings.lora_cpu_slots if settings.lora_enabled else None,
         )
 
     def start_engine(self, args: SimpleNamespace, environment: Mapping[str, str]) -> FakeEngine:

@@ -19,7 +19,7 @@ class ModelsAPI(OpenAIAPI):
         return {"listModels": self.list_models, "retrieveModel": self.retrieve_model}
 
     def card(self, model: ServedModel) -> Model:
-        card = Model(id=model.id, object="model", created=self.models.created, owned_by="livepeer")
+        card = Model(id=model.id, object="model", created=self.models.created, owned_by="livepeer", parent=model.parent)
         if self.generation.ready:
             card.max_model_len = self.generation.max_model_len
         return card

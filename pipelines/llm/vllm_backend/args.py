@@ -76,6 +76,7 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model
         stream_interval=settings.stream_interval,
         # Stats on: the engine's series are recorded each step into the registry VLLMEngine serves.
         **distributed_args(settings),
+        **lora_args(settings),
     )
 
 
@@ -87,6 +88,14 @@ def missing_eight_bit_methods() -> list[str]:
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
     return [method for method in EIGHT_BIT_METHODS if method not in QUANTIZATION_METHODS]
+
+
+def lora_args(settings: LLMSettings) -> dict:
+    """Room for LoRA adapters: as many in one batch, of at most this rank, and kept in host memory."""
+    if not settings.lora_enabled:
+        return {}
+    return {"enable_lora": True, "max_loras": settings.lora_slots, "max_lora_rank": settings.max_lora_rank,
+            "max_cpu_loras": settings.lora_cpu_slots}
 
 
 def distributed_args(settings: LLMSettings) -> dict:

@@ -19,12 +19,13 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-from pipelines.llm.engine import Sampling, SamplingRefused
+from pipelines.llm.engine import Adapter, AdapterRefused, Sampling, SamplingRefused
 from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser, tool_parser_names
 
 log = structlog.get_logger(__name__)
@@ -93,6 +94,18 @@ def stop_engine_processes(grace: float = ENGINE_SHUTDOWN_TIMEOUT) -> int:
     return len(children)
 
 
+def lora_request(adapter: Adapter) -> LoRARequest:
+    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=str(adapter.path))
+
+
+def engine_reason(message: str) -> str:
+    """The worker's own words out of vLLM's wrapping ("Call to add_lora method failed: Worker failed with error '...'")."""
+    head, quote, rest = message.partition("Worker failed with error '")
+    if not quote:
+        return message
+    return rest.split("', please check the stack trace", 1)[0]
+
+
 class VLLMEngine:
     """One running ``AsyncLLM``, as the ``Engine`` protocol describes it."""
 
@@ -149,9 +162,20 @@ class VLLMEngine:
         except (VLLMClientError, ValueError) as exc:
             raise SamplingRefused(str(exc)) from None
 
-    def generate(self, prompt: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: list[int], sampling: Sampling, request_id: str,
+                 adapter: Adapter | None = None) -> AsyncIterator[RequestOutput]:
         params = self.sampling_params(sampling)
-        return self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id)
+        return self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id,
+                                    lora_request=None if adapter is None else lora_request(adapter))
+
+    async def add_adapter(self, adapter: Adapter) -> None:
+        try:
+            await self.engine.add_lora(lora_request(adapter))
+        except Exception as exc:  # the engine core's refusal comes back as a plain Exception with its worker's message
+            raise AdapterRefused(engine_reason(str(exc))) from None
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        await self.engine.remove_lora(adapter.id)
 
     def tool_parser_names(self) -> list[str]:
         return tool_parser_names()

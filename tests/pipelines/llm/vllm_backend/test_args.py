@@ -61,7 +61,13 @@ LANDS: dict[str, Callable[[VllmConfig], object]] = {
     "node_rank": lambda config: config.parallel_config.node_rank,
     "master_addr": lambda config: config.parallel_config.master_addr,
     "master_port": lambda config: config.parallel_config.master_port,
+    "enable_lora": lambda config: config.lora_config is not None,
+    # Kept only with enable_lora (vLLM has no LoRA config without it; the arguments keep their defaults).
+    "max_loras": lambda config: config.lora_config.max_loras,
+    "max_lora_rank": lambda config: config.lora_config.max_lora_rank,
+    "max_cpu_loras": lambda config: config.lora_config.max_cpu_loras,
 }
+LORA_ARGUMENTS = {"max_loras", "max_lora_rank", "max_cpu_loras"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "float32": torch.float32,
           "float": torch.float32}
 
@@ -129,6 +135,10 @@ CASES = {
                          "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29555"}, expect={"node_rank": 1}),
     "nodes-gpu": Case({"NNODES": "3", "NODE_RANK": "2", "TENSOR_PARALLEL_SIZE": "3", "PIPELINE_PARALLEL_SIZE": "3",
                        "MASTER_ADDR": "10.0.0.1"}, "cuda", H100, {"nnodes": 3, "node_rank": 2}),
+    "lora-cpu": Case({"LORA_RUNTIME_UPDATES": "true", "AUTH_TOKEN": "t", "MAX_LORAS": "2", "MAX_LORA_RANK": "32",
+                      "MAX_CPU_LORAS": "3"}, expect={"enable_lora": True, "max_loras": 2, "max_lora_rank": 32, "max_cpu_loras": 3}),
+    "lora-gpu-tp": Case({"LORA_RUNTIME_UPDATES": "true", "AUTH_TOKEN": "t", "MAX_LORA_RANK": "16",
+                         "TENSOR_PARALLEL_SIZE": "3"}, "cuda", H100, {"max_lora_rank": 16, "tensor_parallel_size": 3}),
 }
 # The settings that reach no engine argument, and where they are proven instead.
 NOT_ENGINE_ARGUMENTS = {
@@ -140,6 +150,9 @@ NOT_ENGINE_ARGUMENTS = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "read by vLLM's processes from their environment (layout.engine_environment)",
     "VLLM_CPU_OMP_THREADS_BIND": "read by vLLM's processes from their environment (layout.engine_environment)",
     "TORCH_COMPILE_DISABLE": "read by torch in the engine's processes from their environment (layout.engine_environment)",
+    "LORA_ADAPTERS": "the host reads the adapters; their count and ranks are MAX_LORAS' and MAX_LORA_RANK's defaults",
+    "LORA_UNLOAD_TIMEOUT": "how long an unload waits for the adapter's requests (api/lora.py)",
+    "AUTH_TOKEN": "read only to refuse LORA_RUNTIME_UPDATES without one (settings.py)",
 }
 
 
@@ -194,6 +207,8 @@ def test_vllm_builds_its_configuration_from_the_runner_engine_arguments(name, de
         return
     config = vllm_config(settings, args)
     for argument, lands in LANDS.items():
+        if argument in LORA_ARGUMENTS and not args.enable_lora:
+            continue
         if (value := getattr(args, argument)) is not None:
             assert lands(config) == value, f"vLLM keeps {argument}={lands(config)!r}, the runner passed {value!r}"
     for argument, value in case.expect.items():
