@@ -19,7 +19,7 @@ from pipelines.llm.answers import AnswerReader
 from pipelines.llm.conversation import with_system_text
 from pipelines.llm.engine import Engine, GenerationStep, ReasoningParser, Sampling, SamplingRefused, ToolCallParser
 from pipelines.llm.served_models import ServedModel
-from pipelines.llm.tools import ToolPlan
+from pipelines.llm.tools import ToolPlan, written_calls
 from runner.pipeline import OperationError, RequestContext
 
 # Chat template arguments a request may not set through chat_template_kwargs (as vLLM refuses them).
@@ -73,9 +73,11 @@ class Generation:
                     documents: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
         """The one chat-template step of every API: the conversation as prompt token ids.
 
-        ``instructions``: text the runner adds to the system turn (tools described
-        to a model whose template knows none). ``continue_final_message`` leaves the
-        last (assistant) message open for the model to continue.
+        ``instructions``: the runner's own tool-call syntax, taught in the system
+        turn to a model whose template knows none (``ToolPlan.instructions``); the
+        conversation's earlier calls are then written in that syntax too.
+        ``continue_final_message`` leaves the last (assistant) message open for the
+        model to continue.
         """
         if add_generation_prompt and continue_final_message:
             raise OperationError("continue_final_message and add_generation_prompt cannot both be true: set "
@@ -92,7 +94,7 @@ class Generation:
             if name not in OWN_TEMPLATE_ARGS:
                 extra[name] = value
         if instructions:
-            conversation = with_system_text(conversation, instructions)
+            conversation = with_system_text(written_calls(conversation), instructions)
         if documents is not None:
             extra["documents"] = documents
         tokenizer = self.engine.tokenizer

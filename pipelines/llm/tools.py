@@ -141,6 +141,20 @@ def describe_tools(functions: dict[str, dict]) -> str:
     )
 
 
+def written_calls(turns: list[dict]) -> list[dict]:
+    """The turns with each assistant turn's tool calls written into its text in the runner's own syntax, for a
+    template that knows no tool calls (it would leave them out, and the model would not see what it called)."""
+    written = []
+    for turn in turns:
+        if turn.get("tool_calls"):
+            turn = dict(turn)
+            calls = "".join(f"{call_begin(call['function']['name'])}{json.dumps(call['function']['arguments'])}"
+                            f"{CALL_END}" for call in turn.pop("tool_calls"))
+            turn["content"] = (turn["content"] or "") + calls
+        written.append(turn)
+    return written
+
+
 def with_answer_format(plan: ToolPlan, answer_schema: dict[str, Any]) -> dict[str, Any]:
     """The own-syntax plan's structural tag when the answer itself must be JSON: one or more calls, or the JSON."""
     tag = plan.structural_tag["format"]

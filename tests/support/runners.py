@@ -24,6 +24,7 @@ GUARDED_MAX_NUM_SEQS = 2
 GUARDED_MAX_WAITING_REQUESTS = 2
 GUARDED_REQUEST_TIMEOUT = 4
 DOOMED_STREAM_INTERVAL = 4
+REASONING_PARSER = "deepseek_r1"  # the drained runner's: all it generates is thinking until a </think>
 
 
 MAX_ENGINES = 3  # vLLM engines alive at once, whatever the suite does
@@ -43,8 +44,10 @@ def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dic
     return {
         # Its request sent while loading waits for the load, however slowly engines start beside it.
         "tiny": ({**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT)}, True),
-        # Runners of their own, because their tests stop them or kill their engines.
-        "drained": (tiny_env, False),
+        # Runners of their own, because their tests stop them or kill their engines. The drained runner's one
+        # test reads only statuses, so it also runs a reasoning parser (the tiny model has <think> markers):
+        # tests/pipelines/llm/real_engine/test_vllm_extras.py reads its answers.
+        "drained": ({**tiny_env, "REASONING_PARSER": REASONING_PARSER}, False),
         # Its stream settings are not the defaults: tests/pipelines/test_llm.py checks that they reach the engine
         # (on a runner that module starts anyway: it may use no more than MAX_ENGINES).
         "doomed": ({**tiny_env, "STREAM_INTERVAL": str(DOOMED_STREAM_INTERVAL), "ENABLE_PREFIX_CACHING": "false"},

@@ -233,3 +233,15 @@ def test_the_thinking_syntax_is_chosen_from_the_chat_template():
 class NoMarkers(FakeTokenizer):
     def get_vocab(self) -> dict[str, int]:
         return {"a": 1}
+
+
+def test_earlier_calls_are_written_in_the_own_syntax_for_a_template_that_knows_no_calls():
+    from pipelines.llm.tools import written_calls
+
+    turns = [{"role": "user", "content": "Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+    assert written_calls(turns) == [turns[0], {"role": "assistant", "content": (
+        f'{call_begin("get_weather")}{{"city": "Paris"}}{CALL_END}')}, turns[2]]
+    assert "tool_calls" in turns[1], "the request's turns are left as they were"
