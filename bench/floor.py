@@ -108,7 +108,8 @@ class SteppedEngine:
                 finished = produced == params.max_tokens
                 completion = SimpleNamespace(index=0, logprobs=None, token_ids=[17], text=" word",
                                              finish_reason="length" if finished else None)
-                yield SimpleNamespace(prompt_token_ids=prompt, finished=finished, outputs=[completion])
+                yield SimpleNamespace(prompt_token_ids=prompt, prompt_logprobs=None, finished=finished,
+                                      outputs=[completion])
         finally:
             self.waiting.discard(queue)
 

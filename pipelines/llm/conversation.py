@@ -47,3 +47,12 @@ def turn(index: int, role: str, content: str | None, *, tool_call_id: str | None
             calls.append({"id": call_id, "type": "function", "function": {"name": function, "arguments": parsed}})
         written["tool_calls"] = calls
     return written
+
+
+def with_system_text(turns: list[dict], text: str) -> list[dict]:
+    """The turns with ``text`` in the system turn: added to the first one if it leads, else a new one in front."""
+    if turns and turns[0]["role"] == "system":
+        first = dict(turns[0])
+        first["content"] = f"{first['content']}\n\n{text}" if first["content"] else text
+        return [first, *turns[1:]]
+    return [{"role": "system", "content": text}, *turns]

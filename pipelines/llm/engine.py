@@ -35,8 +35,33 @@ class Sampling:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # alternatives per token; 0: the sampled token's own logprob only
+    # vLLM's own sampling parameters (its OpenAI server's extras), in vLLM's meanings.
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # alternatives per prompt token; None: none asked for
+    bad_words: list[str] = field(default_factory=list)
+    allowed_token_ids: list[int] | None = None
+    # Structured outputs: at most one constraint of these.
     json_schema: dict[str, Any] | None = None  # the output must be JSON that matches it
     json_object: bool = False  # the output must be a JSON object
+    regex: str | None = None
+    choice: list[str] | None = None  # the output is one of these strings
+    grammar: str | None = None  # an EBNF (or Lark) grammar
+    structural_tag: dict[str, Any] | None = None  # xgrammar's structural tag: free text with constrained tags in it
+    # How a JSON constraint treats whitespace and undeclared properties (vLLM's options).
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    @property
+    def constrained_from_start(self) -> bool:
+        """Every token is constrained, the first included: no room for free text (or a model's thinking) first."""
+        return (self.json_schema is not None or self.json_object or self.regex is not None
+                or self.choice is not None or self.grammar is not None)
 
 
 class SamplingRefused(ValueError):
@@ -80,6 +105,8 @@ class GenerationStep(Protocol):
     """One engine step of one request (vLLM's ``RequestOutput``)."""
 
     prompt_token_ids: Sequence[int] | None  # the prompt as the engine saw it
+    # Per prompt token (the first has none): candidate token id -> its logprob; only when asked for.
+    prompt_logprobs: Sequence[Mapping[int, TokenLogprob] | None] | None
     outputs: Sequence[CompletionDelta]
     finished: bool
 
@@ -93,14 +120,55 @@ class Tokenizer(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]: ...
+
+
+# A piece of one tool call as a parser reads it: (the call's place, its name once known, a piece of its arguments).
+CallPiece = tuple[int, str | None, str | None]
+
+
+class ToolCallStream(Protocol):
+    """One answer's tool calls read as the answer is generated (one per choice: it keeps state)."""
+
+    def feed(self, text: str, token_ids: Sequence[int] | None) -> tuple[str, list[CallPiece]]:
+        """This piece's answer text, and the pieces of calls it completed (``token_ids`` None: not known)."""
+        ...
+
+    def finish(self) -> list[CallPiece]:
+        """What the parser held back until the end (the rest of the last call's arguments)."""
+        ...
+
 
 class ToolCallParser(Protocol):
-    """Reads the tool calls out of a model's whole answer, in the model's own tool-call syntax."""
+    """Reads the tool calls out of a model's answer, in the model's own tool-call syntax."""
 
     name: str
 
     def extract(self, text: str, request: dict) -> tuple[str | None, list[tuple[str, str]]]:
         """The answer's content and its calls as (name, arguments JSON); ``request`` is the OpenAI chat body."""
+        ...
+
+    def stream(self, request: dict) -> ToolCallStream:
+        """A reader for one answer as it is generated; ``request`` is the OpenAI chat body."""
+        ...
+
+
+class ReasoningStream(Protocol):
+    """One answer's thinking told apart from its answer as it is generated (one per choice: it keeps state)."""
+
+    def feed(self, text: str, token_ids: Sequence[int] | None, finished: bool = False) -> tuple[str, str]:
+        """This piece as (thinking, answer) text; ``finished``: it is the answer's last piece (``token_ids`` None:
+        not known)."""
+        ...
+
+
+class ReasoningParser(Protocol):
+    """A reasoning model's thinking syntax (``<think>...</think>`` and the like)."""
+
+    name: str
+
+    def stream(self, prompt_token_ids: Sequence[int] | None) -> ReasoningStream:
+        """A reader for one answer to this prompt (a prompt may already have closed the thinking)."""
         ...
 
 
@@ -139,6 +207,12 @@ class Engine(Protocol):
     def tool_parser_names(self) -> list[str]: ...
 
     def tool_parser(self, name: str) -> ToolCallParser: ...
+
+    def reasoning_parser_names(self) -> list[str]: ...
+
+    def reasoning_parser(self, name: str) -> ReasoningParser:
+        """Raises ValueError when this model's tokenizer lacks what the parser needs."""
+        ...
 
     def metrics_registry(self) -> CollectorRegistry | None:
         """The engine's own Prometheus series, if it keeps any."""

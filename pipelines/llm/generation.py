@@ -15,9 +15,19 @@ from collections.abc import AsyncIterator, Sequence
 
 from jinja2 import TemplateError
 
-from pipelines.llm.engine import Engine, GenerationStep, Sampling, SamplingRefused, ToolCallParser
+from pipelines.llm.answers import AnswerReader
+from pipelines.llm.conversation import with_system_text
+from pipelines.llm.engine import Engine, GenerationStep, ReasoningParser, Sampling, SamplingRefused, ToolCallParser
 from pipelines.llm.served_models import ServedModel
+from pipelines.llm.tools import ToolPlan, written_calls
 from runner.pipeline import OperationError, RequestContext
+
+# Chat template arguments a request may not set through chat_template_kwargs (as vLLM refuses them).
+REFUSED_TEMPLATE_KWARGS = ("chat_template", "tokenize")
+# The template call's own arguments: set by their own request fields, never through chat_template_kwargs.
+OWN_TEMPLATE_ARGS = ("conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                     "return_dict", "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
+                     "return_assistant_tokens_mask")
 
 
 class EngineNotReady(RuntimeError):
@@ -28,11 +38,13 @@ class Generation:
     def __init__(self) -> None:
         self._engine: Engine | None = None
         self.tool_parser: ToolCallParser | None = None  # for tool_choice "auto", when one fits the model
+        self.reasoning_parser: ReasoningParser | None = None  # a reasoning model's thinking syntax
         self.submitted = 0  # engine requests handed over since the start
 
-    def use(self, engine: Engine, tool_parser: ToolCallParser | None) -> None:
+    def use(self, engine: Engine, tool_parser: ToolCallParser | None,
+            reasoning_parser: ReasoningParser | None = None) -> None:
         """Serve from ``engine`` from now on (once the pipeline has loaded it)."""
-        self._engine, self.tool_parser = engine, tool_parser
+        self._engine, self.tool_parser, self.reasoning_parser = engine, tool_parser, reasoning_parser
 
     @property
     def engine(self) -> Engine:
@@ -55,22 +67,82 @@ class Generation:
     def unfinished_requests(self) -> int:
         return self._engine.unfinished_requests() if self._engine is not None else 0
 
-    def render_chat(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """The one chat-template step of every API: the conversation as prompt token ids."""
+    def render_chat(self, conversation: list[dict], tools: list[dict] | None = None, *,
+                    instructions: str | None = None, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+                    documents: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
+        """The one chat-template step of every API: the conversation as prompt token ids.
+
+        ``instructions``: the runner's own tool-call syntax, taught in the system
+        turn to a model whose template knows none (``ToolPlan.instructions``); the
+        conversation's earlier calls are then written in that syntax too.
+        ``continue_final_message`` leaves the last (assistant) message open for the
+        model to continue.
+        """
+        if add_generation_prompt and continue_final_message:
+            raise OperationError("continue_final_message and add_generation_prompt cannot both be true: set "
+                                 "add_generation_prompt to false to continue the last message",
+                                 param="continue_final_message")
+        if continue_final_message and (not conversation or conversation[-1]["role"] != "assistant"):
+            raise OperationError("continue_final_message needs an assistant message last, to continue",
+                                 param="continue_final_message")
+        extra = {}
+        for name, value in (chat_template_kwargs or {}).items():
+            if name in REFUSED_TEMPLATE_KWARGS:
+                raise OperationError(f"chat_template_kwargs may not set {name!r}: this runner renders the model's "
+                                     "own chat template only", param="chat_template_kwargs")
+            if name not in OWN_TEMPLATE_ARGS:
+                extra[name] = value
+        if instructions:
+            conversation = with_system_text(written_calls(conversation), instructions)
+        if documents is not None:
+            extra["documents"] = documents
         tokenizer = self.engine.tokenizer
         try:
             text = tokenizer.apply_chat_template(
-                conversation, tools=tools or None, add_generation_prompt=True, tokenize=False
+                conversation, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False, **extra,
             )
-        except TemplateError as exc:  # e.g. templates that insist user and assistant alternate
+        except (TemplateError, ValueError, TypeError) as exc:  # e.g. templates that insist user and assistant alternate
             raise OperationError(f"the model's chat template refuses these messages: {exc}", param="messages") from None
         # The template already holds any BOS it wants: encoding it with special
-        # tokens again would put a second one in front.
-        return tokenizer.encode(text, add_special_tokens=False)
+        # tokens again would put a second one in front (unless asked for).
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A raw prompt's token ids, with the special tokens the model puts in front of a text."""
-        return self.engine.tokenizer.encode(text)
+        return self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.engine.tokenizer.decode(token_ids)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token as the tokenizer's vocabulary writes it."""
+        return self.engine.tokenizer.convert_ids_to_tokens(list(token_ids))
+
+    def truncate(self, prompt: list[int], keep: int | None, side: str | None = None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: keep ``keep`` tokens (-1: as many as the model allows with room for one
+        more), the last ones unless ``side`` is "right"."""
+        if keep is None:
+            return prompt
+        if keep < 0:
+            keep = self.max_model_len - 1
+        elif keep >= self.max_model_len:
+            raise OperationError(f"truncate_prompt_tokens is {keep}: it must be less than this model's limit of "
+                                 f"{self.max_model_len} tokens (MAX_MODEL_LEN)", param="truncate_prompt_tokens")
+        if len(prompt) <= keep:
+            return prompt
+        if keep == 0:
+            return []
+        return prompt[:keep] if side == "right" else prompt[-keep:]
+
+    def answer_reader(self, plan: ToolPlan, sampling: Sampling, prompt: Sequence[int] | None = None,
+                      chat_body: dict | None = None) -> AnswerReader:
+        """A reader for one choice's answer: the model's thinking told apart (unless the output is constrained from
+        its first token: then the model has no room to think), and its tool calls read by the plan."""
+        thinking = self.reasoning_parser if not (sampling.constrained_from_start or plan.schema is not None) else None
+        return AnswerReader(plan, self.tool_parser if plan.mode == "auto" else None, chat_body,
+                            reasoning_parser=thinking, prompt_token_ids=prompt)
 
     def check_length(self, prompt: list[int], sampling: Sampling, length_param: str = "max_tokens") -> None:
         limit = self.max_model_len

@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 from prometheus_client import CollectorRegistry
 
+from pipelines.llm.answers import reasoning_parser_for_template
 from pipelines.llm.api import LLMAPI, installed_apis
 from pipelines.llm.engine import Engine, Sampling
 from pipelines.llm.generation import Generation
@@ -62,7 +63,7 @@ class LLMPipeline(Pipeline):
         engine = await self.host.start()
         if engine is None:  # a worker node: its ranks run, nothing here to serve from
             return
-        self.generation.use(engine, self.choose_tool_parser(engine))
+        self.generation.use(engine, self.choose_tool_parser(engine), self.choose_reasoning_parser(engine))
         self.models.use(engine, self.host.prepare_adapter)
         for adapter in self.host.adapters:  # LORA_ADAPTERS: a refusal is a start failure, with the reason
             await self.models.add(adapter)
@@ -80,6 +81,37 @@ class LLMPipeline(Pipeline):
         log.info("engine.tool_parser", name=name,
                  chosen_by="TOOL_CALL_PARSER" if self.settings.tool_call_parser else "chat template")
         return None if name is None else engine.tool_parser(name)
+
+    def choose_reasoning_parser(self, engine: Engine):
+        """REASONING_PARSER, or the parser the chat template's thinking syntax names; None when none fits.
+
+        A parser named in REASONING_PARSER that is unknown, or that this model's
+        tokenizer cannot serve, fails the start; one chosen from the template
+        that the tokenizer cannot serve is left out, with a warning.
+        """
+        name = self.settings.reasoning_parser
+        if name is not None:
+            names = engine.reasoning_parser_names()
+            if name not in names:
+                raise ValueError(f"REASONING_PARSER={name!r} is not one of vLLM's reasoning parsers: {', '.join(names)}")
+            try:
+                parser = engine.reasoning_parser(name)
+            except ValueError as exc:
+                raise ValueError(f"REASONING_PARSER={name!r} does not fit this model: {exc}") from None
+            log.info("engine.reasoning_parser", name=name, chosen_by="REASONING_PARSER")
+            return parser
+        name = reasoning_parser_for_template(getattr(engine.tokenizer, "chat_template", None) or "")
+        if name is None:
+            log.info("engine.reasoning_parser", name=None, chosen_by="chat template")
+            return None
+        try:
+            parser = engine.reasoning_parser(name)
+        except ValueError as exc:
+            log.warning("engine.reasoning_parser.unfit", name=name, chosen_by="chat template", reason=str(exc),
+                        effect="the model's thinking stays in its answers; set REASONING_PARSER to choose one")
+            return None
+        log.info("engine.reasoning_parser", name=name, chosen_by="chat template")
+        return parser
 
     async def warm_up(self) -> None:
         """One short generation through the shared path, so the first request finds the engine warm."""

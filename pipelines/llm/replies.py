@@ -17,6 +17,8 @@ from pipelines.llm.engine import CompletionDelta, GenerationStep
 from runner.pipeline import RequestContext
 
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON
+# Per prompt token (None for the first, which nothing predicts): candidate token id -> (logprob, rank, its text).
+PromptLogprobs = list[dict[int, tuple[float, int | None, str | None]] | None]
 
 
 class EngineStoppedEarly(RuntimeError):
@@ -55,6 +57,7 @@ class Update:
     choice: Choice
     text: str
     logprobs: Sequence[LogprobEntry]
+    token_ids: Sequence[int] = ()  # the step's new tokens (a reasoning parser reads them)
 
     @property
     def finished(self) -> bool:
@@ -109,6 +112,12 @@ def logprob_entries(delta: CompletionDelta, top: int) -> list[LogprobEntry]:
     return entries
 
 
+def prompt_logprob_entries(steps: Sequence) -> PromptLogprobs:
+    return [None if candidates is None else {
+        token_id: (max(candidate.logprob, LOGPROB_FLOOR), candidate.rank, candidate.decoded_token)
+        for token_id, candidate in candidates.items()} for candidates in steps]
+
+
 class ReplyTracker:
     """One request's choices as the engine's steps fill them in.
 
@@ -126,6 +135,7 @@ class ReplyTracker:
         self.prompt_lengths = list(prompt_lengths)
         self.choices = [Choice(index) for index in range(len(self.prompt_lengths) * n)]
         self.unfinished = len(self.choices)
+        self.prompt_logprobs: list[PromptLogprobs | None] = [None] * len(self.prompt_lengths)  # when asked for
 
     def take(self, step: GenerationStep, prompt: int = 0) -> list[Update]:
         """Count one engine step of one prompt; what it added to each choice.
@@ -137,6 +147,8 @@ class ReplyTracker:
             seen = len(step.prompt_token_ids)
             context.prompt_tokens += seen - self.prompt_lengths[prompt]
             self.prompt_lengths[prompt] = seen
+        if step.prompt_logprobs:  # on the first step only, when asked for
+            self.prompt_logprobs[prompt] = prompt_logprob_entries(step.prompt_logprobs)
         updates = []
         for delta in step.outputs:
             choice = self.choices[prompt * self.n + delta.index]
@@ -150,7 +162,7 @@ class ReplyTracker:
             if reason is not None and choice.finish_reason is None:
                 choice.finish_reason = reason
                 self.unfinished -= 1
-            updates.append(Update(choice, delta.text, entries))
+            updates.append(Update(choice, delta.text, entries, delta.token_ids))
         if not self.unfinished:
             context.finish_reason = overall_finish_reason([choice.finish_reason for choice in self.choices])
         return updates

@@ -112,6 +112,22 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class StructuredOutputs(BaseModel):
+    "vLLM's structured outputs: one constraint (json, regex, choice, grammar, json_object or structural_tag) and how JSON treats whitespace."
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias='json')
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None
+
+
 class ChatCompletionRequest(BaseModel):
     "OpenAI's chat completion request; an unknown field is a 400, as OpenAI answers it."
 
@@ -141,6 +157,30 @@ class ChatCompletionRequest(BaseModel):
     top_k: Annotated[Integer, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(le=2, gt=0)] | None = None
+    reasoning_effort: Literal['none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max'] | None = None
+    include_reasoning: bool | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    stop_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    min_tokens: Annotated[Integer, Field(ge=0)] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: Annotated[Integer, Field(ge=-1)] | None = None
+    truncation_side: Literal['left', 'right'] | None = None
+    prompt_logprobs: Annotated[Integer, Field(ge=-1)] | None = None
+    allowed_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
+    bad_words: list[str] | None = None
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    add_special_tokens: bool | None = None
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    priority: Integer | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -169,6 +209,23 @@ class CompletionRequest(BaseModel):
     top_k: Annotated[Integer, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(le=2, gt=0)] | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    stop_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    min_tokens: Annotated[Integer, Field(ge=0)] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    truncate_prompt_tokens: Annotated[Integer, Field(ge=-1)] | None = None
+    truncation_side: Literal['left', 'right'] | None = None
+    prompt_logprobs: Annotated[Integer, Field(ge=-1)] | None = None
+    allowed_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
+    bad_words: list[str] | None = None
+    add_special_tokens: bool | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    priority: Integer | None = None
 
 
 class CompletionUsage(BaseModel):
@@ -197,6 +254,8 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal['assistant']
     content: str | None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ChatToolCall] | None = None
 
 
@@ -207,6 +266,14 @@ class ChatCompletionChoice(BaseModel):
     finish_reason: Literal['stop', 'length', 'tool_calls']
 
 
+class PromptLogprob(BaseModel):
+    "One candidate for a prompt token, keyed by its token id (vLLM's Logprob)."
+
+    logprob: float
+    rank: Integer | None
+    decoded_token: str | None
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal['chat.completion']
@@ -214,6 +281,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: CompletionUsage
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class ChunkToolCallFunction(BaseModel):
@@ -231,6 +299,8 @@ class ChunkToolCall(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal['assistant'] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ChunkToolCall] | None = None
 
 
@@ -264,6 +334,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: Literal['stop', 'length'] | None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class Completion(BaseModel):
@@ -522,6 +593,41 @@ class LoRAAdapterStatus(BaseModel):
     message: str
 
 
+class TokenizeRequest(BaseModel):
+    "vLLM's tokenize request: `prompt` (a raw text) or `messages` (a chat, rendered by the model's template), not both."
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    return_token_strs: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: Integer
+    max_model_len: Integer
+    tokens: list[Integer]
+    token_strs: list[str] | None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[Annotated[Integer, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         operation_id='genLLM',
@@ -592,6 +698,22 @@ OPERATIONS: tuple[Operation, ...] = (
         method='POST',
         path='/v1/unload_lora_adapter',
         request_model=UnloadLoRAAdapterRequest,
+        authenticated=True,
+        error_shape='openai',
+    ),
+    Operation(
+        operation_id='tokenize',
+        method='POST',
+        path='/tokenize',
+        request_model=TokenizeRequest,
+        authenticated=True,
+        error_shape='openai',
+    ),
+    Operation(
+        operation_id='detokenize',
+        method='POST',
+        path='/detokenize',
+        request_model=DetokenizeRequest,
         authenticated=True,
         error_shape='openai',
     ),

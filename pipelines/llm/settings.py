@@ -65,6 +65,11 @@ class LLMSettings(BaseSettings):
         None, alias="TOOL_CALL_PARSER", min_length=1,
         description="vLLM's tool-call parser for tool_choice 'auto' (default: chosen from the chat template)",
     )
+    reasoning_parser: str | None = Field(
+        None, alias="REASONING_PARSER", min_length=1,
+        description="vLLM's reasoning parser, which tells a model's thinking from its answer (default: chosen from "
+                    "the chat template; none for a template that names no thinking syntax)",
+    )
     # Several machines, vLLM's meanings: NODE_RANK 0 serves HTTP and hosts the rendezvous at MASTER_ADDR:MASTER_PORT.
     nnodes: int = Field(1, alias="NNODES", ge=1)
     node_rank: int = Field(0, alias="NODE_RANK", ge=0)

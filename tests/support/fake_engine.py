@@ -28,8 +28,12 @@ from prometheus_client import CollectorRegistry
 from pipelines.llm.engine import Adapter, AdapterRefused, Sampling, SamplingRefused
 from pipelines.llm.layout import eight_bit_quantization
 
-BOS, EOS = 256, 257  # the byte tokenizer's two special tokens; bytes are tokens 0-255
-VOCAB_SIZE = 258
+BOS, EOS = 256, 257  # the byte tokenizer's special tokens; bytes are tokens 0-255
+THINK, END_THINK = 258, 259  # a reasoning model's markers, as vLLM's reasoning parsers find them in the vocabulary
+SPECIAL_TOKENS = {"<s>": BOS, "</s>": EOS, "<think>": THINK, "</think>": END_THINK}
+SPECIAL_TEXT = {token_id: text for text, token_id in SPECIAL_TOKENS.items()}
+SPECIAL_PATTERN = re.compile("(" + "|".join(re.escape(text) for text in SPECIAL_TOKENS) + ")")
+VOCAB_SIZE = 260
 CHAT_TEMPLATE = (
     "<s>{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>{% endfor %}"
     "{% if tools %}<|tools|>{{ tools | tojson }}</s>{% endif %}"
@@ -39,25 +43,57 @@ DEFAULT_WORDS = [word + " " for word in "Once upon a time there was a runner tha
 
 
 class FakeTokenizer:
-    """One token per UTF-8 byte, "<s>" and "</s>" as single tokens, and a small chat template (jinja)."""
+    """One token per UTF-8 byte, "<s>", "</s>", "<think>" and "</think>" as single tokens, and a small chat
+    template (jinja), rendered as Hugging Face's tokenizers render one."""
 
     def __init__(self, chat_template: str = CHAT_TEMPLATE) -> None:
         self.chat_template = chat_template
         self.template = Environment().from_string(chat_template)
 
     def apply_chat_template(self, conversation: list[dict], tools: list[dict] | None = None,
-                            add_generation_prompt: bool = True, tokenize: bool = False, **kwargs: Any) -> str:
-        return self.template.render(messages=conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                            add_generation_prompt: bool = True, tokenize: bool = False,
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible")
+        text = self.template.render(messages=conversation, tools=tools, add_generation_prompt=add_generation_prompt,
                                     raise_exception=raise_template_error, **kwargs)
+        if continue_final_message:  # as Hugging Face's: the text ends where the last message's content does
+            final = conversation[-1]["content"]
+            text = text[: text.rindex(final) + len(final)]
+        return text
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [BOS] if add_special_tokens else []
-        for piece in re.split(r"(</?s>)", text):
-            ids.extend([BOS] if piece == "<s>" else [EOS] if piece == "</s>" else piece.encode())
+        for piece in SPECIAL_PATTERN.split(text):
+            ids.extend([SPECIAL_TOKENS[piece]] if piece in SPECIAL_TOKENS else piece.encode())
         return ids
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return bytes(token for token in token_ids if token < 256).decode(errors="replace")
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        pieces, run = [], bytearray()
+        for token in token_ids:
+            if token < 256:
+                run.append(token)
+                continue
+            pieces.append(run.decode(errors="replace"))
+            run = bytearray()
+            if not skip_special_tokens:
+                pieces.append(SPECIAL_TEXT[token])
+        pieces.append(run.decode(errors="replace"))
+        return "".join(pieces)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return [SPECIAL_TEXT[token] if token >= 256 else bytes([token]).decode("latin-1") for token in token_ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {**{bytes([token]).decode("latin-1"): token for token in range(256)}, **SPECIAL_TOKENS}
+
+    def __len__(self) -> int:
+        return VOCAB_SIZE
+
+
+def token_id_of(word: str) -> int:
+    """The token a scripted word stands for: a special token's id, else its first byte (EOS for nothing)."""
+    return SPECIAL_TOKENS.get(word, word.encode()[0] if word else EOS)
 
 
 def raise_template_error(message: str) -> None:
@@ -87,6 +123,7 @@ class Step:
     prompt_token_ids: list[int] | None
     outputs: list[Delta]
     finished: bool
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class EngineDied(RuntimeError):
@@ -126,8 +163,14 @@ class _Endless(Sequence):
 
 
 def scripted_text(*texts: str) -> Script:
-    """Each choice generates its text (the last one for choices beyond), one character per token, then stops."""
-    return Script(words=lambda prompt, sampling, choice: list(texts[min(choice, len(texts) - 1)]))
+    """Each choice generates its text (the last one for choices beyond), one character per token (a special
+    token's text, e.g. "<think>", as one token), then stops."""
+    return Script(words=lambda prompt, sampling, choice: characters(texts[min(choice, len(texts) - 1)]))
+
+
+def characters(text: str) -> list[str]:
+    return [char for piece in SPECIAL_PATTERN.split(text)
+            for char in ([piece] if piece in SPECIAL_TOKENS else list(piece))]
 
 
 @dataclass
@@ -152,13 +195,15 @@ class FakeEngine:
     """Follows ``pipelines.llm.engine.Engine``; every request it was handed is in ``submitted``."""
 
     def __init__(self, script: Script | None = None, max_model_len: int = 4096, step_seconds: float = 0.0,
-                 chat_template: str = CHAT_TEMPLATE, tool_parsers: Mapping[str, Any] | None = None) -> None:
+                 chat_template: str = CHAT_TEMPLATE, tool_parsers: Mapping[str, Any] | None = None,
+                 reasoning_parsers: Mapping[str, Any] | None = None) -> None:
         self.script = script or Script()
         self.tokenizer = FakeTokenizer(chat_template)
         self.max_model_len = max_model_len
         self.vocab_size = VOCAB_SIZE
         self.step_seconds = step_seconds
         self.tool_parsers = dict(tool_parsers or {})
+        self.reasoning_parsers = dict(reasoning_parsers or {})
         self.submitted: list[Submitted] = []
         self.adapters: dict[int, Adapter] = {}  # loaded, by id
         self.refused_adapters: dict[str, str] = {}  # adapter name -> the reason the engine gives for refusing it
@@ -184,6 +229,12 @@ class FakeEngine:
             raise SamplingRefused(f"temperature must be in [0, 2], got {sampling.temperature}.")
         if sampling.logprobs is not None and sampling.logprobs > 20:
             raise SamplingRefused(f"Requested sample logprobs of {sampling.logprobs}, which is greater than max allowed: 20")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            if any(token >= self.vocab_size for token in getattr(sampling, name) or ()):
+                raise SamplingRefused(f"{name} contains out-of-vocab token id")
+        if sampling.min_tokens > sampling.max_tokens:
+            raise SamplingRefused(f"min_tokens must be less than or equal to max_tokens={sampling.max_tokens}, "
+                                  f"got {sampling.min_tokens}.")
         return self.steps(list(prompt), sampling, request_id, adapter)
 
     async def add_adapter(self, adapter: Adapter) -> None:
@@ -215,7 +266,8 @@ class FakeEngine:
                     for delta, choice in zip(outputs, choices):
                         delta.finish_reason = choice.finish_reason = "abort"
                 finished = all(choice.finish_reason is not None for choice in choices)
-                yield Step(prompt_token_ids=prompt if step_number == 0 else None, outputs=outputs, finished=finished)
+                yield Step(prompt_token_ids=prompt if step_number == 0 else None, outputs=outputs, finished=finished,
+                           prompt_logprobs=self.prompt_logprobs_of(prompt, sampling) if step_number == 0 else None)
                 step_number += 1
             request.finished = True
         finally:
@@ -238,8 +290,14 @@ class FakeEngine:
                 break
         if choice.finish_reason is None and choice.count >= sampling.max_tokens:
             choice.finish_reason = "length"
-        token_id = word.encode()[0] if word else EOS
+        token_id = token_id_of(word)
         return Delta(index, word, [token_id], self.logprobs_of(sampling, word, token_id), choice.finish_reason)
+
+    def prompt_logprobs_of(self, prompt: list[int], sampling: Sampling) -> list[dict[int, Logprob] | None] | None:
+        """As vLLM's: nothing for the first prompt token, then each token with a made-up logprob."""
+        if sampling.prompt_logprobs is None:
+            return None
+        return [None] + [{token: Logprob(-0.5, 1, self.tokenizer.decode([token]))} for token in prompt[1:]]
 
     @staticmethod
     def logprobs_of(sampling: Sampling, word: str, token_id: int) -> list[dict[int, Logprob]] | None:
@@ -256,6 +314,15 @@ class FakeEngine:
 
     def tool_parser(self, name: str):
         return self.tool_parsers[name]
+
+    def reasoning_parser_names(self) -> list[str]:
+        return sorted(self.reasoning_parsers)
+
+    def reasoning_parser(self, name: str):
+        parser = self.reasoning_parsers[name]
+        if isinstance(parser, Exception):  # a parser this tokenizer cannot serve
+            raise parser
+        return parser
 
     def metrics_registry(self) -> CollectorRegistry:
         return self.registry

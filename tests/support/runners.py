@@ -26,6 +26,7 @@ GUARDED_REQUEST_TIMEOUT = 4
 GUARDED_MAX_IN_FLIGHT = GUARDED_MAX_NUM_SEQS + GUARDED_MAX_WAITING_REQUESTS
 DOOMED_STREAM_INTERVAL = 4
 TINY_RESPONSES_STORE_SIZE = 2  # the tiny runner keeps its last two Responses only
+REASONING_PARSER = "deepseek_r1"  # the drained runner's: all it generates is thinking until a </think>
 
 
 MAX_ENGINES = 3  # vLLM engines alive at once, whatever the suite does
@@ -45,8 +46,10 @@ def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dic
         # Its request sent while loading waits for the load, however slowly engines start beside it.
         "tiny": ({**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT),
                   "RESPONSES_STORE_SIZE": str(TINY_RESPONSES_STORE_SIZE)}, True),
-        # Runners of their own, because their tests stop them or kill their engines.
-        "drained": (tiny_env, False),
+        # Runners of their own, because their tests stop them or kill their engines. The drained runner's one
+        # test reads only statuses, so it also runs a reasoning parser (the tiny model has <think> markers):
+        # tests/pipelines/llm/real_engine/test_vllm_extras.py reads its answers.
+        "drained": ({**tiny_env, "REASONING_PARSER": REASONING_PARSER}, False),
         # Its stream settings are not the defaults: real_engine/test_livepeer.py checks that they reach the engine,
         # before real_engine/test_faults.py kills its engine under load.
         "doomed": ({**tiny_env, "STREAM_INTERVAL": str(DOOMED_STREAM_INTERVAL), "ENABLE_PREFIX_CACHING": "false"},

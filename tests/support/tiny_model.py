@@ -18,16 +18,23 @@ BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS)
+# A reasoning model's markers, as single tokens (vLLM's reasoning parsers look them up in the vocabulary).
+THINK_TOKENS = ("<think>", "</think>")
+SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS, *THINK_TOKENS)
 
 # The template emits BOS itself; it is tokenized with add_special_tokens=False,
-# so the rendered prompt carries exactly one BOS.
+# so the rendered prompt carries exactly one BOS. Asked for no thinking
+# (chat_template_kwargs {"enable_thinking": false}), it closes the thinking in
+# the prompt, as Qwen3's does; it names no opening marker, so the runner does
+# not take the model for a reasoning model unless REASONING_PARSER says so.
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '</think>\n\n' }}{% endif %}"
+    "{% endif %}"
 )
 
 TARGET_VOCAB_SIZE = 768
@@ -82,7 +89,7 @@ def _train_tokenizer():
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        additional_special_tokens=list(ROLE_TOKENS),
+        additional_special_tokens=[*ROLE_TOKENS, *THINK_TOKENS],
         add_bos_token=True,
         add_eos_token=False,
         chat_template=TINY_CHAT_TEMPLATE,

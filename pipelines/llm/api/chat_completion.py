@@ -9,9 +9,18 @@ from pydantic_core import to_json
 
 from pipelines.llm import schema
 from pipelines.llm.api import spec_operations
-from pipelines.llm.answers import AnswerEvent, AnswerReader, CallArguments, CallStart, TextDelta, ToolCall
-from pipelines.llm.api.openai_base import ChunkEnvelope, OpenAIAPI, bad, error_event
-from pipelines.llm.conversation import require_turns, turn
+from pipelines.llm.answers import AnswerEvent, CallArguments, CallStart, ReasoningDelta, TextDelta, ToolCall
+from pipelines.llm.api.openai_base import (
+    ChunkEnvelope,
+    OpenAIAPI,
+    bad,
+    chat_turns,
+    error_event,
+    generation_prompt,
+    prompt_logprobs_json,
+    response_format_constraint,
+    structured_outputs,
+)
 from pipelines.llm.engine import GenerationStep, Sampling
 from pipelines.llm.replies import LogprobEntry, ReplyTracker, choice_finish_reason, usage_of
 from pipelines.llm.schema import (
@@ -26,7 +35,7 @@ from pipelines.llm.schema import (
     TokenLogprob,
     TopLogprob,
 )
-from pipelines.llm.tools import ToolPlan, plan_tools
+from pipelines.llm.tools import ToolPlan, plan_tools, with_answer_format
 from runner.pipeline import EventStream, RequestContext, Serve
 
 
@@ -38,17 +47,28 @@ class ChatCompletionAPI(OpenAIAPI):
 
     async def chat_completion(self, request: ChatCompletionRequest, context: RequestContext):
         model = self.served(request.model)
+        if request.chat_template is not None:
+            raise bad("chat_template: this runner renders the model's own chat template only (as vLLM does unless "
+                      "started with --trust-request-chat-template)", "chat_template")
         tools = [tool.model_dump(exclude_none=True, by_alias=True) for tool in request.tools or []]
         choice = request.tool_choice.model_dump() if isinstance(request.tool_choice, schema.NamedToolChoice) \
             else request.tool_choice
         plan = plan_tools(tools, choice, request.parallel_tool_calls, self.generation.tool_parser is not None,
                           self.models.base.id)
-        prompt = self.generation.render_chat(conversation(request), plan.template_tools)
+        turns = chat_turns(request.messages)
+        prompt = self.generation.render_chat(
+            turns, plan.template_tools, instructions=plan.instructions,
+            add_generation_prompt=generation_prompt(request),
+            continue_final_message=bool(request.continue_final_message),
+            chat_template_kwargs=template_kwargs(request), documents=request.documents,
+            add_special_tokens=bool(request.add_special_tokens),
+        )
+        prompt = self.generation.truncate(prompt, request.truncate_prompt_tokens, request.truncation_side)
         sampling = self.chat_sampling(request, prompt, plan)
         length_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         steps = self.generation.start(prompt, sampling, context, model, length_param)
         tracker = ReplyTracker(context, [len(prompt)], n=sampling.n, logprobs=sampling.logprobs)
-        reply = ChatReply(self, request, plan, model.id, tracker)
+        reply = ChatReply(self, request, plan, model.id, tracker, sampling, prompt, echoed(request, turns))
         if request.stream:
             return EventStream(events=reply.events(steps), error_event=error_event)
         return await reply.whole(steps)
@@ -56,41 +76,42 @@ class ChatCompletionAPI(OpenAIAPI):
     def chat_sampling(self, request: ChatCompletionRequest, prompt: list[int], plan: ToolPlan) -> Sampling:
         if request.top_logprobs is not None and not request.logprobs:
             raise bad("top_logprobs needs logprobs: true", "top_logprobs")
-        schema_, json_object = plan.schema, False
-        response_format = request.response_format
-        if schema_ is None and response_format is not None:
-            if response_format.type == "json_schema":
-                if response_format.json_schema is None or response_format.json_schema.schema_ is None:
-                    raise bad("response_format json_schema needs json_schema.schema", "response_format")
-                schema_ = response_format.json_schema.schema_
-            json_object = response_format.type == "json_object"
+        answer_schema, json_object = response_format_constraint(request.response_format)
+        if plan.schema is not None:  # forced tool calls: their JSON, whatever the answer's format would be
+            constraint = structured_outputs(request, plan.schema)
+        elif plan.structural_tag is not None:  # own-syntax tools: calls where the model opens them, else the answer
+            constraint = structured_outputs(request)
+            if constraint:
+                raise bad("structured_outputs and tools in the runner's own syntax both constrain the answer: use "
+                          "response_format for the answer's format", "structured_outputs")
+            tag = plan.structural_tag if answer_schema is None and not json_object else \
+                with_answer_format(plan, answer_schema if answer_schema is not None else {"type": "object"})
+            constraint = {"structural_tag": tag}
+        else:
+            constraint = structured_outputs(request, answer_schema, json_object)
         requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         return self.sampling(
             request, self.max_tokens(requested, prompt),
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-            json_schema=schema_, json_object=json_object,
+            **constraint,
         )
 
 
-def conversation(request: ChatCompletionRequest) -> list[dict]:
-    require_turns(request.messages)
-    turns = []
-    for index, message in enumerate(request.messages):
-        content = message.content
-        if isinstance(content, list):
-            texts = []
-            for part_index, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise bad(
-                        f"content parts of type {part.type!r} are not supported: this model reads text parts only",
-                        f"messages.[{index}].content.[{part_index}].type",
-                    )
-                texts.append(part.text)
-            content = "\n".join(texts)
-        calls = [(call.id, call.function.name, call.function.arguments) for call in message.tool_calls or ()]
-        turns.append(turn(index, message.role, content, tool_call_id=message.tool_call_id, name=message.name,
-                          tool_calls=calls))
-    return turns
+def template_kwargs(request: ChatCompletionRequest) -> dict | None:
+    """chat_template_kwargs, and reasoning_effort as vLLM hands it to the template (thinking off for "none")."""
+    kwargs = dict(request.chat_template_kwargs or {})
+    if request.reasoning_effort is not None:
+        kwargs["reasoning_effort"] = request.reasoning_effort
+        kwargs.setdefault("enable_thinking", request.reasoning_effort != "none")
+    return kwargs or None
+
+
+def echoed(request: ChatCompletionRequest, turns: list[dict]) -> str:
+    """What vLLM's echo puts in front of the answer: the last message, when it is in the answer's role."""
+    if not request.echo:
+        return ""
+    last = turns[-1]
+    return last["content"] if last["role"] == "assistant" or not generation_prompt(request) else ""
 
 
 def chat_logprobs(entries: list[LogprobEntry]) -> list[TokenLogprob]:
@@ -107,12 +128,14 @@ class ChatReply:
     """One chat request's tracked choices as a ChatCompletion, or as a stream of chunks."""
 
     def __init__(self, api: ChatCompletionAPI, request: ChatCompletionRequest, plan: ToolPlan, model: str,
-                 tracker: ReplyTracker) -> None:
+                 tracker: ReplyTracker, sampling: Sampling, prompt: list[int], echo: str = "") -> None:
         self.tracker = tracker
         self.context = tracker.context
         self.with_logprobs = tracker.logprobs is not None
+        self.with_reasoning = request.include_reasoning is not False
+        self.echo = echo
         body = request.model_dump(exclude_none=True, by_alias=True) if plan.mode == "auto" else None
-        self.readers = [AnswerReader(plan, api.generation.tool_parser, body) for _ in tracker.choices]
+        self.readers = [api.generation.answer_reader(plan, sampling, prompt, body) for _ in tracker.choices]
         self.model = model
         self.id = f"chatcmpl-{self.context.request_id}"
         self.created = int(time.time())
@@ -120,25 +143,33 @@ class ChatReply:
                                       api.include_usage(request))
 
     async def whole(self, steps: AsyncIterator[GenerationStep]) -> ChatCompletion:
-        async for step in steps:
-            self.tracker.take(step)
+        async for step in steps:  # each choice's reader reads the pieces a stream would have had
+            for update in self.tracker.take(step):
+                self.readers[update.choice.index].feed(update.text, update.token_ids)
         choices = []
         for choice, reader in zip(self.tracker.choices, self.readers):
-            reader.feed(choice.text)
             reader.finish(cut=choice.finish_reason == "length")
             calls = [tool_call(call) for call in reader.calls]
+            content = reader.content
+            if self.echo:
+                content = self.echo + (content or "")
+            thinking = {"reasoning_content": reader.reasoning, "reasoning": reader.reasoning} \
+                if reader.reasoning and self.with_reasoning else {}
             choices.append(ChatCompletionChoice(
                 index=choice.index,
-                message=AssistantMessage(role="assistant", content=reader.content,
+                message=AssistantMessage(role="assistant", content=content, **thinking,
                                          **({"tool_calls": calls} if calls else {})),
                 logprobs=ChoiceLogprobs(content=chat_logprobs(choice.logprobs)) if self.with_logprobs else None,
                 finish_reason=choice_finish_reason(choice, bool(calls)),
             ))
         self.tracker.settle([choice.finish_reason for choice in choices])
         prompt, completion, total = usage_of(self.context)
+        extra = {}
+        if self.tracker.prompt_logprobs[0] is not None:
+            extra["prompt_logprobs"] = prompt_logprobs_json(self.tracker.prompt_logprobs[0])
         return ChatCompletion(id=self.id, object="chat.completion", created=self.created, model=self.model,
                               choices=choices, usage=CompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
-                                                                     total_tokens=total))
+                                                                     total_tokens=total), **extra)
 
     def chunk(self, index: int, delta: bytes, logprobs: list[LogprobEntry], finish_reason: str | None = None) -> bytes:
         logprobs_json = to_json(ChoiceLogprobs(content=chat_logprobs(logprobs))) if self.with_logprobs else b"null"
@@ -158,13 +189,17 @@ class ChatReply:
                     if not choice.started:
                         choice.started = True
                         yield self.first_chunk(choice.index, reader.start())
-                    for event in reader.feed(update.text):
-                        yield self.chunk(choice.index, delta_of(event), logprobs)
-                        logprobs = held[choice.index] = []
-                    if update.finished:
-                        for event in reader.finish(cut=choice.finish_reason == "length"):
+                        if self.echo:
+                            yield self.chunk(choice.index, delta_of(TextDelta(self.echo)), [])
+                    for event in reader.feed(update.text, update.token_ids):
+                        if self.with_reasoning or not isinstance(event, ReasoningDelta):
                             yield self.chunk(choice.index, delta_of(event), logprobs)
                             logprobs = held[choice.index] = []
+                    if update.finished:
+                        for event in reader.finish(cut=choice.finish_reason == "length"):
+                            if self.with_reasoning or not isinstance(event, ReasoningDelta):
+                                yield self.chunk(choice.index, delta_of(event), logprobs)
+                                logprobs = held[choice.index] = []
                         reason = choice_finish_reason(choice, bool(reader.calls))
                         reasons.append(reason)
                         yield self.chunk(choice.index, b"{}", logprobs, reason)
@@ -191,7 +226,8 @@ def delta_of(event: AnswerEvent) -> bytes:
     if isinstance(event, CallStart):
         return b'{"tool_calls":[{"index":%d,"id":%s,"type":"function","function":{"name":%s,"arguments":""}}]}' % (
             event.index, to_json(event.id), to_json(event.name))
-    return b'{"reasoning_content":%s}' % to_json(event.text)
+    text = to_json(event.text)  # the thinking, under both the names clients read it by
+    return b'{"reasoning_content":%s,"reasoning":%s}' % (text, text)
 
 
 def tool_call(call: ToolCall) -> ChatToolCall:

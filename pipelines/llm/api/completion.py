@@ -14,7 +14,15 @@ from pydantic_core import to_json
 
 from pipelines.llm import schema
 from pipelines.llm.api import spec_operations
-from pipelines.llm.api.openai_base import ChunkEnvelope, OpenAIAPI, bad, error_event
+from pipelines.llm.api.openai_base import (
+    ChunkEnvelope,
+    OpenAIAPI,
+    bad,
+    error_event,
+    prompt_logprobs_json,
+    response_format_constraint,
+    structured_outputs,
+)
 from pipelines.llm.engine import GenerationStep
 from pipelines.llm.replies import Choice, LogprobEntry, ReplyTracker, usage_of
 from pipelines.llm.schema import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionUsage
@@ -31,11 +39,13 @@ class CompletionAPI(OpenAIAPI):
         model = self.served(request.model)
         texts = prompts(request)
         include_usage = self.include_usage(request)
+        constraint = structured_outputs(request, *response_format_constraint(request.response_format))
         runs = []
         for text in texts:
-            prompt = self.generation.encode(text)
+            prompt = self.generation.encode(text, add_special_tokens=request.add_special_tokens is not False)
+            prompt = self.generation.truncate(prompt, request.truncate_prompt_tokens, request.truncation_side)
             runs.append((prompt, self.sampling(request, self.max_tokens(request.max_tokens, prompt),
-                                               logprobs=request.logprobs)))
+                                               logprobs=request.logprobs, **constraint)))
         steps = self.generation.start_all(runs, context, model)
         tracker = ReplyTracker(context, [len(prompt) for prompt, _ in runs], n=request.n or 1,
                                logprobs=request.logprobs)
@@ -91,12 +101,16 @@ class CompletionReply:
     async def whole(self, steps: AsyncIterator[tuple[int, GenerationStep]]) -> Completion:
         async for prompt, step in steps:
             self.tracker.take(step, prompt)
-        choices = [
-            CompletionChoice(index=choice.index, text=self.echo(choice) + choice.text,
-                             logprobs=completion_logprobs(choice.logprobs, 0) if self.with_logprobs else None,
-                             finish_reason=choice.finish_reason)
-            for choice in self.tracker.choices
-        ]
+        choices = []
+        for choice in self.tracker.choices:
+            extra = {}
+            prompt_logprobs = self.tracker.prompt_logprobs[choice.index // self.tracker.n]
+            if prompt_logprobs is not None:
+                extra["prompt_logprobs"] = prompt_logprobs_json(prompt_logprobs)
+            choices.append(CompletionChoice(
+                index=choice.index, text=self.echo(choice) + choice.text,
+                logprobs=completion_logprobs(choice.logprobs, 0) if self.with_logprobs else None,
+                finish_reason=choice.finish_reason, **extra))
         prompt_tokens, completion_tokens, total = usage_of(self.context)
         return Completion(id=self.id, object="text_completion", created=self.created, model=self.model,
                           choices=choices, usage=CompletionUsage(prompt_tokens=prompt_tokens,

@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator, Mapping
 from pydantic_core import to_json
 
 from pipelines.llm import schema
+from pipelines.llm.answers import AnswerReader, TextDelta
 from pipelines.llm.api import LLMAPI, spec_operations
 from pipelines.llm.conversation import require_turns, turn
 from pipelines.llm.engine import GenerationStep, Sampling
 from pipelines.llm.replies import ReplyTracker, usage_json, usage_of
 from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from pipelines.llm.tools import ToolPlan
 from runner.pipeline import EventStream, OperationError, RequestContext, Serve
 
 
@@ -35,18 +37,27 @@ class LivepeerAPI(LLMAPI):
             max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
         )
         steps = self.generation.start(prompt, sampling, context, model)
-        reply = LivepeerReply(model.id, ReplyTracker(context, [len(prompt)]))
+        # A reasoning model's thinking is left out: the network's clients know no field for it.
+        reader = self.generation.answer_reader(TEXT, sampling, prompt) if self.generation.reasoning_parser else None
+        reply = LivepeerReply(model.id, ReplyTracker(context, [len(prompt)]), reader)
         if request.stream:
             return EventStream(events=reply.events(steps), error_event=reply.error_event)
         return await reply.whole(steps)
 
 
-class LivepeerReply:
-    """One /llm request's answer: an LLMResponse, or the contract's stream of them as JSON bytes."""
+TEXT = ToolPlan()  # /llm offers no tools
 
-    def __init__(self, model: str, tracker: ReplyTracker) -> None:
+
+class LivepeerReply:
+    """One /llm request's answer: an LLMResponse, or the contract's stream of them as JSON bytes.
+
+    With a ``reader`` (a reasoning model), the answer is the reader's text only.
+    """
+
+    def __init__(self, model: str, tracker: ReplyTracker, reader: AnswerReader | None = None) -> None:
         context = tracker.context
         self.tracker = tracker
+        self.reader = reader
         self.context = context
         self.completion_id = f"chatcmpl-{context.request_id}"
         self.model = model
@@ -75,22 +86,38 @@ class LivepeerReply:
         return self.event("", finish_reason="error", error=reason)
 
     async def whole(self, steps: AsyncIterator[GenerationStep]) -> LLMResponse:
+        reader = self.reader
         async for step in steps:
-            self.tracker.take(step)
+            for update in self.tracker.take(step):
+                if reader is not None:
+                    reader.feed(update.text, update.token_ids)
         [choice] = self.tracker.choices
+        text = choice.text
+        if reader is not None:
+            reader.finish(cut=choice.finish_reason == "length")
+            text = reader.content or ""
         prompt, completion, total = usage_of(self.context)
         return LLMResponse(
             id=self.completion_id, model=self.model, created=self.created,
             usage=LLMTokenUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total),
-            choices=[LLMChoice(index=0, message=LLMMessage(role="assistant", content=choice.text),
+            choices=[LLMChoice(index=0, message=LLMMessage(role="assistant", content=text),
                                finish_reason=self.context.finish_reason)],
         )
 
     async def events(self, steps: AsyncIterator[GenerationStep]) -> AsyncIterator[bytes]:
+        reader = self.reader
         try:
             async for step in steps:
                 for update in self.tracker.take(step):
-                    if update.text:
+                    if reader is not None:
+                        for event in reader.feed(update.text, update.token_ids):
+                            if isinstance(event, TextDelta):
+                                yield self.event(event.text)
+                        if update.finished:
+                            for event in reader.finish(cut=update.choice.finish_reason == "length"):
+                                if isinstance(event, TextDelta):
+                                    yield self.event(event.text)
+                    elif update.text:
                         yield self.event(update.text)
                     if update.finished:
                         yield self.event("", finish_reason=self.context.finish_reason)

@@ -1,14 +1,23 @@
-"""What the OpenAI-shaped APIs share: model lookup, request checks, sampling fields and stream framing."""
+"""What the OpenAI-shaped APIs share: model lookup, request checks, sampling fields and stream framing.
+
+Chat and text completions take vLLM's extra parameters as its OpenAI server
+does (``ignore_eos``, ``min_tokens``, ``structured_outputs``, ...), so clients
+written for ``vllm serve`` work unchanged; a parameter neither OpenAI nor vLLM
+defines is a 400 naming it (the schemas forbid unknown fields).
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic_core import to_json
 
 from pipelines.llm.api import LLMAPI
+from pipelines.llm.conversation import require_turns, turn
 from pipelines.llm.engine import Sampling
-from pipelines.llm.replies import usage_json
+from pipelines.llm.replies import PromptLogprobs, usage_json
+from pipelines.llm.schema import PromptLogprob
 from pipelines.llm.served_models import ServedModel
 from runner.pipeline import OperationError, RequestContext
 from runner.routes import openai_error_document
@@ -75,8 +84,12 @@ class OpenAIAPI(LLMAPI):
         return requested if requested is not None else max(1, self.generation.max_model_len - len(prompt))
 
     def sampling(self, request: Any, max_tokens: int, **only: Any) -> Sampling:
-        """The sampling fields both OpenAI requests share, OpenAI's defaults for those left out, and ``only`` theirs."""
+        """The sampling fields both OpenAI requests share (vLLM's extras included), OpenAI's and vLLM's defaults for
+        those left out, and ``only`` theirs."""
+        refuse_unserved(request)
         stop = request.stop
+        if request.prompt_logprobs is not None and request.stream and request.prompt_logprobs != 0:
+            raise bad("prompt_logprobs are not available with stream: true", "prompt_logprobs")
         return Sampling(
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -90,5 +103,105 @@ class OpenAIAPI(LLMAPI):
             frequency_penalty=request.frequency_penalty or 0.0,
             repetition_penalty=request.repetition_penalty or 1.0,
             logit_bias=self.logit_bias(request.logit_bias),
+            min_tokens=request.min_tokens or 0,
+            ignore_eos=bool(request.ignore_eos),
+            stop_token_ids=list(request.stop_token_ids or ()),
+            include_stop_str_in_output=bool(request.include_stop_str_in_output),
+            skip_special_tokens=request.skip_special_tokens is not False,
+            spaces_between_special_tokens=request.spaces_between_special_tokens is not False,
+            prompt_logprobs=request.prompt_logprobs,
+            bad_words=list(request.bad_words or ()),
+            allowed_token_ids=list(request.allowed_token_ids) if request.allowed_token_ids is not None else None,
             **only,
         )
+
+
+def refuse_unserved(request: Any) -> None:
+    """vLLM's parameters this runner accepts only at the value that asks for nothing it does not serve."""
+    if request.use_beam_search:
+        raise bad("use_beam_search: beam search is not served here", "use_beam_search")
+    if request.priority:
+        raise bad("priority: this runner schedules first come, first served (vLLM's default), so only 0 is "
+                  "accepted", "priority")
+
+
+def structured_outputs(request: Any, schema: dict | None = None, json_object: bool = False) -> dict[str, Any]:
+    """The request's structured-outputs constraint as Sampling fields: ``schema``/``json_object`` (from a tool plan
+    or response_format) or vLLM's ``structured_outputs``, one constraint at most."""
+    fields: dict[str, Any] = {}
+    given = request.structured_outputs
+    if given is not None:
+        constraints = {name: value for name, value in (
+            ("json", given.json_), ("regex", given.regex), ("choice", given.choice), ("grammar", given.grammar),
+            ("json_object", given.json_object or None), ("structural_tag", given.structural_tag))
+            if value is not None}
+        if len(constraints) > 1:
+            raise bad(f"structured_outputs: one constraint at a time, not {' and '.join(constraints)}",
+                      "structured_outputs")
+        if constraints and (schema is not None or json_object):
+            raise bad("structured_outputs and response_format (or forced tool calls) both constrain the answer: "
+                      "ask for one", "structured_outputs")
+        for name, value in constraints.items():
+            if name in ("json", "structural_tag") and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise bad(f"structured_outputs.{name} is not JSON", f"structured_outputs.{name}") from None
+            fields["json_schema" if name == "json" else name] = value
+        fields.update(disable_any_whitespace=bool(given.disable_any_whitespace),
+                      disable_additional_properties=bool(given.disable_additional_properties),
+                      whitespace_pattern=given.whitespace_pattern)
+    if schema is not None:
+        fields["json_schema"] = schema
+    if json_object:
+        fields["json_object"] = True
+    return fields
+
+
+def response_format_constraint(response_format: Any) -> tuple[dict | None, bool]:
+    """A response_format as (JSON schema, JSON object wanted)."""
+    if response_format is None or response_format.type == "text":
+        return None, False
+    if response_format.type == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise bad("response_format json_schema needs json_schema.schema", "response_format")
+        return response_format.json_schema.schema_, False
+    return None, True
+
+
+def prompt_logprobs_json(entries: PromptLogprobs | None) -> list[dict[str, PromptLogprob] | None] | None:
+    """vLLM's prompt_logprobs in a response: per prompt token, each candidate by its token id."""
+    if entries is None:
+        return None
+    return [None if entry is None else {str(token_id): PromptLogprob(logprob=logprob, rank=rank, decoded_token=text)
+                                        for token_id, (logprob, rank, text) in entry.items()}
+            for entry in entries]
+
+
+def chat_turns(messages: list[Any]) -> list[dict]:
+    """OpenAI chat messages as the template's turns (text parts only)."""
+    require_turns(messages)
+    turns = []
+    for index, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part_index, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad(
+                        f"content parts of type {part.type!r} are not supported: this model reads text parts only",
+                        f"messages.[{index}].content.[{part_index}].type",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        calls = [(call.id, call.function.name, call.function.arguments) for call in message.tool_calls or ()]
+        turns.append(turn(index, message.role, content, tool_call_id=message.tool_call_id, name=message.name,
+                          tool_calls=calls))
+    return turns
+
+
+def generation_prompt(request) -> bool:
+    """add_generation_prompt: true unless set false, or left out when the last message is continued."""
+    if request.add_generation_prompt is not None:
+        return request.add_generation_prompt
+    return not request.continue_final_message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -26,6 +27,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from pipelines.llm.engine import Adapter, AdapterRefused, Sampling, SamplingRefused
+from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser, reasoning_parser_names
 from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser, tool_parser_names
 
 log = structlog.get_logger(__name__)
@@ -136,11 +138,6 @@ class VLLMEngine:
         # -1, 0 and anything from the vocabulary's size up all mean "off"; a top_k
         # beyond 64 bits would not even reach the engine.
         top_k = 0 if sampling.top_k == -1 or sampling.top_k >= self.vocab_size else sampling.top_k
-        structured = None
-        if sampling.json_schema is not None:
-            structured = StructuredOutputsParams(json=sampling.json_schema)
-        elif sampling.json_object:
-            structured = StructuredOutputsParams(json_object=True)
         try:
             return SamplingParams(
                 n=sampling.n,
@@ -149,22 +146,39 @@ class VLLMEngine:
                 top_k=top_k,
                 min_p=sampling.min_p,
                 max_tokens=sampling.max_tokens,
+                min_tokens=sampling.min_tokens,
+                ignore_eos=sampling.ignore_eos,
                 stop=sampling.stop or None,
+                stop_token_ids=sampling.stop_token_ids or None,
+                include_stop_str_in_output=sampling.include_stop_str_in_output,
+                skip_special_tokens=sampling.skip_special_tokens,
+                spaces_between_special_tokens=sampling.spaces_between_special_tokens,
                 seed=sampling.seed,
                 presence_penalty=sampling.presence_penalty,
                 frequency_penalty=sampling.frequency_penalty,
                 repetition_penalty=sampling.repetition_penalty,
                 logit_bias=sampling.logit_bias,
                 logprobs=sampling.logprobs,
-                structured_outputs=structured,
+                prompt_logprobs=sampling.prompt_logprobs,
+                bad_words=sampling.bad_words or None,
+                allowed_token_ids=sampling.allowed_token_ids,
+                structured_outputs=structured_outputs(sampling),
                 output_kind=RequestOutputKind.DELTA,  # only new tokens each step: nothing to diff
             )
-        except (VLLMClientError, ValueError) as exc:
+        except (VLLMClientError, ValueError, TypeError) as exc:
             raise SamplingRefused(str(exc)) from None
 
     def generate(self, prompt: list[int], sampling: Sampling, request_id: str,
                  adapter: Adapter | None = None) -> AsyncIterator[RequestOutput]:
         params = self.sampling_params(sampling)
+        # The checks the engine makes when it takes the request (token ids in range, a grammar that compiles), made
+        # now: they are the client's mistakes, and the engine takes the request only when the iterator is first read.
+        config = self.engine.vllm_config
+        try:
+            params.verify(self.engine.model_config, config.speculative_config, config.structured_outputs_config,
+                          self.tokenizer)
+        except (VLLMClientError, ValueError, TypeError) as exc:
+            raise SamplingRefused(str(exc)) from None
         return self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id,
                                     lora_request=None if adapter is None else lora_request(adapter))
 
@@ -183,8 +197,36 @@ class VLLMEngine:
     def tool_parser(self, name: str) -> ToolCallParser:
         return ToolCallParser(name, self.tokenizer)
 
+    def reasoning_parser_names(self) -> list[str]:
+        return reasoning_parser_names()
+
+    def reasoning_parser(self, name: str) -> ReasoningParser:
+        return ReasoningParser(name, self.tokenizer)
+
     def metrics_registry(self) -> CollectorRegistry:
         return self.registry
 
     def shutdown(self) -> None:
         self.engine.shutdown(ENGINE_SHUTDOWN_TIMEOUT)
+
+
+def structured_outputs(sampling: Sampling) -> StructuredOutputsParams | None:
+    """The request's structured-outputs constraint in vLLM's terms, or None for free text."""
+    constraint: dict = {}
+    if sampling.json_schema is not None:
+        constraint["json"] = sampling.json_schema
+    if sampling.json_object:
+        constraint["json_object"] = True
+    for name in ("regex", "choice", "grammar"):
+        if getattr(sampling, name) is not None:
+            constraint[name] = getattr(sampling, name)
+    if sampling.structural_tag is not None:
+        constraint["structural_tag"] = json.dumps(sampling.structural_tag)
+    if not constraint:
+        return None
+    return StructuredOutputsParams(
+        **constraint,
+        disable_any_whitespace=sampling.disable_any_whitespace,
+        disable_additional_properties=sampling.disable_additional_properties,
+        whitespace_pattern=sampling.whitespace_pattern,
+    )

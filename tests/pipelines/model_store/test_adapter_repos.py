@@ -2,7 +2,7 @@
 
 An adapter repository has adapter_config.json and adapter_model.safetensors
 and no config.json; it is found, downloaded, resumed and prefetched as a model
-is (tests/pipelines/test_model_store.py proves those paths for models).
+is (test_resolve.py and test_runner_downloads.py prove those paths for models).
 """
 
 from __future__ import annotations

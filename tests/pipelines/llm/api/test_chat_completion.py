@@ -307,38 +307,24 @@ async def test_bad_parameters_are_400_with_the_param_before_the_engine(sdk, engi
     assert engine.submitted == []
 
 
-async def test_tool_choice_auto_without_a_parser_says_what_to_set(sdk, model):
-    with pytest.raises(openai.BadRequestError) as refused:
-        await sdk.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL])
-    assert refused.value.body["param"] == "tool_choice" and "TOOL_CALL_PARSER" in refused.value.body["message"]
+async def test_tool_choice_auto_reads_calls_with_the_models_parser_or_gives_the_text(aiohttp_client, tmp_path):
+    from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser
 
-
-async def test_tool_choice_auto_reads_calls_with_the_models_parser(aiohttp_client, tmp_path):
-    class BracketParser:
-        """Calls written as name(arguments); anything else is content."""
-
-        name = "brackets"
-
-        def extract(self, text, request):
-            if "(" not in text:
-                return text, []
-            name, arguments = text.rstrip(")").split("(", 1)
-            return None, [(name, arguments)]
-
-    engine = FakeEngine(tool_parsers={"brackets": BracketParser()})
+    engine = FakeEngine(tool_parsers={"hermes": ToolCallParser("hermes", FakeTokenizer())})
     served = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
-                                                        llm_settings(TOOL_CALL_PARSER="brackets")))
+                                                        llm_settings(TOOL_CALL_PARSER="hermes")))
     async with openai.AsyncOpenAI(base_url=str(served.make_url("/v1")), api_key="x", max_retries=0) as sdk:
-        engine.script = scripted_text('get_weather({"city": "Paris"})')
+        engine.script = scripted_text('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
         answer = await sdk.chat.completions.create(model=str(tmp_path / "model"), messages=QUESTION,
                                                    tools=[WEATHER_TOOL])
         [call] = answer.choices[0].message.tool_calls
-        assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
         assert answer.choices[0].finish_reason == "tool_calls"
         engine.script = scripted_text("Just text.")
         answer = await sdk.chat.completions.create(model=str(tmp_path / "model"), messages=QUESTION,
                                                    tools=[WEATHER_TOOL])
         assert answer.choices[0].message.content == "Just text." and answer.choices[0].finish_reason == "stop"
+        assert not answer.choices[0].message.tool_calls
 
 
 async def test_another_model_is_404_model_not_found(sdk, engine):

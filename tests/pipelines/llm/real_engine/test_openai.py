@@ -241,12 +241,6 @@ async def test_a_follow_up_with_the_tool_message_is_answered(default):
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
 
 
-async def test_auto_without_a_parser_for_the_model_says_so(default):
-    with pytest.raises(openai.BadRequestError) as refused:
-        await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, tools=[WEATHER_TOOL])
-    assert refused.value.body["param"] == "tool_choice" and "TOOL_CALL_PARSER" in refused.value.body["message"]
-
-
 # 3. Sampling parameters (the tiny model: its text runs to max_tokens)
 
 

@@ -144,6 +144,7 @@ CASES = {
 NOT_ENGINE_ARGUMENTS = {
     "MAX_WAITING_REQUESTS": "the runner's admission (runner/state.py)",
     "TOOL_CALL_PARSER": "a vLLM tool parser chosen by name (vllm_backend/tool_parsers.py)",
+    "REASONING_PARSER": "a vLLM reasoning parser chosen by name (vllm_backend/reasoning_parsers.py)",
     "MASTER_WAIT_TIMEOUT": "how long the host waits for the nodes (host.py, worker_node.py)",
     "RAY_ADDRESS": "the Ray cluster the engine's processes join, through their environment",
     "VLLM_CACHE_ROOT": "read by vLLM's processes from their environment (layout.engine_environment)",

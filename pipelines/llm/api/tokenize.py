@@ -1,0 +1,69 @@
+"""``POST /tokenize`` and ``POST /detokenize``: vLLM's tokenizer endpoints, in its shapes.
+
+A ``prompt`` is encoded as /v1/completions encodes it; chat ``messages`` are
+rendered by the same chat-template step as /v1/chat/completions (tools as
+chat renders them with tool_choice left out, chat_template_kwargs,
+add_generation_prompt and continue_final_message included), so the count is
+what the engine would be given. Nothing reaches the
+engine: only its tokenizer is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pipelines.llm import schema
+from pipelines.llm.api import spec_operations
+from pipelines.llm.api.openai_base import OpenAIAPI, bad, chat_turns, generation_prompt
+from pipelines.llm.schema import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from pipelines.llm.tools import plan_tools
+from runner.pipeline import RequestContext, Serve
+
+
+class TokenizeAPI(OpenAIAPI):
+    OPERATIONS = spec_operations(schema.OPERATIONS, "tokenize", "detokenize")
+
+    def operations(self) -> Mapping[str, Serve]:
+        return {"tokenize": self.tokenize, "detokenize": self.detokenize}
+
+    def check_model(self, name: str | None) -> None:
+        if name:  # vLLM's: a model given must be one served here; none given is the base model
+            self.served(name)
+
+    async def tokenize(self, request: TokenizeRequest, context: RequestContext) -> TokenizeResponse:
+        self.check_model(request.model)
+        generation = self.generation
+        if (request.prompt is None) == (request.messages is None):
+            raise bad("give either prompt (a text) or messages (a chat), not both or neither",
+                      "messages" if request.messages is not None else "prompt")
+        if request.chat_template is not None:
+            raise bad("chat_template: this runner renders the model's own chat template only", "chat_template")
+        if request.prompt is not None:
+            chat_only = [name for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+                                           "tools") if getattr(request, name) is not None]
+            if chat_only:
+                raise bad(f"{chat_only[0]} applies to messages, not to a prompt", chat_only[0])
+            tokens = generation.encode(request.prompt, add_special_tokens=request.add_special_tokens is not False)
+        else:
+            tools = [tool.model_dump(exclude_none=True, by_alias=True) for tool in request.tools or []]
+            # As chat completions render these tools, with tool_choice left out.
+            plan = plan_tools(tools, None, None, generation.tool_parser is not None)
+            tokens = generation.render_chat(
+                chat_turns(request.messages), plan.template_tools, instructions=plan.instructions,
+                add_generation_prompt=generation_prompt(request),
+                continue_final_message=bool(request.continue_final_message),
+                chat_template_kwargs=request.chat_template_kwargs,
+                add_special_tokens=bool(request.add_special_tokens),
+            )
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=generation.max_model_len, tokens=tokens,
+            token_strs=generation.token_strings(tokens) if request.return_token_strs else None,
+        )
+
+    async def detokenize(self, request: DetokenizeRequest, context: RequestContext) -> DetokenizeResponse:
+        self.check_model(request.model)
+        vocab = self.generation.vocab_size
+        unknown = [token for token in request.tokens if token >= vocab]
+        if unknown:
+            raise bad(f"tokens: {unknown[0]} is not a token id of this model (0 to {vocab - 1})", "tokens")
+        return DetokenizeResponse(prompt=self.generation.decode(request.tokens))
