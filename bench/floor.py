@@ -102,7 +102,7 @@ class SteppedEngine:
                 await queue.get()
                 finished = produced == params.max_tokens
                 completion = SimpleNamespace(index=0, logprobs=None, token_ids=[17], text=" word",
-                                             finish_reason="length" if finished else None)
+                                             finish_reason="length" if finished else None, stop_reason=None)
                 yield SimpleNamespace(prompt_token_ids=prompt, finished=finished, outputs=[completion])
         finally:
             self.waiting.discard(queue)
