@@ -150,6 +150,9 @@ def conversation(request: AnthropicMessagesRequest | AnthropicCountTokensRequest
         if isinstance(content, str):
             turns.append(turn(index, message.role, content))
             continue
+        if not content and message.role != "assistant":
+            raise bad(f"messages.{index}.content: a {message.role} message needs at least one content block",
+                      f"messages.{index}.content")
         texts: list[str] = []
         calls: list[tuple[str, str, str]] = []
         results: list[dict] = []

@@ -391,6 +391,7 @@ BAD = [
     ({"messages": []}, "at least one message"),
     ({"messages": [{"role": "tool", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages.0.content: a user message needs at least one"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 4096}, "MAX_MODEL_LEN"),
     ({"temperature": 1.5}, "temperature"),
