@@ -134,7 +134,8 @@ class Report:
         self.facts = facts
         self.startups = startups
         self.results = results
-        self.systems = [name for name in ("engine", "runner", "runner-v1", "vllm-serve") if name in startups]
+        self.systems = [name for name in ("engine", "runner", "runner-v1", "runner-messages", "vllm-serve",
+                                          "vllm-serve-messages") if name in startups]
         grouped: dict[tuple[str, int], list[LevelResult]] = defaultdict(list)
         for result in results:
             grouped[result.system, result.concurrency].append(result)
@@ -164,7 +165,9 @@ class Report:
         lines += ["", "Systems: **engine** is vLLM's `AsyncLLM` driven in the bench process with no HTTP (the ceiling); "
                   "**runner** is `python -m runner`, `POST /llm` with `stream: true`; **vllm-serve** is `vllm serve`, "
                   "`POST /v1/chat/completions` with `stream: true`. All three on the same model and engine "
-                  "arguments, up at the same time (idle while another is measured), reached over 127.0.0.1."]
+                  "arguments, up at the same time (idle while another is measured), reached over 127.0.0.1. "
+                  "**runner-v1** and **runner-messages** are the runner's own process on `POST /v1/chat/completions` "
+                  "and Anthropic's `POST /v1/messages` (**vllm-serve-messages**: vllm serve's), streamed."]
         lines += ["", "## Start-up", "", "| system | launch to first answer | launch to first /health answer |",
                   "| --- | --- | --- |"]
         for name in self.systems:
@@ -364,6 +367,9 @@ class Report:
         openai = {"runner-v1", "vllm-serve"} <= set(self.systems)
         if openai:
             headings += ["tok/s runner-v1/vllm-serve", "API CPU runner-v1/vllm-serve"]
+        messages = {"runner-messages", "runner-v1"} <= set(self.systems)
+        if messages:
+            headings += ["API CPU runner-messages/runner-v1"]
         lines = ["", "## Ratios of the medians", "", "| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
         for concurrency in self.levels():
             row = [str(concurrency)]
@@ -376,6 +382,8 @@ class Report:
             if openai:
                 row += [f"{self.ratio('tokens_per_s', concurrency, 'vllm-serve', 'runner-v1'):.3f}",
                         f"{self.ratio('api_cpu_ms_per_token', concurrency, 'vllm-serve', 'runner-v1'):.2f}"]
+            if messages:
+                row.append(f"{self.ratio('api_cpu_ms_per_token', concurrency, 'runner-v1', 'runner-messages'):.2f}")
             lines.append("| " + " | ".join(row) + " |")
         return lines
 
@@ -394,6 +402,13 @@ class Report:
                     theirs = self.median("vllm-serve", concurrency, "api_cpu_ms_per_token")
                     found.append((mine <= theirs, f"runner /v1 API CPU per output token at c={concurrency} ≤ "
                                                   f"vllm-serve's: {mine:.3f} vs {theirs:.3f} ms"))
+        if {"runner-messages", "runner-v1"} <= have:
+            for concurrency in self.levels():
+                mine = self.median("runner-messages", concurrency, "api_cpu_ms_per_token")
+                chat = self.median("runner-v1", concurrency, "api_cpu_ms_per_token")
+                found.append((mine <= 1.1 * chat, f"runner /v1/messages API CPU per output token at c={concurrency} "
+                                                  f"≤ 1.1 × /v1/chat/completions': {mine:.3f} vs {chat:.3f} ms "
+                                                  f"({mine / chat:.2f}x)"))
         if {"runner", "engine"} <= have:
             for concurrency, bound in ((64, "engine + 0.015"), (32, "0.06")):
                 if concurrency in self.levels():

@@ -7,7 +7,9 @@ names the process whose CPU time is its API's cost, and stops.
 - ``EngineSystem``: vLLM's ``AsyncLLM`` in this process, no HTTP: the ceiling.
 - ``RunnerSystem``: ``python -m runner``, ``POST /llm`` with ``stream: true``.
 - ``RunnerOpenAISystem``: the same runner process, ``POST /v1/chat/completions`` with ``stream: true``.
+- ``RunnerMessagesSystem``: the same runner process, Anthropic's ``POST /v1/messages`` with ``stream: true``.
 - ``VllmServeSystem``: ``vllm serve``, ``POST /v1/chat/completions`` with ``stream: true``.
+- ``VllmServeMessagesSystem``: the same ``vllm serve`` process, ``POST /v1/messages`` with ``stream: true``.
 
 The bench imports vLLM (through ``pipelines.llm.vllm_backend``) only to build the
 engine arguments, and adds that import's time to the engine's start, since the
@@ -287,25 +289,68 @@ class OpenAIStreaming(HttpSystem):
                 record.finish(finish_reason, usage["completion_tokens"], usage["prompt_tokens"])
 
 
-class RunnerOpenAISystem(OpenAIStreaming):
-    """The runner's OpenAI API: the runner system's own process, so it starts with it."""
+class MessagesStreaming(HttpSystem):
+    """A server's Anthropic /v1/messages, streamed: the runner's and vllm serve's alike.
 
-    name = "runner-v1"
+    The chat's system message is Anthropic's top-level ``system``; the text is
+    each ``text_delta``, the finish and token counts are ``message_delta``'s, and
+    ``message_stop`` ends the stream (Anthropic's streams have no ``[DONE]``).
+    """
 
-    def __init__(self, runner: RunnerSystem) -> None:
-        self.runner = runner
-        self.model_id = runner.model_id
-        self.server = runner.server
+    model_id: str
+    STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+
+    async def stream(self, session, messages, max_tokens, record) -> None:
+        system = "".join(message["content"] for message in messages if message["role"] == "system")
+        body = {
+            "model": self.model_id, "messages": [message for message in messages if message["role"] != "system"],
+            "max_tokens": max_tokens, "temperature": 0, "top_p": 1, "stream": True,
+            **({"system": system} if system else {}),
+        }
+        async for event in self.events(session, "/v1/messages", body, record):
+            kind = event["type"]
+            if kind == "content_block_delta" and event["delta"].get("text"):
+                record.chunk(event["delta"]["text"])
+            elif kind == "message_delta":
+                usage = event["usage"]
+                record.finish(self.STOP_REASONS.get(event["delta"]["stop_reason"], event["delta"]["stop_reason"]),
+                              usage["output_tokens"], usage["input_tokens"])
+            elif kind == "message_stop":
+                record.done = True
+            elif kind == "error":
+                raise RuntimeError(f"the stream failed: {event['error']}")
+
+
+class SecondAPI(HttpSystem):
+    """Another API of a server that another system starts and stops: it starts with it."""
+
+    def __init__(self, host: HttpSystem) -> None:
+        self.host = host
+        self.model_id = host.model_id
+        self.server = host.server
 
     async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
         if self.server.process is None:
-            raise StartFailed("runner-v1 runs on the runner system's process: BENCH_SYSTEMS needs runner before it")
+            raise StartFailed(f"{self.name} runs on the {self.host.name} system's process: BENCH_SYSTEMS needs "
+                              f"{self.host.name} before it")
         started = time.perf_counter()
         await asyncio.wait_for(self.answer_once(session), timeout)
         return Startup(first_answer_s=time.perf_counter() - started)
 
     async def stop(self) -> None:
-        pass  # the runner system stops the process
+        pass  # the host system stops the process
+
+
+class RunnerOpenAISystem(SecondAPI, OpenAIStreaming):
+    """The runner's OpenAI API: the runner system's own process, so it starts with it."""
+
+    name = "runner-v1"
+
+
+class RunnerMessagesSystem(SecondAPI, MessagesStreaming):
+    """The runner's Anthropic Messages API, on the runner system's process."""
+
+    name = "runner-messages"
 
 
 class VllmServeSystem(OpenAIStreaming):
@@ -317,3 +362,9 @@ class VllmServeSystem(OpenAIStreaming):
         command = [sys.executable, "-m", "bench.vllm_serve", *engine_flags, "--host", "127.0.0.1",
                    "--port", str(port), "--disable-uvicorn-access-log"]
         self.server = ServerProcess("vllm-serve", command, env, log_dir / "vllm-serve.log", port)
+
+
+class VllmServeMessagesSystem(SecondAPI, MessagesStreaming):
+    """vllm serve's Anthropic Messages API, on the vllm-serve system's process."""
+
+    name = "vllm-serve-messages"
