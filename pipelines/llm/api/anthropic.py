@@ -91,8 +91,8 @@ class AnthropicAPI(LLMAPI):
             stop=list(request.stop_sequences or ()),
             json_schema=plan.schema,
         )
-        steps = self.generation.start(prompt, sampling, context, model)
         body = chat_body(model.id, turns, plan) if plan.mode == "auto" else None
+        steps = self.generation.start(prompt, sampling, context, model)
         reply = MessageReply(AnswerReader(plan, self.generation.tool_parser, body), model.id,
                              ReplyTracker(context, [len(prompt)]))
         if request.stream:
