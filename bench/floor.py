@@ -107,7 +107,7 @@ class SteppedEngine:
                 await queue.get()
                 finished = produced == params.max_tokens
                 completion = SimpleNamespace(index=0, logprobs=None, token_ids=[17], text=" word",
-                                             finish_reason="length" if finished else None)
+                                             finish_reason="length" if finished else None, stop_reason=None)
                 yield SimpleNamespace(prompt_token_ids=prompt, prompt_logprobs=None, finished=finished,
                                       outputs=[completion])
         finally:

@@ -124,6 +124,10 @@ def median_and_range(values: list[float]) -> tuple[float, float, float]:
 COLD_COMPILED, WARM_COMPILED = "runner compiled, empty cache", "runner compiled, restarted"
 
 
+# The runner's other streamed APIs, each held to 1.1x of /v1/chat/completions' API CPU per output token.
+SECOND_RUNNER_APIS = {"runner-responses": "/v1/responses", "runner-messages": "/v1/messages"}
+
+
 class Report:
     def __init__(self, config: BenchConfig, facts: dict[str, str], startups: dict[str, Startup],
                  results: list[LevelResult], alone: dict[str, list[Startup]] | None = None,
@@ -134,8 +138,8 @@ class Report:
         self.facts = facts
         self.startups = startups
         self.results = results
-        self.systems = [name for name in ("engine", "runner", "runner-v1", "runner-responses", "vllm-serve")
-                        if name in startups]
+        self.systems = [name for name in ("engine", "runner", "runner-v1", "runner-responses", "runner-messages",
+                                          "vllm-serve", "vllm-serve-messages") if name in startups]
         grouped: dict[tuple[str, int], list[LevelResult]] = defaultdict(list)
         for result in results:
             grouped[result.system, result.concurrency].append(result)
@@ -164,10 +168,11 @@ class Report:
         lines += [f"- **{key}**: {value}" for key, value in self.facts.items()]
         lines += ["", "Systems: **engine** is vLLM's `AsyncLLM` driven in the bench process with no HTTP (the ceiling); "
                   "**runner** is `python -m runner`, `POST /llm` with `stream: true`; **vllm-serve** is `vllm serve`, "
-                  "`POST /v1/chat/completions` with `stream: true`; **runner-v1** and **runner-responses** are the "
-                  "runner's own process, `POST /v1/chat/completions` and `POST /v1/responses` with `stream: true`. "
-                  "All on the same model and engine "
-                  "arguments, up at the same time (idle while another is measured), reached over 127.0.0.1."]
+                  "`POST /v1/chat/completions` with `stream: true`. All three on the same model and engine "
+                  "arguments, up at the same time (idle while another is measured), reached over 127.0.0.1. "
+                  "**runner-v1**, **runner-responses** and **runner-messages** are the runner's own process on "
+                  "`POST /v1/chat/completions`, `POST /v1/responses` and Anthropic's `POST /v1/messages` "
+                  "(**vllm-serve-messages**: vllm serve's), streamed."]
         lines += ["", "## Start-up", "", "| system | launch to first answer | launch to first /health answer |",
                   "| --- | --- | --- |"]
         for name in self.systems:
@@ -374,9 +379,8 @@ class Report:
         openai = {"runner-v1", "vllm-serve"} <= set(self.systems)
         if openai:
             headings += ["tok/s runner-v1/vllm-serve", "API CPU runner-v1/vllm-serve"]
-        responses = {"runner-responses", "runner-v1"} <= set(self.systems)
-        if responses:
-            headings += ["API CPU runner-responses/runner-v1"]
+        second = [name for name in SECOND_RUNNER_APIS if {name, "runner-v1"} <= set(self.systems)]
+        headings += [f"API CPU {name}/runner-v1" for name in second]
         lines = ["", "## Ratios of the medians", "", "| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
         for concurrency in self.levels():
             row = [str(concurrency)]
@@ -389,8 +393,8 @@ class Report:
             if openai:
                 row += [f"{self.ratio('tokens_per_s', concurrency, 'vllm-serve', 'runner-v1'):.3f}",
                         f"{self.ratio('api_cpu_ms_per_token', concurrency, 'vllm-serve', 'runner-v1'):.2f}"]
-            if responses:
-                row.append(f"{self.ratio('api_cpu_ms_per_token', concurrency, 'runner-v1', 'runner-responses'):.2f}")
+            for name in second:
+                row.append(f"{self.ratio('api_cpu_ms_per_token', concurrency, 'runner-v1', name):.2f}")
             lines.append("| " + " | ".join(row) + " |")
         return lines
 
@@ -409,13 +413,14 @@ class Report:
                     theirs = self.median("vllm-serve", concurrency, "api_cpu_ms_per_token")
                     found.append((mine <= theirs, f"runner /v1 API CPU per output token at c={concurrency} ≤ "
                                                   f"vllm-serve's: {mine:.3f} vs {theirs:.3f} ms"))
-        if {"runner-responses", "runner-v1"} <= have:
-            for concurrency in self.levels():
-                mine = self.median("runner-responses", concurrency, "api_cpu_ms_per_token")
-                chat = self.median("runner-v1", concurrency, "api_cpu_ms_per_token")
-                found.append((mine <= 1.1 * chat, f"runner /v1/responses API CPU per output token within 1.1x of "
-                                                  f"/v1/chat/completions' at c={concurrency}: {mine:.3f} vs "
-                                                  f"{chat:.3f} ms ({mine / chat:.2f}x)"))
+        for name, path in SECOND_RUNNER_APIS.items():
+            if {name, "runner-v1"} <= have:
+                for concurrency in self.levels():
+                    mine = self.median(name, concurrency, "api_cpu_ms_per_token")
+                    chat = self.median("runner-v1", concurrency, "api_cpu_ms_per_token")
+                    found.append((mine <= 1.1 * chat, f"runner {path} API CPU per output token within 1.1x of "
+                                                      f"/v1/chat/completions' at c={concurrency}: {mine:.3f} vs "
+                                                      f"{chat:.3f} ms ({mine / chat:.2f}x)"))
         if {"runner", "engine"} <= have:
             for concurrency, bound in ((64, "engine + 0.015"), (32, "0.06")):
                 if concurrency in self.levels():

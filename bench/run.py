@@ -10,7 +10,8 @@ passes with their ranges, in ``bench/results.md`` and ``bench/results.png``.
 Knobs (environment): MODEL_ID, MODEL_DIR, KV_CACHE_GIB (1), BENCH_PASSES (3),
 BENCH_CONCURRENCY (1,8,32,64), BENCH_MAX_TOKENS (64), BENCH_MIN_REQUESTS (4)
 and BENCH_ROUNDS (1): a level sends max(MIN_REQUESTS, ROUNDS x concurrency)
-requests; BENCH_SYSTEMS (engine,runner,runner-v1,runner-responses,vllm-serve), BENCH_OUTPUT
+requests; BENCH_SYSTEMS (engine,runner,runner-v1,runner-responses,runner-messages,vllm-serve; also
+vllm-serve-messages, vllm serve's /v1/messages), BENCH_OUTPUT
 (bench/results.md), BENCH_TIME_LIMIT (3600 s: a measurement that would end past
 it is skipped, and the report says so), BENCH_SETTLE (1.2 s between two
 measurements), BENCH_REQUEST_TIMEOUT (300 s), BENCH_START_TIMEOUT (600 s),
@@ -48,18 +49,27 @@ from bench.report import COLD_COMPILED, WARM_COMPILED, Report, machine_facts
 from bench.systems import (
     ROOT,
     EngineSystem,
+    RunnerMessagesSystem,
     RunnerOpenAISystem,
     RunnerResponsesSystem,
     RunnerSystem,
     Startup,
     System,
-    VllmServeResponses,
+    VllmServeMessagesSystem,
+    VllmServeResponsesSystem,
     VllmServeSystem,
 )
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SYSTEM_NAMES = ("engine", "runner", "runner-v1", "runner-responses", "vllm-serve")
-ON_THE_RUNNERS_PROCESS = ("runner-v1", "runner-responses")  # the runner's other APIs: they start with it
+SYSTEM_NAMES = ("engine", "runner", "runner-v1", "runner-responses", "runner-messages", "vllm-serve",
+                "vllm-serve-messages")
+DEFAULT_SYSTEMS = ("engine", "runner", "runner-v1", "runner-responses", "runner-messages", "vllm-serve")
+# APIs of another system's process: they start and stop with it.
+SECOND_APIS = {"runner-v1", "runner-responses", "runner-messages", "vllm-serve-messages", "vllm-serve-responses"}
+# Each parity line: the runner's API against vllm serve's same API, at temperature 0.
+PARITY = (("runner-v1", "vllm-serve", "runner /v1"),
+          ("runner-responses", "vllm-serve-responses", "runner /v1/responses"),
+          ("runner-messages", "vllm-serve-messages", "runner /v1/messages"))
 WARM_UP_CONCURRENCY = 36  # every prompt at once
 STOP_ALLOWANCE = 30  # seconds kept back from BENCH_TIME_LIMIT to stop the systems and write the report
 WARM_UP_MAX_TOKENS = 4
@@ -94,7 +104,7 @@ class BenchConfig:
 
     @classmethod
     def from_env(cls) -> BenchConfig:
-        systems = [name.strip() for name in os.environ.get("BENCH_SYSTEMS", ",".join(SYSTEM_NAMES)).split(",")]
+        systems = [name.strip() for name in os.environ.get("BENCH_SYSTEMS", ",".join(DEFAULT_SYSTEMS)).split(",")]
         alone = [name.strip() for name in os.environ.get("BENCH_ALONE", "engine,runner").split(",") if name.strip()]
         for variable, names in (("BENCH_SYSTEMS", systems), ("BENCH_ALONE", alone)):
             unknown = set(names) - set(SYSTEM_NAMES)
@@ -182,16 +192,19 @@ def runner_engine_args(config: BenchConfig):
 
 def candidate_systems(config: BenchConfig, log_dir: Path, vllm_backend, engine_args, import_s: float
                       ) -> dict[str, System]:
-    """Every system the bench knows, not started; runner-v1 and runner-responses share the runner's process."""
+    """Every system the bench knows, not started; the second APIs share their server's process."""
     env = server_env(config)
     runner = RunnerSystem(config.model_id, config.model_dir, env, log_dir)
+    vllm_serve = VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir)
     return {
         # A copy: vLLM fills in the arguments it is started with, and serve_flags reads the ones the runner chose.
         "engine": EngineSystem(vllm_backend, copy.deepcopy(engine_args), import_s),
         "runner": runner,
         "runner-v1": RunnerOpenAISystem(runner),
         "runner-responses": RunnerResponsesSystem(runner),
-        "vllm-serve": VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir),
+        "runner-messages": RunnerMessagesSystem(runner),
+        "vllm-serve": vllm_serve,
+        "vllm-serve-messages": VllmServeMessagesSystem(vllm_serve),
     }
 
 
@@ -202,8 +215,8 @@ async def timed_starts(config: BenchConfig, session: aiohttp.ClientSession, log_
     Round robin rather than one system's starts in a row, so that a slow spell
     on the machine falls on every system; the report gives the medians.
     """
-    # runner-v1 and runner-responses are the runner's own process: their start is the runner's.
-    names = [name for name in config.systems if name in config.alone and name not in ON_THE_RUNNERS_PROCESS]
+    # A second API is its server's own process: its start is the server's.
+    names = [name for name in config.systems if name in config.alone and name not in SECOND_APIS]
     starts: dict[str, list[Startup]] = {name: [] for name in names}
     for round_index in range(config.starts):
         for name in names:
@@ -360,21 +373,18 @@ async def measure_growth(config: BenchConfig, session: aiohttp.ClientSession, lo
 
 
 async def output_parity(config: BenchConfig, systems: list[System], session: aiohttp.ClientSession) -> dict[str, str]:
-    """Every prompt at temperature 0 on the runner's /v1 and on vllm serve: the same text and token counts?
+    """Every prompt at temperature 0 on each of the runner's APIs and on vllm serve's same API: the same text
+    and token counts? (/v1/chat/completions, and Anthropic's /v1/messages, which vllm serve serves too.)
 
     Chat completions on both, and the Responses API on both when runner-responses
     runs. All prompts at once on each system in turn (one at a time would take
     most of an hour on a slow CPU): both servers see the same batch.
     """
     by_name = {system.name: system for system in systems}
-    if "vllm-serve" not in by_name:
-        return {}
-    pairs = []
-    if "runner-v1" in by_name:
-        pairs.append(("runner /v1 vs vllm serve", by_name["runner-v1"], by_name["vllm-serve"]))
-    if "runner-responses" in by_name:
-        pairs.append(("runner /v1/responses vs vllm serve /v1/responses", by_name["runner-responses"],
-                      VllmServeResponses(by_name["vllm-serve"])))
+    # vllm serve's other APIs, for their parity lines
+    for name, system in (("vllm-serve-messages", VllmServeMessagesSystem), ("vllm-serve-responses", VllmServeResponsesSystem)):
+        if "vllm-serve" in by_name and name not in by_name:
+            by_name[name] = system(by_name["vllm-serve"])
 
     async def answer(system: System, messages: list[dict]) -> tuple[str, int, int]:
         record = RequestRecord(sent=time.perf_counter())
@@ -384,19 +394,21 @@ async def output_parity(config: BenchConfig, systems: list[System], session: aio
         return "".join(record.text), record.prompt_tokens, record.output_tokens
 
     found = {}
-    for label, ours, theirs in pairs:
-        answers = []
-        for system in (ours, theirs):
+    for ours, theirs, label in PARITY:
+        if not {ours, theirs} <= by_name.keys():
+            continue
+        answers = {}
+        for name in (ours, theirs):
             await asyncio.sleep(config.settle)
-            answers.append(await asyncio.gather(*(answer(system, messages) for messages in chat_prompts())))
-        same = sum(mine == other for mine, other in zip(*answers))
-        line = (f"{same}/{len(answers[0])} prompts with the same text, prompt and output tokens "
-                f"(all {len(answers[0])} at once, max_tokens {config.max_tokens})")
-        print(f"output parity, {label} at temperature 0: {line}", flush=True)
-        for index, (mine, other) in enumerate(zip(*answers)):
+            answers[name] = await asyncio.gather(*(answer(by_name[name], messages) for messages in chat_prompts()))
+        same = sum(mine == other for mine, other in zip(answers[ours], answers[theirs]))
+        line = (f"{same}/{len(answers[ours])} prompts with the same text, prompt and output tokens "
+                f"(all {len(answers[ours])} at once, max_tokens {config.max_tokens})")
+        print(f"output parity, {label} against vllm serve at temperature 0: {line}", flush=True)
+        for index, (mine, other) in enumerate(zip(answers[ours], answers[theirs])):
             if mine != other:
-                print(f"  prompt {index}: {ours.name} {mine!r}\n            {theirs.name} {other!r}", flush=True)
-        found[f"output parity ({label}, temperature 0)"] = line
+                print(f"  prompt {index}: {ours} {mine!r}\n            {theirs} {other!r}", flush=True)
+        found[f"output parity ({label} vs vllm serve, temperature 0)"] = line
     return found
 
 

@@ -8,7 +8,9 @@ names the process whose CPU time is its API's cost, and stops.
 - ``RunnerSystem``: ``python -m runner``, ``POST /llm`` with ``stream: true``.
 - ``RunnerOpenAISystem``: the same runner process, ``POST /v1/chat/completions`` with ``stream: true``.
 - ``RunnerResponsesSystem``: the same runner process, ``POST /v1/responses`` with ``stream: true``.
+- ``RunnerMessagesSystem``: the same runner process, Anthropic's ``POST /v1/messages`` with ``stream: true``.
 - ``VllmServeSystem``: ``vllm serve``, ``POST /v1/chat/completions`` with ``stream: true``.
+- ``VllmServeMessagesSystem``: the same ``vllm serve`` process, ``POST /v1/messages`` with ``stream: true``.
 
 The bench imports vLLM (through ``pipelines.llm.vllm_backend``) only to build the
 engine arguments, and adds that import's time to the engine's start, since the
@@ -325,8 +327,40 @@ class ResponsesStreaming(HttpSystem):
                     record.failure = f"{kind}: {json.dumps(event)[:200]}"
 
 
-class OnAnotherSystemsProcess(HttpSystem):
-    """Another API of a server a system before it started: it starts and stops with that system."""
+class MessagesStreaming(HttpSystem):
+    """A server's Anthropic /v1/messages, streamed: the runner's and vllm serve's alike.
+
+    The chat's system message is Anthropic's top-level ``system``; the text is
+    each ``text_delta``, the finish and token counts are ``message_delta``'s, and
+    ``message_stop`` ends the stream (Anthropic's streams have no ``[DONE]``).
+    """
+
+    model_id: str
+    STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+
+    async def stream(self, session, messages, max_tokens, record) -> None:
+        system = "".join(message["content"] for message in messages if message["role"] == "system")
+        body = {
+            "model": self.model_id, "messages": [message for message in messages if message["role"] != "system"],
+            "max_tokens": max_tokens, "temperature": 0, "top_p": 1, "stream": True,
+            **({"system": system} if system else {}),
+        }
+        async for event in self.events(session, "/v1/messages", body, record):
+            kind = event["type"]
+            if kind == "content_block_delta" and event["delta"].get("text"):
+                record.chunk(event["delta"]["text"])
+            elif kind == "message_delta":
+                usage = event["usage"]
+                record.finish(self.STOP_REASONS.get(event["delta"]["stop_reason"], event["delta"]["stop_reason"]),
+                              usage["output_tokens"], usage["input_tokens"])
+            elif kind == "message_stop":
+                record.done = True
+            elif kind == "error":
+                raise RuntimeError(f"the stream failed: {event['error']}")
+
+
+class SecondAPI(HttpSystem):
+    """Another API of a server that another system starts and stops: it starts with it."""
 
     def __init__(self, host: HttpSystem) -> None:
         self.host = host
@@ -335,8 +369,8 @@ class OnAnotherSystemsProcess(HttpSystem):
 
     async def start(self, session: aiohttp.ClientSession, timeout: float) -> Startup:
         if self.server.process is None:
-            raise StartFailed(f"{self.name} runs on the {self.host.name} system's process: "
-                              f"BENCH_SYSTEMS needs {self.host.name} before it")
+            raise StartFailed(f"{self.name} runs on the {self.host.name} system's process: BENCH_SYSTEMS needs "
+                              f"{self.host.name} before it")
         started = time.perf_counter()
         await asyncio.wait_for(self.answer_once(session), timeout)
         return Startup(first_answer_s=time.perf_counter() - started)
@@ -345,22 +379,28 @@ class OnAnotherSystemsProcess(HttpSystem):
         pass  # the host system stops the process
 
 
-class RunnerOpenAISystem(OnAnotherSystemsProcess, OpenAIStreaming):
-    """The runner's OpenAI chat completions: the runner system's own process, so it starts with it."""
+class RunnerOpenAISystem(SecondAPI, OpenAIStreaming):
+    """The runner's OpenAI API: the runner system's own process, so it starts with it."""
 
     name = "runner-v1"
 
 
-class RunnerResponsesSystem(OnAnotherSystemsProcess, ResponsesStreaming):
+class RunnerResponsesSystem(SecondAPI, ResponsesStreaming):
     """The runner's OpenAI Responses API: the runner system's own process, so it starts with it."""
 
     name = "runner-responses"
 
 
-class VllmServeResponses(OnAnotherSystemsProcess, ResponsesStreaming):
+class VllmServeResponsesSystem(SecondAPI, ResponsesStreaming):
     """vllm serve's /v1/responses, for the output parity check only (not a measured system)."""
 
     name = "vllm-serve-responses"
+
+
+class RunnerMessagesSystem(SecondAPI, MessagesStreaming):
+    """The runner's Anthropic Messages API, on the runner system's process."""
+
+    name = "runner-messages"
 
 
 class VllmServeSystem(OpenAIStreaming):
@@ -372,3 +412,9 @@ class VllmServeSystem(OpenAIStreaming):
         command = [sys.executable, "-m", "bench.vllm_serve", *engine_flags, "--host", "127.0.0.1",
                    "--port", str(port), "--disable-uvicorn-access-log"]
         self.server = ServerProcess("vllm-serve", command, env, log_dir / "vllm-serve.log", port)
+
+
+class VllmServeMessagesSystem(SecondAPI, MessagesStreaming):
+    """vllm serve's Anthropic Messages API, on the vllm-serve system's process."""
+
+    name = "vllm-serve-messages"

@@ -181,19 +181,48 @@ def operations_source(spec: dict[str, Any], part: str | None) -> str:
                 .get("schema")
             )
             request_model = ref_name(body_schema["$ref"]) if body_schema else None
-            authenticated = bool(operation.get("security", default_security))
+            security = operation.get("security", default_security)
+            headers = key_headers(spec, operation["operationId"], security)
             lines += [
                 "    Operation(",
                 f"        operation_id={operation['operationId']!r},",
                 f"        method={method.upper()!r},",
                 f"        path={path!r},",
                 f"        request_model={request_model},",
-                f"        authenticated={authenticated!r},",
+                f"        authenticated={bool(security)!r},",
                 f"        error_shape={operation.get('x-error-shape', 'livepeer')!r},",
+                *([f"        key_headers={headers!r},"] if headers else []),
                 "    ),",
             ]
     lines.append(")")
     return "\n".join(lines)
+
+
+def key_headers(spec: dict[str, Any], operation_id: str, security: list[dict[str, list]]) -> tuple[str, ...]:
+    """The headers besides the bearer token that may carry an operation's key: its apiKey schemes in a header.
+
+    The route layer always takes the bearer token of an authenticated
+    operation, so its security must offer the bearer scheme; the schemes are
+    alternatives (OpenAPI's list of requirements), each of one scheme.
+    """
+    schemes = spec.get("components", {}).get("securitySchemes", {})
+    bearer, headers = False, []
+    for requirement in security:
+        if len(requirement) != 1:
+            raise SpecError(f"{operation_id}: each security requirement must name one scheme, not {requirement!r}")
+        [name] = requirement
+        scheme = schemes.get(name)
+        if scheme is None:
+            raise SpecError(f"{operation_id}: unknown security scheme {name!r}")
+        if scheme.get("type") == "http" and scheme.get("scheme") == "bearer":
+            bearer = True
+        elif scheme.get("type") == "apiKey" and scheme.get("in") == "header":
+            headers.append(scheme["name"].lower())
+        else:
+            raise SpecError(f"{operation_id}: security scheme {name!r} is neither a bearer token nor a header key")
+    if security and not bearer:
+        raise SpecError(f"{operation_id}: an authenticated operation must accept the bearer token")
+    return tuple(headers)
 
 
 def part_of(item: dict[str, Any]) -> str | None:

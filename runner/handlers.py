@@ -89,6 +89,12 @@ def sse_event(document: bytes) -> bytes:
     return b"data: " + document + b"\n\n"
 
 
+def sse_named_event(event: tuple[bytes, bytes]) -> bytes:
+    """One Server-Sent Event with its name: ``event: <name>``, then the data line of its JSON document."""
+    name, document = event
+    return b"event: " + name + b"\ndata: " + document + b"\n\n"
+
+
 CLIENT_GONE = 499  # nginx's code for a client that closed the connection; never sent, only counted
 
 
@@ -149,7 +155,8 @@ class PacedStreamWriter:
             async with asyncio.timeout_at(self.let_go_at):
                 if self.pending is not None:
                     await self.pending
-                await self.response.write(ending)
+                if ending:
+                    await self.response.write(ending)
                 await self.response.write_eof()
         except (TimeoutError, ConnectionError):
             if self.transport is not None:
@@ -165,18 +172,18 @@ async def send_event_stream(
     await response.prepare(request)
     writer = PacedStreamWriter(request, response, deadline)
     events = stream.events
-    ending = SSE_DONE
+    frame, ending = (sse_named_event, b"") if stream.named else (sse_event, SSE_DONE)
     try:
         async with asyncio.timeout_at(deadline):
             async for event in events:
-                await writer.write(sse_event(event))
+                await writer.write(frame(event))
     except ConnectionResetError:
         raise ClientGone(response) from None
     except Exception as exc:  # after the header went out, failures are reported in-band
         reason = timeout_message if isinstance(exc, TimeoutError) else failure_message(exc)
         log.error("request.stream_failed", reason=reason, exc_info=not isinstance(exc, TimeoutError))
         context.finish_reason = "error"
-        ending = sse_event(stream.error_event(reason)) + SSE_DONE
+        ending = frame(stream.error_event(reason)) + ending
     finally:
         await events.aclose()  # stops the generation if the stream ended early
     await writer.finish(ending)

@@ -14,6 +14,10 @@ class Operation:
     path: str
     request_model: type[BaseModel] | None
     authenticated: bool
-    # How its errors are written: "livepeer" ({"detail": ...}, 422 for a bad body) or
-    # "openai" ({"error": {"message", "type", "param", "code"}}, 400 for a bad body).
+    # How its errors are written: "livepeer" ({"detail": ...}, 422 for a bad body),
+    # "openai" ({"error": {"message", "type", "param", "code"}}, 400 for a bad body) or
+    # "anthropic" ({"type": "error", "error": {"type", "message"}}, 400 for a bad body).
     error_shape: str = "livepeer"
+    # Request headers that may carry the API key besides `Authorization: Bearer` (the
+    # spec's apiKey security schemes in a header, lower case), e.g. Anthropic's x-api-key.
+    key_headers: tuple[str, ...] = ()

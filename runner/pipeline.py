@@ -46,16 +46,23 @@ class OperationError(Exception):
 
 @dataclass(frozen=True)
 class EventStream:
-    """A streamed answer: the runner frames each event as one SSE ``data:`` line.
+    """A streamed answer: the runner frames each event as one SSE ``data:`` line, then ``data: [DONE]``.
 
     Each event is one JSON document, already serialised by the pipeline: a
     pipeline that streams one event per token would otherwise spend more on
     models than on the token. ``error_event(reason)`` builds the in-band event
     that reports a failure after the response header has gone out.
+
+    ``named``: the events are ``(name, document)`` pairs, each framed with an
+    ``event: <name>`` line before its ``data:`` line, and the stream ends with
+    its own last event instead of ``data: [DONE]``: Anthropic's streams (whose
+    SDK reads only named events) are written so. ``error_event`` then gives a
+    pair too.
     """
 
-    events: AsyncIterator[bytes]
-    error_event: Callable[[str], bytes]
+    events: AsyncIterator[bytes] | AsyncIterator[tuple[bytes, bytes]]
+    error_event: Callable[[str], bytes] | Callable[[str], tuple[bytes, bytes]]
+    named: bool = False
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -21,6 +22,8 @@ from aiohttp import web
 from runner.operations import Operation
 from runner.schema import (
     OPERATIONS,
+    AnthropicError,
+    AnthropicErrorDetail,
     APIErrorMessage,
     HTTPError,
     HTTPValidationError,
@@ -98,6 +101,15 @@ def openai_error_document(status: int, msg: str, param: str | None = None, code:
     return OpenAIError(error=detail).model_dump_json().encode()  # param and code are null, not left out
 
 
+def telling_error(errors: list[ValidationError]) -> tuple[ValidationError, str | None]:
+    """The body error that says most, and the request field it names (dotted, e.g. ``messages.0.content``)."""
+    # Of a union's failures ("not a string", "more than 4 items"), the one that says most.
+    first = min(errors, key=lambda error: (error.type.endswith("_type"), -len(error.loc)))
+    # pydantic names the union member it tried (stop.list[str], tool_choice.NamedToolChoice): not a param.
+    location = [str(part) for part in first.loc[1:] if not UNION_MEMBER.fullmatch(str(part))]
+    return first, ".".join(location) or None
+
+
 class OpenAIErrors:
     """OpenAI's error shape, which its SDKs read on every error: ``{"error": {"message", "type", "param", "code"}}``."""
 
@@ -106,11 +118,7 @@ class OpenAIErrors:
         return web.Response(body=body, status=status, content_type="application/json", **kwargs)
 
     def invalid_body(self, errors: list[ValidationError]) -> web.Response:
-        # Of a union's failures ("not a string", "more than 4 items"), the one that says most.
-        first = min(errors, key=lambda error: (error.type.endswith("_type"), -len(error.loc)))
-        # pydantic names the union member it tried (stop.list[str], tool_choice.NamedToolChoice): not a param.
-        location = [str(part) for part in first.loc[1:] if not UNION_MEMBER.fullmatch(str(part))]
-        param = ".".join(location) or None
+        first, param = telling_error(errors)
         if first.type == "extra_forbidden":
             msg = f"Unrecognized request argument supplied: {param}"
         else:
@@ -120,9 +128,38 @@ class OpenAIErrors:
         return self.error(400, msg, param=param)
 
 
+# Anthropic's error type for each status (https://docs.anthropic.com/en/api/errors); its SDK raises by status.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
+    504: "timeout_error", 529: "overloaded_error",
+}
+
+
+def anthropic_error_document(status: int, msg: str) -> bytes:
+    """Anthropic's error document, as its SDK reads it in an error response and in a stream's ``error`` event."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return AnthropicError(type="error", error=AnthropicErrorDetail(type=kind, message=msg)).model_dump_json().encode()
+
+
+class AnthropicErrors:
+    """Anthropic's error shape, which its SDK reads on every error: ``{"type": "error", "error": {"type", "message"}}``."""
+
+    def error(self, status: int, msg: str, param: str | None = None, code: str | None = None, **kwargs: Any):
+        body = anthropic_error_document(status, msg)
+        return web.Response(body=body, status=status, content_type="application/json", **kwargs)
+
+    def invalid_body(self, errors: list[ValidationError]) -> web.Response:
+        first, param = telling_error(errors)
+        msg = f"{param}: {first.msg}" if param else first.msg  # as Anthropic words it: "max_tokens: Field required"
+        if len(errors) > 1:
+            msg += f" (and {len(errors) - 1} more)"
+        return self.error(400, msg, param=param)
+
+
 UNION_MEMBER = re.compile(r"[A-Z]\w*|str|int|float|bool|none|literal\[.*\]|(list|dict|function-\w+)\[.*\]")
-ERROR_SHAPES = {"livepeer": LivepeerErrors(), "openai": OpenAIErrors()}
-ErrorShape = LivepeerErrors | OpenAIErrors
+ERROR_SHAPES = {"livepeer": LivepeerErrors(), "openai": OpenAIErrors(), "anthropic": AnthropicErrors()}
+ErrorShape = LivepeerErrors | OpenAIErrors | AnthropicErrors
 
 
 def bearer_token_matches(request: web.Request, token: str) -> bool:
@@ -130,14 +167,23 @@ def bearer_token_matches(request: web.Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
 
 
+def key_matches(request: web.Request, token: str, key_headers: tuple[str, ...] = ()) -> bool:
+    """The bearer token, or the key in one of the operation's own key headers (Anthropic's x-api-key)."""
+    if bearer_token_matches(request, token):
+        return True
+    return any(hmac.compare_digest(request.headers[name].strip().encode(), token.encode())
+               for name in key_headers if name in request.headers)
+
+
 def endpoint(operation: Operation, handler: Handler, auth_token: str | None) -> Callable:
     errors = ERROR_SHAPES[operation.error_shape]
+    key_headers = operation.key_headers
+    refusal = "Invalid bearer token" if not key_headers else (
+        f"Invalid API key: send it as `Authorization: Bearer <key>` or in the {' or '.join(key_headers)} header")
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if operation.authenticated and auth_token and not bearer_token_matches(request, auth_token):
-            return errors.error(
-                401, "Invalid bearer token", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
-            )
+        if operation.authenticated and auth_token and not key_matches(request, auth_token, key_headers):
+            return errors.error(401, refusal, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         body = None
         if operation.request_model is not None:
             try:
@@ -182,13 +228,33 @@ def route_path(spec_path: str) -> str:
     return re.sub(r"\{(\w+)\}", r"{\1:.+}", spec_path)
 
 
+def shared_segments(path: list[str], spec_path: list[str]) -> int:
+    """How many leading segments a request path shares with an operation's (a ``{parameter}`` matches any)."""
+    shared = 0
+    for part, spec_part in zip(path, spec_path):
+        if part != spec_part and not spec_part.startswith("{"):
+            break
+        shared += 1
+    return shared
+
+
 def error_shape_for(path: str, operations: Iterable[Operation]) -> ErrorShape:
-    """The error shape of the API a path belongs to: that of the operations under its first segment."""
-    top = "/" + path.lstrip("/").split("/", 1)[0]
+    """The error shape of the API a path belongs to: that of the operation whose path it shares most of.
+
+    /v1 holds more than one API (OpenAI's, Anthropic's): /v1/messages/batches
+    is Anthropic's. Where operations of several shapes share as much of it
+    (/v1/embeddings), the shape most of them use: /v1 is mostly OpenAI's. A
+    path that shares no segment with any operation is the runner's.
+    """
+    parts = path.strip("/").split("/")
+    best, votes = 0, Counter(["livepeer"])
     for operation in operations:
-        if operation.path == top or operation.path.startswith(top + "/"):
-            return ERROR_SHAPES[operation.error_shape]
-    return ERROR_SHAPES["livepeer"]
+        shared = shared_segments(parts, operation.path.strip("/").split("/"))
+        if shared > best:
+            best, votes = shared, Counter()
+        if shared == best and shared:
+            votes[operation.error_shape] += 1
+    return ERROR_SHAPES[votes.most_common(1)[0][0]]
 
 
 def error_middleware(operations: Iterable[Operation]) -> Callable:

@@ -75,9 +75,21 @@ class OpenAIErrorDetail(BaseModel):
 
 
 class OpenAIError(BaseModel):
-    "OpenAI's error shape, on every error of the /v1 operations."
+    "OpenAI's error shape, on every error of OpenAI's /v1 operations."
 
     error: OpenAIErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    "Anthropic's error shape, on every error of the Messages operations and in a stream's `error` event."
+
+    type: Literal['error']
+    error: AnthropicErrorDetail
 
 
 OPERATIONS: tuple[Operation, ...] = (

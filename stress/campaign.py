@@ -4,14 +4,15 @@ One runner process with the tiny test model (tests/tiny_model.py) on loopback
 gets, in order:
 
 1. mixed traffic: valid plain and streamed calls, malformed calls of every
-   kind, and clients that vanish at every stage of a call;
+   kind, and clients that vanish at every stage of a call, on /llm and on
+   Anthropic's /v1/messages;
 2. a burst of four times its admission bound (MAX_NUM_SEQS + MAX_WAITING_REQUESTS)
-   at once;
+   at once, half of it on /v1/messages;
 3. an engine kill while streams and plain calls run.
 
 Every call must end in a known way: a whole 200, a status its kind may get
-(in the spec's error shape), or a stream that ends with a finish reason or the
-contract's error event. A call is lost when it got no status, or when a 200
+(in the spec's error shape for its API), or a stream that ends with a finish
+reason or the contract's error event (Anthropic's: message_stop or its error event). A call is lost when it got no status, or when a 200
 stream ended with neither. The campaign prints a table and exits non-zero if
 any call was lost or answered in a way its kind may not be.
 
@@ -102,10 +103,15 @@ class Campaign:
         return call
 
 
-def check_error_shape(call: Call, status: int, body: bytes) -> None:
-    """4xx/5xx bodies: HTTPError {"detail": {"msg"}}, or HTTPValidationError for 422."""
+def check_error_shape(call: Call, status: int, body: bytes, path: str = "/llm") -> None:
+    """4xx/5xx bodies: HTTPError {"detail": {"msg"}}, or HTTPValidationError for 422; Anthropic's under /v1/messages."""
     try:
         document = json.loads(body)
+        if path.startswith("/v1/messages"):
+            ok = document["type"] == "error" and set(document["error"]) == {"type", "message"}
+            if not ok:
+                call.problem = f"error body not in Anthropic's shape: {body[:200]!r}"
+            return
         detail = document["detail"]
         if status == 422:
             ok = isinstance(detail, list) and all({"loc", "msg", "type"} <= set(error) for error in detail)
@@ -125,6 +131,43 @@ def check_reply(call: Call, body: bytes) -> None:
             raise ValueError(choice)
     except (ValueError, KeyError, TypeError) as exc:
         call.problem = f"200 that is not a whole reply: {exc}"
+
+
+def check_message(call: Call, body: bytes) -> None:
+    try:
+        message = json.loads(body)
+        if message["type"] != "message" or message["stop_reason"] not in ("end_turn", "max_tokens") \
+                or not message["content"]:
+            raise ValueError(message)
+    except (ValueError, KeyError, TypeError) as exc:
+        call.problem = f"200 that is not a whole message: {exc}"
+
+
+async def read_anthropic_events(call: Call, response: aiohttp.ClientResponse) -> None:
+    """Follow an Anthropic stream to its end: message_stop, an error event, or neither."""
+    call.ending = "truncated"
+    name = None
+    try:
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if not line:
+                continue
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+                continue
+            if not line.startswith("data: ") or name is None:
+                call.problem = f"not an event line then a data line: {line[:80]!r}"
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if event.get("type") != name:
+                call.problem = f"event {name!r} holds data of type {event.get('type')!r}"
+            if name == "message_stop":
+                call.ending = "finish"
+            elif name == "error":
+                call.ending = "error"
+            name = None
+    except (aiohttp.ClientError, ValueError) as exc:
+        call.problem = call.problem or f"stream broke off: {type(exc).__name__}"
 
 
 async def read_events(call: Call, response: aiohttp.ClientResponse) -> None:
@@ -179,15 +222,17 @@ async def http_call(
                 call.status = response.status
                 if response.status == 200 and response.content_type == "text/event-stream":
                     call.streamed = True
-                    await read_events(call, response)
+                    await (read_anthropic_events if path == MESSAGES else read_events)(call, response)
                 else:
                     body = await response.read()
                     if response.status >= 400:
-                        check_error_shape(call, response.status, body)
+                        check_error_shape(call, response.status, body, path)
                         if response.status == 503 and "Retry-After" not in response.headers:
                             call.problem = "503 without Retry-After"
                     elif response.status == 200 and path == "/llm":
                         check_reply(call, body)
+                    elif response.status == 200 and path == MESSAGES:
+                        check_message(call, body)
     except (TimeoutError, aiohttp.ClientError) as exc:
         call.problem = call.problem or f"{type(exc).__name__}: {exc}"
     call.seconds = time.monotonic() - started
@@ -205,6 +250,18 @@ def valid_body(rng: random.Random, stream: bool) -> dict:
     }
 
 
+def valid_message_body(rng: random.Random, stream: bool) -> dict:
+    """Anthropic's Messages request: the chat's system message is its top-level system."""
+    messages = rng.choice([HELLO, STORY])
+    return {
+        "model": "", "messages": [message for message in messages if message["role"] != "system"],
+        **({"system": messages[0]["content"]} if messages[0]["role"] == "system" else {}),
+        "max_tokens": rng.randint(1, 48), "temperature": rng.choice([0, 0.7, 1]), "top_k": rng.choice([0, 40]),
+        "stream": stream,
+    }
+
+
+MESSAGES = "/v1/messages"
 Q = {"messages": HELLO, "max_tokens": 4}
 ROLE_LESS = {"messages": [{"content": "hi"}]}
 # (kind, expected statuses, call arguments): every way a call can be wrong, and a few
@@ -255,6 +312,28 @@ MALFORMED: list[tuple[str, set[int], dict]] = [
                                                b'"max_tokens": 2}', "headers": {"Content-Type": "application/json"}}),
     ("200 messages (valid)", {200}, {"json_body": {"messages": [HELLO[0]] * 200, "max_tokens": 2}}),
 ]
+# The same for Anthropic's Messages API (the model is filled in with the served id): 400, not 422.
+M = {"messages": HELLO, "max_tokens": 4}
+JSON = {"Content-Type": "application/json"}
+MESSAGES_MALFORMED: list[tuple[str, set[int], dict]] = [
+    ("not JSON", {400}, {"data": b'{"model": ', "headers": JSON}),
+    ("JSON array", {400}, {"json_body": [M]}),
+    ("invalid UTF-8", {400}, {"data": b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "headers": JSON}),
+    ("no max_tokens", {400}, {"json_body": {"messages": HELLO}}),
+    ("temperature above 1", {400}, {"json_body": {**M, "temperature": 1.5}}),
+    ("unknown field", {400}, {"json_body": {**M, "thinking": {"type": "enabled", "budget_tokens": 2048}}}),
+    ("image block", {400}, {"json_body": {**M, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1/x.png"}}]}]}}),
+    ("tool_choice without tools", {400}, {"json_body": {**M, "tool_choice": {"type": "any"}}}),
+    ("too long for the model", {400}, {"json_body": {**M, "max_tokens": MAX_MODEL_LEN}}),
+    ("another model", {404}, {"json_body": {**M, "model": "claude-sonnet-4-5"}}),
+    ("body over 1 MiB", {413}, {"json_body": {**M, "messages": [{"role": "user", "content": "x" * 1_100_000}]}}),
+    ("wrong x-api-key", {401}, {"json_body": M, "headers": {"Authorization": "", "x-api-key": "wrong"}}),
+    ("GET /v1/messages", {405}, {"method": "GET"}),
+    ("POST /v1/messages/batches", {404}, {"path": "/v1/messages/batches", "json_body": M}),
+    ("x-api-key (valid)", {200}, {"json_body": M, "headers": {"Authorization": "", "x-api-key": AUTH_TOKEN}}),
+    ("count_tokens (valid)", {200}, {"path": "/v1/messages/count_tokens", "json_body": {"messages": HELLO}}),
+]
 
 
 async def raw_cut(campaign: Campaign, call: Call, request: bytes, cut_after: int | None) -> Call:
@@ -279,10 +358,10 @@ async def raw_cut(campaign: Campaign, call: Call, request: bytes, cut_after: int
     return call
 
 
-def http_request(body: dict, content_length: int | None = None, headers_only: bool = False) -> bytes:
+def http_request(body: dict, content_length: int | None = None, headers_only: bool = False, path: str = "/llm") -> bytes:
     payload = json.dumps(body).encode()
     head = (
-        f"POST /llm HTTP/1.1\r\nHost: runner\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: runner\r\nContent-Type: application/json\r\n"
         f"Authorization: Bearer {AUTH_TOKEN}\r\nContent-Length: {content_length or len(payload)}\r\n\r\n"
     ).encode()
     return head if headers_only else head + payload
@@ -290,24 +369,28 @@ def http_request(body: dict, content_length: int | None = None, headers_only: bo
 
 async def vanishing_client(campaign: Campaign, session: aiohttp.ClientSession, phase: str) -> Call:
     rng = campaign.rng
+    path = rng.choice(["/llm", MESSAGES])
     long_stream = {"messages": STORY, "max_tokens": 2000, "temperature": 0, "stream": True}
+    if path == MESSAGES:
+        long_stream = {**long_stream, "model": campaign.runner.env["MODEL_ID"], "messages": STORY[1:],
+                       "system": STORY[0]["content"]}
     how = rng.choice(["before the answer", "inside the header", "mid-stream", "half a body", "plain, mid-generation"])
-    call = Call(phase, f"vanishes {how}", frozenset())
+    call = Call(phase, f"vanishes {how}" + (" (messages)" if path == MESSAGES else ""), frozenset())
     if how == "before the answer":
-        return await raw_cut(campaign, call, http_request(long_stream), None)
+        return await raw_cut(campaign, call, http_request(long_stream, path=path), None)
     if how == "inside the header":
-        return await raw_cut(campaign, call, http_request(long_stream), rng.randint(1, 60))
+        return await raw_cut(campaign, call, http_request(long_stream, path=path), rng.randint(1, 60))
     if how == "mid-stream":
-        return await raw_cut(campaign, call, http_request(long_stream), rng.randint(200, 30_000))
+        return await raw_cut(campaign, call, http_request(long_stream, path=path), rng.randint(200, 30_000))
     if how == "half a body":
-        request = http_request(long_stream)
+        request = http_request(long_stream, path=path)
         return await raw_cut(campaign, call, request[: len(request) - 20], None)
     campaign.record(call)
     started = time.monotonic()
     body = {**long_stream, "stream": False}
     try:
         async with asyncio.timeout(rng.uniform(0.05, 1.5)):
-            async with session.post(campaign.url, json=body, headers=AUTH) as response:
+            async with session.post(f"{campaign.runner.url}{path}", json=body, headers=AUTH) as response:
                 await response.read()
                 call.status = response.status  # finished before the client gave up: fine too
     except TimeoutError:
@@ -320,13 +403,17 @@ async def mixed_phase(campaign: Campaign, count: int, concurrency: int, deadline
     rng = campaign.rng
     gate = asyncio.Semaphore(concurrency)
     malformed = iter(MALFORMED * math.ceil(count / len(MALFORMED)))
+    messages_malformed = iter(MESSAGES_MALFORMED * math.ceil(count / len(MESSAGES_MALFORMED)))
+    model = campaign.runner.env["MODEL_ID"]
 
     async def one(session: aiohttp.ClientSession, index: int) -> None:
         async with gate:
             if time.monotonic() > deadline:
                 return
             roll = rng.random()
-            if roll < 0.30:
+            if index % 3 == 2:  # a third of the calls: Anthropic's Messages API, the same mix
+                await messages_call(session, roll)
+            elif roll < 0.30:
                 await http_call(campaign, session, Call("mixed", "valid plain", frozenset({200})),
                                 json_body=valid_body(rng, stream=False))
             elif roll < 0.55:
@@ -339,20 +426,42 @@ async def mixed_phase(campaign: Campaign, count: int, concurrency: int, deadline
             else:
                 await vanishing_client(campaign, session, "mixed")
 
+    async def messages_call(session: aiohttp.ClientSession, roll: float) -> None:
+        if roll < 0.55:
+            stream = roll >= 0.30
+            body = {**valid_message_body(rng, stream), "model": model}
+            kind = f"valid {'stream' if stream else 'plain'} (messages)"
+            await http_call(campaign, session, Call("mixed", kind, frozenset({200})), path=MESSAGES, json_body=body)
+        elif roll < 0.85:
+            kind, expected, arguments = next(messages_malformed)
+            arguments = {"path": MESSAGES, **arguments}
+            if isinstance(arguments.get("json_body"), dict):
+                arguments["json_body"] = {"model": model, **arguments["json_body"]}
+            await http_call(campaign, session, Call("mixed", f"malformed (messages): {kind}", frozenset(expected)),
+                            **arguments)
+        else:
+            await vanishing_client(campaign, session, "mixed")
+
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2)) as session:
         await asyncio.gather(*(one(session, index) for index in range(count)))
 
 
 async def burst_phase(campaign: Campaign, size: int) -> None:
     body = {"messages": STORY, "max_tokens": 64, "temperature": 0, "stream": True}
+    message = {"model": campaign.runner.env["MODEL_ID"], "system": STORY[0]["content"], "messages": STORY[1:],
+               "max_tokens": 64, "temperature": 0, "stream": True}
     start = asyncio.Event()
 
-    async def one(session):
+    async def one(session, index: int):
         await start.wait()
-        await http_call(campaign, session, Call("burst", "burst stream", frozenset({200, 503})), json_body=body)
+        if index % 2:
+            await http_call(campaign, session, Call("burst", "burst stream (messages)", frozenset({200, 503})),
+                            path=MESSAGES, json_body=message)
+        else:
+            await http_call(campaign, session, Call("burst", "burst stream", frozenset({200, 503})), json_body=body)
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=size)) as session:
-        tasks = [asyncio.create_task(one(session)) for _ in range(size)]
+        tasks = [asyncio.create_task(one(session, index)) for index in range(size)]
         await asyncio.sleep(0.1)
         start.set()
         await asyncio.gather(*tasks)

@@ -99,6 +99,8 @@ class CompletionDelta(Protocol):
     logprobs: Sequence[Mapping[int, TokenLogprob]] | None
     # None while generating; "stop" or "length" when done; anything else is the engine giving up.
     finish_reason: str | None
+    # What stopped it, once done with "stop": the stop string it matched, a stop token's id, or None (end of sequence).
+    stop_reason: int | str | None
 
 
 class GenerationStep(Protocol):

@@ -43,6 +43,7 @@ class Choice:
     tokens: int = 0
     logprobs: list[LogprobEntry] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" once the engine is done with it
+    stop_sequence: str | None = None  # the request's stop string that ended it, if one did
     started: bool = False  # a stream has sent this choice's first chunk
 
     @property
@@ -161,6 +162,8 @@ class ReplyTracker:
             reason = finish_reason_of(delta)
             if reason is not None and choice.finish_reason is None:
                 choice.finish_reason = reason
+                if isinstance(delta.stop_reason, str):
+                    choice.stop_sequence = delta.stop_reason
                 self.unfinished -= 1
             updates.append(Update(choice, delta.text, entries, delta.token_ids))
         if not self.unfinished:

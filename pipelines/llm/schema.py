@@ -628,6 +628,161 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class AnthropicTextBlock(BaseModel):
+    'A text block; `cache_control` and `citations` are accepted and ignored.'
+
+    type: Literal['text']
+    text: str
+    cache_control: dict[str, Any] | None = None
+    citations: list[Any] | None = None
+
+
+class AnthropicToolResultPart(BaseModel):
+    "One part of a tool_result's content; only text parts are served."
+
+    type: str
+    text: str | None = None
+
+
+class AnthropicContentBlock(BaseModel):
+    "One block of a message's content. Served: `text`; `tool_use` in an assistant message (`id`, `name`, `input`: a call the model made); `tool_result` in a user message (`tool_use_id`, `content`: a string or text parts; `is_error` accepted); `thinking` and `redacted_thinking` in an assistant message (accepted, left out of the prompt, as chat templates leave out past thinking). Any other type (`image`, `document`, ...) is a 400. `cache_control` is accepted and ignored."
+
+    type: str
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[AnthropicToolResultPart] | None = None
+    is_error: bool | None = None
+    thinking: str | None = None
+    signature: str | None = None
+    data: str | None = None
+    cache_control: dict[str, Any] | None = None
+    citations: list[Any] | None = None
+
+
+class AnthropicMessageParam(BaseModel):
+    role: Literal['user', 'assistant', 'system']
+    content: str | list[AnthropicContentBlock]
+
+
+class AnthropicTool(BaseModel):
+    "A client tool: its `input_schema` constrains the call's input. `cache_control` and `strict` are accepted (the input always matches the schema here); Anthropic's server tools (`web_search_...`, `bash_...`) are not served."
+
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None
+    cache_control: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class AnthropicToolChoice(BaseModel):
+    '`auto` (the model decides), `any` (one or more calls), `tool` (the named one), `none` (no calls; the template is not shown the tools).'
+
+    type: Literal['auto', 'any', 'tool', 'none']
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class AnthropicMessagesRequest(BaseModel):
+    "Anthropic's Messages request; an unknown field is a 400 naming it, as Anthropic answers it."
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    messages: list[AnthropicMessageParam]
+    max_tokens: Integer = Field(ge=1)
+    system: str | list[AnthropicTextBlock] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[Integer, Field(ge=0)] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    metadata: dict[str, Any] | None = None
+    cache_control: dict[str, Any] | None = None
+    stream: bool | None = None
+
+
+class AnthropicCountTokensRequest(BaseModel):
+    "What a Messages request's prompt is made of; an unknown field is a 400."
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    messages: list[AnthropicMessageParam]
+    system: str | list[AnthropicTextBlock] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+class AnthropicTokensCount(BaseModel):
+    input_tokens: Integer
+
+
+class AnthropicResponseText(BaseModel):
+    type: Literal['text']
+    text: str
+
+
+class AnthropicResponseThinking(BaseModel):
+    "A reasoning model's thinking; its `signature` is empty (there is nothing to verify here)."
+
+    type: Literal['thinking']
+    thinking: str
+    signature: str
+
+
+class AnthropicResponseToolUse(BaseModel):
+    type: Literal['tool_use']
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class AnthropicUsage(BaseModel):
+    input_tokens: Integer
+    output_tokens: Integer
+
+
+class AnthropicMessage(BaseModel):
+    "The assistant's message; in a stream's `message_start` with no content yet and a null stop_reason."
+
+    id: str
+    type: Literal['message']
+    role: Literal['assistant']
+    content: list[AnthropicResponseText | AnthropicResponseThinking | AnthropicResponseToolUse]
+    model: str
+    stop_reason: Literal['end_turn', 'max_tokens', 'stop_sequence', 'tool_use'] | None
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class AnthropicStreamDelta(BaseModel):
+    "A content block's delta (text_delta, input_json_delta, thinking_delta), or message_delta's."
+
+    type: Literal['text_delta', 'input_json_delta', 'thinking_delta'] | None = None
+    text: str | None = None
+    partial_json: str | None = None
+    thinking: str | None = None
+    stop_reason: Literal['end_turn', 'max_tokens', 'stop_sequence', 'tool_use'] | None = None
+    stop_sequence: str | None = None
+
+
+class AnthropicStreamEvent(BaseModel):
+    'One event of a streamed message (its SSE `event:` line names its `type`).'
+
+    type: Literal['message_start', 'content_block_start', 'content_block_delta', 'content_block_stop', 'message_delta', 'message_stop']
+    message: AnthropicMessage | None = None
+    index: Integer | None = None
+    content_block: AnthropicResponseText | AnthropicResponseThinking | AnthropicResponseToolUse | None = None
+    delta: AnthropicStreamDelta | None = None
+    usage: AnthropicUsage | None = None
+
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         operation_id='genLLM',
@@ -716,5 +871,23 @@ OPERATIONS: tuple[Operation, ...] = (
         request_model=DetokenizeRequest,
         authenticated=True,
         error_shape='openai',
+    ),
+    Operation(
+        operation_id='createMessage',
+        method='POST',
+        path='/v1/messages',
+        request_model=AnthropicMessagesRequest,
+        authenticated=True,
+        error_shape='anthropic',
+        key_headers=('x-api-key',),
+    ),
+    Operation(
+        operation_id='countMessageTokens',
+        method='POST',
+        path='/v1/messages/count_tokens',
+        request_model=AnthropicCountTokensRequest,
+        authenticated=True,
+        error_shape='anthropic',
+        key_headers=('x-api-key',),
     ),
 )

@@ -134,3 +134,29 @@ def test_the_responses_api_cpu_is_reported_against_chat_completions_with_its_tar
                   "0.320 vs 0.300 ms (1.07x)") in targets
     assert (False, "runner /v1/responses API CPU per output token within 1.1x of /v1/chat/completions' at c=32: "
                    "0.360 vs 0.300 ms (1.20x)") in targets
+
+
+def test_the_messages_api_cpu_is_held_to_1_1_times_chats(tmp_path):
+    from types import SimpleNamespace
+
+    from bench.load import LevelResult
+    from bench.report import Report
+    from bench.systems import Startup
+
+    config = SimpleNamespace(passes=1, concurrency=[1, 8], output=tmp_path / "results.md")
+
+    def level(system: str, concurrency: int, api_cpu_s: float) -> LevelResult:
+        return LevelResult(system=system, concurrency=concurrency, pass_index=0, requests=4, errors=0,
+                           output_tokens=1000, prompt_tokens=100, wall_s=10, ttft_ms=[10], itl_ms=[1],
+                           api_cpu_s=api_cpu_s, client_cpu_s=0.1)
+
+    results = [level("runner-v1", 1, 0.1), level("runner-messages", 1, 0.105),
+               level("runner-v1", 8, 0.1), level("runner-messages", 8, 0.12)]
+    startups = {name: Startup(first_answer_s=1) for name in ("runner", "runner-v1", "runner-messages")}
+    report = Report(config, {}, startups, results)
+    assert report.targets()[-2:] == [
+        (True, "runner /v1/messages API CPU per output token within 1.1x of /v1/chat/completions' at c=1: "
+               "0.105 vs 0.100 ms (1.05x)"),
+        (False, "runner /v1/messages API CPU per output token within 1.1x of /v1/chat/completions' at c=8: "
+                "0.120 vs 0.100 ms (1.20x)")]
+    assert any("API CPU runner-messages/runner-v1" in line for line in report.ratio_lines())

@@ -81,3 +81,28 @@ def test_integers_are_json_schema_integers():
     for raw in ("2.5", '"5"', "true", "1e400"):
         with pytest.raises(pydantic.ValidationError, match="max_tokens"):
             max_tokens(raw)
+
+
+def secured_spec(*security: dict) -> dict:
+    return {
+        "paths": {"/msg": {"post": {"operationId": "msg", "security": list(security)}}},
+        "components": {"schemas": {}, "securitySchemes": {
+            "HTTPBearer": {"type": "http", "scheme": "bearer"},
+            "Key": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
+            "QueryKey": {"type": "apiKey", "in": "query", "name": "key"},
+        }},
+    }
+
+
+def test_an_api_key_header_scheme_becomes_the_operations_key_header():
+    source = codegen.generate(secured_spec({"HTTPBearer": []}, {"Key": []}))
+    assert "key_headers=('x-api-key',)" in source and "authenticated=True" in source
+    assert "key_headers" not in codegen.generate(secured_spec({"HTTPBearer": []}))
+
+
+@pytest.mark.parametrize("security", [({"Key": []},), ({"QueryKey": []}, {"HTTPBearer": []}),
+                                      ({"HTTPBearer": [], "Key": []},), ({"Nobody": []},)],
+                         ids=["no bearer", "a query key", "both at once", "unknown"])
+def test_security_the_route_layer_cannot_honour_is_refused(security):
+    with pytest.raises(codegen.SpecError, match="msg"):
+        codegen.generate(secured_spec(*security))

@@ -37,16 +37,19 @@ from tests.support.runners import GUARDED_AUTH_TOKEN, TINY_MAX_MODEL_LEN
 SPEC_PATH = ROOT / "openapi.yaml"
 FUZZ_MAX_TOKENS = 16
 # Examples per operation in the fuzzing phase, on top of the coverage phase's
-# deterministic edge cases. FUZZ_EXAMPLES and FUZZ_SEED widen a local hunt.
+# deterministic edge cases. FUZZ_EXAMPLES and FUZZ_SEED widen a local hunt; FUZZ_PATH (a regex) narrows it
+# to the operations whose path matches.
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20251122"))
+FUZZ_PATH = os.environ.get("FUZZ_PATH")
 
 config = schemathesis.Config.from_dict(
     {
         "seed": FUZZ_SEED,
         "generation": {"mode": "all", "max-examples": FUZZ_EXAMPLES, "database": "none"},
         "phases": {"stateful": {"enabled": False}},  # the spec has no links between operations
-        "auth": {"openapi": {"HTTPBearer": {"bearer": GUARDED_AUTH_TOKEN}}},
+        "auth": {"openapi": {"HTTPBearer": {"bearer": GUARDED_AUTH_TOKEN},
+                             "AnthropicAPIKey": {"api_key": GUARDED_AUTH_TOKEN}}},
         # A short stream holds at most FUZZ_MAX_TOKENS + 2 events: read them all.
         "max-stream-events": 4 * FUZZ_MAX_TOKENS,
         "request-timeout": 60,
@@ -54,15 +57,17 @@ config = schemathesis.Config.from_dict(
             # A request the schema allows may still be one the model cannot serve
             # (a role it does not know, another model, a prompt that is too long):
             # the spec documents that as 400.
-            # The OpenAI operations answer another model than the served one with 404.
+            # The OpenAI and Anthropic operations answer another model than the served one with 404.
             # Run-time LoRA adapter changes are off on this runner (LORA_RUNTIME_UPDATES): 403.
             "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "403", "404"]},
-            # /llm refuses a body that does not match with 422, the OpenAI operations with 400.
+            # /llm refuses a body that does not match with 422, the OpenAI and Anthropic operations with 400.
             "negative_data_rejection": {"expected-statuses": ["400", "401", "404", "413", "422"]},
         },
     }
 )
 schema = schemathesis.openapi.from_path(SPEC_PATH, config=config)
+if FUZZ_PATH:
+    schema = schema.include(path_regex=FUZZ_PATH)
 
 _spec = yaml.safe_load(SPEC_PATH.read_text())
 
@@ -71,6 +76,7 @@ def component_validator(name: str) -> jsonschema.Draft202012Validator:
 
 
 LLM_RESPONSE = component_validator("LLMResponse")
+ANTHROPIC_EVENT = component_validator("AnthropicStreamEvent")
 STREAM_EVENTS = {  # what each streaming path's events are
     "/v1/chat/completions": component_validator("ChatCompletionChunk"),
     "/v1/completions": component_validator("Completion"),
@@ -94,6 +100,8 @@ def keep_generation_short(body: Any, path: str = "/llm", model_id: str = "") -> 
         return body
     body = dict(body)
     servable = zlib.crc32(repr(sorted(body.items(), key=repr)).encode()) % 2 == 0
+    if path.startswith("/v1/messages"):
+        return keep_anthropic_generation_short(body, servable, model_id)
     if path.startswith("/v1/"):
         return keep_openai_generation_short(body, servable, model_id, path)
     max_tokens = body.get("max_tokens", 256)
@@ -159,6 +167,42 @@ def keep_responses_generation_short(body: dict, servable: bool, model_id: str) -
     return body
 
 
+def keep_anthropic_generation_short(body: dict, servable: bool, model_id: str) -> dict:
+    """keep_generation_short for the Anthropic operations: max_tokens is required, roles are user and assistant."""
+    value = body.get("max_tokens")
+    if type(value) in (int, float) and float(value).is_integer() and FUZZ_MAX_TOKENS < value <= TINY_MAX_MODEL_LEN:
+        body["max_tokens"] = int(value) % FUZZ_MAX_TOKENS + 1
+    if servable:
+        if isinstance(body.get("model"), str):
+            body["model"] = model_id
+        messages = body.get("messages")
+        if messages == []:
+            body["messages"] = [{"role": "user", "content": "Hello"}]
+        elif isinstance(messages, list):
+            body["messages"] = [
+                {**message, "role": ("user", "assistant")[index % 2]}
+                if isinstance(message, dict) and isinstance(message.get("role"), str)
+                else message
+                for index, message in enumerate(messages)
+            ]
+    return body
+
+
+def anthropic_stream_follows_the_spec(text: str) -> None:
+    """Anthropic's framing: named events, each `event:` then `data:`, from message_start to message_stop."""
+    assert text.endswith("\n\n") and "[DONE]" not in text, f"not Anthropic's ending: ...{text[-300:]!r}"
+    names = []
+    for block in text.split("\n\n")[:-1]:
+        event_line, data_line = block.split("\n")
+        name = event_line.removeprefix("event: ")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert name != "error", f"the stream failed: {data}"
+        assert data["type"] == name, block
+        ANTHROPIC_EVENT.validate(data)
+        names.append(name)
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"], names
+
+
 def openai_stream_follows_the_spec(events: list[dict], case) -> None:
     validator = STREAM_EVENTS[case.path]
     for event in events:
@@ -177,6 +221,9 @@ def stream_follows_the_contract(ctx, response, case) -> None:
     if not content_type.startswith("text/event-stream"):
         return
     text = response.content.decode()
+    if case.path == "/v1/messages":
+        anthropic_stream_follows_the_spec(text)
+        return
     assert text.endswith("\n\ndata: [DONE]\n\n"), f"the stream does not end with [DONE]: ...{text[-300:]!r}"
     events = []
     for block in text.split("\n\n")[:-2]:

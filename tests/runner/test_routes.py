@@ -436,3 +436,43 @@ async def test_client_that_leaves_cancels_the_operation(client, pipeline):
     pending.cancel()
     await wait_for_health(client, "IDLE")
     assert pipeline.cancelled == 1
+
+
+async def test_named_events_are_framed_with_their_name_and_end_without_done(aiohttp_client):
+    """Anthropic's framing: `event: <name>` before each data line, and no `data: [DONE]` after the last event."""
+
+    class Named(ScriptedPipeline):
+        async def generate(self, request: LLMRequest, context):
+            async def events():
+                yield b"first", b'{"n":1}'
+                if request.messages[0].content == "fail":
+                    raise RuntimeError("scripted failure")
+                yield b"last", b'{"n":2}'
+
+            return EventStream(events=events(), error_event=lambda reason: (b"error", json.dumps(reason).encode()),
+                               named=True)
+
+    pipeline = Named()
+    pipeline.release_load.set()
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    response = await client.post("/llm", json={**VALID, "stream": True})
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert await response.read() == b'event: first\ndata: {"n":1}\n\nevent: last\ndata: {"n":2}\n\n'
+    failing = {**VALID, "messages": [{"role": "user", "content": "fail"}], "stream": True}
+    response = await client.post("/llm", json=failing)
+    assert await response.read() == (b'event: first\ndata: {"n":1}\n\n'
+                                      b'event: error\ndata: "generation failed: scripted failure"\n\n')
+
+
+def test_the_error_shape_of_a_path_is_that_of_the_operations_it_shares_most_with():
+    from runner.operations import Operation
+    from runner.routes import ERROR_SHAPES, error_shape_for
+
+    operations = [Operation(f"op{index}", "POST", path, None, True, shape) for index, (path, shape) in enumerate([
+        ("/llm", "livepeer"), ("/v1/messages", "anthropic"), ("/v1/messages/count_tokens", "anthropic"),
+        ("/v1/chat/completions", "openai"), ("/v1/completions", "openai"), ("/v1/models/{model}", "openai")])]
+    for path, shape in (("/v1/messages", "anthropic"), ("/v1/messages/batches", "anthropic"),
+                        ("/v1/messages/count_tokens/x", "anthropic"), ("/v1/models/org/name", "openai"),
+                        ("/v1/embeddings", "openai"), ("/v1", "openai"), ("/llm/x", "livepeer"), ("/nope", "livepeer"),
+                        ("/", "livepeer")):
+        assert error_shape_for(path, operations) is ERROR_SHAPES[shape], path

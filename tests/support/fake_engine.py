@@ -116,6 +116,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None
+    stop_reason: int | str | None = None  # the stop string that ended the choice, as vLLM reports it
 
 
 @dataclass
@@ -179,6 +180,7 @@ class ChoiceScript:
     count: int = 0
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: str | None = None
 
 
 @dataclass
@@ -286,12 +288,13 @@ class FakeEngine:
                 kept = choice.text.index(stop)
                 word = word[: max(0, len(word) - (len(choice.text) - kept))]
                 choice.text = choice.text[:kept]
-                choice.finish_reason = "stop"
+                choice.finish_reason, choice.stop_reason = "stop", stop
                 break
         if choice.finish_reason is None and choice.count >= sampling.max_tokens:
             choice.finish_reason = "length"
         token_id = token_id_of(word)
-        return Delta(index, word, [token_id], self.logprobs_of(sampling, word, token_id), choice.finish_reason)
+        return Delta(index, word, [token_id], self.logprobs_of(sampling, word, token_id), choice.finish_reason,
+                     choice.stop_reason)
 
     def prompt_logprobs_of(self, prompt: list[int], sampling: Sampling) -> list[dict[int, Logprob] | None] | None:
         """As vLLM's: nothing for the first prompt token, then each token with a made-up logprob."""
