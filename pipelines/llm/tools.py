@@ -155,6 +155,22 @@ def written_calls(turns: list[dict]) -> list[dict]:
     return written
 
 
+def plan_constraint(plan: ToolPlan, answer_schema: dict[str, Any] | None = None,
+                    json_object: bool = False) -> dict[str, Any]:
+    """The ``Sampling`` constraint of a tool plan beside the answer's own format, for every API: a forced call's
+    JSON (whatever the answer's format); own-syntax calls constrained where the model opens them, else the answer
+    (its JSON, when it must be JSON); with no such tools, the answer's format."""
+    if plan.schema is not None:
+        return {"json_schema": plan.schema}
+    if plan.structural_tag is not None:
+        if answer_schema is None and not json_object:
+            return {"structural_tag": plan.structural_tag}
+        return {"structural_tag": with_answer_format(plan, answer_schema if answer_schema is not None
+                                                     else {"type": "object"})}
+    return {**({"json_schema": answer_schema} if answer_schema is not None else {}),
+            **({"json_object": True} if json_object else {})}
+
+
 def with_answer_format(plan: ToolPlan, answer_schema: dict[str, Any]) -> dict[str, Any]:
     """The own-syntax plan's structural tag when the answer itself must be JSON: one or more calls, or the JSON."""
     tag = plan.structural_tag["format"]

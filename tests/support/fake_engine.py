@@ -378,3 +378,29 @@ class FakeBackend:
     def stop_engine_processes(self, grace: float) -> int:
         self.stopped_processes += 1
         return 0
+
+
+class RecordingParser:
+    """vLLM's hermes tool-call parser (``<tool_call>{json}</tool_call>``) over the fake tokenizer, keeping every
+    chat body an API handed it."""
+
+    name = "hermes"
+
+    def __init__(self) -> None:
+        from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser
+
+        self.parser = ToolCallParser("hermes", FakeTokenizer())
+        self.requests: list[dict] = []
+
+    def extract(self, text: str, request: dict) -> tuple[str | None, list[tuple[str, str]]]:
+        self.requests.append(request)
+        return self.parser.extract(text, request)
+
+    def stream(self, request: dict):
+        self.requests.append(request)
+        return self.parser.stream(request)
+
+
+def hermes_call(name: str, arguments: dict) -> str:
+    """One call in the hermes syntax, as a model that speaks it writes it."""
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"

@@ -37,7 +37,7 @@ from pipelines.llm.schema import (
     AnthropicUsage,
 )
 from pipelines.llm.served_models import ServedModel
-from pipelines.llm.tools import ToolPlan, plan_tools
+from pipelines.llm.tools import ToolPlan, plan_constraint, plan_tools
 from runner.pipeline import EventStream, OperationError, RequestContext, Serve
 from runner.routes import anthropic_error_document
 
@@ -78,7 +78,7 @@ class AnthropicAPI(LLMAPI):
         choice, parallel = openai_tool_choice(request.tool_choice)
         plan = plan_tools(tools, choice, parallel, self.generation.tool_parser is not None, self.models.base.id)
         turns = conversation(request)
-        return self.generation.render_chat(turns, plan.template_tools), plan, turns
+        return self.generation.render_chat(turns, plan.template_tools, instructions=plan.instructions), plan, turns
 
     async def create_message(self, request: AnthropicMessagesRequest, context: RequestContext):
         model = self.served(request.model)
@@ -89,11 +89,11 @@ class AnthropicAPI(LLMAPI):
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=-1 if request.top_k is None else request.top_k,
             stop=list(request.stop_sequences or ()),
-            json_schema=plan.schema,
+            **plan_constraint(plan),
         )
         body = chat_body(model.id, turns, plan) if plan.mode == "auto" else None
         steps = self.generation.start(prompt, sampling, context, model)
-        reply = MessageReply(AnswerReader(plan, self.generation.tool_parser, body), model.id,
+        reply = MessageReply(self.generation.answer_reader(plan, sampling, prompt, body), model.id,
                              ReplyTracker(context, [len(prompt)]))
         if request.stream:
             return EventStream(events=reply.events(steps), error_event=error_event, named=True)
@@ -246,10 +246,12 @@ class MessageReply:
         self.call_blocks: dict[int, int] = {}  # a call's place among the calls -> its block's index
 
     async def whole(self, steps: AsyncIterator[GenerationStep]) -> AnthropicMessage:
-        async for step in steps:
-            self.tracker.take(step)
+        events = []
+        async for step in steps:  # the reader reads the pieces a stream would have had
+            for update in self.tracker.take(step):
+                events += self.reader.feed(update.text, update.token_ids)
         [choice] = self.tracker.choices
-        events = self.reader.feed(choice.text) + self.reader.finish(cut=choice.finish_reason == "length")
+        events += self.reader.finish(cut=choice.finish_reason == "length")
         content = message_content(events)
         reason, sequence = stop_reason(choice, bool(self.reader.calls))
         self.tracker.settle([choice_finish_reason(choice, bool(self.reader.calls))])
@@ -270,7 +272,7 @@ class MessageReply:
                         for event in reader.start():
                             for written in self.write(event):
                                 yield written
-                    for event in reader.feed(update.text):
+                    for event in reader.feed(update.text, update.token_ids):
                         if type(event) is TextDelta and self.kind == "text":  # most events: the next piece of text
                             yield BLOCK_DELTA, b'{"type":"content_block_delta","index":%d,"delta":{"type":"text_delta","text":%s}}' % (
                                 self.index, to_json(event.text))

@@ -35,7 +35,7 @@ from pipelines.llm.schema import (
     TokenLogprob,
     TopLogprob,
 )
-from pipelines.llm.tools import ToolPlan, plan_tools, with_answer_format
+from pipelines.llm.tools import ToolPlan, plan_constraint, plan_tools
 from runner.pipeline import EventStream, RequestContext, Serve
 
 
@@ -77,18 +77,13 @@ class ChatCompletionAPI(OpenAIAPI):
         if request.top_logprobs is not None and not request.logprobs:
             raise bad("top_logprobs needs logprobs: true", "top_logprobs")
         answer_schema, json_object = response_format_constraint(request.response_format)
-        if plan.schema is not None:  # forced tool calls: their JSON, whatever the answer's format would be
-            constraint = structured_outputs(request, plan.schema)
-        elif plan.structural_tag is not None:  # own-syntax tools: calls where the model opens them, else the answer
-            constraint = structured_outputs(request)
-            if constraint:
+        constraint = plan_constraint(plan, answer_schema, json_object)
+        if "structural_tag" in constraint:  # own-syntax tools: calls where the model opens them, else the answer
+            if structured_outputs(request):
                 raise bad("structured_outputs and tools in the runner's own syntax both constrain the answer: use "
                           "response_format for the answer's format", "structured_outputs")
-            tag = plan.structural_tag if answer_schema is None and not json_object else \
-                with_answer_format(plan, answer_schema if answer_schema is not None else {"type": "object"})
-            constraint = {"structural_tag": tag}
         else:
-            constraint = structured_outputs(request, answer_schema, json_object)
+            constraint = structured_outputs(request, constraint.get("json_schema"), constraint.get("json_object", False))
         requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         return self.sampling(
             request, self.max_tokens(requested, prompt),

@@ -48,7 +48,7 @@ from pipelines.llm.schema import (
     ResponsesUsage,
 )
 from pipelines.llm.served_models import ServedModels
-from pipelines.llm.tools import ToolPlan, plan_tools
+from pipelines.llm.tools import ToolPlan, plan_constraint, plan_tools
 from runner.pipeline import EventStream, OperationError, RequestContext, Serve
 from runner.schema import OpenAIErrorDetail
 
@@ -529,9 +529,9 @@ class ResponsesReply:
             output_tokens_details=ResponsesOutputTokensDetails(reasoning_tokens=self.reasoning_tokens),
         )
 
-    def read(self, update_tokens: int, text: str) -> list[AnswerEvent]:
+    def read(self, update_tokens: int, text: str, token_ids: Sequence[int]) -> list[AnswerEvent]:
         """The reader's events for one engine step's text; the step's tokens count as thinking if all it said was."""
-        events = self.reader.feed(text)
+        events = self.reader.feed(text, token_ids)
         tokens, self.counted = update_tokens - self.counted, update_tokens
         if events and type(events[-1]) is ReasoningDelta and all(type(event) is ReasoningDelta for event in events):
             self.reasoning_tokens += tokens
@@ -555,7 +555,7 @@ class ResponsesReply:
             output.take(event)
         async for step in steps:
             for update in self.tracker.take(step):
-                for event in self.read(update.choice.tokens, update.text):
+                for event in self.read(update.choice.tokens, update.text, update.token_ids):
                     output.take(event)
         [choice] = self.tracker.choices
         cut = choice.finish_reason == "length"
@@ -586,7 +586,7 @@ class ResponsesReply:
             cut = False
             async for step in steps:
                 for update in self.tracker.take(step):
-                    for event in self.read(update.choice.tokens, update.text):
+                    for event in self.read(update.choice.tokens, update.text, update.token_ids):
                         if type(event) is TextDelta and event.text and output.writing_text:
                             yield output.text_delta(event.text)
                         else:
@@ -642,13 +642,14 @@ class ResponsesAPI(OpenAIAPI):
         tools = function_tools(request)
         plan = plan_tools(tools, chat_tool_choice(request), request.parallel_tool_calls,
                           self.generation.tool_parser is not None, self.models.base.id)
-        prompt = self.generation.render_chat(conversation.turns(request.instructions), plan.template_tools)
+        prompt = self.generation.render_chat(conversation.turns(request.instructions), plan.template_tools,
+                                             instructions=plan.instructions)
         sampling = self.response_sampling(request, prompt, plan)
         steps = self.generation.start(prompt, sampling, context, model, "max_output_tokens")
         tracker = ReplyTracker(context, [len(prompt)])
         chat_body = {"model": model.id, "messages": conversation.chat_messages(request.instructions),
                      "tools": tools, "tool_choice": "auto"} if plan.mode == "auto" else None
-        reader = AnswerReader(plan, self.generation.tool_parser, chat_body)
+        reader = self.generation.answer_reader(plan, sampling, prompt, chat_body)
         reply = ResponsesReply(request, sampling, model.id, tracker, reader, conversation, self.store)
         if request.stream:
             return EventStream(events=reply.events(steps), error_event=reply.error_event)
@@ -656,8 +657,6 @@ class ResponsesAPI(OpenAIAPI):
 
     def response_sampling(self, request: ResponsesRequest, prompt: Sequence[int], plan: ToolPlan) -> Sampling:
         json_schema, json_object = output_format(request)
-        if plan.schema is not None:  # a forced call's arguments (or calls) are what the output must match
-            json_schema, json_object = plan.schema, False
         stop = request.stop
         return Sampling(
             max_tokens=self.max_tokens(request.max_output_tokens, list(prompt)),
@@ -670,6 +669,5 @@ class ResponsesAPI(OpenAIAPI):
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
             repetition_penalty=request.repetition_penalty or 1.0,
-            json_schema=json_schema,
-            json_object=json_object,
+            **plan_constraint(plan, json_schema, json_object),
         )

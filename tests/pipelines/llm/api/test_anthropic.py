@@ -22,8 +22,16 @@ from pipelines.llm.replies import ReplyTracker
 from pipelines.llm.schema import AnthropicMessagesRequest, AnthropicStreamEvent
 from runner.pipeline import RequestContext
 from runner.schema import AnthropicError
-from tests.support.apps import llm_app, ready_client, runner_settings
-from tests.support.fake_engine import DEFAULT_WORDS, FakeEngine, FakeTokenizer, Script, scripted_text
+from tests.support.apps import llm_app, llm_settings, ready_client, runner_settings
+from tests.support.fake_engine import (
+    DEFAULT_WORDS,
+    FakeEngine,
+    FakeTokenizer,
+    RecordingParser,
+    Script,
+    hermes_call,
+    scripted_text,
+)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -317,33 +325,15 @@ async def test_none_hides_the_tools_from_the_template(client, engine, sdk, model
     assert message.content[0].type == "text" and message.stop_reason == "max_tokens"
 
 
-class ScriptedParser:
-    """A model's tool-call syntax: a call is '<call>NAME ARGUMENTS</call>', anything else is content."""
-
-    name = "scripted"
-
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-
-    def extract(self, text: str, request: dict) -> tuple[str | None, list[tuple[str, str]]]:
-        self.bodies.append(request)
-        if not text.startswith("<call>"):
-            return text, []
-        name, arguments = text.removeprefix("<call>").removesuffix("</call>").split(" ", 1)
-        return None, [(name, arguments)]
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 async def test_auto_with_the_models_parser_gives_a_tool_use_or_text(aiohttp_client, tmp_path, stream):
-    parser = ScriptedParser()
-    engine = FakeEngine(tool_parsers={"scripted": parser})
-    from tests.support.apps import llm_settings
-
+    parser = RecordingParser()
+    engine = FakeEngine(tool_parsers={parser.name: parser})
     client = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
-                                                        llm_settings(TOOL_CALL_PARSER="scripted")))
+                                                        llm_settings(TOOL_CALL_PARSER=parser.name)))
     model = str(tmp_path / "model")
     async with sdk_for(client) as sdk:
-        for text, expected in (('<call>get_weather {"city": "Paris"}</call>', ("tool_use", {"city": "Paris"})),
+        for text, expected in ((hermes_call("get_weather", {"city": "Paris"}), ("tool_use", {"city": "Paris"})),
                                ("Paris.", ("text", "Paris."))):
             engine.script = scripted_text(text)
             request = dict(model=model, messages=QUESTION, max_tokens=100, tools=[WEATHER])  # auto by default
@@ -355,7 +345,7 @@ async def test_auto_with_the_models_parser_gives_a_tool_use_or_text(aiohttp_clie
             [block] = message.content
             assert (block.type, block.input if block.type == "tool_use" else block.text) == expected
             assert message.stop_reason == ("tool_use" if expected[0] == "tool_use" else "end_turn")
-    body = parser.bodies[-1]
+    body = parser.requests[-1]
     assert body["tool_choice"] == "auto" and body["tools"][0]["function"]["name"] == "get_weather"
     assert body["messages"] == QUESTION
 

@@ -23,7 +23,15 @@ from pipelines.llm.api.responses import Output, ResponsesAPI, ResponsesSettings
 from runner.app import create_app
 from runner.keys import STATE
 from tests.support.apps import llm_app, llm_settings, ready_client, runner_settings
-from tests.support.fake_engine import DEFAULT_WORDS, FakeEngine, FakeTokenizer, Script, scripted_text
+from tests.support.fake_engine import (
+    DEFAULT_WORDS,
+    FakeEngine,
+    FakeTokenizer,
+    RecordingParser,
+    Script,
+    hermes_call,
+    scripted_text,
+)
 
 SDK_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -287,28 +295,12 @@ async def test_required_calls_are_function_call_items(client, sdk, engine, model
     assert engine.submitted[-1].sampling.json_schema["maxItems"] == 1
 
 
-class FakeToolParser:
-    """A tool-call parser for the fake: ``<tool_call>{json}`` is one call, anything else is text."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-
-    def extract(self, text: str, request: dict):
-        self.requests.append(request)
-        if not text.startswith("<tool_call>"):
-            return text, []
-        call = json.loads(text.removeprefix("<tool_call>"))
-        return None, [(call["name"], json.dumps(call["arguments"]))]
-
-
 async def test_auto_with_a_parser_gives_calls_or_text(aiohttp_client, tmp_path):
-    parser = FakeToolParser()
-    engine = FakeEngine(chat_template=TOOLS_TEMPLATE, tool_parsers={"fake": parser},
-                        script=scripted_text('<tool_call>{"name": "get_weather", "arguments": {"city": "Lima"}}'))
+    parser = RecordingParser()
+    engine = FakeEngine(chat_template=TOOLS_TEMPLATE, tool_parsers={parser.name: parser},
+                        script=scripted_text(hermes_call("get_weather", {"city": "Lima"})))
     client = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
-                                                        settings=llm_settings(TOOL_CALL_PARSER="fake")))
+                                                        settings=llm_settings(TOOL_CALL_PARSER=parser.name)))
     body = {"input": [{"role": "user", "content": "Weather in Lima?"}], "tools": [WEATHER], "instructions": "Be brief."}
     answer = await (await client.post("/v1/responses", json=body)).json()
     [call] = answer["output"]
@@ -403,12 +395,12 @@ async def test_items_become_the_templates_turns(client, sdk, engine, model):
     ])
     prompt = decoded(engine.submitted[-1].prompt)
     assert prompt.startswith(
-        "<|system|>Be brief."
-        "<|system|>Use metric units."
-        "<|user|>Weather in\nOslo?"
-        '<|assistant|>Let me check.[call call_1 get_weather {"city": "Oslo"}][call call_2 get_weather {"city": "Bergen"}]'
-        "<|tool|>-3 C[answers call_1]"
-        "<|tool|>2 C[answers call_2]"), prompt
+        "<|system|>Be brief.</s>"
+        "<|system|>Use metric units.</s>"
+        "<|user|>Weather in\nOslo?</s>"
+        '<|assistant|>Let me check.[call call_1 get_weather {"city": "Oslo"}][call call_2 get_weather {"city": "Bergen"}]</s>'
+        "<|tool|>-3 C[answers call_1]</s>"
+        "<|tool|>2 C[answers call_2]</s>"), prompt
     assert "hmm" not in prompt, "earlier thinking is not shown again"
     assert engine.submitted[-1].sampling.json_schema is None, "tool_choice none: free text"
 
@@ -421,11 +413,13 @@ async def test_previous_response_id_continues_the_conversation(client, sdk, engi
                                         previous_response_id=first.id)
     assert second.previous_response_id == first.id
     assert decoded(engine.submitted[-1].prompt).startswith(
-        "<|system|>Answer in one word.<|user|>Capital of France?<|assistant|>Paris.<|user|>And of Spain?<|assistant|>"
+        "<|system|>Answer in one word.</s><|user|>Capital of France?</s><|assistant|>Paris.</s><|user|>And of Spain?</s>"
+        "<|assistant|>"
     ), "the earlier input and output, not the earlier instructions"
     await sdk.responses.create(model=model, input="And of Italy?", previous_response_id=second.id)
     assert decoded(engine.submitted[-1].prompt).startswith(
-        "<|user|>Capital of France?<|assistant|>Paris.<|user|>And of Spain?<|assistant|>Madrid.<|user|>And of Italy?")
+        "<|user|>Capital of France?</s><|assistant|>Paris.</s><|user|>And of Spain?</s><|assistant|>Madrid.</s>"
+        "<|user|>And of Italy?</s>")
 
 
 async def test_a_function_call_round_trip_through_previous_response_id(client, sdk, engine, model):
@@ -439,8 +433,8 @@ async def test_a_function_call_round_trip_through_previous_response_id(client, s
                                                   "output": '{"temperature": "-3 C"}'}])
     assert answered.output_text == "It is -3 C in Oslo."
     assert decoded(engine.submitted[-1].prompt).startswith(
-        f'<|user|>Weather in Oslo?<|assistant|>[call {call.call_id} get_weather {{"city": "Oslo"}}]'
-        f'<|tool|>{{"temperature": "-3 C"}}[answers {call.call_id}]<|assistant|>')
+        f'<|user|>Weather in Oslo?</s><|assistant|>[call {call.call_id} get_weather {{"city": "Oslo"}}]</s>'
+        f'<|tool|>{{"temperature": "-3 C"}}[answers {call.call_id}]</s><|assistant|>')
 
 
 # 4. The store: GET, store false, its bound, 404s
