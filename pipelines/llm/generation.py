@@ -130,10 +130,11 @@ class Generation:
         elif keep >= self.max_model_len:
             raise OperationError(f"truncate_prompt_tokens is {keep}: it must be less than this model's limit of "
                                  f"{self.max_model_len} tokens (MAX_MODEL_LEN)", param="truncate_prompt_tokens")
+        if keep == 0:  # vLLM's engine refuses an empty prompt
+            raise OperationError("truncate_prompt_tokens is 0: it would leave no prompt; keep at least one token",
+                                 param="truncate_prompt_tokens")
         if len(prompt) <= keep:
             return prompt
-        if keep == 0:
-            return []
         return prompt[:keep] if side == "right" else prompt[-keep:]
 
     def answer_reader(self, plan: ToolPlan, sampling: Sampling, prompt: Sequence[int] | None = None,
@@ -145,6 +146,8 @@ class Generation:
                             reasoning_parser=thinking, prompt_token_ids=prompt)
 
     def check_length(self, prompt: list[int], sampling: Sampling, length_param: str = "max_tokens") -> None:
+        if not prompt:
+            raise OperationError("the prompt is empty: the engine needs at least one token to continue from")
         limit = self.max_model_len
         if len(prompt) + sampling.max_tokens > limit:
             raise OperationError(

@@ -87,21 +87,12 @@ class OpenAIAPI(LLMAPI):
         """The sampling fields both OpenAI requests share (vLLM's extras included), OpenAI's and vLLM's defaults for
         those left out, and ``only`` theirs."""
         refuse_unserved(request)
-        stop = request.stop
         if request.prompt_logprobs is not None and request.stream and request.prompt_logprobs != 0:
             raise bad("prompt_logprobs are not available with stream: true", "prompt_logprobs")
         return Sampling(
             max_tokens=max_tokens,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=-1 if request.top_k is None else request.top_k,
-            min_p=request.min_p or 0.0,
+            **common_sampling(request),
             n=request.n or 1,
-            stop=[] if stop is None else [stop] if isinstance(stop, str) else list(stop),
-            seed=request.seed,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-            repetition_penalty=request.repetition_penalty or 1.0,
             logit_bias=self.logit_bias(request.logit_bias),
             min_tokens=request.min_tokens or 0,
             ignore_eos=bool(request.ignore_eos),
@@ -114,6 +105,23 @@ class OpenAIAPI(LLMAPI):
             allowed_token_ids=list(request.allowed_token_ids) if request.allowed_token_ids is not None else None,
             **only,
         )
+
+
+def common_sampling(request: Any) -> dict[str, Any]:
+    """The sampling fields every OpenAI request names alike (chat, completions, Responses), with OpenAI's and
+    vLLM's defaults for those left out."""
+    stop = request.stop
+    return dict(
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=-1 if request.top_k is None else request.top_k,
+        min_p=request.min_p or 0.0,
+        stop=[] if stop is None else [stop] if isinstance(stop, str) else list(stop),
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+    )
 
 
 def refuse_unserved(request: Any) -> None:

@@ -25,7 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pipelines.llm import schema
 from pipelines.llm.answers import AnswerEvent, AnswerReader, CallArguments, CallStart, ReasoningDelta, TextDelta
 from pipelines.llm.api import spec_operations
-from pipelines.llm.api.openai_base import OpenAIAPI, bad
+from pipelines.llm.api.openai_base import OpenAIAPI, bad, common_sampling
 from pipelines.llm.conversation import turn
 from pipelines.llm.engine import GenerationStep, Sampling
 from pipelines.llm.generation import Generation
@@ -657,17 +657,8 @@ class ResponsesAPI(OpenAIAPI):
 
     def response_sampling(self, request: ResponsesRequest, prompt: Sequence[int], plan: ToolPlan) -> Sampling:
         json_schema, json_object = output_format(request)
-        stop = request.stop
         return Sampling(
             max_tokens=self.max_tokens(request.max_output_tokens, list(prompt)),
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=-1 if request.top_k is None else request.top_k,
-            min_p=request.min_p or 0.0,
-            stop=[] if stop is None else [stop] if isinstance(stop, str) else list(stop),
-            seed=request.seed,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-            repetition_penalty=request.repetition_penalty or 1.0,
+            **common_sampling(request),
             **plan_constraint(plan, json_schema, json_object),
         )

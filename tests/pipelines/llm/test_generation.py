@@ -30,6 +30,13 @@ async def test_a_prompt_too_long_for_the_model_is_refused_before_the_engine():
     assert "MAX_MODEL_LEN" in refused.value.msg and context.prompt_tokens == 0
 
 
+async def test_an_empty_prompt_is_refused_before_the_engine():
+    engine = FakeEngine()
+    with pytest.raises(OperationError, match="prompt is empty"):
+        generation(engine).start([], Sampling(max_tokens=1), RequestContext("x"), MODELS.base)
+    assert engine.submitted == []
+
+
 async def test_sampling_the_engine_refuses_is_a_400_with_its_message():
     with pytest.raises(OperationError, match="temperature"):
         generation(FakeEngine()).start([1], Sampling(max_tokens=1, temperature=3), RequestContext("x"), MODELS.base)

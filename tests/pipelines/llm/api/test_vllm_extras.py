@@ -257,6 +257,7 @@ REFUSED = [
     ({"min_tokens": 9, "max_tokens": 3}, None, "min_tokens"),
     ({"allowed_token_ids": [999999]}, None, "out-of-vocab"),
     ({"truncate_prompt_tokens": 4096}, "truncate_prompt_tokens", "MAX_MODEL_LEN"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "no prompt"),
 ]
 
 

@@ -149,6 +149,36 @@ async def test_a_tool_use_round_trip_is_answered(default):
     assert [block.type for block in answer.content] == ["text"] and answer.content[0].text
 
 
+CALLED_BEFORE = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                       "input": {"city": "Paris"}}]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny, 21 C"}]},
+    {"role": "user", "content": "Weather in Berlin?"},
+]
+
+
+async def test_tools_left_to_a_model_without_tool_syntax_are_used_in_the_runners_syntax(default):
+    """tool_choice left out on a model whose template names no tool syntax: its earlier tool_use is written back
+    in the runner's syntax, so this small model follows it; the streamed input_json_delta pieces arrive as
+    generated and add up to the plain answer's input."""
+    request = dict(model=DEFAULT_MODEL, messages=CALLED_BEFORE, max_tokens=60, tools=[WEATHER], extra_body=GREEDY)
+    message = await default.messages.create(**request)
+    assert message.stop_reason == "tool_use", message
+    [call] = [block for block in message.content if block.type == "tool_use"]
+    assert call.name == "get_weather"
+    jsonschema.validate(call.input, CITY)
+    pieces = []
+    async with default.messages.stream(**request) as stream:
+        async for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                pieces.append(event.delta.partial_json)
+        final = await stream.get_final_message()
+    assert [(block.name, block.input) for block in final.content if block.type == "tool_use"] == [
+        (call.name, call.input)]
+    assert json.loads("".join(pieces)) == call.input and len(pieces) > 3, pieces
+
+
 # 3. The guarded runner: keys, errors, overload, the in-band error
 
 

@@ -139,6 +139,33 @@ async def test_streamed_calls_add_up_to_the_plain_ones(default, tool_choice):
         jsonschema.validate(json.loads(item.arguments), CITY if item.name == "get_weather" else TIME["parameters"])
 
 
+CALLED_BEFORE = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+    {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"},
+    {"role": "user", "content": "Weather in Berlin?"},
+]
+
+
+async def test_tools_left_to_a_model_without_tool_syntax_are_called_in_the_runners_syntax(default):
+    """tool_choice left out on a model whose template names no tool syntax: a 200, never a refusal; its earlier call
+    is written back in the runner's syntax, so this small model follows it, and the streamed arguments arrive as
+    generated and add up to the plain call's."""
+    request = dict(model=DEFAULT_MODEL, input=CALLED_BEFORE, tools=[WEATHER], temperature=0, max_output_tokens=60)
+    plain = await default.responses.create(**request)
+    [call] = plain.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), CITY)
+    pieces = []
+    async with default.responses.stream(**request) as stream:
+        async for event in stream:
+            if event.type == "response.function_call_arguments.delta":
+                pieces.append(event.delta)
+        final = await stream.get_final_response()
+    assert [(item.name, item.arguments) for item in final.output] == [(call.name, call.arguments)]
+    assert "".join(pieces) == call.arguments and len(pieces) > 3, pieces
+
+
 async def test_a_json_schema_answer_parses_and_matches(default):
     answer = await default.responses.create(
         model=DEFAULT_MODEL, input=QUESTION, temperature=0, max_output_tokens=60,
