@@ -157,9 +157,15 @@ def test_a_live_runner_joins_when_it_can_serve_is_reached_through_the_proxy_and_
         assert status == 200 and answer["object"] == "chat.completion"
         status, answer = call(f"{app_url}/v1/models")
         assert status == 200 and answer["data"][0]["id"] == runner.env["MODEL_ID"]
-        sessions = {call_.session_id: call_ for call_ in standin.proxied}
-        named = {(entry["session_id"], entry["runner_route"]) for entry in log_events(runner, "request.done")
-                 if "session_id" in entry}
+        # The stand-in records a proxied call once it has sent the answer on: a client can have it first.
+        proxied = standin.wait(lambda: len(standin.proxied) >= 3 and standin.proxied, 5, "3 proxied calls recorded")
+        sessions = {call_.session_id: call_ for call_ in proxied}
+        def session_lines() -> list[dict]:
+            lines = [entry for entry in log_events(runner, "request.done") if "session_id" in entry]
+            return lines if len(lines) >= 3 else []
+
+        logged = standin.wait(session_lines, 5, "3 request.done lines with a session")
+        named = {(entry["session_id"], entry["runner_route"]) for entry in logged}
         assert named == {(session_id, runner_id) for session_id in sessions}, "request.done names each session"
         assert not any(call_.session_token in runner.log_path.read_text() for call_ in standin.proxied), \
             "the session token is never logged"
