@@ -293,9 +293,8 @@ class OpenAIStreaming(HttpSystem):
 class ResponsesStreaming(HttpSystem):
     """A server's /v1/responses, streamed: the runner's and vllm serve's alike.
 
-    vllm serve names each event (``event:`` lines) and sends no ``[DONE]``;
-    the runner sends ``data:`` lines and ``[DONE]``: the stream's end is its
-    terminal event either way.
+    Both name each event (``event:`` lines) and send no ``[DONE]``: the
+    stream's end is its terminal event.
     """
 
     model_id: str

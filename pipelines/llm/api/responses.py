@@ -604,12 +604,25 @@ class ResponsesReply:
         finally:
             await steps.aclose()  # aborts the engine request if the stream stopped early
 
+    def named_error_event(self, reason: str) -> tuple[bytes, bytes]:
+        return b"response.failed", self.error_event(reason)
+
     def error_event(self, reason: str) -> bytes:
         """The in-band ending of a failed stream: ``response.failed``, with OpenAI's error object for the SDKs to raise."""
         failed = self.response("failed", self.output.models(), self.usage(),
                                ResponsesError(code="server_error", message=reason))
         detail = OpenAIErrorDetail(message=reason, type="server_error", param=None, code=None)
         return self.lifecycle("response.failed", failed, error=detail.model_dump_json().encode())
+
+
+TYPE_AT = len(b'{"type":"')  # every event document starts with its type
+
+
+async def named_by_type(events: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
+    """Each event under its type, as OpenAI and ``vllm serve`` frame them (``event: <type>`` before ``data:``);
+    the stream then ends with its last event, no ``data: [DONE]``."""
+    async for document in events:
+        yield document[TYPE_AT:document.index(b'"', TYPE_AT)], document
 
 
 # 6. The API
@@ -652,7 +665,8 @@ class ResponsesAPI(OpenAIAPI):
         reader = self.generation.answer_reader(plan, sampling, prompt, chat_body)
         reply = ResponsesReply(request, sampling, model.id, tracker, reader, conversation, self.store)
         if request.stream:
-            return EventStream(events=reply.events(steps), error_event=reply.error_event)
+            return EventStream(events=named_by_type(reply.events(steps)), error_event=reply.named_error_event,
+                               named=True)
         return await reply.whole(steps)
 
     def response_sampling(self, request: ResponsesRequest, prompt: Sequence[int], plan: ToolPlan) -> Sampling:

@@ -56,10 +56,14 @@ def sdk_event(document: dict):
 
 
 def parse_stream(body: str) -> list[dict]:
+    """A stream's events, each framed as OpenAI frames them: ``event: <type>``, then its ``data:`` line."""
     blocks = body.split("\n\n")
-    assert blocks[-2:] == ["data: [DONE]", ""], body[-300:]
-    assert all(block.startswith("data: ") and "\n" not in block for block in blocks[:-2])
-    events = [json.loads(block.removeprefix("data: ")) for block in blocks[:-2]]
+    assert blocks[-1] == "", body[-300:]
+    events = []
+    for block in blocks[:-1]:
+        name, data = block.split("\n")
+        events.append(json.loads(data.removeprefix("data: ")))
+        assert name == f"event: {events[-1]['type']}" and data.startswith("data: "), block
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
     for event in events:
         sdk_event(event)
