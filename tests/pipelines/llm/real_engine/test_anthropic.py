@@ -179,6 +179,28 @@ async def test_tools_left_to_a_model_without_tool_syntax_are_used_in_the_runners
     assert json.loads("".join(pieces)) == call.input and len(pieces) > 3, pieces
 
 
+NOTE = {"name": "write_note", "description": "Save a note", "input_schema": {
+    "type": "object", "properties": {"title": {"type": "string"}, "text": {"type": "string"}},
+    "required": ["title", "text"]}}
+
+
+@pytest.mark.parametrize("choice", [{"type": "tool", "name": "write_note"}, {"type": "any"}], ids=["tool", "any"])
+async def test_a_long_forced_tool_use_streams_in_many_input_deltas(default, choice):
+    request = dict(model=DEFAULT_MODEL, max_tokens=120, tools=[NOTE], tool_choice=choice, extra_body=GREEDY,
+                   messages=[{"role": "user", "content": "Write a long note about the history of Paris, with many "
+                                                         "details."}])
+    pieces = []
+    async with default.messages.stream(**request) as stream:
+        async for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                pieces.append(event.delta.partial_json)
+        final = await stream.get_final_message()
+    assert final.usage.output_tokens >= 100
+    assert len(pieces) >= 80, f"{len(pieces)} input deltas for {final.usage.output_tokens} tokens"
+    [call] = final.content
+    assert call.type == "tool_use" and call.name == "write_note"
+
+
 # 3. The guarded runner: keys, errors, overload, the in-band error
 
 

@@ -166,6 +166,29 @@ async def test_tools_left_to_a_model_without_tool_syntax_are_called_in_the_runne
     assert "".join(pieces) == call.arguments and len(pieces) > 3, pieces
 
 
+NOTE = {"type": "function", "name": "write_note", "description": "Save a note", "parameters": {
+    "type": "object", "properties": {"title": {"type": "string"}, "text": {"type": "string"}},
+    "required": ["title", "text"]}}
+
+
+@pytest.mark.parametrize("tool_choice", ["named", "required"])
+async def test_a_long_forced_call_streams_in_many_argument_deltas(default, tool_choice):
+    choice = {"type": "function", "name": "write_note"} if tool_choice == "named" else "required"
+    request = dict(model=DEFAULT_MODEL, input="Write a long note about the history of Paris, with many details.",
+                   tools=[NOTE], tool_choice=choice, temperature=0, max_output_tokens=120)
+    deltas, final = [], None
+    async with default.responses.stream(**request) as stream:
+        async for event in stream:
+            if event.type == "response.function_call_arguments.delta":
+                deltas.append(event.delta)
+            elif event.type in ("response.completed", "response.incomplete"):  # the SDK's final is completed only
+                final = event.response
+    [call] = final.output
+    assert final.usage.output_tokens >= 100
+    assert len(deltas) >= 80, f"{len(deltas)} argument deltas for {final.usage.output_tokens} tokens"
+    assert "".join(deltas) == call.arguments
+
+
 async def test_a_json_schema_answer_parses_and_matches(default):
     answer = await default.responses.create(
         model=DEFAULT_MODEL, input=QUESTION, temperature=0, max_output_tokens=60,
