@@ -95,18 +95,6 @@ def test_final_event_is_what_pydantic_writes():
 # 2. Served in-process on the fake engine
 
 
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-async def client(aiohttp_client, engine, tmp_path):
-    served = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model"))
-    engine.submitted.clear()  # the warm-up's request
-    return served
-
-
 async def read_events(response) -> list[dict]:
     body = await response.text()
     blocks = body.split("\n\n")

@@ -19,7 +19,7 @@ from pipelines.llm.schema import ChatCompletionChunk, ChunkChoice, ChunkDelta, C
 from pipelines.llm.tools import CALL_END, call_begin
 from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser
 from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser
-from tests.support.apps import llm_app, llm_settings, ready_client
+from tests.support.apps import llm_app, llm_settings, ready_client, served_client
 from tests.support.fake_engine import CHAT_TEMPLATE, FakeEngine, FakeTokenizer, scripted_text
 from tests.support.http import QUESTION
 
@@ -64,23 +64,6 @@ def test_every_answer_event_is_the_chunk_pydantic_writes(text, usage):
 
 
 # 2. In-process on the fake engine
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-async def serve(aiohttp_client, engine: FakeEngine, folder, **settings):
-    client = await ready_client(aiohttp_client, llm_app(engine, folder / "model", llm_settings(**settings)))
-    client.model = str(folder / "model")
-    engine.submitted.clear()  # the warm-up's request
-    return client
-
-
-@pytest.fixture
-async def client(aiohttp_client, engine, tmp_path):
-    return await serve(aiohttp_client, engine, tmp_path)
 
 
 async def chat(client, **body) -> tuple[int, dict]:
@@ -202,7 +185,7 @@ ASSISTANT_STARTED = [*QUESTION, {"role": "assistant", "content": "The capital is
 async def test_the_chat_template_steps_follow_vllms_parameters(aiohttp_client, tmp_path):
     template = CHAT_TEMPLATE + "{% if mood is defined %}[{{ mood }}]{% endif %}{% if documents %}{{ documents }}{% endif %}"
     engine = FakeEngine(chat_template=template)
-    client = await serve(aiohttp_client, engine, tmp_path)
+    client = await served_client(aiohttp_client, engine, tmp_path)
     await chat(client, max_tokens=2, chat_template_kwargs={"mood": "calm"})
     assert engine.submitted[-1].prompt == rendered(QUESTION, template=template, mood="calm")
     await chat(client, max_tokens=2, documents=[{"title": "a", "text": "b"}])
@@ -330,7 +313,7 @@ HERMES = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Pari
 
 async def test_auto_with_the_models_own_syntax_streams_through_vllms_parser(aiohttp_client, tmp_path):
     engine = FakeEngine(scripted_text(HERMES), tool_parsers={"hermes": ToolCallParser("hermes", FakeTokenizer())})
-    client = await serve(aiohttp_client, engine, tmp_path, TOOL_CALL_PARSER="hermes")
+    client = await served_client(aiohttp_client, engine, tmp_path, llm_settings(TOOL_CALL_PARSER="hermes"))
     status, plain = await chat(client, tools=[WEATHER], max_tokens=100)
     [call] = plain["choices"][0]["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
@@ -351,7 +334,7 @@ THINKING = "<think>The user asks about France.</think>Paris."
 async def thinking_client(aiohttp_client, tmp_path, engine: FakeEngine | None = None, **settings):
     engine = engine or FakeEngine(scripted_text(THINKING))
     engine.reasoning_parsers.setdefault("deepseek_r1", ReasoningParser("deepseek_r1", engine.tokenizer))
-    return engine, await serve(aiohttp_client, engine, tmp_path, **settings)
+    return engine, await served_client(aiohttp_client, engine, tmp_path, llm_settings(**settings))
 
 
 async def test_the_thinking_goes_to_reasoning_content_and_usage_counts_it(aiohttp_client, tmp_path):
@@ -414,7 +397,7 @@ async def test_the_reasoning_parser_is_chosen_from_the_chat_template(aiohttp_cli
 async def test_a_template_chosen_parser_the_tokenizer_cannot_serve_is_left_out(aiohttp_client, tmp_path):
     engine = FakeEngine(scripted_text(THINKING), chat_template=CHAT_TEMPLATE + "{{ '<think>' }}",
                         reasoning_parsers={"deepseek_r1": ValueError("no think tokens")})
-    client = await serve(aiohttp_client, engine, tmp_path)
+    client = await served_client(aiohttp_client, engine, tmp_path)
     status, answer = await chat(client, max_tokens=100)
     assert status == 200 and answer["choices"][0]["message"]["content"] == THINKING
 
