@@ -7,6 +7,8 @@ from typing import Any
 import anthropic
 import openai
 
+from tests.support.runner_process import RunnerProcess
+
 TIMEOUT = 300  # seconds: a long generation on the CPU engine stays well within it
 
 
@@ -19,3 +21,8 @@ def anthropic_sdk(url: str, api_key: str | None = "unused", **kwargs: Any) -> an
     """Anthropic's client for the runner at this URL (its /v1/messages routes)."""
     return anthropic.AsyncAnthropic(base_url=url.rstrip("/"), api_key=api_key, max_retries=0, timeout=TIMEOUT,
                                     **kwargs)
+
+
+def served_model(runner: RunnerProcess) -> str:
+    """The model id this runner serves (its MODEL_ID)."""
+    return runner.env["MODEL_ID"]
