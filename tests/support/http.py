@@ -13,6 +13,21 @@ from tests.support.runner_process import RunnerProcess
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me a long story."}]
+# /llm bodies its schema refuses (422), each with the place the refusal names
+BAD_422 = [
+    ({"max_tokens": 2}, ["body", "messages"]),
+    ({"messages": "hello"}, ["body", "messages"]),
+    ({"messages": [{"content": "hi"}]}, ["body", "messages", 0, "role"]),
+    ({"messages": [{"role": "user"}]}, ["body", "messages", 0, "content"]),
+    ({"messages": QUESTION, "temperature": "hot"}, ["body", "temperature"]),
+    ({"messages": QUESTION, "temperature": -1}, ["body", "temperature"]),
+    ({"messages": QUESTION, "top_p": 0}, ["body", "top_p"]),
+    ({"messages": QUESTION, "top_p": 1.5}, ["body", "top_p"]),
+    ({"messages": QUESTION, "max_tokens": 0}, ["body", "max_tokens"]),
+    ({"messages": QUESTION, "top_k": -2}, ["body", "top_k"]),
+]
+# bodies that are no JSON document (422 at ["body"]): cut short, or not sent as JSON; each with its Content-Type
+NOT_JSON_BODIES = ((b'{"messages": [', "application/json"), (json.dumps({"messages": QUESTION}), "text/plain"))
 UNFINISHED = "livepeer_runner_engine_requests_unfinished"
 WAITING = "livepeer_runner_engine_requests_waiting"
 IN_FLIGHT = "livepeer_runner_requests_in_flight"

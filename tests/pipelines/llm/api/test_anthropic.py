@@ -32,11 +32,10 @@ from tests.support.fake_engine import (
     hermes_call,
     scripted_text,
 )
+from tests.support.http import QUESTION
 from tests.support.sdks import anthropic_sdk
+from tests.support.tools import ANTHROPIC_WEATHER, CITY
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-WEATHER = {"name": "get_weather", "description": "The weather in a city", "input_schema": CITY}
 TIME = {"name": "get_time", "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}}}
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
 KEY = "s3cret"
@@ -247,7 +246,7 @@ async def test_stop_sequences_and_the_end_of_the_answer_are_told_apart(client, e
 
 async def test_a_named_tool_streams_its_input_as_json_deltas(client, engine, anthropic_client, model):
     engine.script = scripted_text('{"city": "Paris"}')
-    request = dict(model=model, messages=QUESTION, max_tokens=50, tools=[WEATHER, TIME],
+    request = dict(model=model, messages=QUESTION, max_tokens=50, tools=[ANTHROPIC_WEATHER, TIME],
                    tool_choice={"type": "tool", "name": "get_weather"})
     message = await anthropic_client.messages.create(**request)
     assert engine.submitted[-1].sampling.json_schema == CITY
@@ -271,7 +270,7 @@ async def test_a_named_tool_streams_its_input_as_json_deltas(client, engine, ant
 async def test_any_calls_one_or_more_tools_and_the_deltas_add_up_to_the_input(client, engine, anthropic_client, model, stream):
     engine.script = scripted_text('[{"name": "get_weather", "parameters": {"city": "Paris"}}, '
                                   '{"name": "get_time", "parameters": {"zone": "CET"}}]')
-    request = dict(model=model, messages=QUESTION, max_tokens=200, tools=[WEATHER, TIME], tool_choice={"type": "any"})
+    request = dict(model=model, messages=QUESTION, max_tokens=200, tools=[ANTHROPIC_WEATHER, TIME], tool_choice={"type": "any"})
     if stream:
         inputs: dict[int, str] = {}
         async with anthropic_client.messages.stream(**request) as streamed:
@@ -292,7 +291,7 @@ async def test_any_calls_one_or_more_tools_and_the_deltas_add_up_to_the_input(cl
 
 
 async def test_none_hides_the_tools_from_the_template(client, engine, anthropic_client, model):
-    message = await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3, tools=[WEATHER],
+    message = await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3, tools=[ANTHROPIC_WEATHER],
                                         tool_choice={"type": "none"})
     assert engine.submitted[-1].prompt == rendered(QUESTION)
     assert message.content[0].type == "text" and message.stop_reason == "max_tokens"
@@ -309,7 +308,7 @@ async def test_auto_with_the_models_parser_gives_a_tool_use_or_text(aiohttp_clie
         for text, expected in ((hermes_call("get_weather", {"city": "Paris"}), ("tool_use", {"city": "Paris"})),
                                ("Paris.", ("text", "Paris."))):
             engine.script = scripted_text(text)
-            request = dict(model=model, messages=QUESTION, max_tokens=100, tools=[WEATHER])  # auto by default
+            request = dict(model=model, messages=QUESTION, max_tokens=100, tools=[ANTHROPIC_WEATHER])  # auto by default
             if stream:
                 async with anthropic_client.messages.stream(**request) as streamed:
                     message = await streamed.get_final_message()
@@ -324,8 +323,8 @@ async def test_auto_with_the_models_parser_gives_a_tool_use_or_text(aiohttp_clie
 
 
 async def test_count_tokens_is_the_prompt_the_engine_would_get(client, engine, anthropic_client, model):
-    for tools, choice in (([], None), ([WEATHER], {"type": "tool", "name": "get_weather"}),
-                          ([WEATHER], {"type": "none"})):
+    for tools, choice in (([], None), ([ANTHROPIC_WEATHER], {"type": "tool", "name": "get_weather"}),
+                          ([ANTHROPIC_WEATHER], {"type": "none"})):
         extra = {"tools": tools} if tools else {}
         extra |= {"tool_choice": choice} if choice else {}
         counted = await anthropic_client.messages.count_tokens(model=model, messages=QUESTION, system="Be brief.", **extra)
@@ -376,10 +375,10 @@ BAD = [
     ({"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}, "tool_use_id: Field required"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
                                                   "content": [{"type": "image"}]}]}]}, "content.0.type"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "tool"}}, "tool_choice.name"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_time"}}, "get_time"),
+    ({"tools": [ANTHROPIC_WEATHER], "tool_choice": {"type": "tool"}}, "tool_choice.name"),
+    ({"tools": [ANTHROPIC_WEATHER], "tool_choice": {"type": "tool", "name": "get_time"}}, "get_time"),
     ({"tool_choice": {"type": "any"}}, "tool_choice needs tools"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
+    ({"tools": [ANTHROPIC_WEATHER], "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
      "tools.0.type: 'web_search_20250305' is one of Anthropic's server tools, which are not served"),
     ({"tools": [{"name": "f"}]}, "tools.0.input_schema: Field required"),

@@ -38,8 +38,8 @@ from tests.support.fake_engine import (
 )
 from tests.support.http import QUESTION
 from tests.support.sdks import openai_sdk
+from tests.support.tools import CITY
 
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
 TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
 

@@ -32,10 +32,9 @@ from tests.support.fake_engine import (
     hermes_call,
     scripted_text,
 )
+from tests.support.tools import CITY, RESPONSES_WEATHER
 
 SDK_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": CITY}
 TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
 # Shows what the fake engine is handed: each turn's role and content, an assistant turn's calls, a tool turn's call id.
 TOOLS_TEMPLATE = (
@@ -234,7 +233,7 @@ async def test_text_format_constrains_the_output(client, openai_client, engine, 
 
 async def test_a_named_function_call_streams_its_arguments(client, openai_client, engine, model):
     engine.script = scripted_text('{"city": "Paris"}')
-    request = dict(model=model, input="Weather in Paris?", tools=[WEATHER, TIME],
+    request = dict(model=model, input="Weather in Paris?", tools=[RESPONSES_WEATHER, TIME],
                    tool_choice={"type": "function", "name": "get_weather"})
     plain = await openai_client.responses.create(**request)
     assert engine.submitted[-1].sampling.json_schema == CITY
@@ -259,7 +258,7 @@ async def test_a_named_function_call_streams_its_arguments(client, openai_client
 async def test_required_calls_are_function_call_items(client, openai_client, engine, model):
     engine.script = scripted_text('[{"name": "get_weather", "parameters": {"city": "Oslo"}}, '
                                   '{"name": "get_time", "parameters": {}}]')
-    request = dict(model=model, input="Weather and time?", tools=[WEATHER, TIME], tool_choice="required")
+    request = dict(model=model, input="Weather and time?", tools=[RESPONSES_WEATHER, TIME], tool_choice="required")
     plain = await openai_client.responses.create(**request)
     assert [(item.type, item.name, json.loads(item.arguments)) for item in plain.output] == [
         ("function_call", "get_weather", {"city": "Oslo"}), ("function_call", "get_time", {})]
@@ -283,7 +282,7 @@ async def test_auto_with_a_parser_gives_calls_or_text(aiohttp_client, tmp_path):
                         script=scripted_text(hermes_call("get_weather", {"city": "Lima"})))
     client = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
                                                         settings=llm_settings(TOOL_CALL_PARSER=parser.name)))
-    body = {"input": [{"role": "user", "content": "Weather in Lima?"}], "tools": [WEATHER], "instructions": "Be brief."}
+    body = {"input": [{"role": "user", "content": "Weather in Lima?"}], "tools": [RESPONSES_WEATHER], "instructions": "Be brief."}
     answer = await (await client.post("/v1/responses", json=body)).json()
     [call] = answer["output"]
     assert (call["name"], json.loads(call["arguments"])) == ("get_weather", {"city": "Lima"})
@@ -364,7 +363,7 @@ async def test_a_client_that_goes_away_aborts_its_engine_request(client, engine)
 
 async def test_items_become_the_templates_turns(client, openai_client, engine, model):
     engine.script = scripted_text("Done.")
-    await openai_client.responses.create(model=model, instructions="Be brief.", tools=[WEATHER], tool_choice="none", input=[
+    await openai_client.responses.create(model=model, instructions="Be brief.", tools=[RESPONSES_WEATHER], tool_choice="none", input=[
         {"role": "developer", "content": "Use metric units."},
         {"role": "user", "content": [{"type": "input_text", "text": "Weather in"}, {"type": "input_text", "text": "Oslo?"}]},
         {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hmm"}]},
@@ -406,11 +405,11 @@ async def test_previous_response_id_continues_the_conversation(client, openai_cl
 
 async def test_a_function_call_round_trip_through_previous_response_id(client, openai_client, engine, model):
     engine.script = scripted_text('{"city": "Oslo"}')
-    asked = await openai_client.responses.create(model=model, input="Weather in Oslo?", tools=[WEATHER],
+    asked = await openai_client.responses.create(model=model, input="Weather in Oslo?", tools=[RESPONSES_WEATHER],
                                        tool_choice={"type": "function", "name": "get_weather"})
     [call] = asked.output
     engine.script = scripted_text("It is -3 C in Oslo.")
-    answered = await openai_client.responses.create(model=model, previous_response_id=asked.id, tools=[WEATHER], tool_choice="none",
+    answered = await openai_client.responses.create(model=model, previous_response_id=asked.id, tools=[RESPONSES_WEATHER], tool_choice="none",
                                           input=[{"type": "function_call_output", "call_id": call.call_id,
                                                   "output": '{"temperature": "-3 C"}'}])
     assert answered.output_text == "It is -3 C in Oslo."
@@ -502,9 +501,9 @@ BAD = [
      "input.[0].output.[0].type"),
     ({"tools": [{"type": "web_search"}]}, "tools.[0].type"),
     ({"tools": [{"type": "function"}]}, "tools.[0].name"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice.name"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tools": [RESPONSES_WEATHER], "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+    ({"tools": [RESPONSES_WEATHER], "tool_choice": {"type": "function"}}, "tool_choice.name"),
+    ({"tools": [RESPONSES_WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
