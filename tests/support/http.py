@@ -1,4 +1,5 @@
-"""Talking to a runner over HTTP in tests: the contract's SSE framing, /metrics readings."""
+"""Talking to a runner over HTTP in tests: the requests sent (and the bad ones refused), the contract's SSE framing,
+/metrics readings."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ BAD_422 = [
     ({"messages": QUESTION, "top_p": 1.5}, ["body", "top_p"]),
     ({"messages": QUESTION, "max_tokens": 0}, ["body", "max_tokens"]),
     ({"messages": QUESTION, "top_k": -2}, ["body", "top_k"]),
+]
+# chat completions fields refused (400) whatever the model, each with the param its error names
+REFUSED_CHAT_FIELDS = [
+    ({"temperature": 3}, "temperature"),
+    ({"n": 0}, "n"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logit_bias": {"999999": 5}}, "logit_bias"),
+    ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
+    ({"messages": []}, "messages"),
 ]
 # bodies that are no JSON document (422 at ["body"]): cut short, or not sent as JSON; each with its Content-Type
 NOT_JSON_BODIES = ((b'{"messages": [', "application/json"), (json.dumps({"messages": QUESTION}), "text/plain"))

@@ -6,6 +6,7 @@ from typing import Any
 
 import anthropic
 import openai
+from openai.types.responses import Response
 
 from tests.support.runner_process import RunnerProcess
 
@@ -26,3 +27,15 @@ def anthropic_sdk(url: str, api_key: str | None = "unused", **kwargs: Any) -> an
 def served_model(runner: RunnerProcess) -> str:
     """The model id this runner serves (its MODEL_ID)."""
     return runner.env["MODEL_ID"]
+
+
+async def streamed_call_arguments(sdk: openai.AsyncOpenAI, **request: Any) -> tuple[list[str], Response]:
+    """A Responses stream's function-call arguments as its delta events add them up, one per output item in order,
+    and the final response."""
+    arguments: dict[int, str] = {}
+    async with sdk.responses.stream(**request) as stream:
+        async for event in stream:
+            if event.type == "response.function_call_arguments.delta":
+                arguments[event.output_index] = arguments.get(event.output_index, "") + event.delta
+        final = await stream.get_final_response()
+    return [arguments[index] for index in sorted(arguments)], final

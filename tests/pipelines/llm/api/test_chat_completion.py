@@ -36,7 +36,7 @@ from tests.support.fake_engine import (
     Script,
     scripted_text,
 )
-from tests.support.http import QUESTION
+from tests.support.http import QUESTION, REFUSED_CHAT_FIELDS
 from tests.support.sdks import openai_sdk
 from tests.support.tools import CITY
 
@@ -254,12 +254,7 @@ async def test_a_conversation_with_a_call_and_its_result_reaches_the_template(op
 
 
 BAD = [
-    ({"temperature": 3}, "temperature"),
-    ({"n": 0}, "n"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"logit_bias": {"999999": 5}}, "logit_bias"),
-    ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
-    ({"messages": []}, "messages"),
+    *REFUSED_CHAT_FIELDS,
     ({"max_tokens": 4096}, "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"tool_choice": "required"}, "tool_choice"),

@@ -32,6 +32,7 @@ from tests.support.fake_engine import (
     hermes_call,
     scripted_text,
 )
+from tests.support.sdks import streamed_call_arguments
 from tests.support.tools import CITY, RESPONSES_WEATHER
 
 SDK_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
@@ -263,14 +264,9 @@ async def test_required_calls_are_function_call_items(client, openai_client, eng
     assert [(item.type, item.name, json.loads(item.arguments)) for item in plain.output] == [
         ("function_call", "get_weather", {"city": "Oslo"}), ("function_call", "get_time", {})]
     assert engine.submitted[-1].sampling.json_schema["type"] == "array"
-    arguments: dict[int, str] = {}
-    async with openai_client.responses.stream(**request) as stream:
-        async for event in stream:
-            if event.type == "response.function_call_arguments.delta":
-                arguments[event.output_index] = arguments.get(event.output_index, "") + event.delta
-        final = await stream.get_final_response()
+    streamed_arguments, final = await streamed_call_arguments(openai_client, **request)
     # However the reader hands the arguments over (whole today, piece by piece once streamed), they add up.
-    assert [arguments[index] for index in sorted(arguments)] == [item.arguments for item in final.output]
+    assert streamed_arguments == [item.arguments for item in final.output]
     assert [item.name for item in final.output] == ["get_weather", "get_time"]
     await openai_client.responses.create(**request, parallel_tool_calls=False)
     assert engine.submitted[-1].sampling.json_schema["maxItems"] == 1

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.support.http import IN_FLIGHT, QUESTION, UNFINISHED, metric, wait_for_metric
+from tests.support.http import IN_FLIGHT, QUESTION, REFUSED_CHAT_FIELDS, UNFINISHED, metric, wait_for_metric
 from tests.support.runner_process import DEFAULT_MODEL_ID
 from tests.support.runners import (
     GUARDED_AUTH_TOKEN,
@@ -334,12 +334,7 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
 @pytest.mark.parametrize(
     ("request_", "param"),
     [
-        ({"temperature": 3}, "temperature"),
-        ({"n": 0}, "n"),
-        ({"top_logprobs": 2}, "top_logprobs"),
-        ({"logit_bias": {"999999": 5}}, "logit_bias"),
-        ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
-        ({"messages": []}, "messages"),
+        *REFUSED_CHAT_FIELDS,
         ({"max_tokens": TINY_MAX_MODEL_LEN}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"tool_choice": "required"}, "tool_choice"),

@@ -20,7 +20,7 @@ import pytest
 from tests.support.http import IN_FLIGHT, SUBMITTED, UNFINISHED, metric, wait_for_metric
 from tests.support.runner_process import DEFAULT_MODEL_ID
 from tests.support.runners import GUARDED_AUTH_TOKEN, TINY_RESPONSES_STORE_SIZE
-from tests.support.sdks import openai_sdk, served_model
+from tests.support.sdks import openai_sdk, served_model, streamed_call_arguments
 from tests.support.tools import CITY, RESPONSES_WEATHER
 
 QUESTION = "What is the capital of France?"
@@ -98,13 +98,8 @@ async def test_streamed_calls_add_up_to_the_plain_ones(openai_default, tool_choi
                    tools=[RESPONSES_WEATHER, TIME], tool_choice=choice)
     plain = await openai_default.responses.create(**request)
     assert plain.status == "completed" and plain.output and all(item.type == "function_call" for item in plain.output)
-    arguments: dict[int, str] = {}
-    async with openai_default.responses.stream(**request) as stream:
-        async for event in stream:
-            if event.type == "response.function_call_arguments.delta":
-                arguments[event.output_index] = arguments.get(event.output_index, "") + event.delta
-        final = await stream.get_final_response()
-    assert [arguments[index] for index in sorted(arguments)] == [item.arguments for item in final.output]
+    streamed_arguments, final = await streamed_call_arguments(openai_default, **request)
+    assert streamed_arguments == [item.arguments for item in final.output]
     assert [(item.name, json.loads(item.arguments)) for item in final.output] == [
         (item.name, json.loads(item.arguments)) for item in plain.output]
     for item in final.output:
