@@ -133,7 +133,8 @@ async def raw_stream(client, body: dict, **kwargs) -> list[tuple[str, dict]]:
 
 
 async def test_the_sdk_gets_the_text_with_exact_usage(client, engine, anthropic_client, model):
-    message = await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=7, extra_body={"temperature": 0})
+    message = await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=7,
+                                                     extra_body={"temperature": 0})
     [submitted] = engine.submitted
     assert submitted.prompt == rendered(QUESTION)
     assert isinstance(message, Message) and message.id.startswith("msg_")
@@ -146,7 +147,8 @@ async def test_the_sdk_gets_the_text_with_exact_usage(client, engine, anthropic_
         "model": model, "messages": QUESTION, "max_tokens": 3})).json()))  # strict: the SDK's own type
 
 
-async def test_a_stream_is_anthropics_named_events_and_the_sdk_reads_the_same_message(client, engine, anthropic_client, model):
+async def test_a_stream_is_anthropics_named_events_and_the_sdk_reads_the_same_message(client, engine, anthropic_client,
+                                                                                      model):
     request = dict(model=model, messages=QUESTION, max_tokens=5)
     whole = await anthropic_client.messages.create(**request)
     events = await raw_stream(client, request)
@@ -215,8 +217,9 @@ def test_tool_use_and_tool_result_blocks_become_the_templates_turns():
 
 async def test_the_sampling_fields_reach_the_engine_with_anthropics_defaults(client, engine, anthropic_client, model):
     # Anthropic's SDK no longer names the sampling fields (its newest models refuse them); they go in the body.
-    await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3, metadata={"user_id": "someone"},
-                              extra_body={"temperature": 0.3, "top_p": 0.5, "top_k": 7})
+    await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3,
+                                           metadata={"user_id": "someone"},
+                                           extra_body={"temperature": 0.3, "top_p": 0.5, "top_k": 7})
     sampling = engine.submitted[-1].sampling
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_tokens) == (0.3, 0.5, 7, 3)
     await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3)
@@ -232,7 +235,8 @@ async def test_stop_sequences_and_the_end_of_the_answer_are_told_apart(client, e
     async def ask(**request):
         if not stream:
             return await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=50, **request)
-        async with anthropic_client.messages.stream(model=model, messages=QUESTION, max_tokens=50, **request) as streamed:
+        async with anthropic_client.messages.stream(model=model, messages=QUESTION, max_tokens=50,
+                                                    **request) as streamed:
             return await streamed.get_final_message()
 
     stopped = await ask(stop_sequences=["never", "the"])
@@ -267,10 +271,12 @@ async def test_a_named_tool_streams_its_input_as_json_deltas(client, engine, ant
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
-async def test_any_calls_one_or_more_tools_and_the_deltas_add_up_to_the_input(client, engine, anthropic_client, model, stream):
+async def test_any_calls_one_or_more_tools_and_the_deltas_add_up_to_the_input(client, engine, anthropic_client, model,
+                                                                              stream):
     engine.script = scripted_text('[{"name": "get_weather", "parameters": {"city": "Paris"}}, '
                                   '{"name": "get_time", "parameters": {"zone": "CET"}}]')
-    request = dict(model=model, messages=QUESTION, max_tokens=200, tools=[ANTHROPIC_WEATHER, TIME], tool_choice={"type": "any"})
+    request = dict(model=model, messages=QUESTION, max_tokens=200, tools=[ANTHROPIC_WEATHER, TIME],
+                   tool_choice={"type": "any"})
     if stream:
         inputs: dict[int, str] = {}
         async with anthropic_client.messages.stream(**request) as streamed:
@@ -286,13 +292,14 @@ async def test_any_calls_one_or_more_tools_and_the_deltas_add_up_to_the_input(cl
         ("tool_use", "get_weather", {"city": "Paris"}), ("tool_use", "get_time", {"zone": "CET"})]
     assert message.stop_reason == "tool_use"
     assert "maxItems" not in engine.submitted[-1].sampling.json_schema
-    await anthropic_client.messages.create(**{**request, "tool_choice": {"type": "any", "disable_parallel_tool_use": True}})
+    await anthropic_client.messages.create(**{**request,
+                                              "tool_choice": {"type": "any", "disable_parallel_tool_use": True}})
     assert engine.submitted[-1].sampling.json_schema["maxItems"] == 1
 
 
 async def test_none_hides_the_tools_from_the_template(client, engine, anthropic_client, model):
-    message = await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3, tools=[ANTHROPIC_WEATHER],
-                                        tool_choice={"type": "none"})
+    message = await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3,
+                                                     tools=[ANTHROPIC_WEATHER], tool_choice={"type": "none"})
     assert engine.submitted[-1].prompt == rendered(QUESTION)
     assert message.content[0].type == "text" and message.stop_reason == "max_tokens"
 
@@ -327,10 +334,12 @@ async def test_count_tokens_is_the_prompt_the_engine_would_get(client, engine, a
                           ([ANTHROPIC_WEATHER], {"type": "none"})):
         extra = {"tools": tools} if tools else {}
         extra |= {"tool_choice": choice} if choice else {}
-        counted = await anthropic_client.messages.count_tokens(model=model, messages=QUESTION, system="Be brief.", **extra)
+        counted = await anthropic_client.messages.count_tokens(model=model, messages=QUESTION, system="Be brief.",
+                                                               **extra)
         assert isinstance(counted, MessageTokensCount)
         engine.script = scripted_text('{"city": "Paris"}')
-        message = await anthropic_client.messages.create(model=model, messages=QUESTION, system="Be brief.", max_tokens=40, **extra)
+        message = await anthropic_client.messages.create(model=model, messages=QUESTION, system="Be brief.",
+                                                         max_tokens=40, **extra)
         assert counted.input_tokens == message.usage.input_tokens == len(engine.submitted[-1].prompt)
     submitted = len(engine.submitted)
     await anthropic_client.messages.count_tokens(model=model, messages=QUESTION)
@@ -397,7 +406,8 @@ async def test_bad_requests_are_400_invalid_request_error_before_the_engine(clie
 
 async def test_the_sdk_raises_its_own_errors(client, engine, anthropic_client, model):
     with pytest.raises(anthropic.BadRequestError) as refused:
-        await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=8, extra_body={"temperature": 3})
+        await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=8,
+                                               extra_body={"temperature": 3})
     assert refused.value.status_code == 400 and refused.value.body["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.NotFoundError) as missing:
         await anthropic_client.messages.create(model="claude-opus-4", messages=QUESTION, max_tokens=8)
@@ -462,7 +472,8 @@ async def test_the_key_is_taken_as_x_api_key_or_bearer_on_the_messages_operation
     assert response.status == 401 and "msg" in (await response.json())["detail"]
     async with anthropic_sdk(str(client.make_url("")), api_key=KEY) as anthropic_client:
         assert (await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=2)).content
-    async with anthropic_sdk(str(client.make_url("")), api_key=None, default_headers={"x-api-key": KEY}) as anthropic_client:  # as older SDKs send it
+    async with anthropic_sdk(str(client.make_url("")), api_key=None,
+                             default_headers={"x-api-key": KEY}) as anthropic_client:  # as older SDKs send it
         assert (await anthropic_client.messages.count_tokens(model=model, messages=QUESTION)).input_tokens
     async with anthropic_sdk(str(client.make_url("")), api_key="wrong") as anthropic_client:
         with pytest.raises(anthropic.AuthenticationError) as refused:

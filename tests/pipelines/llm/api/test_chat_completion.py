@@ -166,7 +166,8 @@ async def test_roles_and_text_parts_reach_the_template_as_the_model_knows_them(o
 
 async def test_n_choices_stream_each_with_its_own_index(openai_client, engine, model):
     texts, reasons, _ = await streamed(openai_client, model=model, messages=QUESTION, max_tokens=4, n=3, temperature=1)
-    plain = await openai_client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4, n=3, temperature=1)
+    plain = await openai_client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4, n=3,
+                                                        temperature=1)
     assert [choice.message.content for choice in plain.choices] == [texts[i] for i in range(3)]
     assert reasons == {0: "length", 1: "length", 2: "length"} and plain.usage.completion_tokens == 12
 
@@ -229,17 +230,17 @@ async def test_a_length_cut_required_answer_keeps_its_text(openai_client, engine
     cut = '[{"name": "get_weather", "parameters": {"ci'
     engine.script = scripted_text(cut)
     answer = await openai_client.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL],
-                                               tool_choice="required", max_tokens=10)
+                                                         tool_choice="required", max_tokens=10)
     assert answer.choices[0].finish_reason == "length" and answer.choices[0].message.content == cut[:10]
     assert answer.choices[0].message.tool_calls is None
 
 
 async def test_tool_choice_none_shows_the_template_no_tools(openai_client, engine, model):
-    await openai_client.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice="none",
-                                      max_tokens=2)
+    await openai_client.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL],
+                                                tool_choice="none", max_tokens=2)
     assert b"get_weather" not in bytes(t for t in engine.submitted[-1].prompt if t < 256)
     await openai_client.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL],
-                                      tool_choice="required", max_tokens=2)
+                                                tool_choice="required", max_tokens=2)
     assert b"get_weather" in bytes(t for t in engine.submitted[-1].prompt if t < 256)
 
 
@@ -289,13 +290,13 @@ async def test_tool_choice_auto_reads_calls_with_the_models_parser_or_gives_the_
     async with openai_sdk(str(served.make_url(""))) as openai_client:
         engine.script = scripted_text('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
         answer = await openai_client.chat.completions.create(model=str(tmp_path / "model"), messages=QUESTION,
-                                                   tools=[WEATHER_TOOL])
+                                                             tools=[WEATHER_TOOL])
         [call] = answer.choices[0].message.tool_calls
         assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
         assert answer.choices[0].finish_reason == "tool_calls"
         engine.script = scripted_text("Just text.")
         answer = await openai_client.chat.completions.create(model=str(tmp_path / "model"), messages=QUESTION,
-                                                   tools=[WEATHER_TOOL])
+                                                             tools=[WEATHER_TOOL])
         assert answer.choices[0].message.content == "Just text." and answer.choices[0].finish_reason == "stop"
         assert not answer.choices[0].message.tool_calls
 
@@ -311,7 +312,8 @@ async def test_a_stream_that_fails_after_the_header_raises_in_the_sdk(openai_cli
     engine.script = Script(fail_at=3)
     received = 0
     with pytest.raises(openai.APIError, match="generation failed"):
-        async for _ in await openai_client.chat.completions.create(model=model, messages=QUESTION, max_tokens=50, stream=True):
+        async for _ in await openai_client.chat.completions.create(model=model, messages=QUESTION, max_tokens=50,
+                                                                   stream=True):
             received += 1
     assert received > 1
 
@@ -326,4 +328,5 @@ async def test_a_missing_or_wrong_key_is_401_in_openais_shape(aiohttp_client, en
                     await openai_client.chat.completions.create(model=model, messages=QUESTION)
                 assert refused.value.body["code"] == "invalid_api_key"
             else:
-                assert (await openai_client.chat.completions.create(model=model, messages=QUESTION, max_tokens=1)).choices
+                assert (await openai_client.chat.completions.create(model=model, messages=QUESTION,
+                                                                    max_tokens=1)).choices

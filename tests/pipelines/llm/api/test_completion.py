@@ -42,7 +42,8 @@ async def test_several_prompts_run_in_the_engine_together(openai_client, engine,
 
     watcher = asyncio.ensure_future(watch())
     try:
-        answer = await openai_client.completions.create(model=model, prompt=["a", "b", "c", "d", "e", "f"], max_tokens=8)
+        answer = await openai_client.completions.create(model=model, prompt=["a", "b", "c", "d", "e", "f"],
+                                                        max_tokens=8)
     finally:
         watcher.cancel()
     assert most_at_once == 6, "all six prompts are in the engine at once"
@@ -75,7 +76,7 @@ async def test_echo_and_logprobs(openai_client, engine, model):
     assert logprobs.text_offset == [sum(len(token) for token in logprobs.tokens[:i]) for i in range(4)]
     assert all(len(top) == 2 for top in logprobs.top_logprobs)
     chunks = [chunk async for chunk in await openai_client.completions.create(model=model, prompt="Once", max_tokens=4,
-                                                                     logprobs=2, stream=True)]
+                                                                              logprobs=2, stream=True)]
     assert [offset for chunk in chunks for offset in chunk.choices[0].logprobs.text_offset] == logprobs.text_offset
 
 

@@ -208,7 +208,7 @@ async def test_max_output_tokens_ends_it_incomplete(client, openai_client, engin
 
 async def test_the_sampling_fields_reach_the_engine(client, openai_client, engine, model):
     await openai_client.responses.create(model=model, input="Hi", temperature=0.3, top_p=0.5, max_output_tokens=7,
-                               extra_body={"top_k": 5, "seed": 11, "stop": ["x"], "repetition_penalty": 1.2})
+                                         extra_body={"top_k": 5, "seed": 11, "stop": ["x"], "repetition_penalty": 1.2})
     sampling = engine.submitted[-1].sampling
     assert (sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.top_k, sampling.seed,
             sampling.stop, sampling.repetition_penalty) == (0.3, 0.5, 7, 5, 11, ["x"], 1.2)
@@ -228,7 +228,8 @@ async def test_text_format_constrains_the_output(client, openai_client, engine, 
     assert answer.text.format.type == "json_schema"
     await openai_client.responses.create(model=model, input="Where?", text={"format": {"type": "json_object"}})
     assert engine.submitted[-1].sampling.json_object and engine.submitted[-1].sampling.json_schema is None
-    await openai_client.responses.create(model=model, input="Where?", text={"format": {"type": "text"}}, tool_choice="auto")
+    await openai_client.responses.create(model=model, input="Where?", text={"format": {"type": "text"}},
+                                         tool_choice="auto")
     assert not engine.submitted[-1].sampling.json_object and engine.submitted[-1].sampling.json_schema is None
 
 
@@ -278,7 +279,8 @@ async def test_auto_with_a_parser_gives_calls_or_text(aiohttp_client, tmp_path):
                         script=scripted_text(hermes_call("get_weather", {"city": "Lima"})))
     client = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
                                                         settings=llm_settings(TOOL_CALL_PARSER=parser.name)))
-    body = {"input": [{"role": "user", "content": "Weather in Lima?"}], "tools": [RESPONSES_WEATHER], "instructions": "Be brief."}
+    body = {"input": [{"role": "user", "content": "Weather in Lima?"}], "tools": [RESPONSES_WEATHER],
+            "instructions": "Be brief."}
     answer = await (await client.post("/v1/responses", json=body)).json()
     [call] = answer["output"]
     assert (call["name"], json.loads(call["arguments"])) == ("get_weather", {"city": "Lima"})
@@ -359,7 +361,8 @@ async def test_a_client_that_goes_away_aborts_its_engine_request(client, engine)
 
 async def test_items_become_the_templates_turns(client, openai_client, engine, model):
     engine.script = scripted_text("Done.")
-    await openai_client.responses.create(model=model, instructions="Be brief.", tools=[RESPONSES_WEATHER], tool_choice="none", input=[
+    await openai_client.responses.create(model=model, instructions="Be brief.", tools=[RESPONSES_WEATHER],
+                                         tool_choice="none", input=[
         {"role": "developer", "content": "Use metric units."},
         {"role": "user", "content": [{"type": "input_text", "text": "Weather in"}, {"type": "input_text", "text": "Oslo?"}]},
         {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hmm"}]},
@@ -386,8 +389,8 @@ async def test_previous_response_id_continues_the_conversation(client, openai_cl
     engine.script = scripted_text("Paris.")
     first = await openai_client.responses.create(model=model, instructions="Be brief.", input="Capital of France?")
     engine.script = scripted_text("Madrid.")
-    second = await openai_client.responses.create(model=model, instructions="Answer in one word.", input="And of Spain?",
-                                        previous_response_id=first.id)
+    second = await openai_client.responses.create(model=model, instructions="Answer in one word.",
+                                                  input="And of Spain?", previous_response_id=first.id)
     assert second.previous_response_id == first.id
     assert decoded(engine.submitted[-1].prompt).startswith(
         "<|system|>Answer in one word.</s><|user|>Capital of France?</s><|assistant|>Paris.</s><|user|>And of Spain?</s>"
@@ -402,12 +405,13 @@ async def test_previous_response_id_continues_the_conversation(client, openai_cl
 async def test_a_function_call_round_trip_through_previous_response_id(client, openai_client, engine, model):
     engine.script = scripted_text('{"city": "Oslo"}')
     asked = await openai_client.responses.create(model=model, input="Weather in Oslo?", tools=[RESPONSES_WEATHER],
-                                       tool_choice={"type": "function", "name": "get_weather"})
+                                                 tool_choice={"type": "function", "name": "get_weather"})
     [call] = asked.output
     engine.script = scripted_text("It is -3 C in Oslo.")
-    answered = await openai_client.responses.create(model=model, previous_response_id=asked.id, tools=[RESPONSES_WEATHER], tool_choice="none",
-                                          input=[{"type": "function_call_output", "call_id": call.call_id,
-                                                  "output": '{"temperature": "-3 C"}'}])
+    answered = await openai_client.responses.create(model=model, previous_response_id=asked.id,
+                                                    tools=[RESPONSES_WEATHER], tool_choice="none",
+                                                    input=[{"type": "function_call_output", "call_id": call.call_id,
+                                                            "output": '{"temperature": "-3 C"}'}])
     assert answered.output_text == "It is -3 C in Oslo."
     assert decoded(engine.submitted[-1].prompt).startswith(
         f'<|user|>Weather in Oslo?</s><|assistant|>[call {call.call_id} get_weather {{"city": "Oslo"}}]</s>'

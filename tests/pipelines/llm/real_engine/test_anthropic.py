@@ -34,13 +34,13 @@ GREEDY = {"temperature": 0}  # Anthropic's SDK names no sampling fields any more
 
 async def test_create_and_stream_give_paris_and_the_same_text_as_chat_completions(anthropic_default, default_runner):
     message = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30,
-                                            extra_body=GREEDY)
+                                                      extra_body=GREEDY)
     assert message.type == "message" and message.role == "assistant" and message.model == DEFAULT_MODEL_ID
     [block] = message.content
     assert block.type == "text" and "Paris" in block.text
     assert message.stop_reason == "end_turn" and message.stop_sequence is None
     async with anthropic_default.messages.stream(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30,
-                                       extra_body=GREEDY) as stream:
+                                                 extra_body=GREEDY) as stream:
         pieces = [piece async for piece in stream.text_stream]
         final = await stream.get_final_message()
     assert len(pieces) > 3 and "".join(pieces) == block.text
@@ -67,14 +67,16 @@ async def test_system_blocks_and_count_tokens_agree_with_the_engine(anthropic_de
 
 
 async def test_a_stop_sequence_is_named_in_the_stop_reason(anthropic_default):
-    free = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30, extra_body=GREEDY)
+    free = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30,
+                                                   extra_body=GREEDY)
     text = free.content[0].text
     word = "Paris" if "Paris" in text else text.split()[-1]
     stopped = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30,
-                                            stop_sequences=["\x00never", word], extra_body=GREEDY)
+                                                      stop_sequences=["\x00never", word], extra_body=GREEDY)
     assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", word)
     assert stopped.content[0].text == text[: text.index(word)]
-    short = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=3, extra_body=GREEDY)
+    short = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=3,
+                                                    extra_body=GREEDY)
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
 
 
@@ -83,7 +85,8 @@ async def test_a_stop_sequence_is_named_in_the_stop_reason(anthropic_default):
 
 @pytest.mark.parametrize("choice", [{"type": "tool", "name": "get_weather"}, {"type": "any"}], ids=["tool", "any"])
 async def test_forced_tool_use_input_matches_the_schema_plain_and_streamed(anthropic_default, choice):
-    request = dict(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=80, tools=[ANTHROPIC_WEATHER, TIME], tool_choice=choice,
+    request = dict(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=80, tools=[ANTHROPIC_WEATHER, TIME],
+                   tool_choice=choice,
                    extra_body=GREEDY)
     message = await anthropic_default.messages.create(**request)
     assert message.stop_reason == "tool_use" and message.content
@@ -108,14 +111,17 @@ async def test_forced_tool_use_input_matches_the_schema_plain_and_streamed(anthr
 
 
 async def test_a_tool_use_round_trip_is_answered(anthropic_default):
-    first = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=60, tools=[ANTHROPIC_WEATHER],
-                                          tool_choice={"type": "tool", "name": "get_weather"}, extra_body=GREEDY)
+    first = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=60,
+                                                    tools=[ANTHROPIC_WEATHER],
+                                                    tool_choice={"type": "tool", "name": "get_weather"},
+                                                    extra_body=GREEDY)
     [call] = first.content
     follow_up = [*QUESTION, {"role": "assistant", "content": [block.model_dump() for block in first.content]},
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
                                                "content": '{"weather": "sunny, 21 C"}'}]}]
-    async with anthropic_default.messages.stream(model=DEFAULT_MODEL_ID, messages=follow_up, max_tokens=30, tools=[ANTHROPIC_WEATHER],
-                                       tool_choice={"type": "none"}, extra_body=GREEDY) as stream:
+    async with anthropic_default.messages.stream(model=DEFAULT_MODEL_ID, messages=follow_up, max_tokens=30,
+                                                 tools=[ANTHROPIC_WEATHER],
+                                                 tool_choice={"type": "none"}, extra_body=GREEDY) as stream:
         answer = await stream.get_final_message()
     assert answer.stop_reason in ("end_turn", "max_tokens")
     assert [block.type for block in answer.content] == ["text"] and answer.content[0].text
@@ -134,7 +140,8 @@ async def test_tools_left_to_a_model_without_tool_syntax_are_used_in_the_runners
     """tool_choice left out on a model whose template names no tool syntax: its earlier tool_use is written back
     in the runner's syntax, so this small model follows it; the streamed input_json_delta pieces arrive as
     generated and add up to the plain answer's input."""
-    request = dict(model=DEFAULT_MODEL_ID, messages=CALLED_BEFORE, max_tokens=60, tools=[ANTHROPIC_WEATHER], extra_body=GREEDY)
+    request = dict(model=DEFAULT_MODEL_ID, messages=CALLED_BEFORE, max_tokens=60, tools=[ANTHROPIC_WEATHER],
+                   extra_body=GREEDY)
     message = await anthropic_default.messages.create(**request)
     assert message.stop_reason == "tool_use", message
     [call] = [block for block in message.content if block.type == "tool_use"]
@@ -158,9 +165,11 @@ async def test_the_key_works_as_api_key_as_x_api_key_and_a_wrong_one_is_refused(
     model = served_model(guarded_runner)
     message = await anthropic_guarded.messages.create(model=model, messages=QUESTION, max_tokens=4, extra_body=GREEDY)
     assert message.usage.output_tokens == 4 and message.stop_reason == "max_tokens"
-    async with anthropic_guarded.messages.stream(model=model, messages=QUESTION, max_tokens=4, extra_body=GREEDY) as stream:
+    async with anthropic_guarded.messages.stream(model=model, messages=QUESTION, max_tokens=4,
+                                                 extra_body=GREEDY) as stream:
         assert (await stream.get_final_message()).content[0].text == message.content[0].text
-    async with anthropic_sdk(guarded_runner.url, api_key=None, default_headers={"x-api-key": GUARDED_AUTH_TOKEN}) as sdk:
+    async with anthropic_sdk(guarded_runner.url, api_key=None,
+                             default_headers={"x-api-key": GUARDED_AUTH_TOKEN}) as sdk:
         counted = await sdk.messages.count_tokens(model=model, messages=QUESTION)
         assert counted.input_tokens == message.usage.input_tokens
     for credentials in ({"api_key": "wrong-key"}, {"api_key": None, "default_headers": {"x-api-key": "wrong-key"}}):
@@ -216,8 +225,8 @@ async def test_a_stream_that_fails_after_the_header_raises_in_the_sdk(guarded_ru
     """Past REQUEST_TIMEOUT the stream ends with Anthropic's `error` event, which the SDK raises."""
     received = []
     with pytest.raises(anthropic.APIStatusError, match="REQUEST_TIMEOUT") as failed:
-        async with anthropic_guarded.messages.stream(model=served_model(guarded_runner), messages=QUESTION, max_tokens=4000,
-                                           extra_body=GREEDY) as stream:
+        async with anthropic_guarded.messages.stream(model=served_model(guarded_runner), messages=QUESTION,
+                                                     max_tokens=4000, extra_body=GREEDY) as stream:
             async for event in stream:
                 received.append(event.type)
     assert received.count("content_block_delta") > 1, "it streamed before the deadline"

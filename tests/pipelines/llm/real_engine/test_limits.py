@@ -47,14 +47,17 @@ async def http():
 
 async def test_a_call_beyond_running_and_waiting_requests_gets_503_at_once(http, idle_guarded_runner):
     async with aiohttp.ClientSession(headers=http.headers) as holders_session:
-        holders = [asyncio.create_task(hold_stream(holders_session, idle_guarded_runner)) for _ in range(GUARDED_MAX_IN_FLIGHT)]
-        await wait_for_metric(http, idle_guarded_runner, UNFINISHED, GUARDED_MAX_IN_FLIGHT, within=GUARDED_REQUEST_TIMEOUT - 1)
+        holders = [asyncio.create_task(hold_stream(holders_session, idle_guarded_runner))
+                   for _ in range(GUARDED_MAX_IN_FLIGHT)]
+        await wait_for_metric(http, idle_guarded_runner, UNFINISHED, GUARDED_MAX_IN_FLIGHT,
+                              within=GUARDED_REQUEST_TIMEOUT - 1)
         assert await metric(http, idle_guarded_runner, IN_FLIGHT) == GUARDED_MAX_IN_FLIGHT
         assert await metric(http, idle_guarded_runner, WAITING) == GUARDED_MAX_WAITING_REQUESTS
         submitted = await metric(http, idle_guarded_runner, SUBMITTED)
 
         started = time.monotonic()
-        async with http.post(f"{idle_guarded_runner.url}/llm", json={"messages": QUESTION, "max_tokens": 2}) as response:
+        async with http.post(f"{idle_guarded_runner.url}/llm",
+                             json={"messages": QUESTION, "max_tokens": 2}) as response:
             refused_after = time.monotonic() - started
             answer = await response.json()
         assert response.status == 503
@@ -62,7 +65,8 @@ async def test_a_call_beyond_running_and_waiting_requests_gets_503_at_once(http,
         assert set(answer) == {"detail"} and str(GUARDED_MAX_IN_FLIGHT) in answer["detail"]["msg"]
         # Queued, it would have waited for a slot, then for REQUEST_TIMEOUT.
         assert refused_after < GUARDED_REQUEST_TIMEOUT / 2
-        assert await metric(http, idle_guarded_runner, SUBMITTED) == submitted, "the refused call never reached the engine"
+        assert await metric(http, idle_guarded_runner, SUBMITTED) == submitted, (
+            "the refused call never reached the engine")
         assert not any(holder.done() for holder in holders), "the held requests go on"
         for holder in holders:
             holder.cancel()

@@ -56,7 +56,8 @@ async def streamed_chat(sdk: openai.AsyncOpenAI, **request) -> tuple[dict[int, s
 
 
 async def test_the_sdk_gets_paris_and_the_stream_is_the_same_text(openai_default):
-    plain = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0, max_tokens=30)
+    plain = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
+                                                         max_tokens=30)
     assert plain.object == "chat.completion" and plain.model == DEFAULT_MODEL_ID
     assert "Paris" in plain.choices[0].message.content
     assert plain.choices[0].finish_reason == "stop" and plain.choices[0].message.role == "assistant"
@@ -72,7 +73,8 @@ async def test_the_sdk_gets_paris_and_the_stream_is_the_same_text(openai_default
 
 
 async def test_without_include_usage_no_chunk_has_usage(openai_default):
-    _, _, chunks = await streamed_chat(openai_default, model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0, max_tokens=5)
+    _, _, chunks = await streamed_chat(openai_default, model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
+                                       max_tokens=5)
     assert all(chunk.choices for chunk in chunks) and all(chunk.usage is None for chunk in chunks)
 
 
@@ -85,9 +87,11 @@ async def test_completions_plain_streamed_and_echoed(openai_default):
         model=DEFAULT_MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, stream=True)]
     assert "".join(chunk.choices[0].text for chunk in streamed) == plain.choices[0].text
     assert streamed[-1].choices[0].finish_reason == "length"
-    echoed = await openai_default.completions.create(model=DEFAULT_MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, echo=True)
+    echoed = await openai_default.completions.create(model=DEFAULT_MODEL_ID, prompt=prompt, max_tokens=8, temperature=0,
+                                                     echo=True)
     assert echoed.choices[0].text == prompt + plain.choices[0].text
-    two = await openai_default.completions.create(model=DEFAULT_MODEL_ID, prompt=[prompt, "One, two,"], max_tokens=4, temperature=0)
+    two = await openai_default.completions.create(model=DEFAULT_MODEL_ID, prompt=[prompt, "One, two,"], max_tokens=4,
+                                                  temperature=0)
     assert [choice.index for choice in two.choices] == [0, 1]
     assert two.choices[0].text == plain.choices[0].text[: len(two.choices[0].text)]
 
@@ -202,7 +206,8 @@ async def test_a_follow_up_with_the_tool_message_is_answered(openai_default):
         {"role": "tool", "tool_call_id": call.id, "content": '{"city": "Paris", "weather": "sunny, 21 C"}'},
     ]
     answer = await openai_default.chat.completions.create(
-        model=DEFAULT_MODEL_ID, messages=follow_up, temperature=0, max_tokens=30, tools=[CHAT_WEATHER], tool_choice="none",
+        model=DEFAULT_MODEL_ID, messages=follow_up, temperature=0, max_tokens=30, tools=[CHAT_WEATHER],
+        tool_choice="none",
     )
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
@@ -256,8 +261,8 @@ async def test_logprobs_have_one_entry_per_completion_token(openai_tiny, tiny_ru
 
 
 async def test_completion_logprobs_have_one_entry_per_token(openai_tiny, tiny_runner):
-    answer = await openai_tiny.completions.create(model=served_model(tiny_runner), prompt="Once upon a time", max_tokens=6,
-                                           temperature=0, logprobs=2)
+    answer = await openai_tiny.completions.create(model=served_model(tiny_runner), prompt="Once upon a time",
+                                                  max_tokens=6, temperature=0, logprobs=2)
     logprobs = answer.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
     assert "".join(logprobs.tokens) == answer.choices[0].text
@@ -266,11 +271,12 @@ async def test_completion_logprobs_have_one_entry_per_token(openai_tiny, tiny_ru
 
 async def test_stop_ends_the_text_before_the_stop_string(openai_tiny, tiny_runner):
     model = served_model(tiny_runner)
-    free = (await openai_tiny.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=40)).choices[0]
+    free = (await openai_tiny.chat.completions.create(model=model, messages=QUESTION, temperature=0,
+                                                      max_tokens=40)).choices[0]
     word = free.message.content[10:13]
     for stop in (word, [word, "\x00never"]):
-        stopped = (await openai_tiny.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=40,
-                                                      stop=stop)).choices[0]
+        stopped = (await openai_tiny.chat.completions.create(model=model, messages=QUESTION, temperature=0,
+                                                             max_tokens=40, stop=stop)).choices[0]
         assert stopped.finish_reason == "stop"
         assert stopped.message.content == free.message.content[: free.message.content.index(word)]
 
@@ -355,7 +361,8 @@ async def test_bad_parameters_are_400_with_the_param_before_the_engine(openai_ti
 
 async def test_too_long_for_the_model_is_400_context_length_exceeded(openai_tiny, tiny_runner):
     with pytest.raises(openai.BadRequestError) as refused:
-        await openai_tiny.chat.completions.create(model=served_model(tiny_runner), messages=QUESTION, max_tokens=TINY_MAX_MODEL_LEN)
+        await openai_tiny.chat.completions.create(model=served_model(tiny_runner), messages=QUESTION,
+                                                  max_tokens=TINY_MAX_MODEL_LEN)
     assert refused.value.body["code"] == "context_length_exceeded" and "MAX_MODEL_LEN" in refused.value.body["message"]
 
 

@@ -48,7 +48,8 @@ async def test_create_and_stream_give_the_same_text_as_chat_completions(openai_d
     chat = await openai_default.chat.completions.create(
         model=DEFAULT_MODEL_ID, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=40)
     assert chat.choices[0].finish_reason == "stop", "the answer ends within the limit"
-    plain = await openai_default.responses.create(model=DEFAULT_MODEL_ID, input=QUESTION, temperature=0, max_output_tokens=40)
+    plain = await openai_default.responses.create(model=DEFAULT_MODEL_ID, input=QUESTION, temperature=0,
+                                                  max_output_tokens=40)
     assert plain.status == "completed" and plain.output_text == chat.choices[0].message.content
     assert "Paris" in plain.output_text
     assert (plain.usage.input_tokens, plain.usage.output_tokens, plain.usage.total_tokens) == (
@@ -62,7 +63,8 @@ async def test_create_and_stream_give_the_same_text_as_chat_completions(openai_d
     assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
                           "response.completed"]
     assert final.usage == plain.usage
-    as_items = await openai_default.responses.create(model=DEFAULT_MODEL_ID, temperature=0, max_output_tokens=40, input=[
+    as_items = await openai_default.responses.create(model=DEFAULT_MODEL_ID, temperature=0, max_output_tokens=40,
+                                                     input=[
         {"role": "user", "content": [{"type": "input_text", "text": QUESTION}]}])
     assert as_items.output_text == plain.output_text, "a string input is one user message"
 
@@ -77,7 +79,8 @@ async def test_a_function_call_round_trip(openai_default):
     answer = '{"city": "Paris", "weather": "sunny, 21 C"}'
     # As an agent that keeps the conversation itself sends it ...
     follow_up = await openai_default.responses.create(
-        model=DEFAULT_MODEL_ID, temperature=0, max_output_tokens=40, tools=[RESPONSES_WEATHER], tool_choice="none", store=False,
+        model=DEFAULT_MODEL_ID, temperature=0, max_output_tokens=40, tools=[RESPONSES_WEATHER], tool_choice="none",
+        store=False,
         input=[{"role": "user", "content": "What is the weather in Paris?"},
                {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
                {"type": "function_call_output", "call_id": call.call_id, "output": answer}])
@@ -118,7 +121,8 @@ async def test_tools_left_to_a_model_without_tool_syntax_are_called_in_the_runne
     """tool_choice left out on a model whose template names no tool syntax: a 200, never a refusal; its earlier call
     is written back in the runner's syntax, so this small model follows it, and the streamed arguments arrive as
     generated and add up to the plain call's."""
-    request = dict(model=DEFAULT_MODEL_ID, input=CALLED_BEFORE, tools=[RESPONSES_WEATHER], temperature=0, max_output_tokens=60)
+    request = dict(model=DEFAULT_MODEL_ID, input=CALLED_BEFORE, tools=[RESPONSES_WEATHER], temperature=0,
+                   max_output_tokens=60)
     plain = await openai_default.responses.create(**request)
     [call] = plain.output
     assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
@@ -203,7 +207,7 @@ async def test_a_stream_that_fails_after_the_header_raises_in_the_sdk(guarded_ru
     received = []
     with pytest.raises(openai.APIError, match="REQUEST_TIMEOUT"):
         async with openai_guarded.responses.stream(model=served_model(guarded_runner), input="Hello", temperature=0,
-                                            max_output_tokens=4000) as stream:
+                                                   max_output_tokens=4000) as stream:
             async for event in stream:
                 received.append(event.type)
     assert received.count("response.output_text.delta") > 1, "it streamed before the deadline"
@@ -218,7 +222,8 @@ async def test_a_wrong_key_is_401_and_the_right_one_is_let_in(guarded_runner, op
         assert refused.value.body["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             await sdk.responses.retrieve("resp_any")
-    answer = await openai_guarded.responses.create(model=served_model(guarded_runner), input="Hello", max_output_tokens=2)
+    answer = await openai_guarded.responses.create(model=served_model(guarded_runner), input="Hello",
+                                                   max_output_tokens=2)
     assert (await openai_guarded.responses.retrieve(answer.id)).id == answer.id
 
 

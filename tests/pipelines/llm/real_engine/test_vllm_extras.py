@@ -51,8 +51,8 @@ async def answer(client: openai.AsyncOpenAI, **request):
 
 
 async def test_tools_with_tool_choice_left_out_are_200_on_a_model_without_tool_syntax(openai_default):
-    reply = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, tools=[CHAT_WEATHER],
-                                                  temperature=0, max_tokens=60)
+    reply = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION,
+                                                         tools=[CHAT_WEATHER], temperature=0, max_tokens=60)
     [result] = reply.choices
     assert result.finish_reason in ("stop", "length", "tool_calls")
     for call in result.message.tool_calls or []:
@@ -110,13 +110,14 @@ async def test_a_long_forced_call_streams_in_many_argument_deltas_that_add_up(op
 
 
 async def test_ignore_eos_and_min_tokens_change_the_completion_tokens(openai_default):
-    free = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0, max_tokens=60)
+    free = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
+                                                        max_tokens=60)
     assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 20
     ignored = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
-                                                    max_tokens=60, extra_body={"ignore_eos": True})
+                                                           max_tokens=60, extra_body={"ignore_eos": True})
     assert ignored.choices[0].finish_reason == "length" and ignored.usage.completion_tokens == 60
     longer = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
-                                                   max_tokens=60, extra_body={"min_tokens": 30})
+                                                          max_tokens=60, extra_body={"min_tokens": 30})
     assert longer.usage.completion_tokens >= 30
 
 
@@ -138,24 +139,25 @@ async def test_stop_words_tokens_and_special_tokens(openai_default, default_runn
     skipped = await answer(openai_default, extra_body={"ignore_eos": True})
     assert "<|im_end|>" not in skipped.message.content
     same = await answer(openai_default, extra_body={"ignore_eos": True, "skip_special_tokens": False,
-                                             "spaces_between_special_tokens": False})
+                                                    "spaces_between_special_tokens": False})
     assert same.message.content == raw.message.content, "no spaces to take out in a byte-level tokenizer's text"
 
 
 async def test_allowed_token_ids_restrict_every_token(openai_tiny, tiny_runner):
     status, letters = await post(tiny_runner, "/tokenize", {"prompt": "xq", "add_special_tokens": False})
     assert len(letters["tokens"]) == 2
-    reply = await openai_tiny.chat.completions.create(model=tiny_runner.env["MODEL_ID"], messages=QUESTION, temperature=0,
-                                               max_tokens=12, extra_body={"allowed_token_ids": letters["tokens"]})
+    reply = await openai_tiny.chat.completions.create(model=tiny_runner.env["MODEL_ID"], messages=QUESTION,
+                                                      temperature=0, max_tokens=12,
+                                                      extra_body={"allowed_token_ids": letters["tokens"]})
     assert re.fullmatch("[xq]{12}", reply.choices[0].message.content), reply.choices[0].message.content
 
 
 async def test_truncate_prompt_tokens_and_prompt_logprobs(openai_default, default_runner):
     truncated = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
-                                                      max_tokens=4, extra_body={"truncate_prompt_tokens": 10})
+                                                             max_tokens=4, extra_body={"truncate_prompt_tokens": 10})
     assert truncated.usage.prompt_tokens == 10
     scored = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
-                                                   max_tokens=4, extra_body={"prompt_logprobs": 1})
+                                                          max_tokens=4, extra_body={"prompt_logprobs": 1})
     logprobs = scored.model_extra["prompt_logprobs"]
     assert len(logprobs) == scored.usage.prompt_tokens and logprobs[0] is None
     assert all(entry and all(candidate["logprob"] <= 0 for candidate in entry.values()) for entry in logprobs[1:])
@@ -175,8 +177,8 @@ async def test_structured_outputs_constrain_the_answer(openai_default, constrain
     reply = await answer(openai_default, max_tokens=40, extra_body={"structured_outputs": constraint})
     assert check(reply.message.content), reply.message.content
     completion = await openai_default.completions.create(model=DEFAULT_MODEL_ID, prompt="The capital of France is",
-                                                  max_tokens=40, temperature=0,
-                                                  extra_body={"structured_outputs": constraint})
+                                                         max_tokens=40, temperature=0,
+                                                         extra_body={"structured_outputs": constraint})
     assert check(completion.choices[0].text), completion.choices[0].text
 
 
@@ -199,13 +201,13 @@ STARTED = [*QUESTION, {"role": "assistant", "content": "The capital of France is
 
 async def test_continue_final_message_echo_and_add_generation_prompt(openai_default, default_runner):
     continued = await answer(openai_default, messages=STARTED, extra_body={"continue_final_message": True,
-                                                                    "add_generation_prompt": False})
+                                                                           "add_generation_prompt": False})
     assert "Paris" in continued.message.content and not continued.message.content.startswith("The capital")
     echoed = await answer(openai_default, messages=STARTED, extra_body={"continue_final_message": True, "echo": True})
     assert echoed.message.content == "The capital of France is" + continued.message.content
     with_prompt = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=1)
     without = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=1,
-                                                    extra_body={"add_generation_prompt": False})
+                                                           extra_body={"add_generation_prompt": False})
     status, header = await post(default_runner, "/tokenize", {"prompt": "<|im_start|>assistant\n",
                                                               "add_special_tokens": False})
     assert with_prompt.usage.prompt_tokens - without.usage.prompt_tokens == header["count"]
@@ -215,7 +217,7 @@ async def test_chat_template_kwargs_reach_the_template(openai_tiny, tiny_runner)
     model = tiny_runner.env["MODEL_ID"]
     plain = await openai_tiny.chat.completions.create(model=model, messages=QUESTION, max_tokens=1)
     closed = await openai_tiny.chat.completions.create(model=model, messages=QUESTION, max_tokens=1,
-                                                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+                                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     status, marker = await post(tiny_runner, "/tokenize", {"prompt": "</think>\n\n", "add_special_tokens": False})
     assert closed.usage.prompt_tokens - plain.usage.prompt_tokens == marker["count"]
 
