@@ -110,19 +110,24 @@ def keep_generation_short(body: Any, path: str = "/llm", model_id: str = "") -> 
         if max_tokens > FUZZ_MAX_TOKENS and (servable or max_tokens <= TINY_MAX_MODEL_LEN):
             body["max_tokens"] = int(max_tokens) % FUZZ_MAX_TOKENS + 1
     if servable:
-        if isinstance(body.get("model"), str):
-            body["model"] = ""
-        messages = body.get("messages")
-        if messages == []:
-            body["messages"] = [{"role": "user", "content": "Hello"}]
-        elif isinstance(messages, list):
-            body["messages"] = [
-                {**message, "role": ROLES[index % len(ROLES)]}
-                if isinstance(message, dict) and isinstance(message.get("role"), str)
-                else message
-                for index, message in enumerate(messages)
-            ]
+        make_servable(body, "")
     return body
+
+
+def make_servable(body: dict, model: str, roles: tuple[str, ...] = ROLES) -> None:
+    """The body made servable: this model where it names one, at least one message, each in one of these roles."""
+    if isinstance(body.get("model"), str):
+        body["model"] = model
+    messages = body.get("messages")
+    if messages == []:
+        body["messages"] = [{"role": "user", "content": "Hello"}]
+    elif isinstance(messages, list):
+        body["messages"] = [
+            {**message, "role": roles[index % len(roles)]}
+            if isinstance(message, dict) and isinstance(message.get("role"), str)
+            else message
+            for index, message in enumerate(messages)
+        ]
 
 
 def keep_openai_generation_short(body: dict, servable: bool, model_id: str, path: str = "") -> dict:
@@ -137,18 +142,7 @@ def keep_openai_generation_short(body: dict, servable: bool, model_id: str, path
         elif type(value) in (int, float) and float(value).is_integer() and FUZZ_MAX_TOKENS < value <= TINY_MAX_MODEL_LEN:
             body[field] = int(value) % FUZZ_MAX_TOKENS + 1
     if servable:
-        if isinstance(body.get("model"), str):
-            body["model"] = model_id
-        messages = body.get("messages")
-        if messages == []:
-            body["messages"] = [{"role": "user", "content": "Hello"}]
-        elif isinstance(messages, list):
-            body["messages"] = [
-                {**message, "role": ROLES[index % len(ROLES)]}
-                if isinstance(message, dict) and isinstance(message.get("role"), str)
-                else message
-                for index, message in enumerate(messages)
-            ]
+        make_servable(body, model_id)
     return body
 
 
@@ -173,18 +167,7 @@ def keep_anthropic_generation_short(body: dict, servable: bool, model_id: str) -
     if type(value) in (int, float) and float(value).is_integer() and FUZZ_MAX_TOKENS < value <= TINY_MAX_MODEL_LEN:
         body["max_tokens"] = int(value) % FUZZ_MAX_TOKENS + 1
     if servable:
-        if isinstance(body.get("model"), str):
-            body["model"] = model_id
-        messages = body.get("messages")
-        if messages == []:
-            body["messages"] = [{"role": "user", "content": "Hello"}]
-        elif isinstance(messages, list):
-            body["messages"] = [
-                {**message, "role": ("user", "assistant")[index % 2]}
-                if isinstance(message, dict) and isinstance(message.get("role"), str)
-                else message
-                for index, message in enumerate(messages)
-            ]
+        make_servable(body, model_id, ("user", "assistant"))
     return body
 
 

@@ -50,6 +50,16 @@ def llm_app(engine: FakeEngine, folder: Path, settings: LLMSettings | None = Non
     return create_app(runner or runner_settings(), pipeline=pipeline)
 
 
+async def served_client(aiohttp_client, engine: FakeEngine, folder: Path, settings: LLMSettings | None = None,
+                        **kwargs: Any):
+    """The llm app on this engine and a model in folder/"model", ready; ``.model`` is the id it serves, and the
+    warm-up's request is gone from ``engine.submitted``."""
+    client = await ready_client(aiohttp_client, llm_app(engine, folder / "model", settings, **kwargs))
+    client.model = str(folder / "model")
+    engine.submitted.clear()  # the warm-up's request
+    return client
+
+
 async def ready_client(aiohttp_client, app: web.Application, timeout: float = 5.0):
     """The app under pytest-aiohttp's test client, once its pipeline has loaded (IDLE or ERROR)."""
     import asyncio

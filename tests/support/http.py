@@ -1,4 +1,5 @@
-"""Talking to a runner over HTTP in tests: the contract's SSE framing, /metrics readings."""
+"""Talking to a runner over HTTP in tests: the requests sent (and the bad ones refused), the contract's SSE framing,
+/metrics readings."""
 
 from __future__ import annotations
 
@@ -13,6 +14,30 @@ from tests.support.runner_process import RunnerProcess
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me a long story."}]
+# /llm bodies its schema refuses (422), each with the place the refusal names
+BAD_422 = [
+    ({"max_tokens": 2}, ["body", "messages"]),
+    ({"messages": "hello"}, ["body", "messages"]),
+    ({"messages": [{"content": "hi"}]}, ["body", "messages", 0, "role"]),
+    ({"messages": [{"role": "user"}]}, ["body", "messages", 0, "content"]),
+    ({"messages": QUESTION, "temperature": "hot"}, ["body", "temperature"]),
+    ({"messages": QUESTION, "temperature": -1}, ["body", "temperature"]),
+    ({"messages": QUESTION, "top_p": 0}, ["body", "top_p"]),
+    ({"messages": QUESTION, "top_p": 1.5}, ["body", "top_p"]),
+    ({"messages": QUESTION, "max_tokens": 0}, ["body", "max_tokens"]),
+    ({"messages": QUESTION, "top_k": -2}, ["body", "top_k"]),
+]
+# chat completions fields refused (400) whatever the model, each with the param its error names
+REFUSED_CHAT_FIELDS = [
+    ({"temperature": 3}, "temperature"),
+    ({"n": 0}, "n"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logit_bias": {"999999": 5}}, "logit_bias"),
+    ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
+    ({"messages": []}, "messages"),
+]
+# bodies that are no JSON document (422 at ["body"]): cut short, or not sent as JSON; each with its Content-Type
+NOT_JSON_BODIES = ((b'{"messages": [', "application/json"), (json.dumps({"messages": QUESTION}), "text/plain"))
 UNFINISHED = "livepeer_runner_engine_requests_unfinished"
 WAITING = "livepeer_runner_engine_requests_waiting"
 IN_FLIGHT = "livepeer_runner_requests_in_flight"

@@ -32,10 +32,10 @@ from tests.support.fake_engine import (
     hermes_call,
     scripted_text,
 )
+from tests.support.http import QUESTION
+from tests.support.sdks import anthropic_sdk
+from tests.support.tools import ANTHROPIC_WEATHER, CITY
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-WEATHER = {"name": "get_weather", "description": "The weather in a city", "input_schema": CITY}
 TIME = {"name": "get_time", "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}}}
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
 KEY = "s3cret"
@@ -111,34 +111,6 @@ def test_the_error_event_is_anthropics_error():
 # 2. Served in-process on the fake engine, through Anthropic's SDK
 
 
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-async def client(aiohttp_client, engine, tmp_path):
-    served = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model"))
-    engine.submitted.clear()  # the warm-up's request
-    return served
-
-
-@pytest.fixture
-def model(tmp_path) -> str:
-    return str(tmp_path / "model")
-
-
-def sdk_for(client, api_key: str | None = "unused", **kwargs) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=str(client.make_url("")), api_key=api_key, max_retries=0, timeout=30,
-                                    **kwargs)
-
-
-@pytest.fixture
-async def sdk(client):
-    async with sdk_for(client) as sdk:
-        yield sdk
-
-
 def rendered(turns: list[dict], tools: list[dict] | None = None) -> list[int]:
     """The prompt the fake engine is handed: the template rendered, encoded without a second BOS."""
     tokenizer = FakeTokenizer()
@@ -160,8 +132,9 @@ async def raw_stream(client, body: dict, **kwargs) -> list[tuple[str, dict]]:
     return events
 
 
-async def test_the_sdk_gets_the_text_with_exact_usage(client, engine, sdk, model):
-    message = await sdk.messages.create(model=model, messages=QUESTION, max_tokens=7, extra_body={"temperature": 0})
+async def test_the_sdk_gets_the_text_with_exact_usage(client, engine, anthropic_client, model):
+    message = await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=7,
+                                                     extra_body={"temperature": 0})
     [submitted] = engine.submitted
     assert submitted.prompt == rendered(QUESTION)
     assert isinstance(message, Message) and message.id.startswith("msg_")
@@ -174,9 +147,10 @@ async def test_the_sdk_gets_the_text_with_exact_usage(client, engine, sdk, model
         "model": model, "messages": QUESTION, "max_tokens": 3})).json()))  # strict: the SDK's own type
 
 
-async def test_a_stream_is_anthropics_named_events_and_the_sdk_reads_the_same_message(client, engine, sdk, model):
+async def test_a_stream_is_anthropics_named_events_and_the_sdk_reads_the_same_message(client, engine, anthropic_client,
+                                                                                      model):
     request = dict(model=model, messages=QUESTION, max_tokens=5)
-    whole = await sdk.messages.create(**request)
+    whole = await anthropic_client.messages.create(**request)
     events = await raw_stream(client, request)
     names = [name for name, _ in events]
     assert names == ["message_start", "content_block_start", *["content_block_delta"] * 5, "content_block_stop",
@@ -191,16 +165,16 @@ async def test_a_stream_is_anthropics_named_events_and_the_sdk_reads_the_same_me
                                                          for word in DEFAULT_WORDS[:5]]
     assert events[-2][1] == {"type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
                              "usage": {"input_tokens": whole.usage.input_tokens, "output_tokens": 5}}
-    async with sdk.messages.stream(**request) as stream:
+    async with anthropic_client.messages.stream(**request) as stream:
         text = "".join([piece async for piece in stream.text_stream])
         final = await stream.get_final_message()
     assert text == whole.content[0].text
     assert final.model_dump(exclude={"id"}) == whole.model_dump(exclude={"id"})
 
 
-async def test_system_as_a_string_or_blocks_and_text_blocks_reach_the_template(client, engine, sdk, model):
-    await sdk.messages.create(model=model, max_tokens=2, system="Be brief.", messages=QUESTION)
-    await sdk.messages.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [
+async def test_system_as_a_string_or_blocks_and_text_blocks_reach_the_template(client, engine, anthropic_client, model):
+    await anthropic_client.messages.create(model=model, max_tokens=2, system="Be brief.", messages=QUESTION)
+    await anthropic_client.messages.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [
         {"type": "text", "text": "What is"}, {"type": "text", "text": "the capital?", "cache_control": {"type": "ephemeral"}}]}],
         system=[{"type": "text", "text": "Be "}, {"type": "text", "text": "brief.", "cache_control": {"type": "ephemeral"}}])
     assert engine.submitted[0].prompt == rendered([{"role": "system", "content": "Be brief."}, *QUESTION])
@@ -241,26 +215,28 @@ def test_tool_use_and_tool_result_blocks_become_the_templates_turns():
     assert conversation(only_results) == [{"role": "tool", "content": "", "tool_call_id": "toolu_1"}]
 
 
-async def test_the_sampling_fields_reach_the_engine_with_anthropics_defaults(client, engine, sdk, model):
+async def test_the_sampling_fields_reach_the_engine_with_anthropics_defaults(client, engine, anthropic_client, model):
     # Anthropic's SDK no longer names the sampling fields (its newest models refuse them); they go in the body.
-    await sdk.messages.create(model=model, messages=QUESTION, max_tokens=3, metadata={"user_id": "someone"},
-                              extra_body={"temperature": 0.3, "top_p": 0.5, "top_k": 7})
+    await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3,
+                                           metadata={"user_id": "someone"},
+                                           extra_body={"temperature": 0.3, "top_p": 0.5, "top_k": 7})
     sampling = engine.submitted[-1].sampling
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_tokens) == (0.3, 0.5, 7, 3)
-    await sdk.messages.create(model=model, messages=QUESTION, max_tokens=3)
+    await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3)
     sampling = engine.submitted[-1].sampling
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.stop) == (1.0, 1.0, -1, [])
     assert sampling.json_schema is None and sampling.n == 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
-async def test_stop_sequences_and_the_end_of_the_answer_are_told_apart(client, engine, sdk, model, stream):
+async def test_stop_sequences_and_the_end_of_the_answer_are_told_apart(client, engine, anthropic_client, model, stream):
     engine.script = Script(words=lambda *_: ["Paris ", "is ", "the ", "capital."])
 
     async def ask(**request):
         if not stream:
-            return await sdk.messages.create(model=model, messages=QUESTION, max_tokens=50, **request)
-        async with sdk.messages.stream(model=model, messages=QUESTION, max_tokens=50, **request) as streamed:
+            return await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=50, **request)
+        async with anthropic_client.messages.stream(model=model, messages=QUESTION, max_tokens=50,
+                                                    **request) as streamed:
             return await streamed.get_final_message()
 
     stopped = await ask(stop_sequences=["never", "the"])
@@ -272,11 +248,11 @@ async def test_stop_sequences_and_the_end_of_the_answer_are_told_apart(client, e
     assert (ended.stop_reason, ended.stop_sequence) == ("end_turn", None)
 
 
-async def test_a_named_tool_streams_its_input_as_json_deltas(client, engine, sdk, model):
+async def test_a_named_tool_streams_its_input_as_json_deltas(client, engine, anthropic_client, model):
     engine.script = scripted_text('{"city": "Paris"}')
-    request = dict(model=model, messages=QUESTION, max_tokens=50, tools=[WEATHER, TIME],
+    request = dict(model=model, messages=QUESTION, max_tokens=50, tools=[ANTHROPIC_WEATHER, TIME],
                    tool_choice={"type": "tool", "name": "get_weather"})
-    message = await sdk.messages.create(**request)
+    message = await anthropic_client.messages.create(**request)
     assert engine.submitted[-1].sampling.json_schema == CITY
     assert engine.submitted[-1].prompt == rendered(QUESTION, [
         {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
@@ -295,13 +271,15 @@ async def test_a_named_tool_streams_its_input_as_json_deltas(client, engine, sdk
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
-async def test_any_calls_one_or_more_tools_and_the_deltas_add_up_to_the_input(client, engine, sdk, model, stream):
+async def test_any_calls_one_or_more_tools_and_the_deltas_add_up_to_the_input(client, engine, anthropic_client, model,
+                                                                              stream):
     engine.script = scripted_text('[{"name": "get_weather", "parameters": {"city": "Paris"}}, '
                                   '{"name": "get_time", "parameters": {"zone": "CET"}}]')
-    request = dict(model=model, messages=QUESTION, max_tokens=200, tools=[WEATHER, TIME], tool_choice={"type": "any"})
+    request = dict(model=model, messages=QUESTION, max_tokens=200, tools=[ANTHROPIC_WEATHER, TIME],
+                   tool_choice={"type": "any"})
     if stream:
         inputs: dict[int, str] = {}
-        async with sdk.messages.stream(**request) as streamed:
+        async with anthropic_client.messages.stream(**request) as streamed:
             async for event in streamed:
                 if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
                     inputs[event.index] = inputs.get(event.index, "") + event.delta.partial_json
@@ -309,18 +287,19 @@ async def test_any_calls_one_or_more_tools_and_the_deltas_add_up_to_the_input(cl
         assert {index: json.loads(text) for index, text in inputs.items()} == {
             index: block.input for index, block in enumerate(message.content)}
     else:
-        message = await sdk.messages.create(**request)
+        message = await anthropic_client.messages.create(**request)
     assert [(block.type, block.name, block.input) for block in message.content] == [
         ("tool_use", "get_weather", {"city": "Paris"}), ("tool_use", "get_time", {"zone": "CET"})]
     assert message.stop_reason == "tool_use"
     assert "maxItems" not in engine.submitted[-1].sampling.json_schema
-    await sdk.messages.create(**{**request, "tool_choice": {"type": "any", "disable_parallel_tool_use": True}})
+    await anthropic_client.messages.create(**{**request,
+                                              "tool_choice": {"type": "any", "disable_parallel_tool_use": True}})
     assert engine.submitted[-1].sampling.json_schema["maxItems"] == 1
 
 
-async def test_none_hides_the_tools_from_the_template(client, engine, sdk, model):
-    message = await sdk.messages.create(model=model, messages=QUESTION, max_tokens=3, tools=[WEATHER],
-                                        tool_choice={"type": "none"})
+async def test_none_hides_the_tools_from_the_template(client, engine, anthropic_client, model):
+    message = await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=3,
+                                                     tools=[ANTHROPIC_WEATHER], tool_choice={"type": "none"})
     assert engine.submitted[-1].prompt == rendered(QUESTION)
     assert message.content[0].type == "text" and message.stop_reason == "max_tokens"
 
@@ -332,16 +311,16 @@ async def test_auto_with_the_models_parser_gives_a_tool_use_or_text(aiohttp_clie
     client = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
                                                         llm_settings(TOOL_CALL_PARSER=parser.name)))
     model = str(tmp_path / "model")
-    async with sdk_for(client) as sdk:
+    async with anthropic_sdk(str(client.make_url(""))) as anthropic_client:
         for text, expected in ((hermes_call("get_weather", {"city": "Paris"}), ("tool_use", {"city": "Paris"})),
                                ("Paris.", ("text", "Paris."))):
             engine.script = scripted_text(text)
-            request = dict(model=model, messages=QUESTION, max_tokens=100, tools=[WEATHER])  # auto by default
+            request = dict(model=model, messages=QUESTION, max_tokens=100, tools=[ANTHROPIC_WEATHER])  # auto by default
             if stream:
-                async with sdk.messages.stream(**request) as streamed:
+                async with anthropic_client.messages.stream(**request) as streamed:
                     message = await streamed.get_final_message()
             else:
-                message = await sdk.messages.create(**request)
+                message = await anthropic_client.messages.create(**request)
             [block] = message.content
             assert (block.type, block.input if block.type == "tool_use" else block.text) == expected
             assert message.stop_reason == ("tool_use" if expected[0] == "tool_use" else "end_turn")
@@ -350,18 +329,20 @@ async def test_auto_with_the_models_parser_gives_a_tool_use_or_text(aiohttp_clie
     assert body["messages"] == QUESTION
 
 
-async def test_count_tokens_is_the_prompt_the_engine_would_get(client, engine, sdk, model):
-    for tools, choice in (([], None), ([WEATHER], {"type": "tool", "name": "get_weather"}),
-                          ([WEATHER], {"type": "none"})):
+async def test_count_tokens_is_the_prompt_the_engine_would_get(client, engine, anthropic_client, model):
+    for tools, choice in (([], None), ([ANTHROPIC_WEATHER], {"type": "tool", "name": "get_weather"}),
+                          ([ANTHROPIC_WEATHER], {"type": "none"})):
         extra = {"tools": tools} if tools else {}
         extra |= {"tool_choice": choice} if choice else {}
-        counted = await sdk.messages.count_tokens(model=model, messages=QUESTION, system="Be brief.", **extra)
+        counted = await anthropic_client.messages.count_tokens(model=model, messages=QUESTION, system="Be brief.",
+                                                               **extra)
         assert isinstance(counted, MessageTokensCount)
         engine.script = scripted_text('{"city": "Paris"}')
-        message = await sdk.messages.create(model=model, messages=QUESTION, system="Be brief.", max_tokens=40, **extra)
+        message = await anthropic_client.messages.create(model=model, messages=QUESTION, system="Be brief.",
+                                                         max_tokens=40, **extra)
         assert counted.input_tokens == message.usage.input_tokens == len(engine.submitted[-1].prompt)
     submitted = len(engine.submitted)
-    await sdk.messages.count_tokens(model=model, messages=QUESTION)
+    await anthropic_client.messages.count_tokens(model=model, messages=QUESTION)
     assert len(engine.submitted) == submitted, "counting generates nothing"
 
 
@@ -403,10 +384,10 @@ BAD = [
     ({"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}, "tool_use_id: Field required"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
                                                   "content": [{"type": "image"}]}]}]}, "content.0.type"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "tool"}}, "tool_choice.name"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_time"}}, "get_time"),
+    ({"tools": [ANTHROPIC_WEATHER], "tool_choice": {"type": "tool"}}, "tool_choice.name"),
+    ({"tools": [ANTHROPIC_WEATHER], "tool_choice": {"type": "tool", "name": "get_time"}}, "get_time"),
     ({"tool_choice": {"type": "any"}}, "tool_choice needs tools"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
+    ({"tools": [ANTHROPIC_WEATHER], "tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
      "tools.0.type: 'web_search_20250305' is one of Anthropic's server tools, which are not served"),
     ({"tools": [{"name": "f"}]}, "tools.0.input_schema: Field required"),
@@ -423,18 +404,19 @@ async def test_bad_requests_are_400_invalid_request_error_before_the_engine(clie
     assert engine.submitted == [], "nothing reached the engine"
 
 
-async def test_the_sdk_raises_its_own_errors(client, engine, sdk, model):
+async def test_the_sdk_raises_its_own_errors(client, engine, anthropic_client, model):
     with pytest.raises(anthropic.BadRequestError) as refused:
-        await sdk.messages.create(model=model, messages=QUESTION, max_tokens=8, extra_body={"temperature": 3})
+        await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=8,
+                                               extra_body={"temperature": 3})
     assert refused.value.status_code == 400 and refused.value.body["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.NotFoundError) as missing:
-        await sdk.messages.create(model="claude-opus-4", messages=QUESTION, max_tokens=8)
+        await anthropic_client.messages.create(model="claude-opus-4", messages=QUESTION, max_tokens=8)
     assert_anthropic_error(missing.value.body, "not_found_error", "claude-opus-4")
     assert model in missing.value.body["error"]["message"]
     with pytest.raises(anthropic.NotFoundError):
-        await sdk.messages.count_tokens(model="claude-opus-4", messages=QUESTION)
+        await anthropic_client.messages.count_tokens(model="claude-opus-4", messages=QUESTION)
     with pytest.raises(anthropic.BadRequestError):
-        await sdk.messages.count_tokens(model=model, messages=[])
+        await anthropic_client.messages.count_tokens(model=model, messages=[])
     assert engine.submitted == []
 
 
@@ -488,13 +470,14 @@ async def test_the_key_is_taken_as_x_api_key_or_bearer_on_the_messages_operation
     assert response.status == 401 and (await response.json())["error"]["code"] == "invalid_api_key"
     response = await client.post("/llm", json={"messages": QUESTION}, headers={"x-api-key": KEY})
     assert response.status == 401 and "msg" in (await response.json())["detail"]
-    async with sdk_for(client, api_key=KEY) as sdk:
-        assert (await sdk.messages.create(model=model, messages=QUESTION, max_tokens=2)).content
-    async with sdk_for(client, api_key=None, default_headers={"x-api-key": KEY}) as sdk:  # as older SDKs send it
-        assert (await sdk.messages.count_tokens(model=model, messages=QUESTION)).input_tokens
-    async with sdk_for(client, api_key="wrong") as sdk:
+    async with anthropic_sdk(str(client.make_url("")), api_key=KEY) as anthropic_client:
+        assert (await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=2)).content
+    async with anthropic_sdk(str(client.make_url("")), api_key=None,
+                             default_headers={"x-api-key": KEY}) as anthropic_client:  # as older SDKs send it
+        assert (await anthropic_client.messages.count_tokens(model=model, messages=QUESTION)).input_tokens
+    async with anthropic_sdk(str(client.make_url("")), api_key="wrong") as anthropic_client:
         with pytest.raises(anthropic.AuthenticationError) as refused:
-            await sdk.messages.create(model=model, messages=QUESTION, max_tokens=2)
+            await anthropic_client.messages.create(model=model, messages=QUESTION, max_tokens=2)
     assert refused.value.body["error"]["type"] == "authentication_error"
 
 
@@ -511,7 +494,7 @@ async def test_a_runner_that_cannot_serve_is_503_overloaded_error(aiohttp_client
 # 4. Failures and clients that leave
 
 
-async def test_an_engine_that_dies_mid_stream_ends_it_with_an_error_event(client, engine, sdk, model):
+async def test_an_engine_that_dies_mid_stream_ends_it_with_an_error_event(client, engine, anthropic_client, model):
     engine.script = Script(fail_at=3)
     events = await raw_stream(client, {"model": model, "messages": QUESTION, "max_tokens": 50})
     assert [name for name, _ in events] == ["message_start", "content_block_start", *["content_block_delta"] * 3,
@@ -520,11 +503,11 @@ async def test_an_engine_that_dies_mid_stream_ends_it_with_an_error_event(client
     assert (await (await client.get("/health")).json())["status"] == "ERROR"
 
 
-async def test_the_sdk_raises_a_streams_error_event(client, engine, sdk, model):
+async def test_the_sdk_raises_a_streams_error_event(client, engine, anthropic_client, model):
     engine.script = Script(fail_at=3)
     received = []
     with pytest.raises(anthropic.APIStatusError, match="generation failed"):
-        async with sdk.messages.stream(model=model, messages=QUESTION, max_tokens=50) as stream:
+        async with anthropic_client.messages.stream(model=model, messages=QUESTION, max_tokens=50) as stream:
             async for event in stream:
                 received.append(event.type)
     assert "message_start" in received and "message_stop" not in received
@@ -557,9 +540,9 @@ async def test_a_client_that_goes_away_aborts_its_engine_request(client, engine,
     assert (await (await client.get("/health")).json())["status"] == "IDLE"
 
 
-async def test_the_sdk_closing_a_stream_aborts_its_engine_request(client, engine, sdk, model):
+async def test_the_sdk_closing_a_stream_aborts_its_engine_request(client, engine, anthropic_client, model):
     engine.step_seconds = 0.01
-    async with sdk.messages.stream(model=model, messages=QUESTION, max_tokens=4000) as stream:
+    async with anthropic_client.messages.stream(model=model, messages=QUESTION, max_tokens=4000) as stream:
         async for event in stream:
             if event.type == "content_block_delta":
                 break

@@ -36,9 +36,10 @@ from tests.support.fake_engine import (
     Script,
     scripted_text,
 )
-from tests.support.http import QUESTION
+from tests.support.http import QUESTION, REFUSED_CHAT_FIELDS
+from tests.support.sdks import openai_sdk
+from tests.support.tools import CITY
 
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": CITY}}
 TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
 
@@ -112,32 +113,9 @@ def test_the_in_band_error_is_openais_error_document():
 # 2. Served in-process, through the official SDK
 
 
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-async def served(aiohttp_client, engine, tmp_path):
-    client = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model"))
-    engine.submitted.clear()  # the warm-up's request
-    return client
-
-
-@pytest.fixture
-async def sdk(served):
-    async with openai.AsyncOpenAI(base_url=str(served.make_url("/v1")), api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture
-def model(tmp_path) -> str:
-    return str(tmp_path / "model")
-
-
-async def streamed(sdk, **request) -> tuple[dict[int, str], dict[int, str], list]:
+async def streamed(openai_client, **request) -> tuple[dict[int, str], dict[int, str], list]:
     texts, reasons, chunks = {}, {}, []
-    async for chunk in await sdk.chat.completions.create(stream=True, **request):
+    async for chunk in await openai_client.chat.completions.create(stream=True, **request):
         chunks.append(chunk)
         for choice in chunk.choices:
             texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
@@ -146,13 +124,13 @@ async def streamed(sdk, **request) -> tuple[dict[int, str], dict[int, str], list
     return texts, reasons, chunks
 
 
-async def test_plain_and_streamed_answers_agree_and_usage_is_exact(sdk, engine, model):
-    plain = await sdk.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0)
+async def test_plain_and_streamed_answers_agree_and_usage_is_exact(openai_client, engine, model):
+    plain = await openai_client.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0)
     prompt = engine.submitted[0].prompt
     assert plain.choices[0].message.content == "".join(DEFAULT_WORDS[:6])
     assert plain.choices[0].finish_reason == "length" and plain.object == "chat.completion"
     assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (len(prompt), 6)
-    texts, reasons, chunks = await streamed(sdk, model=model, messages=QUESTION, max_tokens=6, temperature=0,
+    texts, reasons, chunks = await streamed(openai_client, model=model, messages=QUESTION, max_tokens=6, temperature=0,
                                             stream_options={"include_usage": True})
     assert texts == {0: plain.choices[0].message.content} and reasons == {0: "length"}
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -160,8 +138,8 @@ async def test_plain_and_streamed_answers_agree_and_usage_is_exact(sdk, engine, 
     assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
 
 
-async def test_the_request_becomes_the_sampling_the_engine_is_asked_for(sdk, engine, model):
-    await sdk.chat.completions.create(
+async def test_the_request_becomes_the_sampling_the_engine_is_asked_for(openai_client, engine, model):
+    await openai_client.chat.completions.create(
         model=model, messages=QUESTION, temperature=0.5, top_p=0.9, n=2, stop="x", seed=7, presence_penalty=1,
         frequency_penalty=-1, logit_bias={"101": 5}, max_tokens=100, max_completion_tokens=5, logprobs=True,
         top_logprobs=2, extra_body={"top_k": 3, "min_p": 0.1, "repetition_penalty": 1.2})
@@ -170,15 +148,15 @@ async def test_the_request_becomes_the_sampling_the_engine_is_asked_for(sdk, eng
     assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.logit_bias) == (1, -1, {101: 5})
     assert (sampling.max_tokens, sampling.logprobs) == (5, 2), "max_completion_tokens wins over max_tokens"
     assert (sampling.top_k, sampling.min_p, sampling.repetition_penalty) == (3, 0.1, 1.2)
-    await sdk.chat.completions.create(model=model, messages=QUESTION)
+    await openai_client.chat.completions.create(model=model, messages=QUESTION)
     sampling = engine.submitted[-1].sampling
     assert sampling.max_tokens == engine.max_model_len - len(engine.submitted[-1].prompt), "all the room left"
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.n, sampling.logprobs) == (1, 1, -1, 1, None)
 
 
-async def test_roles_and_text_parts_reach_the_template_as_the_model_knows_them(sdk, engine, model):
+async def test_roles_and_text_parts_reach_the_template_as_the_model_knows_them(openai_client, engine, model):
     tokenizer = FakeTokenizer()
-    await sdk.chat.completions.create(model=model, max_tokens=2, messages=[
+    await openai_client.chat.completions.create(model=model, max_tokens=2, messages=[
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}])
     expected = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
@@ -186,39 +164,40 @@ async def test_roles_and_text_parts_reach_the_template_as_the_model_knows_them(s
     assert engine.submitted[-1].prompt == tokenizer.encode(expected, add_special_tokens=False)
 
 
-async def test_n_choices_stream_each_with_its_own_index(sdk, engine, model):
-    texts, reasons, _ = await streamed(sdk, model=model, messages=QUESTION, max_tokens=4, n=3, temperature=1)
-    plain = await sdk.chat.completions.create(model=model, messages=QUESTION, max_tokens=4, n=3, temperature=1)
+async def test_n_choices_stream_each_with_its_own_index(openai_client, engine, model):
+    texts, reasons, _ = await streamed(openai_client, model=model, messages=QUESTION, max_tokens=4, n=3, temperature=1)
+    plain = await openai_client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4, n=3,
+                                                        temperature=1)
     assert [choice.message.content for choice in plain.choices] == [texts[i] for i in range(3)]
     assert reasons == {0: "length", 1: "length", 2: "length"} and plain.usage.completion_tokens == 12
 
 
-async def test_logprobs_have_one_entry_per_token_plain_and_streamed(sdk, model):
+async def test_logprobs_have_one_entry_per_token_plain_and_streamed(openai_client, model):
     request = dict(model=model, messages=QUESTION, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
-    plain = await sdk.chat.completions.create(**request)
+    plain = await openai_client.chat.completions.create(**request)
     entries = plain.choices[0].logprobs.content
     assert "".join(entry.token for entry in entries) == plain.choices[0].message.content and len(entries) == 5
     assert all(len(entry.top_logprobs) == 2 and bytes(entry.bytes).decode() == entry.token for entry in entries)
     streamed_entries = []
-    async for chunk in await sdk.chat.completions.create(stream=True, **request):
+    async for chunk in await openai_client.chat.completions.create(stream=True, **request):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed_entries += chunk.choices[0].logprobs.content
     assert streamed_entries == entries
 
 
-async def test_a_named_tool_call_streams_its_arguments_as_generated(sdk, engine, model):
+async def test_a_named_tool_call_streams_its_arguments_as_generated(openai_client, engine, model):
     arguments = '{"city": "Paris"}'
     engine.script = scripted_text(arguments)
     request = dict(model=model, messages=QUESTION, tools=[WEATHER_TOOL, TIME_TOOL],
                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    plain = await sdk.chat.completions.create(**request)
+    plain = await openai_client.chat.completions.create(**request)
     assert engine.submitted[-1].sampling.json_schema == CITY, "the arguments are constrained to the schema"
     [call] = plain.choices[0].message.tool_calls
     assert (call.function.name, call.function.arguments, plain.choices[0].finish_reason) == (
         "get_weather", arguments, "tool_calls")
     assert plain.choices[0].message.content is None
     pieces, names, reasons = [], [], []
-    async for chunk in await sdk.chat.completions.create(stream=True, **request):
+    async for chunk in await openai_client.chat.completions.create(stream=True, **request):
         for delta in chunk.choices[0].delta.tool_calls or []:
             names += [delta.function.name] if delta.function.name else []
             pieces += [delta.function.arguments] if delta.function.arguments else []
@@ -227,46 +206,46 @@ async def test_a_named_tool_call_streams_its_arguments_as_generated(sdk, engine,
     assert reasons[-1] == "tool_calls"
 
 
-async def test_required_tool_calls_are_read_from_their_constrained_json(sdk, engine, model):
+async def test_required_tool_calls_are_read_from_their_constrained_json(openai_client, engine, model):
     engine.script = scripted_text(json.dumps([{"name": "get_weather", "parameters": {"city": "Paris"}},
                                               {"name": "get_time", "parameters": {}}]))
     request = dict(model=model, messages=QUESTION, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
-    plain = await sdk.chat.completions.create(**request)
+    plain = await openai_client.chat.completions.create(**request)
     schema = engine.submitted[-1].sampling.json_schema
     assert schema["type"] == "array" and schema["minItems"] == 1 and "maxItems" not in schema
     calls = [(call.function.name, json.loads(call.function.arguments)) for call in plain.choices[0].message.tool_calls]
     assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {})]
     streamed_calls: dict[int, dict] = {}
-    async for chunk in await sdk.chat.completions.create(stream=True, **request):
+    async for chunk in await openai_client.chat.completions.create(stream=True, **request):
         for delta in chunk.choices[0].delta.tool_calls or []:
             kept = streamed_calls.setdefault(delta.index, {"name": "", "arguments": ""})
             kept["name"] += delta.function.name or ""
             kept["arguments"] += delta.function.arguments or ""
     assert [(call["name"], json.loads(call["arguments"])) for call in streamed_calls.values()] == calls
-    await sdk.chat.completions.create(parallel_tool_calls=False, **request)
+    await openai_client.chat.completions.create(parallel_tool_calls=False, **request)
     assert engine.submitted[-1].sampling.json_schema["maxItems"] == 1
 
 
-async def test_a_length_cut_required_answer_keeps_its_text(sdk, engine, model):
+async def test_a_length_cut_required_answer_keeps_its_text(openai_client, engine, model):
     cut = '[{"name": "get_weather", "parameters": {"ci'
     engine.script = scripted_text(cut)
-    answer = await sdk.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL],
-                                               tool_choice="required", max_tokens=10)
+    answer = await openai_client.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL],
+                                                         tool_choice="required", max_tokens=10)
     assert answer.choices[0].finish_reason == "length" and answer.choices[0].message.content == cut[:10]
     assert answer.choices[0].message.tool_calls is None
 
 
-async def test_tool_choice_none_shows_the_template_no_tools(sdk, engine, model):
-    await sdk.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL], tool_choice="none",
-                                      max_tokens=2)
+async def test_tool_choice_none_shows_the_template_no_tools(openai_client, engine, model):
+    await openai_client.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL],
+                                                tool_choice="none", max_tokens=2)
     assert b"get_weather" not in bytes(t for t in engine.submitted[-1].prompt if t < 256)
-    await sdk.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL],
-                                      tool_choice="required", max_tokens=2)
+    await openai_client.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL],
+                                                tool_choice="required", max_tokens=2)
     assert b"get_weather" in bytes(t for t in engine.submitted[-1].prompt if t < 256)
 
 
-async def test_a_conversation_with_a_call_and_its_result_reaches_the_template(sdk, engine, model):
-    await sdk.chat.completions.create(model=model, max_tokens=2, messages=[
+async def test_a_conversation_with_a_call_and_its_result_reaches_the_template(openai_client, engine, model):
+    await openai_client.chat.completions.create(model=model, max_tokens=2, messages=[
         *QUESTION,
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
@@ -276,12 +255,7 @@ async def test_a_conversation_with_a_call_and_its_result_reaches_the_template(sd
 
 
 BAD = [
-    ({"temperature": 3}, "temperature"),
-    ({"n": 0}, "n"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"logit_bias": {"999999": 5}}, "logit_bias"),
-    ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
-    ({"messages": []}, "messages"),
+    *REFUSED_CHAT_FIELDS,
     ({"max_tokens": 4096}, "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"tool_choice": "required"}, "tool_choice"),
@@ -297,11 +271,11 @@ BAD = [
 
 
 @pytest.mark.parametrize(("request_", "param"), BAD)
-async def test_bad_parameters_are_400_with_the_param_before_the_engine(sdk, engine, model, request_, param):
+async def test_bad_parameters_are_400_with_the_param_before_the_engine(openai_client, engine, model, request_, param):
     body = {"model": model, "messages": QUESTION, **request_}
     extra = body.pop("extra_body", {})
     with pytest.raises(openai.BadRequestError) as refused:
-        await sdk.chat.completions.create(**body, extra_body=extra)
+        await openai_client.chat.completions.create(**body, extra_body=extra)
     assert set(refused.value.body) == {"message", "type", "param", "code"}
     assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
     assert engine.submitted == []
@@ -313,32 +287,33 @@ async def test_tool_choice_auto_reads_calls_with_the_models_parser_or_gives_the_
     engine = FakeEngine(tool_parsers={"hermes": ToolCallParser("hermes", FakeTokenizer())})
     served = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
                                                         llm_settings(TOOL_CALL_PARSER="hermes")))
-    async with openai.AsyncOpenAI(base_url=str(served.make_url("/v1")), api_key="x", max_retries=0) as sdk:
+    async with openai_sdk(str(served.make_url(""))) as openai_client:
         engine.script = scripted_text('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
-        answer = await sdk.chat.completions.create(model=str(tmp_path / "model"), messages=QUESTION,
-                                                   tools=[WEATHER_TOOL])
+        answer = await openai_client.chat.completions.create(model=str(tmp_path / "model"), messages=QUESTION,
+                                                             tools=[WEATHER_TOOL])
         [call] = answer.choices[0].message.tool_calls
         assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
         assert answer.choices[0].finish_reason == "tool_calls"
         engine.script = scripted_text("Just text.")
-        answer = await sdk.chat.completions.create(model=str(tmp_path / "model"), messages=QUESTION,
-                                                   tools=[WEATHER_TOOL])
+        answer = await openai_client.chat.completions.create(model=str(tmp_path / "model"), messages=QUESTION,
+                                                             tools=[WEATHER_TOOL])
         assert answer.choices[0].message.content == "Just text." and answer.choices[0].finish_reason == "stop"
         assert not answer.choices[0].message.tool_calls
 
 
-async def test_another_model_is_404_model_not_found(sdk, engine):
+async def test_another_model_is_404_model_not_found(openai_client, engine):
     with pytest.raises(openai.NotFoundError) as missing:
-        await sdk.chat.completions.create(model="someone/else", messages=QUESTION)
+        await openai_client.chat.completions.create(model="someone/else", messages=QUESTION)
     assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
     assert engine.submitted == []
 
 
-async def test_a_stream_that_fails_after_the_header_raises_in_the_sdk(sdk, engine, model):
+async def test_a_stream_that_fails_after_the_header_raises_in_the_sdk(openai_client, engine, model):
     engine.script = Script(fail_at=3)
     received = 0
     with pytest.raises(openai.APIError, match="generation failed"):
-        async for _ in await sdk.chat.completions.create(model=model, messages=QUESTION, max_tokens=50, stream=True):
+        async for _ in await openai_client.chat.completions.create(model=model, messages=QUESTION, max_tokens=50,
+                                                                   stream=True):
             received += 1
     assert received > 1
 
@@ -347,10 +322,11 @@ async def test_a_missing_or_wrong_key_is_401_in_openais_shape(aiohttp_client, en
     served = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
                                                         runner=runner_settings(AUTH_TOKEN="right")))
     for key in ("wrong", "right"):
-        async with openai.AsyncOpenAI(base_url=str(served.make_url("/v1")), api_key=key, max_retries=0) as sdk:
+        async with openai_sdk(str(served.make_url("")), key) as openai_client:
             if key == "wrong":
                 with pytest.raises(openai.AuthenticationError) as refused:
-                    await sdk.chat.completions.create(model=model, messages=QUESTION)
+                    await openai_client.chat.completions.create(model=model, messages=QUESTION)
                 assert refused.value.body["code"] == "invalid_api_key"
             else:
-                assert (await sdk.chat.completions.create(model=model, messages=QUESTION, max_tokens=1)).choices
+                assert (await openai_client.chat.completions.create(model=model, messages=QUESTION,
+                                                                    max_tokens=1)).choices

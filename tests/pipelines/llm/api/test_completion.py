@@ -17,8 +17,7 @@ from pipelines.llm.api.openai_base import ChunkEnvelope
 from pipelines.llm.replies import Choice, ReplyTracker
 from pipelines.llm.schema import Completion, CompletionChoice, CompletionLogprobs
 from runner.pipeline import RequestContext
-from tests.support.apps import llm_app, ready_client
-from tests.support.fake_engine import BOS, DEFAULT_WORDS, FakeEngine
+from tests.support.fake_engine import BOS, DEFAULT_WORDS
 
 
 def test_a_chunk_is_what_pydantic_writes_of_the_spec_model():
@@ -31,25 +30,7 @@ def test_a_chunk_is_what_pydantic_writes_of_the_spec_model():
     assert reply.choice_chunk(choice, 'a "b"', logprobs) == expected.model_dump_json(exclude_unset=True).encode()
 
 
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-async def sdk(aiohttp_client, engine, tmp_path):
-    served = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model"))
-    engine.submitted.clear()  # the warm-up's request
-    async with openai.AsyncOpenAI(base_url=str(served.make_url("/v1")), api_key="x", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture
-def model(tmp_path) -> str:
-    return str(tmp_path / "model")
-
-
-async def test_several_prompts_run_in_the_engine_together(sdk, engine, model):
+async def test_several_prompts_run_in_the_engine_together(openai_client, engine, model):
     engine.step_seconds = 0.01
     most_at_once = 0
 
@@ -61,7 +42,8 @@ async def test_several_prompts_run_in_the_engine_together(sdk, engine, model):
 
     watcher = asyncio.ensure_future(watch())
     try:
-        answer = await sdk.completions.create(model=model, prompt=["a", "b", "c", "d", "e", "f"], max_tokens=8)
+        answer = await openai_client.completions.create(model=model, prompt=["a", "b", "c", "d", "e", "f"],
+                                                        max_tokens=8)
     finally:
         watcher.cancel()
     assert most_at_once == 6, "all six prompts are in the engine at once"
@@ -69,8 +51,8 @@ async def test_several_prompts_run_in_the_engine_together(sdk, engine, model):
     assert answer.usage.prompt_tokens == 6 * 2 and answer.usage.completion_tokens == 6 * 8
 
 
-async def test_a_stream_interleaves_the_prompts_choices_each_in_order(sdk, engine, model):
-    chunks = [chunk async for chunk in await sdk.completions.create(
+async def test_a_stream_interleaves_the_prompts_choices_each_in_order(openai_client, engine, model):
+    chunks = [chunk async for chunk in await openai_client.completions.create(
         model=model, prompt=["a", "b"], n=2, max_tokens=3, temperature=1, stream=True,
         stream_options={"include_usage": True})]
     *choice_chunks, usage = chunks
@@ -78,23 +60,23 @@ async def test_a_stream_interleaves_the_prompts_choices_each_in_order(sdk, engin
     assert sorted(set(order)) == [0, 1, 2, 3]
     assert order[:4] != [0, 0, 0, 1], "interleaved as generated, not prompt after prompt"
     texts = {index: "".join(c.choices[0].text for c in choice_chunks if c.choices[0].index == index) for index in range(4)}
-    plain = await sdk.completions.create(model=model, prompt=["a", "b"], n=2, max_tokens=3, temperature=1)
+    plain = await openai_client.completions.create(model=model, prompt=["a", "b"], n=2, max_tokens=3, temperature=1)
     assert texts == {choice.index: choice.text for choice in plain.choices}
     assert [c.choices[0].finish_reason for c in choice_chunks if c.choices[0].index == 2][-1] == "length"
     assert usage.choices == [] and usage.usage == plain.usage
 
 
-async def test_echo_and_logprobs(sdk, engine, model):
-    echoed = await sdk.completions.create(model=model, prompt="Once", max_tokens=3, echo=True)
+async def test_echo_and_logprobs(openai_client, engine, model):
+    echoed = await openai_client.completions.create(model=model, prompt="Once", max_tokens=3, echo=True)
     assert echoed.choices[0].text == "Once" + "".join(DEFAULT_WORDS[:3])
     assert engine.submitted[-1].prompt == [BOS, *b"Once"], "a raw prompt gets the model's own special tokens"
-    answer = await sdk.completions.create(model=model, prompt="Once", max_tokens=4, logprobs=2)
+    answer = await openai_client.completions.create(model=model, prompt="Once", max_tokens=4, logprobs=2)
     logprobs = answer.choices[0].logprobs
     assert "".join(logprobs.tokens) == answer.choices[0].text and len(logprobs.token_logprobs) == 4
     assert logprobs.text_offset == [sum(len(token) for token in logprobs.tokens[:i]) for i in range(4)]
     assert all(len(top) == 2 for top in logprobs.top_logprobs)
-    chunks = [chunk async for chunk in await sdk.completions.create(model=model, prompt="Once", max_tokens=4,
-                                                                     logprobs=2, stream=True)]
+    chunks = [chunk async for chunk in await openai_client.completions.create(model=model, prompt="Once", max_tokens=4,
+                                                                              logprobs=2, stream=True)]
     assert [offset for chunk in chunks for offset in chunk.choices[0].logprobs.text_offset] == logprobs.text_offset
 
 
@@ -107,16 +89,16 @@ async def test_echo_and_logprobs(sdk, engine, model):
     ({"max_tokens": 4096}, "max_tokens"),
     ({"prompt": ["a", "x" * 4090]}, "max_tokens"),
 ])
-async def test_bad_requests_are_400_before_the_engine(sdk, engine, model, request_, param):
+async def test_bad_requests_are_400_before_the_engine(openai_client, engine, model, request_, param):
     with pytest.raises(openai.BadRequestError) as refused:
-        await sdk.completions.create(**{"model": model, "prompt": "a", **request_})
+        await openai_client.completions.create(**{"model": model, "prompt": "a", **request_})
     assert refused.value.body["param"] == param
     assert engine.submitted == [], "not even the first prompt of a refused request was submitted"
 
 
-async def test_a_cut_stream_aborts_every_prompts_request(sdk, engine, model):
+async def test_a_cut_stream_aborts_every_prompts_request(openai_client, engine, model):
     engine.step_seconds = 0.01
-    stream = await sdk.completions.create(model=model, prompt=["a", "b", "c"], max_tokens=4000, stream=True)
+    stream = await openai_client.completions.create(model=model, prompt=["a", "b", "c"], max_tokens=4000, stream=True)
     async for _ in stream:
         break
     await stream.close()

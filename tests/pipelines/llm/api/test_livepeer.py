@@ -24,7 +24,7 @@ from tests.support.fake_engine import (
     Script,
     scripted_text,
 )
-from tests.support.http import QUESTION, STORY
+from tests.support.http import BAD_422, NOT_JSON_BODIES, QUESTION, STORY
 
 TEXTS = [
     " capital",
@@ -93,18 +93,6 @@ def test_final_event_is_what_pydantic_writes():
 
 
 # 2. Served in-process on the fake engine
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-async def client(aiohttp_client, engine, tmp_path):
-    served = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model"))
-    engine.submitted.clear()  # the warm-up's request
-    return served
 
 
 async def read_events(response) -> list[dict]:
@@ -176,26 +164,12 @@ async def test_the_model_field_must_be_empty_or_the_served_id(client, engine, tm
     assert len(engine.submitted) == 2
 
 
-BAD_422 = [
-    ({"max_tokens": 2}, ["body", "messages"]),
-    ({"messages": "hello"}, ["body", "messages"]),
-    ({"messages": [{"content": "hi"}]}, ["body", "messages", 0, "role"]),
-    ({"messages": [{"role": "user"}]}, ["body", "messages", 0, "content"]),
-    ({"messages": QUESTION, "temperature": "hot"}, ["body", "temperature"]),
-    ({"messages": QUESTION, "temperature": -1}, ["body", "temperature"]),
-    ({"messages": QUESTION, "top_p": 0}, ["body", "top_p"]),
-    ({"messages": QUESTION, "top_p": 1.5}, ["body", "top_p"]),
-    ({"messages": QUESTION, "max_tokens": 0}, ["body", "max_tokens"]),
-    ({"messages": QUESTION, "top_k": -2}, ["body", "top_k"]),
-]
-
-
 async def test_bad_input_is_refused_before_the_engine(client, engine):
     for body, loc in BAD_422:
         response = await client.post("/llm", json=body)
         assert response.status == 422, body
         assert loc in [error["loc"] for error in (await response.json())["detail"]], body
-    for data, content_type in ((b'{"messages": [', "application/json"), (json.dumps({"messages": QUESTION}), "text/plain")):
+    for data, content_type in NOT_JSON_BODIES:
         response = await client.post("/llm", data=data, headers={"Content-Type": content_type})
         assert response.status == 422 and (await response.json())["detail"][0]["loc"] == ["body"]
     for body, said in (({"messages": []}, "at least one message"),

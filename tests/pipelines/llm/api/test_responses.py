@@ -32,10 +32,10 @@ from tests.support.fake_engine import (
     hermes_call,
     scripted_text,
 )
+from tests.support.sdks import streamed_call_arguments
+from tests.support.tools import CITY, RESPONSES_WEATHER
 
 SDK_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": CITY}
 TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
 # Shows what the fake engine is handed: each turn's role and content, an assistant turn's calls, a tool turn's call id.
 TOOLS_TEMPLATE = (
@@ -153,27 +153,9 @@ def engine() -> FakeEngine:
     return FakeEngine(chat_template=TOOLS_TEMPLATE)
 
 
-@pytest.fixture
-async def client(aiohttp_client, engine, tmp_path):
-    served = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model"))
-    engine.submitted.clear()  # the warm-up's request
-    return served
-
-
-@pytest.fixture
-async def sdk(client):
-    async with openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0) as sdk:
-        yield sdk
-
-
-@pytest.fixture
-def model(tmp_path) -> str:
-    return str(tmp_path / "model")
-
-
-async def test_create_gives_the_text_and_exact_usage(client, sdk, engine, model):
+async def test_create_gives_the_text_and_exact_usage(client, openai_client, engine, model):
     engine.script = scripted_text("Paris.")
-    answer = await sdk.responses.create(model=model, input="What is the capital of France?", temperature=0)
+    answer = await openai_client.responses.create(model=model, input="What is the capital of France?", temperature=0)
     [submitted] = engine.submitted
     assert "<|user|>What is the capital of France?" in decoded(submitted.prompt)
     assert answer.object == "response" and answer.status == "completed" and answer.model == model
@@ -189,11 +171,11 @@ async def test_create_gives_the_text_and_exact_usage(client, sdk, engine, model)
     assert raw["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
 
 
-async def test_the_sdk_stream_gives_the_same_text_event_by_event(client, sdk, engine, model):
+async def test_the_sdk_stream_gives_the_same_text_event_by_event(client, openai_client, engine, model):
     engine.script = scripted_text("Paris is the capital.")
-    plain = await sdk.responses.create(model=model, input="Where?", temperature=0)
+    plain = await openai_client.responses.create(model=model, input="Where?", temperature=0)
     seen, deltas = [], []
-    async with sdk.responses.stream(model=model, input="Where?", temperature=0) as stream:
+    async with openai_client.responses.stream(model=model, input="Where?", temperature=0) as stream:
         async for event in stream:
             seen.append(event.type)
             if event.type == "response.output_text.delta":
@@ -213,8 +195,8 @@ async def test_the_sdk_stream_gives_the_same_text_event_by_event(client, sdk, en
     assert len({event["response"]["id"] for event in events if "response" in event}) == 1
 
 
-async def test_max_output_tokens_ends_it_incomplete(client, sdk, engine, model):
-    answer = await sdk.responses.create(model=model, input="Tell me a story.", max_output_tokens=5)
+async def test_max_output_tokens_ends_it_incomplete(client, openai_client, engine, model):
+    answer = await openai_client.responses.create(model=model, input="Tell me a story.", max_output_tokens=5)
     assert engine.submitted[-1].sampling.max_tokens == 5
     assert answer.status == "incomplete" and answer.incomplete_details.reason == "max_output_tokens"
     assert answer.output_text == "".join(DEFAULT_WORDS[:5]) and answer.usage.output_tokens == 5
@@ -223,18 +205,18 @@ async def test_max_output_tokens_ends_it_incomplete(client, sdk, engine, model):
         "/v1/responses", json={"input": "Tell me a story.", "max_output_tokens": 5, "stream": True})).text())
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
-    async with sdk.responses.stream(model=model, input="Tell me a story.", max_output_tokens=5) as stream:
+    async with openai_client.responses.stream(model=model, input="Tell me a story.", max_output_tokens=5) as stream:
         last = [event async for event in stream][-1]
     assert last.type == "response.incomplete" and last.response.output[0].content[0].text == answer.output_text
 
 
-async def test_the_sampling_fields_reach_the_engine(client, sdk, engine, model):
-    await sdk.responses.create(model=model, input="Hi", temperature=0.3, top_p=0.5, max_output_tokens=7,
-                               extra_body={"top_k": 5, "seed": 11, "stop": ["x"], "repetition_penalty": 1.2})
+async def test_the_sampling_fields_reach_the_engine(client, openai_client, engine, model):
+    await openai_client.responses.create(model=model, input="Hi", temperature=0.3, top_p=0.5, max_output_tokens=7,
+                                         extra_body={"top_k": 5, "seed": 11, "stop": ["x"], "repetition_penalty": 1.2})
     sampling = engine.submitted[-1].sampling
     assert (sampling.temperature, sampling.top_p, sampling.max_tokens, sampling.top_k, sampling.seed,
             sampling.stop, sampling.repetition_penalty) == (0.3, 0.5, 7, 5, 11, ["x"], 1.2)
-    answer = await sdk.responses.create(model=model, input="Hi", stream=False)
+    answer = await openai_client.responses.create(model=model, input="Hi", stream=False)
     sampling = engine.submitted[-1].sampling
     prompt = len(engine.submitted[-1].prompt)
     assert (sampling.temperature, sampling.top_p, sampling.top_k) == (1.0, 1.0, -1)
@@ -242,23 +224,24 @@ async def test_the_sampling_fields_reach_the_engine(client, sdk, engine, model):
     assert (answer.temperature, answer.top_p, answer.max_output_tokens) == (1.0, 1.0, None)
 
 
-async def test_text_format_constrains_the_output(client, sdk, engine, model):
+async def test_text_format_constrains_the_output(client, openai_client, engine, model):
     engine.script = scripted_text('{"city": "Paris"}')
-    answer = await sdk.responses.create(model=model, input="Where?", text={"format": {
+    answer = await openai_client.responses.create(model=model, input="Where?", text={"format": {
         "type": "json_schema", "name": "city", "schema": CITY, "strict": True}})
     assert engine.submitted[-1].sampling.json_schema == CITY and json.loads(answer.output_text) == {"city": "Paris"}
     assert answer.text.format.type == "json_schema"
-    await sdk.responses.create(model=model, input="Where?", text={"format": {"type": "json_object"}})
+    await openai_client.responses.create(model=model, input="Where?", text={"format": {"type": "json_object"}})
     assert engine.submitted[-1].sampling.json_object and engine.submitted[-1].sampling.json_schema is None
-    await sdk.responses.create(model=model, input="Where?", text={"format": {"type": "text"}}, tool_choice="auto")
+    await openai_client.responses.create(model=model, input="Where?", text={"format": {"type": "text"}},
+                                         tool_choice="auto")
     assert not engine.submitted[-1].sampling.json_object and engine.submitted[-1].sampling.json_schema is None
 
 
-async def test_a_named_function_call_streams_its_arguments(client, sdk, engine, model):
+async def test_a_named_function_call_streams_its_arguments(client, openai_client, engine, model):
     engine.script = scripted_text('{"city": "Paris"}')
-    request = dict(model=model, input="Weather in Paris?", tools=[WEATHER, TIME],
+    request = dict(model=model, input="Weather in Paris?", tools=[RESPONSES_WEATHER, TIME],
                    tool_choice={"type": "function", "name": "get_weather"})
-    plain = await sdk.responses.create(**request)
+    plain = await openai_client.responses.create(**request)
     assert engine.submitted[-1].sampling.json_schema == CITY
     assert '"name": "get_weather"' in decoded(engine.submitted[-1].prompt), "the template is shown the tools"
     [call] = plain.output
@@ -267,7 +250,7 @@ async def test_a_named_function_call_streams_its_arguments(client, sdk, engine, 
     assert call.call_id.startswith("call_") and call.id.startswith("fc_")
     assert plain.tool_choice.name == "get_weather" and [tool.name for tool in plain.tools] == ["get_weather", "get_time"]
     deltas = []
-    async with sdk.responses.stream(**request) as stream:
+    async with openai_client.responses.stream(**request) as stream:
         async for event in stream:
             if event.type == "response.function_call_arguments.delta":
                 deltas.append(event.delta)
@@ -278,24 +261,19 @@ async def test_a_named_function_call_streams_its_arguments(client, sdk, engine, 
     assert len(deltas) > 1, "a named call's arguments are streamed as they are generated"
 
 
-async def test_required_calls_are_function_call_items(client, sdk, engine, model):
+async def test_required_calls_are_function_call_items(client, openai_client, engine, model):
     engine.script = scripted_text('[{"name": "get_weather", "parameters": {"city": "Oslo"}}, '
                                   '{"name": "get_time", "parameters": {}}]')
-    request = dict(model=model, input="Weather and time?", tools=[WEATHER, TIME], tool_choice="required")
-    plain = await sdk.responses.create(**request)
+    request = dict(model=model, input="Weather and time?", tools=[RESPONSES_WEATHER, TIME], tool_choice="required")
+    plain = await openai_client.responses.create(**request)
     assert [(item.type, item.name, json.loads(item.arguments)) for item in plain.output] == [
         ("function_call", "get_weather", {"city": "Oslo"}), ("function_call", "get_time", {})]
     assert engine.submitted[-1].sampling.json_schema["type"] == "array"
-    arguments: dict[int, str] = {}
-    async with sdk.responses.stream(**request) as stream:
-        async for event in stream:
-            if event.type == "response.function_call_arguments.delta":
-                arguments[event.output_index] = arguments.get(event.output_index, "") + event.delta
-        final = await stream.get_final_response()
+    streamed_arguments, final = await streamed_call_arguments(openai_client, **request)
     # However the reader hands the arguments over (whole today, piece by piece once streamed), they add up.
-    assert [arguments[index] for index in sorted(arguments)] == [item.arguments for item in final.output]
+    assert streamed_arguments == [item.arguments for item in final.output]
     assert [item.name for item in final.output] == ["get_weather", "get_time"]
-    await sdk.responses.create(**request, parallel_tool_calls=False)
+    await openai_client.responses.create(**request, parallel_tool_calls=False)
     assert engine.submitted[-1].sampling.json_schema["maxItems"] == 1
 
 
@@ -305,7 +283,8 @@ async def test_auto_with_a_parser_gives_calls_or_text(aiohttp_client, tmp_path):
                         script=scripted_text(hermes_call("get_weather", {"city": "Lima"})))
     client = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
                                                         settings=llm_settings(TOOL_CALL_PARSER=parser.name)))
-    body = {"input": [{"role": "user", "content": "Weather in Lima?"}], "tools": [WEATHER], "instructions": "Be brief."}
+    body = {"input": [{"role": "user", "content": "Weather in Lima?"}], "tools": [RESPONSES_WEATHER],
+            "instructions": "Be brief."}
     answer = await (await client.post("/v1/responses", json=body)).json()
     [call] = answer["output"]
     assert (call["name"], json.loads(call["arguments"])) == ("get_weather", {"city": "Lima"})
@@ -318,7 +297,7 @@ async def test_auto_with_a_parser_gives_calls_or_text(aiohttp_client, tmp_path):
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == "It is sunny."
 
 
-async def test_an_engine_that_dies_mid_stream_ends_it_with_response_failed(client, sdk, engine, model):
+async def test_an_engine_that_dies_mid_stream_ends_it_with_response_failed(client, openai_client, engine, model):
     engine.script = Script(fail_at=3)
     response = await client.post("/v1/responses", json={"input": "Tell me a story.", "stream": True})
     events = parse_stream(await response.text())
@@ -345,11 +324,11 @@ async def test_a_stream_past_request_timeout_fails_in_band_and_is_not_stored(aio
     assert gone.status == 404, "a failed response is not stored"
 
 
-async def test_the_sdk_raises_a_stream_that_fails_after_the_header(client, sdk, engine, model):
+async def test_the_sdk_raises_a_stream_that_fails_after_the_header(client, openai_client, engine, model):
     engine.script = Script(fail_at=3)
     received = []
     with pytest.raises(openai.APIError, match="generation failed"):
-        async with sdk.responses.stream(model=model, input="Tell me a story.") as stream:
+        async with openai_client.responses.stream(model=model, input="Tell me a story.") as stream:
             async for event in stream:
                 received.append(event.type)
     assert received[:2] == ["response.created", "response.in_progress"] and "response.output_text.delta" in received
@@ -384,9 +363,10 @@ async def test_a_client_that_goes_away_aborts_its_engine_request(client, engine)
 # 3. The conversation: items as the template's turns
 
 
-async def test_items_become_the_templates_turns(client, sdk, engine, model):
+async def test_items_become_the_templates_turns(client, openai_client, engine, model):
     engine.script = scripted_text("Done.")
-    await sdk.responses.create(model=model, instructions="Be brief.", tools=[WEATHER], tool_choice="none", input=[
+    await openai_client.responses.create(model=model, instructions="Be brief.", tools=[RESPONSES_WEATHER],
+                                         tool_choice="none", input=[
         {"role": "developer", "content": "Use metric units."},
         {"role": "user", "content": [{"type": "input_text", "text": "Weather in"}, {"type": "input_text", "text": "Oslo?"}]},
         {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hmm"}]},
@@ -409,32 +389,33 @@ async def test_items_become_the_templates_turns(client, sdk, engine, model):
     assert engine.submitted[-1].sampling.json_schema is None, "tool_choice none: free text"
 
 
-async def test_previous_response_id_continues_the_conversation(client, sdk, engine, model):
+async def test_previous_response_id_continues_the_conversation(client, openai_client, engine, model):
     engine.script = scripted_text("Paris.")
-    first = await sdk.responses.create(model=model, instructions="Be brief.", input="Capital of France?")
+    first = await openai_client.responses.create(model=model, instructions="Be brief.", input="Capital of France?")
     engine.script = scripted_text("Madrid.")
-    second = await sdk.responses.create(model=model, instructions="Answer in one word.", input="And of Spain?",
-                                        previous_response_id=first.id)
+    second = await openai_client.responses.create(model=model, instructions="Answer in one word.",
+                                                  input="And of Spain?", previous_response_id=first.id)
     assert second.previous_response_id == first.id
     assert decoded(engine.submitted[-1].prompt).startswith(
         "<|system|>Answer in one word.</s><|user|>Capital of France?</s><|assistant|>Paris.</s><|user|>And of Spain?</s>"
         "<|assistant|>"
     ), "the earlier input and output, not the earlier instructions"
-    await sdk.responses.create(model=model, input="And of Italy?", previous_response_id=second.id)
+    await openai_client.responses.create(model=model, input="And of Italy?", previous_response_id=second.id)
     assert decoded(engine.submitted[-1].prompt).startswith(
         "<|user|>Capital of France?</s><|assistant|>Paris.</s><|user|>And of Spain?</s><|assistant|>Madrid.</s>"
         "<|user|>And of Italy?</s>")
 
 
-async def test_a_function_call_round_trip_through_previous_response_id(client, sdk, engine, model):
+async def test_a_function_call_round_trip_through_previous_response_id(client, openai_client, engine, model):
     engine.script = scripted_text('{"city": "Oslo"}')
-    asked = await sdk.responses.create(model=model, input="Weather in Oslo?", tools=[WEATHER],
-                                       tool_choice={"type": "function", "name": "get_weather"})
+    asked = await openai_client.responses.create(model=model, input="Weather in Oslo?", tools=[RESPONSES_WEATHER],
+                                                 tool_choice={"type": "function", "name": "get_weather"})
     [call] = asked.output
     engine.script = scripted_text("It is -3 C in Oslo.")
-    answered = await sdk.responses.create(model=model, previous_response_id=asked.id, tools=[WEATHER], tool_choice="none",
-                                          input=[{"type": "function_call_output", "call_id": call.call_id,
-                                                  "output": '{"temperature": "-3 C"}'}])
+    answered = await openai_client.responses.create(model=model, previous_response_id=asked.id,
+                                                    tools=[RESPONSES_WEATHER], tool_choice="none",
+                                                    input=[{"type": "function_call_output", "call_id": call.call_id,
+                                                            "output": '{"temperature": "-3 C"}'}])
     assert answered.output_text == "It is -3 C in Oslo."
     assert decoded(engine.submitted[-1].prompt).startswith(
         f'<|user|>Weather in Oslo?</s><|assistant|>[call {call.call_id} get_weather {{"city": "Oslo"}}]</s>'
@@ -444,27 +425,27 @@ async def test_a_function_call_round_trip_through_previous_response_id(client, s
 # 4. The store: GET, store false, its bound, 404s
 
 
-async def test_a_stored_response_is_retrieved_as_it_was_answered(client, sdk, engine, model):
+async def test_a_stored_response_is_retrieved_as_it_was_answered(client, openai_client, engine, model):
     engine.script = scripted_text("Paris.")
     body = await (await client.post("/v1/responses", json={"input": "Capital?", "metadata": {"k": "v"}})).json()
     response = await client.get(f"/v1/responses/{body['id']}")
     assert response.status == 200 and await response.json() == body
-    retrieved = await sdk.responses.retrieve(body["id"])
+    retrieved = await openai_client.responses.retrieve(body["id"])
     assert retrieved.output_text == "Paris." and retrieved.metadata == {"k": "v"} and retrieved.store
     events = parse_stream(await (await client.post("/v1/responses", json={"input": "Capital?", "stream": True})).text())
     streamed = events[-1]["response"]
     assert await (await client.get(f"/v1/responses/{streamed['id']}")).json() == streamed
 
 
-async def test_store_false_keeps_nothing(client, sdk, engine, model):
-    answer = await sdk.responses.create(model=model, input="Hi", store=False, max_output_tokens=2)
+async def test_store_false_keeps_nothing(client, openai_client, engine, model):
+    answer = await openai_client.responses.create(model=model, input="Hi", store=False, max_output_tokens=2)
     assert answer.store is False
     with pytest.raises(openai.NotFoundError) as missing:
-        await sdk.responses.retrieve(answer.id)
+        await openai_client.responses.retrieve(answer.id)
     assert missing.value.body["param"] == "response_id" and answer.id in missing.value.body["message"]
     submitted = len(engine.submitted)
     with pytest.raises(openai.NotFoundError) as missing:
-        await sdk.responses.create(model=model, input="Hi", previous_response_id=answer.id)
+        await openai_client.responses.create(model=model, input="Hi", previous_response_id=answer.id)
     assert missing.value.body["param"] == "previous_response_id"
     assert len(engine.submitted) == submitted, "nothing reached the engine"
 
@@ -524,9 +505,9 @@ BAD = [
      "input.[0].output.[0].type"),
     ({"tools": [{"type": "web_search"}]}, "tools.[0].type"),
     ({"tools": [{"type": "function"}]}, "tools.[0].name"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice.name"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tools": [RESPONSES_WEATHER], "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+    ({"tools": [RESPONSES_WEATHER], "tool_choice": {"type": "function"}}, "tool_choice.name"),
+    ({"tools": [RESPONSES_WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
@@ -562,12 +543,12 @@ async def test_bad_input_is_a_400_naming_the_parameter_before_the_engine(client,
     assert engine.submitted == [], "nothing reached the engine"
 
 
-async def test_the_sdk_raises_what_is_not_served(sdk, engine, model):
+async def test_the_sdk_raises_what_is_not_served(openai_client, engine, model):
     with pytest.raises(openai.BadRequestError) as refused:
-        await sdk.responses.create(model=model, input="Hi", tools=[{"type": "web_search"}])
+        await openai_client.responses.create(model=model, input="Hi", tools=[{"type": "web_search"}])
     assert refused.value.body["param"] == "tools.[0].type" and "web_search" in refused.value.body["message"]
     with pytest.raises(openai.BadRequestError) as refused:
-        await sdk.responses.create(model=model, input="Hi", max_output_tokens=4096)
+        await openai_client.responses.create(model=model, input="Hi", max_output_tokens=4096)
     assert refused.value.body["code"] == "context_length_exceeded"
     assert engine.submitted == []
 

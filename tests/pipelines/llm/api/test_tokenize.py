@@ -8,24 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.apps import llm_app, ready_client
-from tests.support.fake_engine import FakeEngine, FakeTokenizer
+from tests.support.fake_engine import FakeTokenizer
 from tests.support.http import QUESTION
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-async def client(aiohttp_client, engine, tmp_path):
-    served = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model"))
-    served.model = str(tmp_path / "model")
-    engine.submitted.clear()  # the warm-up's request
-    return served
 
 
 async def post(client, path: str, body: dict) -> tuple[int, dict]:

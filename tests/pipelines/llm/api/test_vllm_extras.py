@@ -19,14 +19,12 @@ from pipelines.llm.schema import ChatCompletionChunk, ChunkChoice, ChunkDelta, C
 from pipelines.llm.tools import CALL_END, call_begin
 from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser
 from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser
-from tests.support.apps import llm_app, llm_settings, ready_client
+from tests.support.apps import llm_app, llm_settings, ready_client, served_client
 from tests.support.fake_engine import CHAT_TEMPLATE, FakeEngine, FakeTokenizer, scripted_text
 from tests.support.http import QUESTION
+from tests.support.tools import CHAT_WEATHER, CITY
 
 MODEL = "fake-model"  # replaced by the served id in each request
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                            "parameters": CITY}}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string"}}}}}
 TEXTS = ["", 'say "hi"', "back\\slash", "line\nbreak\ttab", "\x00\x1f\x7f", "é, 北京, 🙂", "\u2028", "</script>"]
@@ -64,23 +62,6 @@ def test_every_answer_event_is_the_chunk_pydantic_writes(text, usage):
 
 
 # 2. In-process on the fake engine
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-async def serve(aiohttp_client, engine: FakeEngine, folder, **settings):
-    client = await ready_client(aiohttp_client, llm_app(engine, folder / "model", llm_settings(**settings)))
-    client.model = str(folder / "model")
-    engine.submitted.clear()  # the warm-up's request
-    return client
-
-
-@pytest.fixture
-async def client(aiohttp_client, engine, tmp_path):
-    return await serve(aiohttp_client, engine, tmp_path)
 
 
 async def chat(client, **body) -> tuple[int, dict]:
@@ -202,7 +183,7 @@ ASSISTANT_STARTED = [*QUESTION, {"role": "assistant", "content": "The capital is
 async def test_the_chat_template_steps_follow_vllms_parameters(aiohttp_client, tmp_path):
     template = CHAT_TEMPLATE + "{% if mood is defined %}[{{ mood }}]{% endif %}{% if documents %}{{ documents }}{% endif %}"
     engine = FakeEngine(chat_template=template)
-    client = await serve(aiohttp_client, engine, tmp_path)
+    client = await served_client(aiohttp_client, engine, tmp_path)
     await chat(client, max_tokens=2, chat_template_kwargs={"mood": "calm"})
     assert engine.submitted[-1].prompt == rendered(QUESTION, template=template, mood="calm")
     await chat(client, max_tokens=2, documents=[{"title": "a", "text": "b"}])
@@ -274,7 +255,7 @@ async def test_what_neither_openai_nor_vllm_serves_here_is_a_400_before_the_engi
 
 async def test_tools_with_tool_choice_left_out_are_served_by_a_model_without_tool_syntax(client, engine):
     engine.script = scripted_text("I can answer that myself: Paris.")
-    status, answer = await chat(client, tools=[WEATHER, TIME], max_tokens=50)
+    status, answer = await chat(client, tools=[CHAT_WEATHER, TIME], max_tokens=50)
     assert status == 200, answer
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": "I can answer that myself: Paris."}
     assert answer["choices"][0]["finish_reason"] == "stop"
@@ -292,13 +273,13 @@ OWN_CALL = f'Checking. {call_begin("get_weather")}{{"city": "Paris, the capital 
 
 async def test_an_own_syntax_call_streams_its_arguments_as_generated(client, engine):
     engine.script = scripted_text(OWN_CALL)
-    status, plain = await chat(client, tools=[WEATHER, TIME], tool_choice="auto", max_tokens=200)
+    status, plain = await chat(client, tools=[CHAT_WEATHER, TIME], tool_choice="auto", max_tokens=200)
     message = plain["choices"][0]["message"]
     assert message["content"] == "Checking. " and plain["choices"][0]["finish_reason"] == "tool_calls"
     [call] = message["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris, the capital of France"}'}
     assert call["id"].startswith("call_") and call["type"] == "function"
-    chunks = await chat_stream(client, tools=[WEATHER, TIME], max_tokens=200)
+    chunks = await chat_stream(client, tools=[CHAT_WEATHER, TIME], max_tokens=200)
     streamed = added_up(chunks)
     assert streamed["content"] == "Checking. "
     assert streamed["calls"] == [call["function"]]
@@ -311,12 +292,12 @@ REQUIRED = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": 
 
 async def test_required_calls_stream_their_arguments_as_generated(client, engine):
     engine.script = scripted_text(REQUIRED)
-    status, plain = await chat(client, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200)
+    status, plain = await chat(client, tools=[CHAT_WEATHER, TIME], tool_choice="required", max_tokens=200)
     calls = [call["function"] for call in plain["choices"][0]["message"]["tool_calls"]]
     assert calls == [{"name": "get_weather", "arguments": '{"city": "Paris"}'},
                      {"name": "get_time", "arguments": '{"zone": "CET"}'}]
     assert plain["choices"][0]["message"]["content"] is None
-    chunks = await chat_stream(client, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200)
+    chunks = await chat_stream(client, tools=[CHAT_WEATHER, TIME], tool_choice="required", max_tokens=200)
     streamed = added_up(chunks)
     assert streamed["calls"] == calls and streamed["argument_deltas"] == {0: len('{"city": "Paris"}'),
                                                                          1: len('{"zone": "CET"}')}
@@ -330,15 +311,15 @@ HERMES = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Pari
 
 async def test_auto_with_the_models_own_syntax_streams_through_vllms_parser(aiohttp_client, tmp_path):
     engine = FakeEngine(scripted_text(HERMES), tool_parsers={"hermes": ToolCallParser("hermes", FakeTokenizer())})
-    client = await serve(aiohttp_client, engine, tmp_path, TOOL_CALL_PARSER="hermes")
-    status, plain = await chat(client, tools=[WEATHER], max_tokens=100)
+    client = await served_client(aiohttp_client, engine, tmp_path, llm_settings(TOOL_CALL_PARSER="hermes"))
+    status, plain = await chat(client, tools=[CHAT_WEATHER], max_tokens=100)
     [call] = plain["choices"][0]["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert plain["choices"][0]["message"]["content"] == "Sure. "
     assert engine.submitted[-1].sampling.structural_tag is None, "vLLM's parser reads the model's own syntax freely"
     text = bytes(token for token in engine.submitted[-1].prompt if token < 256).decode()
     assert "<|tools|>" in text and "You can call" not in text, "the template describes the tools"
-    streamed = added_up(await chat_stream(client, tools=[WEATHER], max_tokens=100))
+    streamed = added_up(await chat_stream(client, tools=[CHAT_WEATHER], max_tokens=100))
     assert streamed["calls"] == [call["function"]] and streamed["argument_deltas"][0] > 3
 
 
@@ -351,7 +332,7 @@ THINKING = "<think>The user asks about France.</think>Paris."
 async def thinking_client(aiohttp_client, tmp_path, engine: FakeEngine | None = None, **settings):
     engine = engine or FakeEngine(scripted_text(THINKING))
     engine.reasoning_parsers.setdefault("deepseek_r1", ReasoningParser("deepseek_r1", engine.tokenizer))
-    return engine, await serve(aiohttp_client, engine, tmp_path, **settings)
+    return engine, await served_client(aiohttp_client, engine, tmp_path, llm_settings(**settings))
 
 
 async def test_the_thinking_goes_to_reasoning_content_and_usage_counts_it(aiohttp_client, tmp_path):
@@ -414,7 +395,7 @@ async def test_the_reasoning_parser_is_chosen_from_the_chat_template(aiohttp_cli
 async def test_a_template_chosen_parser_the_tokenizer_cannot_serve_is_left_out(aiohttp_client, tmp_path):
     engine = FakeEngine(scripted_text(THINKING), chat_template=CHAT_TEMPLATE + "{{ '<think>' }}",
                         reasoning_parsers={"deepseek_r1": ValueError("no think tokens")})
-    client = await serve(aiohttp_client, engine, tmp_path)
+    client = await served_client(aiohttp_client, engine, tmp_path)
     status, answer = await chat(client, max_tokens=100)
     assert status == 200 and answer["choices"][0]["message"]["content"] == THINKING
 
@@ -434,7 +415,7 @@ async def test_a_reasoning_parser_that_cannot_serve_fails_the_start(aiohttp_clie
 
 async def test_n_choices_each_get_their_own_reader(client, engine):
     engine.script = scripted_text(OWN_CALL, "No call here.")
-    status, answer = await chat(client, tools=[WEATHER], n=2, max_tokens=200)
+    status, answer = await chat(client, tools=[CHAT_WEATHER], n=2, max_tokens=200)
     first, second = answer["choices"]
     assert first["finish_reason"] == "tool_calls" and second["message"] == {"role": "assistant",
                                                                             "content": "No call here."}

@@ -16,93 +16,67 @@ import json
 import aiohttp
 import anthropic
 import jsonschema
-import openai
 import pytest
 
-from tests.support.http import metric, wait_for_metric
-from tests.support.runner_process import RunnerProcess
+from tests.support.http import IN_FLIGHT, QUESTION, SUBMITTED, UNFINISHED, metric, wait_for_metric
+from tests.support.runner_process import DEFAULT_MODEL_ID
 from tests.support.runners import GUARDED_AUTH_TOKEN, GUARDED_REQUEST_TIMEOUT
+from tests.support.sdks import anthropic_sdk, openai_sdk, served_model
+from tests.support.tools import ANTHROPIC_NOTE, ANTHROPIC_WEATHER, CITY, LONG_NOTE_ASK
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-WEATHER = {"name": "get_weather", "description": "The weather in a city", "input_schema": CITY}
 TIME = {"name": "get_time", "input_schema": {"type": "object", "properties": {
     "zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}}
 GREEDY = {"temperature": 0}  # Anthropic's SDK names no sampling fields any more: they go in the body
-UNFINISHED = "livepeer_runner_engine_requests_unfinished"
-IN_FLIGHT = "livepeer_runner_requests_in_flight"
-SUBMITTED = "livepeer_runner_engine_requests_total"
-
-
-def client(runner: RunnerProcess, api_key: str | None = "unused", **kwargs) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=runner.url, api_key=api_key, max_retries=0, timeout=120, **kwargs)
-
-
-def tiny_model(runner: RunnerProcess) -> str:
-    return runner.env["MODEL_ID"]
-
-
-@pytest.fixture
-async def default(default_runner):
-    async with client(default_runner) as sdk:
-        yield sdk
-
-
-@pytest.fixture
-async def guarded(guarded_runner):
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {GUARDED_AUTH_TOKEN}"}) as http:
-        await wait_for_metric(http, guarded_runner, IN_FLIGHT, 0, within=GUARDED_REQUEST_TIMEOUT + 10)
-    async with client(guarded_runner, GUARDED_AUTH_TOKEN) as sdk:
-        yield sdk
 
 
 # 1. The default model: text, the stream, the same text as chat completions, count_tokens, stop sequences
 
 
-async def test_create_and_stream_give_paris_and_the_same_text_as_chat_completions(default, default_runner):
-    message = await default.messages.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=30,
-                                            extra_body=GREEDY)
-    assert message.type == "message" and message.role == "assistant" and message.model == DEFAULT_MODEL
+async def test_create_and_stream_give_paris_and_the_same_text_as_chat_completions(anthropic_default, default_runner):
+    message = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30,
+                                                      extra_body=GREEDY)
+    assert message.type == "message" and message.role == "assistant" and message.model == DEFAULT_MODEL_ID
     [block] = message.content
     assert block.type == "text" and "Paris" in block.text
     assert message.stop_reason == "end_turn" and message.stop_sequence is None
-    async with default.messages.stream(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=30,
-                                       extra_body=GREEDY) as stream:
+    async with anthropic_default.messages.stream(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30,
+                                                 extra_body=GREEDY) as stream:
         pieces = [piece async for piece in stream.text_stream]
         final = await stream.get_final_message()
     assert len(pieces) > 3 and "".join(pieces) == block.text
     assert final.model_dump(exclude={"id"}) == message.model_dump(exclude={"id"})
-    async with openai.AsyncOpenAI(base_url=f"{default_runner.url}/v1", api_key="unused", max_retries=0) as chat:
-        answer = await chat.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=30,
+    async with openai_sdk(default_runner.url) as chat:
+        answer = await chat.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30,
                                                     temperature=0)
     assert answer.choices[0].message.content == block.text
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (
         message.usage.input_tokens, message.usage.output_tokens)
 
 
-async def test_system_blocks_and_count_tokens_agree_with_the_engine(default):
-    request = dict(model=DEFAULT_MODEL, messages=[{"role": "user", "content": [
+async def test_system_blocks_and_count_tokens_agree_with_the_engine(anthropic_default):
+    request = dict(model=DEFAULT_MODEL_ID, messages=[{"role": "user", "content": [
         {"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]}],
         system=[{"type": "text", "text": "You answer "}, {"type": "text", "text": "in one word."}])
-    counted = await default.messages.count_tokens(**request)
-    message = await default.messages.create(max_tokens=10, extra_body=GREEDY, **request)
+    counted = await anthropic_default.messages.count_tokens(**request)
+    message = await anthropic_default.messages.create(max_tokens=10, extra_body=GREEDY, **request)
     assert counted.input_tokens == message.usage.input_tokens > 0
-    with_tools = dict(request, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"})
-    counted = await default.messages.count_tokens(**with_tools)
-    message = await default.messages.create(max_tokens=30, extra_body=GREEDY, **with_tools)
+    with_tools = dict(request, tools=[ANTHROPIC_WEATHER], tool_choice={"type": "tool", "name": "get_weather"})
+    counted = await anthropic_default.messages.count_tokens(**with_tools)
+    message = await anthropic_default.messages.create(max_tokens=30, extra_body=GREEDY, **with_tools)
     assert message.stop_reason == "tool_use" and counted.input_tokens == message.usage.input_tokens
 
 
-async def test_a_stop_sequence_is_named_in_the_stop_reason(default):
-    free = await default.messages.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=30, extra_body=GREEDY)
+async def test_a_stop_sequence_is_named_in_the_stop_reason(anthropic_default):
+    free = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30,
+                                                   extra_body=GREEDY)
     text = free.content[0].text
     word = "Paris" if "Paris" in text else text.split()[-1]
-    stopped = await default.messages.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=30,
-                                            stop_sequences=["\x00never", word], extra_body=GREEDY)
+    stopped = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=30,
+                                                      stop_sequences=["\x00never", word], extra_body=GREEDY)
     assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", word)
     assert stopped.content[0].text == text[: text.index(word)]
-    short = await default.messages.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=3, extra_body=GREEDY)
+    short = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=3,
+                                                    extra_body=GREEDY)
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
 
 
@@ -110,10 +84,11 @@ async def test_a_stop_sequence_is_named_in_the_stop_reason(default):
 
 
 @pytest.mark.parametrize("choice", [{"type": "tool", "name": "get_weather"}, {"type": "any"}], ids=["tool", "any"])
-async def test_forced_tool_use_input_matches_the_schema_plain_and_streamed(default, choice):
-    request = dict(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=80, tools=[WEATHER, TIME], tool_choice=choice,
+async def test_forced_tool_use_input_matches_the_schema_plain_and_streamed(anthropic_default, choice):
+    request = dict(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=80, tools=[ANTHROPIC_WEATHER, TIME],
+                   tool_choice=choice,
                    extra_body=GREEDY)
-    message = await default.messages.create(**request)
+    message = await anthropic_default.messages.create(**request)
     assert message.stop_reason == "tool_use" and message.content
     for block in message.content:
         assert block.type == "tool_use" and block.id
@@ -121,7 +96,7 @@ async def test_forced_tool_use_input_matches_the_schema_plain_and_streamed(defau
     if choice["type"] == "tool":
         assert [block.name for block in message.content] == ["get_weather"]
     deltas: dict[int, list[str]] = {}
-    async with default.messages.stream(**request) as stream:
+    async with anthropic_default.messages.stream(**request) as stream:
         async for event in stream:
             if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
                 deltas.setdefault(event.index, []).append(event.delta.partial_json)
@@ -135,15 +110,18 @@ async def test_forced_tool_use_input_matches_the_schema_plain_and_streamed(defau
         assert len(deltas[0]) > 1, "a named tool's input streams as it is generated"
 
 
-async def test_a_tool_use_round_trip_is_answered(default):
-    first = await default.messages.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=60, tools=[WEATHER],
-                                          tool_choice={"type": "tool", "name": "get_weather"}, extra_body=GREEDY)
+async def test_a_tool_use_round_trip_is_answered(anthropic_default):
+    first = await anthropic_default.messages.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=60,
+                                                    tools=[ANTHROPIC_WEATHER],
+                                                    tool_choice={"type": "tool", "name": "get_weather"},
+                                                    extra_body=GREEDY)
     [call] = first.content
     follow_up = [*QUESTION, {"role": "assistant", "content": [block.model_dump() for block in first.content]},
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
                                                "content": '{"weather": "sunny, 21 C"}'}]}]
-    async with default.messages.stream(model=DEFAULT_MODEL, messages=follow_up, max_tokens=30, tools=[WEATHER],
-                                       tool_choice={"type": "none"}, extra_body=GREEDY) as stream:
+    async with anthropic_default.messages.stream(model=DEFAULT_MODEL_ID, messages=follow_up, max_tokens=30,
+                                                 tools=[ANTHROPIC_WEATHER],
+                                                 tool_choice={"type": "none"}, extra_body=GREEDY) as stream:
         answer = await stream.get_final_message()
     assert answer.stop_reason in ("end_turn", "max_tokens")
     assert [block.type for block in answer.content] == ["text"] and answer.content[0].text
@@ -158,18 +136,19 @@ CALLED_BEFORE = [
 ]
 
 
-async def test_tools_left_to_a_model_without_tool_syntax_are_used_in_the_runners_syntax(default):
+async def test_tools_left_to_a_model_without_tool_syntax_are_used_in_the_runners_syntax(anthropic_default):
     """tool_choice left out on a model whose template names no tool syntax: its earlier tool_use is written back
     in the runner's syntax, so this small model follows it; the streamed input_json_delta pieces arrive as
     generated and add up to the plain answer's input."""
-    request = dict(model=DEFAULT_MODEL, messages=CALLED_BEFORE, max_tokens=60, tools=[WEATHER], extra_body=GREEDY)
-    message = await default.messages.create(**request)
+    request = dict(model=DEFAULT_MODEL_ID, messages=CALLED_BEFORE, max_tokens=60, tools=[ANTHROPIC_WEATHER],
+                   extra_body=GREEDY)
+    message = await anthropic_default.messages.create(**request)
     assert message.stop_reason == "tool_use", message
     [call] = [block for block in message.content if block.type == "tool_use"]
     assert call.name == "get_weather"
     jsonschema.validate(call.input, CITY)
     pieces = []
-    async with default.messages.stream(**request) as stream:
+    async with anthropic_default.messages.stream(**request) as stream:
         async for event in stream:
             if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
                 pieces.append(event.delta.partial_json)
@@ -179,18 +158,12 @@ async def test_tools_left_to_a_model_without_tool_syntax_are_used_in_the_runners
     assert json.loads("".join(pieces)) == call.input and len(pieces) > 3, pieces
 
 
-NOTE = {"name": "write_note", "description": "Save a note", "input_schema": {
-    "type": "object", "properties": {"title": {"type": "string"}, "text": {"type": "string"}},
-    "required": ["title", "text"]}}
-
-
 @pytest.mark.parametrize("choice", [{"type": "tool", "name": "write_note"}, {"type": "any"}], ids=["tool", "any"])
-async def test_a_long_forced_tool_use_streams_in_many_input_deltas(default, choice):
-    request = dict(model=DEFAULT_MODEL, max_tokens=120, tools=[NOTE], tool_choice=choice, extra_body=GREEDY,
-                   messages=[{"role": "user", "content": "Write a long note about the history of Paris, with many "
-                                                         "details."}])
+async def test_a_long_forced_tool_use_streams_in_many_input_deltas(anthropic_default, choice):
+    request = dict(model=DEFAULT_MODEL_ID, max_tokens=120, tools=[ANTHROPIC_NOTE], tool_choice=choice,
+                   extra_body=GREEDY, messages=[{"role": "user", "content": LONG_NOTE_ASK}])
     pieces = []
-    async with default.messages.stream(**request) as stream:
+    async with anthropic_default.messages.stream(**request) as stream:
         async for event in stream:
             if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
                 pieces.append(event.delta.partial_json)
@@ -204,17 +177,19 @@ async def test_a_long_forced_tool_use_streams_in_many_input_deltas(default, choi
 # 3. The guarded runner: keys, errors, overload, the in-band error
 
 
-async def test_the_key_works_as_api_key_as_x_api_key_and_a_wrong_one_is_refused(guarded_runner, guarded):
-    model = tiny_model(guarded_runner)
-    message = await guarded.messages.create(model=model, messages=QUESTION, max_tokens=4, extra_body=GREEDY)
+async def test_the_key_works_as_api_key_as_x_api_key_and_a_wrong_one_is_refused(guarded_runner, anthropic_guarded):
+    model = served_model(guarded_runner)
+    message = await anthropic_guarded.messages.create(model=model, messages=QUESTION, max_tokens=4, extra_body=GREEDY)
     assert message.usage.output_tokens == 4 and message.stop_reason == "max_tokens"
-    async with guarded.messages.stream(model=model, messages=QUESTION, max_tokens=4, extra_body=GREEDY) as stream:
+    async with anthropic_guarded.messages.stream(model=model, messages=QUESTION, max_tokens=4,
+                                                 extra_body=GREEDY) as stream:
         assert (await stream.get_final_message()).content[0].text == message.content[0].text
-    async with client(guarded_runner, api_key=None, default_headers={"x-api-key": GUARDED_AUTH_TOKEN}) as sdk:
+    async with anthropic_sdk(guarded_runner.url, api_key=None,
+                             default_headers={"x-api-key": GUARDED_AUTH_TOKEN}) as sdk:
         counted = await sdk.messages.count_tokens(model=model, messages=QUESTION)
         assert counted.input_tokens == message.usage.input_tokens
     for credentials in ({"api_key": "wrong-key"}, {"api_key": None, "default_headers": {"x-api-key": "wrong-key"}}):
-        async with client(guarded_runner, **credentials) as sdk:
+        async with anthropic_sdk(guarded_runner.url, **credentials) as sdk:
             with pytest.raises(anthropic.AuthenticationError) as refused:
                 await sdk.messages.create(model=model, messages=QUESTION, max_tokens=4)
         assert refused.value.status_code == 401
@@ -225,34 +200,34 @@ async def test_the_key_works_as_api_key_as_x_api_key_and_a_wrong_one_is_refused(
             assert response.status == 401 and (await response.json())["error"]["code"] == "invalid_api_key"
 
 
-async def test_bad_requests_are_anthropic_errors_before_the_engine(guarded_runner, guarded):
-    model = tiny_model(guarded_runner)
+async def test_bad_requests_are_anthropic_errors_before_the_engine(guarded_runner, anthropic_guarded):
+    model = served_model(guarded_runner)
     async with aiohttp.ClientSession(headers={"x-api-key": GUARDED_AUTH_TOKEN}) as http:
         submitted = await metric(http, guarded_runner, SUBMITTED)
         with pytest.raises(anthropic.BadRequestError) as refused:
-            await guarded.messages.create(model=model, messages=QUESTION, max_tokens=8, thinking={
+            await anthropic_guarded.messages.create(model=model, messages=QUESTION, max_tokens=8, thinking={
                 "type": "enabled", "budget_tokens": 2048})
         assert refused.value.body == {"type": "error", "error": {
             "type": "invalid_request_error", "message": "thinking: Extra inputs are not permitted"}}
         with pytest.raises(anthropic.BadRequestError, match="MAX_MODEL_LEN"):
-            await guarded.messages.create(model=model, messages=QUESTION, max_tokens=100_000)
+            await anthropic_guarded.messages.create(model=model, messages=QUESTION, max_tokens=100_000)
         with pytest.raises(anthropic.NotFoundError) as missing:
-            await guarded.messages.create(model="claude-sonnet-4-5", messages=QUESTION, max_tokens=8)
+            await anthropic_guarded.messages.create(model="claude-sonnet-4-5", messages=QUESTION, max_tokens=8)
         assert missing.value.body["error"]["type"] == "not_found_error"
         async with http.post(f"{guarded_runner.url}/v1/messages/batches", json={}) as response:
             assert response.status == 404 and (await response.json())["error"]["type"] == "not_found_error"
         assert await metric(http, guarded_runner, SUBMITTED) == submitted, "nothing reached the engine"
 
 
-async def test_overload_is_503_overloaded_error_with_retry_after(guarded_runner, guarded):
-    model = tiny_model(guarded_runner)
+async def test_overload_is_503_overloaded_error_with_retry_after(guarded_runner, anthropic_guarded):
+    model = served_model(guarded_runner)
     long = dict(model=model, messages=QUESTION, max_tokens=4000, extra_body=GREEDY)
-    holders = [asyncio.create_task(guarded.messages.create(**long)) for _ in range(4)]
+    holders = [asyncio.create_task(anthropic_guarded.messages.create(**long)) for _ in range(4)]
     try:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {GUARDED_AUTH_TOKEN}"}) as http:
             await wait_for_metric(http, guarded_runner, IN_FLIGHT, 4, within=GUARDED_REQUEST_TIMEOUT / 2)
         with pytest.raises(anthropic.APIStatusError) as refused:
-            await guarded.messages.create(model=model, messages=QUESTION, max_tokens=2)
+            await anthropic_guarded.messages.create(model=model, messages=QUESTION, max_tokens=2)
         assert refused.value.status_code == 503
         assert int(refused.value.response.headers["Retry-After"]) >= 1
         assert refused.value.body["error"]["type"] == "overloaded_error"
@@ -262,12 +237,12 @@ async def test_overload_is_503_overloaded_error_with_retry_after(guarded_runner,
         await asyncio.gather(*holders, return_exceptions=True)
 
 
-async def test_a_stream_that_fails_after_the_header_raises_in_the_sdk(guarded_runner, guarded):
+async def test_a_stream_that_fails_after_the_header_raises_in_the_sdk(guarded_runner, anthropic_guarded):
     """Past REQUEST_TIMEOUT the stream ends with Anthropic's `error` event, which the SDK raises."""
     received = []
     with pytest.raises(anthropic.APIStatusError, match="REQUEST_TIMEOUT") as failed:
-        async with guarded.messages.stream(model=tiny_model(guarded_runner), messages=QUESTION, max_tokens=4000,
-                                           extra_body=GREEDY) as stream:
+        async with anthropic_guarded.messages.stream(model=served_model(guarded_runner), messages=QUESTION,
+                                                     max_tokens=4000, extra_body=GREEDY) as stream:
             async for event in stream:
                 received.append(event.type)
     assert received.count("content_block_delta") > 1, "it streamed before the deadline"
@@ -279,8 +254,8 @@ async def test_a_stream_that_fails_after_the_header_raises_in_the_sdk(guarded_ru
 
 async def test_a_stream_cut_by_the_client_frees_the_engine(tiny_runner):
     async with aiohttp.ClientSession() as http:
-        async with client(tiny_runner) as sdk:
-            async with sdk.messages.stream(model=tiny_model(tiny_runner), messages=QUESTION, max_tokens=4000,
+        async with anthropic_sdk(tiny_runner.url) as sdk:
+            async with sdk.messages.stream(model=served_model(tiny_runner), messages=QUESTION, max_tokens=4000,
                                            extra_body=GREEDY) as stream:
                 async for event in stream:
                     if event.type == "content_block_delta":

@@ -27,7 +27,6 @@ from tests.support.http import (
     read_stream,
     wait_for_metric,
 )
-from tests.support.runner_process import RunnerProcess
 from tests.support.runners import (
     GUARDED_AUTH_TOKEN,
     GUARDED_MAX_IN_FLIGHT,
@@ -46,23 +45,19 @@ async def http():
         yield session
 
 
-@pytest.fixture
-async def guarded(http, guarded_runner: RunnerProcess) -> RunnerProcess:
-    """The guarded runner, with nothing left in flight by an earlier test."""
-    await wait_for_metric(http, guarded_runner, IN_FLIGHT, 0, within=GUARDED_REQUEST_TIMEOUT + 10)
-    return guarded_runner
-
-
-async def test_a_call_beyond_running_and_waiting_requests_gets_503_at_once(http, guarded):
+async def test_a_call_beyond_running_and_waiting_requests_gets_503_at_once(http, idle_guarded_runner):
     async with aiohttp.ClientSession(headers=http.headers) as holders_session:
-        holders = [asyncio.create_task(hold_stream(holders_session, guarded)) for _ in range(GUARDED_MAX_IN_FLIGHT)]
-        await wait_for_metric(http, guarded, UNFINISHED, GUARDED_MAX_IN_FLIGHT, within=GUARDED_REQUEST_TIMEOUT - 1)
-        assert await metric(http, guarded, IN_FLIGHT) == GUARDED_MAX_IN_FLIGHT
-        assert await metric(http, guarded, WAITING) == GUARDED_MAX_WAITING_REQUESTS
-        submitted = await metric(http, guarded, SUBMITTED)
+        holders = [asyncio.create_task(hold_stream(holders_session, idle_guarded_runner))
+                   for _ in range(GUARDED_MAX_IN_FLIGHT)]
+        await wait_for_metric(http, idle_guarded_runner, UNFINISHED, GUARDED_MAX_IN_FLIGHT,
+                              within=GUARDED_REQUEST_TIMEOUT - 1)
+        assert await metric(http, idle_guarded_runner, IN_FLIGHT) == GUARDED_MAX_IN_FLIGHT
+        assert await metric(http, idle_guarded_runner, WAITING) == GUARDED_MAX_WAITING_REQUESTS
+        submitted = await metric(http, idle_guarded_runner, SUBMITTED)
 
         started = time.monotonic()
-        async with http.post(f"{guarded.url}/llm", json={"messages": QUESTION, "max_tokens": 2}) as response:
+        async with http.post(f"{idle_guarded_runner.url}/llm",
+                             json={"messages": QUESTION, "max_tokens": 2}) as response:
             refused_after = time.monotonic() - started
             answer = await response.json()
         assert response.status == 503
@@ -70,23 +65,24 @@ async def test_a_call_beyond_running_and_waiting_requests_gets_503_at_once(http,
         assert set(answer) == {"detail"} and str(GUARDED_MAX_IN_FLIGHT) in answer["detail"]["msg"]
         # Queued, it would have waited for a slot, then for REQUEST_TIMEOUT.
         assert refused_after < GUARDED_REQUEST_TIMEOUT / 2
-        assert await metric(http, guarded, SUBMITTED) == submitted, "the refused call never reached the engine"
+        assert await metric(http, idle_guarded_runner, SUBMITTED) == submitted, (
+            "the refused call never reached the engine")
         assert not any(holder.done() for holder in holders), "the held requests go on"
         for holder in holders:
             holder.cancel()
     # Their clients gone, the held requests free the engine, and the next call is served.
-    await wait_for_metric(http, guarded, UNFINISHED, 0, within=2)
-    await wait_for_metric(http, guarded, IN_FLIGHT, 0, within=2)
-    async with http.post(f"{guarded.url}/llm", json={"messages": QUESTION, "max_tokens": 2}) as response:
+    await wait_for_metric(http, idle_guarded_runner, UNFINISHED, 0, within=2)
+    await wait_for_metric(http, idle_guarded_runner, IN_FLIGHT, 0, within=2)
+    async with http.post(f"{idle_guarded_runner.url}/llm", json={"messages": QUESTION, "max_tokens": 2}) as response:
         assert response.status == 200
 
 
 
-async def test_requests_past_request_timeout_end_in_known_ways_and_free_the_engine(http, guarded):
+async def test_requests_past_request_timeout_end_in_known_ways_and_free_the_engine(http, idle_guarded_runner):
     """Two requests run and one waits behind them when REQUEST_TIMEOUT passes:
     the plain ones get a 500 naming REQUEST_TIMEOUT, the streamed one its
     error event then [DONE], and the engine drops all three."""
-    url = f"{guarded.url}/llm"
+    url = f"{idle_guarded_runner.url}/llm"
     started = time.monotonic()
 
     async def plain():
@@ -101,7 +97,7 @@ async def test_requests_past_request_timeout_end_in_known_ways_and_free_the_engi
 
     running_plain = asyncio.create_task(plain())
     running_stream = asyncio.create_task(streamed())
-    await wait_for_metric(http, guarded, UNFINISHED, 2, within=GUARDED_REQUEST_TIMEOUT / 2)
+    await wait_for_metric(http, idle_guarded_runner, UNFINISHED, 2, within=GUARDED_REQUEST_TIMEOUT / 2)
     waiting_plain = asyncio.create_task(plain())  # MAX_NUM_SEQS=2: this one waits for a slot
 
     bound = GUARDED_REQUEST_TIMEOUT + 10  # generous: two cores shared with other runners
@@ -115,7 +111,7 @@ async def test_requests_past_request_timeout_end_in_known_ways_and_free_the_engi
     assert last["finish_reason"] == "error" and last["delta"]["content"] == ""
     assert len(events) > 2, "it streamed before the deadline"
 
-    await wait_for_metric(http, guarded, UNFINISHED, 0, within=2)
-    await wait_for_metric(http, guarded, IN_FLIGHT, 0, within=2)
+    await wait_for_metric(http, idle_guarded_runner, UNFINISHED, 0, within=2)
+    await wait_for_metric(http, idle_guarded_runner, IN_FLIGHT, 0, within=2)
     async with http.post(url, json={"messages": QUESTION, "max_tokens": 2}) as response:
         assert response.status == 200, "the runner keeps serving"

@@ -19,6 +19,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.support.http import (
+    BAD_422,
+    NOT_JSON_BODIES,
     QUESTION,
     STORY,
     metric,
@@ -224,20 +226,6 @@ async def test_model_field_must_be_empty_or_the_served_id(http, tiny_runner):
 # 5. Bad input
 
 
-BAD_422 = [
-    ({"max_tokens": 2}, ["body", "messages"]),
-    ({"messages": "hello"}, ["body", "messages"]),
-    ({"messages": [{"content": "hi"}]}, ["body", "messages", 0, "role"]),
-    ({"messages": [{"role": "user"}]}, ["body", "messages", 0, "content"]),
-    ({"messages": QUESTION, "temperature": "hot"}, ["body", "temperature"]),
-    ({"messages": QUESTION, "temperature": -1}, ["body", "temperature"]),
-    ({"messages": QUESTION, "top_p": 0}, ["body", "top_p"]),
-    ({"messages": QUESTION, "top_p": 1.5}, ["body", "top_p"]),
-    ({"messages": QUESTION, "max_tokens": 0}, ["body", "max_tokens"]),
-    ({"messages": QUESTION, "top_k": -2}, ["body", "top_k"]),
-]
-
-
 async def test_bad_input_is_refused_before_the_engine(http, tiny_runner):
     submitted = await metric(http, tiny_runner, "livepeer_runner_engine_requests_total")
     url = f"{tiny_runner.url}/llm"
@@ -247,7 +235,7 @@ async def test_bad_input_is_refused_before_the_engine(http, tiny_runner):
         assert status == 422, body
         assert loc in [error["loc"] for error in answer["detail"]], (body, answer)
 
-    for data, content_type in ((b'{"messages": [', "application/json"), (json.dumps({"messages": QUESTION}), "text/plain")):
+    for data, content_type in NOT_JSON_BODIES:
         async with http.post(url, data=data, headers={"Content-Type": content_type}) as response:
             assert response.status == 422
             assert (await response.json())["detail"][0]["loc"] == ["body"]

@@ -30,6 +30,7 @@ import pytest
 from tests.support.hub_standin import HubRepo, HubStandin
 from tests.support.lora_adapters import make_adapter
 from tests.support.runner_process import DEFAULT_MODEL_ID, RunnerProcess
+from tests.support.sdks import openai_sdk
 
 pytestmark = pytest.mark.own_engines(2)
 
@@ -137,7 +138,7 @@ async def test_each_adapter_answers_otherwise_than_the_base_the_same_on_every_ap
     assert len(set(answers.values())) == 4, answers
     assert await llm(http, tiny, "sql") == answers["sql"], "greedy decoding through an adapter is deterministic"
     assert await llm(http, tiny, tiny.env["MODEL_ID"]) == answers[""], "the base by its id is the base"
-    async with openai.AsyncOpenAI(base_url=f"{tiny.url}/v1", api_key=TOKEN, max_retries=0) as sdk:
+    async with openai_sdk(tiny.url, TOKEN) as sdk:
         for model in ("sql", "chat", "hub"):
             completion = await sdk.chat.completions.create(model=model, messages=PROMPT, max_tokens=MAX_TOKENS,
                                                            temperature=0)
@@ -158,7 +159,7 @@ async def test_adapters_mixed_in_one_batch_each_get_their_own_answer(runners, ht
 
 async def test_models_lists_each_adapter_with_its_parent(runners):
     tiny = runners.tiny
-    async with openai.AsyncOpenAI(base_url=f"{tiny.url}/v1", api_key=TOKEN, max_retries=0) as sdk:
+    async with openai_sdk(tiny.url, TOKEN) as sdk:
         cards = {card.id: card for card in (await sdk.models.list()).data}
         base_id = tiny.env["MODEL_ID"]
         assert {"sql", "chat", "hub", base_id} <= set(cards)

@@ -22,40 +22,9 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support.http import SUBMITTED, metric
-from tests.support.runner_process import ROOT, RunnerProcess
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                            "parameters": CITY}}
-NOTE = {"type": "function", "function": {"name": "write_note", "description": "Save a note", "parameters": {
-    "type": "object", "properties": {"title": {"type": "string"}, "text": {"type": "string"}},
-    "required": ["title", "text"]}}}
-LONG_NOTE = [{"role": "user", "content": "Write a long note about the history of Paris, with many details."}]
-
-
-def sdk(runner: RunnerProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{runner.url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture
-async def default(default_runner):
-    async with sdk(default_runner) as client:
-        yield client
-
-
-@pytest.fixture
-async def tiny(tiny_runner):
-    async with sdk(tiny_runner) as client:
-        yield client
-
-
-@pytest.fixture
-async def thinking(drained_runner):
-    async with sdk(drained_runner) as client:
-        yield client
+from tests.support.http import QUESTION, SUBMITTED, metric
+from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess
+from tests.support.tools import CHAT_NOTE, CHAT_WEATHER, CITY, LONG_NOTE_ASK
 
 
 async def post(runner: RunnerProcess, path: str, body: dict) -> tuple[int, dict]:
@@ -64,21 +33,21 @@ async def post(runner: RunnerProcess, path: str, body: dict) -> tuple[int, dict]
 
 
 def default_tokenizer_dir() -> Path:
-    [snapshot] = (ROOT / "models" / ("models--" + DEFAULT_MODEL.replace("/", "--")) / "snapshots").iterdir()
+    [snapshot] = (ROOT / "models" / ("models--" + DEFAULT_MODEL_ID.replace("/", "--")) / "snapshots").iterdir()
     return snapshot
 
 
 async def answer(client: openai.AsyncOpenAI, **request):
-    return (await client.chat.completions.create(**{"model": DEFAULT_MODEL, "messages": QUESTION,
+    return (await client.chat.completions.create(**{"model": DEFAULT_MODEL_ID, "messages": QUESTION,
                                                     "temperature": 0, "max_tokens": 60, **request})).choices[0]
 
 
 # 1. Tools with any model
 
 
-async def test_tools_with_tool_choice_left_out_are_200_on_a_model_without_tool_syntax(default):
-    reply = await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, tools=[WEATHER],
-                                                  temperature=0, max_tokens=60)
+async def test_tools_with_tool_choice_left_out_are_200_on_a_model_without_tool_syntax(openai_default):
+    reply = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION,
+                                                         tools=[CHAT_WEATHER], temperature=0, max_tokens=60)
     [result] = reply.choices
     assert result.finish_reason in ("stop", "length", "tool_calls")
     for call in result.message.tool_calls or []:
@@ -95,17 +64,17 @@ CALLED_BEFORE = [
 ]
 
 
-async def test_a_model_without_tool_syntax_calls_a_tool_in_the_runners_syntax_plain_and_streamed(default):
+async def test_a_model_without_tool_syntax_calls_a_tool_in_the_runners_syntax_plain_and_streamed(openai_default):
     """Its earlier call is written back in the runner's syntax, so this small model follows it; the call it makes
     is constrained to the function's schema, and its streamed arguments add up to the plain answer's."""
-    request = dict(model=DEFAULT_MODEL, messages=CALLED_BEFORE, tools=[WEATHER], temperature=0, max_tokens=60)
-    plain = (await default.chat.completions.create(**request)).choices[0]
+    request = dict(model=DEFAULT_MODEL_ID, messages=CALLED_BEFORE, tools=[CHAT_WEATHER], temperature=0, max_tokens=60)
+    plain = (await openai_default.chat.completions.create(**request)).choices[0]
     assert plain.finish_reason == "tool_calls", plain
     [call] = plain.message.tool_calls
     assert call.function.name == "get_weather" and call.id.startswith("call_")
     jsonschema.validate(json.loads(call.function.arguments), CITY)
     streamed, pieces = {"name": "", "arguments": ""}, 0
-    async for chunk in await default.chat.completions.create(stream=True, **request):
+    async for chunk in await openai_default.chat.completions.create(stream=True, **request):
         for delta in chunk.choices[0].delta.tool_calls or []:
             streamed["name"] += delta.function.name or ""
             streamed["arguments"] += delta.function.arguments or ""
@@ -116,15 +85,15 @@ async def test_a_model_without_tool_syntax_calls_a_tool_in_the_runners_syntax_pl
 
 
 @pytest.mark.parametrize("tool_choice", ["named", "required"])
-async def test_a_long_forced_call_streams_in_many_argument_deltas_that_add_up(default, tool_choice):
+async def test_a_long_forced_call_streams_in_many_argument_deltas_that_add_up(openai_default, tool_choice):
     choice = {"type": "function", "function": {"name": "write_note"}} if tool_choice == "named" else "required"
-    request = dict(model=DEFAULT_MODEL, messages=LONG_NOTE, tools=[NOTE], tool_choice=choice, temperature=0,
-                   max_tokens=120)
-    plain = await default.chat.completions.create(**request)
+    request = dict(model=DEFAULT_MODEL_ID, messages=[{"role": "user", "content": LONG_NOTE_ASK}], tools=[CHAT_NOTE],
+                   tool_choice=choice, temperature=0, max_tokens=120)
+    plain = await openai_default.chat.completions.create(**request)
     [call] = plain.choices[0].message.tool_calls
     assert plain.usage.completion_tokens >= 100
     deltas = []
-    async for chunk in await default.chat.completions.create(stream=True, **request):
+    async for chunk in await openai_default.chat.completions.create(stream=True, **request):
         for delta in chunk.choices[0].delta.tool_calls or []:
             if delta.function.arguments:
                 deltas.append(delta.function.arguments)
@@ -135,58 +104,60 @@ async def test_a_long_forced_call_streams_in_many_argument_deltas_that_add_up(de
 # 2. vLLM's sampling parameters, each shown to take effect
 
 
-async def test_ignore_eos_and_min_tokens_change_the_completion_tokens(default):
-    free = await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0, max_tokens=60)
+async def test_ignore_eos_and_min_tokens_change_the_completion_tokens(openai_default):
+    free = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
+                                                        max_tokens=60)
     assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 20
-    ignored = await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0,
-                                                    max_tokens=60, extra_body={"ignore_eos": True})
+    ignored = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
+                                                           max_tokens=60, extra_body={"ignore_eos": True})
     assert ignored.choices[0].finish_reason == "length" and ignored.usage.completion_tokens == 60
-    longer = await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0,
-                                                   max_tokens=60, extra_body={"min_tokens": 30})
+    longer = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
+                                                          max_tokens=60, extra_body={"min_tokens": 30})
     assert longer.usage.completion_tokens >= 30
 
 
-async def test_stop_words_tokens_and_special_tokens(default, default_runner):
-    free = (await answer(default)).message.content
+async def test_stop_words_tokens_and_special_tokens(openai_default, default_runner):
+    free = (await answer(openai_default)).message.content
     assert "Paris" in free
     status, paris = await post(default_runner, "/tokenize", {"prompt": " Paris", "add_special_tokens": False})
     [paris_id] = paris["tokens"]
-    stopped = await answer(default, extra_body={"stop_token_ids": [paris_id]})
+    stopped = await answer(openai_default, extra_body={"stop_token_ids": [paris_id]})
     assert stopped.finish_reason == "stop" and stopped.message.content == free[: free.index(" Paris")]
-    kept = await answer(default, stop=["Paris"], extra_body={"include_stop_str_in_output": True})
+    kept = await answer(openai_default, stop=["Paris"], extra_body={"include_stop_str_in_output": True})
     assert kept.message.content == free[: free.index("Paris") + len("Paris")]
-    left = await answer(default, stop=["Paris"])
+    left = await answer(openai_default, stop=["Paris"])
     assert left.message.content == free[: free.index("Paris")]
-    avoided = await answer(default, extra_body={"bad_words": ["Paris"]})
+    avoided = await answer(openai_default, extra_body={"bad_words": ["Paris"]})
     assert "Paris" not in avoided.message.content and avoided.message.content
-    raw = await answer(default, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    raw = await answer(openai_default, extra_body={"ignore_eos": True, "skip_special_tokens": False})
     assert "<|im_end|>" in raw.message.content
-    skipped = await answer(default, extra_body={"ignore_eos": True})
+    skipped = await answer(openai_default, extra_body={"ignore_eos": True})
     assert "<|im_end|>" not in skipped.message.content
-    same = await answer(default, extra_body={"ignore_eos": True, "skip_special_tokens": False,
-                                             "spaces_between_special_tokens": False})
+    same = await answer(openai_default, extra_body={"ignore_eos": True, "skip_special_tokens": False,
+                                                    "spaces_between_special_tokens": False})
     assert same.message.content == raw.message.content, "no spaces to take out in a byte-level tokenizer's text"
 
 
-async def test_allowed_token_ids_restrict_every_token(tiny, tiny_runner):
+async def test_allowed_token_ids_restrict_every_token(openai_tiny, tiny_runner):
     status, letters = await post(tiny_runner, "/tokenize", {"prompt": "xq", "add_special_tokens": False})
     assert len(letters["tokens"]) == 2
-    reply = await tiny.chat.completions.create(model=tiny_runner.env["MODEL_ID"], messages=QUESTION, temperature=0,
-                                               max_tokens=12, extra_body={"allowed_token_ids": letters["tokens"]})
+    reply = await openai_tiny.chat.completions.create(model=tiny_runner.env["MODEL_ID"], messages=QUESTION,
+                                                      temperature=0, max_tokens=12,
+                                                      extra_body={"allowed_token_ids": letters["tokens"]})
     assert re.fullmatch("[xq]{12}", reply.choices[0].message.content), reply.choices[0].message.content
 
 
-async def test_truncate_prompt_tokens_and_prompt_logprobs(default, default_runner):
-    truncated = await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0,
-                                                      max_tokens=4, extra_body={"truncate_prompt_tokens": 10})
+async def test_truncate_prompt_tokens_and_prompt_logprobs(openai_default, default_runner):
+    truncated = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
+                                                             max_tokens=4, extra_body={"truncate_prompt_tokens": 10})
     assert truncated.usage.prompt_tokens == 10
-    scored = await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0,
-                                                   max_tokens=4, extra_body={"prompt_logprobs": 1})
+    scored = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
+                                                          max_tokens=4, extra_body={"prompt_logprobs": 1})
     logprobs = scored.model_extra["prompt_logprobs"]
     assert len(logprobs) == scored.usage.prompt_tokens and logprobs[0] is None
     assert all(entry and all(candidate["logprob"] <= 0 for candidate in entry.values()) for entry in logprobs[1:])
-    completion = await default.completions.create(
-        model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
+    completion = await openai_default.completions.create(
+        model=DEFAULT_MODEL_ID, prompt="The capital of France is", max_tokens=3, temperature=0,
         extra_body={"prompt_logprobs": 0, "truncate_prompt_tokens": 3})
     assert completion.usage.prompt_tokens == 3 and len(completion.choices[0].model_extra["prompt_logprobs"]) == 3
 
@@ -197,22 +168,22 @@ async def test_truncate_prompt_tokens_and_prompt_logprobs(default, default_runne
     ({"grammar": 'root ::= "Paris" | "Lyon"'}, lambda text: text in ("Paris", "Lyon")),
     ({"json": CITY}, lambda text: jsonschema.validate(json.loads(text), CITY) is None),
 ])
-async def test_structured_outputs_constrain_the_answer(default, constraint, check):
-    reply = await answer(default, max_tokens=40, extra_body={"structured_outputs": constraint})
+async def test_structured_outputs_constrain_the_answer(openai_default, constraint, check):
+    reply = await answer(openai_default, max_tokens=40, extra_body={"structured_outputs": constraint})
     assert check(reply.message.content), reply.message.content
-    completion = await default.completions.create(model=DEFAULT_MODEL, prompt="The capital of France is",
-                                                  max_tokens=40, temperature=0,
-                                                  extra_body={"structured_outputs": constraint})
+    completion = await openai_default.completions.create(model=DEFAULT_MODEL_ID, prompt="The capital of France is",
+                                                         max_tokens=40, temperature=0,
+                                                         extra_body={"structured_outputs": constraint})
     assert check(completion.choices[0].text), completion.choices[0].text
 
 
 @pytest.mark.parametrize("constraint", [{"grammar": "root ::= ("}, {"regex": "[a-"}, {"json": {"type": "nonesuch"}},
                                         {"structural_tag": '{"type": "structural_tag", "format": {"type": "x"}}'}])
-async def test_a_constraint_the_engine_cannot_compile_is_a_400(default, default_runner, constraint):
+async def test_a_constraint_the_engine_cannot_compile_is_a_400(openai_default, default_runner, constraint):
     async with aiohttp.ClientSession() as http:
         submitted = await metric(http, default_runner, SUBMITTED)
         with pytest.raises(openai.BadRequestError) as refused:
-            await answer(default, extra_body={"structured_outputs": constraint})
+            await answer(openai_default, extra_body={"structured_outputs": constraint})
         assert refused.value.body["message"]
         assert await metric(http, default_runner, SUBMITTED) == submitted, "the engine never took it"
 
@@ -223,25 +194,25 @@ async def test_a_constraint_the_engine_cannot_compile_is_a_400(default, default_
 STARTED = [*QUESTION, {"role": "assistant", "content": "The capital of France is"}]
 
 
-async def test_continue_final_message_echo_and_add_generation_prompt(default, default_runner):
-    continued = await answer(default, messages=STARTED, extra_body={"continue_final_message": True,
-                                                                    "add_generation_prompt": False})
+async def test_continue_final_message_echo_and_add_generation_prompt(openai_default, default_runner):
+    continued = await answer(openai_default, messages=STARTED, extra_body={"continue_final_message": True,
+                                                                           "add_generation_prompt": False})
     assert "Paris" in continued.message.content and not continued.message.content.startswith("The capital")
-    echoed = await answer(default, messages=STARTED, extra_body={"continue_final_message": True, "echo": True})
+    echoed = await answer(openai_default, messages=STARTED, extra_body={"continue_final_message": True, "echo": True})
     assert echoed.message.content == "The capital of France is" + continued.message.content
-    with_prompt = await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=1)
-    without = await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=1,
-                                                    extra_body={"add_generation_prompt": False})
+    with_prompt = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=1)
+    without = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=1,
+                                                           extra_body={"add_generation_prompt": False})
     status, header = await post(default_runner, "/tokenize", {"prompt": "<|im_start|>assistant\n",
                                                               "add_special_tokens": False})
     assert with_prompt.usage.prompt_tokens - without.usage.prompt_tokens == header["count"]
 
 
-async def test_chat_template_kwargs_reach_the_template(tiny, tiny_runner):
+async def test_chat_template_kwargs_reach_the_template(openai_tiny, tiny_runner):
     model = tiny_runner.env["MODEL_ID"]
-    plain = await tiny.chat.completions.create(model=model, messages=QUESTION, max_tokens=1)
-    closed = await tiny.chat.completions.create(model=model, messages=QUESTION, max_tokens=1,
-                                                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    plain = await openai_tiny.chat.completions.create(model=model, messages=QUESTION, max_tokens=1)
+    closed = await openai_tiny.chat.completions.create(model=model, messages=QUESTION, max_tokens=1,
+                                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     status, marker = await post(tiny_runner, "/tokenize", {"prompt": "</think>\n\n", "add_special_tokens": False})
     assert closed.usage.prompt_tokens - plain.usage.prompt_tokens == marker["count"]
 
@@ -249,11 +220,11 @@ async def test_chat_template_kwargs_reach_the_template(tiny, tiny_runner):
 # 4. /tokenize and /detokenize against the model's own tokenizer
 
 
-async def test_tokenize_and_detokenize_round_trip_and_count_as_the_tokenizer_does(default, default_runner):
+async def test_tokenize_and_detokenize_round_trip_and_count_as_the_tokenizer_does(openai_default, default_runner):
     tokenizer = AutoTokenizer.from_pretrained(default_tokenizer_dir())
     text = "Héllo, 北京! The capital of France is Paris."
     status, tokenized = await post(default_runner, "/tokenize", {"prompt": text, "return_token_strs": True,
-                                                                 "model": DEFAULT_MODEL})
+                                                                 "model": DEFAULT_MODEL_ID})
     assert status == 200 and tokenized["tokens"] == tokenizer.encode(text)
     assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == 8192
     assert tokenized["token_strs"] == tokenizer.convert_ids_to_tokens(tokenized["tokens"])
@@ -263,7 +234,7 @@ async def test_tokenize_and_detokenize_round_trip_and_count_as_the_tokenizer_doe
     status, chat = await post(default_runner, "/tokenize", {"messages": QUESTION})
     expected = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
     assert chat["tokens"] == tokenizer.encode(expected, add_special_tokens=False)
-    answered = await default.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=1)
+    answered = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=1)
     assert answered.usage.prompt_tokens == chat["count"], "the count is what chat completions submit"
     status, refused = await post(default_runner, "/detokenize", {"tokens": [10**9]})
     assert status == 400 and refused["error"]["param"] == "tokens"
@@ -272,21 +243,21 @@ async def test_tokenize_and_detokenize_round_trip_and_count_as_the_tokenizer_doe
 # 5. A reasoning parser on a real engine (the drained runner: the tiny model with REASONING_PARSER=deepseek_r1)
 
 
-async def test_the_reasoning_parser_tells_the_thinking_from_the_answer(thinking, drained_runner):
+async def test_the_reasoning_parser_tells_the_thinking_from_the_answer(openai_drained, drained_runner):
     model = drained_runner.env["MODEL_ID"]
     request = dict(model=model, messages=QUESTION, temperature=0, max_tokens=16)
-    thought = (await thinking.chat.completions.create(**request))
+    thought = (await openai_drained.chat.completions.create(**request))
     message = thought.choices[0].message
     assert message.content is None and message.model_extra["reasoning_content"], "no </think> yet: all thinking"
     assert message.model_extra["reasoning"] == message.model_extra["reasoning_content"]
     assert thought.usage.completion_tokens == 16, "usage counts every generated token"
     pieces = []
-    async for chunk in await thinking.chat.completions.create(stream=True, **request):
+    async for chunk in await openai_drained.chat.completions.create(stream=True, **request):
         if chunk.choices and chunk.choices[0].delta.model_extra.get("reasoning_content"):
             pieces.append(chunk.choices[0].delta.model_extra["reasoning_content"])
         assert not (chunk.choices and chunk.choices[0].delta.content)
     assert "".join(pieces) == message.model_extra["reasoning_content"] and len(pieces) > 1
-    answered = await thinking.chat.completions.create(
+    answered = await openai_drained.chat.completions.create(
         **request, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert answered.choices[0].message.content, "the prompt closed the thinking: all is answer"
     assert "reasoning_content" not in answered.choices[0].message.model_extra
@@ -306,7 +277,7 @@ def test_vllm_bench_serve_completes_every_request(default_runner, tmp_path):
         "import sys, bench.vllm_serve; from vllm.entrypoints.cli.main import main; "
         "sys.argv = ['vllm', *sys.argv[1:]]; main()",
         "bench", "serve", "--backend", "openai-chat", "--base-url", default_runner.url,
-        "--endpoint", "/v1/chat/completions", "--model", DEFAULT_MODEL, "--tokenizer", str(default_tokenizer_dir()),
+        "--endpoint", "/v1/chat/completions", "--model", DEFAULT_MODEL_ID, "--tokenizer", str(default_tokenizer_dir()),
         "--dataset-name", "random", "--num-prompts", "32", "--random-input-len", "64", "--random-output-len", "16",
         "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "result.json",
     ]
