@@ -6,6 +6,7 @@ from typing import Any
 
 import anthropic
 import openai
+from anthropic.types import Message
 from openai.types.responses import Response
 
 from tests.support.runner_process import RunnerProcess
@@ -39,3 +40,14 @@ async def streamed_call_arguments(sdk: openai.AsyncOpenAI, **request: Any) -> tu
                 arguments[event.output_index] = arguments.get(event.output_index, "") + event.delta
         final = await stream.get_final_response()
     return [arguments[index] for index in sorted(arguments)], final
+
+
+async def streamed_tool_inputs(sdk: anthropic.AsyncAnthropic, **request: Any) -> tuple[dict[int, list[str]], Message]:
+    """A Messages stream's input_json_delta pieces, by content block, and the final message."""
+    pieces: dict[int, list[str]] = {}
+    async with sdk.messages.stream(**request) as stream:
+        async for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                pieces.setdefault(event.index, []).append(event.delta.partial_json)
+        final = await stream.get_final_message()
+    return pieces, final

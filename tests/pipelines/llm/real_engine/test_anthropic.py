@@ -21,7 +21,7 @@ import pytest
 from tests.support.http import IN_FLIGHT, QUESTION, SUBMITTED, UNFINISHED, metric, wait_for_metric
 from tests.support.runner_process import DEFAULT_MODEL_ID
 from tests.support.runners import GUARDED_AUTH_TOKEN, GUARDED_REQUEST_TIMEOUT
-from tests.support.sdks import anthropic_sdk, openai_sdk, served_model
+from tests.support.sdks import anthropic_sdk, openai_sdk, served_model, streamed_tool_inputs
 from tests.support.tools import ANTHROPIC_NOTE, ANTHROPIC_WEATHER, CITY, LONG_NOTE_ASK
 
 TIME = {"name": "get_time", "input_schema": {"type": "object", "properties": {
@@ -86,8 +86,7 @@ async def test_a_stop_sequence_is_named_in_the_stop_reason(anthropic_default):
 @pytest.mark.parametrize("choice", [{"type": "tool", "name": "get_weather"}, {"type": "any"}], ids=["tool", "any"])
 async def test_forced_tool_use_input_matches_the_schema_plain_and_streamed(anthropic_default, choice):
     request = dict(model=DEFAULT_MODEL_ID, messages=QUESTION, max_tokens=80, tools=[ANTHROPIC_WEATHER, TIME],
-                   tool_choice=choice,
-                   extra_body=GREEDY)
+                   tool_choice=choice, extra_body=GREEDY)
     message = await anthropic_default.messages.create(**request)
     assert message.stop_reason == "tool_use" and message.content
     for block in message.content:
@@ -95,12 +94,7 @@ async def test_forced_tool_use_input_matches_the_schema_plain_and_streamed(anthr
         jsonschema.validate(block.input, CITY if block.name == "get_weather" else TIME["input_schema"])
     if choice["type"] == "tool":
         assert [block.name for block in message.content] == ["get_weather"]
-    deltas: dict[int, list[str]] = {}
-    async with anthropic_default.messages.stream(**request) as stream:
-        async for event in stream:
-            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
-                deltas.setdefault(event.index, []).append(event.delta.partial_json)
-        final = await stream.get_final_message()
+    deltas, final = await streamed_tool_inputs(anthropic_default, **request)
     calls = [(block.type, block.name, block.input) for block in message.content]
     assert [(block.type, block.name, block.input) for block in final.content] == calls  # each call has its own id
     assert (final.stop_reason, final.usage) == (message.stop_reason, message.usage)
@@ -147,14 +141,10 @@ async def test_tools_left_to_a_model_without_tool_syntax_are_used_in_the_runners
     [call] = [block for block in message.content if block.type == "tool_use"]
     assert call.name == "get_weather"
     jsonschema.validate(call.input, CITY)
-    pieces = []
-    async with anthropic_default.messages.stream(**request) as stream:
-        async for event in stream:
-            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
-                pieces.append(event.delta.partial_json)
-        final = await stream.get_final_message()
+    streamed, final = await streamed_tool_inputs(anthropic_default, **request)
     assert [(block.name, block.input) for block in final.content if block.type == "tool_use"] == [
         (call.name, call.input)]
+    [pieces] = [streamed[index] for index, block in enumerate(final.content) if block.type == "tool_use"]
     assert json.loads("".join(pieces)) == call.input and len(pieces) > 3, pieces
 
 
@@ -162,12 +152,8 @@ async def test_tools_left_to_a_model_without_tool_syntax_are_used_in_the_runners
 async def test_a_long_forced_tool_use_streams_in_many_input_deltas(anthropic_default, choice):
     request = dict(model=DEFAULT_MODEL_ID, max_tokens=120, tools=[ANTHROPIC_NOTE], tool_choice=choice,
                    extra_body=GREEDY, messages=[{"role": "user", "content": LONG_NOTE_ASK}])
-    pieces = []
-    async with anthropic_default.messages.stream(**request) as stream:
-        async for event in stream:
-            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
-                pieces.append(event.delta.partial_json)
-        final = await stream.get_final_message()
+    streamed, final = await streamed_tool_inputs(anthropic_default, **request)
+    pieces = streamed[0]
     assert final.usage.output_tokens >= 100
     assert len(pieces) >= 80, f"{len(pieces)} input deltas for {final.usage.output_tokens} tokens"
     [call] = final.content
