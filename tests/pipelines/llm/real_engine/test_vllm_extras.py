@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from tests.support.http import QUESTION, SUBMITTED, metric
 from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess
+from tests.support.sdks import anthropic_sdk
 from tests.support.tools import CHAT_NOTE, CHAT_WEATHER, CITY, LONG_NOTE_ASK
 
 
@@ -265,6 +266,38 @@ async def test_the_reasoning_parser_tells_the_thinking_from_the_answer(openai_dr
     status, llm = await post(drained_runner, "/llm", {"messages": QUESTION, "temperature": 0, "max_tokens": 16})
     assert status == 200 and llm["choices"][0]["message"]["content"] == "", "/llm sends the answer only"
     assert llm["usage"]["completion_tokens"] == 16
+
+
+async def test_responses_and_messages_give_the_thinking_as_reasoning_items_and_thinking_blocks(openai_drained,
+                                                                                                drained_runner):
+    """The same parser behind Responses (a reasoning item, counted in reasoning_tokens) and Messages (a thinking
+    block), plain and streamed alike."""
+    model = drained_runner.env["MODEL_ID"]
+    response = await openai_drained.responses.create(model=model, input="Hello", temperature=0, max_output_tokens=16)
+    [item] = response.output
+    assert item.type == "reasoning" and item.content[0].text, "no </think> yet: all thinking"
+    assert response.usage.output_tokens_details.reasoning_tokens == response.usage.output_tokens == 16
+    pieces = []
+    async with openai_drained.responses.stream(model=model, input="Hello", temperature=0,
+                                               max_output_tokens=16) as stream:
+        async for event in stream:
+            if event.type == "response.reasoning_text.delta":
+                pieces.append(event.delta)
+            assert event.type != "response.output_text.delta"
+    assert "".join(pieces) == item.content[0].text and len(pieces) > 1
+    async with anthropic_sdk(drained_runner.url) as anthropic:
+        message = await anthropic.messages.create(model=model, messages=QUESTION, max_tokens=16,
+                                                  extra_body={"temperature": 0})
+        [block] = message.content
+        assert block.type == "thinking" and block.thinking and message.stop_reason == "max_tokens"
+        thinking = []
+        async with anthropic.messages.stream(model=model, messages=QUESTION, max_tokens=16,
+                                             extra_body={"temperature": 0}) as stream:
+            async for event in stream:
+                if event.type == "content_block_delta":
+                    assert event.delta.type == "thinking_delta", event
+                    thinking.append(event.delta.thinking)
+        assert "".join(thinking) == block.thinking and len(thinking) > 1
 
 
 # 6. vLLM's own load tool, unchanged
