@@ -7,7 +7,8 @@ bfloat16 comparison would test the CPU's rounding, not the pipeline. In float32
 both layouts do the same arithmetic on the same weights.
 
 Its own module: a PP=2 runner (two engines) and its PP=1 reference (one) are the
-three engines a module may have alive, so it uses no shared runner.
+three engines a module may have alive, so it uses no shared runner; two nodes
+of one stage each are two.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pytest
 
 from tests.pipelines.test_parallel import (
     engine_start,
+    lose_the_worker_node,
     start,
+    start_two_nodes,
     text,
     two_ranks_missing,
     wait_idle,
@@ -44,3 +47,14 @@ def test_pipeline_parallel_serves_the_tiny_model_like_one_stage_in_float32(tmp_p
     finally:
         two_stages.stop()
         one_stage.stop()
+
+
+def test_two_nodes_of_one_stage_each_serve_and_a_lost_worker_node_is_error(tmp_path, tiny_model_dir):
+    """NNODES=2 with PIPELINE_PARALLEL_SIZE=2: the worker node's rank is the second stage; losing it is ERROR."""
+    serving, worker = start_two_nodes(tmp_path, tiny_model_dir, {"PIPELINE_PARALLEL_SIZE": "2"})
+    try:
+        assert text(serving), "the two stages serve"
+        lose_the_worker_node(serving, worker)
+    finally:
+        serving.stop()
+        worker.stop()
