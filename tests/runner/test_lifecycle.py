@@ -6,6 +6,7 @@ SIGTERM, each read through /health and the status codes the orchestrator acts on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -128,13 +129,17 @@ def left_behind(processes: list[psutil.Process], timeout: float = 1) -> list[psu
 def test_sigterm_drains_in_flight_streams_refuses_new_and_exits_within_6_s(drained_runner):
     """Three streams in flight at SIGTERM finish; the process (not a log line) is gone within 6 s, engine and all."""
     url = f"{drained_runner.url}/llm"
-    # Streams that last about 2.5 s here, on this machine's pace: three of 200 tokens, timed.
-    calibration = start_streams(url, 3, max_tokens=200)
+    # Streams that last about 2.5 s here, on this machine's pace: three of 200 tokens, timed. (This runner's
+    # reasoning parser holds back a thinking model's events until the end: streams are seen in flight on /health.)
     began = time.monotonic()
-    for stream in calibration:
+    for stream in start_streams(url, 3, max_tokens=200, first_event=False):
         stream.join(timeout=60)
     max_tokens = min(3500, int(200 * 2.5 / max(0.05, time.monotonic() - began)))
-    streams = start_streams(url, 3, max_tokens=max_tokens)
+    streams = start_streams(url, 3, max_tokens=max_tokens, first_event=False)
+    deadline = time.monotonic() + 20
+    while get_json(f"{drained_runner.url}/health")["status"] != "OK" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
     processes = runner_processes(drained_runner)
     assert len(processes) > 1
     signalled_at = time.monotonic()
@@ -205,3 +210,31 @@ def test_sigterm_while_the_engine_starts_stops_it(tmp_path, tiny_model_dir):
         assert '"engine.start_stopped"' in runner.log_path.read_text()
     finally:
         runner.stop()
+
+
+async def test_a_drain_past_its_timeout_cuts_a_stream_with_its_in_band_error_and_a_request_with_a_500(aiohttp_client):
+    """No engine: the scripted pipeline holds both requests open until the drain's cut."""
+    from runner.app import create_app
+    from runner.keys import STATE
+    from runner.settings import RunnerSettings
+    from tests.runner.test_routes import VALID, ScriptedPipeline, wait_for_health
+
+    pipeline = ScriptedPipeline()
+    pipeline.release_load.set()
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    await wait_for_health(client, "IDLE")
+    pipeline.gate.clear()
+    stream = await client.post("/llm", json={**VALID, "stream": True})
+    assert stream.status == 200
+    plain = asyncio.create_task(client.post("/llm", json=VALID))
+    state = client.app[STATE]
+    while state.in_flight < 2:
+        await asyncio.sleep(0.01)
+    assert await state.drain(0.1, cut_reason="cut by the drain") == 2
+    assert state.in_flight == 0, "the cut requests ended within the cut's grace"
+    blocks = (await stream.read()).decode().split("\n\n")
+    assert blocks[-2:] == ["data: [DONE]", ""]
+    ending = json.loads(blocks[-3].removeprefix("data: "))
+    assert ending["choices"][0]["finish_reason"] == "error" and ending["error"]["msg"] == "cut by the drain"
+    response = await plain
+    assert response.status == 500 and (await response.json())["detail"]["msg"] == "cut by the drain"

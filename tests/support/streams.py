@@ -61,12 +61,15 @@ class StreamInFlight(threading.Thread):
         return self.status == 200 and self.done and self.error is None and self.failure is None
 
 
-def start_streams(url: str, count: int, max_tokens: int) -> list[StreamInFlight]:
-    """``count`` streams, started together; returns once each has its first event."""
+def start_streams(url: str, count: int, max_tokens: int, first_event: bool = True) -> list[StreamInFlight]:
+    """``count`` streams, started together; returns once each has its first event (``first_event``), or at once.
+
+    A runner with a reasoning parser sends a model that only thinks no event until the end: there, wait otherwise.
+    """
     streams = [StreamInFlight(url, max_tokens) for _ in range(count)]
     for stream in streams:
         stream.start()
-    for stream in streams:
+    for stream in streams if first_event else ():
         assert stream.started_streaming.wait(120), "a stream never started"
         assert stream.failure is None, stream.failure
     return streams
