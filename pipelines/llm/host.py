@@ -190,11 +190,14 @@ class EngineHost:
                     log.info("engine.starting", seconds=round(loop.time() - started, 1), worker_nodes="all joined")
             if self.node_error is not None:
                 raise ValueError(f"the engine could not start: {self.node_error}")
-            return starting.result()
+            engine = starting.result()
+            self.lines.watch_silence()
+            return engine
         except Exception:
             if not starting.done():
                 stopped = await run_blocking(backend.stop_engine_processes, ABANDONED_START_GRACE)
                 log.info("engine.start_stopped", processes=stopped)
+            self.starting = False  # what it had started is ended: close() has nothing more to stop
             raise
         finally:
             joined.cancel()

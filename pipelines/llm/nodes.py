@@ -11,9 +11,10 @@ default), and writes JSON lines on it:
 The serving node reads every line. At start it tells a node that has not
 joined (no line, or ranks not joined yet: a join timeout, MASTER_WAIT_TIMEOUT)
 from an engine that is still starting once all have (no timeout of its own).
-Afterwards a line that closes (the node's runner died: its kernel closes the
-connection at once) or falls silent for BEAT_TIMEOUT seconds (the node hangs,
-or the network between the two does) is a lost worker node, whatever the
+A line that closes (the node's runner died: its kernel closes the connection at
+once) is a lost worker node; once the engine runs, so is a line silent for
+BEAT_TIMEOUT seconds (the node hangs, or the network between the two does);
+either way, whatever the
 engine's layout: the engine's own connections differ between tensor and
 pipeline parallelism, these lines do not. A worker node reads its line too:
 the serving node closing it means the serving node went away.
@@ -57,7 +58,10 @@ class WorkerNodeLines:
         self.settings = settings
         self.on_lost = on_lost  # called once, with the reason, when a worker node that had joined is lost
         self.expected = set(range(1, settings.nnodes))
-        self.connected: set[int] = set()
+        self.connected: dict[int, asyncio.StreamWriter] = {}  # node -> its line
+        self.heard: dict[int, float] = {}  # node -> when its line last said something (loop time)
+        self.silent: dict[int, str] = {}  # node -> why its line was closed for silence
+        self.silence_watch: asyncio.Task | None = None
         self.joined: set[int] = set()
         self.all_joined = asyncio.Event()
         self.lost: str | None = None
@@ -83,20 +87,21 @@ class WorkerNodeLines:
                             reason="not a worker node of this engine, or one already connected")
                 node = None
                 return
-            self.connected.add(node)
+            self.connected[node] = writer
+            self.heard[node] = asyncio.get_running_loop().time()
             log.info("serving_node.worker_node_connected", node=node, ranks=list(node_ranks(self.settings, node)),
                      peer=writer.get_extra_info("peername"))
             message = hello
             while True:
                 if message.get("joined"):
                     self.join(node)
-                async with asyncio.timeout(BEAT_TIMEOUT):
-                    line = await reader.readline()
+                line = await reader.readline()
                 if not line:
                     break
+                self.heard[node] = asyncio.get_running_loop().time()
                 message = json.loads(line)
         except TimeoutError:
-            reason = f"its line fell silent: no beat for {BEAT_TIMEOUT:g} s (the node hangs, or the network does)"
+            reason = f"it said nothing within {BEAT_TIMEOUT:g} s of connecting"
         except (ConnectionError, OSError) as exc:
             reason = f"its line broke ({exc})"
         except (ValueError, KeyError, TypeError) as exc:
@@ -104,9 +109,36 @@ class WorkerNodeLines:
         finally:
             self.lines.discard(writer)
             writer.close()
-            if node is not None:
-                self.connected.discard(node)
-                self.lose(node, reason)
+            if node is not None and self.connected.get(node) is writer:
+                del self.connected[node]
+                self.heard.pop(node, None)
+                self.lose(node, self.silent.get(node, reason))
+
+    def watch_silence(self) -> None:
+        """From now on (the engine runs), a line silent for BEAT_TIMEOUT seconds is a lost node too.
+
+        Not during the start: a loaded machine's start (imports, compiles) may hold
+        either runner's event loop for seconds; a line that closes counts at once,
+        start or not. A pause of this runner's own loop is no one's silence: after
+        one, the count starts again.
+        """
+        self.silence_watch = asyncio.create_task(self.judge_silence(), name="worker-node-silence")
+
+    async def judge_silence(self) -> None:
+        loop = asyncio.get_running_loop()
+        ticked = loop.time()
+        while True:
+            await asyncio.sleep(BEAT_INTERVAL)
+            now = loop.time()
+            if now - ticked > 2 * BEAT_INTERVAL:  # this loop itself was held: what it missed is not silence
+                for node in self.heard:
+                    self.heard[node] = now
+            ticked = now
+            for node, heard in list(self.heard.items()):
+                if now - heard > BEAT_TIMEOUT and node not in self.silent:
+                    self.silent[node] = (f"its line fell silent: no beat for {BEAT_TIMEOUT:g} s (the node hangs, "
+                                         "or the network does)")
+                    self.connected[node].close()  # its serve_line ends, and reports the loss with this reason
 
     def join(self, node: int) -> None:
         if node in self.joined:
@@ -138,6 +170,8 @@ class WorkerNodeLines:
     async def close(self) -> None:
         """Stop listening and close every line: each worker node sees its serving node go, and stops."""
         self.closing = True
+        if self.silence_watch is not None:
+            self.silence_watch.cancel()
         if self.server is not None:
             self.server.close()  # stops listening; the lines it accepted stay open until closed here
             self.server = None
