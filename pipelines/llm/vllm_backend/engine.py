@@ -28,7 +28,10 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from pipelines.llm.engine import Adapter, AdapterRefused, Sampling, SamplingRefused
-from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser, reasoning_parser_names
+from pipelines.llm.vllm_backend.reasoning_parsers import (
+    ReasoningParser,
+    reasoning_parser_names,
+)
 from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser, tool_parser_names
 
 log = structlog.get_logger(__name__)
@@ -87,13 +90,28 @@ def engine_processes() -> list[psutil.Process]:
     ]
 
 
+def running(process: psutil.Process) -> bool:
+    """Alive and not a zombie: a killed grandchild stays a zombie until whoever adopted it reaps it."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def end_processes(processes: list[psutil.Process], grace: float) -> None:
-    """SIGKILL those of ``processes`` still alive after ``grace`` seconds (signalled with SIGTERM before)."""
-    _, alive = psutil.wait_procs(processes, timeout=grace)
+    """SIGKILL those of ``processes`` still running after ``grace`` seconds (signalled with SIGTERM before).
+
+    Polled, not ``psutil.wait_procs``: that waits the whole grace on a zombie
+    grandchild, and this runs inside the stop's budget.
+    """
+    deadline = time.monotonic() + grace
+    alive = [process for process in processes if running(process)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [process for process in alive if running(process)]
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-    psutil.wait_procs(alive, timeout=1)
 
 
 def stop_engine_processes(grace: float = ENGINE_SHUTDOWN_TIMEOUT) -> int:
