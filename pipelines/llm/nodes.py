@@ -71,7 +71,13 @@ class WorkerNodeLines:
 
     async def open(self) -> None:
         """Listen on NODE_LINE_PORT, on every address (the worker nodes reach it at MASTER_ADDR)."""
-        self.server = await asyncio.start_server(self.serve_line, port=self.settings.node_line_port, reuse_address=True)
+        try:
+            self.server = await asyncio.start_server(self.serve_line, port=self.settings.node_line_port,
+                                                     reuse_address=True)
+        except OSError as exc:
+            raise ValueError(f"cannot listen for the worker nodes' lines at NODE_LINE_PORT="
+                             f"{self.settings.node_line_port} ({exc.strerror or exc}): free that port or set "
+                             "NODE_LINE_PORT to another one, the same on every node") from None
         log.info("serving_node.lines_open", port=self.settings.node_line_port, worker_nodes=sorted(self.expected))
 
     async def serve_line(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

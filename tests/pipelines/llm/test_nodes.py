@@ -136,3 +136,14 @@ async def test_once_every_node_joined_a_slow_start_is_no_join_failure_and_a_lost
     assert host.failure().startswith("worker node NODE_RANK=1 (engine rank 1) went away: its line closed")
     await host.close()
     assert backend.stopped_processes == 1, "the engine is ended, so requests in flight fail instead of hanging"
+
+
+async def test_a_line_port_in_use_says_which_setting_to_change():
+    port = free_port()
+    first = WorkerNodeLines(settings(0, port), print)
+    await first.open()
+    try:
+        with pytest.raises(ValueError, match=f"NODE_LINE_PORT={port}"):
+            await WorkerNodeLines(settings(0, port), print).open()
+    finally:
+        await first.close()
