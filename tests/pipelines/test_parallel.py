@@ -168,6 +168,14 @@ def start_two_nodes(tmp_path, tiny_model_dir, layout: dict[str, str] | None = No
         raise
     print(f"two-node start ({layout or 'TP=2'}): serving node IDLE at {serving.since_launch():.1f} s, worker node at "
           f"{worker.since_launch():.1f} s")
+    # The join is told apart from the engine's start: the serving node logs it before its load is done.
+    events = [json.loads(line) for line in serving.log_path.read_text().splitlines() if line.startswith("{")]
+    names = [event["event"] for event in events]
+    assert "serving_node.worker_nodes_joined" in names, names
+    assert names.index("serving_node.worker_nodes_joined") < names.index("pipeline.load.done"), names
+    joined = events[names.index("serving_node.worker_nodes_joined")]
+    print(f"worker node joined {joined['seconds']} s after the serving node's engine start began; its load took "
+          f"{events[names.index('pipeline.load.done')]['seconds']} s in all")
     return serving, worker
 
 
