@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Coroutine
 
+import psutil
 import structlog
 from aiohttp import web
 from pydantic import ValidationError
@@ -17,6 +22,11 @@ from runner.log import configure_logging
 from runner.settings import ListenSettings, RunnerSettings
 
 log = structlog.get_logger("runner")
+
+# The stop's budget after the drain: cutting what is left (state.CUT_GRACE), closing the server and the pipeline
+# (ending the engine's processes), exiting. With DRAIN_TIMEOUT's default 5 s the process is gone within 7.5 s of
+# SIGTERM, inside go-livepeer's 8; a stop that overruns it is ended by force (stop_overrun).
+STOP_AFTER_DRAIN = 2.5
 
 
 async def serve(settings: RunnerSettings, start_error: str | None = None) -> None:
@@ -43,15 +53,48 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
 
     state = app[STATE]
     signalled_at = loop.time()
+    overrun = threading.Timer(settings.drain_timeout + STOP_AFTER_DRAIN, stop_overrun,
+                              args=(settings.drain_timeout + STOP_AFTER_DRAIN,))
+    overrun.daemon = True
+    overrun.start()
     await leave_network(app)  # a Live Runner leaves the orchestrator's pool before it refuses work (<= 1 s)
     # DRAIN_TIMEOUT counts from SIGTERM: the unregister's time comes out of it, inside go-livepeer's 8 s.
     drain_timeout = max(0.0, settings.drain_timeout - (loop.time() - signalled_at))
     log.info("runner.draining", in_flight=state.in_flight, timeout_s=round(drain_timeout, 3))
-    left = await state.drain(drain_timeout)
+    left = await state.drain(drain_timeout, cut_reason=(
+        f"the runner is stopping (SIGTERM) and the request was still running after DRAIN_TIMEOUT "
+        f"({settings.drain_timeout:g} s): it was cut"))
     if left:
         log.warning("runner.drain.timeout", cut_requests=left)
-    await runner.cleanup()  # stops listening, cancels what is left, closes the pipeline
-    log.info("runner.stopped")
+    await runner.cleanup()  # stops listening, cancels what is left, closes the pipeline (and ends its engine)
+    log.info("runner.stopped", seconds=round(loop.time() - signalled_at, 2))
+
+
+def stop_overrun(budget: float) -> None:
+    """The stop took longer than its budget: end every process this one started, and this one, now."""
+    log.error("runner.stop_overrun", budget_s=budget, effect="every process of the runner is killed")
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    exit_now(1)
+
+
+def exit_now(code: int) -> None:
+    """Flush the logs and end the process at once, without the interpreter's teardown.
+
+    Once the runner has stopped nothing is left to save, and the teardown is
+    unbounded: it joins every non-daemon thread (a thread still blocked in an
+    engine's start, for one), runs vLLM's and multiprocessing's exit handlers and
+    waits on multiprocessing's resource tracker, seconds on a loaded machine
+    (issue #23 measured 4 s between runner.stopped and the exit). os._exit skips
+    all of it; the resource tracker, a process of its own, still unlinks the
+    shared memory left behind once it sees this process gone.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def main() -> int:
@@ -84,4 +127,4 @@ def run_event_loop(main: Coroutine) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -173,14 +173,16 @@ async def send_event_stream(
     writer = PacedStreamWriter(request, response, deadline)
     events = stream.events
     frame, ending = (sse_named_event, b"") if stream.named else (sse_event, SSE_DONE)
+    state = request.app[STATE]
     try:
-        async with asyncio.timeout_at(deadline):
+        async with state.deadline(deadline):
             async for event in events:
                 await writer.write(frame(event))
     except ConnectionResetError:
         raise ClientGone(response) from None
     except Exception as exc:  # after the header went out, failures are reported in-band
-        reason = timeout_message if isinstance(exc, TimeoutError) else failure_message(exc)
+        # A TimeoutError is the request's deadline, or the drain's cut on SIGTERM (state.drain).
+        reason = (state.cut_reason or timeout_message) if isinstance(exc, TimeoutError) else failure_message(exc)
         log.error("request.stream_failed", reason=reason, exc_info=not isinstance(exc, TimeoutError))
         context.finish_reason = "error"
         ending = frame(stream.error_event(reason)) + ending
@@ -213,9 +215,12 @@ async def serve_admitted(
         deadline = asyncio.get_running_loop().time() + timeout
         timeout_message = f"the request took longer than REQUEST_TIMEOUT ({timeout:g} s) and was stopped"
         try:
-            async with asyncio.timeout_at(deadline):
+            async with state.deadline(deadline):
                 result = await serve(body, context)
         except TimeoutError:
+            if state.cut_reason is not None:
+                log.error("request.cut", reason=state.cut_reason)
+                return errors.error(500, state.cut_reason)
             log.error("request.timeout", seconds=timeout)
             return errors.error(500, timeout_message)
         if isinstance(result, EventStream):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Literal
 
 import structlog
@@ -19,6 +19,8 @@ from runner.pipeline import Pipeline
 log = structlog.get_logger(__name__)
 
 HealthStatus = Literal["LOADING", "OK", "IDLE", "ERROR"]
+
+CUT_GRACE = 0.25  # seconds the requests cut at the end of a drain get to write their error endings
 
 
 class Load(enum.Enum):
@@ -46,6 +48,8 @@ class RunnerState:
         self.settled = asyncio.Event()  # the load is over, one way or the other
         self.idle = asyncio.Event()  # nothing in flight
         self.idle.set()
+        self.deadlines: set[asyncio.Timeout] = set()  # the deadlines of the requests in flight
+        self.cut_reason: str | None = None  # set when a drain outlasted its timeout: why the requests left were cut
         self.listeners: list[Callable[[], None]] = []
         if start_error is not None:
             self.settled.set()
@@ -128,14 +132,43 @@ class RunnerState:
             if not self.in_flight:
                 self.idle.set()
 
-    async def drain(self, timeout: float) -> int:
-        """Refuse new requests and wait, bounded, for those in flight; return how many are left."""
+    async def drain(self, timeout: float, cut_reason: str = "the runner is stopping", cut_grace: float = CUT_GRACE) -> int:
+        """Refuse new requests and wait, bounded, for those in flight; return how many were left at ``timeout``.
+
+        Those left are cut: their deadlines (``deadline``) are brought forward to
+        now, so each ends the way a request past its deadline does (an error
+        status, or a stream's in-band error event) with ``cut_reason`` as the
+        reason, and they get ``cut_grace`` seconds to write that ending.
+        """
         self.draining = True
         self.changed()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self.idle.wait()
-        return self.in_flight
+        left = self.in_flight
+        if left:
+            self.cut_reason = cut_reason
+            now = asyncio.get_running_loop().time()
+            for deadline in list(self.deadlines):
+                with contextlib.suppress(RuntimeError):  # one that is expiring or exiting now
+                    deadline.reschedule(now)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cut_grace):
+                    await self.idle.wait()
+        return left
+
+    @contextlib.asynccontextmanager
+    async def deadline(self, when: float) -> AsyncIterator[None]:
+        """``asyncio.timeout_at(when)`` for a request in flight, which a drain past its timeout brings forward to now.
+
+        A TimeoutError out of it is the request's deadline, or, when ``cut_reason`` is set, the drain's cut.
+        """
+        async with asyncio.timeout_at(when) as timeout:
+            self.deadlines.add(timeout)
+            try:
+                yield
+            finally:
+                self.deadlines.discard(timeout)
 
     async def wait_until_ready(self) -> None:
         """Wait, bounded, for a load in progress; raise NotReady if the pipeline can't serve."""

@@ -30,8 +30,9 @@ from pipelines.llm.adapters import (
 )
 from pipelines.llm.engine import Engine
 from pipelines.llm.layout import GPU, engine_environment, layout_errors
+from pipelines.llm.nodes import WorkerNodeLines
 from pipelines.llm.settings import LLMSettings
-from pipelines.llm.worker_node import WorkerNode, watch_worker_nodes
+from pipelines.llm.worker_node import WorkerNode
 from pipelines.model_store import ModelDownloadError, resolve_model
 from runner.hardware import NVML
 from runner.pipeline import run_blocking
@@ -39,6 +40,7 @@ from runner.pipeline import run_blocking
 log = structlog.get_logger(__name__)
 
 ABANDONED_START_GRACE = 1.0  # seconds a half-started engine's processes get before they are killed: nothing to save
+START_PROGRESS_INTERVAL = 30.0  # seconds between a multi-node start's progress lines once every node has joined
 RUNTIME_LORA_RANK = 16  # vLLM's default max_lora_rank: the rank left for adapters loaded at run time, unless set
 
 
@@ -57,7 +59,7 @@ class Backend(Protocol):
         ...
 
     def stop_engine_processes(self, grace: float) -> int:
-        """End the processes of an engine whose start was cut short; how many there were."""
+        """End the engine's processes (SIGTERM, SIGKILL after ``grace`` s): a start cut short, or a lost worker node."""
         ...
 
 
@@ -79,8 +81,10 @@ class EngineHost:
         self.backend: Backend | None = None
         self.engine: Engine | None = None
         self.worker_node: WorkerNode | None = None  # NODE_RANK > 0: this node's ranks, no engine to serve from
-        self.node_watch: asyncio.Task | None = None  # NODE_RANK=0 of several: watches the other nodes' ranks
-        self.node_error: str | None = None
+        self.lines: WorkerNodeLines | None = None  # NODE_RANK=0 of several: the worker nodes' lines
+        self.node_error: str | None = None  # why a worker node is lost, once one is
+        self.node_lost = asyncio.Event()
+        self.ending: asyncio.Task | None = None  # the engine being ended after a lost worker node
         self.starting = False  # the engine's processes are being started
         self.base: ServedBase | None = None  # the model adapters are checked against, once found
         self.adapters: list[AdapterFiles] = []  # LORA_ADAPTERS, found and checked
@@ -142,20 +146,62 @@ class EngineHost:
         # Until the engine is up, close() must stop what the start has begun, also if this start is cancelled.
         self.starting = True
         if settings.nnodes > 1:
-            try:
-                async with asyncio.timeout(settings.master_wait_timeout):
-                    self.engine = await run_blocking(backend.start_engine, args, environment)
-            except TimeoutError:
-                await run_blocking(backend.stop_engine_processes, ABANDONED_START_GRACE)
-                raise ValueError(
-                    f"the engine's {settings.world_size - settings.local_world_size} ranks on the other nodes did not "
-                    f"join within MASTER_WAIT_TIMEOUT ({settings.master_wait_timeout:g} s): start the worker nodes "
-                    f"(NODE_RANK=1..{settings.nnodes - 1}) with MASTER_ADDR={settings.master_addr} and "
-                    f"MASTER_PORT={settings.master_port}, or raise MASTER_WAIT_TIMEOUT") from None
+            self.engine = await self.start_with_worker_nodes(backend, args, environment)
         else:
             self.engine = await run_blocking(backend.start_engine, args, environment)
         self.starting = False
         return self.engine
+
+    async def start_with_worker_nodes(self, backend: Backend, args: Any, environment: Mapping[str, str]) -> Engine:
+        """The engine of several nodes: MASTER_WAIT_TIMEOUT for every worker node to join, then no timeout.
+
+        A node that has not joined is a fault of the network or of that node, and
+        the message names it; once all have joined the engine loads and compiles
+        for as long as the CPU or GPU takes (go-livepeer judges a LOADING
+        container), and the start logs its progress. A worker node lost on the
+        way fails the start with its name.
+        """
+        settings = self.settings
+        self.lines = WorkerNodeLines(settings, self.lose_worker_node)
+        await self.lines.open()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        starting = asyncio.ensure_future(run_blocking(backend.start_engine, args, environment))
+        starting.add_done_callback(lambda done: done.cancelled() or done.exception())
+        joined = asyncio.ensure_future(self.lines.all_joined.wait())
+        lost = asyncio.ensure_future(self.node_lost.wait())
+        try:
+            await asyncio.wait({starting, joined, lost}, timeout=settings.master_wait_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not (starting.done() or joined.done() or lost.done()):
+                raise ValueError(
+                    f"not every worker node joined within MASTER_WAIT_TIMEOUT ({settings.master_wait_timeout:g} s): "
+                    f"{self.lines.missing()}; start the worker nodes (NODE_RANK=1..{settings.nnodes - 1}) with "
+                    f"MASTER_ADDR={settings.master_addr} and MASTER_PORT={settings.master_port}, check that they "
+                    f"reach this node at ports {settings.master_port} and {settings.node_line_port} (NODE_LINE_PORT), "
+                    "or raise MASTER_WAIT_TIMEOUT")
+            if joined.done():
+                log.info("serving_node.worker_nodes_joined", seconds=round(loop.time() - started, 2),
+                         next="the engine loads and compiles; no timeout of its own from here")
+            while not (starting.done() or lost.done()):
+                await asyncio.wait({starting, lost}, timeout=START_PROGRESS_INTERVAL,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not (starting.done() or lost.done()):
+                    log.info("engine.starting", seconds=round(loop.time() - started, 1), worker_nodes="all joined")
+            if self.node_error is not None:
+                raise ValueError(f"the engine could not start: {self.node_error}")
+            engine = starting.result()
+            self.lines.watch_silence()
+            return engine
+        except Exception:
+            if not starting.done():
+                stopped = await run_blocking(backend.stop_engine_processes, ABANDONED_START_GRACE)
+                log.info("engine.start_stopped", processes=stopped)
+            self.starting = False  # what it had started is ended: close() has nothing more to stop
+            raise
+        finally:
+            joined.cancel()
+            lost.cancel()
 
     async def find_adapters(self, model_path: Path) -> LLMSettings:
         """LORA_ADAPTERS found (downloaded where needed, all at once) and checked; the settings with the engine's LoRA rank.
@@ -210,14 +256,17 @@ class EngineHost:
             raise AdapterError("; ".join(errors))
         return adapter
 
-    def watch_nodes(self) -> None:
-        """On a serving node of several, from now on: a worker node that goes away is this runner's failure."""
-        if self.settings.nnodes > 1 and not self.settings.worker_node:
-            self.node_watch = asyncio.create_task(watch_worker_nodes(self.settings, self.lose_worker_node))
-
     def lose_worker_node(self, reason: str) -> None:
-        log.error("serving_node.worker_node_lost", reason=reason)
+        """A worker node went away (WorkerNodeLines): this runner is ERROR for good, and its engine is ended.
+
+        The ranks left would wait on the lost ones' collectives for ever: ending the
+        engine's processes makes every request in flight end with its error (a 500,
+        or a stream's in-band error event) instead of hanging; new ones are 503.
+        """
         self.node_error = reason
+        self.node_lost.set()
+        if self.engine is not None and self.backend is not None and self.ending is None:
+            self.ending = asyncio.create_task(run_blocking(self.backend.stop_engine_processes, ABANDONED_START_GRACE))
 
     def failure(self) -> str | None:
         if self.worker_node is not None:
@@ -232,8 +281,10 @@ class EngineHost:
         return self.engine.metrics_registry() if self.engine is not None else None
 
     async def close(self) -> None:
-        if self.node_watch is not None:
-            self.node_watch.cancel()
+        if self.lines is not None:  # first: the worker nodes see this node go, and stop their ranks at once
+            await self.lines.close()
+        if self.ending is not None:
+            await self.ending
         if self.worker_node is not None:
             await self.worker_node.close()
         if self.engine is not None:

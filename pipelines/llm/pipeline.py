@@ -68,7 +68,6 @@ class LLMPipeline(Pipeline):
         for adapter in self.host.adapters:  # LORA_ADAPTERS: a refusal is a start failure, with the reason
             await self.models.add(adapter)
         await self.warm_up()
-        self.host.watch_nodes()
 
     def choose_tool_parser(self, engine: Engine):
         """TOOL_CALL_PARSER, or the parser the chat template's tool-call syntax names; None when none fits."""

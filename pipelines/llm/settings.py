@@ -76,6 +76,8 @@ class LLMSettings(BaseSettings):
     master_addr: str = Field("127.0.0.1", alias="MASTER_ADDR", min_length=1)
     master_port: int = Field(29501, alias="MASTER_PORT", ge=1, le=65535)
     master_wait_timeout: float = Field(300.0, alias="MASTER_WAIT_TIMEOUT", gt=0)
+    # The serving node's port for its worker nodes' lines (pipelines.llm.nodes); default MASTER_PORT + 1.
+    line_port: int | None = Field(None, alias="NODE_LINE_PORT", ge=1, le=65535)
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(None, alias="DISTRIBUTED_EXECUTOR_BACKEND")
     ray_address: str | None = Field(None, alias="RAY_ADDRESS", min_length=1)
     # vLLM's own variables, read here because the runner derives its defaults from whether they are set;
@@ -104,6 +106,13 @@ class LLMSettings(BaseSettings):
     def local_world_size(self) -> int:
         """Engine ranks on this node (vLLM splits the world evenly over the nodes)."""
         return max(1, self.world_size // self.nnodes)
+
+    @property
+    def node_line_port(self) -> int:
+        """Where the serving node listens for its worker nodes' lines: NODE_LINE_PORT, or the port after MASTER_PORT."""
+        if self.line_port is not None:
+            return self.line_port
+        return self.master_port + 1 if self.master_port < 65535 else self.master_port - 1
 
     @property
     def worker_node(self) -> bool:

@@ -6,7 +6,10 @@ than go-livepeer's 8 s, so stopping means signalling the whole group and
 killing what is left of it. The serving node (NODE_RANK=0) is watched through
 its master port (the torch.distributed store its rank 0 holds): while it does
 not answer, the node waits, for MASTER_WAIT_TIMEOUT at most; once the ranks
-run, a master that stops answering means the serving node went away.
+run, a master that stops answering means the serving node went away. The node
+also keeps its line to the serving node (``pipelines.llm.nodes``): it tells the
+serving node when the ranks have joined and that this node lives; the serving
+node closing it means the serving node went away.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import structlog
 
 from pipelines.llm.layout import GPU
+from pipelines.llm.nodes import ServingNodeLine
 from pipelines.llm.settings import LLMSettings
 
 log = structlog.get_logger(__name__)
@@ -56,6 +60,7 @@ class WorkerNode:
         self.error: str | None = None  # why this node can no longer run its ranks
         self.master_lost: asyncio.Event = asyncio.Event()
         self.watcher: asyncio.Task | None = None
+        self.line = ServingNodeLine(settings)
 
     @property
     def master(self) -> str:
@@ -66,6 +71,7 @@ class WorkerNode:
         try:
             await self.join()
         except BaseException:  # failed or cancelled: nothing of this node's ranks may outlive the start
+            await self.line.close()
             await asyncio.to_thread(self.stop)
             raise
 
@@ -76,6 +82,7 @@ class WorkerNode:
                    json.dumps(dataclasses.asdict(self.gpu) if self.gpu else None)]
         self.process = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
+        self.line.start()
         log.info("worker_node.start", pid=self.process.pid, master=self.master, nnodes=self.settings.nnodes,
                  node_rank=self.settings.node_rank, local_ranks=self.settings.local_world_size)
         loop = asyncio.get_running_loop()
@@ -108,6 +115,7 @@ class WorkerNode:
         if not ready.result():
             raise ValueError("this node's engine ranks stopped before joining the master")
         self.ready = True
+        self.line.mark_joined()
         log.info("worker_node.ranks_running", seconds=round(time.monotonic() - started, 2), master=self.master)
         self.watcher = asyncio.create_task(self.watch(), name="worker-node-watch")
 
@@ -118,6 +126,9 @@ class WorkerNode:
             await asyncio.sleep(PROBE_INTERVAL)
             if self.process.poll() is not None:
                 self.error = f"this node's engine ranks exited (code {self.process.returncode})"
+                break
+            if self.line.lost.is_set():
+                self.error = f"the serving node (master {self.master}) closed this node's line: it stopped or went away"
                 break
             if await asyncio.to_thread(master_answers, self.settings.master_addr, self.settings.master_port):
                 failed_probes = 0
@@ -153,36 +164,5 @@ class WorkerNode:
     async def close(self) -> None:
         if self.watcher is not None and not self.watcher.done():
             self.watcher.cancel()
+        await self.line.close()
         await asyncio.to_thread(self.stop)
-
-
-def master_store_clients(master_port: int) -> int:
-    """The ranks connected now to the master store this process's engine serves (one connection per rank).
-
-    Every rank, on whichever node, keeps its connection to rank 0's torch.distributed
-    store open for as long as it lives: the serving node sees a worker node go
-    away as connections that close, with no request in flight to fail.
-    """
-    import psutil
-
-    clients = 0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            connections = child.net_connections(kind="tcp")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        clients += sum(1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == master_port)
-    return clients
-
-
-async def watch_worker_nodes(settings: LLMSettings, on_lost) -> None:
-    """On the serving node: call ``on_lost(reason)`` once a rank's connection to the master store closes."""
-    baseline = await asyncio.to_thread(master_store_clients, settings.master_port)
-    log.info("serving_node.ranks_connected", connections=baseline, master_port=settings.master_port)
-    while True:
-        await asyncio.sleep(PROBE_INTERVAL)
-        now = await asyncio.to_thread(master_store_clients, settings.master_port)
-        if now < baseline:
-            on_lost(f"a worker node went away: {baseline - now} of the engine's ranks lost their connection to the "
-                    f"master store (MASTER_PORT={settings.master_port}); restart the worker nodes, then this runner")
-            return

@@ -19,6 +19,7 @@ import pytest
 
 from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port
 from tests.support.runners import TINY_MAX_MODEL_LEN
+from tests.support.streams import start_streams
 
 # A TP=2 (or PP=2) runner is an engine core and two workers: it counts as two engines beside a shared runner.
 
@@ -138,51 +139,113 @@ def sigterm_exit_seconds(runner: RunnerProcess) -> tuple[float, list[psutil.Proc
     return time.monotonic() - sent_at, left_behind(processes, timeout=1)
 
 
-def two_node_env(tiny_model_dir, master_port: int, node_rank: int) -> dict[str, str]:
+def node_ports() -> tuple[int, int]:
+    """A MASTER_PORT and a NODE_LINE_PORT for a pair of nodes on loopback (both free now)."""
+    return free_port(), free_port()
+
+
+def two_node_env(tiny_model_dir, ports: tuple[int, int], node_rank: int,
+                 layout: dict[str, str] | None = None) -> dict[str, str]:
+    master_port, line_port = ports
     return {"MODEL_ID": str(tiny_model_dir), "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN), "KV_CACHE_GIB": "0.25",
-            "TENSOR_PARALLEL_SIZE": "2", "NNODES": "2", "NODE_RANK": str(node_rank),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
+            **(layout or {"TENSOR_PARALLEL_SIZE": "2"}), "NNODES": "2", "NODE_RANK": str(node_rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "NODE_LINE_PORT": str(line_port)}
 
 
-def test_two_nodes_on_loopback_serve_like_one_and_a_lost_worker_node_is_error(tmp_path, tiny_model_dir, tiny_runner):
+def start_two_nodes(tmp_path, tiny_model_dir, layout: dict[str, str] | None = None,
+                    ) -> tuple[RunnerProcess, RunnerProcess]:
+    """A serving node and a worker node on loopback, a core each, both IDLE."""
     cores = sorted(os.sched_getaffinity(0))
-    master_port = free_port()
-    serving = start(tmp_path, "node0", two_node_env(tiny_model_dir, master_port, 0), cpus={cores[0]})
-    worker = start(tmp_path, "node1", two_node_env(tiny_model_dir, master_port, 1), cpus={cores[-1]})
+    ports = node_ports()
+    serving = start(tmp_path, "node0", two_node_env(tiny_model_dir, ports, 0, layout), cpus={cores[0]})
+    worker = start(tmp_path, "node1", two_node_env(tiny_model_dir, ports, 1, layout), cpus={cores[-1]})
     try:
         wait_idle(serving)
         wait_idle(worker)
-        print(f"two-node start: serving node IDLE at {serving.since_launch():.1f} s, worker node at "
-              f"{worker.since_launch():.1f} s")
+    except BaseException:
+        serving.stop()
+        worker.stop()
+        raise
+    print(f"two-node start ({layout or 'TP=2'}): serving node IDLE at {serving.since_launch():.1f} s, worker node at "
+          f"{worker.since_launch():.1f} s")
+    # The join is told apart from the engine's start: the serving node logs it before its load is done.
+    events = [json.loads(line) for line in serving.log_path.read_text().splitlines() if line.startswith("{")]
+    names = [event["event"] for event in events]
+    assert "serving_node.worker_nodes_joined" in names, names
+    assert names.index("serving_node.worker_nodes_joined") < names.index("pipeline.load.done"), names
+    joined = events[names.index("serving_node.worker_nodes_joined")]
+    print(f"worker node joined {joined['seconds']} s after the serving node's engine start began; its load took "
+          f"{events[names.index('pipeline.load.done')]['seconds']} s in all")
+    return serving, worker
+
+
+def lose_the_worker_node(serving: RunnerProcess, worker: RunnerProcess) -> float:
+    """Kill every process of the worker node with a stream in flight on the serving node.
+
+    Checks that the serving node says ERROR within 5 s, names the node in its log,
+    ends the stream with its in-band error (no hang), refuses new requests with
+    503 and stops within 8 s of SIGTERM, leaving nothing behind. Returns the
+    seconds from the kill to ERROR.
+    """
+    [stream] = start_streams(f"{serving.url}/llm", 1, max_tokens=TINY_MAX_MODEL_LEN - 64)
+    doomed = node_processes(worker)
+    killed_at = time.monotonic()
+    for process in doomed:
+        process.kill()
+    while serving.health() != "ERROR":
+        assert time.monotonic() - killed_at < 5, "no ERROR within 5 s of losing the worker node"
+        time.sleep(0.05)
+    seconds = time.monotonic() - killed_at
+    print(f"serving node ERROR {seconds:.2f} s after the worker node was killed")
+    stream.join(timeout=30)
+    assert not stream.is_alive(), "the stream in flight hangs after the worker node was lost"
+    print(f"the stream in flight ended {stream.ended_at - killed_at:.2f} s after the kill: {stream.error!r}")
+    assert stream.error or stream.failure, "the stream in flight ends with an error"
+    status, body = post(serving)
+    assert status == 503, (status, body)
+    [lost] = [json.loads(line) for line in serving.log_path.read_text().splitlines()
+              if '"serving_node.worker_node_lost"' in line]
+    assert lost["node"] == 1 and lost["ranks"], lost
+    seconds_to_exit, left = sigterm_exit_seconds(serving)
+    print(f"serving node exited {seconds_to_exit:.2f} s after SIGTERM")
+    assert seconds_to_exit <= 8
+    assert not left, f"left behind: {left}"
+    return seconds
+
+
+def test_two_nodes_on_loopback_serve_like_one_and_a_lost_worker_node_is_error(tmp_path, tiny_model_dir, tiny_runner):
+    serving, worker = start_two_nodes(tmp_path, tiny_model_dir)
+    try:
         assert text(serving) == text(tiny_runner), "two nodes give the text of one at temperature 0"
         status, body = post(worker)
         assert status == 503 and "serves no requests" in body["detail"]["msg"], (status, body)
-
-        # The worker node goes away (all of its processes): the serving node says ERROR within 5 s.
-        doomed = node_processes(worker)
-        killed_at = time.monotonic()
-        for process in doomed:
-            process.kill()
-        while serving.health() != "ERROR":
-            assert time.monotonic() - killed_at < 5, "no ERROR within 5 s of losing the worker node"
-            time.sleep(0.1)
-        print(f"serving node ERROR {time.monotonic() - killed_at:.2f} s after the worker node was killed")
-        seconds, left = sigterm_exit_seconds(serving)
-        print(f"serving node exited {seconds:.2f} s after SIGTERM")
-        assert not left, f"left behind: {left}"
+        lose_the_worker_node(serving, worker)
     finally:
         serving.stop()
         worker.stop()
 
 
-def test_a_worker_node_exits_when_the_serving_node_does_and_on_sigterm(tmp_path, tiny_model_dir):
-    cores = sorted(os.sched_getaffinity(0))
-    master_port = free_port()
-    serving = start(tmp_path, "node0", two_node_env(tiny_model_dir, master_port, 0), cpus={cores[0]})
-    worker = start(tmp_path, "node1", two_node_env(tiny_model_dir, master_port, 1), cpus={cores[-1]})
+def test_a_worker_node_stops_within_6_s_of_sigterm_and_the_serving_node_then_says_error(tmp_path, tiny_model_dir):
+    serving, worker = start_two_nodes(tmp_path, tiny_model_dir)
     try:
-        wait_idle(serving)
-        wait_idle(worker)
+        seconds, left = sigterm_exit_seconds(worker)
+        print(f"worker node exited {seconds:.2f} s after SIGTERM")
+        assert worker.process.returncode == 0, worker.log_tail()
+        assert seconds <= 6 and not left, (seconds, left)
+        gone_at = time.monotonic()
+        assert serving.wait_until({"ERROR"}, timeout=5) == "ERROR"
+        print(f"serving node ERROR {time.monotonic() - gone_at:.2f} s after the worker node's exit")
+        seconds, left = sigterm_exit_seconds(serving)
+        print(f"serving node exited {seconds:.2f} s after SIGTERM")
+        assert not left, f"left behind on the serving node: {left}"
+    finally:
+        serving.stop()
+        worker.stop()
+
+
+def test_a_worker_node_exits_when_the_serving_node_does(tmp_path, tiny_model_dir):
+    serving, worker = start_two_nodes(tmp_path, tiny_model_dir)
+    try:
         worker_processes = node_processes(worker)
         seconds, left = sigterm_exit_seconds(serving)
         print(f"serving node exited {seconds:.2f} s after SIGTERM")
@@ -205,7 +268,7 @@ def wait_error(runner: RunnerProcess, timeout: float) -> str:
 
 def test_a_worker_node_whose_master_never_answers_is_error_and_stops_on_sigterm(tmp_path, tiny_model_dir):
     wait_timeout = 3
-    env = {**two_node_env(tiny_model_dir, free_port(), 1), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
+    env = {**two_node_env(tiny_model_dir, node_ports(), 1), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
     worker = start(tmp_path, "lonely-node1", env, cpus={sorted(os.sched_getaffinity(0))[-1]})
     try:
         reason = wait_error(worker, timeout=wait_timeout + 60)  # + importing vLLM, and a loaded machine
@@ -221,13 +284,15 @@ def test_a_worker_node_whose_master_never_answers_is_error_and_stops_on_sigterm(
 
 def test_a_serving_node_whose_worker_nodes_never_join_is_error(tmp_path, tiny_model_dir):
     wait_timeout = 5
-    env = {**two_node_env(tiny_model_dir, free_port(), 0), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
+    env = {**two_node_env(tiny_model_dir, node_ports(), 0), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
     serving = start(tmp_path, "lonely-node0", env, cpus={sorted(os.sched_getaffinity(0))[0]})
     try:
         reason = wait_error(serving, timeout=wait_timeout + 60)
         print(f"serving node without worker nodes: ERROR at {serving.since_launch():.1f} s (MASTER_WAIT_TIMEOUT="
               f"{wait_timeout} s)")
-        assert "MASTER_WAIT_TIMEOUT" in reason and "NODE_RANK=1" in reason, reason
+        print(f"its reason: {reason}")
+        assert "MASTER_WAIT_TIMEOUT" in reason and "worker node NODE_RANK=1 (engine rank 1) never reached" in reason, \
+            reason
         seconds, left = sigterm_exit_seconds(serving)
         print(f"serving node exited {seconds:.2f} s after SIGTERM")
         assert not left, f"left behind: {left}"

@@ -6,6 +6,7 @@ SIGTERM, each read through /health and the status codes the orchestrator acts on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,8 +19,9 @@ import pytest
 from pipelines.llm.host import count_gpus
 from tests.support.runner_process import RunnerProcess, get_json, post_json
 from tests.support.runners import TINY_MAX_MODEL_LEN
+from tests.support.streams import start_streams
 
-# test_sigterm_while_the_engine_starts_stops_it starts (part of) an engine of its own.
+# test_sigterm_while_the_engine_starts_stops_it and the cut stream's test start engines of their own, one at a time.
 pytestmark = pytest.mark.own_engines(1)
 
 SHORT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -114,32 +116,72 @@ def test_load_failures_say_error_with_the_reason(tmp_path, tiny_model_dir):
             runner.stop()
 
 
-def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(drained_runner):
+def runner_processes(runner: RunnerProcess) -> list[psutil.Process]:
+    root = psutil.Process(runner.process.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def left_behind(processes: list[psutil.Process], timeout: float = 1) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return [process for process in alive if process.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_drains_in_flight_streams_refuses_new_and_exits_within_6_s(drained_runner):
+    """Three streams in flight at SIGTERM finish; the process (not a log line) is gone within 6 s, engine and all."""
     url = f"{drained_runner.url}/llm"
-    long_body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 150, "temperature": 0}
-    results: list[int] = []
-    in_flight = [threading.Thread(target=lambda: results.append(post_json(url, long_body))) for _ in range(3)]
-    for thread in in_flight:
-        thread.start()
+    # Streams that last about 2.5 s here, on this machine's pace: three of 200 tokens, timed. (This runner's
+    # reasoning parser holds back a thinking model's events until the end: streams are seen in flight on /health.)
+    began = time.monotonic()
+    for stream in start_streams(url, 3, max_tokens=200, first_event=False):
+        stream.join(timeout=60)
+    max_tokens = min(3500, int(200 * 2.5 / max(0.05, time.monotonic() - began)))
+    streams = start_streams(url, 3, max_tokens=max_tokens, first_event=False)
     deadline = time.monotonic() + 20
     while get_json(f"{drained_runner.url}/health")["status"] != "OK" and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(0.2)
-    engine = drained_runner.engine_processes()
-    assert engine
+    time.sleep(0.5)
+    processes = runner_processes(drained_runner)
+    assert len(processes) > 1
     signalled_at = time.monotonic()
     drained_runner.process.send_signal(signal.SIGTERM)
     time.sleep(0.1)
     assert post_json(url, SHORT) == 503
-    for thread in in_flight:
-        thread.join(timeout=30)
     exit_code = drained_runner.process.wait(timeout=30)
     took = time.monotonic() - signalled_at
-    assert results == [200, 200, 200], "requests in flight at SIGTERM finish"
+    for stream in streams:
+        stream.join(timeout=5)
+    print(f"SIGTERM with 3 streams of {max_tokens} tokens in flight: streams done {max(s.ended_at for s in streams) - signalled_at:.2f} s, "
+          f"process exited {took:.2f} s after the signal")
+    assert all(stream.finished_normally for stream in streams), [(s.status, s.done, s.error, s.failure) for s in streams]
     assert exit_code == 0
-    assert took < 8, f"exit took {took:.1f} s; go-livepeer kills after 8"
-    _, alive = psutil.wait_procs(engine, timeout=5)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "engine processes left behind"
+    assert took <= 6, f"exit took {took:.1f} s; within DRAIN_TIMEOUT the budget is 6 s (go-livepeer kills after 8)"
+    assert not left_behind(processes), "processes of the runner left behind"
+
+
+def test_sigterm_cuts_a_stream_that_outlasts_drain_timeout_with_its_error_and_exits_within_8_s(tmp_path,
+                                                                                                tiny_model_dir):
+    env = {"MODEL_ID": str(tiny_model_dir), "KV_CACHE_GIB": "0.25", "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN)}
+    runner = RunnerProcess("cut", env, tmp_path / "cut.log")
+    runner.start()
+    try:
+        assert runner.wait_until({"IDLE", "ERROR"}) == "IDLE", runner.log_tail()
+        [stream] = start_streams(f"{runner.url}/llm", 1, max_tokens=TINY_MAX_MODEL_LEN - 64)
+        processes = runner_processes(runner)
+        signalled_at = time.monotonic()
+        runner.process.send_signal(signal.SIGTERM)
+        exit_code = runner.process.wait(timeout=30)
+        took = time.monotonic() - signalled_at
+        stream.join(timeout=5)
+        print(f"SIGTERM with a stream outlasting DRAIN_TIMEOUT (5 s): stream ended "
+              f"{stream.ended_at - signalled_at:.2f} s, process exited {took:.2f} s after the signal")
+        assert stream.error and "DRAIN_TIMEOUT" in stream.error, (stream.status, stream.done, stream.error,
+                                                                  stream.failure, len(stream.events))
+        assert stream.done, "the cut stream still ends with [DONE] after its error event"
+        assert exit_code == 0
+        assert took <= 8, f"exit took {took:.1f} s; go-livepeer kills after 8"
+        assert not left_behind(processes), "processes of the runner left behind"
+    finally:
+        runner.stop()
 
 
 def test_sigterm_while_the_engine_starts_stops_it(tmp_path, tiny_model_dir):
@@ -168,3 +210,31 @@ def test_sigterm_while_the_engine_starts_stops_it(tmp_path, tiny_model_dir):
         assert '"engine.start_stopped"' in runner.log_path.read_text()
     finally:
         runner.stop()
+
+
+async def test_a_drain_past_its_timeout_cuts_a_stream_with_its_in_band_error_and_a_request_with_a_500(aiohttp_client):
+    """No engine: the scripted pipeline holds both requests open until the drain's cut."""
+    from runner.app import create_app
+    from runner.keys import STATE
+    from runner.settings import RunnerSettings
+    from tests.runner.test_routes import VALID, ScriptedPipeline, wait_for_health
+
+    pipeline = ScriptedPipeline()
+    pipeline.release_load.set()
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    await wait_for_health(client, "IDLE")
+    pipeline.gate.clear()
+    stream = await client.post("/llm", json={**VALID, "stream": True})
+    assert stream.status == 200
+    plain = asyncio.create_task(client.post("/llm", json=VALID))
+    state = client.app[STATE]
+    while state.in_flight < 2:
+        await asyncio.sleep(0.01)
+    assert await state.drain(0.1, cut_reason="cut by the drain") == 2
+    assert state.in_flight == 0, "the cut requests ended within the cut's grace"
+    blocks = (await stream.read()).decode().split("\n\n")
+    assert blocks[-2:] == ["data: [DONE]", ""]
+    ending = json.loads(blocks[-3].removeprefix("data: "))
+    assert ending["choices"][0]["finish_reason"] == "error" and ending["error"]["msg"] == "cut by the drain"
+    response = await plain
+    assert response.status == 500 and (await response.json())["detail"]["msg"] == "cut by the drain"

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 
 import psutil
@@ -27,14 +28,18 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from pipelines.llm.engine import Adapter, AdapterRefused, Sampling, SamplingRefused
-from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser, reasoning_parser_names
+from pipelines.llm.vllm_backend.reasoning_parsers import (
+    ReasoningParser,
+    reasoning_parser_names,
+)
 from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser, tool_parser_names
 
 log = structlog.get_logger(__name__)
 
-# go-livepeer kills a container 8 s after SIGTERM and the runner drains for up to
-# DRAIN_TIMEOUT (5 s) first: the engine's processes get 2 s to exit, not vLLM's 5.
-ENGINE_SHUTDOWN_TIMEOUT = 2.0
+# go-livepeer kills a container 8 s after SIGTERM and the runner drains for up to DRAIN_TIMEOUT (5 s) first:
+# the engine's processes get 0.5 s to exit (not vLLM's 5), then are killed. Nothing is left to save by then
+# (the drain is over), and vLLM's workers do not end on SIGTERM anyway: its own shutdown kills them too.
+ENGINE_SHUTDOWN_TIMEOUT = 0.5
 
 
 @contextlib.contextmanager
@@ -74,25 +79,53 @@ def engine_series_logger(registry: CollectorRegistry) -> type[PrometheusStatLogg
     })
 
 
-def stop_engine_processes(grace: float = ENGINE_SHUTDOWN_TIMEOUT) -> int:
-    """End the engine processes this process started, for an engine whose start was cut short.
+def engine_processes() -> list[psutil.Process]:
+    """The processes this process started for its engine (all of them, the engine core's workers included).
 
-    ``AsyncLLM`` offers no way to stop its own construction; its engine core
-    exits on SIGTERM (taking its workers with it), and what is left after
-    ``grace`` seconds is killed. multiprocessing's resource tracker is spared:
-    it removes the shared memory the others leave. Returns how many were signalled.
+    multiprocessing's resource tracker is spared: it removes the shared memory the others leave.
     """
-    children = [
+    return [
         child for child in psutil.Process().children(recursive=True)
         if "resource_tracker" not in " ".join(child.cmdline())
     ]
+
+
+def running(process: psutil.Process) -> bool:
+    """Alive and not a zombie: a killed grandchild stays a zombie until whoever adopted it reaps it."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def end_processes(processes: list[psutil.Process], grace: float) -> None:
+    """SIGKILL those of ``processes`` still running after ``grace`` seconds (signalled with SIGTERM before).
+
+    Polled, not ``psutil.wait_procs``: that waits the whole grace on a zombie
+    grandchild, and this runs inside the stop's budget.
+    """
+    deadline = time.monotonic() + grace
+    alive = [process for process in processes if running(process)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [process for process in alive if running(process)]
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def stop_engine_processes(grace: float = ENGINE_SHUTDOWN_TIMEOUT) -> int:
+    """End the engine processes this process started: SIGTERM to all at once, SIGKILL after ``grace`` seconds.
+
+    For an engine whose start was cut short (``AsyncLLM`` offers no way to stop
+    its own construction), or one that must end now (a lost worker node).
+    Returns how many were signalled.
+    """
+    children = engine_processes()
     for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(children, timeout=grace)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+    end_processes(children, grace)
     return len(children)
 
 
@@ -207,7 +240,20 @@ class VLLMEngine:
         return self.registry
 
     def shutdown(self) -> None:
+        """End the engine within ENGINE_SHUTDOWN_TIMEOUT (and SIGKILL's moment), every process it started included.
+
+        vLLM's own shutdown signals the engine core, which then waits for its
+        workers before killing them: two waits in a row. Here every process gets
+        SIGTERM at once, vLLM's shutdown closes this side (its sockets, the output
+        handler), and whatever is still alive at the end of the one grace is killed.
+        """
+        processes = engine_processes()
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + ENGINE_SHUTDOWN_TIMEOUT
         self.engine.shutdown(ENGINE_SHUTDOWN_TIMEOUT)
+        end_processes(processes, max(0.0, deadline - time.monotonic()))
 
 
 def structured_outputs(sampling: Sampling) -> StructuredOutputsParams | None:

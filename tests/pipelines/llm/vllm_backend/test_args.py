@@ -146,6 +146,7 @@ NOT_ENGINE_ARGUMENTS = {
     "TOOL_CALL_PARSER": "a vLLM tool parser chosen by name (vllm_backend/tool_parsers.py)",
     "REASONING_PARSER": "a vLLM reasoning parser chosen by name (vllm_backend/reasoning_parsers.py)",
     "MASTER_WAIT_TIMEOUT": "how long the host waits for the nodes (host.py, worker_node.py)",
+    "NODE_LINE_PORT": "the serving node's port for its worker nodes' lines (nodes.py)",
     "RAY_ADDRESS": "the Ray cluster the engine's processes join, through their environment",
     "VLLM_CACHE_ROOT": "read by vLLM's processes from their environment (layout.engine_environment)",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "read by vLLM's processes from their environment (layout.engine_environment)",
