@@ -98,7 +98,8 @@ async def test_completions_plain_streamed_and_echoed(openai_default):
 
 async def test_six_prompts_in_one_request_run_together_not_one_after_the_other(openai_tiny, tiny_runner):
     """The engine takes a request only when its stream is first read: reading six one after the other would
-    take six times one prompt's time. Read together, they share the engine's steps."""
+    take as long as six requests sent one after the other. Read together, they share the engine's steps.
+    Measured side by side, round after round, so that the machine's load weighs on both alike."""
     import time
 
     model, prompts = served_model(tiny_runner), [f"Story number {index}:" for index in range(6)]
@@ -109,11 +110,16 @@ async def test_six_prompts_in_one_request_run_together_not_one_after_the_other(o
         assert answer.usage.completion_tokens == 64 * (len(prompt) if isinstance(prompt, list) else 1)
         return time.monotonic() - started
 
-    await seconds(prompts[0])  # the prompt's prefix enters the cache, as it then does for every measurement
-    one = sorted([await seconds(prompts[0]) for _ in range(3)])[1]
-    six = sorted([await seconds(prompts) for _ in range(3)])[1]
-    print(f"six prompts in one request: {six:.2f} s, one prompt: {one:.2f} s, {six / one:.2f}x")
-    assert six < 3 * one, f"six prompts took {six:.2f} s, one {one:.2f} s: {six / one:.1f}x"
+    await seconds(prompts)  # the prompts' prefixes enter the cache, as they then are for every measurement
+    one_by_one, together = [], []
+    for _ in range(3):
+        one_by_one.append(sum([await seconds(prompt) for prompt in prompts]))
+        together.append(await seconds(prompts))
+    one_by_one, together = sorted(one_by_one)[1], sorted(together)[1]
+    print(f"six prompts in one request: {together:.2f} s, as six requests one after the other: {one_by_one:.2f} s, "
+          f"{together / one_by_one:.2f}x ({6 * together / one_by_one:.1f}x one prompt's time)")
+    assert together < 0.7 * one_by_one, f"six prompts in one request took {together:.2f} s, one after the other " \
+                                        f"{one_by_one:.2f} s"
 
 
 async def test_models_lists_the_served_model(openai_default):
