@@ -7,12 +7,14 @@ be the one a single worker gives.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -152,9 +154,10 @@ def two_node_env(tiny_model_dir, ports: tuple[int, int], node_rank: int,
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "NODE_LINE_PORT": str(line_port)}
 
 
-def start_two_nodes(tmp_path, tiny_model_dir, layout: dict[str, str] | None = None,
-                    ) -> tuple[RunnerProcess, RunnerProcess]:
-    """A serving node and a worker node on loopback, a core each, both IDLE."""
+@contextlib.contextmanager
+def two_nodes(tmp_path, tiny_model_dir, layout: dict[str, str] | None = None,
+              ) -> Iterator[tuple[RunnerProcess, RunnerProcess]]:
+    """A serving node and a worker node on loopback, a core each, both IDLE; both stopped at the end."""
     cores = sorted(os.sched_getaffinity(0))
     ports = node_ports()
     serving = start(tmp_path, "node0", two_node_env(tiny_model_dir, ports, 0, layout), cpus={cores[0]})
@@ -162,21 +165,20 @@ def start_two_nodes(tmp_path, tiny_model_dir, layout: dict[str, str] | None = No
     try:
         wait_idle(serving)
         wait_idle(worker)
-    except BaseException:
+        print(f"two-node start ({layout or 'TP=2'}): serving node IDLE at {serving.since_launch():.1f} s, "
+              f"worker node at {worker.since_launch():.1f} s")
+        # The join is told apart from the engine's start: the serving node logs it before its load is done.
+        events = [json.loads(line) for line in serving.log_path.read_text().splitlines() if line.startswith("{")]
+        names = [event["event"] for event in events]
+        assert "serving_node.worker_nodes_joined" in names, names
+        assert names.index("serving_node.worker_nodes_joined") < names.index("pipeline.load.done"), names
+        joined = events[names.index("serving_node.worker_nodes_joined")]
+        print(f"worker node joined {joined['seconds']} s after the serving node's engine start began; its load took "
+              f"{events[names.index('pipeline.load.done')]['seconds']} s in all")
+        yield serving, worker
+    finally:
         serving.stop()
         worker.stop()
-        raise
-    print(f"two-node start ({layout or 'TP=2'}): serving node IDLE at {serving.since_launch():.1f} s, worker node at "
-          f"{worker.since_launch():.1f} s")
-    # The join is told apart from the engine's start: the serving node logs it before its load is done.
-    events = [json.loads(line) for line in serving.log_path.read_text().splitlines() if line.startswith("{")]
-    names = [event["event"] for event in events]
-    assert "serving_node.worker_nodes_joined" in names, names
-    assert names.index("serving_node.worker_nodes_joined") < names.index("pipeline.load.done"), names
-    joined = events[names.index("serving_node.worker_nodes_joined")]
-    print(f"worker node joined {joined['seconds']} s after the serving node's engine start began; its load took "
-          f"{events[names.index('pipeline.load.done')]['seconds']} s in all")
-    return serving, worker
 
 
 def lose_the_worker_node(serving: RunnerProcess, worker: RunnerProcess) -> float:
@@ -214,20 +216,15 @@ def lose_the_worker_node(serving: RunnerProcess, worker: RunnerProcess) -> float
 
 
 def test_two_nodes_on_loopback_serve_like_one_and_a_lost_worker_node_is_error(tmp_path, tiny_model_dir, tiny_runner):
-    serving, worker = start_two_nodes(tmp_path, tiny_model_dir)
-    try:
+    with two_nodes(tmp_path, tiny_model_dir) as (serving, worker):
         assert text(serving) == text(tiny_runner), "two nodes give the text of one at temperature 0"
         status, body = post(worker)
         assert status == 503 and "serves no requests" in body["detail"]["msg"], (status, body)
         lose_the_worker_node(serving, worker)
-    finally:
-        serving.stop()
-        worker.stop()
 
 
 def test_a_worker_node_stops_within_6_s_of_sigterm_and_the_serving_node_then_says_error(tmp_path, tiny_model_dir):
-    serving, worker = start_two_nodes(tmp_path, tiny_model_dir)
-    try:
+    with two_nodes(tmp_path, tiny_model_dir) as (serving, worker):
         seconds, left = sigterm_exit_seconds(worker)
         print(f"worker node exited {seconds:.2f} s after SIGTERM")
         assert worker.process.returncode == 0, worker.log_tail()
@@ -238,14 +235,10 @@ def test_a_worker_node_stops_within_6_s_of_sigterm_and_the_serving_node_then_say
         seconds, left = sigterm_exit_seconds(serving)
         print(f"serving node exited {seconds:.2f} s after SIGTERM")
         assert not left, f"left behind on the serving node: {left}"
-    finally:
-        serving.stop()
-        worker.stop()
 
 
 def test_a_worker_node_exits_when_the_serving_node_does(tmp_path, tiny_model_dir):
-    serving, worker = start_two_nodes(tmp_path, tiny_model_dir)
-    try:
+    with two_nodes(tmp_path, tiny_model_dir) as (serving, worker):
         worker_processes = node_processes(worker)
         seconds, left = sigterm_exit_seconds(serving)
         print(f"serving node exited {seconds:.2f} s after SIGTERM")
@@ -254,9 +247,6 @@ def test_a_worker_node_exits_when_the_serving_node_does(tmp_path, tiny_model_dir
         assert worker.process.wait(timeout=10) == 0, worker.log_tail()
         print(f"worker node exited {time.monotonic() - gone_at:.2f} s after the serving node")
         assert not left_behind(worker_processes, timeout=1), "worker node left processes behind"
-    finally:
-        serving.stop()
-        worker.stop()
 
 
 def wait_error(runner: RunnerProcess, timeout: float) -> str:

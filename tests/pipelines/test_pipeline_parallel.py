@@ -19,8 +19,8 @@ from tests.pipelines.test_parallel import (
     engine_start,
     lose_the_worker_node,
     start,
-    start_two_nodes,
     text,
+    two_nodes,
     two_ranks_missing,
     wait_idle,
     workers,
@@ -51,10 +51,6 @@ def test_pipeline_parallel_serves_the_tiny_model_like_one_stage_in_float32(tmp_p
 
 def test_two_nodes_of_one_stage_each_serve_and_a_lost_worker_node_is_error(tmp_path, tiny_model_dir):
     """NNODES=2 with PIPELINE_PARALLEL_SIZE=2: the worker node's rank is the second stage; losing it is ERROR."""
-    serving, worker = start_two_nodes(tmp_path, tiny_model_dir, {"PIPELINE_PARALLEL_SIZE": "2"})
-    try:
+    with two_nodes(tmp_path, tiny_model_dir, {"PIPELINE_PARALLEL_SIZE": "2"}) as (serving, worker):
         assert text(serving), "the two stages serve"
         lose_the_worker_node(serving, worker)
-    finally:
-        serving.stop()
-        worker.stop()
