@@ -98,20 +98,17 @@ class EngineHost:
         settings = self.settings
         gpus, gpu = (self.gpus, self.gpu) if self.gpus is not None else (count_gpus(), least_capable_gpu())
         cpus = self.cpus if self.cpus is not None else os.sched_getaffinity(0)
-        # Importing vLLM takes seconds: let a download (or a quick failure to find the model) overlap it.
-        self.backend, model_path = await asyncio.gather(
-            run_blocking(self.load_backend), run_blocking(resolve_model, self.model_id, self.model_dir)
+        # Importing vLLM takes seconds: let the downloads of the model and its adapters overlap it, and a model or an
+        # adapter that cannot be found or served fail at once, not after the import.
+        self.backend, (model_path, settings) = await asyncio.gather(
+            run_blocking(self.load_backend), self.find_model_and_adapters()
         )
         backend = self.backend
-        if not (model_path / "config.json").is_file():
-            raise not_a_model(self.model_id, model_path)
         model_config = json.loads((model_path / "config.json").read_text())
         on_cpu = backend.platform() == "cpu"
         errors = layout_errors(settings, model_config, on_cpu, gpus, len(cpus), gpu)
         if errors:
             raise ValueError("; ".join(errors))
-        if settings.lora_enabled:
-            settings = await self.find_adapters(model_path)
         args = backend.engine_args(settings, model_path, self.model_id, model_config, gpu)
         environment = engine_environment(settings, self.model_dir, on_cpu, cpus)
         if settings.worker_node:
@@ -202,6 +199,13 @@ class EngineHost:
         finally:
             joined.cancel()
             lost.cancel()
+
+    async def find_model_and_adapters(self) -> tuple[Path, LLMSettings]:
+        """The model's folder (downloaded where needed) and the settings its adapters leave; raises when either cannot serve."""
+        model_path = await run_blocking(resolve_model, self.model_id, self.model_dir)
+        if not (model_path / "config.json").is_file():
+            raise not_a_model(self.model_id, model_path)
+        return model_path, await self.find_adapters(model_path) if self.settings.lora_enabled else self.settings
 
     async def find_adapters(self, model_path: Path) -> LLMSettings:
         """LORA_ADAPTERS found (downloaded where needed, all at once) and checked; the settings with the engine's LoRA rank.
