@@ -11,12 +11,13 @@ import pytest
 from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess
 from tests.support.runners import (
     MAX_ENGINES,
-    RUNNER_FIXTURES,
+    ModuleNeeds,
     RunnerPool,
     SuiteFootprint,
     module_order,
     ready,
     runner_specs,
+    upcoming_runners,
 )
 from tests.support.tiny_model import build_tiny_llama
 
@@ -53,13 +54,15 @@ def runner_pool(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[Runne
 
 @pytest.fixture(scope="module", autouse=True)
 def module_runners(request) -> None:
-    """Start the shared runners this module's tests use, before its first test, within MAX_ENGINES."""
-    items = [item for item in request.session.items if item.module is request.module]
-    names = {RUNNER_FIXTURES[name] for item in items for name in item.fixturenames if name in RUNNER_FIXTURES}
-    marker = request.node.get_closest_marker("own_engines")
-    own = marker.args[0] if marker else 0
-    if names or own:
-        request.getfixturevalue("runner_pool").prepare(names, own)
+    """Start the shared runners this module's tests use, before its first test, within MAX_ENGINES.
+
+    A module with no engine of its own also has the next module's runners started behind its tests.
+    """
+    items = request.session.items
+    need = ModuleNeeds.of([item for item in items if item.module is request.module])
+    if need.engines:
+        upcoming = upcoming_runners(items, request.module) if not need.own_engines else set()
+        request.getfixturevalue("runner_pool").prepare(set(need.runners), need.own_engines, upcoming)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -69,13 +70,28 @@ def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dic
     }
 
 
+def plan(alive: list[str], names: set[str], own_engines: int) -> tuple[list[str], list[str]]:
+    """What a module needing the shared runners ``names`` and ``own_engines`` of its own makes the pool do.
+
+    ``alive`` lists the runners alive, least recently used first. Returns the
+    runners to stop (unneeded ones, least recently used first, only as many as
+    the module's engines need room for) and the runners to start.
+    """
+    missing = [name for name in sorted(names) if name not in alive]
+    room = MAX_ENGINES - own_engines - len(missing)
+    idle = [name for name in alive if name not in names]
+    return idle[: max(0, len(alive) - room)], missing
+
+
 class RunnerPool:
     """The shared runners, started when a test module first needs them, at most MAX_ENGINES alive.
 
     Before each module, the runners its tests use are started together (their
     engines start side by side); a runner another module left alive is kept
-    while there is room and stopped, least recently used first, when there is not.
-    A runner whose test stopped it or killed its engine is started anew if needed again.
+    while there is room and stopped, least recently used first, when there is not
+    (``plan``). Where room is left, the runners the next module needs start
+    now, behind this module's tests. A runner whose test stopped it or killed
+    its engine is started anew if needed again.
     """
 
     def __init__(self, specs: dict[str, tuple[dict[str, str], bool]], logs: Path) -> None:
@@ -87,26 +103,29 @@ class RunnerPool:
     def usable(self, runner: RunnerProcess) -> bool:
         return runner.process.poll() is None and not runner.engine_died()
 
-    def prepare(self, names: set[str], own_engines: int = 0) -> None:
+    def prepare(self, names: set[str], own_engines: int = 0, upcoming: set[str] = frozenset()) -> None:
+        """Make ``names`` alive for a module with ``own_engines`` of its own; start ``upcoming`` where room is left."""
         if len(names) + own_engines > MAX_ENGINES:
             raise AssertionError(f"a module needs {sorted(names)} and {own_engines} engines of its own: more than {MAX_ENGINES}")
         for name, runner in list(self.alive.items()):
             if not self.usable(runner):
                 runner.stop()
                 del self.alive[name]
-        for name in [name for name in self.alive if name in names]:
-            self.alive[name] = self.alive.pop(name)  # most recently used last
-        missing = [name for name in sorted(names) if name not in self.alive]
-        room = MAX_ENGINES - own_engines - len(missing)
-        for name in [name for name in self.alive if name not in names][: max(0, len(self.alive) - room)]:
+        self.alive = {name: self.alive[name] for name in used(list(self.alive), frozenset(names))}
+        stop, missing = plan(list(self.alive), names, own_engines)
+        for name in stop:
             self.alive.pop(name).stop()
-        for name in missing:
-            env, request_while_loading = self.specs[name]
-            self.starts[name] = self.starts.get(name, 0) + 1
-            log_path = self.logs / f"{name}-{self.starts[name]}.log"
-            runner = RunnerProcess(name, env, log_path, request_while_loading=request_while_loading)
-            runner.start()
-            self.alive[name] = runner
+        ahead = [name for name in sorted(upcoming) if name not in self.alive and name not in missing]
+        for name in missing + ahead[: max(0, MAX_ENGINES - own_engines - len(self.alive) - len(missing))]:
+            self.start(name)
+
+    def start(self, name: str) -> None:
+        env, request_while_loading = self.specs[name]
+        self.starts[name] = self.starts.get(name, 0) + 1
+        log_path = self.logs / f"{name}-{self.starts[name]}.log"
+        runner = RunnerProcess(name, env, log_path, request_while_loading=request_while_loading)
+        runner.start()
+        self.alive[name] = runner
 
     def get(self, name: str) -> RunnerProcess:
         if name not in self.alive:
@@ -153,25 +172,77 @@ class SuiteFootprint:
             self.peak_engines = max(self.peak_engines, engines)
 
 
+@dataclass(frozen=True)
+class ModuleNeeds:
+    """The engines one test module needs: shared runners, engines of its own, shared runners it ends."""
+
+    runners: frozenset[str]
+    own_engines: int
+    ends: frozenset[str]
+
+    @classmethod
+    def of(cls, module_items: list) -> ModuleNeeds:
+        runners = {RUNNER_FIXTURES[name] for item in module_items for name in item.fixturenames if name in RUNNER_FIXTURES}
+        own = module_items[0].get_closest_marker("own_engines")
+        ends = module_items[0].get_closest_marker("ends_runners")
+        return cls(frozenset(runners), own.args[0] if own else 0, frozenset(ends.args if ends else ()))
+
+    @property
+    def engines(self) -> bool:
+        return bool(self.runners or self.own_engines)
+
+
+def used(alive: list[str], names: frozenset[str]) -> list[str]:
+    """``alive`` (least recently used first) once a module has used ``names``."""
+    return [name for name in alive if name not in names] + [name for name in alive if name in names]
+
+
 def module_order(items: list) -> list:
     """The suite's items, module by module in the order that starts the fewest engines.
 
-    Modules that need no shared runner come first; then those that use the
-    guarded runner (which no later module needs, so the pool may drop it);
-    then the rest; then modules that end a shared runner (``ends_runners``),
-    after every module that needs that runner alive; modules with engines of
-    their own come last. Within a module, and between equals, the order is
-    the collection's.
+    Modules that need no engine come first, in the collection's order. Then,
+    one at a time, the module that costs the pool (``plan``) the fewest starts
+    now plus stops of runners a later module still needs; a module that ends
+    a shared runner (``ends_runners``) only once no other module left needs
+    that runner. Between equals, modules with no engine of their own, then
+    the collection's order.
     """
     modules: dict[object, list] = {}
     for item in items:
         modules.setdefault(item.module, []).append(item)
+    needs = {module: ModuleNeeds.of(module_items) for module, module_items in modules.items()}
+    order = [module for module in modules if not needs[module].engines]
+    rest = [module for module in modules if needs[module].engines]
+    alive: list[str] = []
+    while rest:
+        def cost(module, alive=alive) -> tuple:
+            need = needs[module]
+            stop, start = plan(used(alive, need.runners), set(need.runners), need.own_engines)
+            later = set().union(*(needs[other].runners for other in rest if other is not module))
+            return len(start) + len(set(stop) & later), need.own_engines > 0, rest.index(module)
 
-    def key(module_items: list) -> tuple:
-        runners = {RUNNER_FIXTURES[name] for item in module_items for name in item.fixturenames if name in RUNNER_FIXTURES}
-        ends = module_items[0].get_closest_marker("ends_runners")
-        own = module_items[0].get_closest_marker("own_engines")
-        return (bool(own), bool(ends), bool(runners) and "guarded" not in runners, bool(runners))
+        def may_go(module) -> bool:
+            return not any(needs[other].runners & needs[module].ends for other in rest if other is not module)
 
-    ordered = sorted(modules.values(), key=key)  # stable: equals keep the collection's order
-    return [item for module_items in ordered for item in module_items]
+        module = min(filter(may_go, rest), key=cost)
+        need = needs[module]
+        alive = used(alive, need.runners)
+        stop, start = plan(alive, set(need.runners), need.own_engines)
+        alive = [name for name in alive + start if name not in stop and name not in need.ends]
+        order.append(module)
+        rest.remove(module)
+    return [item for module in order for item in modules[module]]
+
+
+def upcoming_runners(items: list, module) -> set[str]:
+    """The shared runners of the next module with engines after ``module`` in ``items``, if it has none of its own."""
+    seen, modules = False, {}
+    for item in items:
+        modules.setdefault(item.module, []).append(item)
+    for other, module_items in modules.items():
+        if seen:
+            need = ModuleNeeds.of(module_items)
+            if need.engines:
+                return set(need.runners) if not need.own_engines else set()
+        seen = seen or other is module
+    return set()
