@@ -181,27 +181,34 @@ def two_nodes(tmp_path, tiny_model_dir, layout: dict[str, str] | None = None,
         worker.stop()
 
 
-def lose_the_worker_node(serving: RunnerProcess, worker: RunnerProcess) -> float:
-    """Kill every process of the worker node with a stream in flight on the serving node.
+def lose_the_worker_node(serving: RunnerProcess, worker: RunnerProcess, how: str = "kill") -> float:
+    """Lose the worker node with a stream in flight on the serving node: ``kill`` every process of it, or ``sigterm`` it.
 
-    Checks that the serving node says ERROR within 5 s, names the node in its log,
-    ends the stream with its in-band error (no hang), refuses new requests with
-    503 and stops within 8 s of SIGTERM, leaving nothing behind. Returns the
-    seconds from the kill to ERROR.
+    A worker node sent SIGTERM must exit with 0 within 6 s, leaving nothing behind.
+    Either way, checks that the serving node says ERROR within 5 s, names the node
+    in its log, ends the stream with its in-band error (no hang), refuses new
+    requests with 503 and stops within 8 s of SIGTERM, leaving nothing behind.
+    Returns the seconds from the kill or the SIGTERM to ERROR.
     """
     [stream] = start_streams(f"{serving.url}/llm", 1, max_tokens=TINY_MAX_MODEL_LEN - 64)
-    doomed = node_processes(worker)
-    killed_at = time.monotonic()
-    for process in doomed:
-        process.kill()
+    if how == "kill":
+        lost_at = time.monotonic()
+        for process in node_processes(worker):
+            process.kill()
+    else:
+        lost_at = time.monotonic()
+        seconds, left = sigterm_exit_seconds(worker)
+        print(f"worker node exited {seconds:.2f} s after SIGTERM")
+        assert worker.process.returncode == 0, worker.log_tail()
+        assert seconds <= 6 and not left, (seconds, left)
     while serving.health() != "ERROR":
-        assert time.monotonic() - killed_at < 5, "no ERROR within 5 s of losing the worker node"
+        assert time.monotonic() - lost_at < 5, "no ERROR within 5 s of losing the worker node"
         time.sleep(0.05)
-    seconds = time.monotonic() - killed_at
-    print(f"serving node ERROR {seconds:.2f} s after the worker node was killed")
+    seconds = time.monotonic() - lost_at
+    print(f"serving node ERROR {seconds:.2f} s after the worker node was lost ({how})")
     stream.join(timeout=30)
     assert not stream.is_alive(), "the stream in flight hangs after the worker node was lost"
-    print(f"the stream in flight ended {stream.ended_at - killed_at:.2f} s after the kill: {stream.error!r}")
+    print(f"the stream in flight ended {stream.ended_at - lost_at:.2f} s after the loss: {stream.error!r}")
     assert stream.error or stream.failure, "the stream in flight ends with an error"
     status, body = post(serving)
     assert status == 503, (status, body)
@@ -215,26 +222,17 @@ def lose_the_worker_node(serving: RunnerProcess, worker: RunnerProcess) -> float
     return seconds
 
 
-def test_two_nodes_on_loopback_serve_like_one_and_a_lost_worker_node_is_error(tmp_path, tiny_model_dir, tiny_runner):
+def test_two_nodes_on_loopback_serve_like_one_and_a_worker_node_stopped_by_sigterm_is_error(tmp_path, tiny_model_dir,
+                                                                                           tiny_runner):
+    """Two nodes give one node's text; a worker node stops within 6 s of SIGTERM and the serving node says ERROR.
+
+    A worker node killed outright is lost the same way: tests/pipelines/test_pipeline_parallel.py kills one.
+    """
     with two_nodes(tmp_path, tiny_model_dir) as (serving, worker):
         assert text(serving) == text(tiny_runner), "two nodes give the text of one at temperature 0"
         status, body = post(worker)
         assert status == 503 and "serves no requests" in body["detail"]["msg"], (status, body)
-        lose_the_worker_node(serving, worker)
-
-
-def test_a_worker_node_stops_within_6_s_of_sigterm_and_the_serving_node_then_says_error(tmp_path, tiny_model_dir):
-    with two_nodes(tmp_path, tiny_model_dir) as (serving, worker):
-        seconds, left = sigterm_exit_seconds(worker)
-        print(f"worker node exited {seconds:.2f} s after SIGTERM")
-        assert worker.process.returncode == 0, worker.log_tail()
-        assert seconds <= 6 and not left, (seconds, left)
-        gone_at = time.monotonic()
-        assert serving.wait_until({"ERROR"}, timeout=5) == "ERROR"
-        print(f"serving node ERROR {time.monotonic() - gone_at:.2f} s after the worker node's exit")
-        seconds, left = sigterm_exit_seconds(serving)
-        print(f"serving node exited {seconds:.2f} s after SIGTERM")
-        assert not left, f"left behind on the serving node: {left}"
+        lose_the_worker_node(serving, worker, how="sigterm")
 
 
 def test_a_worker_node_exits_when_the_serving_node_does(tmp_path, tiny_model_dir):
@@ -256,35 +254,31 @@ def wait_error(runner: RunnerProcess, timeout: float) -> str:
                 if '"pipeline.load.failed"' in line)
 
 
-def test_a_worker_node_whose_master_never_answers_is_error_and_stops_on_sigterm(tmp_path, tiny_model_dir):
-    wait_timeout = 3
-    env = {**two_node_env(tiny_model_dir, node_ports(), 1), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
-    worker = start(tmp_path, "lonely-node1", env, cpus={sorted(os.sched_getaffinity(0))[-1]})
+def test_nodes_that_never_meet_are_error_naming_why_and_stop_on_sigterm(tmp_path, tiny_model_dir):
+    """A worker node whose master never answers, and a serving node whose worker nodes never join (side by side)."""
+    cores = sorted(os.sched_getaffinity(0))
+    worker_wait, serving_wait = 3, 5
+    worker = start(tmp_path, "lonely-node1", {**two_node_env(tiny_model_dir, node_ports(), 1),
+                                               "MASTER_WAIT_TIMEOUT": str(worker_wait)}, cpus={cores[-1]})
+    serving = start(tmp_path, "lonely-node0", {**two_node_env(tiny_model_dir, node_ports(), 0),
+                                                "MASTER_WAIT_TIMEOUT": str(serving_wait)}, cpus={cores[0]})
     try:
-        reason = wait_error(worker, timeout=wait_timeout + 60)  # + importing vLLM, and a loaded machine
+        reason = wait_error(worker, timeout=worker_wait + 60)  # + importing vLLM, and a loaded machine
         print(f"worker node without a master: ERROR at {worker.since_launch():.1f} s (MASTER_WAIT_TIMEOUT="
-              f"{wait_timeout} s)")
+              f"{worker_wait} s)")
         assert "MASTER_WAIT_TIMEOUT" in reason and "MASTER_ADDR" in reason, reason
-        seconds, left = sigterm_exit_seconds(worker)
-        print(f"worker node exited {seconds:.2f} s after SIGTERM")
-        assert not left, f"left behind: {left}"
-    finally:
-        worker.stop()
 
-
-def test_a_serving_node_whose_worker_nodes_never_join_is_error(tmp_path, tiny_model_dir):
-    wait_timeout = 5
-    env = {**two_node_env(tiny_model_dir, node_ports(), 0), "MASTER_WAIT_TIMEOUT": str(wait_timeout)}
-    serving = start(tmp_path, "lonely-node0", env, cpus={sorted(os.sched_getaffinity(0))[0]})
-    try:
-        reason = wait_error(serving, timeout=wait_timeout + 60)
+        reason = wait_error(serving, timeout=serving_wait + 60)
         print(f"serving node without worker nodes: ERROR at {serving.since_launch():.1f} s (MASTER_WAIT_TIMEOUT="
-              f"{wait_timeout} s)")
+              f"{serving_wait} s)")
         print(f"its reason: {reason}")
         assert "MASTER_WAIT_TIMEOUT" in reason and "worker node NODE_RANK=1 (engine rank 1) never reached" in reason, \
             reason
-        seconds, left = sigterm_exit_seconds(serving)
-        print(f"serving node exited {seconds:.2f} s after SIGTERM")
-        assert not left, f"left behind: {left}"
+
+        for node in (worker, serving):
+            seconds, left = sigterm_exit_seconds(node)
+            print(f"{node.name} exited {seconds:.2f} s after SIGTERM")
+            assert not left, f"left behind: {left}"
     finally:
+        worker.stop()
         serving.stop()

@@ -26,7 +26,8 @@ from tests.support.orchestrator_standin import OrchestratorStandin
 from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port, get_json, post_json
 from tests.support.runners import TINY_MAX_MODEL_LEN
 
-pytestmark = pytest.mark.own_engines(1)  # one at a time: each test starts and stops its own runner
+# Each test has a runner of its own; the second one starts with the module, behind the first test.
+pytestmark = pytest.mark.own_engines(2)
 
 SECRET = "standin-registration-secret"
 INTERVAL = 1.0  # the stand-in's heartbeat_interval
@@ -107,6 +108,17 @@ def log_events(runner: RunnerProcess, event: str) -> list[dict]:
 def standin():
     orchestrator = OrchestratorStandin(registration_secret=SECRET, heartbeat_interval=INTERVAL).start()
     yield orchestrator
+    orchestrator.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def doomed_live(tmp_path_factory, tiny_model_dir):
+    """The runner whose engine dies, and its stand-in: started with the module, its start overlaps the first test."""
+    orchestrator = OrchestratorStandin(registration_secret=SECRET, heartbeat_interval=INTERVAL).start()
+    runner = live_runner(tmp_path_factory.mktemp("live-doomed"), tiny_model_dir, orchestrator, "live-doomed")
+    runner.start()
+    yield orchestrator, runner
+    runner.stop()
     orchestrator.stop()
 
 
@@ -214,9 +226,8 @@ def test_a_live_runner_joins_when_it_can_serve_is_reached_through_the_proxy_and_
         runner.stop()
 
 
-def test_a_runner_whose_engine_dies_turns_not_ready_within_a_heartbeat(tmp_path, tiny_model_dir, standin):
-    runner = live_runner(tmp_path, tiny_model_dir, standin, "live-doomed")
-    runner.start()
+def test_a_runner_whose_engine_dies_turns_not_ready_within_a_heartbeat(doomed_live):
+    standin, runner = doomed_live
     try:
         [registration] = standin.wait(standin.registrations, START_TIMEOUT, "a registration")
         runner_id = registration.runner_id
