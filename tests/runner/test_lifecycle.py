@@ -129,12 +129,14 @@ def left_behind(processes: list[psutil.Process], timeout: float = 1) -> list[psu
 def test_sigterm_drains_in_flight_streams_refuses_new_and_exits_within_6_s(drained_runner):
     """Three streams in flight at SIGTERM finish; the process (not a log line) is gone within 6 s, engine and all."""
     url = f"{drained_runner.url}/llm"
-    # Streams that last about 2.5 s here, on this machine's pace: three of 200 tokens, timed. (This runner's
-    # reasoning parser holds back a thinking model's events until the end: streams are seen in flight on /health.)
+    # Streams that last about 2 s here, on this machine's pace: three of 400 tokens, timed. A token late in a
+    # stream costs more than an early one, so the pace is read on streams not much shorter than the real ones, and
+    # 2 s leaves DRAIN_TIMEOUT (5 s) room for 2.5 times that. (This runner's reasoning parser holds back a
+    # thinking model's events until the end: streams are seen in flight on /health.)
     began = time.monotonic()
-    for stream in start_streams(url, 3, max_tokens=200, first_event=False):
+    for stream in start_streams(url, 3, max_tokens=400, first_event=False):
         stream.join(timeout=60)
-    max_tokens = min(3500, int(200 * 2.5 / max(0.05, time.monotonic() - began)))
+    max_tokens = min(3500, int(400 * 2.0 / max(0.05, time.monotonic() - began)))
     streams = start_streams(url, 3, max_tokens=max_tokens, first_event=False)
     deadline = time.monotonic() + 20
     while get_json(f"{drained_runner.url}/health")["status"] != "OK" and time.monotonic() < deadline:
