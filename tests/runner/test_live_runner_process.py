@@ -104,9 +104,13 @@ def log_events(runner: RunnerProcess, event: str) -> list[dict]:
     return [json.loads(line) for line in runner.log_path.read_text().splitlines() if f'"event": "{event}"' in line]
 
 
+def started_standin() -> OrchestratorStandin:
+    return OrchestratorStandin(registration_secret=SECRET, heartbeat_interval=INTERVAL).start()
+
+
 @pytest.fixture
 def standin():
-    orchestrator = OrchestratorStandin(registration_secret=SECRET, heartbeat_interval=INTERVAL).start()
+    orchestrator = started_standin()
     yield orchestrator
     orchestrator.stop()
 
@@ -114,7 +118,7 @@ def standin():
 @pytest.fixture(scope="module", autouse=True)
 def doomed_live(tmp_path_factory, tiny_model_dir):
     """The runner whose engine dies, and its stand-in: started with the module, its start overlaps the first test."""
-    orchestrator = OrchestratorStandin(registration_secret=SECRET, heartbeat_interval=INTERVAL).start()
+    orchestrator = started_standin()
     runner = live_runner(tmp_path_factory.mktemp("live-doomed"), tiny_model_dir, orchestrator, "live-doomed")
     runner.start()
     yield orchestrator, runner

@@ -6,6 +6,7 @@ generation path, the replies and every API module are the ones a container runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,14 @@ def runner_settings(**values: Any) -> RunnerSettings:
 def llm_pipeline(engine: FakeEngine, folder: Path, settings: LLMSettings | None = None,
                  apis: list[type[LLMAPI]] | None = None, backend: FakeBackend | None = None,
                  gpus: int = 0, cpus: set[int] = CPUS, gpu: GPU | None = None,
-                 model_config: dict | None = None) -> LLMPipeline:
+                 model_config: dict | None = None,
+                 load_backend: Callable[[], FakeBackend] | None = None) -> LLMPipeline:
+    """The llm pipeline on a fake model in ``folder``; ``load_backend`` stands for importing vLLM (default: at once)."""
     model = fake_model_dir(folder, model_config)
     settings = settings or llm_settings()
     backend = backend or FakeBackend(engine)
-    host = EngineHost(settings, str(model), model, backend=lambda: backend, gpus=gpus, cpus=cpus, gpu=gpu)
+    host = EngineHost(settings, str(model), model, backend=load_backend or (lambda: backend), gpus=gpus, cpus=cpus,
+                      gpu=gpu)
     return LLMPipeline(str(model), model, settings, host=host,
                        apis=apis if apis is not None else installed_apis())
 

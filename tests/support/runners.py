@@ -192,6 +192,14 @@ class ModuleNeeds:
         return bool(self.runners or self.own_engines)
 
 
+def by_module(items: list) -> dict[object, list]:
+    """The items, module by module, in their order."""
+    modules: dict[object, list] = {}
+    for item in items:
+        modules.setdefault(item.module, []).append(item)
+    return modules
+
+
 def used(alive: list[str], names: frozenset[str]) -> list[str]:
     """``alive`` (least recently used first) once a module has used ``names``."""
     return [name for name in alive if name not in names] + [name for name in alive if name in names]
@@ -207,9 +215,7 @@ def module_order(items: list) -> list:
     that runner. Between equals, modules with no engine of their own, then
     the collection's order.
     """
-    modules: dict[object, list] = {}
-    for item in items:
-        modules.setdefault(item.module, []).append(item)
+    modules = by_module(items)
     needs = {module: ModuleNeeds.of(module_items) for module, module_items in modules.items()}
     order = [module for module in modules if not needs[module].engines]
     rest = [module for module in modules if needs[module].engines]
@@ -236,10 +242,8 @@ def module_order(items: list) -> list:
 
 def upcoming_runners(items: list, module) -> set[str]:
     """The shared runners of the next module with engines after ``module`` in ``items``, if it has none of its own."""
-    seen, modules = False, {}
-    for item in items:
-        modules.setdefault(item.module, []).append(item)
-    for other, module_items in modules.items():
+    seen = False
+    for other, module_items in by_module(items).items():
         if seen:
             need = ModuleNeeds.of(module_items)
             if need.engines:

@@ -17,11 +17,8 @@ import structlog
 
 from pipelines.llm import host
 from pipelines.llm.layout import GPU
-from pipelines.llm.api import installed_apis
-from pipelines.llm.pipeline import LLMPipeline
-from runner.app import create_app
-from tests.support.apps import llm_app, llm_settings, ready_client, runner_settings
-from tests.support.fake_engine import MODEL_CONFIG, FakeBackend, FakeEngine, fake_model_dir
+from tests.support.apps import llm_app, llm_settings, ready_client
+from tests.support.fake_engine import MODEL_CONFIG, FakeBackend, FakeEngine
 from tests.support.http import QUESTION
 
 H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0))
@@ -104,7 +101,6 @@ async def test_a_stop_while_the_engine_starts_ends_what_it_started(aiohttp_clien
     assert "engine.start_stopped" in [entry["event"] for entry in logs]
 
 
-
 @pytest.mark.parametrize("case", ["adapter", "model"])
 async def test_an_adapter_or_model_that_cannot_serve_is_error_before_vllm_is_imported(aiohttp_client, tmp_path, case):
     """Importing vLLM takes seconds: what can be found without it fails while the import still runs."""
@@ -115,25 +111,23 @@ async def test_an_adapter_or_model_that_cannot_serve_is_error_before_vllm_is_imp
         imported.wait(60)
         return FakeBackend(engine)
 
-    model = fake_model_dir(tmp_path / "model")
     values, reason = {
         "adapter": ({"LORA_ADAPTERS": f"x={tmp_path / 'no-such-adapter'}"}, "adapter 'x'"),
         "model": ({}, "is not a model"),
     }[case]
+    app = llm_app(engine, tmp_path / "model", llm_settings(**values), load_backend=slow_import)
     if case == "model":
-        (model / "config.json").unlink()
-    settings = llm_settings(**values)
-    engine_host = host.EngineHost(settings, str(model), model, backend=slow_import, gpus=0, cpus={0, 1})
-    pipeline = LLMPipeline(str(model), model, settings, host=engine_host, apis=installed_apis())
+        (tmp_path / "model" / "config.json").unlink()
     try:
         with structlog.testing.capture_logs() as logs:
-            client = await ready_client(aiohttp_client, create_app(runner_settings(), pipeline=pipeline))
+            client = await ready_client(aiohttp_client, app)
         assert not imported.is_set()
         assert (await (await client.get("/health")).json())["status"] == "ERROR"
         [failed] = [entry for entry in logs if entry["event"] == "pipeline.load.failed"]
         assert reason in failed["reason"], failed
     finally:
         imported.set()
+
 
 EIGHT_BIT = {  # the machine's least capable GPU, the checkpoint -> what USE_8BIT asks of vLLM
     "fp8-gpu": (H100, MODEL_CONFIG, "fp8_per_channel"),
