@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port
-from tests.support.runners import TINY_MAX_MODEL_LEN
+from tests.support.runners import TINY_MAX_MODEL_LEN, tiny_engine_env
 from tests.support.streams import start_streams
 
 # A TP=2 (or PP=2) runner is an engine core and two workers: it counts as two engines beside a shared runner.
@@ -89,8 +89,7 @@ def left_behind(processes: list[psutil.Process], timeout: float = 5) -> list[psu
 
 def test_tensor_parallel_serves_the_tiny_model_like_one_rank_and_a_dead_rank_is_error(tmp_path, tiny_model_dir,
                                                                                        tiny_runner):
-    env = {"MODEL_ID": str(tiny_model_dir), "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN), "KV_CACHE_GIB": "0.25",
-           "TENSOR_PARALLEL_SIZE": "2"}
+    env = {**tiny_engine_env(tiny_model_dir, core=None), "TENSOR_PARALLEL_SIZE": "2"}
     runner = start(tmp_path, "tp2", env)
     try:
         wait_idle(runner)
@@ -149,7 +148,7 @@ def node_ports() -> tuple[int, int]:
 def two_node_env(tiny_model_dir, ports: tuple[int, int], node_rank: int,
                  layout: dict[str, str] | None = None) -> dict[str, str]:
     master_port, line_port = ports
-    return {"MODEL_ID": str(tiny_model_dir), "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN), "KV_CACHE_GIB": "0.25",
+    return {**tiny_engine_env(tiny_model_dir, core=None),
             **(layout or {"TENSOR_PARALLEL_SIZE": "2"}), "NNODES": "2", "NODE_RANK": str(node_rank),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "NODE_LINE_PORT": str(line_port)}
 

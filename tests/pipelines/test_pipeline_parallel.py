@@ -25,14 +25,13 @@ from tests.pipelines.test_parallel import (
     wait_idle,
     workers,
 )
-from tests.support.runners import TINY_MAX_MODEL_LEN
+from tests.support.runners import tiny_engine_env
 
 pytestmark = [pytest.mark.own_engines(3), pytest.mark.skipif(bool(two_ranks_missing()), reason=two_ranks_missing())]
 
 
 def test_pipeline_parallel_serves_the_tiny_model_like_one_stage_in_float32(tmp_path, tiny_model_dir):
-    env = {"MODEL_ID": str(tiny_model_dir), "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN), "KV_CACHE_GIB": "0.25",
-           "DTYPE": "float32"}
+    env = {**tiny_engine_env(tiny_model_dir, core=None), "DTYPE": "float32"}
     one_stage = start(tmp_path, "pp1", env)
     two_stages = start(tmp_path, "pp2", {**env, "PIPELINE_PARALLEL_SIZE": "2"})
     try:

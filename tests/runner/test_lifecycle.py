@@ -18,7 +18,7 @@ import pytest
 
 from pipelines.llm.host import count_gpus
 from tests.support.runner_process import RunnerProcess, get_json, post_json
-from tests.support.runners import TINY_MAX_MODEL_LEN
+from tests.support.runners import TINY_MAX_MODEL_LEN, tiny_engine_env
 from tests.support.streams import start_streams
 
 # test_sigterm_while_the_engine_starts_stops_it and the cut stream's test start engines of their own, one at a time.
@@ -162,7 +162,7 @@ def test_sigterm_drains_in_flight_streams_refuses_new_and_exits_within_6_s(drain
 
 def test_sigterm_cuts_a_stream_that_outlasts_drain_timeout_with_its_error_and_exits_within_8_s(tmp_path,
                                                                                                 tiny_model_dir):
-    env = {"MODEL_ID": str(tiny_model_dir), "KV_CACHE_GIB": "0.25", "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN)}
+    env = tiny_engine_env(tiny_model_dir, core=None)
     runner = RunnerProcess("cut", env, tmp_path / "cut.log")
     runner.start()
     try:
@@ -188,7 +188,7 @@ def test_sigterm_cuts_a_stream_that_outlasts_drain_timeout_with_its_error_and_ex
 
 def test_sigterm_while_the_engine_starts_stops_it(tmp_path, tiny_model_dir):
     """go-livepeer may give up on a container that is still LOADING: it must go within 8 s, engine and all."""
-    env = {"MODEL_ID": str(tiny_model_dir), "KV_CACHE_GIB": "0.25", "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN)}
+    env = tiny_engine_env(tiny_model_dir, core=None)
     runner = RunnerProcess("stopped-loading", env,
                            tmp_path / "stopped-loading.log")
     runner.start()

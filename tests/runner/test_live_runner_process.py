@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.orchestrator_standin import OrchestratorStandin
 from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port, get_json, post_json
-from tests.support.runners import TINY_MAX_MODEL_LEN
+from tests.support.runners import tiny_engine_env
 
 # Each test has a runner of its own; the second one starts with the module, behind the first test.
 pytestmark = pytest.mark.own_engines(2)
@@ -92,7 +92,7 @@ def call(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, 
 def live_runner(tmp_path, tiny_model_dir, standin: OrchestratorStandin, name: str) -> RunnerProcess:
     port = free_port()
     env = {
-        "MODEL_ID": str(tiny_model_dir), "MAX_MODEL_LEN": str(TINY_MAX_MODEL_LEN), "KV_CACHE_GIB": "0.25",
+        **tiny_engine_env(tiny_model_dir, core=None),
         "MAX_NUM_SEQS": str(MAX_NUM_SEQS), "MAX_WAITING_REQUESTS": str(MAX_WAITING_REQUESTS),
         "LIVE_RUNNER_ORCHESTRATOR": standin.url, "LIVE_RUNNER_SECRET": SECRET,
         "LIVE_RUNNER_URL": f"http://127.0.0.1:{port}", "LIVE_RUNNER_PRICE_USD_PER_HOUR": "0.5",
