@@ -21,8 +21,9 @@ from tests.support.runner_process import RunnerProcess, get_json, post_json
 from tests.support.runners import TINY_MAX_MODEL_LEN, tiny_engine_env
 from tests.support.streams import start_streams
 
-# test_sigterm_while_the_engine_starts_stops_it and the cut stream's test start engines of their own, one at a time.
-pytestmark = pytest.mark.own_engines(1)
+# test_sigterm_while_the_engine_starts_stops_it and the cut stream's test start engines of their own, one at a time;
+# the drain test stops the shared drained runner.
+pytestmark = [pytest.mark.own_engines(1), pytest.mark.ends_runners("drained")]
 
 SHORT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 

@@ -1,0 +1,130 @@
+"""The suite's own plan for its engines (tests/support/runners.py): the module order and the runner pool.
+
+A collection shaped like the suite's own, with modules that use the shared
+runners, modules with engines of their own and a module that ends a shared
+runner, run through the order and then through a pool whose runners are
+stand-ins: each shared runner starts once, never more than MAX_ENGINES
+engines are alive, and the module that ends a runner comes after its other users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from tests.support.runners import MAX_ENGINES, ModuleNeeds, RunnerPool, by_module, module_order, plan, upcoming_runners
+
+
+@dataclass
+class Item:
+    """What module_order reads of a pytest item."""
+
+    module: str
+    fixturenames: tuple[str, ...] = ()
+    markers: dict[str, SimpleNamespace] = field(default_factory=dict)
+
+    def get_closest_marker(self, name: str) -> SimpleNamespace | None:
+        return self.markers.get(name)
+
+
+def own(engines: int) -> dict[str, SimpleNamespace]:
+    return {"own_engines": SimpleNamespace(args=(engines,))}
+
+
+def ends(*runners: str) -> dict[str, SimpleNamespace]:
+    return {"ends_runners": SimpleNamespace(args=runners)}
+
+
+def collection() -> list[Item]:
+    """Modules in the collection's (alphabetical) order, as the suite's are: the order must not rely on it."""
+    return [
+        Item("api_fakes"),
+        Item("anthropic", ("tiny_runner", "guarded_runner")),
+        Item("anthropic", ("default_runner",)),
+        Item("faults", ("doomed_runner", "tiny_runner"), ends("doomed")),
+        Item("fuzz", ("guarded_runner",)),
+        Item("lifecycle", ("drained_runner",), {**own(1), **ends("drained")}),
+        Item("livepeer", ("tiny_runner", "doomed_runner", "default_runner")),
+        Item("lora", (), own(2)),
+        Item("monitoring", ("guarded_runner",)),
+        Item("pipeline_parallel", (), own(3)),
+        Item("routes_fakes"),
+        Item("vllm_extras", ("default_runner", "drained_runner", "tiny_runner")),
+    ]
+
+
+class StandIn:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class CountingPool(RunnerPool):
+    """The suite's pool with stand-in runners: what it starts and stops, and the most engines alive."""
+
+    def __init__(self) -> None:
+        super().__init__({}, logs=None)
+        self.peak = 0
+
+    def usable(self, runner: StandIn) -> bool:
+        return not runner.stopped
+
+    def start(self, name: str) -> None:
+        self.starts[name] = self.starts.get(name, 0) + 1
+        self.alive[name] = StandIn()
+
+    def run(self, items: list[Item]) -> list[str]:
+        """Each module as conftest's module_runners prepares it; the modules in the order they ran."""
+        modules = by_module(items)
+        for module, module_items in modules.items():
+            need = ModuleNeeds.of(module_items)
+            if need.engines:
+                upcoming = upcoming_runners(items, module) if not need.own_engines else set()
+                self.prepare(set(need.runners), need.own_engines, upcoming)
+            self.peak = max(self.peak, len(self.alive) + need.own_engines)
+            for name in need.ends:
+                self.alive[name].stop()
+        return list(modules)
+
+
+def test_modules_without_engines_come_first_in_the_collections_order():
+    order = list(by_module(module_order(collection())))
+    assert order[:2] == ["api_fakes", "routes_fakes"]
+
+
+def test_each_shared_runner_starts_once_within_max_engines():
+    items = module_order(collection())
+    pool = CountingPool()
+    pool.run(items)
+    assert pool.starts == {"default": 1, "doomed": 1, "drained": 1, "guarded": 1, "tiny": 1}
+    assert pool.peak <= MAX_ENGINES
+
+
+def test_a_module_that_ends_a_runner_comes_after_every_other_user_of_it():
+    order = list(by_module(module_order(collection())))
+    assert order.index("faults") > order.index("livepeer")
+    assert order.index("lifecycle") > order.index("vllm_extras")
+
+
+def test_every_item_is_kept_and_a_modules_items_stay_together_in_their_order():
+    items = collection()
+    ordered = module_order(items)
+    assert sorted(map(id, ordered)) == sorted(map(id, items))
+    assert [item for item in ordered if item.module == "anthropic"] == [item for item in items
+                                                                          if item.module == "anthropic"]
+
+
+def test_the_collections_order_alone_starts_shared_runners_again():
+    """What the order is for: run as collected, the same modules start shared runners more than once."""
+    pool = CountingPool()
+    pool.run(collection())
+    assert sum(pool.starts.values()) > 5
+
+
+def test_plan_makes_room_for_a_modules_own_engines_stopping_the_least_recently_used():
+    assert plan(["tiny", "guarded"], {"default"}, 0) == ([], ["default"])
+    assert plan(["tiny", "guarded", "default"], set(), 2) == (["tiny", "guarded"], [])
+    assert plan(["tiny", "guarded", "default"], {"guarded"}, 1) == (["tiny"], [])
+    assert plan([], {"tiny", "doomed"}, 1) == ([], ["doomed", "tiny"])
