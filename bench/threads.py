@@ -30,6 +30,7 @@ from pathlib import Path
 import psutil
 
 from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess
+from tests.support.runners import tiny_engine_env
 from tests.support.tiny_model import build_tiny_llama
 
 CONCURRENCY = 8
@@ -75,8 +76,7 @@ def main() -> None:
     max_tokens = int(os.environ.get("BENCH_MAX_TOKENS", "64"))
     folder = Path(tempfile.mkdtemp(prefix="bench-threads-"))
     if os.environ.get("MODEL", "tiny") == "tiny":
-        model_env = {"MODEL_ID": str(build_tiny_llama(folder / "tiny")), "MAX_MODEL_LEN": "4096",
-                     "KV_CACHE_GIB": "0.25"}
+        model_env = tiny_engine_env(build_tiny_llama(folder / "tiny"), core=None)
     else:
         model_env = {"MODEL_ID": DEFAULT_MODEL_ID, "MODEL_DIR": os.environ.get("MODEL_DIR", str(ROOT / "models")),
                      "KV_CACHE_GIB": "1"}

@@ -61,8 +61,7 @@ def module_runners(request) -> None:
     items = request.session.items
     need = ModuleNeeds.of([item for item in items if item.module is request.module])
     if need.engines:
-        upcoming = upcoming_runners(items, request.module) if not need.own_engines else set()
-        request.getfixturevalue("runner_pool").prepare(set(need.runners), need.own_engines, upcoming)
+        request.getfixturevalue("runner_pool").prepare_module(need, upcoming_runners(items, request.module))
 
 
 @pytest.fixture(scope="module")

@@ -81,8 +81,7 @@ class CountingPool(RunnerPool):
         for module, module_items in modules.items():
             need = ModuleNeeds.of(module_items)
             if need.engines:
-                upcoming = upcoming_runners(items, module) if not need.own_engines else set()
-                self.prepare(set(need.runners), need.own_engines, upcoming)
+                self.prepare_module(need, upcoming_runners(items, module))
             self.peak = max(self.peak, len(self.alive) + need.own_engines)
             for name in need.ends:
                 self.alive[name].stop()

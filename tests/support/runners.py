@@ -138,6 +138,10 @@ class RunnerPool:
         for name in missing + ahead[: max(0, MAX_ENGINES - own_engines - len(self.alive) - len(missing))]:
             self.start(name)
 
+    def prepare_module(self, need: ModuleNeeds, upcoming: set[str]) -> None:
+        """Before a module's first test: what it ``need``s, and ``upcoming`` if it has no engine of its own."""
+        self.prepare(set(need.runners), need.own_engines, upcoming if not need.own_engines else set())
+
     def start(self, name: str) -> None:
         env, request_while_loading = self.specs[name]
         self.starts[name] = self.starts.get(name, 0) + 1
