@@ -142,6 +142,19 @@ class Pipeline(abc.ABC):
         """The pipeline's own Prometheus series (its engine's), served on /metrics after the runner's."""
         return None
 
+    def describe(self) -> dict[str, object]:
+        """What this pipeline serves, as a small JSON object: the Live Runner's discovery ``metadata``.
+
+        The orchestrator publishes it to anyone who asks (go-livepeer's
+        ``/discovery``), so it names what is served and never holds a secret,
+        a path or a URL. The keys come in the order of their worth: when the
+        runner must shorten it to fit go-livepeer's 1,024 bytes, it cuts the
+        longest list from its end first and then whole keys from the last
+        (``runner.live_runner.fit_metadata``). Read while the runner is ready,
+        so a pipeline may describe what its load found.
+        """
+        return {"model": self.model_id}
+
     def max_in_flight(self) -> int | None:
         """Requests the pipeline takes at once, queued ones included; None for no bound.
 

@@ -180,6 +180,7 @@ class Engine(Protocol):
     tokenizer: Tokenizer
     max_model_len: int
     vocab_size: int
+    dtype: str  # the weights' dtype as the engine runs them (DTYPE=auto resolved), e.g. "float32"
 
     @property
     def errored(self) -> bool:

@@ -59,6 +59,21 @@ class LLMPipeline(Pipeline):
     def max_in_flight(self) -> int | None:
         return self.settings.max_in_flight
 
+    def describe(self) -> dict[str, object]:
+        """The model, its adapters, the longest sequence, the APIs and the dtype: what discovery shows of this runner.
+
+        Names only (adapter names, never their paths or Hub sources); from the
+        running engine once it is loaded, from the settings before.
+        """
+        engine = self.generation.engine if self.generation.ready else None
+        return {
+            "model": self.model_id,
+            "adapters": sorted(self.models.adapters),
+            "max_model_len": engine.max_model_len if engine is not None else self.settings.max_model_len,
+            "apis": [type(api).__module__.rsplit(".", 1)[-1] for api in self.apis],
+            "dtype": engine.dtype if engine is not None else self.settings.dtype,
+        }
+
     async def load(self) -> None:
         engine = await self.host.start()
         if engine is None:  # a worker node: its ranks run, nothing here to serve from

@@ -203,6 +203,7 @@ class FakeEngine:
         self.tokenizer = FakeTokenizer(chat_template)
         self.max_model_len = max_model_len
         self.vocab_size = VOCAB_SIZE
+        self.dtype = "float32"
         self.step_seconds = step_seconds
         self.tool_parsers = dict(tool_parsers or {})
         self.reasoning_parsers = dict(reasoning_parsers or {})

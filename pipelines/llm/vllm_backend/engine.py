@@ -149,6 +149,7 @@ class VLLMEngine:
         self.registry = registry
         self.tokenizer = engine.get_tokenizer()
         self.max_model_len: int = engine.model_config.max_model_len
+        self.dtype: str = str(engine.model_config.dtype).removeprefix("torch.")  # "auto" resolved, e.g. float32
         self.vocab_size: int = engine.model_config.get_vocab_size()
 
     @classmethod

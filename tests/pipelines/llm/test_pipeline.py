@@ -8,16 +8,19 @@ file of the pipeline changed.
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 
 import pytest
 
 from runner import codegen
+from runner.keys import STATE
 from runner.pipeline import OperationError, RequestContext
-from tests.support.apps import llm_app, llm_pipeline, llm_settings, ready_client
-from tests.support.fake_engine import DEFAULT_WORDS, FakeEngine
+from tests.support.apps import llm_app, llm_pipeline, llm_settings, ready_client, runner_settings
+from tests.support.fake_engine import DEFAULT_WORDS, MODEL_CONFIG, FakeEngine
 from tests.support.http import QUESTION
+from tests.support.lora_adapters import make_adapter, make_checkpoint
 
 SHOUT_SPEC = {
     "x-pipeline-modules": {"llm": "shout_schema.py"},
@@ -102,3 +105,31 @@ async def test_a_worker_node_refuses_every_api_with_503(tmp_path):
             await serve(None, RequestContext("x"))
         assert refused.value.status == 503
         assert "worker node 1 of 2" in refused.value.msg and "NODE_RANK=0" in refused.value.msg
+
+
+# What discovery shows of the runner (go-livepeer's Live Runner metadata)
+
+
+async def test_describe_names_the_model_its_adapters_the_apis_and_the_engine_and_nothing_secret(
+        aiohttp_client, tmp_path):
+    base = make_checkpoint(tmp_path / "base", MODEL_CONFIG)
+    sql, chat = make_adapter(tmp_path / "sql", base, seed=1), make_adapter(tmp_path / "chat", base, seed=2)
+    settings = llm_settings(LORA_ADAPTERS=f"sql={sql},chat={chat}", MAX_MODEL_LEN=2048)
+    app = llm_app(FakeEngine(max_model_len=2048), base, settings,
+                  runner=runner_settings(AUTH_TOKEN="describe-test-token"))
+    pipeline = app[STATE].pipeline
+    before = pipeline.describe()
+    assert before["adapters"] == [] and before["dtype"] == "auto", "before the load: the settings' own values"
+    await ready_client(aiohttp_client, app)
+    described = pipeline.describe()
+    assert described == {
+        "model": pipeline.model_id,
+        "adapters": ["chat", "sql"],
+        "max_model_len": 2048,
+        "apis": ["anthropic", "chat_completion", "completion", "livepeer", "lora", "models", "responses", "tokenize"],
+        "dtype": "float32",
+    }
+    assert list(described) == ["model", "adapters", "max_model_len", "apis", "dtype"], "in the order of their worth"
+    text = json.dumps(described)
+    assert str(sql) not in text and str(chat) not in text, "adapter names, never where they come from"
+    assert "describe-test-token" not in text
