@@ -21,6 +21,9 @@ log = structlog.get_logger(__name__)
 HealthStatus = Literal["LOADING", "OK", "IDLE", "ERROR"]
 
 CUT_GRACE = 0.25  # seconds the requests cut at the end of a drain get to write their error endings
+# go-livepeer destroys a managed container that stays LOADING: past 3 minutes each /health poll counts as a failure,
+# and two failures (10 s) end it. A load still going this long after its start is warned about, in time to act.
+SLOW_LOAD_WARNING = 150.0
 
 
 class Load(enum.Enum):
@@ -51,6 +54,7 @@ class RunnerState:
         self.deadlines: set[asyncio.Timeout] = set()  # the deadlines of the requests in flight
         self.cut_reason: str | None = None  # set when a drain outlasted its timeout: why the requests left were cut
         self.listeners: list[Callable[[], None]] = []
+        self.slow_load_warning = SLOW_LOAD_WARNING  # seconds of LOADING before the warning; tests shorten it
         if start_error is not None:
             self.settled.set()
 
@@ -71,6 +75,7 @@ class RunnerState:
         log.info("pipeline.load.start", pipeline=self.pipeline.name, model_id=self.pipeline.model_id)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        warning = loop.call_later(self.slow_load_warning, self.warn_slow_load, started)
         try:
             await self.pipeline.load()
         except asyncio.CancelledError:
@@ -84,6 +89,14 @@ class RunnerState:
             self.settled.set()
             log.info("pipeline.load.done", seconds=round(loop.time() - started, 2))
             self.changed()
+        finally:
+            warning.cancel()
+
+    def warn_slow_load(self, started: float) -> None:
+        log.warning("pipeline.load.slow", seconds=round(asyncio.get_running_loop().time() - started, 1),
+                    hint="prefetch the model: go-livepeer counts failures from 180 s",
+                    effect="a managed container still LOADING after 3 minutes is destroyed after two more "
+                           "/health polls (10 s); its start wait is 3 minutes, 5 with optimisation flags set")
 
     def fail(self, reason: str) -> None:
         self.load, self.load_error = Load.FAILED, reason
