@@ -1,37 +1,56 @@
 """A stand-in for a go-livepeer orchestrator's Live Runner side, on loopback.
 
-It follows livepeer/go-livepeer at commit 004450d: ``ai/runner/live_runner.go``
-(``LiveRunnerRegistry.Heartbeat``, ``normalizeHeartbeat``, ``Unregister``,
-``ReserveSession``) and ``server/ai_http.go`` (the handlers and
+It follows livepeer/go-livepeer master at commit 176aa415c (2026-08-18, with
+#3938 merged as 5c8d3df27, then #3999, #4000 and #4008): ``ai/runner/live_runner.go``
+(``LiveRunnerRegistry.Heartbeat``, ``normalizeHeartbeat``,
+``normalizeLiveRunnerPriceInfo``, ``Unregister``, ``ReserveSession``,
+``PaymentInfo``, the expiry loop) and ``server/ai_http.go`` (the handlers and
 ``ProxyLiveRunnerSingleShot``/``proxyLiveRunner``):
 
 - ``POST /runners/heartbeat``: the body is a LiveRunnerHeartbeatRequest. It is
-  checked first (400, ``text/plain`` with Go's message: a runner_url that is not
+  checked first (400, ``text/plain`` with Go's message): a runner_url that is not
   http(s) with a host, an app that is empty or not trimmed, a status that is not
   lowercase and trimmed, a mode other than persistent/single-shot, a negative
-  capacity, and on an on-chain orchestrator a missing or non-positive
-  ``price_info.price``, a currency other than usd, a unit other than hour/720p).
-  A runner it does not know (no ``runner_id``, or one it never saw) registers
-  with the registration secret as the raw ``Authorization`` (401 "invalid
-  registration authorization"; 404 when it has none: registration disabled) and
-  gets its ``heartbeat_secret`` once; a known one must send that secret (401
-  "invalid heartbeat authorization"); one removed or silent past the TTL gets
-  404 "runner not found". Secrets are compared exactly.
+  capacity, ``metadata`` that is not valid UTF-8 or over 1,024 bytes, a
+  ``proxy`` that is not a bool, and on an on-chain orchestrator a missing or
+  non-positive ``price_info.price``, a currency other than usd, a unit other
+  than hour/720p/fixed. A runner it does not know (no ``runner_id``, one it
+  never saw, or one it removed: 5 s after its TTL ran out, or in a restart)
+  registers with the registration secret as the raw ``Authorization`` (401
+  "invalid registration authorization" otherwise, which is what a removed
+  runner's heartbeat secret gets; 404 when it has none: registration disabled)
+  and gets its ``heartbeat_secret`` once. A known one must send that secret
+  (401 "invalid heartbeat authorization"); one silent past the TTL but not yet
+  removed gets 404 "runner not found".
 - ``POST /runners/{runner_id}/unregister``: 404 unknown or expired, 401 a wrong
   secret ("invalid authorization"), else 204 and the runner is gone.
 - ``/apps/{runner_id}/app/{path}`` (any method): the single-shot proxy. A runner
-  whose status is not "ready" or empty is 404, one that is not single-shot 400,
-  one with ``capacity`` sessions open 503 "no capacity available for runner";
-  otherwise a session is opened for the one request, which goes to
-  ``runner_url`` + path with the four Livepeer-* session headers, and closed
-  after.
+  whose status is not "ready" or empty is 404, one that is not single-shot 400.
+  On an on-chain orchestrator a priced runner's call is billed (#4000): a price
+  it cannot convert to wei, or under 1 wei, is 503 "live runner price
+  unavailable"; a call without ``Livepeer-Payment`` gets the 402 challenge
+  ``{payment_params, orchestrator, manifest_id, payment_url}``; a paid call's
+  session is named by its payment, so the same payment twice at once is 409
+  "session already exists", checked before capacity (503 "no capacity available
+  for runner"). The call then goes to ``runner_url`` + path with the client's
+  headers (``Livepeer-Payment`` included) and the four Livepeer-* session
+  headers. A time-priced (hour) call whose payment runs out
+  (``payment_runs_out_after``) is cancelled: the connection to the runner is
+  closed mid-answer, and so is the client's.
 
 Left out: the o2r trickle channel of the first answer, trickle channels,
-persistent sessions, payments, discovery, static runners (``runners.json``).
+persistent sessions, payment tickets themselves (any ``Livepeer-Payment``
+value pays), discovery, static runners (``runners.json``).
 Every heartbeat, unregister and proxied call is recorded, with the time it
-arrived (``time.monotonic()``). ``forget(runner_id)`` drops a runner as expiry
-does; ``silent`` makes it take heartbeats and unregisters (recorded as answered 0) and
-never answer them. It serves in the
+arrived (``time.monotonic()``); ``credentials()`` lists every secret value it
+handed out or passed on, for tests that grep logs for them. ``expire(runner_id)``
+puts a runner in the window between its TTL and its removal; ``forget(runner_id)``
+removes it as the expiry loop does; ``reboot()`` restarts the orchestrator on the
+same port with an empty registry. ``silent`` makes it take heartbeats and
+unregisters (recorded as answered 0) and never answer them. Faults that no
+go-livepeer sends, for the runner's client to survive: ``redirect_to`` answers
+each heartbeat 307 to that URL, ``answer_extra`` adds fields to each accepted
+answer (a long answer), ``odd_answer`` replaces an accepted answer's body. It serves in the
 caller's event loop (``serve``/``close``) or on a thread of its own
 (``start``/``stop``), for tests that block while they poll a runner process.
 """
@@ -56,7 +75,11 @@ from aiohttp import web
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
               "proxy-authenticate", "host", "content-length"}
-STRING_FIELDS = ("runner_id", "label", "runner_url", "version", "status", "mode", "app")
+STRING_FIELDS = ("runner_id", "label", "runner_url", "version", "status", "mode", "app", "metadata")
+METADATA_LIMIT = 1024
+REMOVAL_DELAY = 5.0  # go-livepeer's expiry loop removes a runner about this long after its TTL ran out
+WEI_PER_USD = 10**18 // 3000  # the stand-in's price feed: ETH at 3,000 USD
+SECONDS_PER_UNIT = {"hour": 3600, "720p": 1, "fixed": 1}  # a fixed price is per request
 
 
 def go_duration(seconds: float) -> str:
@@ -66,7 +89,10 @@ def go_duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:g}s"
     minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{rest:g}s"
+    if minutes < 60:
+        return f"{int(minutes)}m{rest:g}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{int(hours)}h{int(minutes)}m{rest:g}s"
 
 
 def random_id(size: int = 5) -> str:
@@ -91,6 +117,7 @@ class Heartbeat:
     answered: int
     runner_id: str | None  # the runner it registered or beat for, when it was accepted
     registered: bool  # a first contact that registered a runner
+    message: str = ""  # the reason of a refusal
 
 
 @dataclass(frozen=True)
@@ -108,7 +135,20 @@ class ProxiedCall:
     session_id: str
     session_token: str
     path: str
-    answered: int
+    answered: int  # the runner's status; 0 when the call was cancelled before its answer ended
+    payment: str | None = None
+    cancelled: bool = False  # its payment ran out: the stand-in closed the runner's connection
+    ended: float = 0.0  # when the stand-in was done with it (for a cancelled call: when it cut the connection)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A proxied call the stand-in answered itself: the runner never saw it."""
+
+    at: float
+    runner_id: str
+    status: int
+    message: str
 
 
 @dataclass
@@ -118,7 +158,6 @@ class LiveRunner:
     heartbeat_secret: str
     request: dict[str, Any]
     last_heartbeat: float
-    removed: bool = False
     sessions: set[str] = field(default_factory=set)
 
     def session_token(self, session_id: str) -> str:
@@ -127,17 +166,27 @@ class LiveRunner:
 
 class OrchestratorStandin:
     def __init__(self, registration_secret: str = "standin-registration-secret", heartbeat_interval: float = 5.0,
-                 heartbeat_ttl: float = 20.0, onchain: bool = False) -> None:
+                 heartbeat_ttl: float = 20.0, onchain: bool = False, removal_delay: float = REMOVAL_DELAY) -> None:
         self.registration_secret = registration_secret
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl = heartbeat_ttl
         self.onchain = onchain
+        self.removal_delay = removal_delay
+        self.wei_per_usd: int | None = WEI_PER_USD  # None: the price feed is down, no price can be converted
+        self.payment_runs_out_after: float | None = None  # seconds a time-priced call runs before its payment fails
         self.silent = False
+        self.redirect_to: str | None = None
+        self.answer_extra: dict[str, Any] = {}
+        self.odd_answer: str | None = None
         self.runners: dict[str, LiveRunner] = {}
         self.heartbeats: list[Heartbeat] = []
         self.unregisters: list[Unregister] = []
         self.proxied: list[ProxiedCall] = []
+        self.refused: list[Refusal] = []
+        self.handed_out: list[str] = []  # every heartbeat secret and session token, and every payment passed on
+        self.restarts: list[float] = []  # when each reboot ended
         self.url = ""
+        self.port = 0
         self.runner: web.AppRunner | None = None
         self.client: aiohttp.ClientSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -152,16 +201,27 @@ class OrchestratorStandin:
         app.router.add_route("*", "/apps/{runner_id}/app/{app_path:.*}", self.proxy_single_shot)
         return app
 
-    async def serve(self) -> str:
-        """Listen on a loopback port in the running loop; the base URL."""
-        self.client = aiohttp.ClientSession(auto_decompress=False)
+    async def listen(self) -> None:
         # A silent orchestrator's handlers end when the runner gives up on them.
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=0.1, access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        host, port = self.runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        host, self.port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{self.port}"
+
+    async def serve(self) -> str:
+        """Listen on a loopback port in the running loop; the base URL."""
+        self.client = aiohttp.ClientSession(auto_decompress=False)
+        await self.listen()
         return self.url
+
+    async def reboot(self) -> None:
+        """Restart the orchestrator on the same port: every connection closed, every runner forgotten."""
+        assert self.runner is not None
+        await self.runner.cleanup()
+        self.runners.clear()
+        await self.listen()
+        self.restarts.append(time.monotonic())
 
     async def close(self) -> None:
         if self.runner is not None:
@@ -177,6 +237,11 @@ class OrchestratorStandin:
         asyncio.run_coroutine_threadsafe(self.serve(), self.loop).result(timeout=30)
         return self
 
+    def restart(self) -> None:
+        """``reboot`` for a stand-in serving on its own thread."""
+        assert self.loop is not None
+        asyncio.run_coroutine_threadsafe(self.reboot(), self.loop).result(timeout=30)
+
     def stop(self) -> None:
         assert self.loop is not None and self.thread is not None
         asyncio.run_coroutine_threadsafe(self.close(), self.loop).result(timeout=30)
@@ -186,9 +251,13 @@ class OrchestratorStandin:
 
     # -- what tests ask ------------------------------------------------------------------------
 
+    def expire(self, runner_id: str) -> None:
+        """Put a runner past its TTL, not yet removed: go-livepeer's 404 window."""
+        self.runners[runner_id].last_heartbeat = time.monotonic() - self.heartbeat_ttl - 0.001
+
     def forget(self, runner_id: str) -> None:
-        """Drop a runner as go-livepeer does when its heartbeats stop for longer than the TTL."""
-        self.runners[runner_id].removed = True
+        """Remove a runner as go-livepeer's expiry loop does, 5 s after its TTL ran out."""
+        del self.runners[runner_id]
 
     def registrations(self) -> list[Heartbeat]:
         return [beat for beat in self.heartbeats if beat.registered]
@@ -196,6 +265,10 @@ class OrchestratorStandin:
     def accepted(self, runner_id: str | None = None) -> list[Heartbeat]:
         return [beat for beat in self.heartbeats if beat.answered == 200
                 and (runner_id is None or beat.runner_id == runner_id)]
+
+    def credentials(self) -> list[str]:
+        """Every secret value this orchestrator knows: none may appear in a runner's log."""
+        return [self.registration_secret, *self.handed_out]
 
     async def until(self, condition, timeout: float, what: str):
         deadline = time.monotonic() + timeout
@@ -223,7 +296,14 @@ class OrchestratorStandin:
                             headers={"X-Content-Type-Options": "nosniff"})
 
     def expired(self, runner: LiveRunner) -> bool:
-        return runner.removed or time.monotonic() - runner.last_heartbeat > self.heartbeat_ttl
+        return time.monotonic() - runner.last_heartbeat > self.heartbeat_ttl
+
+    def sweep(self) -> None:
+        """go-livepeer's expiry loop: a runner silent for its TTL and REMOVAL_DELAY more is removed."""
+        now = time.monotonic()
+        for runner_id, runner in list(self.runners.items()):
+            if now - runner.last_heartbeat > self.heartbeat_ttl + self.removal_delay:
+                del self.runners[runner_id]
 
     def answer(self, runner: LiveRunner, heartbeat_secret: str | None) -> web.Response:
         reply = {
@@ -235,7 +315,9 @@ class OrchestratorStandin:
         }
         if heartbeat_secret:
             reply["heartbeat_secret"] = heartbeat_secret
-        return web.json_response(reply)
+        if self.odd_answer is not None:
+            return web.Response(text=self.odd_answer, content_type="application/json")
+        return web.json_response(reply | self.answer_extra)
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         arrived = time.monotonic()
@@ -243,37 +325,46 @@ class OrchestratorStandin:
         if self.silent:
             self.heartbeats.append(Heartbeat(arrived, authorization, None, 0, None, False))
             await asyncio.sleep(3600)
+        if self.redirect_to is not None:
+            self.heartbeats.append(Heartbeat(arrived, authorization, None, 307, None, False))
+            return web.Response(status=307, headers={"Location": self.redirect_to})
+        self.sweep()
         try:
             body = decode_heartbeat(await request.read())
         except BadRequest as exc:
-            self.heartbeats.append(Heartbeat(arrived, authorization, None, 400, None, False))
+            self.heartbeats.append(Heartbeat(arrived, authorization, None, 400, None, False, str(exc)))
             return self.error(str(exc), 400)
-        response, runner_id, registered = self.beat(body, authorization or "")
-        self.heartbeats.append(Heartbeat(arrived, authorization, body, response.status, runner_id, registered))
+        response, runner_id, registered, message = self.beat(body, authorization or "")
+        self.heartbeats.append(Heartbeat(arrived, authorization, body, response.status, runner_id, registered,
+                                         message))
         return response
 
-    def beat(self, body: dict[str, Any], authorization: str) -> tuple[web.Response, str | None, bool]:
+    def beat(self, body: dict[str, Any], authorization: str) -> tuple[web.Response, str | None, bool, str]:
         runner_id = (body.get("runner_id") or "").strip() or "runner_" + random_id()
         try:
             normalized = self.normalize(runner_id, body)
         except BadRequest as exc:
-            return self.error(str(exc), 400), None, False
+            return self.error(str(exc), 400), None, False, str(exc)
         runner = self.runners.get(runner_id)
         if runner is None:
             if not self.registration_secret:
-                return self.error("dynamic live runner registration is disabled", 404), None, False
+                message = "dynamic live runner registration is disabled"
+                return self.error(message, 404), None, False, message
             if not hmac.compare_digest(authorization.encode(), self.registration_secret.encode()):
-                return self.error("invalid registration authorization", 401), None, False
+                message = "invalid registration authorization"
+                return self.error(message, 401), None, False, message
             seed = secrets.token_bytes(32)
             runner = LiveRunner(runner_id, seed, derive_secret(seed, "heartbeat"), normalized, time.monotonic())
             self.runners[runner_id] = runner
-            return self.answer(runner, runner.heartbeat_secret), runner_id, True
+            self.handed_out.append(runner.heartbeat_secret)
+            return self.answer(runner, runner.heartbeat_secret), runner_id, True, ""
         if self.expired(runner):
-            return self.error("runner not found", 404), None, False
+            return self.error("runner not found", 404), None, False, "runner not found"
         if not hmac.compare_digest(authorization.encode(), runner.heartbeat_secret.encode()):
-            return self.error("invalid heartbeat authorization", 401), None, False
+            message = "invalid heartbeat authorization"
+            return self.error(message, 401), None, False, message
         runner.request, runner.last_heartbeat = normalized, time.monotonic()
-        return self.answer(runner, None), runner_id, False
+        return self.answer(runner, None), runner_id, False, ""
 
     def normalize(self, runner_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """go-livepeer's normalizeHeartbeat."""
@@ -287,6 +378,13 @@ class OrchestratorStandin:
         status = body.get("status") or ""
         if status != status.strip().lower():
             raise BadRequest("status must be lowercase and trimmed")
+        metadata = body.get("metadata") or ""
+        try:
+            size = len(metadata.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise BadRequest("metadata must be valid UTF-8") from None
+        if size > METADATA_LIMIT:
+            raise BadRequest(f"metadata must be at most {METADATA_LIMIT} bytes")
         mode = body.get("mode") or "persistent"
         if mode == "single_shot":
             mode = "single-shot"
@@ -307,31 +405,64 @@ class OrchestratorStandin:
         if self.silent:
             self.unregisters.append(Unregister(arrived, runner_id, authorization, 0))
             await asyncio.sleep(3600)
+        self.sweep()
         runner = self.runners.get(runner_id)
         if runner is None or self.expired(runner):
             response = self.error("runner not found", 404)
         elif not hmac.compare_digest((authorization or "").encode(), runner.heartbeat_secret.encode()):
             response = self.error("invalid authorization", 401)
         else:
-            runner.removed = True
             del self.runners[runner_id]
             response = web.Response(status=204)
         self.unregisters.append(Unregister(arrived, runner_id, authorization, response.status))
         return response
 
+    def price_in_wei(self, price_info: dict[str, Any]) -> Fraction | None:
+        """go-livepeer's PaymentInfo: the USD price converted to wei per second (or per request); None if it can't."""
+        if self.wei_per_usd is None:
+            return None
+        return Fraction(str(price_info["price"])) * self.wei_per_usd / SECONDS_PER_UNIT[price_info["unit"]]
+
+    def refuse(self, arrived: float, runner_id: str, status: int, message: str) -> web.Response:
+        self.refused.append(Refusal(arrived, runner_id, status, message))
+        return self.error(message, status)
+
     async def proxy_single_shot(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
+        self.sweep()
         runner_id = request.match_info["runner_id"]
         runner = self.runners.get(runner_id)
         if runner is None or self.expired(runner) or runner.request.get("status") not in ("", None, "ready"):
-            return self.error("runner not found", 404)
+            return self.refuse(arrived, runner_id, 404, "runner not found")
         if runner.request["mode"] != "single-shot":
-            return self.error("runner is not single-shot", 400)
+            return self.refuse(arrived, runner_id, 400, "runner is not single-shot")
+        price_info = runner.request.get("price_info") if self.onchain else None
+        payment = request.headers.get("Livepeer-Payment")
+        session_id = ""
+        if price_info is not None:
+            wei = self.price_in_wei(price_info)
+            if wei is None or wei < 1:
+                return self.refuse(arrived, runner_id, 503, "live runner price unavailable")
+            if not payment:
+                manifest_id = random_id(16)
+                self.refused.append(Refusal(arrived, runner_id, 402, "payment required"))
+                return web.json_response({
+                    "payment_params": {"price_per_unit": str(wei.numerator), "pixels_per_unit": str(wei.denominator),
+                                       "unit": price_info["unit"], "recipient": "0x" + "00" * 20},
+                    "orchestrator": self.url,
+                    "manifest_id": manifest_id,
+                    "payment_url": f"{self.url}/apps/{runner_id}/app/{request.match_info['app_path']}",
+                }, status=402)
+            self.handed_out.append(payment)
+            session_id = "session_" + hashlib.sha256(payment.encode()).hexdigest()[:10]  # named by its payment
+            if session_id in runner.sessions:
+                return self.refuse(arrived, runner_id, 409, "session already exists")
         if len(runner.sessions) >= runner.request["capacity"]:
-            return self.error("no capacity available for runner", 503)
-        session_id = "session_" + random_id()
+            return self.refuse(arrived, runner_id, 503, "no capacity available for runner")
+        session_id = session_id or "session_" + random_id()
         runner.sessions.add(session_id)
         token = runner.session_token(session_id)
+        self.handed_out.append(token)
         target = runner.request["runner_url"].rstrip("/") + "/" + request.match_info["app_path"]
         headers = {name: value for name, value in request.headers.items() if name.lower() not in HOP_BY_HOP}
         headers |= {
@@ -340,17 +471,28 @@ class OrchestratorStandin:
             "Livepeer-Session-Token": token,
             "Livepeer-Session-Control": f"{self.url}/runner/{runner_id}/session/{session_id}",
         }
-        status = 502
+        runs_out = self.payment_runs_out_after if price_info is not None and price_info["unit"] != "fixed" else None
+        status, cancelled = 502, False
         try:
             assert self.client is not None
             async with self.client.request(request.method, target, params=request.query, headers=headers,
                                            data=await request.read()) as upstream:
-                status = upstream.status
                 response = web.StreamResponse(status=upstream.status, headers={
                     name: value for name, value in upstream.headers.items() if name.lower() not in HOP_BY_HOP})
                 await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
+                try:
+                    async with asyncio.timeout(runs_out):
+                        async for chunk in upstream.content.iter_any():
+                            await response.write(chunk)
+                except TimeoutError:
+                    # The payment failed: go-livepeer cancels the request's context, which closes the runner's
+                    # connection (the runner sees its client leave) and ends the client's answer unfinished.
+                    cancelled = True
+                    upstream.close()
+                    if request.transport is not None:
+                        request.transport.close()
+                    return response
+                status = upstream.status
                 await response.write_eof()
                 return response
         except aiohttp.ClientError as exc:
@@ -358,7 +500,7 @@ class OrchestratorStandin:
         finally:
             runner.sessions.discard(session_id)
             self.proxied.append(ProxiedCall(arrived, runner_id, session_id, token, request.match_info["app_path"],
-                                            status))
+                                            0 if cancelled else status, payment, cancelled, time.monotonic()))
 
 
 def decode_heartbeat(raw: bytes) -> dict[str, Any]:
@@ -373,6 +515,8 @@ def decode_heartbeat(raw: bytes) -> dict[str, Any]:
         if body.get(name) is not None and not isinstance(body[name], str):
             raise BadRequest(f"json: cannot unmarshal into Go struct field LiveRunnerHeartbeatRequest.{name} "
                              "of type string")
+    if body.get("proxy") is not None and not isinstance(body["proxy"], bool):
+        raise BadRequest("json: cannot unmarshal into Go struct field LiveRunnerHeartbeatRequest.proxy of type bool")
     capacity = body.get("capacity")
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)):
         raise BadRequest("json: cannot unmarshal into Go struct field LiveRunnerHeartbeatRequest.capacity of type int")
@@ -409,6 +553,6 @@ def normalize_price(price_info: dict[str, Any]) -> dict[str, Any]:
     if currency != "usd":
         raise BadRequest("price_info.currency must be usd")
     unit = (price_info.get("unit") or "").strip().lower() or "hour"
-    if unit not in ("hour", "720p"):
-        raise BadRequest("price_info.unit must be hour or 720p")
+    if unit not in ("hour", "720p", "fixed"):
+        raise BadRequest("price_info.unit must be hour, 720p, or fixed")
     return {**price_info, "currency": currency, "unit": unit}
