@@ -651,7 +651,8 @@ class Registration:
                 # to it, and the heartbeat secret is not the registration secret.
                 log.warning("live_runner.forgotten", runner_id=self.identity.runner_id,
                             orchestrator=self.orchestrator_for_log, status=401, message=message,
-                            reason="it no longer knows this runner (expired past its TTL, or restarted)",
+                            reason="it takes this heartbeat secret no more: it removed the runner (expired past "
+                                   "its TTL, or restarted) or holds another secret",
                             next="registering again after the first backoff")
                 self.forget()
             return Outcome.UNAUTHORIZED

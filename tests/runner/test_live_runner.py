@@ -689,6 +689,22 @@ async def test_a_wrong_secret_is_logged_and_retried_with_backoff(standin, logs, 
     assert said[0]["hint"] == "LIVE_RUNNER_SECRET differs from the orchestrator's"
 
 
+async def test_a_heartbeat_secret_the_orchestrator_does_not_accept_is_dropped_for_a_new_registration(
+        standin, logs, aiohttp_client):
+    pipeline = GatedPipeline()
+    pipeline.loaded.set()
+    await aiohttp_client(live_app(pipeline, standin.url))
+    [first] = await standin.until(standin.registrations, 1.0, "a registration")
+    standin.runners[first.runner_id].heartbeat_secret = "rotated-by-the-orchestrator"  # the runner's is wrong now
+    registrations = await standin.until(lambda: len(standin.registrations()) == 2 and standin.registrations(),
+                                        2.0, "a second registration")
+    [refused] = [beat for beat in standin.heartbeats if beat.answered == 401]
+    assert refused.message == "invalid heartbeat authorization" and refused.body["runner_id"] == first.runner_id
+    assert registrations[1].authorization == SECRET and "runner_id" not in registrations[1].body
+    [forgotten] = events(logs, "live_runner.forgotten")
+    assert forgotten["message"] == "invalid heartbeat authorization"
+
+
 async def test_a_body_the_orchestrator_refuses_is_logged_and_retried(onchain, logs, aiohttp_client):
     pipeline = GatedPipeline()
     pipeline.loaded.set()
