@@ -417,8 +417,10 @@ async def test_metadata_is_what_the_pipeline_serves_or_the_operator_s_verbatim(s
     assert list(document)[:5] == list(described) and document["runner"] == __version__
     # Adapters loaded at run time show in the next heartbeat.
     described["adapters"] = ["chat", "new", "sql"]
-    await standin.until(lambda: json.loads(standin.accepted()[-1].body["metadata"])["adapters"] == described["adapters"],
-                        1.0, "the new adapter in a heartbeat")
+    def last_adapters() -> list[str]:
+        return json.loads(standin.accepted()[-1].body["metadata"])["adapters"]
+
+    await standin.until(lambda: last_adapters() == described["adapters"], 1.0, "the new adapter in a heartbeat")
     await client.close()
 
     verbatim = "région=eu; tier=gold"

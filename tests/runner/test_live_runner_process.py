@@ -249,8 +249,9 @@ def test_a_live_runner_joins_when_it_can_serve_is_reached_through_the_proxy_and_
         standin.payment_runs_out_after = 0.5
         long_stream = {"messages": [{"role": "user", "content": "count"}], "max_tokens": TINY_MAX_MODEL_LEN - 64,
                        "temperature": 1.0, "stream": True}
-        request = urllib.request.Request(f"{standin.url}/apps/{runner_id}/app/llm", data=json.dumps(long_stream).encode(),
-                                         headers={"Content-Type": "application/json", "Livepeer-Payment": "ticket-live-5"})
+        request = urllib.request.Request(
+            f"{standin.url}/apps/{runner_id}/app/llm", data=json.dumps(long_stream).encode(),
+            headers={"Content-Type": "application/json", "Livepeer-Payment": "ticket-live-5"})
         received = b""
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
