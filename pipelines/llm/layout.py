@@ -144,10 +144,10 @@ def engine_cache_variables(settings: LLMSettings, model_dir: Path) -> dict[str, 
 def engine_dtype(settings: LLMSettings, on_cpu: bool) -> str:
     """The dtype the engine computes in: DTYPE, and for ``auto`` float32 on every CPU, vLLM's own choice on a GPU.
 
-    On a CPU ``auto`` would be the checkpoint's bfloat16, and bfloat16's rounding
-    changes small models' greedy answers: the default model's first token is a
-    near-tie that bfloat16 flips on AVX2 CPUs (emulated) and on AMX CPUs (native)
-    alike, and it then answers "L'Étoile, la Marseillaise, ..." instead of Paris.
+    On a CPU ``auto`` would be the checkpoint's bfloat16, whose rounding changes
+    small models' greedy answers, emulated (AVX2) or native (AVX-512 BF16, AMX):
+    the default model's first token is a near-tie that bfloat16 flips on an AMX
+    CPU, where it answers "L'Étoile, la Marseillaise, ..." instead of Paris.
     float32 gives the same answers on every CPU, at the speed bench/findings.md
     measures (``python -m bench.dtype``). An operator who wants bfloat16 there
     sets DTYPE=bfloat16.
