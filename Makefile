@@ -21,11 +21,12 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models prefetch dev-run test stress bench docker-build docker-build-cpu docker-run image-tools image-test clean
+.PHONY: help install gen gen-check models prefetch dev-run test test-fast stress bench docker-build docker-build-cpu docker-run image-tools image-test clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
 	@echo "make test      install and run the whole suite"
+	@echo "make test-fast the tests that need no real engine (fake engine, pure logic, stand-ins), for the inner loop"
 	@echo "make install   create $(VENV) with the runner, vLLM and test tools"
 	@echo "make models    prepare the default model in $(MODEL_DIR) with no Hub access"
 	@echo "make prefetch MODEL_ID=<hub id>   download a Hub model into $(MODEL_DIR) as the runner's start would"
@@ -73,6 +74,11 @@ dev-run: install models
 
 test: install models
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every test that needs no real vLLM engine: tests/conftest.py marks the others `engine` at collection (a runner
+# fixture or an own_engines module), and fails the run if an engine starts anyway. Installs nothing when .venv is fresh.
+test-fast: install models
+	$(PY) -m pytest -m "not engine" $(PYTEST_ARGS)
 
 # Mixed, malformed, vanishing and bursty calls, then an engine kill, against one
 # runner on loopback; prints a table and fails if any call was lost.

@@ -6,7 +6,8 @@ route layer binds handlers to. The spec is cut in parts: what carries no
 ``x-pipeline`` is the runner's own (``runner/schema.py``); what carries
 ``x-pipeline: NAME`` belongs to that pipeline, whose module the spec's
 ``x-pipeline-modules`` names. A pipeline's models may use the runner's (its
-module imports them), never the other way round. Only the parts of JSON Schema
+module imports them from ``runner/pipeline.py``, the pipelines' contract, which
+re-exports them), never the other way round. Only the parts of JSON Schema
 the spec uses are supported; anything else is an error here rather than a
 silently wrong model.
 """
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "openapi.yaml"
 RUNNER_PART = None  # the operations and components without x-pipeline
 RUNNER_MODULE = "runner/schema.py"
+CONTRACT_MODULE = "runner/pipeline.py"  # where a pipeline's module imports the runner's models it uses
 
 HEADER = '''\
 # Generated from openapi.yaml by `make gen` (python -m runner.codegen). Do not edit.
@@ -260,7 +262,7 @@ def generate(spec: dict[str, Any], part: str | None = RUNNER_PART) -> str:
             borrowed.add(dependency)
     header = HEADER
     if borrowed:
-        header += f"from {module_name(RUNNER_MODULE)} import {', '.join(sorted(borrowed))}\n"
+        header += f"from {module_name(CONTRACT_MODULE)} import {', '.join(sorted(borrowed))}\n"
     models = [model_source(name, schemas[name]) for name in own]
     return header + "\n\n" + "\n\n\n".join(models) + "\n\n\n" + operations_source(spec, part) + "\n"
 

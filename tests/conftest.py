@@ -10,25 +10,36 @@ import pytest
 
 from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess
 from tests.support.runners import (
+    ENGINE_MARKER,
     MAX_ENGINES,
     ModuleNeeds,
     RunnerPool,
     SuiteFootprint,
     module_order,
+    needs_engine,
     ready,
     runner_specs,
     upcoming_runners,
 )
 from tests.support.tiny_model import build_tiny_llama
 
+pytest_plugins = ("pytester",)  # tests/test_suite_plan.py runs the fast lane's selection on a suite of its own
+
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "ends_runners(*names): the module stops or kills these shared runners")
+    config.addinivalue_line("markers", f"{ENGINE_MARKER}: the test needs a real vLLM engine (set at collection from "
+                                       "its runner fixtures and its module's own_engines; -m 'not engine' skips them)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's -m selection, which reads the engine marker set here
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Modules in the order that starts the fewest engines (tests/support/runners.py, module_order)."""
+    """Modules in the order that starts the fewest engines (tests/support/runners.py, module_order); each test
+    that needs a real engine marked so."""
     items[:] = module_order(items)
+    for item in items:
+        if needs_engine(item):
+            item.add_marker(ENGINE_MARKER)
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +101,16 @@ def drained_runner(runner_pool) -> RunnerProcess:
 
 
 FOOTPRINT = SuiteFootprint()
+UNMARKED_ENGINES = ("{} vLLM engine(s) started in a session whose tests need none (-m 'not engine', make test-fast): "
+                    "a test starts one without a runner fixture or an own_engines marker (tests/support/runners.py)")
+
+
+def pytest_sessionfinish(session) -> None:
+    """A session of tests that need no engine fails if an engine started anyway: the fast lane stays fast."""
+    FOOTPRINT.stopped.set()
+    if FOOTPRINT.peak_engines and not any(map(needs_engine, getattr(session, "items", []))):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        FOOTPRINT.unexpected_engines = FOOTPRINT.peak_engines
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -98,3 +119,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
         f"suite footprint: peak RSS of the process tree {FOOTPRINT.peak_rss / 1024**3:.2f} GiB, "
         f"at most {FOOTPRINT.peak_engines} vLLM engines alive at once (limit {MAX_ENGINES})"
     )
+    if FOOTPRINT.unexpected_engines:
+        terminalreporter.write_line(UNMARKED_ENGINES.format(FOOTPRINT.unexpected_engines), red=True)

@@ -127,3 +127,58 @@ def test_plan_makes_room_for_a_modules_own_engines_stopping_the_least_recently_u
     assert plan(["tiny", "guarded", "default"], set(), 2) == (["tiny", "guarded"], [])
     assert plan(["tiny", "guarded", "default"], {"guarded"}, 1) == (["tiny"], [])
     assert plan([], {"tiny", "doomed"}, 1) == ([], ["doomed", "tiny"])
+
+
+# The fast lane: pytest's own -m selection over a small suite that uses tests/conftest.py's hooks and fixtures, with a
+# runner pool that fails the test asking for it. Only the test that needs no engine runs, and no runner is asked for.
+LANE_CONFTEST = """
+import pytest
+
+from tests.conftest import default_runner, module_runners, pytest_collection_modifyitems, pytest_configure, tiny_runner
+
+
+@pytest.fixture(scope="session")
+def runner_pool():
+    pytest.fail("a runner was asked for")
+"""
+LANE_MODULES = {
+    "test_lane_shared": """
+import pytest
+
+
+@pytest.fixture
+def sdk(default_runner):
+    return default_runner
+
+
+def test_pure():
+    pass
+
+
+def test_a_shared_runner(tiny_runner):
+    pass
+
+
+def test_a_shared_runner_through_a_fixture(sdk):
+    pass
+""",
+    "test_lane_own": """
+import pytest
+
+pytestmark = pytest.mark.own_engines(1)
+
+
+def test_in_a_module_with_engines_of_its_own():
+    pass
+""",
+}
+
+
+def test_the_fast_lane_runs_every_test_that_needs_no_engine_and_starts_none(pytester):
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makeconftest(LANE_CONFTEST)
+    pytester.makepyfile(**LANE_MODULES)
+    pytester.runpytest("-m", "not engine", "-p", "no:cacheprovider").assert_outcomes(passed=1, deselected=3)
+    engine = pytester.runpytest("-m", "engine", "--collect-only", "-q", "-p", "no:cacheprovider")
+    assert sorted(line.split("::")[-1] for line in engine.outlines if "::" in line) == [
+        "test_a_shared_runner", "test_a_shared_runner_through_a_fixture", "test_in_a_module_with_engines_of_its_own"]

@@ -17,6 +17,7 @@ GiB = 1024**3
 CPU_KV_CACHE_SHARE = 0.25  # of the machine's RAM
 CPU_KV_CACHE_MAX_BYTES = 4 * GiB
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+CPU_DEFAULT_DTYPE = "float32"  # DTYPE=auto on every CPU (engine_dtype)
 ENGINE_CACHE_FOLDER = "vllm-cache"  # inside the model store, beside the Hub's models--* folders
 SMALL_MACHINE_CORES = 4  # and fewer: vLLM's worker gets every core (cpu_engine_variables)
 
@@ -138,6 +139,22 @@ def engine_cache_variables(settings: LLMSettings, model_dir: Path) -> dict[str, 
     if settings.vllm_cache_root is not None:
         return {}
     return {"VLLM_CACHE_ROOT": str(model_dir.resolve() / ENGINE_CACHE_FOLDER)}
+
+
+def engine_dtype(settings: LLMSettings, on_cpu: bool) -> str:
+    """The dtype the engine computes in: DTYPE, and for ``auto`` float32 on every CPU, vLLM's own choice on a GPU.
+
+    On a CPU ``auto`` would be the checkpoint's bfloat16, whose rounding changes
+    small models' greedy answers, emulated (AVX2) or native (AVX-512 BF16, AMX):
+    the default model's first token is a near-tie that bfloat16 flips on an AMX
+    CPU, where it answers "L'Étoile, la Marseillaise, ..." instead of Paris.
+    float32 gives the same answers on every CPU, at the speed bench/findings.md
+    measures (``python -m bench.dtype``). An operator who wants bfloat16 there
+    sets DTYPE=bfloat16.
+    """
+    if on_cpu and settings.dtype == "auto":
+        return CPU_DEFAULT_DTYPE
+    return settings.dtype
 
 
 def cpu_enforce_eager(settings: LLMSettings) -> bool:

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runner.jsontypes import Integer
 from runner.operations import Operation
-from runner.schema import APIErrorMessage, OpenAIErrorDetail
+from runner.pipeline import APIErrorMessage, OpenAIErrorDetail
 
 
 class LLMMessage(BaseModel):

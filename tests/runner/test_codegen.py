@@ -36,7 +36,7 @@ def test_each_part_gets_its_own_models_and_operations():
     pipeline_source = codegen.generate(part_spec(), "echo")
     runner_source = codegen.generate(part_spec())
     assert "class EchoRequest" in pipeline_source and "class Shared" not in pipeline_source
-    assert "from runner.schema import Shared" in pipeline_source
+    assert "from runner.pipeline import Shared" in pipeline_source, "through the pipelines' contract"
     assert "operation_id='echo'" in pipeline_source and "operation_id='health'" not in pipeline_source
     assert "class EchoRequest" not in runner_source and "operation_id='echo'" not in runner_source
 

@@ -9,6 +9,7 @@ are /health ERROR with the reason, as go-livepeer reads it.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -141,6 +142,28 @@ def test_the_runner_imports_no_pipeline():
     for path in (ROOT / "runner").rglob("*.py"):
         for line in path.read_text().splitlines():
             assert not line.lstrip().startswith(("import pipelines", "from pipelines")), f"{path}: {line}"
+
+
+def runner_modules_imported(source: str) -> set[str]:
+    """The runner's modules a Python source imports, however it spells the import."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module == "runner":
+            found |= {f"runner.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return {name for name in found if name.split(".")[0] == "runner"}
+
+
+def test_pipelines_reach_the_runner_through_its_contract_only():
+    """No module under pipelines/ imports the runner's route layer or its schema: runner.pipeline has what they need."""
+    assert runner_modules_imported("from runner import routes\nimport runner.schema as s\nfrom runner.routes import x") \
+        == {"runner.routes", "runner.schema"}
+    for path in (ROOT / "pipelines").rglob("*.py"):
+        reached = runner_modules_imported(path.read_text()) & {"runner.routes", "runner.schema"}
+        assert not reached, f"{path.relative_to(ROOT)} imports {sorted(reached)}: import what it needs from runner.pipeline"
 
 
 def error_reason(runner: RunnerProcess) -> str:

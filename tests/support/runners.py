@@ -178,6 +178,7 @@ class SuiteFootprint:
     def __init__(self) -> None:
         self.peak_rss = 0
         self.peak_engines = 0
+        self.unexpected_engines = 0  # engines seen in a session whose tests need none (tests/conftest.py)
         self.stopped = threading.Event()
         threading.Thread(target=self.sample, daemon=True, name="suite-footprint").start()
 
@@ -213,6 +214,14 @@ class ModuleNeeds:
     @property
     def engines(self) -> bool:
         return bool(self.runners or self.own_engines)
+
+
+ENGINE_MARKER = "engine"  # added at collection to every test that needs a real engine; `-m "not engine"` is the fast lane
+
+
+def needs_engine(item) -> bool:
+    """The test uses a shared runner (through any fixture) or is in a module that starts engines of its own."""
+    return ModuleNeeds.of([item]).engines
 
 
 def by_module(items: list) -> dict[object, list]:

@@ -38,8 +38,7 @@ from pipelines.llm.schema import (
 )
 from pipelines.llm.served_models import ServedModel
 from pipelines.llm.tools import ToolPlan, plan_constraint, plan_tools
-from runner.pipeline import EventStream, OperationError, RequestContext, Serve
-from runner.routes import anthropic_error_document
+from runner.pipeline import EventStream, OperationError, RequestContext, Serve, anthropic_error_document
 
 # Anthropic's stop reasons for the shared finish reasons.
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "stop": "end_turn"}

@@ -19,8 +19,7 @@ from pipelines.llm.engine import Sampling
 from pipelines.llm.replies import PromptLogprobs, usage_json
 from pipelines.llm.schema import PromptLogprob
 from pipelines.llm.served_models import ServedModel
-from runner.pipeline import OperationError, RequestContext
-from runner.routes import openai_error_document
+from runner.pipeline import OperationError, RequestContext, openai_error_document
 
 
 def bad(msg: str, param: str | None = None) -> OperationError:

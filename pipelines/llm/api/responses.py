@@ -49,8 +49,7 @@ from pipelines.llm.schema import (
 )
 from pipelines.llm.served_models import ServedModels
 from pipelines.llm.tools import ToolPlan, plan_constraint, plan_tools
-from runner.pipeline import EventStream, OperationError, RequestContext, Serve
-from runner.schema import OpenAIErrorDetail
+from runner.pipeline import EventStream, OpenAIErrorDetail, OperationError, RequestContext, Serve
 
 TEXT_PARTS = ("input_text", "output_text", "text")  # the content parts read as text, whatever the role
 REASONING_PARTS = ("reasoning_text", "summary_text")

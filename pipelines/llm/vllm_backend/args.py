@@ -6,7 +6,6 @@ from pathlib import Path
 
 import psutil
 import structlog
-import torch
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
 
@@ -17,6 +16,7 @@ from pipelines.llm.layout import (
     cpu_enforce_eager,
     cpu_kv_cache_bytes,
     eight_bit_quantization,
+    engine_dtype,
 )
 from pipelines.llm.settings import LLMSettings
 
@@ -28,10 +28,6 @@ def platform() -> str:
     return current_platform.device_type
 
 
-def cpu_has_native_bfloat16() -> bool:
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
 def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model_config: dict,
                 gpu: GPU | None = None) -> AsyncEngineArgs:
     """vLLM's arguments for these settings here; ``gpu`` is the machine's least capable GPU (None: none).
@@ -39,12 +35,9 @@ def engine_args(settings: LLMSettings, model_path: Path, served_name: str, model
     Raises ValueError when the CPU KV cache cannot fit in the RAM free now.
     """
     on_cpu = platform() == "cpu"
-    dtype = settings.dtype
+    dtype = engine_dtype(settings, on_cpu)
     kv_cache_bytes = int(settings.kv_cache_gib * GiB) if settings.kv_cache_gib else None
     if on_cpu:
-        if dtype == "auto":
-            # bfloat16 gives wrong text on CPUs that only emulate it (AVX2).
-            dtype = "bfloat16" if cpu_has_native_bfloat16() else "float32"
         memory = psutil.virtual_memory()
         if kv_cache_bytes is None:
             kv_cache_bytes = cpu_kv_cache_bytes(settings, model_config, dtype, memory.total)

@@ -20,6 +20,7 @@ from pipelines.llm.layout import (
     eight_bit_method,
     eight_bit_quantization,
     engine_cache_variables,
+    engine_dtype,
     engine_environment,
     kv_bytes_per_token,
     layout_errors,
@@ -58,6 +59,15 @@ def test_pipeline_stages_at_most_the_layers():
 def test_shards_times_stages_at_most_the_gpus():
     [error] = parallelism_errors(settings(TENSOR_PARALLEL_SIZE="4", PIPELINE_PARALLEL_SIZE="2"), LLAMA_8B, devices=4)
     assert error == "TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = 8 GPUs, but this machine has 4"
+
+
+def test_dtype_auto_is_float32_on_a_cpu_and_vllms_auto_on_a_gpu():
+    """bfloat16's rounding changes the default model's greedy answers on AVX2 and AMX CPUs alike: float32 on all."""
+    assert engine_dtype(settings(), on_cpu=True) == "float32"
+    assert engine_dtype(settings(DTYPE="auto"), on_cpu=True) == "float32"
+    assert engine_dtype(settings(), on_cpu=False) == "auto"
+    for dtype in ("bfloat16", "float16", "float32"):  # the operator's choice wins on either
+        assert engine_dtype(settings(DTYPE=dtype), on_cpu=True) == engine_dtype(settings(DTYPE=dtype), False) == dtype
 
 
 def test_multimodal_configs_are_read_from_their_text_config():

@@ -215,8 +215,21 @@ def test_vllm_builds_its_configuration_from_the_runner_engine_arguments(name, de
             assert lands(config) == value, f"vLLM keeps {argument}={lands(config)!r}, the runner passed {value!r}"
     for argument, value in case.expect.items():
         assert getattr(args, argument) == value and LANDS[argument](config) == value, argument
-    if settings.dtype != "auto":
-        assert config.model_config.dtype == DTYPES[settings.dtype]
+    if args.dtype != "auto":
+        assert config.model_config.dtype == DTYPES[args.dtype]
+
+
+@pytest.mark.parametrize("native_bfloat16", [False, True], ids=["avx2-only", "avx512-bf16-and-amx"])
+def test_with_no_dtype_vllm_computes_in_float32_on_every_cpu(native_bfloat16, default_model, monkeypatch):
+    """DTYPE unset on a CPU: float32, whether it computes bfloat16 natively or emulates it; vLLM's auto on a GPU."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bfloat16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native_bfloat16)
+    model, model_config = default_model
+    settings, args = mapped_args(Case({}), model, model_config, monkeypatch)
+    assert args.dtype == "float32"
+    assert vllm_config(settings, args).model_config.dtype == torch.float32
+    _, args = mapped_args(Case({}, "cuda", H100), model, model_config, monkeypatch)
+    assert args.dtype == "auto"
 
 
 @pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.env.get("USE_8BIT") == "true"])
