@@ -162,17 +162,22 @@ ERROR_SHAPES = {"livepeer": LivepeerErrors(), "openai": OpenAIErrors(), "anthrop
 ErrorShape = LivepeerErrors | OpenAIErrors | AnthropicErrors
 
 
+def same_secret(presented: str, token: str) -> bool:
+    """Whether a header's value is the token, in constant time; a value of any bytes (aiohttp decodes headers as
+    Latin-1 or with surrogates) is compared, never raised on."""
+    return hmac.compare_digest(presented.strip().encode("utf-8", "surrogatepass"), token.encode())
+
+
 def bearer_token_matches(request: web.Request, token: str) -> bool:
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+    return scheme.lower() == "bearer" and same_secret(presented, token)
 
 
 def key_matches(request: web.Request, token: str, key_headers: tuple[str, ...] = ()) -> bool:
     """The bearer token, or the key in one of the operation's own key headers (Anthropic's x-api-key)."""
     if bearer_token_matches(request, token):
         return True
-    return any(hmac.compare_digest(request.headers[name].strip().encode(), token.encode())
-               for name in key_headers if name in request.headers)
+    return any(same_secret(request.headers[name], token) for name in key_headers if name in request.headers)
 
 
 def endpoint(operation: Operation, handler: Handler, auth_token: str | None) -> Callable:
