@@ -1,0 +1,139 @@
+"""Every API's bounds and client mistakes on a fake engine: each is a 4xx in its API's own shape, naming the field,
+before the engine sees the request; none is a 500, none leaks Python's exception text or leaves a traceback.
+
+The bounds and why each is what it is: docs/limits.md. The real engine's side (over real HTTP): real_engine/test_limits.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog.testing
+
+from pipelines.llm.limits import MAX_JSON_DEPTH, MAX_SCHEMA_PROPERTIES, depth_of, TooDeep
+from tests.support.apps import llm_app, ready_client, runner_settings
+from tests.support.http import raw_request
+
+USER = [{"role": "user", "content": "hi"}]
+DEEP = "[" * 5000  # Python's json runs out of recursion on it (a RecursionError, which is no ValueError)
+
+
+def wide_schema(properties: int) -> dict:
+    return {"type": "object", "properties": {f"p{index}": {"type": "string"} for index in range(properties)}}
+
+
+def deep_schema(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+async def refused(client, path: str, body: dict, status: int = 400) -> dict:
+    """The answer to ``body``: ``status`` with a JSON body, and no traceback logged for it."""
+    with structlog.testing.capture_logs() as logs:
+        response = await client.post(path, json=body)
+        document = await response.json()
+    assert response.status == status, document
+    assert not [entry for entry in logs if entry.get("exc_info")], "a client's mistake leaves no traceback"
+    text = json.dumps(document)
+    for leak in ("Traceback", "invalid literal", "RecursionError", "maximum recursion", "generation failed"):
+        assert leak not in text
+    return document
+
+
+def openai_param(document: dict) -> str:
+    assert set(document["error"]) == {"message", "type", "param", "code"}
+    return document["error"]["param"]
+
+
+@pytest.mark.parametrize("key", ["--1", "1e3", "+5", " 7", "１", "99999999999999999999", "-"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_logit_bias_key_that_is_no_token_id_is_a_400_naming_it(client, engine, path, key):
+    body = {"model": client.model, "logit_bias": {key: 1}, "max_tokens": 2}
+    body.update({"messages": USER} if "chat" in path else {"prompt": "hi"})
+    document = await refused(client, path, body)
+    assert openai_param(document) == "logit_bias"
+    assert not engine.submitted
+
+
+async def test_tool_call_arguments_nested_past_the_bound_are_a_400_naming_the_message(client, engine):
+    for arguments in (DEEP, "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)):
+        messages = [*USER, {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "done"}]
+        document = await refused(client, "/v1/chat/completions", {"model": client.model, "messages": messages})
+        assert openai_param(document) == "messages.[1].tool_calls"
+        assert "levels deep" in document["error"]["message"]
+    assert not engine.submitted
+
+
+async def test_responses_function_call_arguments_nested_past_the_bound_are_a_400(client, engine):
+    items = [{"role": "user", "content": "hi"},
+             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": DEEP}]
+    document = await refused(client, "/v1/responses", {"model": client.model, "input": items})
+    assert openai_param(document) == "input.[1].arguments"
+
+
+@pytest.mark.parametrize("field", ["json", "structural_tag"])
+async def test_structured_outputs_nested_past_the_bound_are_a_400(client, engine, field):
+    body = {"model": client.model, "messages": USER, "structured_outputs": {field: DEEP}}
+    document = await refused(client, "/v1/chat/completions", body)
+    assert openai_param(document) == f"structured_outputs.{field}"
+    assert not engine.submitted
+
+
+async def test_json_schemas_past_openais_structured_outputs_limits_are_a_400_naming_the_field(client, engine):
+    wide, deep = wide_schema(MAX_SCHEMA_PROPERTIES + 1), deep_schema(MAX_JSON_DEPTH)
+    for schema in (wide, deep):
+        format_ = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        body = {"model": client.model, "messages": USER, "response_format": format_}
+        assert openai_param(await refused(client, "/v1/chat/completions", body)) == "response_format"
+        body = {"model": client.model, "messages": USER, "structured_outputs": {"json": schema}}
+        assert openai_param(await refused(client, "/v1/chat/completions", body)) == "structured_outputs.json"
+        body = {"model": client.model, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x",
+                                                                          "schema": schema}}}
+        assert openai_param(await refused(client, "/v1/responses", body)) == "text.format.schema"
+    # Counted over all the tools together: two tools of 3,000 properties each are one grammar of 6,000.
+    tools = [{"type": "function", "function": {"name": f"f{index}", "parameters": wide_schema(3000)}}
+             for index in range(2)]
+    body = {"model": client.model, "messages": USER, "tools": tools, "tool_choice": "required"}
+    assert openai_param(await refused(client, "/v1/chat/completions", body)) == "tools"
+    anthropic_tools = [{"name": f"f{index}", "input_schema": wide_schema(3000)} for index in range(2)]
+    document = await refused(client, "/v1/messages", {"model": client.model, "max_tokens": 4, "messages": USER,
+                                                      "tools": anthropic_tools})
+    assert document["type"] == "error" and document["error"]["type"] == "invalid_request_error"
+    assert not engine.submitted
+
+
+async def test_a_schema_within_the_limits_is_served(client, engine):
+    format_ = {"type": "json_schema", "json_schema": {"name": "x", "schema": wide_schema(50)}}
+    response = await client.post("/v1/chat/completions", json={"model": client.model, "messages": USER,
+                                                               "response_format": format_, "max_tokens": 2})
+    assert response.status == 200, await response.text()
+
+
+def test_depth_of_counts_without_recursion():
+    assert depth_of(3) == 0 and depth_of([]) == 1 and depth_of({"a": [1]}) == 2
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    with pytest.raises(TooDeep):
+        depth_of(nested)
+
+
+@pytest.mark.parametrize("token", [b"\xff", b"k\xff", b"\xed\xa0\x80"])
+async def test_an_api_key_that_is_not_ascii_is_a_401_in_anthropics_shape(aiohttp_client, engine, tmp_path, token):
+    client = await ready_client(aiohttp_client, llm_app(engine, tmp_path / "model",
+                                                       runner=runner_settings(AUTH_TOKEN="k")))
+    body = json.dumps({"model": str(tmp_path / "model"), "max_tokens": 4, "messages": USER}).encode()
+    for header in ("x-api-key", "Authorization"):
+        value = token if header == "x-api-key" else b"Bearer " + token
+        with structlog.testing.capture_logs() as logs:
+            status, head, answer = await raw_request(client.server.host, client.server.port, "POST", "/v1/messages",
+                                                     {header: value, "Content-Type": b"application/json"}, body)
+        assert status == 401, answer
+        document = json.loads(answer)
+        assert document["type"] == "error" and document["error"]["type"] == "authentication_error"
+        assert not [entry for entry in logs if entry.get("exc_info")]
