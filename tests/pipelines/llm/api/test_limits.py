@@ -6,13 +6,15 @@ The bounds and why each is what it is: docs/limits.md. The real engine's side (o
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import pytest
 import structlog.testing
 
 from pipelines.llm.limits import MAX_JSON_DEPTH, MAX_SCHEMA_PROPERTIES, depth_of, TooDeep
-from tests.support.apps import llm_app, ready_client, runner_settings
+from tests.support.apps import llm_app, llm_settings, ready_client, runner_settings, served_client
 from tests.support.http import raw_request
 
 USER = [{"role": "user", "content": "hi"}]
@@ -137,3 +139,74 @@ async def test_an_api_key_that_is_not_ascii_is_a_401_in_anthropics_shape(aiohttp
         document = json.loads(answer)
         assert document["type"] == "error" and document["error"]["type"] == "authentication_error"
         assert not [entry for entry in logs if entry.get("exc_info")]
+
+
+# Admission counts engine sequences: a request takes as many as it becomes (prompts x n).
+
+async def test_20000_prompts_with_n_16_are_a_400_at_once_naming_the_prompt(client, engine):
+    started = time.monotonic()
+    document = await refused(client, "/v1/completions", {"model": client.model, "prompt": ["hi"] * 20_000, "n": 16,
+                                                         "max_tokens": 4, "temperature": 1})
+    assert time.monotonic() - started < 2
+    assert openai_param(document) == "prompt"
+    assert "MAX_PROMPTS_PER_REQUEST" in document["error"]["message"]
+    assert not engine.submitted
+
+
+async def test_max_prompts_per_request_is_a_setting(aiohttp_client, engine, tmp_path):
+    client = await served_client(aiohttp_client, engine, tmp_path, llm_settings(MAX_PROMPTS_PER_REQUEST=3))
+    body = {"model": client.model, "prompt": ["a", "b", "c", "d"], "max_tokens": 2}
+    assert openai_param(await refused(client, "/v1/completions", body)) == "prompt"
+    body["prompt"] = ["a", "b", "c"]
+    assert (await client.post("/v1/completions", json=body)).status == 200
+
+
+async def metric(client, name: str) -> float:
+    text = await (await client.get("/metrics")).text()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+async def test_admission_counts_sequences_and_answers_503_with_retry_after_past_the_bound(aiohttp_client, engine,
+                                                                                         tmp_path):
+    # Capacity 4 sequences: 2 running, 2 waiting.
+    client = await served_client(aiohttp_client, engine, tmp_path, llm_settings(MAX_NUM_SEQS=2,
+                                                                                MAX_WAITING_REQUESTS=2))
+    assert await metric(client, "livepeer_runner_admission_capacity") == 4
+    engine.step_seconds = 0.05
+    held = await client.post("/v1/completions", json={"model": client.model, "prompt": ["a", "b", "c"],
+                                                      "max_tokens": 200, "stream": True})
+    try:
+        assert held.status == 200
+        await held.content.readline()  # admitted and generating
+        assert await metric(client, "livepeer_runner_admitted_sequences") == 3
+        assert await metric(client, "livepeer_runner_requests_in_flight") == 1
+        # One request, but two sequences: one more than the room left.
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json={"model": client.model, "messages": USER, "n": 2,
+                                                                   "temperature": 1, "max_tokens": 2})
+        assert response.status == 503 and response.headers["Retry-After"] == "1"
+        assert time.monotonic() - started < 1, "refused at once, not queued"
+        assert "engine sequences" in (await response.json())["error"]["message"]
+        response = await client.post("/v1/messages", json={"model": client.model, "messages": USER,
+                                                           "max_tokens": 2})
+        assert response.status == 200, "the last place is one sequence"
+    finally:
+        held.close()
+    for _ in range(100):
+        if await metric(client, "livepeer_runner_admitted_sequences") == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await metric(client, "livepeer_runner_admitted_sequences") == 0
+
+
+async def test_a_request_larger_than_the_whole_bound_is_a_400_naming_n(aiohttp_client, engine, tmp_path):
+    client = await served_client(aiohttp_client, engine, tmp_path, llm_settings(MAX_NUM_SEQS=2,
+                                                                                MAX_WAITING_REQUESTS=2))
+    body = {"model": client.model, "prompt": ["a", "b", "c"], "n": 2, "temperature": 1, "max_tokens": 2}
+    document = await refused(client, "/v1/completions", body)
+    assert openai_param(document) == "n" and "6 engine sequences" in document["error"]["message"]
+    body = {"model": client.model, "prompt": ["a", "b", "c", "d", "e"], "max_tokens": 2}
+    assert openai_param(await refused(client, "/v1/completions", body)) == "prompt"
+    body = {"model": client.model, "messages": USER, "n": 5, "temperature": 1, "max_tokens": 2}
+    assert openai_param(await refused(client, "/v1/chat/completions", body)) == "n"
+    assert not engine.submitted
