@@ -107,6 +107,9 @@ def telling_error(errors: list[ValidationError]) -> tuple[ValidationError, str |
     first = min(errors, key=lambda error: (error.type.endswith("_type"), -len(error.loc)))
     # pydantic names the union member it tried (stop.list[str], tool_choice.NamedToolChoice): not a param.
     location = [str(part) for part in first.loc[1:] if not UNION_MEMBER.fullmatch(str(part))]
+    if "[key]" in location:  # a key past its bound (logit_bias, metadata): the object is the param, not the key
+        location = location[:location.index("[key]") - 1]
+    location = [part[:LOCATION_PART_LENGTH] for part in location]  # a client's key is echoed at most this long
     return first, ".".join(location) or None
 
 
@@ -157,6 +160,7 @@ class AnthropicErrors:
         return self.error(400, msg, param=param)
 
 
+LOCATION_PART_LENGTH = 64
 UNION_MEMBER = re.compile(r"[A-Z]\w*|str|int|float|bool|none|literal\[.*\]|(list|dict|function-\w+)\[.*\]")
 ERROR_SHAPES = {"livepeer": LivepeerErrors(), "openai": OpenAIErrors(), "anthropic": AnthropicErrors()}
 ErrorShape = LivepeerErrors | OpenAIErrors | AnthropicErrors

@@ -210,3 +210,156 @@ async def test_a_request_larger_than_the_whole_bound_is_a_400_naming_n(aiohttp_c
     body = {"model": client.model, "messages": USER, "n": 5, "temperature": 1, "max_tokens": 2}
     assert openai_param(await refused(client, "/v1/chat/completions", body)) == "n"
     assert not engine.submitted
+
+
+# Every list and string a request body carries is bounded in openapi.yaml, but for these: text that becomes prompt
+# tokens (bounded by MAX_REQUEST_BYTES and MAX_MODEL_LEN), the prompt list (MAX_PROMPTS_PER_REQUEST, a setting) and
+# JSON schemas and tool inputs (bounded in depth and size by pipelines/llm/limits.py). docs/limits.md lists them all.
+PROMPT_TEXT = {
+    "LLMMessage.content", "ChatContentPart.text", "ChatToolCallFunction.arguments", "ChatMessage.content",
+    "FunctionDefinition.description", "JSONSchemaFormat.description", "StructuredOutputs.json",
+    "StructuredOutputs.structural_tag", "CompletionRequest.prompt", "ResponsesContentPart.text",
+    "ResponsesInputItem.content", "ResponsesInputItem.arguments", "ResponsesInputItem.output",
+    "ResponsesTool.description", "ResponsesTextFormat.description", "ResponsesRequest.input",
+    "ResponsesRequest.instructions", "TokenizeRequest.prompt", "AnthropicTextBlock.text", "AnthropicToolResultPart.text",
+    "AnthropicContentBlock.text", "AnthropicContentBlock.content", "AnthropicContentBlock.thinking",
+    "AnthropicContentBlock.signature", "AnthropicContentBlock.data", "AnthropicMessageParam.content",
+    "AnthropicTool.description", "AnthropicMessagesRequest.system", "AnthropicCountTokensRequest.system",
+    "ChatCompletionRequest.documents",  # each document's values: text handed to the template
+}
+JSON_SCHEMAS = {"FunctionDefinition.parameters", "JSONSchemaFormat.schema", "StructuredOutputs.json",
+                "ResponsesTool.parameters", "ResponsesTextFormat.schema", "AnthropicTool.input_schema",
+                "AnthropicContentBlock.input"}
+UNBOUNDED_BY_DESIGN = {"CompletionRequest.prompt"}  # MAX_PROMPTS_PER_REQUEST
+
+
+def request_components() -> set[str]:
+    import yaml
+
+    from runner.codegen import SPEC_PATH, dependencies
+
+    spec = yaml.safe_load(SPEC_PATH.read_text())
+    schemas = spec["components"]["schemas"]
+    found: set[str] = set()
+    pending = [op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+               for item in spec["paths"].values() for op in item.values()
+               if isinstance(op, dict) and "requestBody" in op]
+    while pending:
+        name = pending.pop()
+        if name not in found:
+            found.add(name)
+            pending.extend(dependencies(schemas[name]))
+    return found
+
+
+def unbounded(schema: dict, where: str) -> list[str]:
+    if "anyOf" in schema:
+        return [miss for option in schema["anyOf"] for miss in unbounded(option, where)]
+    kind = schema.get("type")
+    missing = []
+    if kind == "string" and "maxLength" not in schema and "enum" not in schema:
+        missing.append(where)
+    if kind == "array":
+        if "maxItems" not in schema:
+            missing.append(where)
+        missing += unbounded(schema.get("items", {}), where)
+    if kind == "object" and "properties" not in schema:
+        if "maxProperties" not in schema:
+            missing.append(where)
+        if isinstance(schema.get("additionalProperties"), dict):
+            missing += unbounded(schema["additionalProperties"], where)
+    return missing
+
+
+def test_every_list_and_string_of_every_request_is_bounded_in_the_spec():
+    import yaml
+
+    from runner.codegen import SPEC_PATH
+
+    schemas = yaml.safe_load(SPEC_PATH.read_text())["components"]["schemas"]
+    missing = set()
+    for name in request_components():
+        for field, schema in schemas[name].get("properties", {}).items():
+            missing.update(unbounded(schema, f"{name}.{field}"))
+    allowed = PROMPT_TEXT | JSON_SCHEMAS | UNBOUNDED_BY_DESIGN
+    assert sorted(missing - allowed) == [], "bound these in openapi.yaml (and list them in docs/limits.md)"
+    assert sorted(allowed - missing) == [], "these are bounded now: take them off the lists"
+
+
+def long_list(count: int, item) -> list:
+    return [item] * count
+
+
+# (path, a body past one bound, the param the refusal names); each is the smallest step past the bound.
+PAST_A_BOUND = [
+    ("/v1/chat/completions", {"messages": long_list(2049, USER[0])}, "messages"),
+    ("/v1/chat/completions", {"messages": USER, "stop": ["a"] * 5}, "stop"),
+    ("/v1/chat/completions", {"messages": USER, "stop": ["a" * 1025]}, "stop.0"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"1" * 12: 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "bad_words": ["a"] * 129}, "bad_words"),
+    ("/v1/chat/completions", {"messages": USER, "stop_token_ids": [1] * 1025}, "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": USER, "tools": long_list(129, {"type": "function",
+                                                                          "function": {"name": "f"}})}, "tools"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f" * 65}}]},
+     "tools.0.function.name"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": long_list(257, {"type": "text",
+                                                                                       "text": "a"})}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": USER, "structured_outputs": {"choice": ["a"] * 1001}},
+     "structured_outputs.choice"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a"] * 5}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 17}, "best_of"),
+    ("/v1/responses", {"input": "hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ("/v1/responses", {"input": "hi", "metadata": {"k" * 65: "v"}}, "metadata"),
+    ("/v1/responses", {"input": "hi", "metadata": {"k": "v" * 513}}, "metadata.k"),
+    ("/v1/responses", {"input": "hi", "stop": ["a"] * 5}, "stop"),
+    ("/v1/responses", {"input": "hi", "previous_response_id": "r" * 257}, "previous_response_id"),
+    ("/tokenize", {"prompt": "hi", "model": "m" * 257}, "model"),
+    ("/detokenize", {"tokens": [1] * 262_145}, "tokens"),
+]
+ANTHROPIC_PAST_A_BOUND = [
+    {"stop_sequences": ["a"] * 5},
+    {"stop_sequences": ["a"] * 40_000},
+    {"metadata": {f"k{i}": "v" for i in range(17)}},
+    {"tools": [{"name": "t" * 129, "input_schema": {"type": "object"}}]},
+    {"messages": long_list(2049, USER[0])},
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), PAST_A_BOUND, ids=[f"{p}:{q}" for p, _, q in PAST_A_BOUND])
+async def test_past_a_bound_is_a_400_naming_the_field(client, engine, path, body, param):
+    document = await refused(client, path, {"model": client.model, **body})
+    assert openai_param(document) == param
+    assert not engine.submitted
+
+
+@pytest.mark.parametrize("body", ANTHROPIC_PAST_A_BOUND, ids=lambda body: next(iter(body)))
+async def test_past_a_bound_is_a_400_in_anthropics_shape(client, engine, body):
+    document = await refused(client, "/v1/messages", {"model": client.model, "max_tokens": 4, "messages": USER,
+                                                      **body})
+    assert document["type"] == "error" and document["error"]["type"] == "invalid_request_error"
+    assert document["error"]["message"].startswith(next(iter(body)))
+    assert not engine.submitted
+
+
+async def test_past_a_bound_on_llm_is_a_422_at_the_field(client, engine):
+    for body, loc in (({"messages": long_list(2049, USER[0])}, ["body", "messages"]),
+                      ({"messages": USER, "model": "m" * 257}, ["body", "model"]),
+                      ({"messages": [{"role": "r" * 65, "content": "hi"}]}, ["body", "messages", 0, "role"])):
+        document = await refused(client, "/llm", body, status=422)
+        assert document["detail"][0]["loc"] == loc
+    assert not engine.submitted
+
+
+async def test_at_the_bounds_a_request_is_served(client, engine):
+    engine.max_model_len = 100_000  # room for 2,048 messages
+    body = {"model": client.model, "messages": long_list(2048, USER[0]), "stop": ["a" * 1024] * 4, "max_tokens": 2,
+            "bad_words": ["zz"] * 128}  # (the fake model's vocabulary is smaller than logit_bias's 300 keys)
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status == 200, await response.text()
+    body = {"model": client.model, "input": "hi", "max_output_tokens": 2,
+            "metadata": {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}}
+    response = await client.post("/v1/responses", json=body)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["metadata"] == body["metadata"]
