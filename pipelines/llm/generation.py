@@ -168,7 +168,7 @@ class Generation:
         try:
             steps = self.engine.generate(prompt, sampling, uuid.uuid4().hex, model.adapter)
         except SamplingRefused as exc:  # the spec allows what the engine refuses, e.g. a temperature above 2
-            raise OperationError(str(exc)) from None
+            raise OperationError(str(exc), param=exc.param) from None
         context.prompt_tokens += len(prompt)
         context.model = model.id
         self.submitted += 1
