@@ -141,7 +141,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[Integer, Field(ge=1, le=16)] | None = None
     stop: Annotated[str, Field(max_length=1024)] | Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=4)] | None = None
-    seed: Integer | None = None
+    seed: Annotated[Integer, Field(ge=-9223372036854775808, le=9223372036854775807)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: Annotated[dict[Annotated[str, Field(max_length=11)], Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
@@ -195,7 +195,7 @@ class CompletionRequest(BaseModel):
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[Integer, Field(ge=1, le=16)] | None = None
     stop: Annotated[str, Field(max_length=1024)] | Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=4)] | None = None
-    seed: Integer | None = None
+    seed: Annotated[Integer, Field(ge=-9223372036854775808, le=9223372036854775807)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: Annotated[dict[Annotated[str, Field(max_length=11)], Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
@@ -463,7 +463,7 @@ class ResponsesRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(le=2, gt=0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    seed: Integer | None = None
+    seed: Annotated[Integer, Field(ge=-9223372036854775808, le=9223372036854775807)] | None = None
     stop: Annotated[str, Field(max_length=1024)] | Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=4)] | None = None
 
 

@@ -308,6 +308,10 @@ PAST_A_BOUND = [
      "messages.0.content"),
     ("/v1/chat/completions", {"messages": USER, "structured_outputs": {"choice": ["a"] * 1001}},
      "structured_outputs.choice"),
+    # vLLM's engine takes a 64-bit seed; a larger one could not even be handed to it.
+    ("/v1/chat/completions", {"messages": USER, "seed": 2**63}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "seed": -(2**63) - 1}, "seed"),
+    ("/v1/responses", {"input": "hi", "seed": 10**30}, "seed"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a"] * 5}, "stop"),
     ("/v1/completions", {"prompt": "hi", "best_of": 17}, "best_of"),
     ("/v1/responses", {"input": "hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),

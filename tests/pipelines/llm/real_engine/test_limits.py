@@ -185,6 +185,7 @@ async def test_client_mistakes_are_4xx_in_each_apis_shape_never_500(http, idle_g
         ("/v1/chat/completions", {"messages": QUESTION, "bad_words": [f"word{index}" for index in range(100)]},
          "bad_words"),
         ("/v1/responses", {"input": "Hello", "metadata": {"k": "v" * 513}}, "metadata.k"),
+        ("/v1/chat/completions", {"messages": QUESTION, "seed": 2**64, "temperature": 1}, "seed"),
     ]
     for path, body, param in openai_cases:
         async with http.post(f"{url}{path}", json={"model": model, "max_tokens": 2, **body}) as response:
