@@ -24,8 +24,9 @@ from runner.pipeline import OperationError, RequestContext
 
 # Chat template arguments a request may not set through chat_template_kwargs (as vLLM refuses them).
 REFUSED_TEMPLATE_KWARGS = ("chat_template", "tokenize")
-# The template call's own arguments: set by their own request fields, never through chat_template_kwargs.
-OWN_TEMPLATE_ARGS = ("conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+# The template call's own arguments (and the template's "messages", which the conversation becomes): set by their own
+# request fields, never through chat_template_kwargs.
+OWN_TEMPLATE_ARGS = ("conversation", "messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
                      "return_dict", "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
                      "return_assistant_tokens_mask")
 

@@ -367,3 +367,11 @@ async def test_at_the_bounds_a_request_is_served(client, engine):
     response = await client.post("/v1/responses", json=body)
     assert response.status == 200, await response.text()
     assert (await response.json())["metadata"] == body["metadata"]
+
+
+async def test_chat_template_kwargs_cannot_set_the_templates_messages(client, engine):
+    """Jinja's render() took "messages" twice: a 400 that quoted Python's TypeError. The conversation is the request's
+    messages, as the template call's other own arguments are their own fields'."""
+    body = {"model": client.model, "messages": USER, "max_tokens": 2, "chat_template_kwargs": {"messages": 1}}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status == 200, await response.text()
