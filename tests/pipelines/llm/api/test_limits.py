@@ -97,12 +97,13 @@ async def test_json_schemas_past_openais_structured_outputs_limits_are_a_400_nam
         body = {"model": client.model, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x",
                                                                           "schema": schema}}}
         assert openai_param(await refused(client, "/v1/responses", body)) == "text.format.schema"
-    # Counted over all the tools together: two tools of 3,000 properties each are one grammar of 6,000.
-    tools = [{"type": "function", "function": {"name": f"f{index}", "parameters": wide_schema(3000)}}
+    # Counted over all the tools together: two tools of 600 properties each are one grammar of 1,200.
+    half = MAX_SCHEMA_PROPERTIES // 2 + 100
+    tools = [{"type": "function", "function": {"name": f"f{index}", "parameters": wide_schema(half)}}
              for index in range(2)]
     body = {"model": client.model, "messages": USER, "tools": tools, "tool_choice": "required"}
     assert openai_param(await refused(client, "/v1/chat/completions", body)) == "tools"
-    anthropic_tools = [{"name": f"f{index}", "input_schema": wide_schema(3000)} for index in range(2)]
+    anthropic_tools = [{"name": f"f{index}", "input_schema": wide_schema(half)} for index in range(2)]
     document = await refused(client, "/v1/messages", {"model": client.model, "max_tokens": 4, "messages": USER,
                                                       "tools": anthropic_tools})
     assert document["type"] == "error" and document["error"]["type"] == "invalid_request_error"
