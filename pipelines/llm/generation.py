@@ -26,7 +26,8 @@ from runner.pipeline import OperationError, RequestContext
 REFUSED_TEMPLATE_KWARGS = ("chat_template", "tokenize")
 # The template call's own arguments (and the template's "messages", which the conversation becomes): set by their own
 # request fields, never through chat_template_kwargs.
-OWN_TEMPLATE_ARGS = ("conversation", "messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+OWN_TEMPLATE_ARGS = ("conversation", "messages", "tools", "documents", "add_generation_prompt",
+                     "continue_final_message",
                      "return_dict", "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
                      "return_assistant_tokens_mask")
 

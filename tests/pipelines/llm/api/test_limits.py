@@ -1,7 +1,8 @@
 """Every API's bounds and client mistakes on a fake engine: each is a 4xx in its API's own shape, naming the field,
 before the engine sees the request; none is a 500, none leaks Python's exception text or leaves a traceback.
 
-The bounds and why each is what it is: docs/limits.md. The real engine's side (over real HTTP): real_engine/test_limits.py.
+The bounds and why each is what it is: docs/limits.md. The real engine's side (over real HTTP):
+real_engine/test_limits.py.
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ PROMPT_TEXT = {
     "StructuredOutputs.structural_tag", "CompletionRequest.prompt", "ResponsesContentPart.text",
     "ResponsesInputItem.content", "ResponsesInputItem.arguments", "ResponsesInputItem.output",
     "ResponsesTool.description", "ResponsesTextFormat.description", "ResponsesRequest.input",
-    "ResponsesRequest.instructions", "TokenizeRequest.prompt", "AnthropicTextBlock.text", "AnthropicToolResultPart.text",
+    "ResponsesRequest.instructions", "TokenizeRequest.prompt", "AnthropicTextBlock.text",
+    "AnthropicToolResultPart.text",
     "AnthropicContentBlock.text", "AnthropicContentBlock.content", "AnthropicContentBlock.thinking",
     "AnthropicContentBlock.signature", "AnthropicContentBlock.data", "AnthropicMessageParam.content",
     "AnthropicTool.description", "AnthropicMessagesRequest.system", "AnthropicCountTokensRequest.system",

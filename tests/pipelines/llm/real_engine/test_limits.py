@@ -198,7 +198,8 @@ async def test_client_mistakes_are_4xx_in_each_apis_shape_never_500(http, idle_g
                                                      "stop_sequences": [f"s{i}" for i in range(40_000)]}) as response:
         answer = await response.json()
     assert response.status == 400 and answer["type"] == "error", answer
-    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"].startswith("stop_sequences")
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["message"].startswith("stop_sequences")
     assert time.monotonic() - started < 2
     assert await metric(http, runner, SUBMITTED) == submitted, "no refused call reached the engine"
     # Header bytes that are not ASCII: 401 in each API's shape, not a text/plain 500.
