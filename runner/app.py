@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator
 
@@ -31,11 +32,27 @@ log = structlog.get_logger(__name__)
 # Its Livepeer-Session-Token is a credential: it is never read, let alone logged.
 SESSION_HEADERS = {"Livepeer-Session-Id": "session_id", "Livepeer-Runner-Route": "runner_route"}
 SESSION_HEADER_LENGTH = 128  # a client that reaches the runner directly may send anything
+# A request id the runner takes from X-Request-ID: printable ASCII (it goes into answer ids, headers and logs), at most
+# this long (as the session headers). Any other is replaced by one of the runner's own, and the log says so.
+REQUEST_ID_LENGTH = 128
+REQUEST_ID_PATTERN = re.compile(r"[\x21-\x7e]{1,%d}" % REQUEST_ID_LENGTH)
+
+
+def request_id_of(request: web.Request) -> str:
+    """The client's X-Request-ID when it is printable ASCII of at most REQUEST_ID_LENGTH characters, else a new one."""
+    given = request.headers.get("X-Request-ID")
+    if given and REQUEST_ID_PATTERN.fullmatch(given):
+        return given
+    request_id = uuid.uuid4().hex
+    if given:
+        log.warning("request.id_replaced", request_id=request_id, given_length=len(given),
+                    why=f"X-Request-ID must be printable ASCII without spaces, at most {REQUEST_ID_LENGTH} characters")
+    return request_id
 
 
 @web.middleware
 async def request_context_middleware(request: web.Request, handler) -> web.StreamResponse:
-    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    request_id = request_id_of(request)
     request[REQUEST_ID] = request_id
     context = {"request_id": request_id}
     for header, key in SESSION_HEADERS.items():

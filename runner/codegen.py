@@ -44,8 +44,15 @@ SCALARS = {"string": "str", "integer": "Integer", "number": "float", "boolean": 
 CONSTRAINTS = {
     "minimum": "ge", "maximum": "le", "exclusiveMinimum": "gt", "exclusiveMaximum": "lt",
     "minItems": "min_length", "maxItems": "max_length", "minLength": "min_length", "maxLength": "max_length",
+    "minProperties": "min_length", "maxProperties": "max_length",
 }
 ANNOTATIONS = {"description", "title", "examples"}  # say nothing of the type
+# Every keyword a schema may use here; any other (a misspelt bound, a description that YAML cut into a key of its own)
+# would leave the models silently looser than the spec.
+KEYWORDS = ANNOTATIONS | set(CONSTRAINTS) | {
+    "type", "anyOf", "$ref", "enum", "const", "items", "properties", "required", "additionalProperties",
+    "propertyNames", "default", "x-pipeline",
+}
 # Field names that BaseModel's own attributes would shadow: generated as NAME_ with the alias NAME.
 RESERVED = {"schema", "json", "copy", "dict", "validate", "construct", "fields"}
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -64,6 +71,9 @@ def ref_name(ref: str) -> str:
 
 def type_expr(schema: dict[str, Any], in_any_of: bool = False, constrained: bool = True) -> str:
     """The annotation for ``schema``; its constraints ride along (Annotated) unless the caller writes them."""
+    unknown = sorted(str(key) for key in set(schema) - KEYWORDS)
+    if unknown:
+        raise SpecError(f"unsupported keywords {unknown} in {schema!r}")
     constraints = [f"{CONSTRAINTS[key]}={schema[key]!r}" for key in CONSTRAINTS if key in schema]
     if constrained and constraints:
         inner = type_expr(schema, in_any_of, constrained=False)
@@ -87,11 +97,15 @@ def type_expr(schema: dict[str, Any], in_any_of: bool = False, constrained: bool
         if "properties" in schema:
             raise SpecError("an inline object with properties must be a component of its own")
         values = schema.get("additionalProperties", True)
+        names = schema.get("propertyNames", {})  # the keys' own bounds, e.g. {maxLength: 64}
+        if set(names) - {"type", "minLength", "maxLength"} or names.get("type", "string") != "string":
+            raise SpecError(f"propertyNames may only bound a key's length, not {names!r}")
+        keys = type_expr({**names, "type": "string"})
         if values is True:  # a free-form object, e.g. a JSON schema or a function's parameters
-            return "dict[str, Any]"
+            return f"dict[{keys}, Any]"
         if not isinstance(values, dict):
             raise SpecError("an inline object needs additionalProperties with a schema")
-        return f"dict[str, {type_expr(values)}]"
+        return f"dict[{keys}, {type_expr(values)}]"
     if kind in SCALARS:
         return SCALARS[kind]
     raise SpecError(f"unsupported schema {schema!r}")
@@ -155,6 +169,9 @@ def dependency_order(schemas: dict[str, dict[str, Any]]) -> list[str]:
 def model_source(name: str, schema: dict[str, Any]) -> str:
     if schema.get("type") != "object" or "properties" not in schema:
         raise SpecError(f"component {name!r} must be an object with properties")
+    unknown = sorted(str(key) for key in set(schema) - KEYWORDS)
+    if unknown:
+        raise SpecError(f"component {name!r}: unsupported keywords {unknown}")
     required = set(schema.get("required", []))
     lines = [f"class {name}(BaseModel):"]
     if "description" in schema:

@@ -197,10 +197,16 @@ def failure_message(exc: BaseException) -> str:
     return f"generation failed: {text}"
 
 
-async def serve_operation(request: web.Request, body, serve: Serve, context: RequestContext, errors: ErrorShape):
+async def serve_operation(request: web.Request, body, serve: Serve, context: RequestContext, errors: ErrorShape,
+                          operation_id: str = ""):
     settings, state = request.app[SETTINGS], request.app[STATE]
     try:
-        with state.admit():
+        units = max(1, state.pipeline.admission_units(operation_id, body)) if state.pipeline is not None else 1
+    except OperationError as exc:  # a request too large to be admitted ever
+        log.info("request.refused", status=exc.status, reason=exc.msg)
+        return errors.error(exc.status, exc.msg, param=exc.param, code=exc.code)
+    try:
+        with state.admit(units):
             return await serve_admitted(request, body, serve, context, settings.request_timeout, errors)
     except NotReady as exc:
         return errors.error(503, str(exc), headers={"Retry-After": "1"})
@@ -245,7 +251,7 @@ def pipeline_handler(operation: Operation, serve: Serve) -> Handler:
         context = RequestContext(request_id=request[REQUEST_ID], params=dict(request.match_info))
         status = CLIENT_GONE
         try:
-            response = await serve_operation(request, body, serve, context, errors)
+            response = await serve_operation(request, body, serve, context, errors, operation_id)
             status = response.status
             return response
         except ClientGone as gone:

@@ -94,6 +94,20 @@ class StateCollector:
         yield GaugeMetricFamily(
             "livepeer_runner_requests_in_flight", "Requests the runner is serving", value=self.state.in_flight
         )
+        yield GaugeMetricFamily(
+            "livepeer_runner_admitted_sequences",
+            "What the requests in flight take of the admission bound: the engine sequences they become "
+            "(prompts x n), the unit of livepeer_runner_admission_capacity",
+            value=self.state.units_in_flight,
+        )
+        capacity = self.state.capacity()
+        if capacity is not None:
+            yield GaugeMetricFamily(
+                "livepeer_runner_admission_capacity",
+                "The admission bound in engine sequences (MAX_NUM_SEQS + MAX_WAITING_REQUESTS): past it a request is "
+                "answered 503 at once; the capacity reported to a Live Runner orchestrator",
+                value=capacity,
+            )
         load = pipeline.engine_load() if self.state.ready else None
         yield GaugeMetricFamily(
             "livepeer_runner_engine_requests_unfinished",

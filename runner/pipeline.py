@@ -162,11 +162,19 @@ class Pipeline(abc.ABC):
         return {"model": self.model_id}
 
     def max_in_flight(self) -> int | None:
-        """Requests the pipeline takes at once, queued ones included; None for no bound.
+        """What the pipeline takes at once, queued work included, in the unit of ``admission_units``; None for no
+        bound.
 
         Beyond it the runner answers 503 at once instead of queueing without end.
+        It is also the capacity the runner reports to a Live Runner orchestrator.
         """
         return None
+
+    def admission_units(self, operation_id: str, body: BaseModel | None) -> int:
+        """How much of ``max_in_flight`` one request takes while it is served (at least 1): the llm pipeline counts
+        the engine sequences it becomes. Raise OperationError (a 400 naming the field) for a request that could
+        never be admitted, however idle the runner. Called before admission, so it must be cheap."""
+        return 1
 
     @abc.abstractmethod
     async def close(self) -> None:

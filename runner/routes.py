@@ -107,6 +107,9 @@ def telling_error(errors: list[ValidationError]) -> tuple[ValidationError, str |
     first = min(errors, key=lambda error: (error.type.endswith("_type"), -len(error.loc)))
     # pydantic names the union member it tried (stop.list[str], tool_choice.NamedToolChoice): not a param.
     location = [str(part) for part in first.loc[1:] if not UNION_MEMBER.fullmatch(str(part))]
+    if "[key]" in location:  # a key past its bound (logit_bias, metadata): the object is the param, not the key
+        location = location[:location.index("[key]") - 1]
+    location = [part[:LOCATION_PART_LENGTH] for part in location]  # a client's key is echoed at most this long
     return first, ".".join(location) or None
 
 
@@ -157,22 +160,28 @@ class AnthropicErrors:
         return self.error(400, msg, param=param)
 
 
+LOCATION_PART_LENGTH = 64
 UNION_MEMBER = re.compile(r"[A-Z]\w*|str|int|float|bool|none|literal\[.*\]|(list|dict|function-\w+)\[.*\]")
 ERROR_SHAPES = {"livepeer": LivepeerErrors(), "openai": OpenAIErrors(), "anthropic": AnthropicErrors()}
 ErrorShape = LivepeerErrors | OpenAIErrors | AnthropicErrors
 
 
+def same_secret(presented: str, token: str) -> bool:
+    """Whether a header's value is the token, in constant time; a value of any bytes (aiohttp decodes headers as
+    Latin-1 or with surrogates) is compared, never raised on."""
+    return hmac.compare_digest(presented.strip().encode("utf-8", "surrogatepass"), token.encode())
+
+
 def bearer_token_matches(request: web.Request, token: str) -> bool:
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+    return scheme.lower() == "bearer" and same_secret(presented, token)
 
 
 def key_matches(request: web.Request, token: str, key_headers: tuple[str, ...] = ()) -> bool:
     """The bearer token, or the key in one of the operation's own key headers (Anthropic's x-api-key)."""
     if bearer_token_matches(request, token):
         return True
-    return any(hmac.compare_digest(request.headers[name].strip().encode(), token.encode())
-               for name in key_headers if name in request.headers)
+    return any(same_secret(request.headers[name], token) for name in key_headers if name in request.headers)
 
 
 def endpoint(operation: Operation, handler: Handler, auth_token: str | None) -> Callable:

@@ -46,7 +46,8 @@ class RunnerState:
         self.load_wait_timeout = load_wait_timeout
         self.load = Load.LOADING if start_error is None else Load.FAILED
         self.load_error = start_error
-        self.in_flight = 0
+        self.in_flight = 0  # requests
+        self.units_in_flight = 0  # what they take of the admission bound (Pipeline.admission_units)
         self.draining = False
         self.settled = asyncio.Event()  # the load is over, one way or the other
         self.idle = asyncio.Event()  # nothing in flight
@@ -128,20 +129,28 @@ class RunnerState:
         """Whether a request arriving now would be served (GET /ready): ready, sound, not draining."""
         return not self.draining and self.health() in ("IDLE", "OK")
 
+    def capacity(self) -> int | None:
+        """The admission bound, in the pipeline's units (the llm pipeline's: engine sequences); None: no bound."""
+        return self.pipeline.max_in_flight() if self.pipeline is not None else None
+
     @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one place for a request while it is served; raise NotReady when it may not come in."""
+    def admit(self, units: int = 1) -> Iterator[None]:
+        """Hold ``units`` of the admission bound for a request while it is served; raise NotReady when it may not
+        come in (AtCapacity when the bound has no room for it now)."""
         if self.draining:
             raise NotReady("the runner is shutting down")
-        limit = self.pipeline.max_in_flight() if self.pipeline is not None else None
-        if limit is not None and self.in_flight >= limit:
-            raise AtCapacity(f"the runner is at capacity ({limit} requests in flight); retry later")
+        limit = self.capacity()
+        if limit is not None and self.units_in_flight + units > limit:
+            raise AtCapacity(f"the runner is at capacity ({self.units_in_flight} of {limit} engine sequences in "
+                             f"flight; this request needs {units}); retry later")
         self.in_flight += 1
+        self.units_in_flight += units
         self.idle.clear()
         try:
             yield
         finally:
             self.in_flight -= 1
+            self.units_in_flight -= units
             if not self.in_flight:
                 self.idle.set()
 

@@ -6,10 +6,10 @@ for the template are decided here once, whichever API the messages came from.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
+from pipelines.llm.limits import json_document
 from runner.pipeline import OperationError
 
 # The roles a request may give, as the chat templates know them: "developer" is OpenAI's newer name for "system".
@@ -38,11 +38,8 @@ def turn(index: int, role: str, content: str | None, *, tool_call_id: str | None
     if tool_calls:
         calls = []
         for call_id, function, arguments in tool_calls:
-            try:
-                parsed = json.loads(arguments)
-            except ValueError:
-                raise OperationError(f"the arguments of tool call {call_id!r} are not JSON",
-                                     param=f"messages.[{index}].tool_calls") from None
+            parsed = json_document(arguments, f"the arguments of tool call {call_id!r}",
+                                   f"messages.[{index}].tool_calls")
             # Chat templates take the arguments as an object, as Hugging Face's do.
             calls.append({"id": call_id, "type": "function", "function": {"name": function, "arguments": parsed}})
         written["tool_calls"] = calls

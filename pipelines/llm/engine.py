@@ -65,7 +65,12 @@ class Sampling:
 
 
 class SamplingRefused(ValueError):
-    """The engine refuses these sampling values (e.g. a temperature above 2); the message is the engine's."""
+    """The engine refuses these sampling values (e.g. a temperature above 2); the message is the engine's, and
+    ``param`` the request field it names, when it names one."""
+
+    def __init__(self, msg: str, param: str | None = None) -> None:
+        super().__init__(msg)
+        self.param = param
 
 
 @dataclass(frozen=True)

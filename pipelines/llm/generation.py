@@ -24,8 +24,10 @@ from runner.pipeline import OperationError, RequestContext
 
 # Chat template arguments a request may not set through chat_template_kwargs (as vLLM refuses them).
 REFUSED_TEMPLATE_KWARGS = ("chat_template", "tokenize")
-# The template call's own arguments: set by their own request fields, never through chat_template_kwargs.
-OWN_TEMPLATE_ARGS = ("conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+# The template call's own arguments (and the template's "messages", which the conversation becomes): set by their own
+# request fields, never through chat_template_kwargs.
+OWN_TEMPLATE_ARGS = ("conversation", "messages", "tools", "documents", "add_generation_prompt",
+                     "continue_final_message",
                      "return_dict", "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
                      "return_assistant_tokens_mask")
 
@@ -168,7 +170,7 @@ class Generation:
         try:
             steps = self.engine.generate(prompt, sampling, uuid.uuid4().hex, model.adapter)
         except SamplingRefused as exc:  # the spec allows what the engine refuses, e.g. a temperature above 2
-            raise OperationError(str(exc)) from None
+            raise OperationError(str(exc), param=exc.param) from None
         context.prompt_tokens += len(prompt)
         context.model = model.id
         self.submitted += 1

@@ -40,6 +40,7 @@ class LLMPipeline(Pipeline):
         self.models = ServedModels(model_id, settings.lora_runtime_updates, settings.lora_unload_timeout)
         self.apis = [api(self.generation, self.models) for api in (apis if apis is not None else installed_apis())]
         self.OPERATIONS = tuple(operation for api in self.apis for operation in api.OPERATIONS)
+        self.api_of = {operation.operation_id: api for api in self.apis for operation in api.OPERATIONS}
 
     def operations(self) -> Mapping[str, Serve]:
         if self.settings.worker_node:
@@ -73,6 +74,26 @@ class LLMPipeline(Pipeline):
             "apis": [type(api).__module__.rsplit(".", 1)[-1] for api in self.apis],
             "dtype": engine.dtype if engine is not None else self.settings.dtype,
         }
+
+    def admission_units(self, operation_id: str, body) -> int:
+        """The engine sequences a request becomes (prompts x n), refused (400, naming the field) past
+        MAX_PROMPTS_PER_REQUEST or past the whole admission bound, which no wait would make room for."""
+        api = self.api_of.get(operation_id)
+        if api is None or body is None:
+            return 1
+        size = api.request_size(operation_id, body)
+        settings = self.settings
+        if size.prompts > settings.max_prompts_per_request:
+            raise OperationError(f"{size.prompts_param}: a list of {size.prompts} prompts is more than the "
+                                 f"{settings.max_prompts_per_request} one request may hold (MAX_PROMPTS_PER_REQUEST)",
+                                 param=size.prompts_param)
+        if size.sequences > settings.max_in_flight:
+            raise OperationError(
+                f"{size.per_prompt_param}: this request becomes {size.sequences} engine sequences ({size.prompts} "
+                f"prompts x {size.per_prompt}), more than the {settings.max_in_flight} this runner admits at once "
+                "(MAX_NUM_SEQS + MAX_WAITING_REQUESTS): send fewer prompts or a smaller n",
+                param=size.per_prompt_param if size.per_prompt > 1 else size.prompts_param)
+        return size.sequences
 
     async def load(self) -> None:
         engine = await self.host.start()

@@ -11,13 +11,13 @@ from runner.pipeline import APIErrorMessage, OpenAIErrorDetail
 
 
 class LLMMessage(BaseModel):
-    role: str
+    role: str = Field(max_length=64)
     content: str
 
 
 class LLMRequest(BaseModel):
-    messages: list[LLMMessage]
-    model: str = ''
+    messages: list[LLMMessage] = Field(max_length=2048)
+    model: str = Field(default='', max_length=256)
     temperature: float = Field(default=0.7, ge=0)
     max_tokens: Integer = Field(default=256, ge=1)
     top_p: float = Field(default=1.0, le=1, gt=0)
@@ -50,17 +50,17 @@ class LLMResponse(BaseModel):
 class ChatContentPart(BaseModel):
     "One part of a message's content; only text parts are served."
 
-    type: str
+    type: str = Field(max_length=64)
     text: str | None = None
 
 
 class ChatToolCallFunction(BaseModel):
-    name: str
+    name: str = Field(max_length=64)
     arguments: str
 
 
 class ChatToolCall(BaseModel):
-    id: str
+    id: str = Field(max_length=256)
     type: Literal['function']
     function: ChatToolCallFunction
 
@@ -69,14 +69,14 @@ class ChatMessage(BaseModel):
     "One message of the conversation, as OpenAI's SDKs send it."
 
     role: Literal['system', 'developer', 'user', 'assistant', 'tool']
-    content: str | list[ChatContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[ChatToolCall] | None = None
-    tool_call_id: str | None = None
+    content: str | Annotated[list[ChatContentPart], Field(max_length=256)] | None = None
+    name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ChatToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
 
 class FunctionDefinition(BaseModel):
-    name: str
+    name: str = Field(max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -88,7 +88,7 @@ class ChatTool(BaseModel):
 
 
 class NamedToolChoiceFunction(BaseModel):
-    name: str
+    name: str = Field(max_length=64)
 
 
 class NamedToolChoice(BaseModel):
@@ -97,7 +97,7 @@ class NamedToolChoice(BaseModel):
 
 
 class JSONSchemaFormat(BaseModel):
-    name: str
+    name: str = Field(max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias='schema')
     strict: bool | None = None
@@ -118,14 +118,14 @@ class StructuredOutputs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     json_: dict[str, Any] | str | None = Field(default=None, alias='json')
-    regex: str | None = None
-    choice: Annotated[list[str], Field(min_length=1)] | None = None
-    grammar: str | None = None
+    regex: Annotated[str, Field(max_length=16384)] | None = None
+    choice: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(min_length=1, max_length=1000)] | None = None
+    grammar: Annotated[str, Field(max_length=65536)] | None = None
     json_object: bool | None = None
     structural_tag: str | None = None
     disable_any_whitespace: bool | None = None
     disable_additional_properties: bool | None = None
-    whitespace_pattern: str | None = None
+    whitespace_pattern: Annotated[str, Field(max_length=256)] | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -133,27 +133,27 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    messages: list[ChatMessage]
+    model: str = Field(max_length=256)
+    messages: list[ChatMessage] = Field(max_length=2048)
     max_tokens: Annotated[Integer, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[Integer, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[Integer, Field(ge=1, le=16)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: Integer | None = None
+    stop: Annotated[str, Field(max_length=1024)] | Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=4)] | None = None
+    seed: Annotated[Integer, Field(ge=-9223372036854775808, le=9223372036854775807)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: Annotated[dict[Annotated[str, Field(max_length=11)], Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[Integer, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[ChatTool] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
     tool_choice: Literal['none', 'auto', 'required'] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
     top_k: Annotated[Integer, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(le=2, gt=0)] | None = None
@@ -161,7 +161,7 @@ class ChatCompletionRequest(BaseModel):
     include_reasoning: bool | None = None
     use_beam_search: bool | None = None
     length_penalty: float | None = None
-    stop_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
+    stop_token_ids: Annotated[list[Annotated[Integer, Field(ge=0)]], Field(max_length=1024)] | None = None
     include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
     min_tokens: Annotated[Integer, Field(ge=0)] | None = None
@@ -170,15 +170,15 @@ class ChatCompletionRequest(BaseModel):
     truncate_prompt_tokens: Annotated[Integer, Field(ge=-1)] | None = None
     truncation_side: Literal['left', 'right'] | None = None
     prompt_logprobs: Annotated[Integer, Field(ge=-1)] | None = None
-    allowed_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
-    bad_words: list[str] | None = None
+    allowed_token_ids: Annotated[list[Annotated[Integer, Field(ge=0)]], Field(max_length=262144)] | None = None
+    bad_words: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=128)] | None = None
     echo: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     add_special_tokens: bool | None = None
-    documents: list[dict[str, str]] | None = None
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    documents: Annotated[list[Annotated[dict[Annotated[str, Field(max_length=64)], str], Field(max_length=16)]], Field(max_length=128)] | None = None
+    chat_template: Annotated[str, Field(max_length=65536)] | None = None
+    chat_template_kwargs: Annotated[dict[Annotated[str, Field(max_length=64)], Any], Field(max_length=32)] | None = None
     structured_outputs: StructuredOutputs | None = None
     priority: Integer | None = None
 
@@ -188,30 +188,30 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str = Field(max_length=256)
     prompt: str | Annotated[list[str], Field(min_length=1)]
     max_tokens: Annotated[Integer, Field(ge=1)] | None = 16
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[Integer, Field(ge=1, le=16)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: Integer | None = None
+    stop: Annotated[str, Field(max_length=1024)] | Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=4)] | None = None
+    seed: Annotated[Integer, Field(ge=-9223372036854775808, le=9223372036854775807)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: Annotated[dict[Annotated[str, Field(max_length=11)], Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
     logprobs: Annotated[Integer, Field(ge=0, le=5)] | None = None
     echo: bool | None = None
-    suffix: str | None = None
-    best_of: Annotated[Integer, Field(ge=1)] | None = None
+    suffix: Annotated[str, Field(max_length=1024)] | None = None
+    best_of: Annotated[Integer, Field(ge=1, le=16)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
     top_k: Annotated[Integer, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(le=2, gt=0)] | None = None
     use_beam_search: bool | None = None
     length_penalty: float | None = None
-    stop_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
+    stop_token_ids: Annotated[list[Annotated[Integer, Field(ge=0)]], Field(max_length=1024)] | None = None
     include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
     min_tokens: Annotated[Integer, Field(ge=0)] | None = None
@@ -220,8 +220,8 @@ class CompletionRequest(BaseModel):
     truncate_prompt_tokens: Annotated[Integer, Field(ge=-1)] | None = None
     truncation_side: Literal['left', 'right'] | None = None
     prompt_logprobs: Annotated[Integer, Field(ge=-1)] | None = None
-    allowed_token_ids: list[Annotated[Integer, Field(ge=0)]] | None = None
-    bad_words: list[str] | None = None
+    allowed_token_ids: Annotated[list[Annotated[Integer, Field(ge=0)]], Field(max_length=262144)] | None = None
+    bad_words: Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=128)] | None = None
     add_special_tokens: bool | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -363,29 +363,29 @@ class ModelList(BaseModel):
 class ResponsesContentPart(BaseModel):
     "One part of an item's content. Text parts (`input_text`, `output_text`, `text`) and a reasoning item's `reasoning_text` are read; any other type (an image, a file, audio, a refusal) is a 400 naming it."
 
-    type: str
+    type: str = Field(max_length=64)
     text: str | None = None
 
 
 class ResponsesInputItem(BaseModel):
     'One item of `input`: a message (`type` "message", the default when a `role` is given), a `function_call` the model made (`call_id`, `name`, `arguments`), a `function_call_output` (`call_id`, `output`), or a `reasoning` item (accepted and not shown to the model again, as the templates of reasoning models drop earlier thinking). Other fields of an item (ids, status, annotations) are accepted and ignored.'
 
-    type: str | None = None
+    type: str | None = Field(default=None, max_length=64)
     role: Literal['user', 'assistant', 'system', 'developer'] | None = None
-    content: str | list[ResponsesContentPart] | None = None
-    call_id: str | None = None
-    name: str | None = None
+    content: str | Annotated[list[ResponsesContentPart], Field(max_length=256)] | None = None
+    call_id: str | None = Field(default=None, max_length=256)
+    name: str | None = Field(default=None, max_length=64)
     arguments: str | None = None
-    output: str | list[ResponsesContentPart] | None = None
-    id: str | None = None
-    status: str | None = None
+    output: str | Annotated[list[ResponsesContentPart], Field(max_length=256)] | None = None
+    id: Annotated[str, Field(max_length=256)] | None = None
+    status: Annotated[str, Field(max_length=64)] | None = None
 
 
 class ResponsesTool(BaseModel):
     'A tool the model may call; only `type` "function" is served (built-in tools are a 400).'
 
-    type: str
-    name: str | None = None
+    type: str = Field(max_length=64)
+    name: str | None = Field(default=None, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -394,13 +394,13 @@ class ResponsesTool(BaseModel):
 class ResponsesToolChoice(BaseModel):
     'A named tool choice; only `type` "function" with its `name` is served.'
 
-    type: str
-    name: str | None = None
+    type: str = Field(max_length=64)
+    name: str | None = Field(default=None, max_length=64)
 
 
 class ResponsesTextFormat(BaseModel):
     type: Literal['text', 'json_object', 'json_schema']
-    name: str | None = None
+    name: str | None = Field(default=None, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias='schema')
     strict: bool | None = None
@@ -416,9 +416,9 @@ class ResponsesTextConfig(BaseModel):
 class ResponsesReasoningConfig(BaseModel):
     'Accepted when every field is null; a reasoning effort or summary is not served (400).'
 
-    effort: str | None = None
-    summary: str | None = None
-    generate_summary: str | None = None
+    effort: Annotated[str, Field(max_length=64)] | None = None
+    summary: Annotated[str, Field(max_length=64)] | None = None
+    generate_summary: Annotated[str, Field(max_length=64)] | None = None
 
 
 class ResponsesStreamOptions(BaseModel):
@@ -430,29 +430,29 @@ class ResponsesRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
-    input: str | list[ResponsesInputItem] | None = None
+    model: Annotated[str, Field(max_length=256)] | None = None
+    input: str | Annotated[list[ResponsesInputItem], Field(max_length=2048)] | None = None
     instructions: str | None = None
     max_output_tokens: Annotated[Integer, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    tools: list[ResponsesTool] | None = None
+    tools: Annotated[list[ResponsesTool], Field(max_length=128)] | None = None
     tool_choice: Literal['none', 'auto', 'required'] | ResponsesToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: ResponsesTextConfig | None = None
     stream: bool | None = None
     stream_options: ResponsesStreamOptions | None = None
     store: bool | None = None
-    previous_response_id: str | None = None
-    metadata: dict[str, str] | None = None
-    user: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    service_tier: str | None = None
+    previous_response_id: Annotated[str, Field(max_length=256)] | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None
+    prompt_cache_key: Annotated[str, Field(max_length=256)] | None = None
+    prompt_cache_retention: Annotated[str, Field(max_length=64)] | None = None
+    service_tier: Annotated[str, Field(max_length=64)] | None = None
     truncation: Literal['auto', 'disabled'] | None = None
     background: bool | None = None
-    include: list[str] | None = None
+    include: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=16)] | None = None
     reasoning: ResponsesReasoningConfig | None = None
     max_tool_calls: Annotated[Integer, Field(ge=1)] | None = None
     top_logprobs: Annotated[Integer, Field(ge=0, le=20)] | None = None
@@ -463,8 +463,8 @@ class ResponsesRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(le=2, gt=0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    seed: Integer | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: Annotated[Integer, Field(ge=-9223372036854775808, le=9223372036854775807)] | None = None
+    stop: Annotated[str, Field(max_length=1024)] | Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=4)] | None = None
 
 
 class ResponsesOutputText(BaseModel):
@@ -577,13 +577,13 @@ class ResponsesStreamEvent(BaseModel):
 
 
 class LoadLoRAAdapterRequest(BaseModel):
-    lora_name: str
-    lora_path: str
+    lora_name: str = Field(max_length=256)
+    lora_path: str = Field(max_length=4096)
     load_inplace: bool = False
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
-    lora_name: str
+    lora_name: str = Field(max_length=256)
     lora_int_id: Integer | None = None
 
 
@@ -598,16 +598,16 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
+    model: Annotated[str, Field(max_length=256)] | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, max_length=2048)
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     return_token_strs: bool | None = None
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[ChatTool] | None = None
+    chat_template: Annotated[str, Field(max_length=65536)] | None = None
+    chat_template_kwargs: Annotated[dict[Annotated[str, Field(max_length=64)], Any], Field(max_length=32)] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
 
 
 class TokenizeResponse(BaseModel):
@@ -620,8 +620,8 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
-    tokens: list[Annotated[Integer, Field(ge=0)]]
+    model: Annotated[str, Field(max_length=256)] | None = None
+    tokens: list[Annotated[Integer, Field(ge=0)]] = Field(max_length=262144)
 
 
 class DetokenizeResponse(BaseModel):
@@ -633,48 +633,48 @@ class AnthropicTextBlock(BaseModel):
 
     type: Literal['text']
     text: str
-    cache_control: dict[str, Any] | None = None
-    citations: list[Any] | None = None
+    cache_control: Annotated[dict[str, Any], Field(max_length=8)] | None = None
+    citations: Annotated[list[Any], Field(max_length=256)] | None = None
 
 
 class AnthropicToolResultPart(BaseModel):
     "One part of a tool_result's content; only text parts are served."
 
-    type: str
+    type: str = Field(max_length=64)
     text: str | None = None
 
 
 class AnthropicContentBlock(BaseModel):
     "One block of a message's content. Served: `text`; `tool_use` in an assistant message (`id`, `name`, `input`: a call the model made); `tool_result` in a user message (`tool_use_id`, `content`: a string or text parts; `is_error` accepted); `thinking` and `redacted_thinking` in an assistant message (accepted, left out of the prompt, as chat templates leave out past thinking). Any other type (`image`, `document`, ...) is a 400. `cache_control` is accepted and ignored."
 
-    type: str
+    type: str = Field(max_length=64)
     text: str | None = None
-    id: str | None = None
-    name: str | None = None
+    id: Annotated[str, Field(max_length=256)] | None = None
+    name: Annotated[str, Field(max_length=128)] | None = None
     input: dict[str, Any] | None = None
-    tool_use_id: str | None = None
-    content: str | list[AnthropicToolResultPart] | None = None
+    tool_use_id: Annotated[str, Field(max_length=256)] | None = None
+    content: str | Annotated[list[AnthropicToolResultPart], Field(max_length=256)] | None = None
     is_error: bool | None = None
     thinking: str | None = None
     signature: str | None = None
     data: str | None = None
-    cache_control: dict[str, Any] | None = None
-    citations: list[Any] | None = None
+    cache_control: Annotated[dict[str, Any], Field(max_length=8)] | None = None
+    citations: Annotated[list[Any], Field(max_length=256)] | None = None
 
 
 class AnthropicMessageParam(BaseModel):
     role: Literal['user', 'assistant', 'system']
-    content: str | list[AnthropicContentBlock]
+    content: str | Annotated[list[AnthropicContentBlock], Field(max_length=256)]
 
 
 class AnthropicTool(BaseModel):
     "A client tool: its `input_schema` constrains the call's input. `cache_control` and `strict` are accepted (the input always matches the schema here); Anthropic's server tools (`web_search_...`, `bash_...`) are not served."
 
-    name: str
+    name: str = Field(max_length=128)
     description: str | None = None
     input_schema: dict[str, Any] | None = None
-    type: str | None = None
-    cache_control: dict[str, Any] | None = None
+    type: Annotated[str, Field(max_length=64)] | None = None
+    cache_control: Annotated[dict[str, Any], Field(max_length=8)] | None = None
     strict: bool | None = None
 
 
@@ -682,7 +682,7 @@ class AnthropicToolChoice(BaseModel):
     '`auto` (the model decides), `any` (one or more calls), `tool` (the named one), `none` (no calls; the template is not shown the tools).'
 
     type: Literal['auto', 'any', 'tool', 'none']
-    name: str | None = None
+    name: Annotated[str, Field(max_length=128)] | None = None
     disable_parallel_tool_use: bool | None = None
 
 
@@ -691,18 +691,18 @@ class AnthropicMessagesRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    messages: list[AnthropicMessageParam]
+    model: str = Field(max_length=256)
+    messages: list[AnthropicMessageParam] = Field(max_length=2048)
     max_tokens: Integer = Field(ge=1)
-    system: str | list[AnthropicTextBlock] | None = None
-    stop_sequences: list[str] | None = None
+    system: str | Annotated[list[AnthropicTextBlock], Field(max_length=256)] | None = None
+    stop_sequences: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=4)] | None = None
     temperature: Annotated[float, Field(ge=0, le=1)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Annotated[Integer, Field(ge=0)] | None = None
-    tools: list[AnthropicTool] | None = None
+    tools: Annotated[list[AnthropicTool], Field(max_length=128)] | None = None
     tool_choice: AnthropicToolChoice | None = None
-    metadata: dict[str, Any] | None = None
-    cache_control: dict[str, Any] | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Any], Field(max_length=16)] | None = None
+    cache_control: Annotated[dict[str, Any], Field(max_length=8)] | None = None
     stream: bool | None = None
 
 
@@ -711,12 +711,12 @@ class AnthropicCountTokensRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    messages: list[AnthropicMessageParam]
-    system: str | list[AnthropicTextBlock] | None = None
-    tools: list[AnthropicTool] | None = None
+    model: str = Field(max_length=256)
+    messages: list[AnthropicMessageParam] = Field(max_length=2048)
+    system: str | Annotated[list[AnthropicTextBlock], Field(max_length=256)] | None = None
+    tools: Annotated[list[AnthropicTool], Field(max_length=128)] | None = None
     tool_choice: AnthropicToolChoice | None = None
-    cache_control: dict[str, Any] | None = None
+    cache_control: Annotated[dict[str, Any], Field(max_length=8)] | None = None
 
 
 class AnthropicTokensCount(BaseModel):

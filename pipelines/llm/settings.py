@@ -61,6 +61,9 @@ class LLMSettings(BaseSettings):
     # fewer, larger stream events, for less front-end CPU per token at the cost of coarser arrival.
     stream_interval: int = Field(1, alias="STREAM_INTERVAL", ge=1)
     max_waiting_requests: int | None = Field(None, alias="MAX_WAITING_REQUESTS", ge=0)
+    # Prompts one /v1/completions request may hold (vLLM's OpenAI server takes at most 1,024); each is an engine
+    # sequence of its own (n of them), counted against the admission bound (max_in_flight).
+    max_prompts_per_request: int = Field(1024, alias="MAX_PROMPTS_PER_REQUEST", ge=1)
     tool_call_parser: str | None = Field(
         None, alias="TOOL_CALL_PARSER", min_length=1,
         description="vLLM's tool-call parser for tool_choice 'auto' (default: chosen from the chat template)",
@@ -121,7 +124,8 @@ class LLMSettings(BaseSettings):
 
     @property
     def max_in_flight(self) -> int:
-        """Running slots plus the queue behind them (as deep as the batch by default)."""
+        """Engine sequences admitted at once: running slots plus the queue behind them (as deep as the batch by
+        default). A request takes as many as it becomes (prompts x n)."""
         waiting = self.max_num_seqs if self.max_waiting_requests is None else self.max_waiting_requests
         return self.max_num_seqs + waiting
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.llm.limits import check_schemas
 from runner.pipeline import OperationError
 
 # A chat template's tool-call syntax, and vLLM's parser for it (first match wins).
@@ -85,6 +86,7 @@ def plan_tools(tools: Sequence[dict], choice: str | dict | None, parallel_tool_c
             raise OperationError("tool_choice needs tools", param="tool_choice")
         return ToolPlan()
     functions = {tool["function"]["name"]: tool["function"] for tool in tools}
+    check_schemas([function.get("parameters") for function in functions.values()], "the tools' parameters", "tools")
     single = parallel_tool_calls is False
     if choice == "none":
         return ToolPlan()

@@ -106,3 +106,30 @@ def test_an_api_key_header_scheme_becomes_the_operations_key_header():
 def test_security_the_route_layer_cannot_honour_is_refused(security):
     with pytest.raises(codegen.SpecError, match="msg"):
         codegen.generate(secured_spec(*security))
+
+
+@pytest.mark.parametrize("field", [{"type": "array", "items": {"type": "string"}, "maxitems": 4},
+                                   {"type": "string", "pattern": "^a$"},
+                                   {"type": "string", "description": "a", "so on.": None}],
+                         ids=["a misspelt bound", "a keyword the generator does not know", "a description YAML cut"])
+def test_a_keyword_the_generator_cannot_honour_is_refused(field):
+    spec = {"components": {"schemas": {"Odd": {"type": "object", "properties": {"x": field}}}}, "paths": {}}
+    with pytest.raises(codegen.SpecError, match="unsupported keywords"):
+        codegen.generate(spec)
+
+
+def test_object_bounds_reach_the_models():
+    """maxProperties bounds an object's keys' count, propertyNames their length, as pydantic's max_length."""
+    import pydantic
+
+    spec = {"components": {"schemas": {"Tagged": {"type": "object", "properties": {"tags": {
+        "type": "object", "maxProperties": 2, "propertyNames": {"maxLength": 3},
+        "additionalProperties": {"type": "string", "maxLength": 4}}}}}}, "paths": {}}
+    namespace: dict = {}
+    exec(codegen.generate(spec), namespace)
+    tagged = namespace["Tagged"]
+    tagged.model_rebuild(_types_namespace=namespace)
+    assert tagged.model_validate({"tags": {"abc": "abcd", "d": ""}}).tags == {"abc": "abcd", "d": ""}
+    for tags in ({"a": "", "b": "", "c": ""}, {"abcd": ""}, {"a": "abcde"}):
+        with pytest.raises(pydantic.ValidationError, match="tags"):
+            tagged.model_validate({"tags": tags})

@@ -260,6 +260,21 @@ def warm_the_logprobs_path(runner: RunnerProcess) -> None:
     _warmed.add(runner.url)
 
 
+def test_the_fuzz_calls_every_operation_of_the_spec_bounds_included():
+    """Every operation of openapi.yaml is fuzzed (unless FUZZ_PATH narrows a local hunt), and the coverage phase runs:
+    it sends each bound's edge (maxItems, maxLength, maxProperties and one past each), which must be served or
+    refused with a 4xx, never a 5xx."""
+    if FUZZ_PATH:
+        pytest.skip("FUZZ_PATH narrows the fuzz to some operations")
+    fuzzed = {(result.ok().method.upper(), result.ok().path) for result in schema.get_all_operations()}
+    in_spec = {(method.upper(), path) for path, item in _spec["paths"].items() for method in item
+               if method in ("get", "post", "put", "delete", "patch")}
+    assert fuzzed == in_spec
+    assert config.projects.default.phases.coverage.enabled
+    bounded = json.dumps(_spec["components"]["schemas"])
+    assert all(bound in bounded for bound in ('"maxItems"', '"maxLength"', '"maxProperties"'))
+
+
 @schema.parametrize()
 def test_every_answer_is_one_the_spec_documents(case, guarded_runner: RunnerProcess):
     warm_the_logprobs_path(guarded_runner)

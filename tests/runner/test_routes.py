@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import structlog
+import structlog.testing
 from aiohttp import web
 
 from pipelines.llm import schema as llm_schema
@@ -25,6 +27,7 @@ from runner.routes import RouteBindingError, bind_operations
 from runner.schema import OPERATIONS as RUNNER_OPERATIONS
 from runner.schema import APIErrorMessage
 from runner.settings import RunnerSettings
+from tests.support.http import raw_request
 
 GEN_LLM = tuple(op for op in llm_schema.OPERATIONS if op.operation_id == "genLLM")  # /llm alone
 
@@ -333,6 +336,38 @@ async def test_request_id_is_echoed(client):
     response = await client.post("/llm", json=VALID, headers={"X-Request-ID": "abc123"})
     assert response.headers["X-Request-ID"] == "abc123"
     assert (await client.get("/health")).headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("token", [b"\xff", b"s3cret\xff", b"\xc3\xbf", b"\xed\xa0\x80"])
+async def test_an_authorization_that_is_not_ascii_is_a_401_in_the_api_shape(aiohttp_client, pipeline, token):
+    client = await aiohttp_client(create_app(RunnerSettings(AUTH_TOKEN="s3cret"), pipeline=pipeline))
+    with structlog.testing.capture_logs() as logs:
+        status, head, body = await raw_request(
+            client.server.host, client.server.port, "POST", "/llm",
+            {"Authorization": b"Bearer " + token, "Content-Type": b"application/json"}, json.dumps(VALID).encode())
+    assert status == 401, body
+    assert b"application/json" in head
+    assert "msg" in json.loads(body)["detail"]
+    assert not [entry for entry in logs if entry.get("exc_info")], "a client's mistake leaves no traceback"
+
+
+@pytest.mark.parametrize("given", [b"caf\xc3\xa9", b"\xff\xfe", b"two words", b"a" * 129, b"tab\tid"])
+async def test_a_request_id_that_is_not_printable_ascii_or_too_long_is_replaced_and_logged(client, given):
+    with structlog.testing.capture_logs() as logs:
+        status, head, body = await raw_request(
+            client.server.host, client.server.port, "POST", "/llm",
+            {"X-Request-ID": given, "Content-Type": b"application/json"}, json.dumps(VALID).encode())
+    assert status == 200, body
+    headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    replaced = headers[b"X-Request-ID"].decode()
+    assert replaced != given.decode("latin-1") and re.fullmatch(r"[0-9a-f]{32}", replaced)
+    assert [entry for entry in logs if entry["event"] == "request.id_replaced" and entry["request_id"] == replaced]
+
+
+async def test_a_printable_request_id_of_128_characters_is_kept(client):
+    given = "r" * 127 + "~"
+    response = await client.post("/llm", json=VALID, headers={"X-Request-ID": given})
+    assert response.headers["X-Request-ID"] == given
 
 
 async def test_pipeline_is_closed_with_the_app(aiohttp_client, pipeline):

@@ -88,3 +88,23 @@ async def hold_stream(session: aiohttp.ClientSession, runner: RunnerProcess, max
     body = {"messages": STORY, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     async with session.post(f"{runner.url}/llm", json=body) as response:
         await response.read()
+
+
+async def raw_request(host: str, port: int, method: str, path: str, headers: dict[str, bytes], body: bytes = b"",
+                      timeout: float = 10.0) -> tuple[int, bytes, bytes]:
+    """One HTTP/1.1 request written byte for byte (header values as given, e.g. not ASCII, which an HTTP client
+    library would encode): the status, the raw head and the body of the answer."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n".encode()
+        for name, value in headers.items():
+            head += name.encode() + b": " + value + b"\r\n"
+        head += b"Content-Length: %d\r\n\r\n" % len(body)
+        writer.write(head + body)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    answer_head, _, answer_body = answer.partition(b"\r\n\r\n")
+    return int(answer_head.split(b" ", 2)[1]), answer_head, answer_body

@@ -12,6 +12,7 @@ change to any other API or to the pipeline.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import ClassVar
 
@@ -21,6 +22,21 @@ from runner.operations import Operation
 from runner.pipeline import Serve
 
 API_ENTRY_POINT_GROUP = "livepeer_runner.llm_apis"
+
+
+@dataclass(frozen=True)
+class RequestSize:
+    """What one request becomes in the engine: ``prompts`` prompts (the field ``prompts_param``), each generated
+    ``per_prompt`` times (the field ``per_prompt_param``, e.g. ``n``)."""
+
+    prompts: int = 1
+    per_prompt: int = 1
+    prompts_param: str = "prompt"
+    per_prompt_param: str = "n"
+
+    @property
+    def sequences(self) -> int:
+        return self.prompts * self.per_prompt
 
 
 class LLMAPI:
@@ -35,6 +51,11 @@ class LLMAPI:
     def operations(self) -> Mapping[str, Serve]:
         """Each of ``OPERATIONS``'s operationIds with the coroutine that serves it."""
         raise NotImplementedError
+
+    def request_size(self, operation_id: str, body) -> RequestSize:
+        """What a request of one of ``OPERATIONS`` becomes in the engine, read from its body alone (it runs before
+        admission): one prompt, generated once, unless the API says more."""
+        return RequestSize()
 
 
 def spec_operations(operations: Iterable[Operation], *operation_ids: str) -> tuple[Operation, ...]:

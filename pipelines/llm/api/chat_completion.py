@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Mapping
 from pydantic_core import to_json
 
 from pipelines.llm import schema
-from pipelines.llm.api import spec_operations
+from pipelines.llm.api import RequestSize, spec_operations
 from pipelines.llm.answers import AnswerEvent, CallArguments, CallStart, ReasoningDelta, TextDelta, ToolCall
 from pipelines.llm.api.openai_base import (
     ChunkEnvelope,
@@ -44,6 +44,9 @@ class ChatCompletionAPI(OpenAIAPI):
 
     def operations(self) -> Mapping[str, Serve]:
         return {"createChatCompletion": self.chat_completion}
+
+    def request_size(self, operation_id: str, request: ChatCompletionRequest) -> RequestSize:
+        return RequestSize(1, request.n or 1, "messages", "n")
 
     async def chat_completion(self, request: ChatCompletionRequest, context: RequestContext):
         model = self.served(request.model)

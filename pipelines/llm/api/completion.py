@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pydantic_core import to_json
 
 from pipelines.llm import schema
-from pipelines.llm.api import spec_operations
+from pipelines.llm.api import RequestSize, spec_operations
 from pipelines.llm.api.openai_base import (
     ChunkEnvelope,
     OpenAIAPI,
@@ -34,6 +34,11 @@ class CompletionAPI(OpenAIAPI):
 
     def operations(self) -> Mapping[str, Serve]:
         return {"createCompletion": self.completion}
+
+    def request_size(self, operation_id: str, request: CompletionRequest) -> RequestSize:
+        prompts = 1 if isinstance(request.prompt, str) else len(request.prompt)
+        n, best_of = request.n or 1, request.best_of or 1
+        return RequestSize(prompts, max(n, best_of), "prompt", "best_of" if best_of > n else "n")
 
     async def completion(self, request: CompletionRequest, context: RequestContext):
         model = self.served(request.model)

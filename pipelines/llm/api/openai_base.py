@@ -8,7 +8,7 @@ defines is a 400 naming it (the schemas forbid unknown fields).
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Any
 
 from pydantic_core import to_json
@@ -16,10 +16,14 @@ from pydantic_core import to_json
 from pipelines.llm.api import LLMAPI
 from pipelines.llm.conversation import require_turns, turn
 from pipelines.llm.engine import Sampling
+from pipelines.llm.limits import check_schemas, json_document
 from pipelines.llm.replies import PromptLogprobs, usage_json
 from pipelines.llm.schema import PromptLogprob
 from pipelines.llm.served_models import ServedModel
 from runner.pipeline import OperationError, RequestContext, openai_error_document
+
+
+TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")  # at most ten digits: int() of it is quick, and no vocabulary is larger
 
 
 def bad(msg: str, param: str | None = None) -> OperationError:
@@ -73,8 +77,10 @@ class OpenAIAPI(LLMAPI):
         vocab = self.generation.vocab_size
         parsed = {}
         for key, value in bias.items():
-            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
-                raise bad(f"logit_bias: {key!r} is not a token id of this model (0 to {vocab - 1})", "logit_bias")
+            # A token id written as JSON writes an integer: digits, nothing else ("--1", "1e3" and "١" are no ids).
+            if not TOKEN_ID_KEY.fullmatch(key) or not 0 <= int(key) < vocab:
+                raise bad(f"logit_bias: {key[:32]!r} is not a token id of this model (0 to {vocab - 1})",
+                          "logit_bias")
             parsed[int(key)] = value
         return parsed
 
@@ -150,15 +156,15 @@ def structured_outputs(request: Any, schema: dict | None = None, json_object: bo
                       "ask for one", "structured_outputs")
         for name, value in constraints.items():
             if name in ("json", "structural_tag") and isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError:
-                    raise bad(f"structured_outputs.{name} is not JSON", f"structured_outputs.{name}") from None
+                value = json_document(value, f"structured_outputs.{name}", f"structured_outputs.{name}")
+            if name in ("json", "structural_tag"):
+                check_schemas([value], f"structured_outputs.{name}", f"structured_outputs.{name}")
             fields["json_schema" if name == "json" else name] = value
         fields.update(disable_any_whitespace=bool(given.disable_any_whitespace),
                       disable_additional_properties=bool(given.disable_additional_properties),
                       whitespace_pattern=given.whitespace_pattern)
     if schema is not None:
+        check_schemas([schema], "the JSON schema of response_format", "response_format")
         fields["json_schema"] = schema
     if json_object:
         fields["json_object"] = True

@@ -29,6 +29,7 @@ from pipelines.llm.api.openai_base import OpenAIAPI, bad, common_sampling
 from pipelines.llm.conversation import turn
 from pipelines.llm.engine import GenerationStep, Sampling
 from pipelines.llm.generation import Generation
+from pipelines.llm.limits import check_schemas, json_document
 from pipelines.llm.replies import ReplyTracker, choice_finish_reason, usage_of
 from pipelines.llm.schema import (
     ResponsesContentPart,
@@ -123,10 +124,7 @@ class Conversation:
             for name in ("call_id", "name", "arguments"):
                 if getattr(item, name) is None:
                     raise bad(f"a function_call item needs its {name}", f"{where}.{name}")
-            try:
-                json.loads(item.arguments)
-            except ValueError:
-                raise bad(f"the arguments of function call {item.call_id!r} are not JSON", f"{where}.arguments") from None
+            json_document(item.arguments, f"the arguments of function call {item.call_id!r}", f"{where}.arguments")
             self.call(item.call_id, item.name, item.arguments, where)
         elif kind == "function_call_output":
             for name in ("call_id", "output"):
@@ -283,6 +281,7 @@ def output_format(request: ResponsesRequest) -> tuple[dict | None, bool]:
         return None, True
     if text_format.schema_ is None:
         raise bad("text.format json_schema needs its schema", "text.format.schema")
+    check_schemas([text_format.schema_], "text.format.schema", "text.format.schema")
     return text_format.schema_, False
 
 

@@ -200,7 +200,7 @@ class VLLMEngine:
                 output_kind=RequestOutputKind.DELTA,  # only new tokens each step: nothing to diff
             )
         except (VLLMClientError, ValueError, TypeError) as exc:
-            raise SamplingRefused(str(exc)) from None
+            raise SamplingRefused(str(exc), getattr(exc, "parameter", None)) from None
 
     def generate(self, prompt: list[int], sampling: Sampling, request_id: str,
                  adapter: Adapter | None = None) -> AsyncIterator[RequestOutput]:
@@ -211,8 +211,11 @@ class VLLMEngine:
         try:
             params.verify(self.engine.model_config, config.speculative_config, config.structured_outputs_config,
                           self.tokenizer)
+            # bad_words as token ids, which the engine makes only once it takes the request: more than
+            # VLLM_MAX_NUM_BAD_WORDS of them, or one that is no token, would fail the request there, not here.
+            params.update_from_tokenizer(self.tokenizer)
         except (VLLMClientError, ValueError, TypeError) as exc:
-            raise SamplingRefused(str(exc)) from None
+            raise SamplingRefused(str(exc), getattr(exc, "parameter", None)) from None
         return self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id,
                                     lora_request=None if adapter is None else lora_request(adapter))
 
