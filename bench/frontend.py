@@ -479,6 +479,14 @@ def write_section(text: str, path: Path = RESULTS) -> None:
     path.write_text(new)
 
 
+def kept_section(path: Path) -> str:
+    """The front-end section of ``path`` as it is (markers included), to keep when ``make bench`` rewrites the file."""
+    old = path.read_text() if path.exists() else ""
+    if SECTION_START not in old or SECTION_END not in old:
+        return ""
+    return "\n" + SECTION_START + old.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0] + SECTION_END + "\n"
+
+
 def parse(argv: list[str]) -> tuple[Settings, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="c = 64 and 256 on /v1/chat/completions, short")

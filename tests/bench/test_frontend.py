@@ -15,6 +15,7 @@ from bench.frontend import (
     report,
     row,
     run,
+    kept_section,
     write_section,
 )
 
@@ -76,3 +77,8 @@ def test_a_run_replaces_its_own_section_of_the_results_and_keeps_the_rest(tmp_pa
     text = results.read_text()
     assert text.startswith("# Benchmark\n\nthe passes\n\n")
     assert "second run" in text and "first run" not in text and text.count("bench-frontend:start") == 1
+    results.write_text("# Benchmark, run again\n" + kept_section(results))  # make bench rewrites the file
+    write_section("third run\n", results)
+    text = results.read_text()
+    assert text.startswith("# Benchmark, run again\n") and "third run" in text and "second run" not in text
+    assert text.count("bench-frontend:end") == 1
