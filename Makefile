@@ -21,7 +21,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models prefetch dev-run test test-fast stress bench docker-build docker-build-cpu docker-run image-tools image-test clean
+.PHONY: help install gen gen-check models prefetch dev-run test test-fast stress bench bench-frontend docker-build docker-build-cpu docker-run image-tools image-test clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
@@ -34,6 +34,7 @@ help:
 	@echo "make stress    hostile traffic against a runner with the tiny test model (a few minutes)"
 	@echo "make docker-build / docker-build-cpu / docker-run   container images (GPU / CPU)"
 	@echo "make bench     the runner against the bare vLLM engine and vllm serve (bench/results.md)"
+	@echo "make bench-frontend   the front end's ceiling, engine taken out (quick; the whole grid: BENCH_FRONTEND_ARGS=--write)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -104,6 +105,12 @@ docker-run:
 # Knobs: MODEL_ID, MODEL_DIR, KV_CACHE_GIB, BENCH_PASSES, BENCH_CONCURRENCY, ... (bench/run.py).
 bench: install models
 	MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) $(PY) -m bench.run
+
+# The runner process over an engine that emits tokens as fast as asked (no model, no vLLM); quick mode, printed.
+# The whole grid, into bench/results.md's front-end section: make bench-frontend BENCH_FRONTEND_ARGS=--write
+BENCH_FRONTEND_ARGS ?= --quick
+bench-frontend: install
+	$(PY) -m bench.frontend $(BENCH_FRONTEND_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

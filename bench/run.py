@@ -43,6 +43,7 @@ from pathlib import Path
 import aiohttp
 
 from bench import floor, growth
+from bench.frontend import kept_section
 from bench.load import LevelResult, RequestRecord, run_level
 from bench.prompts import chat_prompts
 from bench.report import COLD_COMPILED, WARM_COMPILED, Report, machine_facts
@@ -335,7 +336,7 @@ async def bench(config: BenchConfig, begun: float) -> None:
         facts["skipped at the time limit"] = ", ".join(skipped)
     report = Report(config, facts, startups, results, alone, grown)
     config.output.parent.mkdir(parents=True, exist_ok=True)
-    config.output.write_text(report.markdown())
+    config.output.write_text(report.markdown() + kept_section(config.output))  # bench/frontend.py's stays
     chart = config.output.with_suffix(".png")
     print(report.markdown())
     if report.chart(chart):
