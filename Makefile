@@ -21,7 +21,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models prefetch dev-run test test-fast stress bench bench-frontend docker-build docker-build-cpu docker-run image-tools image-test clean
+.PHONY: help install gen gen-check models prefetch dev-run test test-fast stress bench bench-frontend docker-build docker-build-cpu docker-run image-tools image-test image-test-gpu clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
@@ -91,6 +91,8 @@ IMAGE ?= livepeer-llm-runner
 IMAGE_TAG ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo latest || echo cpu)
 GPU_FLAGS := $(if $(filter latest,$(IMAGE_TAG)),--gpus all,)
 
+# The GPU image's BASE_IMAGE defaults to nvidia/cuda's; any Debian bookworm / Ubuntu 24.04 image
+# does as well (--build-arg BASE_IMAGE=debian:bookworm-slim): its CUDA comes from PyPI's wheels.
 docker-build:
 	docker build -f docker/Dockerfile -t $(IMAGE):latest .
 
@@ -117,6 +119,9 @@ clean:
 
 # Build the CPU image here (docker, else buildah) and run it as go-livepeer does: PIPELINE=llm,
 # MODEL_ID, the model store at /models, port 8000, SIGTERM with 8 s to exit (docker/image_test.py).
+# image-test-gpu: the same for the GPU image (docker/Dockerfile, vLLM's CUDA build from PyPI) on the
+# same base, run without a GPU: /health ERROR naming the missing GPU, then a clean exit on SIGTERM.
+# IMAGE_TEST_LOCK=<file>: hold flock on it while the container runs (a machine shared with other runs).
 # The debootstrap base tree and build files live in IMAGE_CACHE, outside the checkout.
 IMAGE_CACHE ?= /var/tmp/livepeer-llm-runner-image
 BASE_IMAGE ?= localhost/debian-bookworm:debootstrap
@@ -130,3 +135,7 @@ image-tools:
 image-test: image-tools
 	IMAGE=localhost/$(IMAGE):cpu BASE_IMAGE=$(BASE_IMAGE) IMAGE_CACHE=$(IMAGE_CACHE) MODEL_ID=$(MODEL_ID) \
 	  MODEL_DIR=$(abspath $(MODEL_DIR)) PY=$(PYTHON) $(PYTHON) docker/image_test.py
+
+image-test-gpu: image-tools
+	IMAGE=localhost/$(IMAGE):latest BASE_IMAGE=$(BASE_IMAGE) IMAGE_CACHE=$(IMAGE_CACHE) MODEL_ID=$(MODEL_ID) \
+	  MODEL_DIR=$(abspath $(MODEL_DIR)) PY=$(PYTHON) $(PYTHON) docker/image_test.py --gpu

@@ -106,6 +106,11 @@ class EngineHost:
         backend = self.backend
         model_config = json.loads((model_path / "config.json").read_text())
         on_cpu = backend.platform() == "cpu"
+        if not on_cpu and not gpus:  # vLLM's CUDA build (the GPU image) where NVML finds no GPU
+            raise ValueError(
+                "no NVIDIA GPU: NVML finds none (no driver, or no GPU passed to this container), and this vLLM is "
+                "the CUDA build, which needs one: run the GPU image with the GPUs passed through (docker run --gpus "
+                "all, with the NVIDIA driver and Container Toolkit on the host), or the CPU image where there is none")
         errors = layout_errors(settings, model_config, on_cpu, gpus, len(cpus), gpu)
         if errors:
             raise ValueError("; ".join(errors))

@@ -34,6 +34,9 @@ CASES = {
     "cores": ({"TENSOR_PARALLEL_SIZE": "2", "PIPELINE_PARALLEL_SIZE": "2"}, {"cpus": {0}},
               "= 4 ranks of at least one core each, but this machine has 1 core:"),
     "ray-on-cpu": ({"DISTRIBUTED_EXECUTOR_BACKEND": "ray"}, {}, "vLLM's CPU backend does not support Ray"),
+    # vLLM's CUDA build where NVML finds no GPU (its platform is then vLLM's unspecified one, ""): the GPU image
+    # run without one (make image-test-gpu).
+    "no-gpu": ({}, {"gpus": 0, "platform": ""}, "no NVIDIA GPU: NVML finds none"),
     "8bit": ({"USE_8BIT": "true"}, {}, "USE_8BIT needs an NVIDIA GPU"),
     "8bit-old-gpu": ({"USE_8BIT": "true"}, {"gpus": 1, "gpu": V100, "platform": "cuda"},
                      "the GPU Tesla V100-SXM2-16GB (compute capability 7.0) has no 8-bit weight kernel in vLLM"),
