@@ -49,6 +49,12 @@ class RunnerSettings(ListenSettings):
         ge=0,
         description="Seconds in-flight requests get to finish after SIGTERM (go-livepeer kills after 8).",
     )
+    write_stall_timeout: float = Field(
+        60.0,
+        alias="WRITE_STALL_TIMEOUT",
+        gt=0,
+        description="Seconds a stream may wait for its client to read before it is cut (nginx's send_timeout).",
+    )
     load_wait_timeout: float = Field(
         180.0,
         alias="LOAD_WAIT_TIMEOUT",
