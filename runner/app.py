@@ -21,7 +21,7 @@ from runner.metrics import RunnerMetrics
 from runner.pipeline import Pipeline, PipelineUnavailable, pipeline_class
 from runner.routes import Handler, RouteBindingError, bind_operations, error_middleware
 from runner.schema import OPERATIONS as RUNNER_OPERATIONS
-from runner.settings import RunnerSettings
+from runner.settings import RunnerSettings, token_set
 from runner.state import Load, RunnerState
 
 log = structlog.get_logger(__name__)
@@ -167,7 +167,7 @@ def create_app(
     app[STATE] = state
     app[LIVE_RUNNER] = registration
     app[METRICS] = RunnerMetrics(state, registration.record)
-    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    token = settings.auth_token.get_secret_value() if token_set(settings.auth_token) else None
     bind_operations(app, handlers, auth_token=token, operations=operations)
 
     app.on_response_prepare.append(add_request_id_header)

@@ -37,7 +37,8 @@ class LLMPipeline(Pipeline):
         self.settings = settings
         self.host = host if host is not None else EngineHost(settings, model_id, model_dir)
         self.generation = Generation()
-        self.models = ServedModels(model_id, settings.lora_runtime_updates, settings.lora_unload_timeout)
+        self.models = ServedModels(model_id, settings.lora_runtime_updates, settings.lora_unload_timeout,
+                                   settings.lora_max_adapters)
         self.apis = [api(self.generation, self.models) for api in (apis if apis is not None else installed_apis())]
         self.OPERATIONS = tuple(operation for api in self.apis for operation in api.OPERATIONS)
 
