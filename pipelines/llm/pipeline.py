@@ -116,9 +116,9 @@ class LLMPipeline(Pipeline):
     async def warm_up(self) -> None:
         """One short generation through the shared path, so the first request finds the engine warm."""
         context = RequestContext(request_id="warm-up")
-        prompt = self.generation.render_chat([{"role": "user", "content": "Hello"}])
+        prompt = await self.generation.render_chat([{"role": "user", "content": "Hello"}])
         tracker = ReplyTracker(context, [len(prompt)])
-        async for step in self.generation.start(prompt, Sampling(max_tokens=4, temperature=0), context, self.models.base):
+        async for step in await self.generation.start(prompt, Sampling(max_tokens=4, temperature=0), context, self.models.base):
             tracker.take(step)
         log.info("engine.warm", completion_tokens=context.completion_tokens)
 

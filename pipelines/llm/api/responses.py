@@ -705,10 +705,10 @@ class ResponsesAPI(OpenAIAPI):
         tools = function_tools(request)
         plan = plan_tools(tools, chat_tool_choice(request), request.parallel_tool_calls,
                           self.generation.tool_parser is not None, self.models.base.id)
-        prompt = self.generation.render_chat(conversation.turns(request.instructions), plan.template_tools,
+        prompt = await self.generation.render_chat(conversation.turns(request.instructions), plan.template_tools,
                                              instructions=plan.instructions)
         sampling = self.response_sampling(request, prompt, plan)
-        steps = self.generation.start(prompt, sampling, context, model, "max_output_tokens")
+        steps = await self.generation.start(prompt, sampling, context, model, "max_output_tokens")
         tracker = ReplyTracker(context, [len(prompt)])
         chat_body = {"model": model.id, "messages": conversation.chat_messages(request.instructions),
                      "tools": tools, "tool_choice": "auto"} if plan.mode == "auto" else None
