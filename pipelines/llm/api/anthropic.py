@@ -78,7 +78,8 @@ class AnthropicAPI(LLMAPI):
         choice, parallel = openai_tool_choice(request.tool_choice)
         plan = plan_tools(tools, choice, parallel, self.generation.tool_parser is not None, self.models.base.id)
         turns = conversation(request)
-        return await self.generation.render_chat(turns, plan.template_tools, instructions=plan.instructions), plan, turns
+        prompt = await self.generation.render_chat(turns, plan.template_tools, instructions=plan.instructions)
+        return prompt, plan, turns
 
     async def create_message(self, request: AnthropicMessagesRequest, context: RequestContext):
         model = self.served(request.model)

@@ -1,6 +1,6 @@
-"""``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{response_id}``: OpenAI's Responses API, JSON or SSE events.
+"""``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{response_id}``: OpenAI's Responses API.
 
-The input items become the chat template's turns (``conversation.turn``), the
+Answers are JSON or SSE events. The input items become the chat template's turns (``conversation.turn``), the
 function tools and tool choice an OpenAI-style tool plan (``tools.plan_tools``),
 and the answer is read by the shared ``AnswerReader``: its events (text,
 thinking, a call's start, a piece of its arguments) are written here as output
