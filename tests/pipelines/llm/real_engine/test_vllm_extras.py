@@ -278,9 +278,10 @@ async def test_a_stream_whose_reader_stalls_is_cut_and_frees_its_slot(tiny_runne
     client.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(client, (host, int(port)))
-    body = json.dumps({"model": tiny_runner.env["MODEL_ID"], "prompt": "Once upon a time", "max_tokens": 900,
-                       "n": 8, "logprobs": 20, "ignore_eos": True, "temperature": 1, "stream": True}).encode()
-    await loop.sock_sendall(client, b"POST /v1/completions HTTP/1.1\r\nHost: runner\r\nContent-Type: application/json"
+    body = json.dumps({"model": tiny_runner.env["MODEL_ID"], "messages": [{"role": "user", "content": "Once"}],
+                       "max_tokens": 900, "n": 8, "logprobs": True, "top_logprobs": 20, "ignore_eos": True,
+                       "temperature": 1, "stream": True}).encode()  # about 9 MB of events
+    await loop.sock_sendall(client, b"POST /v1/chat/completions HTTP/1.1\r\nHost: runner\r\nContent-Type: application/json"
                             b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     try:
         async with aiohttp.ClientSession() as http:
