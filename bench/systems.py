@@ -109,7 +109,7 @@ class EngineSystem(System):
         return Startup(first_answer_s=self.import_s + time.perf_counter() - started)
 
     async def stream(self, session, messages, max_tokens, record) -> None:
-        prompt = self.generation.render_chat(
+        prompt = await self.generation.render_chat(
             [turn(index, message["role"], message["content"]) for index, message in enumerate(messages)]
         )
         outputs = self.engine.generate(prompt, Sampling(max_tokens=max_tokens, temperature=0), uuid.uuid4().hex)

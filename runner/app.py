@@ -16,13 +16,14 @@ from aiohttp import web
 from runner import __version__
 from runner.handlers import RUNNER_HANDLERS, pipeline_handler
 from runner.hardware import NVML as NVMLReader
-from runner.keys import LIVE_RUNNER, METRICS, NVML, REQUEST_ID, SETTINGS, STATE
+from runner.keys import LIVE_RUNNER, METRICS, NVML, OFFLOAD, REQUEST_ID, SETTINGS, STATE
 from runner.live_runner import UNREGISTER_TIMEOUT, LiveRunnerSettings, Registration, gpu_entry
 from runner.metrics import RunnerMetrics
+from runner.offload import Offload
 from runner.pipeline import Pipeline, PipelineUnavailable, pipeline_class
 from runner.routes import Handler, RouteBindingError, bind_operations, error_middleware
 from runner.schema import OPERATIONS as RUNNER_OPERATIONS
-from runner.settings import RunnerSettings
+from runner.settings import RunnerSettings, token_set
 from runner.state import Load, RunnerState
 
 log = structlog.get_logger(__name__)
@@ -184,7 +185,8 @@ def create_app(
     app[STATE] = state
     app[LIVE_RUNNER] = registration
     app[METRICS] = RunnerMetrics(state, registration.record)
-    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    app[OFFLOAD] = Offload(name="request-bodies")
+    token = settings.auth_token.get_secret_value() if token_set(settings.auth_token) else None
     bind_operations(app, handlers, auth_token=token, operations=operations)
 
     app.on_response_prepare.append(add_request_id_header)

@@ -29,6 +29,9 @@ SSE_DONE = b"data: [DONE]\n\n"
 # How long past its request's deadline a stream waits for a client that has
 # stopped reading, to hand it the stream's ending, before letting it go.
 STALLED_CLIENT_GRACE = 5.0
+# How long a stream cut for a stalled client keeps its connection, its ending buffered, for the client to read
+# it: the request and its admission slot are let go at once, the connection is aborted after this.
+CUT_CONNECTION_LINGER = 5.0
 
 
 async def health(request: web.Request, _body: None) -> web.Response:
@@ -99,11 +102,20 @@ CLIENT_GONE = 499  # nginx's code for a client that closed the connection; never
 
 
 class ClientGone(Exception):
-    """The client closed the connection mid-stream; ``response`` is the one it left."""
+    """The client closed the connection mid-stream, or stalled; ``response`` is the one it left.
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    ``lingering``: what is still to be done on the connection once the request is let go (a cut stream's ending,
+    waiting for its client for a bounded time).
+    """
+
+    def __init__(self, response: web.StreamResponse, lingering: Awaitable[None] | None = None) -> None:
         super().__init__()
         self.response = response
+        self.lingering = lingering
+
+
+class ClientStalled(Exception):
+    """The client read nothing for WRITE_STALL_TIMEOUT seconds: its stream is cut."""
 
 
 class PacedStreamWriter:
@@ -112,14 +124,20 @@ class PacedStreamWriter:
     A write waits (aiohttp's drain) while the client is behind, which holds the
     stream back instead of buffering it. That wait runs as a task of its own,
     so the request's deadline stops the generation without cancelling it:
-    aiohttp's drain does not recover from a cancelled wait. The stream's
-    ending waits for the client until STALLED_CLIENT_GRACE seconds past the
-    deadline; a client still not reading then is let go.
+    aiohttp's drain does not recover from a cancelled wait. A write that waits
+    longer than WRITE_STALL_TIMEOUT (``stall_timeout``) raises ClientStalled:
+    the stream is cut, its ending left in the connection's buffer for a client
+    that reads again, and the request (its admission slot) is let go at once.
+    Otherwise the ending waits for the client until STALLED_CLIENT_GRACE seconds
+    past the deadline, or WRITE_STALL_TIMEOUT, whichever comes first.
     """
 
-    def __init__(self, request: web.Request, response: web.StreamResponse, deadline: float) -> None:
+    def __init__(self, request: web.Request, response: web.StreamResponse, deadline: float,
+                 stall_timeout: float | None = None) -> None:
         self.response = response
         self.let_go_at = deadline + STALLED_CLIENT_GRACE
+        self.stall_timeout = stall_timeout
+        self.stalled = False
         self.pending: asyncio.Future | None = None
         self.transport = request.transport  # the connection's own, looked up once: this runs for every token
 
@@ -147,12 +165,21 @@ class PacedStreamWriter:
     async def write_when_caught_up(self, data: bytes) -> None:
         self.pending = asyncio.ensure_future(self.response.write(data))
         self.pending.add_done_callback(lambda write: write.cancelled() or write.exception())
-        await asyncio.shield(self.pending)
+        done, _ = await asyncio.wait({self.pending}, timeout=self.stall_timeout)
+        if not done:
+            self.stalled = True
+            raise ClientStalled(f"the client read nothing for WRITE_STALL_TIMEOUT ({self.stall_timeout:g} s): "
+                                "the stream was cut")
         self.pending = None
+        done.pop().result()  # a client gone raises here
 
     async def finish(self, ending: bytes) -> None:
+        if self.stalled:
+            self.cut(ending)
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(self.let_go_at):
+            stall_at = loop.time() + self.stall_timeout if self.stall_timeout is not None else self.let_go_at
+            async with asyncio.timeout_at(min(self.let_go_at, stall_at)):
                 if self.pending is not None:
                     await self.pending
                 if ending:
@@ -164,13 +191,28 @@ class PacedStreamWriter:
             log.info("request.client_stalled", grace_s=STALLED_CLIENT_GRACE)
             raise ClientGone(self.response) from None
 
+    def cut(self, ending: bytes) -> None:
+        """A stalled client's stream ends here, and the request is let go now (ClientGone): its ending is left to
+        ``linger``, behind what already waits in the connection's buffer, for a client that reads again."""
+        log.info("request.client_stalled", write_stall_timeout_s=self.stall_timeout)
+        raise ClientGone(self.response, self.linger(ending))
+
+    async def linger(self, ending: bytes) -> None:
+        """The cut stream's ending and end, for CUT_CONNECTION_LINGER seconds at most; then the connection is aborted."""
+        try:
+            async with asyncio.timeout(CUT_CONNECTION_LINGER):
+                await self.response.write_eof(ending)  # written at once; then it waits for the client to read
+        except (TimeoutError, ConnectionError):
+            if self.transport is not None:
+                self.transport.abort()
+
 
 async def send_event_stream(
     request: web.Request, stream: EventStream, context: RequestContext, deadline: float, timeout_message: str
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    writer = PacedStreamWriter(request, response, deadline)
+    writer = PacedStreamWriter(request, response, deadline, request.app[SETTINGS].write_stall_timeout)
     events = stream.events
     frame, ending = (sse_named_event, b"") if stream.named else (sse_event, SSE_DONE)
     state = request.app[STATE]
@@ -182,8 +224,12 @@ async def send_event_stream(
         raise ClientGone(response) from None
     except Exception as exc:  # after the header went out, failures are reported in-band
         # A TimeoutError is the request's deadline, or the drain's cut on SIGTERM (state.drain).
-        reason = (state.cut_reason or timeout_message) if isinstance(exc, TimeoutError) else failure_message(exc)
-        log.error("request.stream_failed", reason=reason, exc_info=not isinstance(exc, TimeoutError))
+        if isinstance(exc, TimeoutError):
+            reason = state.cut_reason or timeout_message
+        else:
+            reason = str(exc) if isinstance(exc, ClientStalled) else failure_message(exc)
+        log.error("request.stream_failed", reason=reason,
+                  exc_info=not isinstance(exc, (TimeoutError, ClientStalled)))
         context.finish_reason = "error"
         ending = frame(stream.error_event(reason)) + ending
     finally:
@@ -250,11 +296,13 @@ def pipeline_handler(operation: Operation, serve: Serve) -> Handler:
         started = time.monotonic()
         context = RequestContext(request_id=request[REQUEST_ID], params=dict(request.match_info))
         status = CLIENT_GONE
+        lingering = None
         try:
             response = await serve_operation(request, body, serve, context, errors, operation_id)
             status = response.status
             return response
         except ClientGone as gone:
+            lingering = gone.lingering  # awaited once the request is counted: it holds no admission slot
             return gone.response
         finally:
             finished = time.monotonic()
@@ -273,5 +321,7 @@ def pipeline_handler(operation: Operation, serve: Serve) -> Handler:
                 duration_s=round(finished - started, 4),
                 finish_reason=context.finish_reason or None,
             )
+            if lingering is not None:
+                await lingering
 
     return handle

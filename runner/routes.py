@@ -19,6 +19,8 @@ from typing import Any
 import pydantic
 from aiohttp import web
 
+from runner.keys import OFFLOAD
+from runner.offload import LARGE_BODY_BYTES
 from runner.operations import Operation
 from runner.schema import (
     OPERATIONS,
@@ -79,6 +81,8 @@ async def parse_body(request: web.Request, model: type[pydantic.BaseModel]) -> p
     raw = await request.read()  # raises 413 beyond the app's client_max_size
     try:
         # Strict: the spec's types are the contract; "0.5" is not a number, "yes" not a boolean.
+        if len(raw) >= LARGE_BODY_BYTES:  # a large body takes milliseconds to validate: not on the loop
+            return await request.app[OFFLOAD].run(model.model_validate_json, raw, strict=True)
         return model.model_validate_json(raw, strict=True)
     except pydantic.ValidationError as exc:
         raise InvalidBody(body_errors(exc)) from None

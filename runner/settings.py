@@ -7,10 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def token_set(token: SecretStr | None) -> bool:
+    """Whether AUTH_TOKEN turns authentication on: set, and more than whitespace (``AUTH_TOKEN=`` leaves it off).
+
+    The one rule for the runner's routes and for every setting that needs a token to be safe to open.
+    """
+    return token is not None and bool(token.get_secret_value().strip())
 
 
 class ListenSettings(BaseSettings):
@@ -49,12 +57,28 @@ class RunnerSettings(ListenSettings):
         ge=0,
         description="Seconds in-flight requests get to finish after SIGTERM (go-livepeer kills after 8).",
     )
+    write_stall_timeout: float = Field(
+        60.0,
+        alias="WRITE_STALL_TIMEOUT",
+        gt=0,
+        description="Seconds a stream may wait for its client to read before it is cut (nginx's send_timeout).",
+    )
     load_wait_timeout: float = Field(
         180.0,
         alias="LOAD_WAIT_TIMEOUT",
         ge=0,
         description="Seconds a request that arrives while the model loads waits for it.",
     )
+
+    @field_validator("auth_token")
+    @classmethod
+    def token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        value = None if token is None else token.get_secret_value()
+        if value and not value.strip():
+            raise ValueError("AUTH_TOKEN is only whitespace: no client could send it, and it would look set while "
+                             "protecting nothing; set a real token, or leave AUTH_TOKEN unset (or empty) for no "
+                             "authentication")
+        return token
 
     @classmethod
     def fallback(cls, listen: ListenSettings) -> RunnerSettings:

@@ -26,6 +26,7 @@ PICKLE_WEIGHTS = "adapter_model.bin"
 # embeddings carry lora_embedding_A / lora_embedding_B instead.
 PEFT_PREFIX = "base_model.model."
 LORA_TENSOR = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B|embedding_A|embedding_B)(?:\.weight)?$")
+MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes; a larger one is not read
 HF_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
 
@@ -111,24 +112,32 @@ def checkpoint_shapes(model_path: Path) -> dict[str, list[int]] | None:
     return shapes
 
 
-def read_adapter(name: str, path: Path) -> AdapterFiles:
-    """The adapter folder's config and tensor shapes; AdapterError for a folder that is missing or not a whole adapter."""
+def read_adapter(name: str, path: Path, shown: str | None = None) -> AdapterFiles:
+    """The adapter folder's config and tensor shapes; AdapterError for a folder that is missing or not a whole adapter.
+
+    The messages name the folder as ``shown`` (default: its path), and never list what it holds or quote its
+    files: a caller that names a folder learns whether it is a whole adapter, nothing more.
+    """
+    operator = shown is None  # LORA_ADAPTERS: the operator's own folders, which the messages may describe
+    shown = str(path) if shown is None else shown
     if not path.is_dir():
-        raise AdapterError(f"adapter {name!r}: {path} is not a folder: give a local folder in PEFT's format "
+        raise AdapterError(f"adapter {name!r}: {shown} is not a folder: give a local folder in PEFT's format "
                            f"({ADAPTER_CONFIG} and {SAFETENSORS_WEIGHTS}) or a Hub id")
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
-        found = ", ".join(sorted(entry.name for entry in path.iterdir())) or "nothing"
-        what = "a model, not a LoRA adapter" if (path / "config.json").is_file() else "not a LoRA adapter"
-        raise AdapterError(f"adapter {name!r}: {path} has no {ADAPTER_CONFIG}, so it is {what} "
-                           f"(it holds {found}); give the folder PEFT saved the adapter in")
+        what = "a model, not a LoRA adapter" if operator and (path / "config.json").is_file() else "not a LoRA adapter"
+        raise AdapterError(f"adapter {name!r}: {shown} has no {ADAPTER_CONFIG}, so it is {what}; give the folder "
+                           "PEFT saved the adapter in")
     try:
+        if config_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(f"adapter {name!r}: its {ADAPTER_CONFIG} is over {MAX_CONFIG_BYTES} bytes: it is not "
+                               "a LoRA adapter PEFT saved")
         config = json.loads(config_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"adapter {name!r}: {config_file} is not JSON ({exc}): the folder is damaged or partial; "
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise AdapterError(f"adapter {name!r}: its {ADAPTER_CONFIG} is not JSON: the folder is damaged or partial; "
                            "copy or download it again") from None
     if not isinstance(config, dict):
-        raise AdapterError(f"adapter {name!r}: {config_file} is not a JSON object")
+        raise AdapterError(f"adapter {name!r}: its {ADAPTER_CONFIG} is not a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"adapter {name!r} is a {peft_type} adapter: only LoRA adapters can be served")
@@ -138,16 +147,22 @@ def read_adapter(name: str, path: Path) -> AdapterFiles:
     if weights.is_file():
         try:
             tensors = safetensors_shapes(weights)
-        except (OSError, ValueError) as exc:
-            raise AdapterError(f"adapter {name!r}: {weights} is not whole: {exc}; copy or download it again") from None
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise AdapterError(f"adapter {name!r}: its {SAFETENSORS_WEIGHTS} is not whole ({safe_reason(exc)}); "
+                               "copy or download it again") from None
         if not any(LORA_TENSOR.match(tensor) for tensor in tensors):
-            raise AdapterError(f"adapter {name!r}: {weights} holds no LoRA tensors (lora_A / lora_B)")
+            raise AdapterError(f"adapter {name!r}: its {SAFETENSORS_WEIGHTS} holds no LoRA tensors (lora_A / lora_B)")
     elif not (path / PICKLE_WEIGHTS).is_file():
-        raise AdapterError(f"adapter {name!r}: {path} has {ADAPTER_CONFIG} but no weights ({SAFETENSORS_WEIGHTS}): "
+        raise AdapterError(f"adapter {name!r}: {shown} has {ADAPTER_CONFIG} but no weights ({SAFETENSORS_WEIGHTS}): "
                            "the folder is partial; copy or download it again")
     targets = config.get("target_modules") or ()
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     return AdapterFiles(name, path, rank, config.get("base_model_name_or_path") or None, targets, tensors)
+
+
+def safe_reason(exc: BaseException) -> str:
+    """Why a weights file cannot be read, in words that quote nothing of it (its header may be anything)."""
+    return str(exc) if isinstance(exc, ValueError) and str(exc).startswith(("it ", "its ")) else "it is not safetensors"
 
 
 def adapter_rank(name: str, config: dict) -> int:

@@ -58,6 +58,11 @@ class Sampling:
     whitespace_pattern: str | None = None
 
     @property
+    def heavy_checks(self) -> bool:
+        """The engine's checks of this request take real CPU: a grammar to compile, bad words to tokenise."""
+        return self.constrained_from_start or self.structural_tag is not None or bool(self.bad_words)
+
+    @property
     def constrained_from_start(self) -> bool:
         """Every token is constrained, the first included: no room for free text (or a model's thinking) first."""
         return (self.json_schema is not None or self.json_object or self.regex is not None

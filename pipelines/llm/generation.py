@@ -20,6 +20,7 @@ from pipelines.llm.conversation import with_system_text
 from pipelines.llm.engine import Engine, GenerationStep, ReasoningParser, Sampling, SamplingRefused, ToolCallParser
 from pipelines.llm.served_models import ServedModel
 from pipelines.llm.tools import ToolPlan, written_calls
+from runner.offload import Offload
 from runner.pipeline import OperationError, RequestContext
 
 # Chat template arguments a request may not set through chat_template_kwargs (as vLLM refuses them).
@@ -37,7 +38,11 @@ class EngineNotReady(RuntimeError):
 
 
 class Generation:
-    def __init__(self) -> None:
+    """Every API's one way into the engine. The tokenizer's work (chat templates, encoding, decoding) and the
+    engine's checks of a constrained request (grammar compiles) run on ``offload``'s threads, never on the loop."""
+
+    def __init__(self, offload: Offload | None = None) -> None:
+        self.offload = offload if offload is not None else Offload(name="generation")
         self._engine: Engine | None = None
         self.tool_parser: ToolCallParser | None = None  # for tool_choice "auto", when one fits the model
         self.reasoning_parser: ReasoningParser | None = None  # a reasoning model's thinking syntax
@@ -69,7 +74,7 @@ class Generation:
     def unfinished_requests(self) -> int:
         return self._engine.unfinished_requests() if self._engine is not None else 0
 
-    def render_chat(self, conversation: list[dict], tools: list[dict] | None = None, *,
+    async def render_chat(self, conversation: list[dict], tools: list[dict] | None = None, *,
                     instructions: str | None = None, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
                     documents: list[dict] | None = None, add_special_tokens: bool = False) -> list[int]:
@@ -100,27 +105,31 @@ class Generation:
         if documents is not None:
             extra["documents"] = documents
         tokenizer = self.engine.tokenizer
-        try:
+
+        def render() -> list[int]:
             text = tokenizer.apply_chat_template(
                 conversation, tools=tools or None, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tokenize=False, **extra,
             )
+            # The template already holds any BOS it wants: encoding it with special
+            # tokens again would put a second one in front (unless asked for).
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+        try:
+            return await self.offload.run(render)
         except (TemplateError, ValueError, TypeError) as exc:  # e.g. templates that insist user and assistant alternate
             raise OperationError(f"the model's chat template refuses these messages: {exc}", param="messages") from None
-        # The template already holds any BOS it wants: encoding it with special
-        # tokens again would put a second one in front (unless asked for).
-        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A raw prompt's token ids, with the special tokens the model puts in front of a text."""
-        return self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await self.offload.run(self.engine.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.engine.tokenizer.decode(token_ids)
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        return await self.offload.run(self.engine.tokenizer.decode, token_ids)
 
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+    async def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         """Each token as the tokenizer's vocabulary writes it."""
-        return self.engine.tokenizer.convert_ids_to_tokens(list(token_ids))
+        return await self.offload.run(self.engine.tokenizer.convert_ids_to_tokens, list(token_ids))
 
     def truncate(self, prompt: list[int], keep: int | None, side: str | None = None) -> list[int]:
         """vLLM's truncate_prompt_tokens: keep ``keep`` tokens (-1: as many as the model allows with room for one
@@ -160,15 +169,15 @@ class Generation:
                 code="context_length_exceeded",
             )
 
-    def start(self, prompt: list[int], sampling: Sampling, context: RequestContext, model: ServedModel,
-              length_param: str = "max_tokens") -> AsyncIterator[GenerationStep]:
+    async def start(self, prompt: list[int], sampling: Sampling, context: RequestContext, model: ServedModel,
+                    length_param: str = "max_tokens") -> AsyncIterator[GenerationStep]:
         """Hand one prompt to the engine, for ``model`` (the base, or a LoRA adapter on it), after the checks every API shares.
 
         The engine takes the request when the iterator is first read; closing it early aborts it.
         """
         self.check_length(prompt, sampling, length_param)
         try:
-            steps = self.engine.generate(prompt, sampling, uuid.uuid4().hex, model.adapter)
+            steps = await self.engine_request(prompt, sampling, model)
         except SamplingRefused as exc:  # the spec allows what the engine refuses, e.g. a temperature above 2
             raise OperationError(str(exc), param=exc.param) from None
         context.prompt_tokens += len(prompt)
@@ -178,8 +187,16 @@ class Generation:
             return model.in_flight.hold(steps)
         return steps
 
-    def start_all(self, runs: Sequence[tuple[list[int], Sampling]], context: RequestContext, model: ServedModel,
-                  length_param: str = "max_tokens") -> AsyncIterator[tuple[int, GenerationStep]]:
+    async def engine_request(self, prompt: list[int], sampling: Sampling,
+                             model: ServedModel) -> AsyncIterator[GenerationStep]:
+        """The engine's request for one prompt; the engine's checks of a constrained one (its grammar is compiled)
+        on a worker thread."""
+        if not sampling.heavy_checks:
+            return self.engine.generate(prompt, sampling, uuid.uuid4().hex, model.adapter)
+        return await self.offload.run(self.engine.generate, prompt, sampling, uuid.uuid4().hex, model.adapter)
+
+    async def start_all(self, runs: Sequence[tuple[list[int], Sampling]], context: RequestContext, model: ServedModel,
+                        length_param: str = "max_tokens") -> AsyncIterator[tuple[int, GenerationStep]]:
         """Several prompts of one request, all in the engine at once: each step with its prompt's place.
 
         Every prompt is checked before any is submitted. The engine takes a
@@ -189,7 +206,7 @@ class Generation:
         """
         for prompt, sampling in runs:
             self.check_length(prompt, sampling, length_param)
-        return merged([self.start(prompt, sampling, context, model, length_param) for prompt, sampling in runs])
+        return merged([await self.start(prompt, sampling, context, model, length_param) for prompt, sampling in runs])
 
 
 async def merged(iterators: list[AsyncIterator[GenerationStep]]) -> AsyncIterator[tuple[int, GenerationStep]]:

@@ -12,11 +12,14 @@ import asyncio
 import importlib
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from pipelines.llm.adapters import (
     ADAPTER_CONFIG,
@@ -33,7 +36,7 @@ from pipelines.llm.layout import GPU, engine_environment, layout_errors
 from pipelines.llm.nodes import WorkerNodeLines
 from pipelines.llm.settings import LLMSettings
 from pipelines.llm.worker_node import WorkerNode
-from pipelines.model_store import ModelDownloadError, resolve_model
+from pipelines.model_store import DownloadLimits, DownloadStopped, ModelDownloadError, resolve_model
 from runner.hardware import NVML
 from runner.pipeline import run_blocking
 
@@ -42,6 +45,7 @@ log = structlog.get_logger(__name__)
 ABANDONED_START_GRACE = 1.0  # seconds a half-started engine's processes get before they are killed: nothing to save
 START_PROGRESS_INTERVAL = 30.0  # seconds between a multi-node start's progress lines once every node has joined
 RUNTIME_LORA_RANK = 16  # vLLM's default max_lora_rank: the rank left for adapters loaded at run time, unless set
+STOPPED_DOWNLOAD_WAIT = 30.0  # seconds a stopped run-time download gets to end (a read times out in 10 s by default)
 
 
 class Backend(Protocol):
@@ -89,6 +93,8 @@ class EngineHost:
         self.base: ServedBase | None = None  # the model adapters are checked against, once found
         self.adapters: list[AdapterFiles] = []  # LORA_ADAPTERS, found and checked
         self.max_lora_rank: int | None = None  # the engine's, once chosen (MAX_LORA_RANK or the adapters')
+        # Where a run-time lora_path may point: LORA_ROOT, else the model store; symbolic links resolved.
+        self.lora_root = Path(os.path.realpath(settings.lora_root if settings.lora_root is not None else model_dir))
 
     async def start(self) -> Engine | None:
         """The running engine, or None on a worker node once its ranks have joined; raises ValueError when it cannot start.
@@ -258,12 +264,51 @@ class EngineHost:
         return read_adapter(name, path)
 
     async def prepare_adapter(self, name: str, source: str) -> AdapterFiles:
-        """An adapter asked for at run time, found and checked against the running engine; AdapterError says why not."""
-        adapter = await run_blocking(self.read, name, source)
+        """An adapter asked for at run time, found and checked against the running engine; AdapterError says why not.
+
+        Its download, if any, stops with its request: cancelling this stops the download, and returns once its
+        thread has ended and removed what it wrote.
+        """
+        limits = DownloadLimits(self.settings.lora_max_bytes, "LORA_MAX_BYTES")
+        reading = asyncio.ensure_future(run_blocking(self.read_at_run_time, name, source, limits))
+        try:
+            adapter = await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            limits.stop.set()
+            await asyncio.wait({reading}, timeout=STOPPED_DOWNLOAD_WAIT)
+            if reading.done() and not reading.cancelled():
+                reading.exception()  # retrieved: the request is gone, its error is of no use
+            log.info("adapter.load.stopped", model=name, source=source, bytes=limits.spent)
+            raise
         errors = fit_errors(adapter, self.base, self.max_lora_rank)
         if errors:
             raise AdapterError("; ".join(errors))
         return adapter
+
+    def read_at_run_time(self, name: str, source: str, limits: DownloadLimits) -> AdapterFiles:
+        """A run-time ``lora_path``: a folder under LORA_ROOT, or a Hub id downloaded into the store within ``limits``.
+
+        What a caller is told never lists a folder, never says what lies outside LORA_ROOT (a path outside it is
+        refused before anything is looked at), and never shows the store's paths.
+        """
+        if hub_id(source):
+            try:
+                path = resolve_model(source, self.model_dir, local_folders=False, limits=limits)
+            except DownloadStopped:
+                raise
+            except ModelDownloadError as exc:
+                log.warning("adapter.download.failed", model=name, source=source, reason=str(exc))
+                raise AdapterError(f"adapter {name!r}: {exc.public}") from None
+            return read_adapter(name, path, shown=source)
+        outside = AdapterError(f"adapter {name!r}: lora_path must be a Hub id (org/name) or the absolute path of a "
+                               "folder under the runner's LORA_ROOT")
+        if not os.path.isabs(source):
+            raise outside
+        path = Path(os.path.realpath(source))  # symbolic links and .. resolved before the check, not after
+        if not path.is_relative_to(self.lora_root):
+            log.warning("adapter.load.outside_root", model=name, source=source, lora_root=str(self.lora_root))
+            raise outside
+        return read_adapter(name, path, shown=source)
 
     def lose_worker_node(self, reason: str) -> None:
         """A worker node went away (WorkerNodeLines): this runner is ERROR for good, and its engine is ended.
@@ -302,6 +347,15 @@ class EngineHost:
         elif self.starting:  # stopped, or failed, while the engine was starting: end what it had started
             stopped = await run_blocking(self.backend.stop_engine_processes, ABANDONED_START_GRACE)
             log.info("engine.start_stopped", processes=stopped)
+
+
+def hub_id(source: str) -> bool:
+    """Whether a run-time lora_path is a Hub repository id ("org/name" or "name"), not a path of this machine."""
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
 
 
 def served_base(model_id: str, model_path: Path) -> ServedBase:

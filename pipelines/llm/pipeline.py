@@ -37,7 +37,8 @@ class LLMPipeline(Pipeline):
         self.settings = settings
         self.host = host if host is not None else EngineHost(settings, model_id, model_dir)
         self.generation = Generation()
-        self.models = ServedModels(model_id, settings.lora_runtime_updates, settings.lora_unload_timeout)
+        self.models = ServedModels(model_id, settings.lora_runtime_updates, settings.lora_unload_timeout,
+                                   settings.lora_max_adapters)
         self.apis = [api(self.generation, self.models) for api in (apis if apis is not None else installed_apis())]
         self.OPERATIONS = tuple(operation for api in self.apis for operation in api.OPERATIONS)
         self.api_of = {operation.operation_id: api for api in self.apis for operation in api.OPERATIONS}
@@ -151,9 +152,9 @@ class LLMPipeline(Pipeline):
     async def warm_up(self) -> None:
         """One short generation through the shared path, so the first request finds the engine warm."""
         context = RequestContext(request_id="warm-up")
-        prompt = self.generation.render_chat([{"role": "user", "content": "Hello"}])
+        prompt = await self.generation.render_chat([{"role": "user", "content": "Hello"}])
         tracker = ReplyTracker(context, [len(prompt)])
-        async for step in self.generation.start(prompt, Sampling(max_tokens=4, temperature=0), context, self.models.base):
+        async for step in await self.generation.start(prompt, Sampling(max_tokens=4, temperature=0), context, self.models.base):
             tracker.take(step)
         log.info("engine.warm", completion_tokens=context.completion_tokens)
 

@@ -587,6 +587,14 @@ class UnloadLoRAAdapterRequest(BaseModel):
     lora_int_id: Integer | None = None
 
 
+class ResponsesDeleted(BaseModel):
+    "OpenAI's answer to a deleted response."
+
+    id: str
+    object: Literal['response']
+    deleted: Literal[True]
+
+
 class LoRAAdapterStatus(BaseModel):
     lora_name: str
     status: Literal['loaded', 'unloaded']
@@ -835,6 +843,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         operation_id='retrieveResponse',
         method='GET',
+        path='/v1/responses/{response_id}',
+        request_model=None,
+        authenticated=True,
+        error_shape='openai',
+    ),
+    Operation(
+        operation_id='deleteResponse',
+        method='DELETE',
         path='/v1/responses/{response_id}',
         request_model=None,
         authenticated=True,

@@ -3,7 +3,9 @@
 Every API looks a request's ``model`` up here (``find``), and adapters come and
 go here: those of LORA_ADAPTERS at start, others at run time (``load`` and
 ``unload``, with LORA_RUNTIME_UPDATES). An adapter's requests are counted while
-the engine holds them, so that unloading it waits for them.
+the engine holds them, so that unloading it waits for them. Run-time loads are
+bounded: one at a time (a load fetches files, perhaps a download), at most
+LORA_MAX_ADAPTERS adapters served, and those of LORA_ADAPTERS stay for good.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class UnknownAdapter(LookupError):
 
 class AdapterBusy(RuntimeError):
     """The adapter cannot change now (requests in flight, or another change of it under way); the message says why."""
+
+
+class AdapterPinned(AdapterError):
+    """The adapter was loaded at start (LORA_ADAPTERS): the operator's, not to be unloaded at run time."""
 
 
 class InFlight:
@@ -92,6 +98,7 @@ class ServedModel:
     id: str
     parent: str | None = None  # the base model's id, for a model served on top of it
     adapter: Adapter | None = None  # the LoRA adapter the engine applies for it; None: the base model itself
+    pinned: bool = False  # loaded at start (LORA_ADAPTERS): run-time unloads refuse it
     in_flight: InFlight = field(default_factory=InFlight, compare=False, repr=False)
 
 
@@ -101,13 +108,16 @@ PrepareAdapter = Callable[[str, str], Awaitable[AdapterFiles]]
 class ServedModels:
     """Every id a request's ``model`` may name; the one place a name is looked up, and adapters added or dropped."""
 
-    def __init__(self, base_id: str, runtime_updates: bool = False, unload_timeout: float = 30.0) -> None:
+    def __init__(self, base_id: str, runtime_updates: bool = False, unload_timeout: float = 30.0,
+                 max_adapters: int | None = None) -> None:
         self.base = ServedModel(base_id)
         self.created = int(time.time())  # OpenAI's model cards carry when the model was made available
         self.runtime_updates = runtime_updates  # LORA_RUNTIME_UPDATES: load and unload are open
         self.unload_timeout = unload_timeout
+        self.max_adapters = max_adapters  # LORA_MAX_ADAPTERS; None: no bound
         self.adapters: dict[str, ServedModel] = {}
         self.changing: set[str] = set()  # names being loaded or unloaded now: one change of a name at a time
+        self.loading: str | None = None  # the run-time load under way: one at a time
         self.adapter_ids = itertools.count(1)  # the engine caches adapters by id: never reused
         self._engine: Engine | None = None
         self._prepare: PrepareAdapter | None = None
@@ -136,30 +146,41 @@ class ServedModels:
             raise AdapterBusy(f"adapter {name!r} is being loaded or unloaded right now: retry when that is done")
 
     async def add(self, files: AdapterFiles) -> ServedModel:
-        """Serve a found and checked adapter under its name (LORA_ADAPTERS at start); AdapterError if it cannot be."""
+        """Serve a found and checked adapter under its name (LORA_ADAPTERS at start, for good); AdapterError if it
+        cannot be."""
         self.check_new_name(files.name)
         self.changing.add(files.name)
         try:
-            return await self.attach(files)
+            return await self.attach(files, pinned=True)
         finally:
             self.changing.discard(files.name)
 
     async def load(self, name: str, source: str) -> ServedModel:
-        """An adapter from a Hub id or a local folder, served under ``name`` (at run time); AdapterError says why not."""
+        """An adapter from a Hub id or a local folder, served under ``name`` (at run time); AdapterError says why not,
+        AdapterBusy when another load is under way or LORA_MAX_ADAPTERS are served."""
         self.check_new_name(name)
+        if self.loading is not None:
+            raise AdapterBusy(f"adapter {self.loading!r} is being loaded: run-time loads go one at a time; retry when "
+                              "it is done")
+        if self.max_adapters is not None and len(self.adapters) >= self.max_adapters:
+            raise AdapterBusy(f"{len(self.adapters)} adapters are served, as many as LORA_MAX_ADAPTERS="
+                              f"{self.max_adapters} allows: unload one first")
         self.changing.add(name)  # before the download: a second load of the name waits for nothing, it is refused
+        self.loading = name
         started = time.monotonic()
         try:
             served = await self.attach(await self._prepare(name, source))
         finally:
             self.changing.discard(name)
+            self.loading = None
         log.info("adapter.load.done", model=name, source=source, seconds=round(time.monotonic() - started, 2))
         return served
 
-    async def attach(self, files: AdapterFiles) -> ServedModel:
+    async def attach(self, files: AdapterFiles, pinned: bool = False) -> ServedModel:
         """The engine loads the adapter's weights (AdapterError if it cannot), then requests may name it."""
         name = files.name
-        served = ServedModel(name, parent=self.base.id, adapter=Adapter(name, next(self.adapter_ids), files.path))
+        served = ServedModel(name, parent=self.base.id, adapter=Adapter(name, next(self.adapter_ids), files.path),
+                             pinned=pinned)
         try:
             await self._engine.add_adapter(served.adapter)
         except AdapterRefused as exc:
@@ -179,6 +200,9 @@ class ServedModels:
         served = self.adapters.get(name)
         if served is None:
             raise UnknownAdapter(f"adapter {name!r} is not loaded; this runner serves {self.names()}")
+        if served.pinned:
+            raise AdapterPinned(f"adapter {name!r} was loaded at start (LORA_ADAPTERS): it is the operator's and "
+                                "cannot be unloaded at run time")
         if name in self.changing:
             raise AdapterBusy(f"adapter {name!r} is being loaded or unloaded right now: retry when that is done")
         self.changing.add(name)

@@ -16,12 +16,20 @@ import structlog
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from runner.settings import token_set
+
 log = structlog.get_logger(__name__)
 
 # The ranks vLLM 0.32 takes for max_lora_rank (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 MAX_LORAS_DEFAULT_CAP = 8  # the default MAX_LORAS follows LORA_ADAPTERS up to here: each slot reserves device memory
 RUNTIME_MAX_LORAS_DEFAULT = 4  # with LORA_RUNTIME_UPDATES, the default leaves room to mix adapters loaded later
+# A run-time adapter download's cap: room for a rank-64 adapter of every linear layer of an 8B model in float32
+# (about 670 MB); a larger one is refused before a byte of it is fetched.
+LORA_MAX_BYTES_DEFAULT = 1 << 30
+# Adapters served at once (LORA_ADAPTERS and run-time loads): each one is a model id, files in the store and, when
+# used, host memory; twice the default MAX_LORAS cap.
+LORA_MAX_ADAPTERS_DEFAULT = 16
 
 
 def parse_adapter_list(text: str) -> tuple[tuple[str, str], ...]:
@@ -96,6 +104,11 @@ class LLMSettings(BaseSettings):
     max_cpu_loras: int | None = Field(None, alias="MAX_CPU_LORAS", ge=1, description="adapters kept in host memory")
     lora_runtime_updates: bool = Field(False, alias="LORA_RUNTIME_UPDATES")
     lora_unload_timeout: float = Field(30.0, alias="LORA_UNLOAD_TIMEOUT", gt=0)
+    # Run-time loads (LORA_RUNTIME_UPDATES): where a local lora_path may be (default: the model store, MODEL_DIR),
+    # the bytes one Hub download may take, and how many adapters may be served at once.
+    lora_root: Path | None = Field(None, alias="LORA_ROOT")
+    lora_max_bytes: int = Field(LORA_MAX_BYTES_DEFAULT, alias="LORA_MAX_BYTES", ge=1)
+    lora_max_adapters: int = Field(LORA_MAX_ADAPTERS_DEFAULT, alias="LORA_MAX_ADAPTERS", ge=1)
     # The runner's bearer token (the runner checks it): read here only to know that one is set, because
     # LORA_RUNTIME_UPDATES lets a caller load files into the engine and may not be left open.
     auth_token: SecretStr | None = Field(None, alias="AUTH_TOKEN", repr=False)
@@ -164,9 +177,16 @@ class LLMSettings(BaseSettings):
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.lora_slots:
             errors.append(f"MAX_CPU_LORAS={self.max_cpu_loras} is less than MAX_LORAS={self.lora_slots}: the adapters "
                           "of a batch must fit in host memory too; raise MAX_CPU_LORAS or lower MAX_LORAS")
-        if self.lora_runtime_updates and self.auth_token is None:
-            errors.append("LORA_RUNTIME_UPDATES=true lets callers load adapters into the engine: set AUTH_TOKEN too, "
-                          "so that only holders of the token can")
+        if self.lora_runtime_updates and not token_set(self.auth_token):
+            errors.append("LORA_RUNTIME_UPDATES=true lets callers load adapters into the engine: set AUTH_TOKEN too "
+                          "(not empty, not only whitespace: that leaves the runner open), so that only holders of "
+                          "the token can")
+        if self.lora_runtime_updates and self.lora_root is not None and not self.lora_root.is_dir():
+            errors.append(f"LORA_ROOT={self.lora_root} is not a folder: give the folder run-time adapters may be "
+                          "loaded from, or leave it unset for the model store (MODEL_DIR)")
+        if len(self.lora_adapters) > self.lora_max_adapters:
+            errors.append(f"LORA_ADAPTERS lists {len(self.lora_adapters)} adapters, more than LORA_MAX_ADAPTERS="
+                          f"{self.lora_max_adapters}: raise LORA_MAX_ADAPTERS or list fewer")
         if self.lora_enabled and self.nnodes > 1 and self.max_lora_rank is None:
             errors.append("LoRA over several nodes needs MAX_LORA_RANK set on every node (all nodes must agree, and "
                           "only the serving node reads the adapters)")

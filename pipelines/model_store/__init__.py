@@ -3,7 +3,7 @@
 ``resolve_model`` is the one entry; ``python -m pipelines.model_store`` prefetches.
 """
 
-from pipelines.model_store.errors import ModelDownloadError
+from pipelines.model_store.errors import DownloadLimits, DownloadStopped, ModelDownloadError
 from pipelines.model_store.resolve import resolve_model, wanted_files
 
-__all__ = ["ModelDownloadError", "resolve_model", "wanted_files"]
+__all__ = ["DownloadLimits", "DownloadStopped", "ModelDownloadError", "resolve_model", "wanted_files"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import repo_folder_name
 
-from pipelines.model_store.errors import ModelDownloadError
+from pipelines.model_store.errors import DownloadLimits, ModelDownloadError
 from pipelines.model_store.progress import DownloadProgress, SilentProgressBar
 from pipelines.model_store.transfer import fetch_file
 
@@ -83,16 +84,22 @@ def resolve_model(
     token: str | None = None,
     endpoint: str | None = None,
     progress: DownloadProgress | None = None,
+    local_folders: bool = True,
+    limits: DownloadLimits | None = None,
 ) -> Path:
     """The folder vLLM loads `model_id` (a model or a LoRA adapter) from, downloading it into the store on a miss.
 
     `token` defaults to huggingface_hub's (HF_TOKEN, else a saved login) and
-    `endpoint` to HF_ENDPOINT, else the Hub.
+    `endpoint` to HF_ENDPOINT, else the Hub. `local_folders` False: `model_id` is
+    a Hub id only, never a folder of this machine. `limits`: a download's byte cap
+    and stop signal (a run-time adapter's); without them nothing is capped and a
+    failed download keeps its partial files for the next start to resume.
     """
-    local = Path(model_id).expanduser()
-    if local.is_dir():
-        log.info("model.local", path=str(local))
-        return local
+    if local_folders:
+        local = Path(model_id).expanduser()
+        if local.is_dir():
+            log.info("model.local", path=str(local))
+            return local
     model_dir = Path(model_dir)
     try:
         cached = cached_snapshot(model_id, model_dir)
@@ -104,7 +111,8 @@ def resolve_model(
         log.info("model.store_hit", path=str(cached))
         return cached
     return download(
-        model_id, model_dir, token=token if token is not None else get_token(), endpoint=endpoint, progress=progress
+        model_id, model_dir, token=token if token is not None else get_token(), endpoint=endpoint, progress=progress,
+        limits=limits,
     )
 
 
@@ -149,7 +157,25 @@ def missing_files(snapshot: Path, repo_files: list[str] | None) -> list[str]:
 
 
 def download(
-    model_id: str, model_dir: Path, *, token: str | None, endpoint: str | None, progress: DownloadProgress | None = None
+    model_id: str, model_dir: Path, *, token: str | None, endpoint: str | None, progress: DownloadProgress | None = None,
+    limits: DownloadLimits | None = None,
+) -> Path:
+    storage = model_dir / repo_folder_name(repo_id=model_id, repo_type="model")
+    new_storage = not storage.exists()
+    try:
+        return download_into(model_id, model_dir, storage, token=token, endpoint=endpoint, progress=progress,
+                             limits=limits)
+    except BaseException:
+        if limits is not None and not limits.keep_partial and new_storage:
+            # A capped download leaves nothing behind: the store had no folder for this repository before it.
+            shutil.rmtree(storage, ignore_errors=True)
+            shutil.rmtree(model_dir / ".locks" / storage.name, ignore_errors=True)
+        raise
+
+
+def download_into(
+    model_id: str, model_dir: Path, storage: Path, *, token: str | None, endpoint: str | None,
+    progress: DownloadProgress | None, limits: DownloadLimits | None,
 ) -> Path:
     started = time.monotonic()
     with hub_errors(model_id, model_dir, token, endpoint):
@@ -158,11 +184,15 @@ def download(
         wanted = wanted_files(siblings)
         config = main_config(wanted)
         if config not in wanted or not any(matches(name, WEIGHT_FILE_PATTERNS) for name in wanted):
-            raise ModelDownloadError(
-                f"{model_id} has no {CONFIG_FILE} (a model) or {ADAPTER_CONFIG_FILE} (a LoRA adapter), or no "
-                f"weights vLLM can load (*.safetensors or *.bin) outside {SKIPPED_FOLDER}; "
-                f"its files: {', '.join(sorted(siblings))}"
-            )
+            lacks = (f"{model_id} has no {CONFIG_FILE} (a model) or {ADAPTER_CONFIG_FILE} (a LoRA adapter), or no "
+                     f"weights vLLM can load (*.safetensors or *.bin) outside {SKIPPED_FOLDER}")
+            raise ModelDownloadError(f"{lacks}; its files: {', '.join(sorted(siblings))}", public=lacks)
+        announced = sum(siblings[name].size or 0 for name in wanted)
+        if limits is not None:
+            limits.check()
+            if announced > limits.max_bytes:
+                raise ModelDownloadError(f"{model_id} is {announced} bytes, more than {limits.setting} "
+                                         f"({limits.max_bytes} bytes): it was not downloaded")
         log.info(
             "model.download.start",
             model_id=model_id,
@@ -171,10 +201,9 @@ def download(
             commit=info.sha,
             gated=info.gated,
             files=len(wanted),
-            bytes=sum(siblings[name].size or 0 for name in wanted),
+            bytes=announced,
             skipped=sorted(set(siblings) - set(wanted)),
         )
-        storage = model_dir / repo_folder_name(repo_id=model_id, repo_type="model")
         for name in wanted:
             lfs = siblings[name].lfs
             fetch_file(
@@ -185,6 +214,7 @@ def download(
                 endpoint=endpoint,
                 sha256=lfs.sha256 if lfs else None,
                 progress=progress,
+                limits=limits,
             )
         # Every blob is in place: this only links them into the snapshot folder and
         # records the ref and the file list (it would fetch anything still missing).
@@ -223,8 +253,10 @@ def hub_errors(model_id: str, model_dir: Path, token: str | None, endpoint: str 
         ) from exc
     except OfflineModeIsEnabled as exc:
         raise ModelDownloadError(
-            f"{model_id} is not in the model store {model_dir} and HF_HUB_OFFLINE is set, so it cannot be downloaded"
+            f"{model_id} is not in the model store {model_dir} and HF_HUB_OFFLINE is set, so it cannot be downloaded",
+            public=f"{model_id} is not in the model store and HF_HUB_OFFLINE is set, so it cannot be downloaded",
         ) from exc
     except (httpx2.HTTPError, OSError) as exc:
-        raise ModelDownloadError(f"downloading {model_id} from {hub} failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelDownloadError(f"downloading {model_id} from {hub} failed: {type(exc).__name__}: {exc}",
+                                 public=f"downloading {model_id} from {hub} failed ({type(exc).__name__})") from exc
 

@@ -24,7 +24,7 @@ import structlog
 from huggingface_hub import constants, get_hf_file_metadata, get_session
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, hf_raise_for_status
 
-from pipelines.model_store.errors import ModelDownloadError
+from pipelines.model_store.errors import DownloadLimits, ModelDownloadError
 from pipelines.model_store.progress import DownloadProgress
 
 log = structlog.get_logger(__name__)
@@ -48,8 +48,13 @@ def fetch_file(
     endpoint: str | None,
     sha256: str | None,
     progress: DownloadProgress | None = None,
+    limits: DownloadLimits | None = None,
 ) -> None:
-    """Put one repo file in the store's blobs, resuming a partial copy an earlier start left."""
+    """Put one repo file in the store's blobs, resuming a partial copy an earlier start left.
+
+    With ``limits`` the bytes received count against its cap, a stop ends the transfer, and (unless it keeps
+    partial files) a transfer that does not finish removes its partial file.
+    """
     metadata = get_hf_file_metadata(url, token=token, endpoint=endpoint)
     blob = storage / "blobs" / metadata.etag
     if blob.is_file():
@@ -69,7 +74,13 @@ def fetch_file(
     with WeakFileLock(lock):
         if blob.is_file():
             return
-        BlobTransfer(metadata.location, blob, name, headers, metadata.size, sha256, progress).run()
+        transfer = BlobTransfer(metadata.location, blob, name, headers, metadata.size, sha256, progress, limits)
+        try:
+            transfer.run()
+        except BaseException:
+            if limits is not None and not limits.keep_partial:
+                transfer.partial.unlink(missing_ok=True)
+            raise
 
 
 class BlobTransfer:
@@ -84,7 +95,9 @@ class BlobTransfer:
         size: int | None,
         sha256: str | None,
         progress: DownloadProgress | None = None,
+        limits: DownloadLimits | None = None,
     ) -> None:
+        self.limits = limits
         self.url = url
         self.blob = blob
         self.partial = blob.with_name(blob.name + ".incomplete")
@@ -123,11 +136,14 @@ class BlobTransfer:
                 failures = 0 if self.done > before else failures + 1
                 error = f"{type(exc).__name__}: {exc}"
                 if failures >= TRANSFER_ATTEMPTS:
+                    failed = f"downloading {self.name} failed after {self.done} of {self.size} bytes"
                     raise ModelDownloadError(
-                        f"downloading {self.name} failed after {self.done} of {self.size} bytes ({error}); "
-                        f"they are kept in {self.partial} and the next start resumes from there"
+                        f"{failed} ({error}); they are kept in {self.partial} and the next start resumes from there",
+                        public=failed,
                     ) from exc
                 log.warning("model.download.retry", file=self.name, bytes_done=self.done, error=error)
+                if self.limits is not None:
+                    self.limits.check()
                 time.sleep(RETRY_WAIT_SECONDS)
         self.check_complete()
         os.replace(self.partial, self.blob)
@@ -152,7 +168,8 @@ class BlobTransfer:
         free = shutil.disk_usage(self.blob.parent).free
         if free < self.size - self.done:
             raise ModelDownloadError(
-                f"{self.name} needs {self.size - self.done} more bytes but {self.blob.parent} has {free} free"
+                f"{self.name} needs {self.size - self.done} more bytes but {self.blob.parent} has {free} free",
+                public=f"{self.name} needs {self.size - self.done} more bytes than the model store has free",
             )
 
     def fetch_rest(self) -> None:
@@ -176,6 +193,8 @@ class BlobTransfer:
                 self.restart()
             with self.partial.open("ab") as out:
                 for chunk in response.iter_bytes():
+                    if self.limits is not None:
+                        self.limits.spend(len(chunk))
                     out.write(chunk)
                     self.digest.update(chunk)
                     self.done += len(chunk)

@@ -184,6 +184,41 @@ async def test_a_client_that_never_reads_again_is_let_go_after_the_request_timeo
     assert sum((await served_requests(server)).values()) == 1
 
 
+async def test_a_client_that_reads_nothing_for_write_stall_timeout_is_cut_and_frees_its_slot(aiohttp_server):
+    """REQUEST_TIMEOUT stays 600 s: the stall alone cuts the stream, the request's place in the admission bound is
+    freed within a second of WRITE_STALL_TIMEOUT, and a client that reads again finds the in-band error ending."""
+    server, pipeline = await flood_server(aiohttp_server, WRITE_STALL_TIMEOUT=1)
+    client = await open_stalled_stream(server)
+    loop = asyncio.get_running_loop()
+    try:
+        stalled_at = await produced_when_settled(pipeline, quiet_for=0.2)
+        settled = loop.time()
+        await asyncio.wait_for(pipeline.closed.wait(), timeout=3)
+        await wait_until(lambda: server.app[STATE].in_flight == 0, within=3)
+        freed_after = loop.time() - settled
+        assert not pipeline.finished.is_set() and pipeline.produced == stalled_at
+        received = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 16), timeout=5):
+            received += chunk
+            if received.endswith(b"\r\n0\r\n\r\n"):
+                break
+    finally:
+        client.close()
+    assert freed_after < 1 + 1.5, f"the slot was held {freed_after:.1f} s after the client stopped reading"
+    *events, done, after_done = sse_blocks(received)
+    assert (done, after_done) == ("data: [DONE]", "")
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "error" and last["choices"][0]["delta"]["content"] == ""
+    assert len(events) == stalled_at + 1, "every event written before the cut, then the error"
+    assert await served_requests(server) == {("cancelled", "499"): 1}
+
+
+def test_write_stall_timeout_is_a_setting_with_nginx_send_timeout_as_its_default(monkeypatch):
+    assert RunnerSettings().write_stall_timeout == 60
+    monkeypatch.setenv("WRITE_STALL_TIMEOUT", "2.5")
+    assert RunnerSettings().write_stall_timeout == 2.5
+
+
 async def frozen_client_is_let_go(server, pipeline: FloodPipeline) -> None:
     """A client that stops reading a runner with REQUEST_TIMEOUT=1: its stream stops, its place is freed."""
     client = await open_stalled_stream(server)

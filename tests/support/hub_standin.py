@@ -22,7 +22,8 @@ A gated repository's metadata and file list are public; its files answer 401
 without a token and 403 with a token that was not granted access.
 
 ``cut_transfer`` makes the CDN drop a file's connection part-way, then refuse
-that file until ``restore``. Every request is recorded in ``requests``. The
+that file until ``restore``; ``stall_transfer`` makes it send part of a file and
+then nothing more (until the client hangs up, or 60 s). Every request is recorded in ``requests``. The
 servers run on a thread of their own, as tests block while they poll runners.
 """
 
@@ -90,6 +91,7 @@ class CutTransfer:
     path: str
     after_bytes: int
     cut_done: bool = False
+    stall: bool = False  # send after_bytes, then nothing (each time), instead of dropping the connection
 
 
 class HubError(Exception):
@@ -168,6 +170,10 @@ class HubStandin:
     def cut_transfer(self, repo_id: str, path: str, after_bytes: int) -> None:
         """The next GET of the file sends `after_bytes` then drops; later ones drop at once, until restore()."""
         self.cuts[repo_id] = CutTransfer(repo_id, path, after_bytes)
+
+    def stall_transfer(self, repo_id: str, path: str, after_bytes: int) -> None:
+        """Every GET of the file sends `after_bytes`, then nothing more, until restore()."""
+        self.cuts[repo_id] = CutTransfer(repo_id, path, after_bytes, stall=True)
 
     def restore(self, repo_id: str) -> None:
         self.cuts.pop(repo_id, None)
@@ -327,8 +333,8 @@ class HubStandin:
         return web.Response(status=status, body=body, headers=headers)
 
     async def send_cut(self, request: web.Request, file: HubFile, cut: CutTransfer) -> web.StreamResponse:
-        """A connection lost mid-transfer: part of the body, then the socket closes."""
-        if cut.cut_done:
+        """A connection lost mid-transfer: part of the body, then the socket closes (or, stalled, stays silent)."""
+        if cut.cut_done and not cut.stall:
             request.transport.close()  # no answer at all: the network is still down
             return web.Response()  # never sent
         cut.cut_done = True
@@ -341,5 +347,10 @@ class HubStandin:
         response.content_length = len(body)
         await response.prepare(request)
         await response.write(body[: cut.after_bytes])
+        if cut.stall:  # until restore(), the client hangs up, or 60 s
+            for _ in range(600):
+                if self.cuts.get(cut.repo_id) is not cut or request.transport is None or request.transport.is_closing():
+                    break
+                await asyncio.sleep(0.1)
         request.transport.close()
         return response

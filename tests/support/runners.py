@@ -28,6 +28,8 @@ GUARDED_REQUEST_TIMEOUT = 4
 GUARDED_MAX_IN_FLIGHT = GUARDED_MAX_NUM_SEQS + GUARDED_MAX_WAITING_REQUESTS
 DOOMED_STREAM_INTERVAL = 4
 TINY_RESPONSES_STORE_SIZE = 2  # the tiny runner keeps its last two Responses only
+TINY_RESPONSES_STORE_BYTES = 16_000  # and 16 kB of them: two small ones, or one with metadata of 8 kB
+TINY_WRITE_STALL_TIMEOUT = 3  # its streams are cut 3 s into a stall (nothing else it serves fills a socket's buffers)
 REASONING_PARSER = "deepseek_r1"  # the drained runner's: all it generates is thinking until a </think>
 
 
@@ -65,7 +67,9 @@ def runner_specs(tiny_model_dir: Path, model_store: Path) -> dict[str, tuple[dic
     return {
         # Its request sent while loading waits for the load, however slowly engines start beside it.
         "tiny": ({**tiny_env, "LOAD_WAIT_TIMEOUT": str(START_TIMEOUT),
-                  "RESPONSES_STORE_SIZE": str(TINY_RESPONSES_STORE_SIZE)}, True),
+                  "RESPONSES_STORE_SIZE": str(TINY_RESPONSES_STORE_SIZE),
+                  "RESPONSES_STORE_BYTES": str(TINY_RESPONSES_STORE_BYTES),
+                  "WRITE_STALL_TIMEOUT": str(TINY_WRITE_STALL_TIMEOUT)}, True),
         # Runners of their own, because their tests stop them or kill their engines. The drained runner's one
         # test reads only statuses, so it also runs a reasoning parser (the tiny model has <think> markers):
         # tests/pipelines/llm/real_engine/test_vllm_extras.py reads its answers.

@@ -70,18 +70,19 @@ class AnthropicAPI(LLMAPI):
                                  status=404, param="model")
         return model
 
-    def prompt(self, request: AnthropicMessagesRequest | AnthropicCountTokensRequest
-               ) -> tuple[list[int], ToolPlan, list[dict]]:
+    async def prompt(self, request: AnthropicMessagesRequest | AnthropicCountTokensRequest
+                     ) -> tuple[list[int], ToolPlan, list[dict]]:
         """The request's prompt as the chat template renders it, its tool plan and its turns."""
         tools = [function_tool(tool, index) for index, tool in enumerate(request.tools or ())]
         choice, parallel = openai_tool_choice(request.tool_choice)
         plan = plan_tools(tools, choice, parallel, self.generation.tool_parser is not None, self.models.base.id)
         turns = conversation(request)
-        return self.generation.render_chat(turns, plan.template_tools, instructions=plan.instructions), plan, turns
+        prompt = await self.generation.render_chat(turns, plan.template_tools, instructions=plan.instructions)
+        return prompt, plan, turns
 
     async def create_message(self, request: AnthropicMessagesRequest, context: RequestContext):
         model = self.served(request.model)
-        prompt, plan, turns = self.prompt(request)
+        prompt, plan, turns = await self.prompt(request)
         sampling = Sampling(
             max_tokens=request.max_tokens,
             temperature=1.0 if request.temperature is None else request.temperature,  # Anthropic's defaults
@@ -91,7 +92,7 @@ class AnthropicAPI(LLMAPI):
             **plan_constraint(plan),
         )
         body = chat_body(model.id, turns, plan) if plan.mode == "auto" else None
-        steps = self.generation.start(prompt, sampling, context, model)
+        steps = await self.generation.start(prompt, sampling, context, model)
         reply = MessageReply(self.generation.answer_reader(plan, sampling, prompt, body), model.id,
                              ReplyTracker(context, [len(prompt)]))
         if request.stream:
@@ -100,7 +101,7 @@ class AnthropicAPI(LLMAPI):
 
     async def count_tokens(self, request: AnthropicCountTokensRequest, context: RequestContext) -> AnthropicTokensCount:
         self.served(request.model)
-        prompt, _, _ = self.prompt(request)
+        prompt, _, _ = await self.prompt(request)
         return AnthropicTokensCount(input_tokens=len(prompt))
 
 

@@ -59,7 +59,7 @@ class ChatCompletionAPI(OpenAIAPI):
         plan = plan_tools(tools, choice, request.parallel_tool_calls, self.generation.tool_parser is not None,
                           self.models.base.id)
         turns = chat_turns(request.messages)
-        prompt = self.generation.render_chat(
+        prompt = await self.generation.render_chat(
             turns, plan.template_tools, instructions=plan.instructions,
             add_generation_prompt=generation_prompt(request),
             continue_final_message=bool(request.continue_final_message),
@@ -69,7 +69,7 @@ class ChatCompletionAPI(OpenAIAPI):
         prompt = self.generation.truncate(prompt, request.truncate_prompt_tokens, request.truncation_side)
         sampling = self.chat_sampling(request, prompt, plan)
         length_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-        steps = self.generation.start(prompt, sampling, context, model, length_param)
+        steps = await self.generation.start(prompt, sampling, context, model, length_param)
         tracker = ReplyTracker(context, [len(prompt)], n=sampling.n, logprobs=sampling.logprobs)
         reply = ChatReply(self, request, plan, model.id, tracker, sampling, prompt, echoed(request, turns))
         if request.stream:

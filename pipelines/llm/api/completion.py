@@ -47,11 +47,11 @@ class CompletionAPI(OpenAIAPI):
         constraint = structured_outputs(request, *response_format_constraint(request.response_format))
         runs = []
         for text in texts:
-            prompt = self.generation.encode(text, add_special_tokens=request.add_special_tokens is not False)
+            prompt = await self.generation.encode(text, add_special_tokens=request.add_special_tokens is not False)
             prompt = self.generation.truncate(prompt, request.truncate_prompt_tokens, request.truncation_side)
             runs.append((prompt, self.sampling(request, self.max_tokens(request.max_tokens, prompt),
                                                logprobs=request.logprobs, **constraint)))
-        steps = self.generation.start_all(runs, context, model)
+        steps = await self.generation.start_all(runs, context, model)
         tracker = ReplyTracker(context, [len(prompt) for prompt, _ in runs], n=request.n or 1,
                                logprobs=request.logprobs)
         reply = CompletionReply(model.id, texts if request.echo else None, tracker, include_usage)

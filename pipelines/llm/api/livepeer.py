@@ -30,13 +30,13 @@ class LivepeerAPI(LLMAPI):
         if model is None:
             raise OperationError(f"model {request.model!r} is not served here; this runner serves {self.models.names()}")
         require_turns(request.messages)
-        prompt = self.generation.render_chat(
+        prompt = await self.generation.render_chat(
             [turn(index, message.role, message.content) for index, message in enumerate(request.messages)]
         )
         sampling = Sampling(
             max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
         )
-        steps = self.generation.start(prompt, sampling, context, model)
+        steps = await self.generation.start(prompt, sampling, context, model)
         # A reasoning model's thinking is left out: the network's clients know no field for it.
         reader = self.generation.answer_reader(TEXT, sampling, prompt) if self.generation.reasoning_parser else None
         reply = LivepeerReply(model.id, ReplyTracker(context, [len(prompt)]), reader)

@@ -17,7 +17,7 @@ from pipelines.llm.adapters import AdapterError
 from pipelines.llm.api import spec_operations
 from pipelines.llm.api.openai_base import OpenAIAPI
 from pipelines.llm.schema import LoadLoRAAdapterRequest, LoRAAdapterStatus, UnloadLoRAAdapterRequest
-from pipelines.llm.served_models import AdapterBusy, UnknownAdapter
+from pipelines.llm.served_models import AdapterBusy, AdapterPinned, UnknownAdapter
 from runner.pipeline import OperationError, RequestContext, Serve
 
 log = structlog.get_logger(__name__)
@@ -63,6 +63,8 @@ class LoRAAPI(OpenAIAPI):
             await self.models.unload(name)
         except UnknownAdapter as exc:
             raise OperationError(str(exc), status=404, param="lora_name", code="model_not_found") from None
+        except AdapterPinned as exc:
+            raise OperationError(str(exc), status=403, param="lora_name", code="adapter_pinned") from None
         except (AdapterError, AdapterBusy) as exc:
             log.info("adapter.unload.refused", model=name, reason=str(exc))
             raise OperationError(str(exc), status=409 if isinstance(exc, AdapterBusy) else 400,

@@ -1,12 +1,13 @@
-"""``POST /v1/responses`` and ``GET /v1/responses/{response_id}``: OpenAI's Responses API, JSON or SSE events.
+"""``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{response_id}``: OpenAI's Responses API.
 
-The input items become the chat template's turns (``conversation.turn``), the
+Answers are JSON or SSE events. The input items become the chat template's turns (``conversation.turn``), the
 function tools and tool choice an OpenAI-style tool plan (``tools.plan_tools``),
 and the answer is read by the shared ``AnswerReader``: its events (text,
 thinking, a call's start, a piece of its arguments) are written here as output
 items and Responses stream events, so whatever the reader streams, this API
 streams. Finished responses are kept in a bounded store of this process
-(RESPONSES_STORE_SIZE) for ``GET`` and ``previous_response_id``.
+(RESPONSES_STORE_SIZE responses, RESPONSES_STORE_BYTES bytes) for ``GET`` and
+``previous_response_id``, until ``DELETE`` removes them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import structlog
 from pydantic import Field
 from pydantic_core import to_json
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +35,7 @@ from pipelines.llm.limits import check_schemas, json_document
 from pipelines.llm.replies import ReplyTracker, choice_finish_reason, usage_of
 from pipelines.llm.schema import (
     ResponsesContentPart,
+    ResponsesDeleted,
     ResponsesError,
     ResponsesFunctionCall,
     ResponsesIncompleteDetails,
@@ -52,8 +55,13 @@ from pipelines.llm.served_models import ServedModels
 from pipelines.llm.tools import ToolPlan, plan_constraint, plan_tools
 from runner.pipeline import EventStream, OpenAIErrorDetail, OperationError, RequestContext, Serve
 
+log = structlog.get_logger(__name__)
+
 TEXT_PARTS = ("input_text", "output_text", "text")  # the content parts read as text, whatever the role
 REASONING_PARTS = ("reasoning_text", "summary_text")
+# 64 MiB: the default count (1,000) of responses at 64 KiB each; what a 1,000-response store of 1 MiB requests
+# (MAX_REQUEST_BYTES) would otherwise hold is about 1 GiB of the process's memory.
+STORE_BYTES_DEFAULT = 64 * 1024 * 1024
 
 
 class ResponsesSettings(BaseSettings):
@@ -65,6 +73,11 @@ class ResponsesSettings(BaseSettings):
         1000, alias="RESPONSES_STORE_SIZE", ge=0,
         description="Finished responses kept in memory for GET /v1/responses/{id} and previous_response_id "
                     "(the oldest dropped first; 0 keeps none)",
+    )
+    store_bytes: int = Field(
+        STORE_BYTES_DEFAULT, alias="RESPONSES_STORE_BYTES", ge=0,
+        description="Bytes the stored responses may hold in all, counted as their JSON and their conversation's "
+                    "text (the oldest dropped first; a response larger than all of it is not stored)",
     )
 
 
@@ -181,33 +194,63 @@ class StoredResponse:
     response: ResponsesResponse
     history: tuple[Message, ...]  # its conversation without its instructions, then its output
 
+    def size(self) -> int:
+        """What it holds, in bytes: its JSON and the text of its conversation (what a caller can make large)."""
+        text = sum(len(message.content or "") + sum(len(part) for call in message.calls for part in call)
+                   for message in self.history)
+        return len(self.response.model_dump_json(exclude_unset=True)) + text
+
 
 class ResponseStore:
-    """The last ``size`` finished responses of this process, the oldest dropped first."""
+    """The last finished responses of this process, at most ``size`` of them and ``max_bytes`` in all, the oldest
+    dropped first."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int = STORE_BYTES_DEFAULT) -> None:
         self.size = size
-        self.kept: OrderedDict[str, StoredResponse] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.kept: OrderedDict[str, tuple[StoredResponse, int]] = OrderedDict()
+        self.bytes = 0  # what the kept responses hold
 
     def put(self, stored: StoredResponse) -> None:
         if self.size == 0:
             return
-        self.kept[stored.response.id] = stored
-        while len(self.kept) > self.size:
-            self.kept.popitem(last=False)
+        size = stored.size()
+        if size > self.max_bytes:
+            log.warning("responses.store.too_large", response_id=stored.response.id, bytes=size,
+                        store_bytes=self.max_bytes, effect="not stored: GET and previous_response_id answer 404")
+            return
+        self.delete(stored.response.id)
+        self.kept[stored.response.id] = (stored, size)
+        self.bytes += size
+        while len(self.kept) > self.size or self.bytes > self.max_bytes:
+            _, (_, dropped) = self.kept.popitem(last=False)
+            self.bytes -= dropped
 
     def get(self, response_id: str) -> StoredResponse | None:
-        return self.kept.get(response_id)
+        kept = self.kept.get(response_id)
+        return None if kept is None else kept[0]
+
+    def delete(self, response_id: str) -> bool:
+        """Forget a stored response; False when none of that id is kept."""
+        kept = self.kept.pop(response_id, None)
+        if kept is None:
+            return False
+        self.bytes -= kept[1]
+        return True
 
     def find(self, response_id: str, param: str) -> StoredResponse:
         stored = self.get(response_id)
         if stored is None:
-            raise OperationError(
-                f"Response with id {response_id!r} not found: this runner keeps the last {self.size} stored "
-                "responses of this process (RESPONSES_STORE_SIZE), in memory, and only those sent with store true",
-                status=404, param=param,
-            )
+            raise self.not_found(response_id, param)
         return stored
+
+    def not_found(self, response_id: str, param: str) -> OperationError:
+        return OperationError(
+            f"Response with id {response_id!r} not found: this runner keeps the last {self.size} stored responses "
+            f"of this process, {self.max_bytes} bytes in all (RESPONSES_STORE_SIZE, RESPONSES_STORE_BYTES), in "
+            "memory, only those sent with store true, until they are deleted",
+            status=404, param=param,
+        )
 
 
 # 3. The request: what is served, the tools, the sampling
@@ -627,18 +670,25 @@ async def named_by_type(events: AsyncIterator[bytes]) -> AsyncIterator[tuple[byt
 
 
 class ResponsesAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "createResponse", "retrieveResponse")
+    OPERATIONS = spec_operations(schema.OPERATIONS, "createResponse", "retrieveResponse", "deleteResponse")
 
     def __init__(self, generation: Generation, models: ServedModels, settings: ResponsesSettings | None = None) -> None:
         super().__init__(generation, models)
         self.settings = settings if settings is not None else ResponsesSettings()
-        self.store = ResponseStore(self.settings.store_size)
+        self.store = ResponseStore(self.settings.store_size, self.settings.store_bytes)
 
     def operations(self) -> Mapping[str, Serve]:
-        return {"createResponse": self.create_response, "retrieveResponse": self.retrieve_response}
+        return {"createResponse": self.create_response, "retrieveResponse": self.retrieve_response,
+                "deleteResponse": self.delete_response}
 
     async def retrieve_response(self, _body: None, context: RequestContext) -> ResponsesResponse:
         return self.store.find(context.params.get("response_id", ""), "response_id").response
+
+    async def delete_response(self, _body: None, context: RequestContext) -> ResponsesDeleted:
+        response_id = context.params.get("response_id", "")
+        if not self.store.delete(response_id):
+            raise self.store.not_found(response_id, "response_id")
+        return ResponsesDeleted(id=response_id, object="response", deleted=True)
 
     async def create_response(self, request: ResponsesRequest, context: RequestContext):
         model = self.models.base if not request.model else self.served(request.model)
@@ -653,10 +703,10 @@ class ResponsesAPI(OpenAIAPI):
         tools = function_tools(request)
         plan = plan_tools(tools, chat_tool_choice(request), request.parallel_tool_calls,
                           self.generation.tool_parser is not None, self.models.base.id)
-        prompt = self.generation.render_chat(conversation.turns(request.instructions), plan.template_tools,
+        prompt = await self.generation.render_chat(conversation.turns(request.instructions), plan.template_tools,
                                              instructions=plan.instructions)
         sampling = self.response_sampling(request, prompt, plan)
-        steps = self.generation.start(prompt, sampling, context, model, "max_output_tokens")
+        steps = await self.generation.start(prompt, sampling, context, model, "max_output_tokens")
         tracker = ReplyTracker(context, [len(prompt)])
         chat_body = {"model": model.id, "messages": conversation.chat_messages(request.instructions),
                      "tools": tools, "tool_choice": "auto"} if plan.mode == "auto" else None

@@ -43,12 +43,12 @@ class TokenizeAPI(OpenAIAPI):
                                            "tools") if getattr(request, name) is not None]
             if chat_only:
                 raise bad(f"{chat_only[0]} applies to messages, not to a prompt", chat_only[0])
-            tokens = generation.encode(request.prompt, add_special_tokens=request.add_special_tokens is not False)
+            tokens = await generation.encode(request.prompt, add_special_tokens=request.add_special_tokens is not False)
         else:
             tools = [tool.model_dump(exclude_none=True, by_alias=True) for tool in request.tools or []]
             # As chat completions render these tools, with tool_choice left out.
             plan = plan_tools(tools, None, None, generation.tool_parser is not None)
-            tokens = generation.render_chat(
+            tokens = await generation.render_chat(
                 chat_turns(request.messages), plan.template_tools, instructions=plan.instructions,
                 add_generation_prompt=generation_prompt(request),
                 continue_final_message=bool(request.continue_final_message),
@@ -57,7 +57,7 @@ class TokenizeAPI(OpenAIAPI):
             )
         return TokenizeResponse(
             count=len(tokens), max_model_len=generation.max_model_len, tokens=tokens,
-            token_strs=generation.token_strings(tokens) if request.return_token_strs else None,
+            token_strs=await generation.token_strings(tokens) if request.return_token_strs else None,
         )
 
     async def detokenize(self, request: DetokenizeRequest, context: RequestContext) -> DetokenizeResponse:
@@ -66,4 +66,4 @@ class TokenizeAPI(OpenAIAPI):
         unknown = [token for token in request.tokens if token >= vocab]
         if unknown:
             raise bad(f"tokens: {unknown[0]} is not a token id of this model (0 to {vocab - 1})", "tokens")
-        return DetokenizeResponse(prompt=self.generation.decode(request.tokens))
+        return DetokenizeResponse(prompt=await self.generation.decode(request.tokens))

@@ -59,9 +59,9 @@ class ShoutAPI(LLMAPI):
         return {"shout": self.shout}
 
     async def shout(self, request: ShoutRequest, context):
-        prompt = self.generation.render_chat([{"role": "user", "content": request.text}])
+        prompt = await self.generation.render_chat([{"role": "user", "content": request.text}])
         tracker = ReplyTracker(context, [len(prompt)])
-        async for step in self.generation.start(prompt, Sampling(max_tokens=request.words), context, self.models.base):
+        async for step in await self.generation.start(prompt, Sampling(max_tokens=request.words), context, self.models.base):
             tracker.take(step)
         return ShoutResponse(shout=tracker.choices[0].text.upper())
 '''

@@ -46,6 +46,7 @@ async def start(aiohttp_client, base: Path, engine: FakeEngine | None = None, ba
     engine = engine or FakeEngine()
     if runtime:
         values.update(LORA_RUNTIME_UPDATES="true", AUTH_TOKEN=TOKEN)
+        values.setdefault("LORA_ROOT", str(base.parent))  # the tests' adapters are made beside the base
     app = llm_app(engine, base, llm_settings(**values), backend=backend,
                   runner=runner_settings(AUTH_TOKEN=TOKEN) if runtime else None)
     return await ready_client(aiohttp_client, app), engine
@@ -319,9 +320,16 @@ async def test_unload_of_what_is_not_an_adapter(aiohttp_client, base, sql):
     assert len(engine.adapters) == 1
 
 
+async def load(client, name: str, path: Path | str) -> None:
+    response = await client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                                 headers=AUTH)
+    assert response.status == 200, await response.text()
+
+
 async def test_unload_waits_for_the_adapters_requests_in_flight(aiohttp_client, base, sql):
     engine = FakeEngine(step_seconds=0.02)
-    client, _ = await start(aiohttp_client, base, engine=engine, runtime=True, LORA_ADAPTERS=f"sql={sql}")
+    client, _ = await start(aiohttp_client, base, engine=engine, runtime=True)
+    await load(client, "sql", sql)
     body = {"model": "sql", "messages": QUESTION, "max_tokens": 25, "stream": True}
     async with client.post("/llm", json=body, headers=AUTH) as stream:
         await stream.content.readline()  # the engine holds it now
@@ -338,8 +346,8 @@ async def test_unload_waits_for_the_adapters_requests_in_flight(aiohttp_client, 
 
 async def test_unload_that_cannot_wait_says_why_and_the_adapter_keeps_serving(aiohttp_client, base, sql):
     engine = FakeEngine(step_seconds=0.05)
-    client, _ = await start(aiohttp_client, base, engine=engine, runtime=True, LORA_ADAPTERS=f"sql={sql}",
-                            LORA_UNLOAD_TIMEOUT="0.2")
+    client, _ = await start(aiohttp_client, base, engine=engine, runtime=True, LORA_UNLOAD_TIMEOUT="0.2")
+    await load(client, "sql", sql)
     body = {"model": "sql", "messages": QUESTION, "max_tokens": 40, "stream": True}
     async with client.post("/llm", json=body, headers=AUTH) as stream:
         await stream.content.readline()
@@ -413,3 +421,205 @@ async def test_an_adapter_given_as_model_id_says_to_serve_its_base(base, sql):
     host = EngineHost(llm_settings(), str(sql), sql, backend=lambda: FakeBackend(FakeEngine()), gpus=0, cpus={0})
     with pytest.raises(ValueError, match="is a LoRA adapter, not a model: serve its base model as MODEL_ID"):
         await host.start()
+
+
+# Run-time loads of a hostile caller: LORA_ROOT, no folder listed, bounded downloads, bounded adapters
+
+
+HUB_ADAPTER = "standin-lora/runtime-adapter"
+HUB_STALLED = "standin-lora/runtime-stalled-adapter"
+HUB_NOT_ADAPTER = "standin-lora/runtime-not-an-adapter"
+SECRET_NAMES = ("secret-notes.txt", "private.key")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    from tests.support.hub_standin import HubRepo, HubStandin
+
+    made = tmp_path_factory.mktemp("hub-adapter")
+    folder = make_adapter(made / "adapter", make_checkpoint(made / "base", MODEL_CONFIG), seed=3)
+    contents = {file.name: file.read_bytes() for file in folder.iterdir()}
+    standin = HubStandin([
+        HubRepo.from_contents(HUB_ADAPTER, contents),
+        HubRepo.from_contents(HUB_STALLED, contents),
+        HubRepo.from_contents(HUB_NOT_ADAPTER, {name: b"x" for name in SECRET_NAMES}),
+    ]).start()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture
+def hub_endpoint(hub, monkeypatch):
+    """huggingface_hub asks the stand-in, as it would with HF_ENDPOINT set at start."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setenv("HF_TOKEN", "")
+    return hub
+
+
+def secret_folder(tmp: Path) -> Path:
+    folder = tmp / "outside" / "secrets"
+    folder.mkdir(parents=True)
+    for name in SECRET_NAMES:
+        (folder / name).write_text("do not tell")
+    return folder
+
+
+async def load_answer(client, lora_path: str, name: str = "x") -> tuple[int, str]:
+    response = await client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": lora_path},
+                                 headers=AUTH)
+    return response.status, (await response.json())["error"]["message"] if response.status != 200 else ""
+
+
+async def test_a_local_path_outside_lora_root_is_refused_alike_whatever_is_there(aiohttp_client, base, sql, tmp_path):
+    root = tmp_path / "root"
+    inside = make_adapter(root / "inside", base, seed=5)
+    secrets = secret_folder(tmp_path)
+    foreign = make_adapter(tmp_path / "outside" / "adapter", base, seed=8)  # a whole adapter, but outside
+    (root / "link").symlink_to(foreign)  # a link inside LORA_ROOT to a folder outside it
+    client, engine = await start(aiohttp_client, base, runtime=True, LORA_ROOT=str(root))
+    outside = ["/etc", "/", str(secrets), str(tmp_path / "nowhere"), str(foreign), str(root / "link"),
+               f"{root}/../outside/adapter", "../outside/adapter", "./inside", "~/x", "a/b/c"]
+    answers = {path: await load_answer(client, path) for path in outside}
+    assert {status for status, _ in answers.values()} == {400}
+    assert len({message for _, message in answers.values()}) == 1, "the same answer, whatever lies there"
+    [message] = {message for _, message in answers.values()}
+    assert "LORA_ROOT" in message and "Hub id" in message
+    assert engine.adapters == {}
+    assert await load_answer(client, str(inside), "inside") == (200, "")
+
+
+async def test_no_answer_lists_a_folder_or_quotes_its_files(aiohttp_client, base, tmp_path):
+    root = tmp_path / "root"
+    partial = secret_folder(root)
+    (partial / "config.json").write_text("{}")
+    garbled = make_adapter(root / "garbled", base, seed=5)
+    (garbled / "adapter_config.json").write_bytes(b"\xffsecret-notes.txt {{{")
+    cut = make_adapter(root / "cut", base, seed=6)
+    (cut / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"private.key\": 1}")
+    client, engine = await start(aiohttp_client, base, runtime=True, LORA_ROOT=str(root))
+    for folder in (partial, garbled, cut):
+        status, message = await load_answer(client, str(folder))
+        assert status == 400, message
+        assert not any(name in message for name in SECRET_NAMES) and "a model" not in message, message
+        assert "\\xff" not in message and "0xff" not in message, message
+
+
+async def test_adapters_loaded_at_start_cannot_be_unloaded_at_run_time(aiohttp_client, base, sql, chat):
+    client, engine = await start(aiohttp_client, base, runtime=True, LORA_ADAPTERS=f"sql={sql}")
+    response = await client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}, headers=AUTH)
+    assert response.status == 403
+    error = (await response.json())["error"]
+    assert error["code"] == "adapter_pinned" and "LORA_ADAPTERS" in error["message"]
+    assert [adapter.name for adapter in engine.adapters.values()] == ["sql"]
+    await load(client, "chat", chat)
+    response = await client.post("/v1/unload_lora_adapter", json={"lora_name": "chat"}, headers=AUTH)
+    assert response.status == 200, "one loaded at run time can"
+
+
+async def test_the_number_of_adapters_is_bounded(aiohttp_client, base, sql, chat, tmp_path):
+    client, engine = await start(aiohttp_client, base, runtime=True, LORA_ADAPTERS=f"sql={sql}", LORA_MAX_ADAPTERS="2")
+    await load(client, "chat", chat)
+    status, message = await load_answer(client, str(make_adapter(tmp_path / "third", base, seed=9)), "third")
+    assert status == 409 and "LORA_MAX_ADAPTERS=2" in message
+    assert len(engine.adapters) == 2
+    assert (await client.post("/v1/unload_lora_adapter", json={"lora_name": "chat"}, headers=AUTH)).status == 200
+    await load(client, "third", tmp_path / "third")
+
+
+def test_lora_adapters_beyond_lora_max_adapters_is_an_error_at_start(sql):
+    with pytest.raises(ValueError, match="LORA_ADAPTERS lists 2 adapters, more than LORA_MAX_ADAPTERS=1"):
+        llm_settings(LORA_ADAPTERS=f"a={sql},b={sql}", LORA_MAX_ADAPTERS="1")
+
+
+async def test_run_time_loads_go_one_at_a_time():
+    from pipelines.llm.adapters import AdapterFiles
+    from pipelines.llm.served_models import AdapterBusy, ServedModels
+
+    models = ServedModels("base", runtime_updates=True)
+    downloaded = asyncio.Event()
+
+    async def prepare(name: str, source: str) -> AdapterFiles:
+        await downloaded.wait()  # a download under way
+        return AdapterFiles(name, Path(source), 8, None, (), None)
+
+    models.use(FakeEngine(), prepare)
+    first = asyncio.create_task(models.load("x", "org/first"))
+    await asyncio.sleep(0)
+    with pytest.raises(AdapterBusy, match="adapter 'x' is being loaded: run-time loads go one at a time"):
+        await asyncio.wait_for(models.load("y", "org/second"), timeout=1)  # refused at once, not queued
+    downloaded.set()
+    await first
+    assert (await models.load("y", "/second")).adapter.path == Path("/second"), "once it is done, the next goes"
+
+
+@pytest.mark.parametrize("token", ["", "   "])
+async def test_runtime_updates_with_an_empty_or_blank_auth_token_is_error_at_start(aiohttp_client, base, token):
+    with pytest.raises(ValueError, match=r"set AUTH_TOKEN too \(not empty, not only whitespace"):
+        llm_settings(LORA_RUNTIME_UPDATES="true", AUTH_TOKEN=token)
+
+
+async def test_a_blank_auth_token_is_refused_and_an_empty_one_is_no_auth(aiohttp_client, base, monkeypatch):
+    """The runner's settings refuse AUTH_TOKEN of only whitespace (python -m runner then says ERROR with the
+    reason); AUTH_TOKEN= (empty) leaves authentication off, as unset does, by the one rule runner.settings.token_set."""
+    from pydantic import ValidationError
+
+    from runner.settings import RunnerSettings, token_set
+
+    monkeypatch.setenv("AUTH_TOKEN", " \t ")
+    with pytest.raises(ValidationError, match="AUTH_TOKEN is only whitespace"):
+        RunnerSettings()
+    monkeypatch.setenv("AUTH_TOKEN", "")
+    assert not token_set(RunnerSettings().auth_token)
+    app = llm_app(FakeEngine(), base, runner=runner_settings(AUTH_TOKEN=""))
+    client = await ready_client(aiohttp_client, app)
+    assert (await client.post("/llm", json={"messages": QUESTION, "max_tokens": 2})).status == 200
+
+
+async def test_a_hub_adapter_is_downloaded_into_the_store(aiohttp_client, base, hub_endpoint):
+    client, engine = await start(aiohttp_client, base, runtime=True)
+    await load(client, "hubbed", HUB_ADAPTER)
+    [loaded] = engine.adapters.values()
+    assert loaded.path.is_relative_to(base) and "models--standin-lora--runtime-adapter" in str(loaded.path)
+
+
+async def test_a_download_over_lora_max_bytes_is_refused_and_leaves_nothing(aiohttp_client, base, hub_endpoint):
+    client, engine = await start(aiohttp_client, base, runtime=True, LORA_MAX_BYTES="1000")
+    seen = len(hub_endpoint.requests)
+    status, message = await load_answer(client, HUB_ADAPTER)
+    assert status == 400 and "LORA_MAX_BYTES (1000 bytes)" in message
+    assert hub_endpoint.downloads(HUB_ADAPTER, since=seen) == [], "refused before a byte of it was fetched"
+    assert not list(base.glob("models--*")) and engine.adapters == {}
+
+
+async def test_a_hub_repo_that_is_not_an_adapter_is_refused_without_its_file_list(aiohttp_client, base, hub_endpoint):
+    client, _ = await start(aiohttp_client, base, runtime=True)
+    status, message = await load_answer(client, HUB_NOT_ADAPTER)
+    assert status == 400 and "adapter_config.json" in message
+    assert not any(name in message for name in SECRET_NAMES) and str(base) not in message, message
+
+
+async def test_a_download_stops_with_its_request_and_removes_its_partial_files(aiohttp_client, base, hub_endpoint):
+    """The client goes away while the weights download: the download stops, and nothing of it stays in the store."""
+    hub_endpoint.stall_transfer(HUB_STALLED, "adapter_model.safetensors", after_bytes=1000)
+    client, engine = await start(aiohttp_client, base, runtime=True)
+    seen = len(hub_endpoint.requests)
+    loading = asyncio.create_task(client.post("/v1/load_lora_adapter", headers=AUTH,
+                                              json={"lora_name": "stalled", "lora_path": HUB_STALLED}))
+    blobs = base / "models--standin-lora--runtime-stalled-adapter" / "blobs"
+    async with asyncio.timeout(10):
+        while not list(blobs.glob("*.incomplete")) or not any(
+                name == "adapter_model.safetensors" for name, _ in hub_endpoint.downloads(HUB_STALLED, since=seen)):
+            await asyncio.sleep(0.02)
+    loading.cancel()  # the client hangs up: the runner cancels its handler
+    with contextlib.suppress(asyncio.CancelledError):
+        await loading
+    async with asyncio.timeout(10):
+        while list(base.glob("models--*")) or (await load_answer(client, str(base / "nowhere")))[0] == 409:
+            await asyncio.sleep(0.05)
+    assert engine.adapters == {}
+    hub_endpoint.restore(HUB_STALLED)
+    await load(client, "stalled", HUB_STALLED)  # the next load is not held by the stopped one

@@ -450,18 +450,24 @@ async def test_store_false_keeps_nothing(client, openai_client, engine, model):
     assert len(engine.submitted) == submitted, "nothing reached the engine"
 
 
-def small_store(size: int) -> type[ResponsesAPI]:
+def small_store(size: int, store_bytes: int | None = None) -> type[ResponsesAPI]:
+    settings = {"RESPONSES_STORE_SIZE": size} | ({} if store_bytes is None else {"RESPONSES_STORE_BYTES": store_bytes})
+
     class SmallStore(ResponsesAPI):
         def __init__(self, generation, models) -> None:
-            super().__init__(generation, models, ResponsesSettings(RESPONSES_STORE_SIZE=size))
+            super().__init__(generation, models, ResponsesSettings(**settings))
 
     return SmallStore
 
 
+async def small_store_client(aiohttp_client, tmp_path, size: int, store_bytes: int | None = None):
+    apis = [api for api in installed_apis() if api is not ResponsesAPI] + [small_store(size, store_bytes)]
+    return await ready_client(aiohttp_client, llm_app(FakeEngine(), tmp_path / "model", apis=apis))
+
+
 @pytest.mark.parametrize("size", [0, 2])
 async def test_the_store_keeps_the_last_responses_only(aiohttp_client, tmp_path, size):
-    apis = [api for api in installed_apis() if api is not ResponsesAPI] + [small_store(size)]
-    client = await ready_client(aiohttp_client, llm_app(FakeEngine(), tmp_path / "model", apis=apis))
+    client = await small_store_client(aiohttp_client, tmp_path, size)
     ids = []
     for _ in range(3):
         ids.append((await (await client.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2})).json())["id"])
@@ -471,9 +477,48 @@ async def test_the_store_keeps_the_last_responses_only(aiohttp_client, tmp_path,
     assert set(gone["error"]) == {"message", "type", "param", "code"} and "RESPONSES_STORE_SIZE" in gone["error"]["message"]
 
 
-def test_the_store_size_is_read_from_the_environment_at_start(monkeypatch):
+async def test_the_store_is_bounded_in_bytes_the_oldest_dropped_first(aiohttp_client, tmp_path):
+    """A caller's large inputs must not fill the process's memory: RESPONSES_STORE_BYTES bounds what is kept."""
+    client = await small_store_client(aiohttp_client, tmp_path, size=100, store_bytes=9_000)
+    ids = []
+    for _ in range(4):  # 3 kB of input each, about 4 kB stored: two fit in 9 kB
+        body = {"input": "x" * 3_000, "max_output_tokens": 2}
+        ids.append((await (await client.post("/v1/responses", json=body)).json())["id"])
+    statuses = [(await client.get(f"/v1/responses/{response_id}")).status for response_id in ids]
+    assert statuses == [404, 404, 200, 200]
+    store = next(api for api in client.app[STATE].pipeline.apis if isinstance(api, ResponsesAPI)).store
+    assert 6_000 < store.bytes <= 9_000
+    gone = await (await client.get(f"/v1/responses/{ids[0]}")).json()
+    assert "RESPONSES_STORE_BYTES" in gone["error"]["message"]
+    store.max_bytes = 3_500  # now smaller than one such response
+    huge = await (await client.post("/v1/responses", json={"input": "x" * 3_000, "max_output_tokens": 2})).json()
+    assert huge["store"] is True and (await client.get(f"/v1/responses/{huge['id']}")).status == 404, \
+        "a response larger than the whole store is not kept"
+    assert [(await client.get(f"/v1/responses/{response_id}")).status for response_id in ids[2:]] == [200, 200], \
+        "and it drops nothing to make room"
+
+
+async def test_delete_removes_a_stored_response(client, openai_client, engine, model):
+    engine.script = scripted_text("Paris.")
+    answer = await openai_client.responses.create(model=model, input="Capital?", max_output_tokens=4)
+    deleted = await client.delete(f"/v1/responses/{answer.id}")
+    assert deleted.status == 200 and await deleted.json() == {"id": answer.id, "object": "response", "deleted": True}
+    assert (await client.get(f"/v1/responses/{answer.id}")).status == 404
+    with pytest.raises(openai.NotFoundError) as missing:
+        await openai_client.responses.create(model=model, input="And?", previous_response_id=answer.id)
+    assert missing.value.body["param"] == "previous_response_id"
+    again = await client.delete(f"/v1/responses/{answer.id}")
+    assert again.status == 404 and (await again.json())["error"]["param"] == "response_id"
+    other = await openai_client.responses.create(model=model, input="Capital?", max_output_tokens=4)
+    await openai_client.responses.delete(other.id)  # the SDK's own call
+    with pytest.raises(openai.NotFoundError):
+        await openai_client.responses.retrieve(other.id)
+
+
+def test_the_store_bounds_are_read_from_the_environment_at_start(monkeypatch):
     monkeypatch.setenv("RESPONSES_STORE_SIZE", "7")
-    assert ResponsesSettings().store_size == 7
+    monkeypatch.setenv("RESPONSES_STORE_BYTES", "4096")
+    assert (ResponsesSettings().store_size, ResponsesSettings().store_bytes) == (7, 4096)
 
 
 async def test_an_invalid_store_size_is_health_error_with_the_reason(aiohttp_client, monkeypatch, tmp_path):

@@ -6,6 +6,9 @@ Against a real engine and its tokenizer: tests/pipelines/llm/real_engine/test_vl
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from tests.support.fake_engine import FakeTokenizer
@@ -63,3 +66,55 @@ async def test_bad_requests_are_openai_shaped_errors(client, path, body, status,
     got, answer = await post(client, path, body)
     assert got == status, answer
     assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["param"] == param
+
+
+class SlowTokenizer(FakeTokenizer):
+    """Each encode and each chat template takes 0.3 s, as a 900 KB text does for a real tokenizer (whose Rust code
+    leaves the GIL while it works, as time.sleep does)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        time.sleep(0.3)
+        return super().encode(text, add_special_tokens)
+
+    def apply_chat_template(self, conversation, **kwargs) -> str:
+        time.sleep(0.3)
+        return super().apply_chat_template(conversation, **kwargs)
+
+
+async def test_tokenizer_work_never_holds_the_event_loop(client, engine):
+    """/ready answers at once while tokenising and templating calls run: they are on a worker thread (measured before:
+    four 900 KB /tokenize calls at once held a /ready poll for 1.46 s)."""
+    engine.tokenizer = SlowTokenizer()
+    loop = asyncio.get_running_loop()
+    calls = [asyncio.ensure_future(client.post("/tokenize", json={"prompt": "x" * 1000})) for _ in range(3)]
+    calls += [asyncio.ensure_future(client.post("/tokenize", json={"messages": QUESTION})),
+              asyncio.ensure_future(client.post("/v1/chat/completions", json={"model": client.model,
+                                                                              "messages": QUESTION, "max_tokens": 1}))]
+    await asyncio.sleep(0.05)
+    slowest, polls = 0.0, 0
+    while not all(call.done() for call in calls):
+        started = loop.time()
+        assert (await client.get("/ready")).status == 200
+        slowest, polls = max(slowest, loop.time() - started), polls + 1
+        await asyncio.sleep(0.02)
+    assert [(await call).status for call in calls] == [200] * 5
+    assert polls >= 10 and slowest < 0.15, f"slowest /ready of {polls}: {slowest:.3f} s"
+
+
+async def test_a_large_body_is_validated_off_the_loop(client, monkeypatch):
+    from runner.keys import OFFLOAD
+    from runner.offload import LARGE_BODY_BYTES
+
+    pool = client.app[OFFLOAD]
+    calls = []
+    run = pool.run
+
+    async def counted(function, *args, **kwargs):
+        calls.append(function)
+        return await run(function, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "run", counted)
+    assert (await client.post("/tokenize", json={"prompt": "x" * 100})).status == 200
+    assert calls == [], "a small body is validated at once"
+    assert (await client.post("/tokenize", json={"prompt": "x" * LARGE_BODY_BYTES})).status == 200
+    assert len(calls) == 1

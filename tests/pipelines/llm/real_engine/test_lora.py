@@ -38,6 +38,8 @@ TOKEN = "lora-runner-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HUB_ADAPTER = "standin-lora/tiny-hub-adapter"
 HUB_RUNTIME_ADAPTER = "standin-lora/tiny-runtime-adapter"
+HUB_LARGE_ADAPTER = "standin-lora/tiny-large-adapter"  # rank 16: twice the bytes, more than LORA_MAX_BYTES
+HUB_STALLED_ADAPTER = "standin-lora/tiny-stalled-adapter"
 GRANTED = "hf_standin_lora_granted"
 PROMPT = [{"role": "user", "content": "Tell me a story about a dragon."}]
 MAX_TOKENS = 12
@@ -61,9 +63,12 @@ def hub(tmp_path_factory, tiny_model_dir) -> Iterator[HubStandin]:
     folder = tmp_path_factory.mktemp("hub-adapters")
     gated = make_adapter(folder / "gated", tiny_model_dir, seed=21)
     public = make_adapter(folder / "public", tiny_model_dir, seed=22)
+    large = make_adapter(folder / "large", tiny_model_dir, seed=23, rank=16)
     standin = HubStandin([
         HubRepo.from_contents(HUB_ADAPTER, hub_contents(gated), gated=True, granted_tokens=frozenset({GRANTED})),
         HubRepo.from_contents(HUB_RUNTIME_ADAPTER, hub_contents(public)),
+        HubRepo.from_contents(HUB_LARGE_ADAPTER, hub_contents(large)),
+        HubRepo.from_contents(HUB_STALLED_ADAPTER, hub_contents(public)),
     ]).start()
     yield standin
     standin.stop()
@@ -85,6 +90,10 @@ def runners(tmp_path_factory, tiny_model_dir, model_store, hub) -> Iterator[LoRA
         "HF_TOKEN": GRANTED,
         "LORA_ADAPTERS": f"sql={adapters['sql']},chat={adapters['chat']},hub={HUB_ADAPTER}",
         "LORA_RUNTIME_UPDATES": "true", "AUTH_TOKEN": TOKEN, "LORA_UNLOAD_TIMEOUT": "60",
+        # Run-time adapters may come from the tests' own folders; a download may take what a rank-8 adapter of the
+        # tiny model takes, not a rank-16 one; a silent transfer is noticed within 2 s.
+        "LORA_ROOT": str(tmp_path_factory.getbasetemp()),
+        "LORA_MAX_BYTES": str(adapter_bytes(adapters["sql"]) + 4096), "HF_HUB_DOWNLOAD_TIMEOUT": "2",
     }, logs / "tiny.log", offline=False)
     default = RunnerProcess("lora-default", {
         # A KV cache of its own size: on a GPU the engine would otherwise take GPU_MEMORY_UTILIZATION of it,
@@ -101,6 +110,10 @@ def runners(tmp_path_factory, tiny_model_dir, model_store, hub) -> Iterator[LoRA
     finally:
         for runner in (tiny, default):
             runner.stop()
+
+
+def adapter_bytes(folder: Path) -> int:
+    return sum(file.stat().st_size for file in folder.iterdir())
 
 
 @pytest.fixture
@@ -315,6 +328,78 @@ async def test_every_bad_load_is_400_naming_the_adapter_and_the_others_keep_serv
     assert {model: await llm(http, tiny, model) for model in ("", "chat")} == before
     async with http.get(f"{tiny.url}/v1/models") as response:
         assert "x" not in {card["id"] for card in (await response.json())["data"]}
+
+
+async def test_a_path_outside_lora_root_is_one_refusal_that_reveals_nothing(runners, http, tmp_path):
+    tiny = runners.tiny
+    root = Path(tiny.env["LORA_ROOT"])
+    link = tmp_path / "link-to-etc"
+    link.symlink_to("/etc")
+    answers = []
+    for path in ("/etc", "/etc/passwd", str(root.parent), str(link), f"{root}/../etc", "../etc", "nowhere/at/all"):
+        status, reply = await change(http, tiny, "load", lora_name="x", lora_path=path)
+        answers.append((status, reply["error"]["message"]))
+    assert {status for status, _ in answers} == {400} and len(set(answers)) == 1, answers
+    [(_, message)] = set(answers)
+    assert "LORA_ROOT" in message and "passwd" not in message and "hosts" not in message
+    assert "adapter.load.outside_root" in tiny.log_path.read_text(), "the operator's log says what was refused"
+
+
+async def test_the_operators_adapters_cannot_be_unloaded(runners, http):
+    status, reply = await change(http, runners.tiny, "unload", lora_name="sql")
+    assert status == 403 and reply["error"]["code"] == "adapter_pinned"
+    assert await llm(http, runners.tiny, "sql"), "it keeps serving"
+
+
+async def test_a_download_over_lora_max_bytes_is_refused_before_it_is_fetched(runners, http, hub):
+    tiny = runners.tiny
+    seen = len(hub.requests)
+    status, reply = await change(http, tiny, "load", lora_name="large", lora_path=HUB_LARGE_ADAPTER)
+    assert status == 400 and "more than LORA_MAX_BYTES" in reply["error"]["message"], reply
+    assert hub.downloads(HUB_LARGE_ADAPTER, since=seen) == []
+    store = Path(tiny.env["MODEL_DIR"])
+    assert not (store / "models--standin-lora--tiny-large-adapter").exists(), "nothing left in the store"
+
+
+async def test_a_download_stops_with_its_request_and_leaves_nothing(runners, hub):
+    """The client gives up while the weights download (the Hub stand-in goes silent): the runner stops the download
+    and removes its partial files; the next load is not held by it."""
+    tiny = runners.tiny
+    hub.stall_transfer(HUB_STALLED_ADAPTER, "adapter_model.safetensors", after_bytes=1000)
+    folder = Path(tiny.env["MODEL_DIR"]) / "models--standin-lora--tiny-stalled-adapter"
+    try:
+        async with aiohttp.ClientSession(headers=AUTH, timeout=aiohttp.ClientTimeout(total=3)) as impatient:
+            with pytest.raises(asyncio.TimeoutError):
+                await change(impatient, tiny, "load", lora_name="stalled", lora_path=HUB_STALLED_ADAPTER)
+        async with aiohttp.ClientSession(headers=AUTH) as http:
+            deadline = asyncio.get_running_loop().time() + 20
+            while True:  # the stopped download ends within a read timeout (HF_HUB_DOWNLOAD_TIMEOUT=2)
+                status, reply = await change(http, tiny, "load", lora_name="probe", lora_path="/nowhere")
+                if status != 409 and not folder.exists():
+                    break
+                assert asyncio.get_running_loop().time() < deadline, (status, reply, folder.exists())
+                await asyncio.sleep(0.2)
+            hub.restore(HUB_STALLED_ADAPTER)
+            status, reply = await change(http, tiny, "load", lora_name="stalled", lora_path=HUB_STALLED_ADAPTER)
+            assert status == 200, reply
+            assert (await change(http, tiny, "unload", lora_name="stalled"))[0] == 200
+    finally:
+        hub.restore(HUB_STALLED_ADAPTER)
+    assert "adapter.load.stopped" in tiny.log_path.read_text()
+
+
+def test_runtime_updates_with_an_empty_auth_token_is_error_at_start(runners, tmp_path):
+    runner = RunnerProcess("lora-empty-token", {
+        "MODEL_ID": str(runners.base), "MODEL_DIR": str(tmp_path / "store"), "LORA_RUNTIME_UPDATES": "true",
+        "AUTH_TOKEN": "",
+    }, tmp_path / "runner.log")
+    runner.start()
+    try:
+        assert runner.wait_until({"IDLE", "ERROR"}, timeout=120) == "ERROR"
+        assert "set AUTH_TOKEN too (not empty" in runner.log_path.read_text(), runner.log_tail()
+        assert not runner.engine_processes(), "no engine was started"
+    finally:
+        runner.stop()
 
 
 async def test_unload_of_an_unknown_adapter_is_404(runners, http):

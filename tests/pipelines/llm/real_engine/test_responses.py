@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.http import IN_FLIGHT, SUBMITTED, UNFINISHED, metric, wait_for_metric
 from tests.support.runner_process import DEFAULT_MODEL_ID
-from tests.support.runners import GUARDED_AUTH_TOKEN, TINY_RESPONSES_STORE_SIZE
+from tests.support.runners import GUARDED_AUTH_TOKEN, TINY_RESPONSES_STORE_BYTES, TINY_RESPONSES_STORE_SIZE
 from tests.support.sdks import openai_sdk, served_model, streamed_call_arguments
 from tests.support.tools import CITY, LONG_NOTE_ASK, RESPONSES_NOTE, RESPONSES_WEATHER
 
@@ -179,6 +179,25 @@ async def test_the_store_keeps_the_last_responses_of_the_process(openai_tiny, ti
     with pytest.raises(openai.NotFoundError):
         await openai_tiny.responses.retrieve(unkept.id)
     assert (await openai_tiny.responses.retrieve(kept[-1].id)).id == kept[-1].id, "store false dropped nothing"
+
+
+async def test_the_store_is_bounded_in_bytes_and_delete_removes_a_response(openai_tiny, tiny_runner):
+    """RESPONSES_STORE_BYTES (16 kB here): two responses with 8 kB of metadata each (OpenAI's bound: 16 keys of 512
+    characters) do not both fit, though the count (2) would keep them; DELETE forgets one at once."""
+    model = served_model(tiny_runner)
+    metadata = {f"key{number}": "v" * 500 for number in range(16)}
+    first, second = [await openai_tiny.responses.create(model=model, input="Hello", max_output_tokens=2,
+                                                        metadata=metadata) for _ in range(2)]
+    with pytest.raises(openai.NotFoundError) as gone:
+        await openai_tiny.responses.retrieve(first.id)
+    assert "RESPONSES_STORE_BYTES" in gone.value.body["message"] and TINY_RESPONSES_STORE_BYTES < 2 * 8_000 + 2_000
+    assert (await openai_tiny.responses.retrieve(second.id)).metadata == metadata
+    await openai_tiny.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        await openai_tiny.responses.retrieve(second.id)
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(f"{tiny_runner.url}/v1/responses/{second.id}") as response:
+            assert response.status == 404 and (await response.json())["error"]["param"] == "response_id"
 
 
 @pytest.mark.parametrize(("request_", "param"), [

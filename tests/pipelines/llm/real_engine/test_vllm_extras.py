@@ -10,10 +10,13 @@ REASONING_PARSER=deepseek_r1) for the reasoning parser's path.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -22,8 +25,9 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support.http import QUESTION, SUBMITTED, metric
+from tests.support.http import IN_FLIGHT, QUESTION, SUBMITTED, metric, wait_for_metric
 from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess
+from tests.support.runners import TINY_WRITE_STALL_TIMEOUT
 from tests.support.sdks import anthropic_sdk
 from tests.support.tools import CHAT_NOTE, CHAT_WEATHER, CITY, LONG_NOTE_ASK
 
@@ -239,6 +243,62 @@ async def test_tokenize_and_detokenize_round_trip_and_count_as_the_tokenizer_doe
     assert answered.usage.prompt_tokens == chat["count"], "the count is what chat completions submit"
     status, refused = await post(default_runner, "/detokenize", {"tokens": [10**9]})
     assert status == 400 and refused["error"]["param"] == "tokens"
+
+
+async def test_ready_answers_within_a_second_while_large_texts_are_tokenised(default_runner):
+    """The issue's measurement: four 900 KB /tokenize calls at once held a /ready poll for 1.46 s (the tokenizer ran
+    on the event loop); go-livepeer gives /ready 3 s. Now the tokenizer works on a worker thread."""
+    text = "The capital of France is Paris. " * 28_000  # 900 kB
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+        async def tokenize() -> int:
+            async with http.post(f"{default_runner.url}/tokenize", json={"prompt": text}) as response:
+                await response.read()
+                return response.status
+
+        calls = [asyncio.ensure_future(tokenize()) for _ in range(4)]
+        slowest, polls = 0.0, 0
+        while not all(call.done() for call in calls):
+            started = time.perf_counter()
+            async with http.get(f"{default_runner.url}/ready") as ready:
+                assert ready.status == 200
+            slowest, polls = max(slowest, time.perf_counter() - started), polls + 1
+            await asyncio.sleep(0.05)
+        assert [await call for call in calls] == [200] * 4
+    print(f"slowest /ready of {polls} polls during four 900 kB /tokenize calls: {slowest:.3f} s")
+    assert polls >= 3 and slowest < 1.0, f"slowest /ready of {polls}: {slowest:.3f} s"
+
+
+async def test_a_stream_whose_reader_stalls_is_cut_and_frees_its_slot(tiny_runner):
+    """The tiny runner has WRITE_STALL_TIMEOUT=3 (REQUEST_TIMEOUT stays 600 s): a client that stops reading a long
+    stream of large events is let go a few seconds after the socket's buffers fill, and finds the in-band error
+    once it reads again."""
+    host, port = tiny_runner.url.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, (host, int(port)))
+    body = json.dumps({"model": tiny_runner.env["MODEL_ID"], "messages": [{"role": "user", "content": "Once"}],
+                       "max_tokens": 900, "n": 8, "logprobs": True, "top_logprobs": 20, "ignore_eos": True,
+                       "temperature": 1, "stream": True}).encode()  # about 9 MB of events
+    await loop.sock_sendall(client, b"POST /v1/chat/completions HTTP/1.1\r\nHost: runner\r\nContent-Type: application/json"
+                            b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_for_metric(http, tiny_runner, IN_FLIGHT, 1, within=30)
+            started = time.perf_counter()
+            await wait_for_metric(http, tiny_runner, IN_FLIGHT, 0, within=60)
+            freed_after = time.perf_counter() - started
+        received = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 16), timeout=10):
+            received += chunk
+            if received.endswith(b"\r\n0\r\n\r\n"):
+                break
+    finally:
+        client.close()
+    print(f"stalled stream freed {freed_after:.1f} s after it started; {len(received)} bytes read afterwards")
+    assert b"WRITE_STALL_TIMEOUT (3 s)" in received and b"data: [DONE]" in received
+    assert freed_after < 60 - TINY_WRITE_STALL_TIMEOUT
 
 
 # 5. A reasoning parser on a real engine (the drained runner: the tiny model with REASONING_PARSER=deepseek_r1)

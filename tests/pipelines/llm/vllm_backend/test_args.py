@@ -155,6 +155,9 @@ NOT_ENGINE_ARGUMENTS = {
     "TORCH_COMPILE_DISABLE": "read by torch in the engine's processes from their environment (layout.engine_environment)",
     "LORA_ADAPTERS": "the host reads the adapters; their count and ranks are MAX_LORAS' and MAX_LORA_RANK's defaults",
     "LORA_UNLOAD_TIMEOUT": "how long an unload waits for the adapter's requests (api/lora.py)",
+    "LORA_ROOT": "where a run-time lora_path may be (host.py)",
+    "LORA_MAX_BYTES": "the cap of a run-time adapter download (host.py, model_store)",
+    "LORA_MAX_ADAPTERS": "how many adapters are served at once (served_models.py)",
     "AUTH_TOKEN": "read only to refuse LORA_RUNTIME_UPDATES without one (settings.py)",
 }
 
