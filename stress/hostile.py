@@ -459,8 +459,8 @@ def bounds_probes(target: Target) -> list[Probe]:
     # At the bounds, not past them: served.
     at_bound = {"model": model, "input": "Hello", "max_output_tokens": 2,
                 "metadata": {f"k{index:02d}" + "k" * 60: "v" * 512 for index in range(16)}}
-    probes.append(Probe("bounds", "metadata at OpenAI's bounds (16 x 64 x 512)", "POST", responses_path,
-                        dumps(at_bound), SERVE, copies=24))
+    probes += [Probe("bounds", "metadata at OpenAI's bounds (16 x 64 x 512)", "POST", responses_path,
+                     dumps(at_bound), SERVE) for _ in range(24)]
     return probes
 
 
@@ -495,10 +495,18 @@ def flood_probes(target: Target) -> list[Probe]:
               dumps({"model": model, "prompt": "Hello there. " * 70_000}), EITHER, copies=4),
         Probe("floods", "100,000 token ids /detokenize, 2 at once", "POST", "/detokenize",
               dumps({"model": model, "tokens": [1 + index % 200 for index in range(100_000)]}), EITHER, copies=2),
-        Probe("floods", "64 prompts x n 16 (past the admission bound)", "POST", "/v1/completions",
-              dumps({"model": model, "prompt": ["Hello"] * 64, "n": 16, "max_tokens": 4}), REFUSE),
     ]
     return probes
+
+
+def admission_probes(target: Target) -> list[Probe]:
+    """Sent to an idle server: one request of more sequences than it admits, and one of fewer."""
+    return [
+        Probe("floods", "64 prompts x n 16 to an idle server", "POST", "/v1/completions",
+              dumps({"model": target.model, "prompt": ["Hello"] * 64, "n": 16, "max_tokens": 4}), REFUSE),
+        Probe("floods", "2 prompts x n 2 to an idle server", "POST", "/v1/completions",
+              dumps({"model": target.model, "prompt": ["Hello"] * 2, "n": 2, "max_tokens": 4}), SERVE),
+    ]
 
 
 def big_flood_probe(target: Target) -> Probe:
@@ -529,7 +537,8 @@ class ReadyWatch:
 
     def __init__(self, port: int, path: str) -> None:
         self.port, self.path = port, path
-        self.polls: list[tuple[float, int | None]] = []
+        self.polls: list[tuple[float, int | None, str]] = []  # seconds, status, the campaign's phase then
+        self.phase = "start"
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="ready-watch", daemon=True)
 
@@ -546,7 +555,7 @@ class ReadyWatch:
                 connection.close()
             except OSError:
                 pass
-            self.polls.append((time.monotonic() - started, status))
+            self.polls.append((time.monotonic() - started, status, self.phase))
             self.stopped.wait(READY_INTERVAL)
 
     def __enter__(self) -> ReadyWatch:
@@ -559,7 +568,13 @@ class ReadyWatch:
 
     @property
     def slowest(self) -> float:
-        return max((seconds for seconds, _ in self.polls), default=0.0)
+        return max((seconds for seconds, *_ in self.polls), default=0.0)
+
+    def by_phase(self) -> str:
+        slowest: dict[str, float] = {}
+        for seconds, _, phase in self.polls:
+            slowest[phase] = max(slowest.get(phase, 0.0), seconds)
+        return ", ".join(f"{phase} {seconds * 1000:.0f} ms" for phase, seconds in slowest.items())
 
 
 @dataclass
@@ -570,6 +585,17 @@ class Campaign:
     rss_before: int = 0
     rss_after: int = 0
     ready: ReadyWatch | None = None
+    phases: list[tuple[str, float, int]] = field(default_factory=list)  # name, seconds, RSS after it
+    timings: str = ""
+
+    @contextlib.contextmanager
+    def phase(self, name: str, log: Callable[[str], None]):
+        log(f"  {name}")
+        if self.ready is not None:
+            self.ready.phase = name
+        started = time.monotonic()
+        yield
+        self.phases.append((name, time.monotonic() - started, self.target.rss()))
 
     async def send(self, probe: Probe) -> list[Call]:
         target = self.target
@@ -718,28 +744,35 @@ async def run_campaign(target: Target, secrets: list[str], log: Callable[[str], 
     with ReadyWatch(target.port, target.ready_path) as ready:
         campaign.ready = ready
         for name, probes, concurrency in phases:
-            log(f"  {name}: {sum(probe.copies for probe in probes)} calls")
-            await campaign.send_all(probes, concurrency)
-        log("  adapters")
-        await adapter_phase(campaign, secrets)
-        log(f"  floods: {sum(probe.copies for probe in floods)} calls at once")
-        await campaign.send_all(floods, concurrency=len(floods))
-        log("  stalled readers")
-        await stall_phase(campaign)
-        log("  one call of 20,000 prompts x n 16")
-        await campaign.send(big)
+            with campaign.phase(name, log):
+                await campaign.send_all(probes, concurrency)
+        with campaign.phase("adapters", log):
+            await adapter_phase(campaign, secrets)
+        with campaign.phase("floods", log):
+            await campaign.send_all(floods, concurrency=len(floods))
+        with campaign.phase("admission", log):
+            for probe in admission_probes(target):
+                await target.settle()
+                await campaign.send(probe)
+        with campaign.phase("stalled readers", log):
+            await stall_phase(campaign)
+        with campaign.phase("20,000 prompts x n 16", log):
+            await campaign.send(big)
         settled = await target.settle(within=CALL_TIMEOUT)
         campaign.check("idle after the campaign", settled is not None,
                        f"idle {settled:.1f} s after the last call" if settled is not None
                        else f"still busy {CALL_TIMEOUT:g} s after the last call")
     campaign.rss_after = target.rss()
-    slow = sum(seconds > READY_LIMIT for seconds, _ in ready.polls)
+    slow = sum(seconds > READY_LIMIT for seconds, *_ in ready.polls)
     campaign.check(f"{target.ready_path} within {READY_LIMIT:g} s", ready.slowest <= READY_LIMIT,
-                   f"slowest {ready.slowest * 1000:.0f} ms of {len(ready.polls)} polls, {slow} over {READY_LIMIT:g} s")
+                   f"slowest {ready.slowest * 1000:.0f} ms of {len(ready.polls)} polls, {slow} over {READY_LIMIT:g} s "
+                   f"(slowest per phase: {ready.by_phase()})")
     growth = (campaign.rss_after - campaign.rss_before) / 2**20
     campaign.check(f"RSS growth within {MAX_RSS_GROWTH_MIB} MiB", growth <= MAX_RSS_GROWTH_MIB,
                    f"{campaign.rss_before / 2**20:.0f} MiB before, {campaign.rss_after / 2**20:.0f} MiB after "
-                   f"({growth:+.0f} MiB)")
+                   f"({growth:+.0f} MiB; after each phase: "
+                   + ", ".join(f"{name} {rss / 2**20:.0f} MiB" for name, _, rss in campaign.phases) + ")")
+    campaign.timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds, _ in campaign.phases)
     return campaign
 
 
@@ -842,25 +875,21 @@ def side_by_side(left: Campaign, right: Campaign) -> str:
 # ---------------------------------------------------------------- setting up
 
 
-@dataclass
 class Setup:
     """What a campaign needs around the server: adapters, a Hub stand-in, the secrets it must not reveal."""
 
-    root: Path
-    model_dir: Path  # the base model's files (its config.json shapes the adapters)
-    hub: object = None
-
-    def __post_init__(self) -> None:
+    def __init__(self, root: Path, model_dir: Path) -> None:
         from tests.support.hub_standin import HubRepo, HubStandin
         from tests.support.lora_adapters import make_adapter
 
-        self.lora_root = self.root / "adapters"
-        self.store = self.root / "store"
+        self.root = root
+        self.lora_root = root / "adapters"
+        self.store = root / "store"
         self.store.mkdir(parents=True, exist_ok=True)
         self.adapters = {
-            "inside": make_adapter(self.lora_root / "inside", self.model_dir),
-            "start": make_adapter(self.lora_root / "start", self.model_dir, seed=2),
-            "outside": make_adapter(self.root / "outside" / "adapter", self.model_dir, seed=3),
+            "inside": make_adapter(self.lora_root / "inside", model_dir),
+            "start": make_adapter(self.lora_root / "start", model_dir, seed=2),
+            "outside": make_adapter(root / "outside" / "adapter", model_dir, seed=3),
         }
         config = (self.adapters["inside"] / "adapter_config.json").read_bytes()
         huge = HubRepo.from_contents("stress/huge-adapter", {
@@ -872,8 +901,8 @@ class Setup:
         entries = [name for name in os.listdir("/etc") if len(name) >= 6 and name.isascii()]
         return sorted(entries)[:200] + [AUTH_TOKEN]
 
-    def engine_env(self) -> dict[str, str]:
-        """The runner's settings for the campaign (bounds as the issue names them)."""
+    def runner_env(self) -> dict[str, str]:
+        """The runner's settings for the campaign (its bounds named as issue 32 names them)."""
         return {
             "AUTH_TOKEN": AUTH_TOKEN,
             "MAX_NUM_SEQS": str(MAX_NUM_SEQS),
@@ -885,6 +914,7 @@ class Setup:
             "LORA_ROOT": str(self.lora_root),
             "LORA_MAX_BYTES": str(LORA_MAX_BYTES),
             "RESPONSES_STORE_BYTES": str(RESPONSES_STORE_BYTES),
+            "MODEL_DIR": str(self.store),
             "HF_ENDPOINT": self.hub.url,
             "HF_HUB_DISABLE_XET": "1",
         }
@@ -893,64 +923,85 @@ class Setup:
         self.hub.stop()
 
 
-def runner_target(name: str, process_pid: int, port: int, store: Path, adapters: dict[str, Path]) -> Target:
-    return Target(name, port, process_pid, store=store, adapters=adapters)
+def count_tracebacks(campaign: Campaign, log_path: Path) -> None:
+    tracebacks = log_path.read_text(errors="replace").count("Traceback (most recent call last)")
+    campaign.check("no traceback in the log", tracebacks == 0, f"{tracebacks} tracebacks in {log_path}")
 
 
-async def run_against_runner(env: dict[str, str], setup: Setup, name: str, log_path: Path) -> Campaign:
+async def run_against_runner(env: dict[str, str], setup: Setup, log_path: Path) -> Campaign:
     from tests.support.runner_process import RunnerProcess
 
-    runner = RunnerProcess(name, {**env, **setup.engine_env(), "MODEL_DIR": str(setup.store)}, log_path)
+    runner = RunnerProcess("runner", {**env, **setup.runner_env()}, log_path)
     runner.offline = False  # the Hub stand-in on loopback is its Hub
-    print(f"starting {name} on {runner.url} ...", flush=True)
+    print(f"starting the runner on {runner.url} ...", flush=True)
     runner.start()
     try:
         status = await asyncio.to_thread(runner.wait_until, {"IDLE", "ERROR"}, START_TIMEOUT)
         if status != "IDLE":
-            raise SystemExit(f"{name} failed to load:\n{runner.log_tail()}")
-        target = runner_target(name, runner.process.pid, runner.port, setup.store, setup.adapters)
+            raise SystemExit(f"the runner failed to load:\n{runner.log_tail()}")
+        target = Target("runner", runner.port, runner.process.pid, store=setup.store, adapters=setup.adapters)
         campaign = await run_campaign(target, setup.secrets())
-        tracebacks = runner.log_path.read_text(errors="replace").count("Traceback (most recent call last)")
-        campaign.check("no traceback in the log", tracebacks == 0, f"{tracebacks} tracebacks in {log_path}")
+        count_tracebacks(campaign, log_path)
         return campaign
     finally:
         await asyncio.to_thread(runner.stop)
 
 
-async def run_against_vllm_serve(setup: Setup, log_path: Path) -> Campaign:
-    """``vllm serve`` with the runner's engine arguments for the default model, a token and run-time adapters."""
+def vllm_serve_command(setup: Setup, model_path: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """``vllm serve`` with the runner's engine arguments and engine environment for the same settings.
+
+    Its token is ``--api-key``; run-time adapters need VLLM_ALLOW_RUNTIME_LORA_UPDATING; the adapter the
+    runner loads at start is ``--lora-modules``. Its Hub downloads land in the campaign's store.
+    """
     from bench.run import serve_flags
+
+    saved = dict(os.environ)
+    os.environ.update({**setup.runner_env(), "KV_CACHE_GIB": "1", "DTYPE": "float32"})
+    try:
+        import pipelines.llm.vllm_backend as vllm_backend
+        from pipelines.llm.layout import engine_environment
+        from pipelines.llm.settings import LLMSettings
+
+        settings = LLMSettings()
+        config = json.loads((model_path / "config.json").read_text())
+        arguments = vllm_backend.engine_args(settings, model_path, str(model_path), config)
+        engine_env = engine_environment(settings, setup.store, vllm_backend.platform() == "cpu",
+                                        os.sched_getaffinity(0))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    env = {**os.environ, **engine_env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_ENDPOINT": setup.hub.url,
+           "HF_HUB_CACHE": str(setup.store), "HF_HUB_DISABLE_XET": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    command = [sys.executable, "-m", "bench.vllm_serve", *serve_flags(arguments), "--host", HOST, "--port", str(port),
+               "--api-key", AUTH_TOKEN, "--lora-modules", f"start={setup.adapters['start']}",
+               "--disable-uvicorn-access-log"]
+    return command, env
+
+
+async def run_against_vllm_serve(setup: Setup, model_path: Path, log_path: Path) -> Campaign:
     from bench.systems import ServerProcess
 
-    flags = serve_flags(setup.engine_args)
-    env = {**os.environ, **setup.serve_env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-           "HF_ENDPOINT": setup.hub.url, "HF_HUB_CACHE": str(setup.store), "HF_HUB_DISABLE_XET": "1"}
-    env.pop("HF_HUB_OFFLINE", None)
-    command = [sys.executable, "-m", "bench.vllm_serve", *flags, "--host", HOST, "--api-key", AUTH_TOKEN,
-               "--lora-modules", f"start={setup.adapters['start']}", "--disable-uvicorn-access-log"]
     port = free_port()
-    server = ServerProcess("vllm-serve", [*command, "--port", str(port)], env, log_path, port)
+    command, env = vllm_serve_command(setup, model_path, port)
+    server = ServerProcess("vllm-serve", command, env, log_path, port)
     print(f"starting vllm serve on {server.url} ...", flush=True)
     server.launch()
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while True:
+        while (await exchange(port, http_request("GET", "/health", port, None, []), 5)).status != 200:
             server.check_alive()
-            answer = await exchange(server.port, http_request("GET", "/health", server.port, None, []), 5)
-            if answer.status == 200:
-                break
             if time.monotonic() > deadline:
                 raise SystemExit(f"vllm serve was not ready within {START_TIMEOUT} s:\n{server.log_tail()}")
             await asyncio.sleep(0.5)
-        answer = await exchange(server.port, http_request("GET", "/openapi.json", server.port, None, []))
-        paths = {path for path, methods in json.loads(answer.body)["paths"].items()}
-        target = Target("vllm serve", server.port, server.process.pid, paths=paths,
+        answer = await exchange(port, http_request("GET", "/openapi.json", port, None, []))
+        paths = set(json.loads(answer.body)["paths"])
+        target = Target("vllm serve", port, server.process.pid, paths=paths,
                         ready_path="/ready" if "/ready" in paths else "/health",
                         busy_series=("vllm:num_requests_running", "vllm:num_requests_waiting"),
                         store=setup.store, adapters=setup.adapters)
         campaign = await run_campaign(target, setup.secrets())
-        tracebacks = log_path.read_text(errors="replace").count("Traceback (most recent call last)")
-        campaign.check("no traceback in the log", tracebacks == 0, f"{tracebacks} tracebacks in {log_path}")
+        count_tracebacks(campaign, log_path)
         return campaign
     finally:
         await asyncio.to_thread(server.stop)
@@ -962,86 +1013,84 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_campaign(logs: Path) -> Campaign:
-    """``make stress``: a runner with the tiny model."""
-    from tests.support.runners import tiny_engine_env
-    from tests.support.tiny_model import build_tiny_llama
-
+def campaign_against(against: str, model: str, model_id: str, model_dir: Path, logs: Path) -> Campaign:
+    """One server, started here with the campaign's settings, attacked, stopped."""
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
         tmp = Path(tmp)
-        model = build_tiny_llama(tmp / "tiny-llama")
-        setup = Setup(tmp, model)
-        try:
-            return asyncio.run(run_against_runner(tiny_engine_env(model, core=None), setup, "runner",
-                                                  logs / "runner.log"))
-        finally:
-            setup.close()
+        if model == "tiny":
+            from tests.support.runners import tiny_engine_env
+            from tests.support.tiny_model import build_tiny_llama
 
+            model_path = build_tiny_llama(tmp / "tiny-llama")
+            env = tiny_engine_env(model_path, core=None)
+        else:
+            from pipelines.model_store import resolve_model
 
-def default_model_campaigns(logs: Path, model_id: str, model_dir: Path) -> tuple[Campaign, Campaign]:
-    """The runner and ``vllm serve``, one after the other, with the default model and the same engine arguments."""
-    from pipelines.model_store import resolve_model
-
-    model_path = resolve_model(model_id, model_dir)
-    with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
-        tmp = Path(tmp)
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is in the store already (make models)
+            model_path = resolve_model(model_id, model_dir)
+            env = {"MODEL_ID": str(model_path), "KV_CACHE_GIB": "1", "DTYPE": "float32"}
         setup = Setup(tmp, model_path)
         try:
-            env = {"MODEL_ID": model_id, "KV_CACHE_GIB": "1", "DTYPE": "float32", "HF_HUB_OFFLINE": "0"}
-            engine_settings = {**env, **setup.engine_env(), "MODEL_DIR": str(model_dir)}
-            setup.serve_env = {"KV_CACHE_GIB": "1"}
-            setup.engine_args = engine_arguments(engine_settings, model_path, model_id)
-            # The runner's store is the campaign's (a Hub download lands there); its model is found by path.
-            runner = asyncio.run(run_against_runner({**env, "MODEL_ID": str(model_path)}, setup, "runner",
-                                                    logs / "runner.log"))
-            for path in setup.store.iterdir():  # vllm serve starts from an empty store
-                if path.is_dir():
-                    import shutil
-                    shutil.rmtree(path)
-            serve = asyncio.run(run_against_vllm_serve(setup, logs / "vllm-serve.log"))
-            return runner, serve
+            if against == "runner":
+                return asyncio.run(run_against_runner(env, setup, logs / "runner.log"))
+            return asyncio.run(run_against_vllm_serve(setup, model_path, logs / "vllm-serve.log"))
         finally:
             setup.close()
 
 
-def engine_arguments(settings_env: dict[str, str], model_path: Path, model_id: str):
-    """The runner's engine arguments for these settings (what ``vllm serve`` is given as flags)."""
-    saved = dict(os.environ)
-    os.environ.update(settings_env)
-    try:
-        import pipelines.llm.vllm_backend as vllm_backend
-        from pipelines.llm.settings import LLMSettings
+def save(campaign: Campaign, path: Path) -> None:
+    """The campaign's calls and checks as JSON, for --compare."""
+    calls = [{"family": call.probe.family, "path": call.probe.path, "kind": call.probe.kind,
+              "expect": call.probe.expect, "outcome": call.outcome, "reason": call.reason,
+              "status": call.answer.status if call.answer else None,
+              "seconds": call.answer.seconds if call.answer else None} for call in campaign.calls]
+    path.write_text(json.dumps({"target": campaign.target.name, "calls": calls, "checks": campaign.checks,
+                                "timings": campaign.timings}, indent=1))
 
-        config = json.loads((model_path / "config.json").read_text())
-        return vllm_backend.engine_args(LLMSettings(), model_path, str(model_path), config)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+
+def load(path: Path) -> Campaign:
+    document = json.loads(path.read_text())
+    campaign = Campaign(Target(document["target"], 0, 0), timings=document["timings"])
+    for call in document["calls"]:
+        probe = Probe(call["family"], call["kind"], "", call["path"], None, call["expect"])
+        answer = Answer(call["status"], seconds=call["seconds"]) if call["seconds"] is not None else None
+        campaign.calls.append(Call(probe, call["outcome"], call["reason"], answer))
+    campaign.checks = {name: tuple(check) for name, check in document["checks"].items()}
+    return campaign
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against", choices=["runner", "vllm-serve"], default="runner",
-                        help="runner: the tiny model on a runner (make stress); vllm-serve: the default model on a "
-                             "runner and on vllm serve, side by side")
+    parser.add_argument("--against", choices=["runner", "vllm-serve", "both"], default="runner",
+                        help="the server(s) to attack; both: the runner, then vllm serve, then side by side")
+    parser.add_argument("--model", choices=["tiny", "default"], default=None,
+                        help="tiny: the tiny test model (the runner's default, make stress); default: MODEL_ID "
+                             "from MODEL_DIR (vllm serve's, always)")
     parser.add_argument("--model-id", default=os.environ.get("MODEL_ID", "HuggingFaceTB/SmolLM2-135M-Instruct"))
     parser.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "models")))
     parser.add_argument("--logs", type=Path, default=None, help="keep the servers' logs here")
+    parser.add_argument("--save", type=Path, default=None, help="write the campaign's calls as JSON here")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("LEFT", "RIGHT"),
+                        help="print two saved campaigns side by side, and nothing else")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(side_by_side(load(args.compare[0]), load(args.compare[1])))
+        return 0
+    model = args.model or ("tiny" if args.against == "runner" else "default")
     with tempfile.TemporaryDirectory(prefix="hostile-logs-") as tmp_logs:
         logs = args.logs or Path(tmp_logs)
         logs.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        if args.against == "runner":
-            campaign = tiny_campaign(logs)
-            print("\n" + report(campaign))
-            ok = passed(campaign)
-        else:
-            runner, serve = default_model_campaigns(logs, args.model_id, args.model_dir.resolve())
-            for campaign in (runner, serve):
-                print(f"\n== {campaign.target.name}\n" + report(campaign))
-            print("\n== side by side\n" + side_by_side(runner, serve))
-            ok = passed(runner)
+        campaigns = [campaign_against(against, model if against == "runner" else "default", args.model_id,
+                                      args.model_dir.resolve(), logs)
+                     for against in (["runner", "vllm-serve"] if args.against == "both" else [args.against])]
+        for campaign in campaigns:
+            print(f"\n== {campaign.target.name} ({campaign.timings})\n" + report(campaign))
+        if args.save:
+            save(campaigns[-1], args.save)
+        if len(campaigns) == 2:
+            print("\n== side by side\n" + side_by_side(*campaigns))
+        ok = passed(campaigns[0]) if campaigns[0].target.name == "runner" else True
         print(f"\n{time.monotonic() - started:.0f} s in all")
     print("PASS: nothing failed, every bound held" if ok else "FAIL")
     return 0 if ok else 1

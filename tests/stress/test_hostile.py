@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from stress.hostile import (
+    AUTH_TOKEN,
     EITHER,
     FAILED,
     REFUSE,
@@ -25,7 +26,10 @@ from stress.hostile import (
     Campaign,
     Probe,
     Target,
+    error_shape,
     passed,
+    report,
+    run_campaign,
 )
 
 OPENAI_400 = {"error": {"message": "stop: at most 4 items", "type": "invalid_request_error", "param": "stop",
@@ -129,3 +133,48 @@ async def test_a_call_served_where_it_should_be_refused_fails_the_campaign(stand
     assert campaign.calls[0].unexpected and not passed(campaign)
     *_, campaign = await outcome(standin, "/v1/refused", expect=REFUSE)
     assert passed(campaign)
+
+
+def refusing_server(status: int) -> web.Application:
+    """A stand-in server that answers every call of the campaign with ``status`` in the API's error shape."""
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        token = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if request.path == "/v1/models" and request.method == "GET" and token == f"Bearer {AUTH_TOKEN}".encode():
+            return web.json_response({"object": "list", "data": [{"id": "standin-model"}]})
+        if request.path == "/metrics":
+            return web.Response(text="livepeer_runner_requests_in_flight 0\n")
+        if request.path == "/ready":
+            return web.json_response({"status": "IDLE"})
+        shape = error_shape(request.path)
+        if shape == "anthropic":
+            body = {"type": "error", "error": {"type": "invalid_request_error", "message": "no"}}
+        elif shape == "openai":
+            body = {"error": {"message": "no", "type": "invalid_request_error", "param": None, "code": None}}
+        else:
+            body = {"detail": {"msg": "no"}}
+        return web.json_response(body, status=status)
+
+    app = web.Application(client_max_size=2**21)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def test_the_whole_campaign_runs_against_a_standin_and_sees_its_500s(aiohttp_server, tmp_path):
+    """Every phase runs and reports; a server that refuses everything fails the calls that must be served,
+    one that answers 500 fails them all."""
+    for status, failed in ((400, False), (500, True)):
+        server = await aiohttp_server(refusing_server(status))
+        target = Target("standin", server.port, os.getpid(), store=tmp_path,
+                        adapters={"inside": tmp_path, "outside": tmp_path})
+        campaign = await run_campaign(target, ["secret"], log=lambda line: None)
+        text = report(campaign)
+        assert not passed(campaign) and "RSS growth" in text and "/ready within" in text
+        unexpected = {call.probe.kind for call in campaign.calls if call.unexpected}
+        assert unexpected == ({"X-Request-ID not ASCII", "X-Request-ID 4,000 characters",
+                               "metadata at OpenAI's bounds (16 x 64 x 512)", "2 prompts x n 2 to an idle server"}
+                              if not failed else set())
+        others = [call for call in campaign.calls if (call.probe.method, call.probe.path) != ("GET", "/v1/models")]
+        assert all(call.outcome == FAILED for call in others) == failed
+        await server.close()
