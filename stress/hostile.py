@@ -15,7 +15,7 @@ sends it, on loopback only and bounded in count and time:
 - floods: many valid calls on every API at once, four 900 KB /tokenize calls,
   a batch past the admission bound, and one /v1/completions call of 20,000
   prompts with n 16;
-- stalled readers: streams on every streaming API whose reader stops reading.
+- stalled readers: streams whose reader stops reading (see ``stall_probes``).
 
 Each call is refused (4xx in its API's own error shape, or 503 with
 Retry-After), served (2xx) or failed (any other 5xx, a broken connection, no
@@ -674,22 +674,22 @@ async def stalled_reader(port: int, request: bytes) -> tuple[socket.socket | Non
 
 
 def stall_probes(target: Target) -> list[Probe]:
-    """Streams that take long and write much: a stalled reader's buffers fill in seconds."""
+    """Streams that write much per token: a stalled reader's buffers fill within seconds.
+
+    Loopback's socket buffers take a few MB before a write blocks: the events of
+    /llm, /v1/responses and /v1/messages (a few hundred bytes a token) cannot
+    fill them within the model's context. Chat with 20 top logprobs a token and
+    completions with two choices and their logprobs can; every API's stream goes
+    through the same writer (runner/handlers.py, send_event_stream).
+    """
     model, tokens = target.model, 3000
-    return [
-        Probe("stalled readers", "stream, reader stops", "POST", "/llm",
-              dumps({"messages": HELLO, "max_tokens": tokens, "stream": True}), EITHER),
-        Probe("stalled readers", "stream, reader stops", "POST", "/v1/chat/completions",
-              dumps({"model": model, "messages": HELLO, "max_tokens": tokens, "stream": True, "ignore_eos": True,
-                     "logprobs": True, "top_logprobs": 20}), EITHER),
-        Probe("stalled readers", "stream, reader stops", "POST", "/v1/completions",
-              dumps({"model": model, "prompt": "Hello", "max_tokens": tokens, "stream": True, "ignore_eos": True,
-                     "logprobs": 5, "n": 1}), EITHER),
-        Probe("stalled readers", "stream, reader stops", "POST", "/v1/responses",
-              dumps({"model": model, "input": "Hello", "max_output_tokens": tokens, "stream": True}), EITHER),
-        Probe("stalled readers", "stream, reader stops", "POST", "/v1/messages",
-              dumps({"model": model, "messages": HELLO, "max_tokens": tokens, "stream": True}), EITHER),
-    ]
+    chat = Probe("stalled readers", "stream, reader stops", "POST", "/v1/chat/completions",
+                 dumps({"model": model, "messages": HELLO, "max_tokens": tokens, "stream": True, "ignore_eos": True,
+                        "logprobs": True, "top_logprobs": 20}), EITHER)
+    completion = Probe("stalled readers", "stream, reader stops", "POST", "/v1/completions",
+                       dumps({"model": model, "prompt": "Hello", "max_tokens": tokens, "stream": True,
+                              "ignore_eos": True, "logprobs": 5, "n": 2}), EITHER)
+    return [chat, chat, completion]
 
 
 async def stall_phase(campaign: Campaign) -> None:
