@@ -170,7 +170,7 @@ async def test_the_whole_campaign_runs_against_a_standin_and_sees_its_500s(aioht
                         adapters={"inside": tmp_path, "outside": tmp_path})
         campaign = await run_campaign(target, ["secret"], log=lambda line: None)
         text = report(campaign)
-        assert not passed(campaign) and "RSS growth" in text and "/ready within" in text
+        assert not passed(campaign) and "RSS growth" in text and "readiness within" in text
         unexpected = {call.probe.kind for call in campaign.calls if call.unexpected}
         assert unexpected == ({"X-Request-ID not ASCII", "X-Request-ID 4,000 characters",
                                "metadata at OpenAI's bounds (16 x 64 x 512)", "2 prompts x n 2 to an idle server"}
