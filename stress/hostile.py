@@ -823,6 +823,10 @@ def report(campaign: Campaign) -> str:
                  f"{sum(c.outcome == SERVED for c in calls):>6} {sum(c.outcome == FAILED for c in calls):>6} "
                  f"{sum(c.unexpected for c in calls):>6} "
                  f"{(f'{percentile(refusals, 0.99) * 1000:.0f} ms' if refusals else '-'):>11}")
+    lost = sum(call.outcome == FAILED and call.answer is not None and call.answer.status is None for call in calls)
+    errors = sum(call.answer is not None and call.answer.status is not None and call.answer.status >= 500
+                 and call.outcome == FAILED for call in calls)
+    lines.append(f"lost (no answer, or a broken connection): {lost}; 5xx other than 503 with Retry-After: {errors}")
     lines.append("")
     for name, (ok, seen) in campaign.checks.items():
         lines.append(f"{'ok  ' if ok else 'FAIL'} {name}: {seen}")
