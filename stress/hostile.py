@@ -713,6 +713,15 @@ async def stall_phase(campaign: Campaign) -> None:
         await asyncio.sleep(0.25)
     held = await target.busy()
     seen = f"held at each poll: {trace[:3]}...{trace[-3:]}" if len(trace) > 6 else f"held at each poll: {trace}"
+    tails = []
+    for sock, _ in readers:  # what each stream holds now, at its end: a finish, an error event, or more tokens
+        data = b""
+        if sock is not None:
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(1):
+                    while len(data) < 16 * 2**20 and (chunk := await asyncio.get_running_loop().sock_recv(sock, 65536)):
+                        data += chunk
+        tails.append(repr(data[-100:]))
     for probe, (sock, head) in zip(probes, readers):
         status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else None
         answer = Answer(status, body=head, seconds=time.monotonic() - started)
@@ -730,7 +739,8 @@ async def stall_phase(campaign: Campaign) -> None:
     first_bytes = " | ".join(repr(head.split(b"\r\n\r\n", 1)[-1][:60]) for _, head in readers)
     campaign.check("stalled readers: slots freed", freed_after is not None,
                    (f"all free after {freed_after:.1f} s" if freed_after is not None
-                    else f"{held} still held after {window:g} s") + f"; {seen}; first bytes: {first_bytes}")
+                    else f"{held} still held after {window:g} s") + f"; {seen}; first bytes: {first_bytes}; "
+                   f"last bytes a second later: {' | '.join(tails)}")
 
 
 async def run_campaign(target: Target, secrets: list[str], log: Callable[[str], None] = print) -> Campaign:
