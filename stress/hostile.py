@@ -26,13 +26,16 @@ should be refused, fails the campaign. /ready is polled all along (from a thread
 of its own); the slowest answer must be within 1 s. The runner's RSS (its
 process tree) is measured before and after; it may grow by MAX_RSS_GROWTH_MIB.
 A stalled stream must give its slot back within WRITE_STALL_TIMEOUT plus
-STALL_SLACK. The campaign prints a table and exits non-zero on any of these.
+STALL_SLACK; adapter names must be bounded, and a refused download must leave
+nothing past LORA_MAX_BYTES in the store; the log must hold no traceback. The
+campaign prints a table and exits non-zero on any of these.
 
-``python -m stress.hostile --against vllm-serve`` runs the same calls against a
-runner and against ``vllm serve`` (bench/vllm_serve.py), one after the other,
-both with the default model and the runner's engine arguments, and prints
-side by side what each server made of every kind of call ("absent" where a
-server has no such endpoint).
+``--against vllm-serve`` runs the same calls against ``vllm serve``
+(bench/vllm_serve.py) with the default model and the runner's engine arguments
+for the same settings; ``--against both`` runs a runner with the default model,
+then ``vllm serve``, and prints side by side what each made of every kind of
+call ("absent" where a server has no such endpoint). ``--save`` and
+``--compare`` do the same across two runs (each fits the machine's engine lock).
 """
 
 from __future__ import annotations
