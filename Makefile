@@ -31,7 +31,7 @@ help:
 	@echo "make models    prepare the default model in $(MODEL_DIR) with no Hub access"
 	@echo "make prefetch MODEL_ID=<hub id>   download a Hub model into $(MODEL_DIR) as the runner's start would"
 	@echo "make gen       regenerate runner/schema.py from openapi.yaml"
-	@echo "make stress    hostile traffic against a runner with the tiny test model (a few minutes)"
+	@echo "make stress    hostile traffic against runners with the tiny test model (a few minutes)"
 	@echo "make docker-build / docker-build-cpu / docker-run   container images (GPU / CPU)"
 	@echo "make bench     the runner against the bare vLLM engine and vllm serve (bench/results.md)"
 	@echo "make bench-frontend   the front end's ceiling, engine taken out (quick; the whole grid: BENCH_FRONTEND_ARGS=--write)"
@@ -82,9 +82,13 @@ test-fast: install models
 	$(PY) -m pytest -m "not engine" $(PYTEST_ARGS)
 
 # Mixed, malformed, vanishing and bursty calls, then an engine kill, against one
-# runner on loopback; prints a table and fails if any call was lost.
+# runner on loopback; prints a table and fails if any call was lost. Then the
+# hostile campaign (stress/hostile.py) against another: floods, bounds, odd bytes,
+# stalled readers and adapter abuse on every API; it fails on any 500, lost call,
+# /ready answer over 1 s or RSS growth past its bound.
 stress: install
 	$(PY) -m stress.campaign $(STRESS_ARGS)
+	$(PY) -m stress.hostile $(HOSTILE_ARGS)
 
 IMAGE ?= livepeer-llm-runner
 # GPU image where nvidia-smi sees a GPU, CPU image elsewhere.
