@@ -28,7 +28,7 @@ from runner.operations import Operation
 # What pipelines need of the runner's own HTTP surface comes from here, not from runner.routes or runner.schema:
 # the documents of the error shapes a stream's failed ending is written in, and the runner's models that a
 # pipeline's protocol module uses (runner.codegen imports them from this module).
-from runner.routes import anthropic_error_document, openai_error_document  # noqa: F401 (re-exported)
+from runner.error_documents import anthropic_error_document, openai_error_document  # noqa: F401 (re-exported)
 from runner.schema import APIErrorMessage, OpenAIErrorDetail  # noqa: F401 (re-exported)
 
 ENTRY_POINT_GROUP = "livepeer_runner.pipelines"

@@ -19,18 +19,15 @@ from typing import Any
 import pydantic
 from aiohttp import web
 
+from runner.error_documents import anthropic_error_document, openai_error_document
 from runner.keys import OFFLOAD
 from runner.offload import LARGE_BODY_BYTES
 from runner.operations import Operation
 from runner.schema import (
     OPERATIONS,
-    AnthropicError,
-    AnthropicErrorDetail,
     APIErrorMessage,
     HTTPError,
     HTTPValidationError,
-    OpenAIError,
-    OpenAIErrorDetail,
     ValidationError,
 )
 
@@ -98,13 +95,6 @@ class LivepeerErrors:
         return validation_error_response(errors)
 
 
-def openai_error_document(status: int, msg: str, param: str | None = None, code: str | None = None) -> bytes:
-    """OpenAI's error document, as its SDKs read it in an error response and in a stream's failed ending."""
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    detail = OpenAIErrorDetail(message=msg, type=kind, param=param, code=code)
-    return OpenAIError(error=detail).model_dump_json().encode()  # param and code are null, not left out
-
-
 def telling_error(errors: list[ValidationError]) -> tuple[ValidationError, str | None]:
     """The body error that says most, and the request field it names (dotted, e.g. ``messages.0.content``)."""
     # Of a union's failures ("not a string", "more than 4 items"), the one that says most.
@@ -133,20 +123,6 @@ class OpenAIErrors:
         if len(errors) > 1:
             msg += f" (and {len(errors) - 1} more)"
         return self.error(400, msg, param=param)
-
-
-# Anthropic's error type for each status (https://docs.anthropic.com/en/api/errors); its SDK raises by status.
-ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
-    504: "timeout_error", 529: "overloaded_error",
-}
-
-
-def anthropic_error_document(status: int, msg: str) -> bytes:
-    """Anthropic's error document, as its SDK reads it in an error response and in a stream's ``error`` event."""
-    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return AnthropicError(type="error", error=AnthropicErrorDetail(type=kind, message=msg)).model_dump_json().encode()
 
 
 class AnthropicErrors:
