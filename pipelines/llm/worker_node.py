@@ -17,6 +17,7 @@ node closing it means the serving node went away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -99,8 +100,9 @@ class WorkerNode:
         self.process = lifeline.run_on_starter(lambda: subprocess.Popen(
             lifeline.bound_command(command), pass_fds=(write_fd,), start_new_session=True, stdin=subprocess.PIPE))
         os.close(write_fd)
-        self.process.stdin.write(settings_for_ranks(self.settings))  # a few KiB: the pipe takes them at once
-        self.process.stdin.close()
+        with contextlib.suppress(BrokenPipeError):  # it died at once: the wait below says so
+            self.process.stdin.write(settings_for_ranks(self.settings))  # a few KiB: the pipe takes them at once
+            self.process.stdin.close()
         self.line.start()
         log.info("worker_node.start", pid=self.process.pid, master=self.master, nnodes=self.settings.nnodes,
                  node_rank=self.settings.node_rank, local_ranks=self.settings.local_world_size)
