@@ -122,24 +122,38 @@ def _bound_start(self: multiprocessing.process.BaseProcess) -> None:
         self._target = Bound(target, os.getpid())
 
     def start() -> None:
-        if STARTER.refusing:
+        if STARTER is not None and STARTER.refusing:
             raise ChildrenRefused("this process is stopping: it starts no more processes")
         _original_start(self)
 
-    STARTER.run(start)
+    starter().run(start)
 
 
 class ChildrenRefused(RuntimeError):
     """A process start asked for once this process stopped taking them (``refuse_children``)."""
 
 
-def bind_children() -> None:
-    """Every process this process starts with multiprocessing from now on dies with it, however it dies. Idempotent."""
+def starter() -> Starter:
+    """This process's starter thread, started on first use (and anew in a forked child: threads do not come along)."""
     global STARTER
     with _binding:
-        if STARTER is None or STARTER.thread.ident is None or not STARTER.thread.is_alive():
-            STARTER = Starter()  # (anew in a forked child: the parent's thread did not come along)
-        multiprocessing.process.BaseProcess.start = _bound_start
+        if STARTER is None or not STARTER.thread.is_alive():
+            STARTER = Starter()
+        return STARTER
+
+
+def _forked() -> None:
+    global STARTER, _binding
+    STARTER, _binding = None, threading.Lock()  # the parent's thread is not here, and its lock may have been held
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def bind_children() -> None:
+    """Every process this process starts with multiprocessing from now on dies with it, however it dies. Idempotent."""
+    starter()
+    multiprocessing.process.BaseProcess.start = _bound_start
 
 
 def refuse_children() -> None:
@@ -149,17 +163,18 @@ def refuse_children() -> None:
     there will be exists already, and can be found and ended.
     """
     bind_children()
+    thread = starter()
 
     def refuse() -> None:
-        STARTER.refusing = True
+        thread.refusing = True
 
-    STARTER.run(refuse)
+    thread.run(refuse)
 
 
 def run_on_starter(call: Callable[[], Any]) -> Any:
     """``call()`` on the thread that lasts as long as this process: what it starts is bound to it, not to the caller."""
     bind_children()
-    return STARTER.run(call)
+    return starter().run(call)
 
 
 def running(process: psutil.Process) -> bool:

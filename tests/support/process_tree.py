@@ -5,9 +5,10 @@ and grandchildren), once they all run, then sleeps until killed. Every process
 in the tree ignores SIGTERM, as a rank blocked in a collective does.
 
 - ``spawn``: children started with multiprocessing's spawn method, as vLLM
-  starts its engine core and workers, from a thread that ends at once (the
-  runner builds its engine in a thread of its own); each child starts a
-  grandchild the same way.
+  starts its engine core and workers on CPUs, from a thread that ends once they
+  run (the runner builds its engine in a thread of its own); each child starts
+  a grandchild with spawn. ``fork``: the same with the fork method (vLLM's
+  default where nothing forces spawn).
 - ``command``: a program started with ``subprocess`` through ``bound_command``,
   as a worker node starts its ranks.
 - ``refused``: after ``refuse_children``, a start fails; prints ``{"refused": "..."}``.
@@ -46,10 +47,10 @@ def wait_for_pids(folder: Path, count: int) -> list[int]:
 def main(mode: str, folder: Path) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     lifeline.bind_children()
-    if mode == "spawn":
+    if mode in ("spawn", "fork"):
         def start() -> None:
             for _ in range(2):
-                multiprocessing.get_context("spawn").Process(target=sleep_forever, args=(str(folder), True)).start()
+                multiprocessing.get_context(mode).Process(target=sleep_forever, args=(str(folder), True)).start()
             pids.extend(wait_for_pids(folder, 4))  # each has asked for its parent-death signal by now
 
         pids: list[int] = []

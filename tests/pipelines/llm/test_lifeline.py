@@ -14,6 +14,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from pipelines.llm.lifeline import left_after, running
 from tests.support.runner_process import ROOT
@@ -37,9 +38,10 @@ def kill_and_count_left(parent: subprocess.Popen, processes: list[psutil.Process
     return left
 
 
-def test_multiprocessing_children_and_grandchildren_die_with_a_killed_parent(tmp_path):
-    """Started with spawn, from a thread that has ended, ignoring SIGTERM: all four go when their root is SIGKILLed."""
-    parent, processes = tree(tmp_path, "spawn")
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_multiprocessing_children_and_grandchildren_die_with_a_killed_parent(tmp_path, method):
+    """Started from a thread that has ended, ignoring SIGTERM: all four go when their root is SIGKILLed."""
+    parent, processes = tree(tmp_path, method)
     assert len(processes) == 4
     killed_at = time.monotonic()
     assert not kill_and_count_left(parent, processes), "processes outlived their parent"
