@@ -29,9 +29,11 @@ def tree(tmp_path, mode: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
 
 def kill_and_count_left(parent: subprocess.Popen, processes: list[psutil.Process]) -> list[psutil.Process]:
     time.sleep(0.5)
-    assert all(running(process) for process in processes), "the tree lives while its root does"
-    parent.kill()
-    parent.wait()
+    try:
+        assert all(running(process) for process in processes), "the tree lives while its root does"
+    finally:  # a failed check leaves no tree behind (its processes ignore SIGTERM)
+        parent.kill()
+        parent.wait()
     left = left_after(processes, 2.0)
     for process in left:
         process.kill()
