@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess
+from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess, orphans_of_ended_runners
 from tests.support.runners import (
     ENGINE_MARKER,
     MAX_ENGINES,
@@ -61,6 +61,16 @@ def runner_pool(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[Runne
     pool = RunnerPool(runner_specs(tiny_model_dir, model_store), tmp_path_factory.mktemp("runner-logs"))
     yield pool
     pool.stop_all()
+    orphans = orphans_of_ended_runners()
+    assert not orphans, "the shared runners left processes behind:\n" + "\n".join(orphans)
+
+
+@pytest.fixture(autouse=True)
+def no_orphans() -> Iterator[None]:
+    """After every test: no runner that has exited (stopped, killed, crashed) left a process of its own running."""
+    yield
+    orphans = orphans_of_ended_runners()
+    assert not orphans, "processes outlived their runner:\n" + "\n".join(orphans)
 
 
 @pytest.fixture(scope="module", autouse=True)

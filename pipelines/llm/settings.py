@@ -30,6 +30,7 @@ LORA_MAX_BYTES_DEFAULT = 1 << 30
 # Adapters served at once (LORA_ADAPTERS and run-time loads): each one is a model id, files in the store and, when
 # used, host memory; twice the default MAX_LORAS cap.
 LORA_MAX_ADAPTERS_DEFAULT = 16
+NODE_SECRET_MIN_LENGTH = 16  # characters: a secret nobody guesses (openssl rand -hex 16 gives 32)
 
 
 def parse_adapter_list(text: str) -> tuple[tuple[str, str], ...]:
@@ -89,6 +90,8 @@ class LLMSettings(BaseSettings):
     master_wait_timeout: float = Field(300.0, alias="MASTER_WAIT_TIMEOUT", gt=0)
     # The serving node's port for its worker nodes' lines (pipelines.llm.nodes); default MASTER_PORT + 1.
     line_port: int | None = Field(None, alias="NODE_LINE_PORT", ge=1, le=65535)
+    # What a worker node proves itself with on its line (pipelines.llm.nodes): the same on every node of an engine.
+    node_secret: SecretStr | None = Field(None, alias="NODE_SECRET", repr=False)
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(None, alias="DISTRIBUTED_EXECUTOR_BACKEND")
     ray_address: str | None = Field(None, alias="RAY_ADDRESS", min_length=1)
     # vLLM's own variables, read here because the runner derives its defaults from whether they are set;
@@ -192,6 +195,19 @@ class LLMSettings(BaseSettings):
                           "only the serving node reads the adapters)")
         if errors:
             raise ValueError("; ".join(errors))
+        return self
+
+    @model_validator(mode="after")
+    def nodes_prove_themselves(self) -> LLMSettings:
+        if self.nnodes > 1:
+            secret = self.node_secret.get_secret_value().strip() if self.node_secret is not None else ""
+            if len(secret) < NODE_SECRET_MIN_LENGTH:
+                raise ValueError(
+                    f"NNODES={self.nnodes} needs NODE_SECRET, the same secret on every node, of at least "
+                    f"{NODE_SECRET_MIN_LENGTH} characters (e.g. the output of `openssl rand -hex 16`): the serving node "
+                    "takes a worker node's line only from a node that knows it"
+                    + (" (it is unset)" if self.node_secret is None else
+                       f" (it has {len(secret)} characters that are not blank)"))
         return self
 
     @model_validator(mode="after")

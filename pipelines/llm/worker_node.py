@@ -3,7 +3,9 @@
 The ranks run in a child process (``python -m pipelines.llm.vllm_backend.worker``), in a
 process group of its own: vLLM's headless process ignores SIGTERM for longer
 than go-livepeer's 8 s, so stopping means signalling the whole group and
-killing what is left of it. The serving node (NODE_RANK=0) is watched through
+killing what is left of it. That process and its ranks die with this runner
+however it dies (``pipelines.llm.lifeline``): a runner killed outright leaves
+none. The serving node (NODE_RANK=0) is watched through
 its master port (the torch.distributed store its rank 0 holds): while it does
 not answer, the node waits, for MASTER_WAIT_TIMEOUT at most; once the ranks
 run, a master that stops answering means the serving node went away. The node
@@ -15,6 +17,7 @@ node closing it means the serving node went away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,8 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import structlog
+from pydantic import SecretStr
 
+from pipelines.llm import lifeline
 from pipelines.llm.layout import GPU
 from pipelines.llm.nodes import ServingNodeLine
 from pipelines.llm.settings import LLMSettings
@@ -37,6 +43,17 @@ WORKER_MODULE = "pipelines.llm.vllm_backend.worker"  # run as a program: this mo
 PROBE_INTERVAL = 0.5  # seconds between looks at the master and the ranks
 MASTER_GONE_PROBES = 2  # the master fails this many probes in a row once the ranks run: the serving node is gone
 STOP_GRACE = 1.0  # seconds the ranks get after SIGTERM before the group is killed
+KILLED_GONE_TIMEOUT = 1.0  # seconds the killed group gets to be gone (milliseconds, unless the machine is swamped)
+
+
+def settings_for_ranks(settings: LLMSettings) -> bytes:
+    """The settings as the worker program reads them (JSON on its stdin): secrets in full, not masked."""
+    values = settings.model_dump(mode="json", by_alias=True)
+    for name, field in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            values[field.alias or name] = value.get_secret_value()
+    return json.dumps(values).encode()
 
 
 def master_answers(address: str, port: int, timeout: float = 1.0) -> bool:
@@ -78,10 +95,14 @@ class WorkerNode:
     async def join(self) -> None:
         read_fd, write_fd = os.pipe()
         command = [sys.executable, "-m", WORKER_MODULE, str(self.model_path), self.served_name, str(write_fd),
-                   self.settings.model_dump_json(by_alias=True), json.dumps(self.environment),
-                   json.dumps(dataclasses.asdict(self.gpu) if self.gpu else None)]
-        self.process = subprocess.Popen(command, pass_fds=(write_fd,), start_new_session=True)
+                   json.dumps(self.environment), json.dumps(dataclasses.asdict(self.gpu) if self.gpu else None)]
+        # Started on the thread that lasts as long as this process: the parent-death signal is bound to it.
+        self.process = lifeline.run_on_starter(lambda: subprocess.Popen(
+            lifeline.bound_command(command), pass_fds=(write_fd,), start_new_session=True, stdin=subprocess.PIPE))
         os.close(write_fd)
+        with contextlib.suppress(BrokenPipeError):  # it died at once: the wait below says so
+            self.process.stdin.write(settings_for_ranks(self.settings))  # a few KiB: the pipe takes them at once
+            self.process.stdin.close()
         self.line.start()
         log.info("worker_node.start", pid=self.process.pid, master=self.master, nnodes=self.settings.nnodes,
                  node_rank=self.settings.node_rank, local_ranks=self.settings.local_world_size)
@@ -99,6 +120,8 @@ class WorkerNode:
         started = time.monotonic()
         master_seen = False
         while not ready.done():
+            if self.line.refused is not None:
+                raise ValueError(f"{self.line.refused}; give every node of this engine the same NODE_SECRET")
             if self.process.poll() is not None:
                 raise ValueError(f"this node's engine ranks exited with code {self.process.returncode} before joining "
                                  f"the master at {self.master}: see the log above")
@@ -128,7 +151,8 @@ class WorkerNode:
                 self.error = f"this node's engine ranks exited (code {self.process.returncode})"
                 break
             if self.line.lost.is_set():
-                self.error = f"the serving node (master {self.master}) closed this node's line: it stopped or went away"
+                self.error = self.line.refused or (f"the serving node (master {self.master}) closed this node's line: "
+                                                   "it stopped or went away")
                 break
             if await asyncio.to_thread(master_answers, self.settings.master_addr, self.settings.master_port):
                 failed_probes = 0
@@ -144,11 +168,16 @@ class WorkerNode:
         os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self) -> None:
-        """End the ranks' process group: SIGTERM, then SIGKILL for what is left after STOP_GRACE."""
+        """End the ranks' process group: SIGTERM, then SIGKILL for what is left after STOP_GRACE; return once gone."""
         if self.process is None:
             return
+        group = self.process.pid
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            members = [psutil.Process(group), *psutil.Process(group).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            members = []
+        try:
+            os.killpg(group, signal.SIGTERM)
         except ProcessLookupError:
             return
         try:
@@ -156,10 +185,13 @@ class WorkerNode:
         except subprocess.TimeoutExpired:
             pass
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(group, signal.SIGKILL)  # a rank blocked in a collective ignores SIGTERM
         except ProcessLookupError:
             pass
         self.process.wait()
+        left = lifeline.left_after(members, KILLED_GONE_TIMEOUT)
+        if left:
+            log.error("worker_node.ranks_left", pids=[process.pid for process in left])
 
     async def close(self) -> None:
         if self.watcher is not None and not self.watcher.done():

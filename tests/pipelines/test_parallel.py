@@ -7,6 +7,7 @@ be the one a single worker gives.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -19,7 +20,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port
+from tests.support.nodes import NODE_SECRET, stranger_claims_node, stranger_hangs_up
+from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port, left_after
 from tests.support.runners import TINY_MAX_MODEL_LEN, tiny_engine_env
 from tests.support.streams import start_streams
 
@@ -116,9 +118,24 @@ def test_tensor_parallel_serves_the_tiny_model_like_one_rank_and_a_dead_rank_is_
 
 
 def node_processes(runner: RunnerProcess) -> list[psutil.Process]:
-    """A runner and everything it started (a worker node's ranks run in a process group of their own)."""
-    root = psutil.Process(runner.process.pid)
-    return [root, *root.children(recursive=True)]
+    """A runner and everything it started (a worker node's ranks run in a process group of their own), noted."""
+    return runner.record_descendants()
+
+
+def kill_outright(runner: RunnerProcess) -> float:
+    """SIGKILL the runner's process, as a crash or the OOM killer ends it; the seconds until nothing it started runs.
+
+    Its processes (its engine, a worker node's ranks, which ignore SIGTERM) have no one to stop them: each must end
+    with its parent. Fails if any is left after 2 s.
+    """
+    started = node_processes(runner)[1:]
+    assert started, "the runner had started nothing to leave behind"
+    killed_at = time.monotonic()
+    runner.process.kill()
+    runner.process.wait()
+    left = left_after(started, timeout=2)
+    assert not left, f"processes outlived their runner, killed with SIGKILL: {left}"
+    return time.monotonic() - killed_at
 
 
 def post(runner: RunnerProcess, body: dict = PROMPT) -> tuple[int, dict]:
@@ -150,6 +167,7 @@ def two_node_env(tiny_model_dir, ports: tuple[int, int], node_rank: int,
     master_port, line_port = ports
     return {**tiny_engine_env(tiny_model_dir, core=None),
             **(layout or {"TENSOR_PARALLEL_SIZE": "2"}), "NNODES": "2", "NODE_RANK": str(node_rank),
+            "NODE_SECRET": NODE_SECRET,
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "NODE_LINE_PORT": str(line_port)}
 
 
@@ -181,10 +199,11 @@ def two_nodes(tmp_path, tiny_model_dir, layout: dict[str, str] | None = None,
 
 
 def lose_the_worker_node(serving: RunnerProcess, worker: RunnerProcess, how: str = "kill") -> float:
-    """Lose the worker node with a stream in flight on the serving node: ``kill`` every process of it, or ``sigterm`` it.
+    """Lose the worker node with a stream in flight on the serving node: ``kill`` its runner, or ``sigterm`` it.
 
-    A worker node sent SIGTERM must exit with 0 within 6 s, leaving nothing behind.
-    Either way, checks that the serving node says ERROR within 5 s, names the node
+    A worker node's runner killed with SIGKILL (a crash, the OOM killer) must take
+    its ranks with it within 2 s; one sent SIGTERM must exit with 0 within 6 s,
+    leaving nothing behind. Either way, checks that the serving node says ERROR within 5 s, names the node
     in its log, ends the stream with its in-band error (no hang), refuses new
     requests with 503 and stops within 8 s of SIGTERM, leaving nothing behind.
     Returns the seconds from the kill or the SIGTERM to ERROR.
@@ -192,8 +211,8 @@ def lose_the_worker_node(serving: RunnerProcess, worker: RunnerProcess, how: str
     [stream] = start_streams(f"{serving.url}/llm", 1, max_tokens=TINY_MAX_MODEL_LEN - 64)
     if how == "kill":
         lost_at = time.monotonic()
-        for process in node_processes(worker):
-            process.kill()
+        gone = kill_outright(worker)
+        print(f"worker node's runner killed (SIGKILL): its ranks were gone {gone:.3f} s later")
     else:
         lost_at = time.monotonic()
         seconds, left = sigterm_exit_seconds(worker)
@@ -221,25 +240,34 @@ def lose_the_worker_node(serving: RunnerProcess, worker: RunnerProcess, how: str
     return seconds
 
 
-def test_two_nodes_on_loopback_serve_like_one_and_a_worker_node_stopped_by_sigterm_is_error(tmp_path, tiny_model_dir,
-                                                                                           tiny_runner):
-    """Two nodes give one node's text; a worker node stops within 6 s of SIGTERM and the serving node says ERROR.
+def test_two_nodes_on_loopback_serve_like_one_and_a_worker_node_killed_outright_is_error(tmp_path, tiny_model_dir,
+                                                                                        tiny_runner):
+    """Two nodes give one node's text; a stranger on the line port changes nothing; a worker node's runner killed
+    with SIGKILL takes its ranks along, and the serving node says ERROR.
 
-    A worker node killed outright is lost the same way: tests/pipelines/test_pipeline_parallel.py kills one.
+    tests/pipelines/test_pipeline_parallel.py kills one under pipeline parallelism; the serving node killed
+    outright: test_a_worker_node_exits_when_the_serving_node_dies.
     """
     with two_nodes(tmp_path, tiny_model_dir) as (serving, worker):
         assert text(serving) == text(tiny_runner), "two nodes give the text of one at temperature 0"
         status, body = post(worker)
         assert status == 503 and "serves no requests" in body["detail"]["msg"], (status, body)
-        lose_the_worker_node(serving, worker, how="sigterm")
+        line_port = int(serving.env["NODE_LINE_PORT"])
+        stranger_hangs_up(line_port)
+        assert stranger_claims_node(line_port)["refused"].startswith("its proof does not match this node's NODE_SECRET")
+        time.sleep(1)
+        assert serving.health() == "IDLE" and worker.health() == "IDLE", "a stranger's line changes nothing"
+        assert text(serving)
+        lose_the_worker_node(serving, worker, how="kill")
 
 
-def test_a_worker_node_exits_when_the_serving_node_does(tmp_path, tiny_model_dir):
+def test_a_worker_node_exits_when_the_serving_node_dies(tmp_path, tiny_model_dir):
+    """The serving node killed outright (SIGKILL: a crash, the OOM killer): its engine goes with it, and the worker
+    node sees its line close and stops, leaving nothing. (Its stop on SIGTERM: lose_the_worker_node's end.)"""
     with two_nodes(tmp_path, tiny_model_dir) as (serving, worker):
         worker_processes = node_processes(worker)
-        seconds, left = sigterm_exit_seconds(serving)
-        print(f"serving node exited {seconds:.2f} s after SIGTERM")
-        assert not left, f"left behind on the serving node: {left}"
+        gone = kill_outright(serving)
+        print(f"serving node's runner killed (SIGKILL): its engine was gone {gone:.3f} s later")
         gone_at = time.monotonic()
         assert worker.process.wait(timeout=10) == 0, worker.log_tail()
         print(f"worker node exited {time.monotonic() - gone_at:.2f} s after the serving node")
@@ -259,8 +287,11 @@ def test_nodes_that_never_meet_are_error_naming_why_and_stop_on_sigterm(tmp_path
     worker_wait, serving_wait = 3, 5
     worker = start(tmp_path, "lonely-node1", {**two_node_env(tiny_model_dir, node_ports(), 1),
                                                "MASTER_WAIT_TIMEOUT": str(worker_wait)}, cpus={cores[-1]})
-    serving = start(tmp_path, "lonely-node0", {**two_node_env(tiny_model_dir, node_ports(), 0),
+    serving_ports = node_ports()
+    serving = start(tmp_path, "lonely-node0", {**two_node_env(tiny_model_dir, serving_ports, 0),
                                                 "MASTER_WAIT_TIMEOUT": str(serving_wait)}, cpus={cores[0]})
+    # The issue's stranger: connects to the waiting serving node's line port first, says {"node": 1}, hangs up.
+    stranger = concurrent.futures.ThreadPoolExecutor(1).submit(stranger_hangs_up, serving_ports[1])
     try:
         reason = wait_error(worker, timeout=worker_wait + 60)  # + importing vLLM, and a loaded machine
         print(f"worker node without a master: ERROR at {worker.since_launch():.1f} s (MASTER_WAIT_TIMEOUT="
@@ -273,6 +304,8 @@ def test_nodes_that_never_meet_are_error_naming_why_and_stop_on_sigterm(tmp_path
         print(f"its reason: {reason}")
         assert "MASTER_WAIT_TIMEOUT" in reason and "worker node NODE_RANK=1 (engine rank 1) never reached" in reason, \
             reason
+        stranger.result(timeout=1)
+        assert "1 connection to NODE_LINE_PORT did not prove to know NODE_SECRET and was refused" in reason, reason
 
         for node in (worker, serving):
             seconds, left = sigterm_exit_seconds(node)

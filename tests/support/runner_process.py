@@ -6,6 +6,7 @@ own; tests, ``make stress`` and ``make bench`` all start runners through it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 START_TIMEOUT = 420  # seconds; engines start slower when several share two cores
+# Seconds a runner's processes get to be gone once it has exited: they end with it (the kernel kills them, and
+# multiprocessing's resource tracker ends once they are gone), in milliseconds; the rest is a loaded machine's slack.
+ORPHAN_GRACE = 3.0
 
 
 def free_port() -> int:
@@ -68,6 +72,9 @@ class RunnerProcess:
     # (seconds since launch when sent, status) of a /llm call sent on the first LOADING
     loading_request: tuple[float, int] | None = None
     cpus: set[int] | None = None  # the cores the runner (and its engine) may use; None: all
+    # Every process the runner started, seen while it ran (its engine, a worker node's ranks, ...), by pid
+    descendants: dict[int, psutil.Process] = field(default_factory=dict)
+    orphans_checked: bool = False
 
     @property
     def url(self) -> str:
@@ -83,6 +90,7 @@ class RunnerProcess:
         pinned = (lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None
         self.process = subprocess.Popen(RUNNER_COMMAND, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         preexec_fn=pinned)
+        RUNNERS.append(self)
         threading.Thread(target=self.watch_health, daemon=True).start()
 
     def since_launch(self) -> float:
@@ -92,8 +100,28 @@ class RunnerProcess:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         self.loading_request = (sent_at, post_json(f"{self.url}/llm", body, 600))
 
+    def record_descendants(self) -> list[psutil.Process]:
+        """Note every process the runner has started that runs now; returns them (its own process first)."""
+        try:
+            root = psutil.Process(self.process.pid)
+            found = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        for process in found[1:]:
+            self.descendants.setdefault(process.pid, process)
+        return found
+
+    def left_behind(self, timeout: float = 0.0) -> list[psutil.Process]:
+        """The processes the runner started that still run after ``timeout`` seconds (its own process excluded).
+
+        A zombie is gone (only its adopter has not reaped it yet); a pid taken by
+        another process since is not this runner's (psutil compares creation times).
+        """
+        return left_after(list(self.descendants.values()), timeout)
+
     def watch_health(self) -> None:
         while self.process.poll() is None:
+            self.record_descendants()
             try:
                 status = get_json(f"{self.url}/health", timeout=5)["status"]
             except OSError:
@@ -155,12 +183,57 @@ class RunnerProcess:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
+            self.record_descendants()
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                for child in self.engine_processes():
-                    child.kill()
+                self.record_descendants()
+                for child in self.descendants.values():
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+def still_running(process: psutil.Process) -> bool:
+    """Alive, not a zombie (gone, only not reaped yet by whoever adopted it), and not a new process on a reused pid."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def left_after(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of ``processes`` still running after at most ``timeout`` seconds, polled.
+
+    Not ``psutil.wait_procs``: it waits out the whole timeout on a zombie.
+    """
+    deadline = time.monotonic() + timeout
+    while (alive := [process for process in processes if still_running(process)]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return alive
+
+
+RUNNERS: list[RunnerProcess] = []  # every runner started in this process, in order
+
+
+def orphans_of_ended_runners(grace: float = ORPHAN_GRACE) -> list[str]:
+    """The processes left running by runners that have exited since the last look: each killed, and described.
+
+    A runner's processes must end with it however it ends (SIGTERM, SIGKILL, a
+    crash); the suite calls this after every test and fails on any.
+    """
+    found = []
+    for runner in RUNNERS:
+        if runner.orphans_checked or runner.process.poll() is None:
+            continue
+        runner.orphans_checked = True
+        for process in runner.left_behind(grace):
+            with contextlib.suppress(psutil.Error):
+                found.append(f"runner {runner.name} (pid {runner.process.pid}, exit code {runner.process.returncode}) "
+                             f"left pid {process.pid} {process.name()!r} ({' '.join(process.cmdline())[:120]}), "
+                             f"parent {process.ppid()}")
+                process.kill()
+    return found

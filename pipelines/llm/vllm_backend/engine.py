@@ -27,6 +27,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
+from pipelines.llm import lifeline
 from pipelines.llm.engine import Adapter, AdapterRefused, Sampling, SamplingRefused
 from pipelines.llm.vllm_backend.reasoning_parsers import (
     ReasoningParser,
@@ -40,6 +41,7 @@ log = structlog.get_logger(__name__)
 # the engine's processes get 0.5 s to exit (not vLLM's 5), then are killed. Nothing is left to save by then
 # (the drain is over), and vLLM's workers do not end on SIGTERM anyway: its own shutdown kills them too.
 ENGINE_SHUTDOWN_TIMEOUT = 0.5
+KILLED_GONE_TIMEOUT = 1.0  # seconds a SIGKILLed process gets to be gone (milliseconds, unless the machine is swamped)
 
 
 @contextlib.contextmanager
@@ -90,37 +92,31 @@ def engine_processes() -> list[psutil.Process]:
     ]
 
 
-def running(process: psutil.Process) -> bool:
-    """Alive and not a zombie: a killed grandchild stays a zombie until whoever adopted it reaps it."""
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def end_processes(processes: list[psutil.Process], grace: float) -> None:
-    """SIGKILL those of ``processes`` still running after ``grace`` seconds (signalled with SIGTERM before).
+    """SIGKILL those of ``processes`` still running ``grace`` seconds on (SIGTERM was sent before); return once gone.
 
     Polled, not ``psutil.wait_procs``: that waits the whole grace on a zombie
-    grandchild, and this runs inside the stop's budget.
+    grandchild, and this runs inside the stop's budget. Returns once every one
+    has ended (or KILLED_GONE_TIMEOUT passed): a stop that returns leaves none.
     """
-    deadline = time.monotonic() + grace
-    alive = [process for process in processes if running(process)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [process for process in alive if running(process)]
+    alive = lifeline.left_after(processes, grace)
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+    left = lifeline.left_after(alive, KILLED_GONE_TIMEOUT)
+    if left:
+        log.error("engine.processes_left", pids=[process.pid for process in left])
 
 
 def stop_engine_processes(grace: float = ENGINE_SHUTDOWN_TIMEOUT) -> int:
     """End the engine processes this process started: SIGTERM to all at once, SIGKILL after ``grace`` seconds.
 
     For an engine whose start was cut short (``AsyncLLM`` offers no way to stop
-    its own construction), or one that must end now (a lost worker node).
-    Returns how many were signalled.
+    its own construction), or one that must end now (a lost worker node). No
+    process starts after this (a start still under way would start its engine
+    core or workers once the children were counted). Returns how many were signalled.
     """
+    lifeline.refuse_children()
     children = engine_processes()
     for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -156,6 +152,7 @@ class VLLMEngine:
     def start(cls, args: AsyncEngineArgs, environment: Mapping[str, str]) -> VLLMEngine:
         """Build the engine, its processes started with ``environment``; blocks until they are up."""
         registry = CollectorRegistry(auto_describe=True)
+        lifeline.bind_children()  # the engine core and its workers die with this process, however it dies
         with process_environment(environment):
             engine = AsyncLLM.from_engine_args(args, stat_loggers=[engine_series_logger(registry)])
         return cls(engine, registry)

@@ -27,6 +27,7 @@ from pipelines.llm.layout import (
     parallelism_errors,
 )
 from pipelines.llm.settings import LLMSettings
+from tests.support.nodes import NODE_SECRET
 
 LLAMA_8B = {"num_attention_heads": 32, "num_hidden_layers": 32}
 
@@ -119,16 +120,18 @@ def test_on_a_cpu_each_rank_needs_a_core_and_the_message_says_what_to_change():
 
 
 def test_several_nodes_count_every_nodes_devices():
-    two_nodes = {"NNODES": "2", "TENSOR_PARALLEL_SIZE": "4", "PIPELINE_PARALLEL_SIZE": "2"}
+    two_nodes = {"NNODES": "2", "NODE_SECRET": NODE_SECRET, "TENSOR_PARALLEL_SIZE": "4", "PIPELINE_PARALLEL_SIZE": "2"}
     assert parallelism_errors(settings(**two_nodes), LLAMA_8B, devices=4) == [], "2 nodes of 4 GPUs hold 8 ranks"
     [error] = parallelism_errors(settings(**two_nodes), LLAMA_8B, devices=2)
     assert error == ("TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = 8 ranks over NNODES=2 is 4 GPUs a node, "
                      "but this node has 2 (all nodes: 4): lower the sizes or raise NNODES")
-    [error] = parallelism_errors(settings(NNODES="3", TENSOR_PARALLEL_SIZE="2"), LLAMA_8B, devices=8)
+    [error] = parallelism_errors(settings(NNODES="3", TENSOR_PARALLEL_SIZE="2",
+                                                        NODE_SECRET=NODE_SECRET), LLAMA_8B, devices=8)
     assert error.startswith("NNODES=3 must divide TENSOR_PARALLEL_SIZE x PIPELINE_PARALLEL_SIZE = 2")
-    [error] = parallelism_errors(settings(NNODES="2", NODE_RANK="2", TENSOR_PARALLEL_SIZE="2"), LLAMA_8B, devices=1)
+    [error] = parallelism_errors(settings(NNODES="2", NODE_RANK="2", TENSOR_PARALLEL_SIZE="2",
+                                               NODE_SECRET=NODE_SECRET), LLAMA_8B, devices=1)
     assert error == "NODE_RANK=2 must be below NNODES=2 (ranks count from 0)"
-    assert settings(NNODES="2", TENSOR_PARALLEL_SIZE="4").local_world_size == 2
+    assert settings(NNODES="2", TENSOR_PARALLEL_SIZE="4", NODE_SECRET=NODE_SECRET).local_world_size == 2
 
 
 def test_ray_is_refused_on_cpus_with_vllms_reason_and_needs_a_cluster_elsewhere():

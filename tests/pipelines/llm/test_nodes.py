@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -12,12 +13,13 @@ from pipelines.llm.host import EngineHost
 from pipelines.llm.nodes import ServingNodeLine, WorkerNodeLines
 from pipelines.llm.settings import LLMSettings
 from tests.support.fake_engine import FakeBackend, FakeEngine, fake_model_dir
+from tests.support.nodes import NODE_SECRET, stranger_claims_node
 from tests.support.runner_process import free_port
 
 
 def settings(node_rank: int, port: int, **extra) -> LLMSettings:
     return LLMSettings(NNODES=3, NODE_RANK=node_rank, PIPELINE_PARALLEL_SIZE=3, TENSOR_PARALLEL_SIZE=2,
-                       MASTER_ADDR="127.0.0.1", NODE_LINE_PORT=port, **extra)
+                       MASTER_ADDR="127.0.0.1", NODE_LINE_PORT=port, **{"NODE_SECRET": NODE_SECRET, **extra})
 
 
 def test_the_line_port_defaults_to_the_port_after_master_port():
@@ -62,8 +64,10 @@ async def test_a_node_that_never_connects_is_named_and_a_silent_line_is_lost(mon
     await serving.open()
     assert serving.missing().startswith(f"worker node NODE_RANK=1 (engine ranks 2, 3) never reached this node's line "
                                         f"at NODE_LINE_PORT={port}")
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b'{"node": 1, "joined": true}\n')  # then nothing: a node that hangs
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    challenge = json.loads(await reader.readline())["challenge"]
+    proof = nodes.proof(NODE_SECRET, challenge, 1)
+    writer.write(json.dumps({"node": 1, "joined": True, "proof": proof}).encode() + b"\n")  # then nothing: it hangs
     await asyncio.sleep(1.0)
     assert not lost, "silence is not judged while the engine starts"
     serving.watch_silence()
@@ -93,7 +97,7 @@ class BlockingBackend(FakeBackend):
 
 def serving_host(tmp_path, backend: FakeBackend, port: int, wait: float) -> EngineHost:
     model = fake_model_dir(tmp_path / "model")
-    settings = LLMSettings.model_validate({"NNODES": 2, "NODE_RANK": 0, "TENSOR_PARALLEL_SIZE": 2,
+    settings = LLMSettings.model_validate({"NNODES": 2, "NODE_RANK": 0, "TENSOR_PARALLEL_SIZE": 2, "NODE_SECRET": NODE_SECRET,
                                            "NODE_LINE_PORT": port, "MASTER_WAIT_TIMEOUT": wait})
     return EngineHost(settings, str(model), model, backend=lambda: backend, gpus=0, cpus={0, 1})
 
@@ -121,7 +125,7 @@ async def test_once_every_node_joined_a_slow_start_is_no_join_failure_and_a_lost
     backend = BlockingBackend(engine, release)
     port = free_port()
     host = serving_host(tmp_path, backend, port, wait=1.0)
-    worker = ServingNodeLine(LLMSettings.model_validate({"NNODES": 2, "NODE_RANK": 1, "TENSOR_PARALLEL_SIZE": 2,
+    worker = ServingNodeLine(LLMSettings.model_validate({"NNODES": 2, "NODE_RANK": 1, "TENSOR_PARALLEL_SIZE": 2, "NODE_SECRET": NODE_SECRET,
                                                          "NODE_LINE_PORT": port}))
     starting = asyncio.create_task(host.start())
     worker.mark_joined()
@@ -147,3 +151,75 @@ async def test_a_line_port_in_use_says_which_setting_to_change():
             await WorkerNodeLines(settings(0, port), print).open()
     finally:
         await first.close()
+
+
+def test_several_nodes_need_a_node_secret_that_nobody_guesses():
+    for secret, says in ((None, "(it is unset)"), ("short", "(it has 5 characters that are not blank)"),
+                         (" " * 40, "(it has 0 characters")):
+        values = {"NNODES": "2", "TENSOR_PARALLEL_SIZE": "2"} | ({"NODE_SECRET": secret} if secret is not None else {})
+        with pytest.raises(ValueError) as refused:
+            LLMSettings.model_validate(values)
+        assert "NNODES=2 needs NODE_SECRET, the same secret on every node, of at least 16 characters" in str(refused.value)
+        assert says in str(refused.value)
+    assert LLMSettings.model_validate({"NODE_SECRET": "x"}).nnodes == 1, "one node has no lines: no secret needed"
+    assert NODE_SECRET not in repr(settings(0, 1)), "the secret is never shown"
+
+
+async def test_a_stranger_on_the_line_port_changes_nothing_and_the_real_node_still_joins():
+    """Before: a stranger who connected first, said {"node": 1} and hung up made the serving node ERROR for good."""
+    port = free_port()
+    lost: list[str] = []
+    serving = WorkerNodeLines(settings(0, port), lost.append)
+    await serving.open()
+    try:
+        # A stranger connects first, says {"node": 1} and hangs up, as the issue's did.
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b'{"node": 1}\n')
+        writer.close()
+        await asyncio.sleep(0.2)
+        assert not lost, "a stranger's hang-up is no lost node"
+        # One that reads the challenge and answers it without the secret is told why.
+        answer = await asyncio.to_thread(stranger_claims_node, port, 1)
+        assert answer == {"refused": "its proof does not match this node's NODE_SECRET (a stranger, or a node given "
+                                     "another secret)"}
+        # One that sends no JSON is refused too.
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\xff\xfe garbage\n")
+        await asyncio.sleep(0.2)
+        writer.close()
+        await asyncio.sleep(0.2)
+        assert not lost and not serving.connected and serving.refused == 3
+        assert "3 connections to NODE_LINE_PORT did not prove to know NODE_SECRET and were refused" in serving.missing()
+        # The real nodes still connect and join; a stranger's claim to a node already connected changes nothing either.
+        one, two = ServingNodeLine(settings(1, port)), ServingNodeLine(settings(2, port))
+        one.mark_joined()
+        two.mark_joined()
+        one.start()
+        two.start()
+        await asyncio.wait_for(serving.all_joined.wait(), 2)
+        assert (await asyncio.to_thread(stranger_claims_node, port, 1))["refused"].startswith("its proof does not match")
+        await asyncio.sleep(0.2)
+        assert not lost and set(serving.connected) == {1, 2} and one.refused is None
+        await one.close()
+        await asyncio.sleep(0.2)
+        assert len(lost) == 1 and "NODE_RANK=1" in lost[0], "the real node's line still counts"
+        await two.close()
+    finally:
+        await serving.close()
+
+
+async def test_a_worker_node_given_another_secret_is_refused_and_told_why():
+    port = free_port()
+    lost: list[str] = []
+    serving = WorkerNodeLines(settings(0, port), lost.append)
+    await serving.open()
+    other = ServingNodeLine(settings(1, port, NODE_SECRET="another-secret-of-16-chars"))
+    other.start()
+    try:
+        await asyncio.wait_for(other.lost.wait(), 2)
+        assert other.refused == (f"the serving node at 127.0.0.1:{port} refused this node's line: its proof does not "
+                                 "match this node's NODE_SECRET (a stranger, or a node given another secret)")
+        assert not lost and not serving.connected
+    finally:
+        await other.close()
+        await serving.close()

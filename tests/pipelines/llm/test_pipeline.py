@@ -21,6 +21,7 @@ from tests.support.apps import llm_app, llm_pipeline, llm_settings, ready_client
 from tests.support.fake_engine import DEFAULT_WORDS, MODEL_CONFIG, FakeEngine
 from tests.support.http import QUESTION
 from tests.support.lora_adapters import make_adapter, make_checkpoint
+from tests.support.nodes import NODE_SECRET
 
 SHOUT_SPEC = {
     "x-pipeline-modules": {"llm": "shout_schema.py"},
@@ -96,7 +97,7 @@ async def test_a_new_api_is_one_module_and_its_spec_part(shout_site, aiohttp_cli
 
 async def test_a_worker_node_refuses_every_api_with_503(tmp_path):
     """NODE_RANK > 0 runs engine ranks only: every operation of every API says where to send requests instead."""
-    pipeline = llm_pipeline(FakeEngine(), tmp_path / "model", llm_settings(NNODES="2", NODE_RANK="1",
+    pipeline = llm_pipeline(FakeEngine(), tmp_path / "model", llm_settings(NNODES="2", NODE_RANK="1", NODE_SECRET=NODE_SECRET,
                                                                            TENSOR_PARALLEL_SIZE="2"))
     served = pipeline.operations()
     assert served.keys() == {operation.operation_id for operation in pipeline.OPERATIONS}

@@ -33,6 +33,7 @@ from pipelines.llm.layout import EIGHT_BIT_METHODS, GPU, GiB, layout_errors
 from pipelines.llm.settings import LLMSettings
 from pipelines.llm.vllm_backend import args as vllm_args
 from pipelines.model_store import resolve_model
+from tests.support.nodes import NODE_SECRET
 from tests.support.runner_process import DEFAULT_MODEL_ID
 
 H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0))
@@ -97,9 +98,9 @@ CASES = {
     "8bit-kv-cache": Case({"USE_8BIT": "true", "KV_CACHE_GIB": "2", "GPU_MEMORY_UTILIZATION": "0.5"}, "cuda", H100,
                           {"quantization": "fp8_per_channel", "kv_cache_memory_bytes": 2 * GiB}),
     "8bit-nodes": Case({"USE_8BIT": "true", "NNODES": "2", "TENSOR_PARALLEL_SIZE": "3", "PIPELINE_PARALLEL_SIZE": "2",
-                        "MASTER_ADDR": "10.0.0.1"}, "cuda", H100, {"quantization": "fp8_per_tensor", "nnodes": 2}),
+                        "MASTER_ADDR": "10.0.0.1", "NODE_SECRET": NODE_SECRET}, "cuda", H100, {"quantization": "fp8_per_tensor", "nnodes": 2}),
     "8bit-worker-node": Case({"USE_8BIT": "true", "NNODES": "2", "NODE_RANK": "1", "TENSOR_PARALLEL_SIZE": "3",
-                              "PIPELINE_PARALLEL_SIZE": "2", "MASTER_ADDR": "10.0.0.1"}, "cuda", A100,
+                              "PIPELINE_PARALLEL_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "NODE_SECRET": NODE_SECRET}, "cuda", A100,
                              {"quantization": "fp8_per_tensor", "node_rank": 1}),
     "tp-cpu": Case({"TENSOR_PARALLEL_SIZE": "3"}, expect={"tensor_parallel_size": 3}),
     "pp-cpu": Case({"PIPELINE_PARALLEL_SIZE": "2"}, expect={"pipeline_parallel_size": 2, "enforce_eager": False}),
@@ -129,12 +130,12 @@ CASES = {
     "mp-backend": Case({"DISTRIBUTED_EXECUTOR_BACKEND": "mp", "TENSOR_PARALLEL_SIZE": "3"},
                        expect={"distributed_executor_backend": "mp"}),
     "serving-node": Case({"NNODES": "2", "TENSOR_PARALLEL_SIZE": "3", "PIPELINE_PARALLEL_SIZE": "2",
-                          "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29555"},
+                          "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29555", "NODE_SECRET": NODE_SECRET},
                          expect={"nnodes": 2, "node_rank": 0, "master_addr": "10.0.0.1", "master_port": 29555}),
     "worker-node": Case({"NNODES": "2", "NODE_RANK": "1", "TENSOR_PARALLEL_SIZE": "3", "PIPELINE_PARALLEL_SIZE": "2",
-                         "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29555"}, expect={"node_rank": 1}),
+                         "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29555", "NODE_SECRET": NODE_SECRET}, expect={"node_rank": 1}),
     "nodes-gpu": Case({"NNODES": "3", "NODE_RANK": "2", "TENSOR_PARALLEL_SIZE": "3", "PIPELINE_PARALLEL_SIZE": "3",
-                       "MASTER_ADDR": "10.0.0.1"}, "cuda", H100, {"nnodes": 3, "node_rank": 2}),
+                       "MASTER_ADDR": "10.0.0.1", "NODE_SECRET": NODE_SECRET}, "cuda", H100, {"nnodes": 3, "node_rank": 2}),
     "lora-cpu": Case({"LORA_RUNTIME_UPDATES": "true", "AUTH_TOKEN": "t", "MAX_LORAS": "2", "MAX_LORA_RANK": "32",
                       "MAX_CPU_LORAS": "3"}, expect={"enable_lora": True, "max_loras": 2, "max_lora_rank": 32, "max_cpu_loras": 3}),
     "lora-gpu-tp": Case({"LORA_RUNTIME_UPDATES": "true", "AUTH_TOKEN": "t", "MAX_LORA_RANK": "16",
