@@ -22,11 +22,10 @@ import json
 import os
 import statistics
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-from bench.threads import complete, measure
+from bench.threads import alternating_rounds, complete
 from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess
 
 DTYPES = ("bfloat16", "float32")
@@ -69,15 +68,7 @@ def main() -> None:
         for dtype, runner in runners.items():
             answers[dtype] = answer(runner.url)
             complete(runner.url, DEFAULT_MODEL_ID, 8)  # warm-up
-        results: dict[str, list[dict[str, float]]] = {dtype: [] for dtype in runners}
-        order = list(runners)
-        for round_number in range(rounds):
-            for dtype in order:
-                time.sleep(1.2)  # an idle worker's threads spin about a second after its last step
-                results[dtype].append(measure(runners[dtype], DEFAULT_MODEL_ID, requests, max_tokens))
-                print(f"round {round_number + 1} {dtype}: "
-                      + ", ".join(f"{key} {value:.2f} s" for key, value in results[dtype][-1].items()), flush=True)
-            order.reverse()
+        results = alternating_rounds(runners, DEFAULT_MODEL_ID, rounds, requests, max_tokens)
     finally:
         for runner in runners.values():
             runner.stop()

@@ -70,6 +70,21 @@ def measure(runner: RunnerProcess, model: str, requests: int, max_tokens: int) -
     return figures
 
 
+def alternating_rounds(runners: dict[str, RunnerProcess], model: str, rounds: int, requests: int,
+                       max_tokens: int) -> dict[str, list[dict[str, float]]]:
+    """``measure`` on each runner in turn, round after round, the order reversed each round (the machine drifts)."""
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
+    order = list(runners)
+    for round_number in range(rounds):
+        for name in order:
+            time.sleep(1.2)  # an idle worker's threads spin about a second after its last step
+            results[name].append(measure(runners[name], model, requests, max_tokens))
+            print(f"round {round_number + 1} {name}: "
+                  + ", ".join(f"{key} {value:.2f} s" for key, value in results[name][-1].items()), flush=True)
+        order.reverse()
+    return results
+
+
 def main() -> None:
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     requests = int(os.environ.get("BENCH_REQUESTS", "16"))
@@ -91,15 +106,7 @@ def main() -> None:
         model = model_env["MODEL_ID"]
         for runner in runners.values():
             complete(runner.url, model, 8)  # warm-up
-        results: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
-        order = list(runners)
-        for round_number in range(rounds):
-            for name in order:
-                time.sleep(1.2)  # an idle worker's threads spin about a second after its last step
-                results[name].append(measure(runners[name], model, requests, max_tokens))
-                print(f"round {round_number + 1} {name}: "
-                      + ", ".join(f"{key} {value:.2f} s" for key, value in results[name][-1].items()), flush=True)
-            order.reverse()
+        results = alternating_rounds(runners, model, rounds, requests, max_tokens)
     finally:
         for runner in runners.values():
             runner.stop()

@@ -12,7 +12,6 @@ import asyncio
 import importlib
 import json
 import os
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
