@@ -66,7 +66,10 @@ MAX_NUM_SEQS = 4
 MAX_WAITING_REQUESTS = 4
 REQUEST_TIMEOUT = 60  # the runner's; longer than the stall window, so that only WRITE_STALL_TIMEOUT frees a stall
 WRITE_STALL_TIMEOUT = 3  # the runner's
-STALL_SLACK = 12  # seconds past WRITE_STALL_TIMEOUT a stalled stream may hold its slot (buffers filling, a step)
+# Seconds past WRITE_STALL_TIMEOUT a stalled stream may hold its slot: a write waits only once the connection's
+# kernel send buffer is full (up to net.ipv4.tcp_wmem's 4 MiB on Linux), which three streams of the tiny model
+# with their logprobs took 31 s to fill on 2 busy cores; the runner's cut then came 3 s later, as set.
+STALL_SLACK = 40
 LORA_MAX_BYTES = 16 * 1024 * 1024  # the runner's
 HUGE_ADAPTER_BYTES = 48 * 1024 * 1024  # what the "huge" Hub adapter weighs: three times the cap
 RESPONSES_STORE_BYTES = 8 * 1024 * 1024  # the runner's
