@@ -880,13 +880,18 @@ async def test_credentials_in_the_orchestrator_url_are_not_logged(logs, aiohttp_
 # Through the orchestrator's proxy: what the orchestrator answers itself, and payments
 
 
-async def test_calls_through_the_proxy_carry_the_session_and_the_payment_which_are_never_logged(
-        onchain, logs, aiohttp_client):
-    pipeline = GatedPipeline()
+async def fixed_price_runner(aiohttp_client, onchain, pipeline):
+    """A loaded pipeline served by a runner that sells calls at a fixed price, and its first registration."""
     pipeline.loaded.set()
     client = await served_live_runner(aiohttp_client, pipeline, onchain.url, LIVE_RUNNER_PRICE_USD="0.002",
                                       LIVE_RUNNER_PRICE_UNIT="fixed")
     [first] = await onchain.until(onchain.registrations, 1.0, "a registration")
+    return pipeline, client, first
+
+
+async def test_calls_through_the_proxy_carry_the_session_and_the_payment_which_are_never_logged(
+        onchain, logs, aiohttp_client):
+    pipeline, client, first = await fixed_price_runner(aiohttp_client, onchain, GatedPipeline())
     app_url = f"{onchain.url}/apps/{first.runner_id}/app"
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{app_url}/llm", json=QUESTION, headers={"Livepeer-Payment": PAYMENT}) as response:
@@ -899,11 +904,7 @@ async def test_calls_through_the_proxy_carry_the_session_and_the_payment_which_a
 
 
 async def test_a_call_without_payment_gets_the_402_challenge_and_never_reaches_the_runner(onchain, aiohttp_client):
-    pipeline = GatedPipeline()
-    pipeline.loaded.set()
-    client = await served_live_runner(aiohttp_client, pipeline, onchain.url, LIVE_RUNNER_PRICE_USD="0.002",
-                                      LIVE_RUNNER_PRICE_UNIT="fixed")
-    [first] = await onchain.until(onchain.registrations, 1.0, "a registration")
+    pipeline, client, first = await fixed_price_runner(aiohttp_client, onchain, GatedPipeline())
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{onchain.url}/apps/{first.runner_id}/app/llm", json=QUESTION) as response:
             assert response.status == 402
@@ -915,11 +916,7 @@ async def test_a_call_without_payment_gets_the_402_challenge_and_never_reaches_t
 
 
 async def test_a_price_the_orchestrator_cannot_convert_is_503_and_never_reaches_the_runner(onchain, aiohttp_client):
-    pipeline = GatedPipeline()
-    pipeline.loaded.set()
-    client = await served_live_runner(aiohttp_client, pipeline, onchain.url, LIVE_RUNNER_PRICE_USD="0.002",
-                                      LIVE_RUNNER_PRICE_UNIT="fixed")
-    [first] = await onchain.until(onchain.registrations, 1.0, "a registration")
+    pipeline, client, first = await fixed_price_runner(aiohttp_client, onchain, GatedPipeline())
     onchain.wei_per_usd = None  # its price feed is down
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{onchain.url}/apps/{first.runner_id}/app/llm", json=QUESTION,
@@ -935,11 +932,7 @@ async def test_a_price_the_orchestrator_cannot_convert_is_503_and_never_reaches_
 
 
 async def test_the_same_payment_twice_at_once_is_409_before_capacity_503(onchain, aiohttp_client):
-    pipeline = GatedPipeline(capacity=1)
-    pipeline.loaded.set()
-    await served_live_runner(aiohttp_client, pipeline, onchain.url, LIVE_RUNNER_PRICE_USD="0.002",
-                             LIVE_RUNNER_PRICE_UNIT="fixed")
-    [first] = await onchain.until(onchain.registrations, 1.0, "a registration")
+    pipeline, _, first = await fixed_price_runner(aiohttp_client, onchain, GatedPipeline(capacity=1))
     url = f"{onchain.url}/apps/{first.runner_id}/app/llm"
     pipeline.gate.clear()
     async with aiohttp.ClientSession() as http:

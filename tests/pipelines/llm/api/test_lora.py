@@ -395,9 +395,10 @@ async def test_an_adapter_request_is_counted_until_it_ends_however_it_ends(how):
     assert in_flight.count == 0 and in_flight.idle.is_set()
 
 
-async def test_two_changes_of_one_name_at_once_the_second_is_refused():
+def models_with_a_download_under_way():
+    """Run-time served models whose adapter files arrive only once the returned event is set."""
     from pipelines.llm.adapters import AdapterFiles
-    from pipelines.llm.served_models import AdapterBusy, ServedModels
+    from pipelines.llm.served_models import ServedModels
 
     models = ServedModels("base", runtime_updates=True)
     downloaded = asyncio.Event()
@@ -407,6 +408,13 @@ async def test_two_changes_of_one_name_at_once_the_second_is_refused():
         return AdapterFiles(name, Path(source), 8, None, (), None)
 
     models.use(FakeEngine(), prepare)
+    return models, downloaded
+
+
+async def test_two_changes_of_one_name_at_once_the_second_is_refused():
+    from pipelines.llm.served_models import AdapterBusy
+
+    models, downloaded = models_with_a_download_under_way()
     first = asyncio.create_task(models.load("x", "/first"))
     await asyncio.sleep(0)
     with pytest.raises(AdapterBusy, match="adapter 'x' is being loaded or unloaded right now"):
@@ -536,17 +544,9 @@ def test_lora_adapters_beyond_lora_max_adapters_is_an_error_at_start(sql):
 
 
 async def test_run_time_loads_go_one_at_a_time():
-    from pipelines.llm.adapters import AdapterFiles
-    from pipelines.llm.served_models import AdapterBusy, ServedModels
+    from pipelines.llm.served_models import AdapterBusy
 
-    models = ServedModels("base", runtime_updates=True)
-    downloaded = asyncio.Event()
-
-    async def prepare(name: str, source: str) -> AdapterFiles:
-        await downloaded.wait()  # a download under way
-        return AdapterFiles(name, Path(source), 8, None, (), None)
-
-    models.use(FakeEngine(), prepare)
+    models, downloaded = models_with_a_download_under_way()
     first = asyncio.create_task(models.load("x", "org/first"))
     await asyncio.sleep(0)
     with pytest.raises(AdapterBusy, match="adapter 'x' is being loaded: run-time loads go one at a time"):
