@@ -20,8 +20,9 @@ warm-up, one window measures:
 
 Then, separately (sampling perturbs), ``py-spy record --format raw`` samples the
 runner process under the same load, and each sample is given to the innermost
-layer on its stack: the socket write (aiohttp's ``StreamWriter._write``, whose
-``transport.write`` is the system call), the rest of aiohttp, the runner's own
+layer on its stack: the socket write (aiohttp's ``StreamWriter._write``, or the
+runner's ``PacedStreamWriter.to_socket`` for an event, whose ``transport.write``
+is the system call), the rest of aiohttp, the runner's own
 middlewares, routes and handlers (``runner/``), the llm pipeline's reply builders
 (``pipelines/llm/api/``), its generation path (the rest of ``pipelines/``),
 logging, the stand-in engine, and what is left (the event loop's own Python,
@@ -337,6 +338,8 @@ def layer_of(function: str, file: str) -> str | None:
         relative = path[len(str(ROOT)) + 1:] if path.startswith(str(ROOT)) else path
         if relative == "runner/__main__.py":  # the process's entry, under the event loop: no layer of its own
             return None
+        if relative == "runner/handlers.py" and function.endswith("PacedStreamWriter.to_socket"):
+            return "socket write"  # the runner's own hand-over of an event's chunk to the transport
         if relative.startswith("runner/"):
             return "runner/"
         if relative.startswith("pipelines/llm/api/"):

@@ -9,6 +9,8 @@ from collections.abc import Awaitable
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from runner import __version__
 from runner.keys import METRICS, NVML, REQUEST_ID, SETTINGS, STATE
@@ -98,6 +100,20 @@ def sse_named_event(event: tuple[bytes, bytes]) -> bytes:
     return b"event: " + name + b"\ndata: " + document + b"\n\n"
 
 
+def sse_chunk(document: bytes) -> bytes:
+    """``sse_event(document)`` as one HTTP/1.1 chunk (its size in hex, the event, CRLF), framed in one go."""
+    return b"%x\r\ndata: %b\n\n\r\n" % (len(document) + 8, document)
+
+
+def sse_named_chunk(event: tuple[bytes, bytes]) -> bytes:
+    """``sse_named_event(event)`` as one HTTP/1.1 chunk."""
+    name, document = event
+    return b"%x\r\nevent: %b\ndata: %b\n\n\r\n" % (len(name) + len(document) + 16, name, document)
+
+
+AIOHTTP_DRAIN_BYTES = 0x10000  # aiohttp's StreamWriter.write drains once this many bytes went out since the last
+
+
 CLIENT_GONE = 499  # nginx's code for a client that closed the connection; never sent, only counted
 
 
@@ -130,16 +146,28 @@ class PacedStreamWriter:
     that reads again, and the request (its admission slot) is let go at once.
     Otherwise the ending waits for the client until STALLED_CLIENT_GRACE seconds
     past the deadline, or WRITE_STALL_TIMEOUT, whichever comes first.
+
+    ``send`` writes one event: to a client that keeps up (the usual case), as one
+    HTTP/1.1 chunk the runner frames itself and hands to the transport at once,
+    with nothing to await (``direct``); otherwise through aiohttp's writer.
     """
 
     def __init__(self, request: web.Request, response: web.StreamResponse, deadline: float,
-                 stall_timeout: float | None = None) -> None:
+                 stall_timeout: float | None = None, payload: AbstractStreamWriter | None = None,
+                 named: bool = False) -> None:
         self.response = response
         self.let_go_at = deadline + STALLED_CLIENT_GRACE
         self.stall_timeout = stall_timeout
         self.stalled = False
         self.pending: asyncio.Future | None = None
-        self.transport = request.transport  # the connection's own, looked up once: this runs for every token
+        self.transport = transport = request.transport  # the connection's own, looked up once
+        self.low_water, self.high_water = transport.get_write_buffer_limits() if transport is not None else (0, 0)
+        self.payload = payload  # what response.prepare() gave: aiohttp's writer of this body
+        self.frame, self.chunk = (sse_named_event, sse_named_chunk) if named else (sse_event, sse_chunk)
+        # The direct lane needs the body aiohttp writes for a StreamResponse on HTTP/1.1: its StreamWriter,
+        # chunked, uncompressed, of no declared length (an HTTP/1.0 client's body is not chunked).
+        self.direct = (transport is not None and type(payload) is StreamWriter and payload.chunked
+                       and payload.length is None and not response.compression)
 
     def client_is_behind(self, size: int) -> bool:
         """Whether writing ``size`` bytes now may wait for the client.
@@ -149,13 +177,36 @@ class PacedStreamWriter:
         one. At or below the low mark it is not paused, so only this write
         itself passing the high mark can make it wait. (uvloop's low mark is 16
         bytes: testing each event against it sent every write down the slow path.)
+        aiohttp never changes a transport's marks, so they are read once.
         """
         transport = self.transport
         if transport is None or transport.is_closing():
             return False  # the write fails at once, it does not wait
-        low_water, high_water = transport.get_write_buffer_limits()
         buffered = transport.get_write_buffer_size()
-        return buffered > low_water or buffered + size > high_water
+        return buffered > self.low_water or buffered + size > self.high_water
+
+    def send(self, event) -> Awaitable[None] | None:
+        """Write one event (a document, or a named event's pair); None when it is written, else what to await."""
+        if self.direct and not self.transport.is_closing():
+            chunk = self.chunk(event)
+            if not self.client_is_behind(len(chunk)):
+                self.to_socket(chunk)
+                return None
+        return self.write(self.frame(event))
+
+    def to_socket(self, chunk: bytes) -> None:
+        """The socket write of one chunk, with aiohttp's own byte counts of the body kept as its writer keeps them.
+
+        aiohttp's writer drains once AIOHTTP_DRAIN_BYTES were written since the last drain; a drain waits only
+        while the transport is paused, and this chunk passed ``client_is_behind``: it would not wait.
+        """
+        payload = self.payload
+        size = len(chunk)
+        payload.output_size += size
+        payload.buffer_size += size
+        if payload.buffer_size > AIOHTTP_DRAIN_BYTES:
+            payload.buffer_size = 0
+        self.transport.write(chunk)
 
     def write(self, data: bytes) -> Awaitable[None]:
         if not self.client_is_behind(len(data)):
@@ -182,9 +233,7 @@ class PacedStreamWriter:
             async with asyncio.timeout_at(min(self.let_go_at, stall_at)):
                 if self.pending is not None:
                     await self.pending
-                if ending:
-                    await self.response.write(ending)
-                await self.response.write_eof()
+                await self.response.write_eof(ending)  # the ending and the body's end in one write
         except (TimeoutError, ConnectionError):
             if self.transport is not None:
                 self.transport.abort()
@@ -207,35 +256,55 @@ class PacedStreamWriter:
                 self.transport.abort()
 
 
-async def send_event_stream(
-    request: web.Request, stream: EventStream, context: RequestContext, deadline: float, timeout_message: str
-) -> web.StreamResponse:
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
-    writer = PacedStreamWriter(request, response, deadline, request.app[SETTINGS].write_stall_timeout)
-    events = stream.events
-    frame, ending = (sse_named_event, b"") if stream.named else (sse_event, SSE_DONE)
-    state = request.app[STATE]
-    try:
-        async with state.deadline(deadline):
+class EventStreamSender:
+    """A streamed answer on its way out: the header, each event as it comes, then the ending.
+
+    Its events are written under the request's deadline (``serve_admitted``'s,
+    the one its generation started under); a failure after the header has gone
+    out becomes the stream's in-band ending (``fail``).
+    """
+
+    def __init__(self, request: web.Request, stream: EventStream, context: RequestContext, deadline: float) -> None:
+        self.request, self.stream, self.context, self.deadline = request, stream, context, deadline
+        self.writer: PacedStreamWriter | None = None
+        self.ending = b"" if stream.named else SSE_DONE
+
+    async def pump(self) -> None:
+        request, stream = self.request, self.stream
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        payload = await response.prepare(request)
+        writer = self.writer = PacedStreamWriter(request, response, self.deadline,
+                                                 request.app[SETTINGS].write_stall_timeout, payload, stream.named)
+        send, events = writer.send, stream.events
+        try:
             async for event in events:
-                await writer.write(frame(event))
-    except ConnectionResetError:
-        raise ClientGone(response) from None
-    except Exception as exc:  # after the header went out, failures are reported in-band
-        # A TimeoutError is the request's deadline, or the drain's cut on SIGTERM (state.drain).
-        if isinstance(exc, TimeoutError):
-            reason = state.cut_reason or timeout_message
-        else:
-            reason = str(exc) if isinstance(exc, ClientStalled) else failure_message(exc)
-        log.error("request.stream_failed", reason=reason,
-                  exc_info=not isinstance(exc, (TimeoutError, ClientStalled)))
-        context.finish_reason = "error"
-        ending = frame(stream.error_event(reason)) + ending
-    finally:
-        await events.aclose()  # stops the generation if the stream ended early
-    await writer.finish(ending)
-    return response
+                waiting = send(event)
+                if waiting is not None:
+                    await waiting
+        except ConnectionResetError:
+            raise ClientGone(response) from None
+        except Exception as exc:  # after the header went out, failures are reported in-band
+            # A TimeoutError here is the pipeline's own; the request's deadline ends the stream in serve_admitted.
+            if isinstance(exc, TimeoutError):
+                reason = request.app[STATE].cut_reason or timeout_reason(request.app[SETTINGS].request_timeout)
+            else:
+                reason = str(exc) if isinstance(exc, ClientStalled) else failure_message(exc)
+            self.fail(reason, exc_info=not isinstance(exc, (TimeoutError, ClientStalled)))
+        finally:
+            await events.aclose()  # stops the generation if the stream ended early
+
+    def fail(self, reason: str, exc_info: bool = False) -> None:
+        log.error("request.stream_failed", reason=reason, exc_info=exc_info)
+        self.context.finish_reason = "error"
+        self.ending = self.writer.frame(self.stream.error_event(reason)) + self.ending
+
+    async def finish(self) -> web.StreamResponse:
+        await self.writer.finish(self.ending)
+        return self.writer.response
+
+
+def timeout_reason(timeout: float) -> str:
+    return f"the request took longer than REQUEST_TIMEOUT ({timeout:g} s) and was stopped"
 
 
 def failure_message(exc: BaseException) -> str:
@@ -261,23 +330,33 @@ async def serve_operation(request: web.Request, body, serve: Serve, context: Req
 async def serve_admitted(
     request: web.Request, body, serve: Serve, context: RequestContext, timeout: float, errors: ErrorShape
 ):
+    """Serve an admitted request under one deadline, its answer's generation and, for a stream, its writing.
+
+    Past the deadline (or the drain's cut on SIGTERM, ``state.drain``) a request whose header has not gone out is
+    answered 500; a stream gets its in-band ending instead.
+    """
     state = request.app[STATE]
+    sender = None
     try:
         await state.wait_until_ready()
         deadline = asyncio.get_running_loop().time() + timeout
-        timeout_message = f"the request took longer than REQUEST_TIMEOUT ({timeout:g} s) and was stopped"
         try:
             async with state.deadline(deadline):
                 result = await serve(body, context)
+                if not isinstance(result, EventStream):
+                    return json_response(result)
+                sender = EventStreamSender(request, result, context, deadline)
+                await sender.pump()
         except TimeoutError:
-            if state.cut_reason is not None:
-                log.error("request.cut", reason=state.cut_reason)
-                return errors.error(500, state.cut_reason)
-            log.error("request.timeout", seconds=timeout)
-            return errors.error(500, timeout_message)
-        if isinstance(result, EventStream):
-            return await send_event_stream(request, result, context, deadline, timeout_message)
-        return json_response(result)
+            reason = state.cut_reason or timeout_reason(timeout)
+            if sender is None or sender.writer is None:
+                if state.cut_reason is not None:
+                    log.error("request.cut", reason=reason)
+                else:
+                    log.error("request.timeout", seconds=timeout)
+                return errors.error(500, reason)
+            sender.fail(reason)
+        return await sender.finish()
     except OperationError as exc:
         log.info("request.refused", status=exc.status, reason=exc.msg)
         return errors.error(exc.status, exc.msg, param=exc.param, code=exc.code)

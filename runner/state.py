@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import structlog
@@ -38,6 +38,26 @@ class NotReady(Exception):
 
 class AtCapacity(NotReady):
     """Every running slot and every place in the queue behind them is taken (503)."""
+
+
+class Deadline:
+    """``RunnerState.deadline``: an ``asyncio.timeout_at`` kept among the deadlines in flight while it is entered
+    (a class, not a generator-based context manager: one is entered for every request)."""
+
+    __slots__ = ("deadlines", "timeout")
+
+    def __init__(self, deadlines: set[asyncio.Timeout], when: float) -> None:
+        self.deadlines = deadlines
+        self.timeout = asyncio.timeout_at(when)
+
+    async def __aenter__(self) -> asyncio.Timeout:
+        timeout = await self.timeout.__aenter__()
+        self.deadlines.add(timeout)
+        return timeout
+
+    async def __aexit__(self, kind, error, traceback) -> bool | None:
+        self.deadlines.discard(self.timeout)
+        return await self.timeout.__aexit__(kind, error, traceback)
 
 
 class RunnerState:
@@ -179,18 +199,12 @@ class RunnerState:
                     await self.idle.wait()
         return left
 
-    @contextlib.asynccontextmanager
-    async def deadline(self, when: float) -> AsyncIterator[None]:
+    def deadline(self, when: float) -> Deadline:
         """``asyncio.timeout_at(when)`` for a request in flight, which a drain past its timeout brings forward to now.
 
         A TimeoutError out of it is the request's deadline, or, when ``cut_reason`` is set, the drain's cut.
         """
-        async with asyncio.timeout_at(when) as timeout:
-            self.deadlines.add(timeout)
-            try:
-                yield
-            finally:
-                self.deadlines.discard(timeout)
+        return Deadline(self.deadlines, when)
 
     async def wait_until_ready(self) -> None:
         """Wait, bounded, for a load in progress; raise NotReady if the pipeline can't serve."""

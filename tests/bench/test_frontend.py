@@ -59,7 +59,8 @@ def test_each_sample_goes_to_the_innermost_layer_on_its_stack(monkeypatch):
     wait_line = idle_wait()[2]
     raw = "\n".join([
         stack(*entry) + " 1",  # the loop itself
-        stack(*handler, ("StreamWriter._writelines", "/venv/aiohttp/http_writer.py")) + " 4",
+        stack(*handler, ("StreamWriter._writelines", "/venv/aiohttp/http_writer.py")) + " 3",
+        stack(*handler, ("PacedStreamWriter.to_socket", f"{ROOT}/runner/handlers.py")) + " 1",
         stack(*handler, ("StreamResponse.write", "/venv/aiohttp/web_response.py")) + " 2",
         stack(*handler, ("ChatReply.events", f"{ROOT}/pipelines/llm/api/chat_completion.py"),
               ("dumps", "/usr/lib/python3.11/json/__init__.py")) + " 3",  # the reply builder's json.dumps
