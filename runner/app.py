@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -44,7 +44,7 @@ def request_id_of(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID")
     if given and REQUEST_ID_PATTERN.fullmatch(given):
         return given
-    request_id = uuid.uuid4().hex
+    request_id = os.urandom(16).hex()  # a uuid4's 32 hex digits, without building the UUID object
     if given:
         log.warning("request.id_replaced", request_id=request_id, given_length=len(given),
                     why=f"X-Request-ID must be printable ASCII without spaces, at most {REQUEST_ID_LENGTH} characters")
@@ -59,8 +59,10 @@ async def request_context_middleware(request: web.Request, handler) -> web.Strea
     for header, key in SESSION_HEADERS.items():
         if value := request.headers.get(header):
             context[key] = value[:SESSION_HEADER_LENGTH]
-    with structlog.contextvars.bound_contextvars(**context):
-        return await handler(request)
+    # Bound for the rest of the request, not reset: aiohttp runs each request in a task of its own, on a copy of
+    # the connection's context, so nothing bound here outlives it.
+    structlog.contextvars.bind_contextvars(**context)
+    return await handler(request)
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
