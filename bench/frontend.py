@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import os
@@ -69,6 +70,7 @@ APIS = {"llm": "/llm", "chat": "/v1/chat/completions", "responses": "/v1/respons
 TOKENS = 64  # per stream
 RESULTS = ROOT / "bench" / "results.md"
 SECTION_START, SECTION_END = "<!-- bench-frontend:start -->", "<!-- bench-frontend:end -->"
+AGAINST_SECTION_START, AGAINST_SECTION_END = "<!-- bench-against-vllm-serve:start -->", "<!-- bench-against-vllm-serve:end -->"
 LAYERS = ("socket write", "aiohttp", "runner/", "reply builders", "generation path", "logging", "engine",
           "loop & other")
 
@@ -387,6 +389,7 @@ class Settings:
     profile_seconds: float = 3.0
     profile_at: int | None = None  # the concurrency profiled; None: the middle one
     profiles: Path | None = None  # where to keep py-spy's raw profiles; None: not kept
+    against_vllm_serve: bool = False  # instead of the grid: the runner beside vllm serve on the real model
 
 
 async def run(settings: Settings, log_folder: Path) -> list[Case]:
@@ -509,11 +512,195 @@ def write_section(text: str, path: Path = RESULTS) -> None:
 
 
 def kept_section(path: Path) -> str:
-    """The front-end section of ``path`` as it is (markers included), to keep when ``make bench`` rewrites the file."""
+    """The front-end sections of ``path`` as they are (markers included), to keep when ``make bench`` rewrites the
+    file: the ceiling's and the one beside ``vllm serve``."""
     old = path.read_text() if path.exists() else ""
-    if SECTION_START not in old or SECTION_END not in old:
-        return ""
-    return "\n" + SECTION_START + old.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0] + SECTION_END + "\n"
+    kept = ""
+    for start, end in ((SECTION_START, SECTION_END), (AGAINST_SECTION_START, AGAINST_SECTION_END)):
+        if start in old and end in old:
+            kept += "\n" + start + old.split(start, 1)[1].split(end, 1)[0] + end + "\n"
+    return kept
+
+
+API_SHARES = ("HTTP & framing", "detokenising", "engine client", "logging", "loop & other")
+
+
+def api_share_of(function: str, file: str) -> str | None:
+    """What a frame of an API process (the runner's or ``vllm serve``'s) does, or None for glue (stdlib, asyncio).
+
+    HTTP & framing: the HTTP servers (aiohttp; uvicorn, starlette, fastapi, h11 / httptools), the runner's
+    routes, handlers, reply builders and generation path, vLLM's OpenAI entrypoints, pydantic and JSON.
+    Detokenising: vLLM's detokenizer and the tokenizers. Engine client: vLLM's ``AsyncLLM``, its output
+    processor, the engine-core client and its IPC (zmq, msgspec), its stat loggers.
+    """
+    path = file.replace("\\", "/")
+    if "/structlog/" in path or "/logging/" in path or path.endswith("runner/log.py"):
+        return "logging"
+    if "detokenizer" in path or "/tokenizers/" in path or "/transformers/tokenization" in path \
+            or "/vllm/tokenizers/" in path or "/vllm/transformers_utils/tokenizer" in path:
+        return "detokenising"
+    if "/vllm/v1/" in path or "/zmq/" in path or "/msgspec/" in path or path.endswith("vllm/outputs.py") \
+            or "/vllm/engine/" in path or "/vllm/sampling_params.py" in path:
+        return "engine client"
+    if any(part in path for part in ("/aiohttp/", "/uvicorn/", "/starlette/", "/fastapi/", "/h11/", "/httptools/",
+                                     "/pydantic/", "/pydantic_core/", "/json/", "/vllm/entrypoints/", "/anyio/")):
+        return "HTTP & framing"
+    if path.startswith(str(ROOT)) or not path.startswith("/"):
+        relative = path[len(str(ROOT)) + 1:] if path.startswith(str(ROOT)) else path
+        if relative == "runner/__main__.py":
+            return None
+        if relative.startswith(("runner/", "pipelines/")):
+            return "HTTP & framing"
+    return None
+
+
+def api_shares(raw: str) -> dict[str, float]:
+    """py-spy's raw stacks of an API process, each sample given to the innermost frame ``api_share_of`` names."""
+    counts: Counter[str] = Counter()
+    waiting = idle_wait()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        innermost = FRAME.match(stack.rpartition(";")[2].strip())
+        if innermost and (innermost["function"], innermost["line"]) == (waiting[0], waiting[2]) \
+                and innermost["file"].endswith(waiting[1]):
+            continue
+        share = "loop & other"
+        for frame in reversed(stack.split(";")):
+            match = FRAME.match(frame.strip())
+            if match and (found := api_share_of(match["function"], match["file"])) is not None:
+                share = found
+                break
+        counts[share] += int(count)
+    total = sum(counts.values())
+    if total == 0:
+        raise RuntimeError("py-spy recorded no samples of the API process")
+    return {share: counts[share] / total for share in API_SHARES}
+
+
+async def against_vllm_serve(concurrency: int = 32, tokens: int = 64, rounds: int = 2,
+                             profile_seconds: float = 10.0) -> str:
+    """The runner's /v1/chat/completions and ``vllm serve``'s, both up on the real model (float32), side by side.
+
+    ``rounds`` interleaved rounds (the order alternating) of ``make bench``'s workload at ``concurrency``: API-process
+    CPU per output token of each; then a py-spy profile of each API process under the same load, folded by
+    ``api_share_of``. Uses ``bench.run``'s engine arguments, so both engines get the same flags.
+    """
+    import aiohttp
+
+    from bench.load import run_level
+    from bench.run import BenchConfig, runner_engine_args, server_env, warm_up
+    from bench.systems import RunnerOpenAISystem, RunnerSystem, VllmServeSystem, serve_flags
+
+    os.environ.setdefault("DTYPE", "float32")  # AVX2 has no native bfloat16: greedy answers hold in float32 only
+    config = dataclasses.replace(BenchConfig.from_env(), concurrency=[concurrency], max_tokens=tokens,
+                                 rounds=max(1, BenchConfig.from_env().rounds))
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-against-"))
+    vllm_backend, engine_args, _ = runner_engine_args(config)
+    env = server_env(config)
+    runner = RunnerSystem(config.model_id, config.model_dir, env, log_dir)
+    runner_v1 = RunnerOpenAISystem(runner)
+    serve = VllmServeSystem(config.model_id, serve_flags(engine_args), env, log_dir)
+    results: dict[str, list] = {"runner /v1": [], "vllm serve": []}
+    shares: dict[str, dict[str, float]] = {}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            for system in (runner, serve):  # one after the other: two engines starting at once share 2 cores
+                print(f"starting {system.name} ...", flush=True)
+                await system.start(session, config.start_timeout)
+            systems = {"runner /v1": runner_v1, "vllm serve": serve}
+            await warm_up(config, list(systems.values()), session)
+            workload = config.workload(concurrency)
+            for index in range(rounds):
+                order = list(systems) if index % 2 == 0 else list(reversed(systems))
+                for name in order:
+                    await asyncio.sleep(config.settle)
+                    result = await run_level(systems[name], session, workload, concurrency, tokens,
+                                             config.request_timeout, index)
+                    if result.errors:
+                        raise RuntimeError(f"{name}: {result.errors} requests failed: {result.first_error}")
+                    results[name].append(result)
+                    print(f"round {index + 1} {name}: {result.tokens_per_s:.1f} tok/s, API CPU "
+                          f"{result.api_cpu_ms_per_token:.3f} ms/token", flush=True)
+            for name, system in systems.items() if profile_seconds > 0 else ():
+                out = log_dir / f"profile-{name.replace(' ', '-').replace('/', '')}.txt"
+                await asyncio.sleep(config.settle)
+                level = asyncio.create_task(run_level(system, session, workload * 4, concurrency, tokens,
+                                                      config.request_timeout, -1))
+                await asyncio.sleep(2)  # past the first prefill
+                command = [py_spy(), "record", "--format", "raw", "--full-filenames", "--rate", "100", "--duration",
+                           str(max(1, round(profile_seconds))), "--pid", str(system.api_process().pid),
+                           "--output", str(out)]
+                recorder = await asyncio.create_subprocess_exec(*command, stdout=subprocess.DEVNULL,
+                                                                stderr=subprocess.PIPE)
+                _, errors = await recorder.communicate()
+                level.cancel()
+                await asyncio.gather(level, return_exceptions=True)
+                if recorder.returncode != 0 or not out.exists():
+                    raise RuntimeError(f"py-spy failed on {name} ({recorder.returncode}): {errors.decode()[-500:]}")
+                shares[name] = api_shares(out.read_text())
+                print(f"{name}: " + ", ".join(f"{share} {100 * value:.0f} %" for share, value in shares[name].items()),
+                      flush=True)
+        finally:
+            for system in (runner, serve):
+                await system.stop()
+    return against_report(results, shares, concurrency, tokens, config.model_id, engine_args.dtype)
+
+
+def against_report(results: dict[str, list], shares: dict[str, dict[str, float]], concurrency: int, tokens: int,
+                   model_id: str, dtype: str) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    runner_ms = [result.api_cpu_ms_per_token for result in results["runner /v1"]]
+    serve_ms = [result.api_cpu_ms_per_token for result in results["vllm serve"]]
+    lines = [
+        "## The API process beside `vllm serve`'s (`python -m bench.frontend --against-vllm-serve`)",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; code {commit.stdout.strip()}",
+        f"- CPU: {cpu_model()}, nproc {os.cpu_count()}; flags: {cpu_flags()}; no GPU",
+        f"- load average at the end: {' '.join(f'{value:.2f}' for value in os.getloadavg())} (a shared machine: "
+        "read the ratios of this run)",
+        f"- model {model_id}, dtype {dtype}; both servers up, "
+        f"the same engine flags; `make bench`'s chat prompts, c = {concurrency}, {tokens} tokens a stream, "
+        f"{len(runner_ms)} interleaved rounds; the runner's `/v1/chat/completions` against `vllm serve`'s",
+        "",
+        "| round | runner tok/s | vllm serve tok/s | runner API CPU ms/token | vllm serve API CPU ms/token | "
+        "runner / vllm serve |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for index, (mine, theirs) in enumerate(zip(results["runner /v1"], results["vllm serve"])):
+        lines.append(f"| {index + 1} | {mine.tokens_per_s:.1f} | {theirs.tokens_per_s:.1f} | "
+                     f"{mine.api_cpu_ms_per_token:.3f} | {theirs.api_cpu_ms_per_token:.3f} | "
+                     f"{mine.api_cpu_ms_per_token / theirs.api_cpu_ms_per_token:.2f}x |")
+    if shares:
+        lines += [
+            "",
+            "Where each API process's CPU goes (py-spy at 100 Hz under the same load, each sample given to the "
+            "innermost frame that names a share; the runner's own code, routes to generation path, is HTTP & "
+            "framing): share of the samples · ms per token (share x that server's median API CPU per token).",
+            "",
+            "| server | " + " | ".join(API_SHARES) + " |",
+            "| --- | " + " | ".join("---" for _ in API_SHARES) + " |",
+        ]
+        for name, per_token in (("runner /v1", runner_ms), ("vllm serve", serve_ms)):
+            if name in shares:
+                median = sorted(per_token)[len(per_token) // 2]
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{100 * shares[name][share]:.0f} % · {shares[name][share] * median:.3f}" for share in API_SHARES)
+                    + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_against_section(text: str, path: Path = RESULTS) -> None:
+    old = path.read_text() if path.exists() else ""
+    section = f"{AGAINST_SECTION_START}\n{text}{AGAINST_SECTION_END}\n"
+    if AGAINST_SECTION_START in old and AGAINST_SECTION_END in old:
+        before, rest = old.split(AGAINST_SECTION_START, 1)
+        new = before + section + rest.split(AGAINST_SECTION_END, 1)[1].lstrip("\n")
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + section
+    path.write_text(new)
 
 
 def parse(argv: list[str]) -> tuple[Settings, bool]:
@@ -529,6 +716,10 @@ def parse(argv: list[str]) -> tuple[Settings, bool]:
     parser.add_argument("--profile-at", type=int)
     parser.add_argument("--profiles", type=Path, help="keep py-spy's raw profiles in this folder")
     parser.add_argument("--write", action="store_true", help="write the table into bench/results.md")
+    parser.add_argument("--against-vllm-serve", action="store_true",
+                        help="instead: the runner's /v1/chat/completions beside vllm serve's on the real model "
+                             "(MODEL_ID, MODEL_DIR), c=32, float32, API CPU per token and its profile (start engines: "
+                             "run it under flock /tmp/engine.lock)")
     args = parser.parse_args(argv)
     settings = Settings(tokens=args.tokens)
     if args.quick:
@@ -543,6 +734,9 @@ def parse(argv: list[str]) -> tuple[Settings, bool]:
             parser.error(f"unknown APIs {sorted(unknown)}: choose among {', '.join(APIS)}")
     if args.intervals:
         settings.intervals = tuple(int(value) for value in args.intervals.split(","))
+    settings.against_vllm_serve = args.against_vllm_serve
+    if args.against_vllm_serve:
+        settings.profile_seconds = 10.0
     for name in ("warm", "window", "profile_seconds", "profile_at", "profiles"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
@@ -556,6 +750,14 @@ def main(argv: list[str] | None = None) -> None:
     if settings.profile_seconds > 0 and py_spy() is None:
         sys.exit("py-spy is not installed: install it (pip install py-spy) or pass --profile-seconds 0")
     started = time.perf_counter()
+    if settings.against_vllm_serve:
+        text = asyncio.run(against_vllm_serve(profile_seconds=settings.profile_seconds or 0))
+        print("\n" + text)
+        if write:
+            write_against_section(text)
+            print(f"written to {RESULTS}")
+        print(f"{time.perf_counter() - started:.0f} s")
+        return
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-frontend-") as folder:
         cases = uvloop.run(run(settings, Path(folder)))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 
 from bench.frontend import (
+    API_SHARES,
     HEADER,
     LAYER_HEADER,
     LAYERS,
     Settings,
     layer_row,
+    api_shares,
     layer_shares,
     py_spy,
     report,
@@ -17,6 +19,7 @@ from bench.frontend import (
     run,
     idle_wait,
     kept_section,
+    write_against_section,
     write_section,
 )
 
@@ -93,3 +96,39 @@ def test_a_run_replaces_its_own_section_of_the_results_and_keeps_the_rest(tmp_pa
     text = results.read_text()
     assert text.startswith("# Benchmark, run again\n") and "third run" in text and "second run" not in text
     assert text.count("bench-frontend:end") == 1
+
+
+def test_each_api_process_sample_is_http_detokenising_or_engine_client_work(monkeypatch):
+    """The side-by-side profile folds the runner's and vllm serve's API processes alike."""
+    monkeypatch.setattr("bench.frontend.ROOT", ROOT)
+    site = "/venv/lib/python3.11/site-packages"
+    loop = [("run", f"{site}/uvloop/__init__.py")]
+    raw = "\n".join([
+        stack(*loop, ("RequestResponseCycle.send", f"{site}/uvicorn/protocols/http/httptools_impl.py")) + " 3",
+        stack(*loop, ("OpenAIServingChat.chat_completion_stream_generator",
+                      f"{site}/vllm/entrypoints/openai/serving_chat.py"),
+              ("dumps", "/usr/lib/python3.11/json/__init__.py")) + " 2",  # its JSON: framing
+        stack(*loop, ("AsyncLLM.output_handler", f"{site}/vllm/v1/engine/async_llm.py"),
+              ("OutputProcessor.process_outputs", f"{site}/vllm/v1/engine/output_processor.py"),
+              ("IncrementalDetokenizer.update", f"{site}/vllm/v1/engine/detokenizer.py")) + " 4",
+        stack(*loop, ("AsyncLLM.output_handler", f"{site}/vllm/v1/engine/async_llm.py"),
+              ("MsgpackDecoder.decode", f"{site}/vllm/v1/serial_utils.py")) + " 5",
+        stack(*loop, ("handle", f"{ROOT}/runner/handlers.py"),
+              ("Generation.stream", f"{ROOT}/pipelines/llm/generation.py")) + " 1",
+        stack(*loop, ("handle", f"{ROOT}/runner/handlers.py"), ("info", f"{site}/structlog/_native.py")) + " 1",
+        stack(*loop, ("Task.__step", "/usr/lib/python3.11/asyncio/tasks.py")) + " 4",
+    ])
+    shares = api_shares(raw)
+    assert set(shares) == set(API_SHARES)
+    assert {share: round(value * 20) for share, value in shares.items()} == {
+        "HTTP & framing": 6, "detokenising": 4, "engine client": 5, "logging": 1, "loop & other": 4}
+
+
+def test_make_bench_keeps_both_front_end_sections(tmp_path):
+    results = tmp_path / "results.md"
+    results.write_text("# Benchmark\n")
+    write_section("the ceiling\n", results)
+    write_against_section("beside vllm serve\n", results)
+    write_against_section("beside vllm serve, again\n", results)
+    kept = kept_section(results)
+    assert "the ceiling" in kept and "beside vllm serve, again" in kept and kept.count("vllm-serve:start") == 1
