@@ -259,16 +259,22 @@ async def test_a_slow_reader_past_the_request_timeout_still_gets_the_error_event
 def test_on_uvloop_a_reading_client_is_written_to_directly_and_a_frozen_one_is_let_go(monkeypatch):
     """The runner serves on uvloop, whose transports' low-water mark is 16 bytes
     (asyncio's is 16 KiB). A client that keeps up must get every event by the
-    direct write, not the waiting path meant for clients that are behind (a task
-    and a shield per token); a client that stops reading must still be let go."""
-    verdicts: list[bool] = []
-    client_is_behind = PacedStreamWriter.client_is_behind
+    direct write (one chunk handed to the transport, nothing awaited), not the
+    waiting path meant for clients that are behind (a task and a shield per
+    token); a client that stops reading must still be let go."""
+    lanes = {"direct": 0, "waiting": 0}
+    to_socket, write_when_caught_up = PacedStreamWriter.to_socket, PacedStreamWriter.write_when_caught_up
 
-    def recorded(writer, size: int) -> bool:
-        verdicts.append(client_is_behind(writer, size))
-        return verdicts[-1]
+    def direct(writer, chunk: bytes) -> None:
+        lanes["direct"] += 1
+        to_socket(writer, chunk)
 
-    monkeypatch.setattr(PacedStreamWriter, "client_is_behind", recorded)
+    def waiting(writer, data: bytes):
+        lanes["waiting"] += 1
+        return write_when_caught_up(writer, data)
+
+    monkeypatch.setattr(PacedStreamWriter, "to_socket", direct)
+    monkeypatch.setattr(PacedStreamWriter, "write_when_caught_up", waiting)
 
     async def scenario() -> None:
         # 200 events of 300 bytes: all of it fits the client's receive buffer, so nothing waits in the runner's.
@@ -279,14 +285,47 @@ def test_on_uvloop_a_reading_client_is_written_to_directly_and_a_frozen_one_is_l
             async with aiohttp.ClientSession() as session, session.post(server.make_url("/llm"), json=body) as response:
                 events = [line async for line in response.content if line.startswith(b"data: ")]
         assert len(events) == 200 + 2  # every event, the final one and [DONE]
-        assert verdicts and not any(verdicts), f"{sum(verdicts)} of {len(verdicts)} writes took the waiting path"
+        assert lanes == {"direct": 200 + 1, "waiting": 0}, lanes  # the ending goes with the body's end
 
         pipeline = FloodPipeline()
         async with TestServer(create_app(RunnerSettings(REQUEST_TIMEOUT=1), pipeline=pipeline),
                               host="127.0.0.1") as server:
             await asyncio.sleep(0)
             await frozen_client_is_let_go(server, pipeline)
-        assert any(verdicts), "the frozen client's writes took the waiting path"
+        assert lanes["waiting"], "the frozen client's writes took the waiting path"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+
+
+def test_a_directly_written_stream_is_exact_chunked_sse_and_counted_as_aiohttp_counts_it():
+    """The direct lane frames each event as an HTTP/1.1 chunk itself: the raw body must be exactly the chunks of
+    the events, the ending and the body's end in one last write, and aiohttp's count of the body's bytes (its
+    access log's size) must be what went out."""
+    prepared = []
+
+    async def scenario() -> None:
+        pipeline = FloodPipeline(events=30, content_bytes=100)
+        app = create_app(RunnerSettings(), pipeline=pipeline)
+
+        async def keep(request, response) -> None:
+            prepared.append(response)
+
+        app.on_response_prepare.append(keep)
+        async with TestServer(app, host="127.0.0.1") as server:
+            await asyncio.sleep(0)
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            body = json.dumps({"messages": [{"role": "user", "content": "flood"}], "stream": True}).encode()
+            writer.write(b"POST /llm HTTP/1.1\r\nHost: runner\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            raw = await asyncio.wait_for(reader.read(-1), 20)
+            writer.close()
+        head, _, chunked = raw.partition(b"\r\n\r\n")
+        *events, done, after = sse_blocks(raw)
+        assert len(events) == 31 and (done, after) == ("data: [DONE]", "")
+        expected = b"".join(b"%x\r\n%s\n\n\r\n" % (len(event) + 2, event.encode()) for event in events)
+        assert chunked == expected + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+        assert prepared[-1].body_length == len(raw)  # aiohttp counts the head too
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
