@@ -590,8 +590,8 @@ async def against_vllm_serve(concurrency: int = 32, tokens: int = 64, rounds: in
     import aiohttp
 
     from bench.load import run_level
-    from bench.run import BenchConfig, runner_engine_args, server_env, warm_up
-    from bench.systems import RunnerOpenAISystem, RunnerSystem, VllmServeSystem, serve_flags
+    from bench.run import BenchConfig, runner_engine_args, serve_flags, server_env, warm_up
+    from bench.systems import RunnerOpenAISystem, RunnerSystem, VllmServeSystem
 
     os.environ.setdefault("DTYPE", "float32")  # AVX2 has no native bfloat16: greedy answers hold in float32 only
     config = dataclasses.replace(BenchConfig.from_env(), concurrency=[concurrency], max_tokens=tokens,
