@@ -320,7 +320,124 @@ def median_token_us(result: FloorResult) -> float:
     return statistics.median(result.cpu_us_per_token)
 
 
+OWN_TOKENS = 64  # events a stream: the runner's per-request work is spread over them, as in the front-end bench
+OWN_STREAMS = 64
+OWN_REPEATS = 7
+OWN_DOCUMENT = EVENT[len(b"data: "):-2]
+
+
+def instant_pipeline():
+    """A pipeline whose stream is ``OWN_TOKENS`` ready documents, one a loop turn (as an engine's steps come)."""
+    from pipelines.llm import schema as llm_schema
+    from runner.pipeline import EngineLoad, EventStream, Pipeline
+
+    class Instant(Pipeline):
+        name = "instant"
+        OPERATIONS = tuple(op for op in llm_schema.OPERATIONS if op.operation_id == "genLLM")
+
+        def __init__(self) -> None:
+            super().__init__("instant", Path("."))
+
+        def operations(self):
+            return {"genLLM": self.generate}
+
+        async def load(self) -> None:
+            pass
+
+        def failure(self) -> None:
+            return None
+
+        def engine_load(self) -> EngineLoad:
+            return EngineLoad(0, 0, 1)
+
+        async def close(self) -> None:
+            pass
+
+        async def generate(self, request, context):
+            return EventStream(events=self.events(context), error_event=lambda reason: OWN_DOCUMENT)
+
+        async def events(self, context):
+            for _ in range(OWN_TOKENS):
+                await asyncio.sleep(0)
+                context.count_tokens(1)
+                yield OWN_DOCUMENT
+            yield OWN_DOCUMENT  # the final event, made with the last token
+
+    return Instant()
+
+
+def bare_app() -> web.Application:
+    """The same stream from a bare aiohttp handler: the events, the final one and [DONE], one write each."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(OWN_TOKENS):
+            await asyncio.sleep(0)
+            await response.write(EVENT)
+        await response.write(EVENT)
+        await response.write_eof(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/llm", handle)
+    return app
+
+
+async def own_layers_us(bare: bool) -> float:
+    """CPU per streamed event of this process (server and raw client together), the least of OWN_REPEATS rounds."""
+    from aiohttp.test_utils import TestServer
+
+    from runner.app import create_app
+    from runner.settings import RunnerSettings
+
+    app = bare_app() if bare else create_app(RunnerSettings(), pipeline=instant_pipeline())
+    body = b'{"messages": [{"role": "user", "content": "x"}], "stream": true}'
+    request = (b"POST /llm HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nConnection: close\r\n"
+               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    async def one_stream(host: str, port: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request)
+        answer = await reader.read(-1)
+        writer.close()
+        if answer.count(b"data: ") != OWN_TOKENS + 2:  # the tokens' events, the final one and [DONE]
+            raise RuntimeError(f"the stream was not served whole: {answer[:300]!r}")
+
+    async with TestServer(app, host="127.0.0.1") as server:
+        await asyncio.sleep(0.05)  # the pipeline's (instant) load
+        rounds = []
+        for _ in range(OWN_REPEATS):
+            started = time.process_time()
+            await asyncio.gather(*(one_stream(server.host, server.port) for _ in range(OWN_STREAMS)))
+            rounds.append((time.process_time() - started) / (OWN_STREAMS * (OWN_TOKENS + 2)) * 1e6)
+    return min(rounds)
+
+
+def own_layers_main(bare: bool) -> None:
+    """``python -m bench.floor --own-layers [--bare]``: the runner's own layers per event, in one process.
+
+    The runner's app (middlewares, routes, admission, the deadline, the paced writer, metrics and the request's
+    log line) over a pipeline that only hands out ready documents, against a bare aiohttp handler writing the same
+    bytes; the difference of the two is what the runner's own layers cost per event (with ``OWN_TOKENS`` events a
+    stream to spread its per-request work over). Run each side in a process of its own, alternating, and compare
+    the least figures: the least of several rounds is the one a busy machine disturbed least. A checkout's figure
+    against another's (before and after a change) is measured the same way, from each checkout.
+    """
+    import uvloop
+
+    from runner.log import configure_logging
+
+    sys.stderr = open(os.devnull, "w")  # the request.done lines are made, as in service, but not shown
+    configure_logging(False)
+    print(f"{'bare aiohttp' if bare else 'runner'} {uvloop.run(own_layers_us(bare)):.2f} us/event")
+
+
 if __name__ == "__main__":
+    if "--own-layers" in sys.argv:
+        own_layers_main(bare="--bare" in sys.argv)
+        sys.exit(0)
     started = time.perf_counter()
     for kind, result in asyncio.run(measure()).items():
         print(f"{kind:16} {median_us(result):6.1f} us/event {median_token_us(result):6.1f} us/token  "
