@@ -554,17 +554,25 @@ def api_share_of(function: str, file: str) -> str | None:
     return None
 
 
+# Innermost frames of a thread blocked in C (function, file's ending): a worker's queue wait, a selector's poll,
+# the event loop's own run call (uvloop polls in C under it). py-spy counted them as active on this machine.
+BLOCKED = (("_worker", "concurrent/futures/thread.py"), ("Starter.serve", "pipelines/llm/lifeline.py"),
+           ("Offload.work", "runner/offload.py"), ("_PollLikeSelector.select", "selectors.py"),
+           ("EpollSelector.select", "selectors.py"), ("Runner.run", "asyncio/runners.py"),
+           ("Condition.wait", "threading.py"))
+
+
 def api_shares(raw: str) -> dict[str, float]:
-    """py-spy's raw stacks of an API process, each sample given to the innermost frame ``api_share_of`` names."""
+    """py-spy's raw stacks of an API process, each sample given to the innermost frame ``api_share_of`` names;
+    samples of a thread blocked in C (``BLOCKED``, innermost frame only) are left out."""
     counts: Counter[str] = Counter()
-    waiting = idle_wait()
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         innermost = FRAME.match(stack.rpartition(";")[2].strip())
-        if innermost and (innermost["function"], innermost["line"]) == (waiting[0], waiting[2]) \
-                and innermost["file"].endswith(waiting[1]):
+        if innermost and any(innermost["function"] == function and innermost["file"].endswith(file)
+                             for function, file in BLOCKED):
             continue
         share = "loop & other"
         for frame in reversed(stack.split(";")):

@@ -117,6 +117,10 @@ def test_each_api_process_sample_is_http_detokenising_or_engine_client_work(monk
               ("Generation.stream", f"{ROOT}/pipelines/llm/generation.py")) + " 1",
         stack(*loop, ("handle", f"{ROOT}/runner/handlers.py"), ("info", f"{site}/structlog/_native.py")) + " 1",
         stack(*loop, ("Task.__step", "/usr/lib/python3.11/asyncio/tasks.py")) + " 4",
+        # threads blocked in C, left out: a thread pool's queue wait, the loop's own poll
+        stack(("Thread._bootstrap", "/usr/lib/python3.11/threading.py"),
+              ("_worker", "/usr/lib/python3.11/concurrent/futures/thread.py")) + " 50",
+        stack(("Runner.run", "/usr/lib/python3.11/asyncio/runners.py")) + " 50",
     ])
     shares = api_shares(raw)
     assert set(shares) == set(API_SHARES)
