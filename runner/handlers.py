@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 import structlog
 from aiohttp import web
@@ -101,41 +100,15 @@ def sse_named_event(event: tuple[bytes, bytes]) -> bytes:
     return b"event: " + name + b"\ndata: " + document + b"\n\n"
 
 
-CHUNK_FRAMING = 12  # an HTTP/1.1 chunk's bytes around its data, at most: its size in hex and two CRLFs
+def sse_chunk(document: bytes) -> bytes:
+    """``sse_event(document)`` as one HTTP/1.1 chunk (its size in hex, the event, CRLF), framed in one go."""
+    return b"%x\r\ndata: %b\n\n\r\n" % (len(document) + 8, document)
 
 
-@types.coroutine
-def advance(step: Awaitable, before_waiting: Callable[[], None]):
-    """``await step``, calling ``before_waiting()`` once if it has to wait: not when its result is ready at once.
-
-    A stream's next event is often ready in the same loop turn as the one
-    before (an answer's last text and its end); what was ready is written just
-    before the stream would wait, never after. The rest is ``yield from``: what
-    the step waits on goes to the task, and what the task sends or throws
-    (a cancellation) goes back to the step.
-    """
-    steps = step.__await__()
-    try:
-        waits_on = steps.send(None)
-    except StopIteration as done:
-        return done.value
-    before_waiting()
-    while True:
-        try:
-            sent = yield waits_on
-        except GeneratorExit:
-            steps.close()
-            raise
-        except BaseException as exc:
-            try:
-                waits_on = steps.throw(exc)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                waits_on = steps.send(sent)
-            except StopIteration as done:
-                return done.value
+def sse_named_chunk(event: tuple[bytes, bytes]) -> bytes:
+    """``sse_named_event(event)`` as one HTTP/1.1 chunk."""
+    name, document = event
+    return b"%x\r\nevent: %b\ndata: %b\n\n\r\n" % (len(name) + len(document) + 16, name, document)
 
 
 AIOHTTP_DRAIN_BYTES = 0x10000  # aiohttp's StreamWriter.write drains once this many bytes went out since the last
@@ -174,14 +147,9 @@ class PacedStreamWriter:
     Otherwise the ending waits for the client until STALLED_CLIENT_GRACE seconds
     past the deadline, or WRITE_STALL_TIMEOUT, whichever comes first.
 
-    ``send`` takes one event. For a client that keeps up (the usual case) it is
-    kept with the others ready in the same loop turn (``ready``), and ``flush``
-    hands them to the transport as one HTTP/1.1 chunk the runner frames itself,
-    before the stream waits for its next event (``advance``): every event leaves
-    in the loop turn it was made in, and events made together leave together
-    (an answer's last text and its end, Responses' and Messages' opening and
-    closing events). Nothing is awaited on that lane (``direct``). Otherwise the
-    event goes through aiohttp's writer, behind whatever was ready.
+    ``send`` writes one event: to a client that keeps up (the usual case), as one
+    HTTP/1.1 chunk the runner frames itself and hands to the transport at once,
+    with nothing to await (``direct``); otherwise through aiohttp's writer.
     """
 
     def __init__(self, request: web.Request, response: web.StreamResponse, deadline: float,
@@ -195,9 +163,7 @@ class PacedStreamWriter:
         self.transport = transport = request.transport  # the connection's own, looked up once
         self.low_water, self.high_water = transport.get_write_buffer_limits() if transport is not None else (0, 0)
         self.payload = payload  # what response.prepare() gave: aiohttp's writer of this body
-        self.frame = sse_named_event if named else sse_event
-        self.ready: list[bytes] = []  # events ready in this loop turn, not written yet (the direct lane's)
-        self.ready_size = 0
+        self.frame, self.chunk = (sse_named_event, sse_named_chunk) if named else (sse_event, sse_chunk)
         # The direct lane needs the body aiohttp writes for a StreamResponse on HTTP/1.1: its StreamWriter,
         # chunked, uncompressed, of no declared length (an HTTP/1.0 client's body is not chunked).
         self.direct = (transport is not None and type(payload) is StreamWriter and payload.chunked
@@ -220,39 +186,18 @@ class PacedStreamWriter:
         return buffered > self.low_water or buffered + size > self.high_water
 
     def send(self, event) -> Awaitable[None] | None:
-        """Take one event (a document, or a named event's pair): None when it is kept or written, else what to
-        await. The direct lane's test is ``client_is_behind``'s for what is ready with it, written out: it runs
-        for every event."""
-        data = self.frame(event)
+        """Write one event (a document, or a named event's pair); None when it is written, else what to await.
+
+        The direct lane's test is ``client_is_behind``'s, written out: it runs for every event.
+        """
         transport = self.transport
         if self.direct and not transport.is_closing():
+            chunk = self.chunk(event)
             buffered = transport.get_write_buffer_size()
-            if buffered <= self.low_water and buffered + self.ready_size + len(data) + CHUNK_FRAMING <= self.high_water:
-                self.ready.append(data)
-                self.ready_size += len(data)
+            if buffered <= self.low_water and buffered + len(chunk) <= self.high_water:
+                self.to_socket(chunk)
                 return None
-            if self.ready:  # what is ready fits, with this event it would not: it goes first, then this is weighed
-                self.flush()
-                return self.send(event)
-        self.flush()
-        return self.write(data)
-
-    def flush(self) -> None:
-        """The events ready, to the socket as one chunk (they passed ``send``'s test together: nothing waits)."""
-        if not self.ready:
-            return
-        data = self.ready[0] if len(self.ready) == 1 else b"".join(self.ready)
-        self.ready.clear()
-        self.ready_size = 0
-        if not self.transport.is_closing():  # a closed connection is the next write's to report
-            self.to_socket(b"%x\r\n%b\r\n" % (len(data), data))
-
-    def take_ready(self) -> bytes:
-        """The events still ready, taken out to go with the stream's ending."""
-        data = b"".join(self.ready)
-        self.ready.clear()
-        self.ready_size = 0
-        return data
+        return self.write(self.frame(event))
 
     def to_socket(self, chunk: bytes) -> None:
         """The socket write of one chunk, with aiohttp's own byte counts of the body kept as its writer keeps them.
@@ -285,7 +230,6 @@ class PacedStreamWriter:
         done.pop().result()  # a client gone raises here
 
     async def finish(self, ending: bytes) -> None:
-        ending = self.take_ready() + ending  # events made with the stream's end go out with its ending
         if self.stalled:
             self.cut(ending)
         loop = asyncio.get_running_loop()
@@ -336,14 +280,9 @@ class EventStreamSender:
         payload = await response.prepare(request)
         writer = self.writer = PacedStreamWriter(request, response, self.deadline,
                                                  request.app[SETTINGS].write_stall_timeout, payload, stream.named)
-        send, flush, events = writer.send, writer.flush, stream.events
-        following = events.__anext__
+        send, events = writer.send, stream.events
         try:
-            while True:
-                try:
-                    event = await advance(following(), flush)
-                except StopAsyncIteration:
-                    break
+            async for event in events:
                 waiting = send(event)
                 if waiting is not None:
                     await waiting

@@ -46,9 +46,8 @@ class FloodPipeline(Pipeline):
     name = "flood"
     OPERATIONS = GEN_LLM
 
-    def __init__(self, events: int = EVENTS, content_bytes: int = EVENT_CONTENT_BYTES, pause: bool = False) -> None:
+    def __init__(self, events: int = EVENTS, content_bytes: int = EVENT_CONTENT_BYTES) -> None:
         super().__init__("flood", Path("."))
-        self.pause = pause  # a loop turn after each event, as an engine's steps come
         self.events_wanted = events
         self.content_bytes = content_bytes
         self.produced = 0
@@ -89,8 +88,6 @@ class FloodPipeline(Pipeline):
             for _ in range(self.events_wanted):
                 self.produced += 1
                 yield self.event(content)
-                if self.pause:
-                    await asyncio.sleep(0)
             yield self.event("", "length")
             self.finished.set()
         finally:
@@ -281,14 +278,14 @@ def test_on_uvloop_a_reading_client_is_written_to_directly_and_a_frozen_one_is_l
 
     async def scenario() -> None:
         # 200 events of 300 bytes: all of it fits the client's receive buffer, so nothing waits in the runner's.
-        pipeline = FloodPipeline(events=200, content_bytes=300, pause=True)
+        pipeline = FloodPipeline(events=200, content_bytes=300)
         async with TestServer(create_app(RunnerSettings(), pipeline=pipeline), host="127.0.0.1") as server:
             await asyncio.sleep(0)  # the pipeline's (instant) load
             body = {"messages": [{"role": "user", "content": "flood"}], "stream": True}
             async with aiohttp.ClientSession() as session, session.post(server.make_url("/llm"), json=body) as response:
                 events = [line async for line in response.content if line.startswith(b"data: ")]
         assert len(events) == 200 + 2  # every event, the final one and [DONE]
-        assert lanes["direct"] and not lanes["waiting"], lanes
+        assert lanes == {"direct": 200 + 1, "waiting": 0}, lanes  # the ending goes with the body's end
 
         pipeline = FloodPipeline()
         async with TestServer(create_app(RunnerSettings(REQUEST_TIMEOUT=1), pipeline=pipeline),
@@ -302,14 +299,13 @@ def test_on_uvloop_a_reading_client_is_written_to_directly_and_a_frozen_one_is_l
 
 
 def test_a_directly_written_stream_is_exact_chunked_sse_and_counted_as_aiohttp_counts_it():
-    """The direct lane frames the events itself, one HTTP/1.1 chunk for those ready in the same loop turn: the raw
-    body must be exactly that (each event its own chunk when the pipeline waits after each; the last event, made
-    with the stream's end, in one chunk with [DONE]), and aiohttp's count of the response's bytes (its access log's
-    size) must be what went out."""
+    """The direct lane frames each event as an HTTP/1.1 chunk itself: the raw body must be exactly the chunks of
+    the events, the ending and the body's end in one last write, and aiohttp's count of the body's bytes (its
+    access log's size) must be what went out."""
     prepared = []
 
     async def scenario() -> None:
-        pipeline = FloodPipeline(events=30, content_bytes=100, pause=True)
+        pipeline = FloodPipeline(events=30, content_bytes=100)
         app = create_app(RunnerSettings(), pipeline=pipeline)
 
         async def keep(request, response) -> None:
@@ -327,57 +323,9 @@ def test_a_directly_written_stream_is_exact_chunked_sse_and_counted_as_aiohttp_c
         head, _, chunked = raw.partition(b"\r\n\r\n")
         *events, done, after = sse_blocks(raw)
         assert len(events) == 31 and (done, after) == ("data: [DONE]", "")
-        one_each = b"".join(b"%x\r\n%s\n\n\r\n" % (len(event) + 2, event.encode()) for event in events[:30])
-        last = events[30].encode() + b"\n\ndata: [DONE]\n\n"
-        assert chunked == one_each + b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last)
+        expected = b"".join(b"%x\r\n%s\n\n\r\n" % (len(event) + 2, event.encode()) for event in events)
+        assert chunked == expected + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
         assert prepared[-1].body_length == len(raw)  # aiohttp counts the head too
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(scenario())
-
-
-class GatedPipeline(FloodPipeline):
-    """Two events made together, then a wait until the client has read them, then two more and the end."""
-
-    def __init__(self) -> None:
-        super().__init__(events=0)
-        self.gate = asyncio.Event()
-
-    async def events(self):
-        yield self.event("one")
-        yield self.event("two")
-        await asyncio.wait_for(self.gate.wait(), 5)  # the runner holding "two" back would time this out
-        yield self.event("three")
-        yield self.event("", "length")
-
-
-def test_events_made_in_one_loop_turn_leave_together_and_before_the_stream_waits(monkeypatch):
-    writes: list[bytes] = []
-    to_socket = PacedStreamWriter.to_socket
-
-    def recorded(writer, chunk: bytes) -> None:
-        writes.append(chunk)
-        to_socket(writer, chunk)
-
-    monkeypatch.setattr(PacedStreamWriter, "to_socket", recorded)
-
-    async def scenario() -> None:
-        pipeline = GatedPipeline()
-        async with TestServer(create_app(RunnerSettings(), pipeline=pipeline), host="127.0.0.1") as server:
-            await asyncio.sleep(0)
-            body = {"messages": [{"role": "user", "content": "gated"}], "stream": True}
-            async with aiohttp.ClientSession() as session, session.post(server.make_url("/llm"), json=body) as response:
-                lines = response.content.__aiter__()
-                seen = []
-                while len(seen) < 2:  # both events arrive while the pipeline waits
-                    line = await asyncio.wait_for(lines.__anext__(), 5)
-                    if line.startswith(b"data: "):
-                        seen.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
-                pipeline.gate.set()
-                rest = [line async for line in lines if line.startswith(b"data: ")]
-        assert seen == ["one", "two"] and len(rest) == 3 and rest[-1] == b"data: [DONE]\n"
-        # one write for the two made together; "three", the end and [DONE] go with the body's end
-        assert len(writes) == 1 and writes[0].count(b"data: ") == 2, writes
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
