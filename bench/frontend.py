@@ -36,7 +36,14 @@ Every STREAM_INTERVAL gets a runner process of its own. Knobs (flags):
 short windows), ``--concurrency``, ``--apis``, ``--intervals``, ``--tokens``,
 ``--warm``, ``--window``, ``--profile-seconds`` (0: no profile), ``--profile-at``
 (the concurrency profiled), ``--profiles DIR`` (keep py-spy's raw profiles),
-``--write`` (the table into ``bench/results.md``'s front-end section). Run it alone on the machine: figures are ratios and shares
+``--write`` (the table into ``bench/results.md``'s front-end section).
+``--against-vllm-serve`` runs instead the runner's ``/v1/chat/completions``
+beside ``vllm serve``'s on the real model (``MODEL_ID``, ``MODEL_DIR``; float32,
+c = 32, 64-token chat streams, both up, interleaved rounds): API-process CPU per
+token of each and a py-spy profile of each API process folded into HTTP &
+framing, detokenising and engine-client work (``api_share_of``); it starts two
+engines, so run it under ``flock /tmp/engine.lock``; ``--write`` puts it in its
+own section of ``bench/results.md``. Run it alone on the machine: figures are ratios and shares
 of one run, and a shared machine moves absolute ones.
 """
 
