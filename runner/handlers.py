@@ -280,9 +280,9 @@ class EventStreamSender:
         payload = await response.prepare(request)
         writer = self.writer = PacedStreamWriter(request, response, self.deadline,
                                                  request.app[SETTINGS].write_stall_timeout, payload, stream.named)
-        send, events = writer.send, stream.events
+        send = writer.send
         try:
-            async for event in events:
+            async for event in stream.events:
                 waiting = send(event)
                 if waiting is not None:
                     await waiting
@@ -295,8 +295,11 @@ class EventStreamSender:
             else:
                 reason = str(exc) if isinstance(exc, ClientStalled) else failure_message(exc)
             self.fail(reason, exc_info=not isinstance(exc, (TimeoutError, ClientStalled)))
-        finally:
-            await events.aclose()  # stops the generation if the stream ended early
+
+    async def close(self) -> None:
+        """Stop the generation if the stream ended early (its events' ``aclose``): called past the deadline's scope,
+        so that a deadline never cuts the stopping short."""
+        await self.stream.events.aclose()
 
     def fail(self, reason: str, exc_info: bool = False) -> None:
         log.error("request.stream_failed", reason=reason, exc_info=exc_info)
@@ -346,12 +349,16 @@ async def serve_admitted(
         await state.wait_until_ready()
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            async with state.deadline(deadline):
-                result = await serve(body, context)
-                if not isinstance(result, EventStream):
-                    return json_response(result)
-                sender = EventStreamSender(request, result, context, deadline)
-                await sender.pump()
+            try:
+                async with state.deadline(deadline):
+                    result = await serve(body, context)
+                    if not isinstance(result, EventStream):
+                        return json_response(result)
+                    sender = EventStreamSender(request, result, context, deadline)
+                    await sender.pump()
+            finally:
+                if sender is not None:
+                    await sender.close()
         except TimeoutError:
             reason = state.cut_reason or timeout_reason(timeout)
             if sender is None or sender.writer is None:
