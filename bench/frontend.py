@@ -645,10 +645,9 @@ async def against_vllm_serve(concurrency: int = 32, tokens: int = 64, rounds: in
                 level = asyncio.create_task(run_level(system, session, workload * 4, concurrency, tokens,
                                                       config.request_timeout, -1))
                 await asyncio.sleep(2)  # past the first prefill
-                # --gil: only the thread holding the GIL. At c=32 on the real engine an API process is busy ~2 % of
-                # the time, and on this machine py-spy counted blocked threads (queue waits, selectors, the loop's
-                # poll) as active: without it, idle waits were most of the samples of both servers.
-                command = [py_spy(), "record", "--gil", "--format", "raw", "--full-filenames", "--rate", "100",
+                # Not --gil: tried, it kept 38 and 140 samples of 10 s on this machine. Blocked threads, which py-spy
+                # counted as active here, are left out by api_shares (BLOCKED).
+                command = [py_spy(), "record", "--format", "raw", "--full-filenames", "--rate", "100",
                            "--duration",
                            str(max(1, round(profile_seconds))), "--pid", str(system.api_process().pid),
                            "--output", str(out)]
@@ -695,8 +694,8 @@ def against_report(results: dict[str, list], shares: dict[str, dict[str, float]]
     if shares:
         lines += [
             "",
-            "Where each API process's CPU goes (py-spy `--gil` at 100 Hz under the same load: the thread holding "
-            "the GIL, so blocked threads and the loop's poll are not counted; each sample given to the "
+            "Where each API process's CPU goes (py-spy at 100 Hz under the same load, samples of threads blocked "
+            "in C left out (`BLOCKED`); each sample given to the "
             "innermost frame that names a share; the runner's own code, routes to generation path, is HTTP & "
             "framing): share of the samples · ms per token (share x that server's median API CPU per token).",
             "",
