@@ -17,6 +17,7 @@ from pipelines.llm.answers import reasoning_parser_for_template
 from pipelines.llm.api import LLMAPI, installed_apis
 from pipelines.llm.engine import Engine, Sampling
 from pipelines.llm.generation import Generation
+from pipelines.llm.grammar import GrammarGuard
 from pipelines.llm.host import EngineHost
 from pipelines.llm.replies import ReplyTracker
 from pipelines.llm.served_models import ServedModels
@@ -36,7 +37,7 @@ class LLMPipeline(Pipeline):
         super().__init__(model_id, model_dir, settings)
         self.settings = settings
         self.host = host if host is not None else EngineHost(settings, model_id, model_dir)
-        self.generation = Generation()
+        self.generation = Generation(grammar=GrammarGuard(settings.grammar_compile_timeout))
         self.models = ServedModels(model_id, settings.lora_runtime_updates, settings.lora_unload_timeout,
                                    settings.lora_max_adapters)
         self.apis = [api(self.generation, self.models) for api in (apis if apis is not None else installed_apis())]
