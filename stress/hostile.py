@@ -801,6 +801,13 @@ async def run_campaign(target: Target, secrets: list[str], log: Callable[[str], 
     ]
     floods = flood_probes(target)
     big = big_flood_probe(target)
+    # One constrained call first, uncounted: it starts what a server starts once for every constrained request to
+    # come (the runner's grammar check worker, about 300 MiB with xgrammar and torch), so RSS growth is what the
+    # campaign leaves behind, not that fixed cost.
+    await exchange(target.port, http_request("POST", "/v1/chat/completions", target.port, dumps(
+        {"model": target.model, "messages": HELLO, "max_tokens": 2, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "warm", "schema": {"type": "object"}}}}),
+        [(b"Authorization", f"Bearer {AUTH_TOKEN}".encode())]), timeout=120)
     await target.settle()
     campaign.rss_before = target.rss()
     with ReadyWatch(target.port, target.ready_path) as ready:
