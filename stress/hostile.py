@@ -83,7 +83,7 @@ HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
 DEEP = 5000  # nesting depth of the deep JSON
 # A JSON schema inside the size bounds whose grammar takes long to compile: optional properties with a pattern
 # each. 1,000 of them: 8 to 16 s with the tiny model's 768-token vocabulary on 2 cores, past GRAMMAR_COMPILE_TIMEOUT
-# (5 s); with the default model's 49k tokens 300 simpler ones ([a-z]{1,50}) already took 82 s.
+# (5 s); with the default model's 49k tokens 300 simpler ones ([a-z]{1,50}) already took 55 to 82 s.
 EMAIL = "[a-z0-9]{1,50}@[a-z]{1,50}\\.[a-z]{2,8}"
 SLOW_SCHEMA = {"type": "object", "properties": {f"p{index}": {"type": "string", "pattern": EMAIL}
                                                 for index in range(1000)}}

@@ -18,7 +18,7 @@ from pipelines.llm.vllm_backend.grammar import tokenizer_info
 from runner.pipeline import OperationError
 
 LIMIT = 1.0  # seconds; the slow schema takes about 8 s with the tiny tokenizer on a 2-core CPU, the small one ms
-# Optional properties with a pattern each: xgrammar's compile grows fast with them (300 of them: 82 s with
+# Optional properties with a pattern each: xgrammar's compile grows fast with them (300 of them: 55 to 82 s with
 # SmolLM2's 49k-token vocabulary), while the request stays far inside the size bounds of limits.py.
 SLOW_SCHEMA = {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "[a-z]{1,50}"}
                                                 for i in range(1000)}}

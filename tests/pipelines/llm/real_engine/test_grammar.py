@@ -71,8 +71,8 @@ async def test_a_grammar_that_compiles_too_long_is_refused_in_each_apis_shape_an
         # The same schema as an Anthropic tool the answer must call: refused, in Anthropic's shape.
         started = time.monotonic()
         async with http.post(f"{tiny_runner.url}/v1/messages", json={
-                "model": model, "max_tokens": 8, "messages": HELLO, "tools": [{"name": "f", "input_schema": SLOW_SCHEMA}],
-                "tool_choice": {"type": "tool", "name": "f"}}) as response:
+                "model": model, "max_tokens": 8, "messages": HELLO,
+                "tools": [{"name": "f", "input_schema": SLOW_SCHEMA}], "tool_choice": {"type": "tool", "name": "f"}}) as response:
             status, body = response.status, await response.json()
         assert status == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
         assert time.monotonic() - started < 7
