@@ -81,6 +81,12 @@ MAX_RSS_GROWTH_MIB = 256  # the runner's process tree may grow by this much over
 START_TIMEOUT = 420
 HELLO = [{"role": "user", "content": "Hello, how are you today?"}]
 DEEP = 5000  # nesting depth of the deep JSON
+# A JSON schema inside the size bounds whose grammar takes long to compile: optional properties with a pattern
+# each. 1,000 of them: 8 to 16 s with the tiny model's 768-token vocabulary on 2 cores, past GRAMMAR_COMPILE_TIMEOUT
+# (5 s); with the default model's 49k tokens 300 simpler ones ([a-z]{1,50}) already took 55 to 82 s.
+EMAIL = "[a-z0-9]{1,50}@[a-z]{1,50}\\.[a-z]{2,8}"
+SLOW_SCHEMA = {"type": "object", "properties": {f"p{index}": {"type": "string", "pattern": EMAIL}
+                                                for index in range(1000)}}
 
 REFUSED, SERVED, FAILED, ABSENT = "refused", "served", "failed", "absent"
 REFUSE, SERVE, EITHER = "refuse", "serve", "either"  # what a kind of call expects
@@ -462,6 +468,20 @@ def bounds_probes(target: Target) -> list[Probe]:
          {"lora_name": "n" * 100_000, "lora_path": str(target.adapters.get("inside", "x"))}),
     ]
     probes = [Probe("bounds", kind, "POST", path, dumps(body), REFUSE) for path, kind, body in cases]
+    # Inside every size bound, yet its compile takes longer than GRAMMAR_COMPILE_TIMEOUT: stopped there. The first
+    # constrained call also waits for the grammar check's worker to start.
+    probes += [
+        Probe("bounds", "response_format schema: 1,000 patterned properties (slow compile)", "POST", chat_path,
+              dumps({**chat, "response_format": {"type": "json_schema", "json_schema": {
+                  "name": "slow", "schema": SLOW_SCHEMA}}}), REFUSE, timeout=90),
+        Probe("bounds", "forced tool schema: 1,000 patterned properties (slow compile)", "POST", messages_path,
+              dumps({**messages, "tools": [{"name": "f", "input_schema": SLOW_SCHEMA}],
+                     "tool_choice": {"type": "tool", "name": "f"}}), REFUSE, timeout=90),
+        Probe("bounds", "response_format schema: 1 property", "POST", chat_path,
+              dumps({**chat, "response_format": {"type": "json_schema", "json_schema": {
+                  "name": "small", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}}}),
+              SERVE, timeout=90),
+    ]
     probes.append(Probe("bounds", "model id: 4,000 characters", "GET", "/v1/models/" + "m" * 4000, None, REFUSE))
     # At the bounds, not past them: served.
     at_bound = {"model": model, "input": "Hello", "max_output_tokens": 2,
@@ -781,6 +801,13 @@ async def run_campaign(target: Target, secrets: list[str], log: Callable[[str], 
     ]
     floods = flood_probes(target)
     big = big_flood_probe(target)
+    # One constrained call first, uncounted: it starts what a server starts once for every constrained request to
+    # come (the runner's grammar check worker, about 300 MiB with xgrammar and torch), so RSS growth is what the
+    # campaign leaves behind, not that fixed cost.
+    await exchange(target.port, http_request("POST", "/v1/chat/completions", target.port, dumps(
+        {"model": target.model, "messages": HELLO, "max_tokens": 2, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "warm", "schema": {"type": "object"}}}}),
+        [(b"Authorization", f"Bearer {AUTH_TOKEN}".encode())]), timeout=120)
     await target.settle()
     campaign.rss_before = target.rss()
     with ReadyWatch(target.port, target.ready_path) as ready:

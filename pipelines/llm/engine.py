@@ -231,4 +231,9 @@ class Engine(Protocol):
         """The engine's own Prometheus series, if it keeps any."""
         ...
 
+    def grammar_tokenizer_info(self) -> str | None:
+        """xgrammar's TokenizerInfo of this model, serialized, for the time-limited grammar check
+        (``pipelines.llm.grammar``); None when this engine compiles no grammars that way (nothing to check)."""
+        ...
+
     def shutdown(self) -> None: ...

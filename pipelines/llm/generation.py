@@ -18,6 +18,7 @@ from jinja2 import TemplateError
 from pipelines.llm.answers import AnswerReader
 from pipelines.llm.conversation import with_system_text
 from pipelines.llm.engine import Engine, GenerationStep, ReasoningParser, Sampling, SamplingRefused, ToolCallParser
+from pipelines.llm.grammar import GrammarGuard
 from pipelines.llm.served_models import ServedModel
 from pipelines.llm.tools import ToolPlan, written_calls
 from runner.offload import Offload
@@ -41,8 +42,9 @@ class Generation:
     """Every API's one way into the engine. The tokenizer's work (chat templates, encoding, decoding) and the
     engine's checks of a constrained request (grammar compiles) run on ``offload``'s threads, never on the loop."""
 
-    def __init__(self, offload: Offload | None = None) -> None:
+    def __init__(self, offload: Offload | None = None, grammar: GrammarGuard | None = None) -> None:
         self.offload = offload if offload is not None else Offload(name="generation")
+        self.grammar = grammar if grammar is not None else GrammarGuard()  # grammar compiles, time-limited
         self._engine: Engine | None = None
         self.tool_parser: ToolCallParser | None = None  # for tool_choice "auto", when one fits the model
         self.reasoning_parser: ReasoningParser | None = None  # a reasoning model's thinking syntax
@@ -193,6 +195,7 @@ class Generation:
         on a worker thread."""
         if not sampling.heavy_checks:
             return self.engine.generate(prompt, sampling, uuid.uuid4().hex, model.adapter)
+        await self.grammar.check(sampling, self.engine)
         return await self.offload.run(self.engine.generate, prompt, sampling, uuid.uuid4().hex, model.adapter)
 
     async def start_all(self, runs: Sequence[tuple[list[int], Sampling]], context: RequestContext, model: ServedModel,

@@ -30,6 +30,22 @@ MAX_SCHEMA_ENUM_VALUES = 1000  # enum and const values, all together
 MAX_SCHEMA_STRING_CHARS = 120_000  # characters of property names, definition names, enum and const values
 
 
+# openapi.yaml's maxLength of each path parameter (tests/pipelines/llm/test_limits.py holds the two equal):
+# aiohttp alone would take up to its 8,190-byte request line. A model id as the body's `model` field; a response id
+# is "resp_" and 32 hex digits here, and OpenAI's are shorter than 128 characters.
+PATH_PARAMETER_LENGTHS = {"model": 256, "response_id": 128}
+
+
+def path_parameter(params: dict[str, str], name: str) -> str:
+    """The path parameter ``name``; 400 naming it past its maxLength."""
+    value = params.get(name, "")
+    limit = PATH_PARAMETER_LENGTHS[name]
+    if len(value) > limit:
+        raise OperationError(f"{name} is {len(value)} characters long: at most {limit} are allowed (docs/limits.md)",
+                             param=name)
+    return value
+
+
 class TooDeep(ValueError):
     pass
 

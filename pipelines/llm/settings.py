@@ -16,6 +16,7 @@ import structlog
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from pipelines.llm.grammar import GRAMMAR_COMPILE_TIMEOUT_DEFAULT
 from runner.settings import token_set
 
 log = structlog.get_logger(__name__)
@@ -73,6 +74,9 @@ class LLMSettings(BaseSettings):
     # Prompts one /v1/completions request may hold (vLLM's OpenAI server takes at most 1,024); each is an engine
     # sequence of its own (n of them), counted against the admission bound (max_in_flight).
     max_prompts_per_request: int = Field(1024, alias="MAX_PROMPTS_PER_REQUEST", ge=1)
+    # Seconds a request's grammar (JSON schema, grammar, regex, structural tag) may take to compile before the
+    # engine sees it: past that, refused with 400 and its compile killed (pipelines/llm/grammar.py, docs/limits.md).
+    grammar_compile_timeout: float = Field(GRAMMAR_COMPILE_TIMEOUT_DEFAULT, alias="GRAMMAR_COMPILE_TIMEOUT", gt=0)
     tool_call_parser: str | None = Field(
         None, alias="TOOL_CALL_PARSER", min_length=1,
         description="vLLM's tool-call parser for tool_choice 'auto' (default: chosen from the chat template)",

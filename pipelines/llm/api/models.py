@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pipelines.llm import schema
 from pipelines.llm.api import spec_operations
 from pipelines.llm.api.openai_base import OpenAIAPI
+from pipelines.llm.limits import path_parameter
 from pipelines.llm.schema import Model, ModelList
 from pipelines.llm.served_models import ServedModel
 from runner.pipeline import RequestContext, Serve
@@ -28,4 +29,4 @@ class ModelsAPI(OpenAIAPI):
         return ModelList(object="list", data=[self.card(model) for model in self.models.all()])
 
     async def retrieve_model(self, _body: None, context: RequestContext) -> Model:
-        return self.card(self.served(context.params.get("model", "")))
+        return self.card(self.served(path_parameter(context.params, "model")))

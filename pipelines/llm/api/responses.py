@@ -31,7 +31,7 @@ from pipelines.llm.api.openai_base import OpenAIAPI, bad, common_sampling
 from pipelines.llm.conversation import turn
 from pipelines.llm.engine import GenerationStep, Sampling
 from pipelines.llm.generation import Generation
-from pipelines.llm.limits import check_schemas, json_document
+from pipelines.llm.limits import check_schemas, json_document, path_parameter
 from pipelines.llm.replies import ReplyTracker, choice_finish_reason, usage_of
 from pipelines.llm.schema import (
     ResponsesContentPart,
@@ -682,10 +682,10 @@ class ResponsesAPI(OpenAIAPI):
                 "deleteResponse": self.delete_response}
 
     async def retrieve_response(self, _body: None, context: RequestContext) -> ResponsesResponse:
-        return self.store.find(context.params.get("response_id", ""), "response_id").response
+        return self.store.find(path_parameter(context.params, "response_id"), "response_id").response
 
     async def delete_response(self, _body: None, context: RequestContext) -> ResponsesDeleted:
-        response_id = context.params.get("response_id", "")
+        response_id = path_parameter(context.params, "response_id")
         if not self.store.delete(response_id):
             raise self.store.not_found(response_id, "response_id")
         return ResponsesDeleted(id=response_id, object="response", deleted=True)

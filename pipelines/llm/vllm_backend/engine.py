@@ -29,6 +29,7 @@ from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from pipelines.llm import lifeline
 from pipelines.llm.engine import Adapter, AdapterRefused, Sampling, SamplingRefused
+from pipelines.llm.vllm_backend import grammar
 from pipelines.llm.vllm_backend.reasoning_parsers import (
     ReasoningParser,
     reasoning_parser_names,
@@ -239,6 +240,9 @@ class VLLMEngine:
 
     def metrics_registry(self) -> CollectorRegistry:
         return self.registry
+
+    def grammar_tokenizer_info(self) -> str | None:
+        return grammar.tokenizer_info(self.tokenizer, self.vocab_size)
 
     def shutdown(self) -> None:
         """End the engine within ENGINE_SHUTDOWN_TIMEOUT (and SIGKILL's moment), every process it started included.

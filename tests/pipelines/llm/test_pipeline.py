@@ -134,3 +134,13 @@ async def test_describe_names_the_model_its_adapters_the_apis_and_the_engine_and
     text = json.dumps(described)
     assert str(sql) not in text and str(chat) not in text, "adapter names, never where they come from"
     assert "describe-test-token" not in text
+
+
+async def test_the_loaded_heap_is_frozen_out_of_full_collections_once_warm(aiohttp_client, tmp_path, monkeypatch):
+    """A full collection over the loaded heap held /ready for up to 1.25 s under hostile streams (docs/security.md)."""
+    frozen = []
+    monkeypatch.setattr("pipelines.llm.pipeline.gc.freeze", lambda: frozen.append("frozen"))
+    engine = FakeEngine()
+    client = await ready_client(aiohttp_client, llm_app(engine, tmp_path))
+    assert (await (await client.get("/health")).json())["status"] == "IDLE"
+    assert frozen == ["frozen"] and engine.submitted  # once, after the warm-up request

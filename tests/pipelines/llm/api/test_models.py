@@ -23,3 +23,9 @@ async def test_the_served_model_is_listed_and_retrieved_and_another_is_404(opena
     with pytest.raises(openai.NotFoundError) as missing:
         await openai_client.models.retrieve("someone/else")
     assert missing.value.body["code"] == "model_not_found"
+
+
+async def test_a_model_id_past_the_path_bound_is_a_400_in_openais_shape(openai_client):
+    with pytest.raises(openai.BadRequestError) as refused:  # was a 404 with the whole id in it
+        await openai_client.models.retrieve("m" * 4000)
+    assert refused.value.body["param"] == "model" and "at most 256" in refused.value.body["message"]

@@ -145,6 +145,7 @@ CASES = {
 NOT_ENGINE_ARGUMENTS = {
     "MAX_WAITING_REQUESTS": "the runner's admission (runner/state.py)",
     "MAX_PROMPTS_PER_REQUEST": "the runner's admission of one request's prompts (pipeline.admission_units)",
+    "GRAMMAR_COMPILE_TIMEOUT": "the time limit of the grammar check before the engine (pipelines/llm/grammar.py)",
     "TOOL_CALL_PARSER": "a vLLM tool parser chosen by name (vllm_backend/tool_parsers.py)",
     "REASONING_PARSER": "a vLLM reasoning parser chosen by name (vllm_backend/reasoning_parsers.py)",
     "MASTER_WAIT_TIMEOUT": "how long the host waits for the nodes (host.py, worker_node.py)",
