@@ -299,6 +299,13 @@ class APIProcesses:
     async def watch(self, state: RunnerState) -> None:
         reported: set[int] = set()
         while not self.stopping:
+            if state.failure() is not None:  # the engine is gone: the extras' requests could only hang on it
+                self.shared.values[FAILED] = 1
+                log.error("api_process.ending_all", reason=state.failure(),
+                          effect="the extra API processes are killed: their connections close")
+                self.stopping = True
+                self.kill("the engine is gone")
+                return
             for index, process in self.processes.items():
                 phase = self.shared.get(index, PHASE)
                 if phase == SERVING and index not in reported:
@@ -307,12 +314,10 @@ class APIProcesses:
                 if process.exitcode is not None and not self.stopping:
                     reason = (f"API process {index} of {self.count} (pid {process.pid}) ended with exit code "
                               f"{process.exitcode} (API_PROCESSES={self.count}); its logs say why")
-                    log.error("api_process.ended", process=index, exit_code=process.exitcode)
+                    log.error("api_process.ended", process=index, exit_code=process.exitcode, reason=reason)
                     self.shared.values[FAILED] = 1
                     state.fail(reason)
                     return
-            if state.failure() is not None:
-                self.shared.values[FAILED] = 1
             await asyncio.sleep(WATCH_INTERVAL)
 
     def serving(self) -> list[int]:
@@ -329,12 +334,12 @@ class APIProcesses:
         gone_by = deadline + CUT_GRACE + GONE_GRACE
         while any(process.is_alive() for process in self.processes.values()) and time.monotonic() < gone_by:
             await asyncio.sleep(0.02)
-        self.kill()
+        self.kill("still running at the drain's end")
 
-    def kill(self) -> None:
+    def kill(self, why: str) -> None:
         for index, process in self.processes.items():
             if process.is_alive():
-                log.error("api_process.killed", process=index, pid=process.pid, why="still running at the stop's end")
+                log.error("api_process.killed", process=index, pid=process.pid, why=why)
                 process.kill()
                 process.join(1.0)
 
@@ -344,7 +349,7 @@ class APIProcesses:
             self.watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watching
-        self.kill()
+        self.kill("still running as the runner stops")
         self.sock.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -210,7 +210,7 @@ class VLLMEngine:
             executor = Executor.get_class(config)
             listeners = bind_engine_zmq_listeners(config, clients)
             try:
-                with launch_core_engines(config, executor, not args.disable_log_stats, listeners.addresses):
+                with launch_core_engines(config, executor, not args.disable_log_stats, listeners.addresses) as launch:
                     pass  # returns once the engine core is up and has connected to every client's listener
                 config.parallel_config._api_process_rank = 0
                 engine = AsyncLLM(config, executor, log_stats=not args.disable_log_stats,
@@ -221,6 +221,11 @@ class VLLMEngine:
             except BaseException:
                 listeners.cleanup()
                 raise
+        # As when AsyncLLM launches its engine itself: the client holds the engine core's process manager (which
+        # ends the engine core once collected, and with the client's shutdown), and watches the engine core, so that
+        # its death fails the requests in flight and marks the engine errored.
+        engine.engine_core.resources.engine_manager = launch.engine_manager
+        engine.engine_core.start_engine_core_monitor()
         return cls(engine, registry, args, environment, listeners, clients)
 
     def share(self, index: int) -> EngineShare:
