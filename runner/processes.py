@@ -78,9 +78,11 @@ IN_FLIGHT, UNITS, SERVED, PHASE = range(4)
 SLOT = 4
 STARTING, SERVING, GONE = 0.0, 1.0, 2.0
 
-# Gauges that each process reports for itself, so that the runner's value is their sum; every other gauge (state,
-# capacity, the registration, the engine's) is the primary's alone.
-SUMMED_GAUGES = frozenset({"livepeer_runner_requests_in_flight", "livepeer_runner_admitted_sequences"})
+# Gauges that each process reports for itself (its own requests, in the runner and in the engine through its own
+# client), so that the runner's value is their sum; every other gauge (the capacity, the registration, vLLM's own
+# gauges, livepeer_runner_engine_requests_waiting) is the primary's alone.
+SUMMED_GAUGES = frozenset({"livepeer_runner_requests_in_flight", "livepeer_runner_admitted_sequences",
+                           "livepeer_runner_engine_requests_unfinished"})
 
 
 def die_with_parent(parent_pid: int) -> None:
