@@ -70,9 +70,7 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
     # DRAIN_TIMEOUT counts from SIGTERM: the unregister's time comes out of it, inside go-livepeer's 8 s.
     drain_timeout = max(0.0, settings.drain_timeout - (loop.time() - signalled_at))
     log.info("runner.draining", in_flight=state.in_flight, timeout_s=round(drain_timeout, 3))
-    draining = state.drain(drain_timeout, cut_reason=(
-        f"the runner is stopping (SIGTERM) and the request was still running after DRAIN_TIMEOUT "
-        f"({settings.drain_timeout:g} s): it was cut"))
+    draining = state.drain(drain_timeout, cut_reason=drain_cut_reason(settings))
     if processes is None:
         left = await draining
     else:  # every process drains at once, to one deadline; the extras are gone before the engine closes
@@ -81,6 +79,12 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
         log.warning("runner.drain.timeout", cut_requests=left)
     await runner.cleanup()  # stops listening, cancels what is left, closes the pipeline (and ends its engine)
     log.info("runner.stopped", seconds=round(loop.time() - signalled_at, 2))
+
+
+def drain_cut_reason(settings: RunnerSettings) -> str:
+    """What a request still running at the drain's end is told (every API process's drain)."""
+    return (f"the runner is stopping (SIGTERM) and the request was still running after DRAIN_TIMEOUT "
+            f"({settings.drain_timeout:g} s): it was cut")
 
 
 def stop_overrun(budget: float) -> None:

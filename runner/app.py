@@ -110,7 +110,12 @@ def processes_ctx(processes: APIProcesses):
 
         def start_when_ready() -> None:
             if state.ready and not processes.processes and not state.draining:
-                processes.start(state.pipeline, state)
+                try:
+                    processes.start(state.pipeline, state)
+                except Exception as exc:  # a start failure, with the reason: never a half-served runner saying IDLE
+                    log.error("api_process.start_failed", exc_info=True)
+                    processes.kill("the other processes could not start")
+                    state.fail(f"API_PROCESSES={processes.count}: the extra API processes could not start: {exc}")
 
         state.on_change(start_when_ready)
         yield

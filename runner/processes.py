@@ -439,6 +439,7 @@ def extra_main(config: ExtraConfig) -> None:
 
 async def serve_extra(config: ExtraConfig) -> int:
     """Build the pipeline, join the engine, then accept on the shared socket; on SIGTERM drain to the primary's deadline."""
+    from runner.__main__ import drain_cut_reason
     from runner.app import build_pipeline, create_app
 
     settings = config.settings
@@ -471,9 +472,7 @@ async def serve_extra(config: ExtraConfig) -> int:
         await stopping
     settled.cancel()
     deadline = config.shared.values[DRAIN_DEADLINE] or (time.monotonic() + settings.drain_timeout)
-    left = await state.drain(max(0.0, deadline - time.monotonic()), cut_reason=(
-        f"the runner is stopping (SIGTERM) and the request was still running after DRAIN_TIMEOUT "
-        f"({settings.drain_timeout:g} s): it was cut"))
+    left = await state.drain(max(0.0, deadline - time.monotonic()), cut_reason=drain_cut_reason(settings))
     if left:
         log.warning("runner.drain.timeout", cut_requests=left)
     config.shared.set(config.index, PHASE, GONE)
