@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from runner.app import create_app, leave_network
+from runner.app import build_pipeline, create_app, leave_network
 from runner.keys import STATE
 from runner.log import configure_logging
 from runner.processes import APIProcesses
@@ -40,8 +40,11 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
     SIGTERM while the model loads stops the load at once.
     """
     # API_PROCESSES > 1: this is the primary of N processes on one listening socket (runner/processes.py).
+    pipeline = None
+    if start_error is None:
+        pipeline, start_error = build_pipeline(settings)
     processes = APIProcesses(settings) if settings.api_processes > 1 and start_error is None else None
-    app = create_app(settings, start_error=start_error, processes=processes)
+    app = create_app(settings, pipeline=pipeline, start_error=start_error, processes=processes)
     # handler_cancellation: a client that goes away cancels its handler, which stops its generation.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()

@@ -311,11 +311,16 @@ def test_an_extra_process_that_dies_makes_the_runner_error_with_the_reason(tmp_p
         runner.stop()
 
 
-def test_too_many_processes_is_health_error_with_the_reason(tmp_path):
-    runner = stand_in_runner(tmp_path, CORES + 1)
+@pytest.mark.parametrize(("processes", "env", "reason"), [
+    (CORES + 1, {}, f"API_PROCESSES={CORES + 1} is more HTTP processes than the {CORES} cores"),
+    (2, {"NNODES": "2", "TENSOR_PARALLEL_SIZE": "2", "NODE_SECRET": "0123456789abcdef0123"}, "API_PROCESSES=2: NNODES=2: an engine served from several nodes"),
+])
+def test_a_bad_api_processes_is_health_error_with_the_reason(tmp_path, processes, env, reason):
+    runner = stand_in_runner(tmp_path, processes, **env)
     runner.start()
     try:
         assert runner.wait_until({"ERROR"}, timeout=60) == "ERROR"
-        assert f"API_PROCESSES={CORES + 1} is more HTTP processes than the {CORES} cores" in runner.log_path.read_text()
+        assert reason in runner.log_path.read_text()
+        assert len(runner.record_descendants()) == 1, "nothing started"
     finally:
         runner.stop()
