@@ -94,3 +94,32 @@ def test_two_api_processes_over_one_engine_are_one_server(tmp_path, tiny_model_d
     finally:
         runner.stop()
         standin.stop()
+
+
+def test_an_engine_that_dies_under_two_api_processes_is_error_and_ends_the_extra(tmp_path, tiny_model_dir):
+    runner = RunnerProcess("two-processes-doomed", {**tiny_engine_env(tiny_model_dir, core=None), "API_PROCESSES": "2"},
+                           tmp_path / "runner.log")
+    runner.start()
+    try:
+        runner.wait_until({"IDLE"}, timeout=START_TIMEOUT)
+        wait_serving(runner, 2, timeout=START_TIMEOUT)
+        tree = runner.record_descendants()
+        [engine] = [process for process in runner.engine_processes() if "EngineCore" in process.name()]
+        [extra] = [process for process in tree[1:] if "VLLM" not in process.name()
+                   and "resource_tracker" not in " ".join(process.cmdline())]
+        killed_at = time.monotonic()
+        engine.kill()
+        assert runner.wait_until({"ERROR"}, timeout=15) == "ERROR"
+        seen_in = time.monotonic() - killed_at
+        deadline = time.monotonic() + 10
+        while extra.is_running() and extra.status() != "zombie" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not extra.is_running() or extra.status() == "zombie", "the extra is ended with the engine"
+        assert post_json(f"{runner.url}/llm", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}) == 503
+        assert '"event": "api_process.ending_all"' in runner.log_path.read_text()
+        runner.process.send_signal(signal.SIGTERM)
+        assert runner.process.wait(timeout=30) == 0
+        assert runner.left_behind(timeout=3) == [], "no process outlives the runner"
+        print(f"engine killed: ERROR {seen_in:.2f} s later, the extra ended")
+    finally:
+        runner.stop()
