@@ -4,7 +4,6 @@ process runs a stand-in of its own), over real HTTP. The same on a real engine: 
 
 from __future__ import annotations
 
-import http.client
 import json
 import multiprocessing
 import os
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from pipelines.llm.host import EngineHost
@@ -26,6 +24,7 @@ from runner.processes import DRAINING, IN_FLIGHT, Shared, SharedState, merge_met
 from runner.settings import RunnerSettings
 from runner.state import AtCapacity, Load, NotReady
 from tests.support.fake_engine import FakeBackend, FakeEngine
+from tests.support.api_processes import answered_by, metric, samples, wait_serving
 from tests.support.frontend_pipeline import plug_in
 from tests.support.runner_process import RunnerProcess, get_json
 
@@ -171,11 +170,6 @@ def exposition(requests: int, in_flight: int, capacity: int, seconds: list[float
     return generate_latest(registry)
 
 
-def samples(text: bytes) -> dict[tuple, float]:
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text.decode()) for sample in family.samples}
-
-
 def test_metrics_sum_counters_histograms_and_in_flight_and_keep_the_primarys_other_gauges():
     merged = samples(merge_metrics(exposition(3, 1, 5, [0.5]), [exposition(4, 2, 5, [0.5, 5])]))
     assert merged[("livepeer_runner_requests_total", (("code", "200"),))] == 7
@@ -194,42 +188,6 @@ def stand_in_runner(tmp_path, processes: int, **env: str) -> RunnerProcess:
     return RunnerProcess(f"stand-in-{processes}", {**plug_in(tmp_path), "API_PROCESSES": str(processes),
                                                     "MAX_NUM_SEQS": "2", "MAX_WAITING_REQUESTS": "3", **env},
                          tmp_path / "runner.log")
-
-
-def answered_by(runner: RunnerProcess, path: str = "/llm", count: int = 40) -> dict[str, int]:
-    """Which process answered each of ``count`` calls, each on a connection of its own."""
-    seen: dict[str, int] = {}
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
-    for _ in range(count):
-        connection = http.client.HTTPConnection("127.0.0.1", runner.port, timeout=10)
-        if path == "/llm":
-            connection.request("POST", path, body, {"Content-Type": "application/json"})
-        else:
-            connection.request("GET", path)
-        answer = connection.getresponse()
-        answer.read()
-        assert answer.status == 200, (path, answer.status)
-        process = answer.getheader("X-API-Process")
-        seen[process] = seen.get(process, 0) + 1
-        connection.close()
-    return seen
-
-
-def wait_serving(runner: RunnerProcess, count: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if runner.log_path.read_text().count('"event": "api_process.serving"') >= count - 1:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not every API process serves:\n{runner.log_tail()}")
-
-
-def metric(runner: RunnerProcess, name: str, **labels: str) -> float:
-    connection = http.client.HTTPConnection("127.0.0.1", runner.port, timeout=10)
-    connection.request("GET", "/metrics")
-    text = connection.getresponse().read()
-    connection.close()
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def held_stream(runner: RunnerProcess) -> socket.socket:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.runner.test_processes import answered_by, metric, wait_serving
+from tests.support.api_processes import answered_by, metric, wait_serving
 from tests.support.orchestrator_standin import OrchestratorStandin
 from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port, post_json
 from tests.support.runners import tiny_engine_env
