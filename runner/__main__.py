@@ -9,16 +9,19 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Coroutine
+from typing import Any
 
 import psutil
 import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from runner.app import create_app, leave_network
+from runner.app import build_pipeline, create_app, leave_network
 from runner.keys import STATE
 from runner.log import configure_logging
+from runner.processes import APIProcesses
 from runner.settings import ListenSettings, RunnerSettings
 
 log = structlog.get_logger("runner")
@@ -36,14 +39,23 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
     /llm calls keep getting a clear 503 while the requests in flight finish. A
     SIGTERM while the model loads stops the load at once.
     """
-    app = create_app(settings, start_error=start_error)
+    # API_PROCESSES > 1: this is the primary of N processes on one listening socket (runner/processes.py).
+    pipeline = None
+    if start_error is None:
+        pipeline, start_error = build_pipeline(settings)
+    processes = APIProcesses(settings) if settings.api_processes > 1 and start_error is None else None
+    app = create_app(settings, pipeline=pipeline, start_error=start_error, processes=processes)
     # handler_cancellation: a client that goes away cancels its handler, which stops its generation.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    if processes is None:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    else:
+        await web.SockSite(runner, processes.sock).start()
+        await web.UnixSite(runner, processes.primary_path).start()  # the extras' way to the primary
     log.info("runner.listening", host=settings.host, port=settings.port, pipeline=settings.pipeline,
-             model_id=settings.model_id, event_loop=type(asyncio.get_running_loop()).__module__)
+             model_id=settings.model_id, event_loop=type(asyncio.get_running_loop()).__module__,
+             api_processes=settings.api_processes)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -61,13 +73,21 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
     # DRAIN_TIMEOUT counts from SIGTERM: the unregister's time comes out of it, inside go-livepeer's 8 s.
     drain_timeout = max(0.0, settings.drain_timeout - (loop.time() - signalled_at))
     log.info("runner.draining", in_flight=state.in_flight, timeout_s=round(drain_timeout, 3))
-    left = await state.drain(drain_timeout, cut_reason=(
-        f"the runner is stopping (SIGTERM) and the request was still running after DRAIN_TIMEOUT "
-        f"({settings.drain_timeout:g} s): it was cut"))
+    draining = state.drain(drain_timeout, cut_reason=drain_cut_reason(settings))
+    if processes is None:
+        left = await draining
+    else:  # every process drains at once, to one deadline; the extras are gone before the engine closes
+        left, _ = await asyncio.gather(draining, processes.drain(time.monotonic() + drain_timeout))
     if left:
         log.warning("runner.drain.timeout", cut_requests=left)
     await runner.cleanup()  # stops listening, cancels what is left, closes the pipeline (and ends its engine)
     log.info("runner.stopped", seconds=round(loop.time() - signalled_at, 2))
+
+
+def drain_cut_reason(settings: RunnerSettings) -> str:
+    """What a request still running at the drain's end is told (every API process's drain)."""
+    return (f"the runner is stopping (SIGTERM) and the request was still running after DRAIN_TIMEOUT "
+            f"({settings.drain_timeout:g} s): it was cut")
 
 
 def stop_overrun(budget: float) -> None:
@@ -116,14 +136,14 @@ def main() -> int:
     return 0
 
 
-def run_event_loop(main: Coroutine) -> None:
+def run_event_loop(main: Coroutine) -> Any:
     """On uvloop where it is installed, as vLLM's own server: every streamed token crosses the loop twice."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
+        return asyncio.run(main)
     else:
-        uvloop.run(main)
+        return uvloop.run(main)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,15 @@ from runner.live_runner import UNREGISTER_TIMEOUT, LiveRunnerSettings, Registrat
 from runner.metrics import RunnerMetrics
 from runner.offload import Offload
 from runner.pipeline import Pipeline, PipelineUnavailable, pipeline_class
+from runner.processes import (
+    PROCESS_HEADER,
+    APIProcesses,
+    ExtraConfig,
+    ProcessesCollector,
+    SharedState,
+    asking_primary,
+    summing_metrics,
+)
 from runner.routes import Handler, RouteBindingError, bind_operations, error_middleware
 from runner.schema import OPERATIONS as RUNNER_OPERATIONS
 from runner.settings import RunnerSettings, token_set
@@ -95,6 +104,35 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("pipeline.closed")
 
 
+def processes_ctx(processes: APIProcesses):
+    """The extra API processes: started once the pipeline is loaded; gone (killed if need be) before it closes."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE]
+
+        def start_when_ready() -> None:
+            if state.ready and not processes.processes and not state.draining:
+                try:
+                    processes.start(state.pipeline, state)
+                except Exception as exc:  # a start failure, with the reason: never a half-served runner saying IDLE
+                    log.error("api_process.start_failed", exc_info=True)
+                    processes.kill("the other processes could not start")
+                    state.fail(f"API_PROCESSES={processes.count}: the extra API processes could not start: {exc}")
+
+        state.on_change(start_when_ready)
+        yield
+        await processes.close()
+
+    return ctx
+
+
+def process_header(index: int):
+    async def add(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[PROCESS_HEADER] = str(index)
+
+    return add
+
+
 async def live_runner_ctx(app: web.Application) -> AsyncIterator[None]:
     """Registration with the orchestrator beside the server; unregister at the end if SIGTERM has not."""
     registration = app[LIVE_RUNNER]
@@ -135,9 +173,15 @@ def build_pipeline(settings: RunnerSettings) -> tuple[Pipeline | None, str | Non
     except pydantic.ValidationError as exc:
         pipeline_settings, error = cls.settings_class.model_construct(), f"invalid {settings.pipeline} settings: {exc}"
     try:
-        return cls(settings.model_id, settings.model_dir, pipeline_settings), error
+        pipeline = cls(settings.model_id, settings.model_dir, pipeline_settings)
     except Exception as exc:  # e.g. one of its parts cannot be imported: a start failure, not a traceback
         return None, f"pipeline {settings.pipeline!r} cannot be built: {exc}"
+    if settings.api_processes > 1 and error is None:
+        try:
+            pipeline.share_engine(settings.api_processes)
+        except ValueError as exc:
+            error = f"API_PROCESSES={settings.api_processes}: {exc}"
+    return pipeline, error
 
 
 def pipeline_handlers(pipeline: Pipeline) -> dict[str, Handler]:
@@ -160,13 +204,20 @@ def create_app(
     pipeline: Pipeline | None = None,
     start_error: str | None = None,
     live_runner: LiveRunnerSettings | None = None,
+    processes: APIProcesses | None = None,
+    extra: ExtraConfig | None = None,
 ) -> web.Application:
     """The runner for ``settings``; with ``start_error`` one that says ERROR with that reason and serves nothing else.
 
-    The Live Runner settings are read from the environment unless given.
+    The Live Runner settings are read from the environment unless given. With
+    API_PROCESSES > 1, ``processes`` makes this the primary process, and
+    ``extra`` one of the others (runner/processes.py): an extra registers
+    nowhere and asks the primary for /health, /ready and /metrics.
     """
     if pipeline is None and start_error is None:
         pipeline, start_error = build_pipeline(settings)
+    if extra is not None:
+        live_runner = LiveRunnerSettings.model_construct(orchestrator=None)  # the primary's registration is the one
     if live_runner is None:
         live_runner, live_runner_error = read_live_runner_settings()
         start_error = start_error or live_runner_error
@@ -181,7 +232,17 @@ def create_app(
         client_max_size=settings.max_request_bytes,
         middlewares=[request_context_middleware, error_middleware(operations)],
     )
-    state = RunnerState(pipeline, load_wait_timeout=settings.load_wait_timeout, start_error=start_error)
+    if processes is not None:
+        state = SharedState(pipeline, settings.load_wait_timeout, processes.shared, 0, start_error=start_error)
+    elif extra is not None:
+        state = SharedState(pipeline, settings.load_wait_timeout, extra.shared, extra.index, start_error=start_error)
+    else:
+        state = RunnerState(pipeline, load_wait_timeout=settings.load_wait_timeout, start_error=start_error)
+    if extra is not None:
+        for operation_id in ("health", "ready", "readyz", "metrics"):
+            handlers[operation_id] = asking_primary(extra.primary_path)
+    if processes is not None:
+        handlers["metrics"] = summing_metrics(handlers["metrics"], processes)
     registration = Registration(live_runner, state, app_name=f"{settings.pipeline}/{settings.model_id}")
     app[SETTINGS] = settings
     app[STATE] = state
@@ -193,6 +254,11 @@ def create_app(
 
     app.on_response_prepare.append(add_request_id_header)
     app.cleanup_ctx.extend([nvml_ctx, pipeline_ctx])
+    if processes is not None or extra is not None:
+        app.on_response_prepare.append(process_header(0 if extra is None else extra.index))
+    if processes is not None:
+        app[METRICS].registry.register(ProcessesCollector(processes.shared))
+        app.cleanup_ctx.append(processes_ctx(processes))  # after the pipeline's: the extras end before the engine
     if live_runner.enabled and start_error is None:
         app.cleanup_ctx.append(live_runner_ctx)  # after the NVML reader it asks for the GPU; torn down first
     return app

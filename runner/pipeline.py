@@ -176,6 +176,28 @@ class Pipeline(abc.ABC):
         never be admitted, however idle the runner. Called before admission, so it must be cheap."""
         return 1
 
+    def share_engine(self, processes: int) -> None:
+        """Before ``load``: the engine will serve ``processes`` API processes (API_PROCESSES), this one among them.
+
+        Raise ValueError saying why when this pipeline cannot be served so: the
+        runner then says ERROR on /health with the reason and loads nothing.
+        """
+        if processes > 1:
+            raise ValueError(f"pipeline {self.name!r} serves from one API process only: set API_PROCESSES=1")
+
+    def engine_share(self, index: int) -> object:
+        """Once loaded (after ``share_engine(n)``): what API process ``index`` (1 to n-1) needs to reach the engine.
+
+        Opaque to the runner, which hands it to that process as it starts it:
+        it is pickled by multiprocessing, so it may hold sockets to pass on.
+        """
+        raise NotImplementedError(f"pipeline {self.name!r} does not share its engine")
+
+    def join_engine(self, share: object) -> None:
+        """In an extra API process, before ``load``: ``load`` reaches the engine ``share`` (``engine_share``)
+        describes, which another process runs, instead of starting one."""
+        raise NotImplementedError(f"pipeline {self.name!r} does not share its engine")
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop the engine and free what it holds, also when ``load`` was cut short."""

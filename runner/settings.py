@@ -5,6 +5,7 @@ Each pipeline reads its own tuning variables with a settings class of its own.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -69,6 +70,24 @@ class RunnerSettings(ListenSettings):
         ge=0,
         description="Seconds a request that arrives while the model loads waits for it.",
     )
+
+    api_processes: int = Field(
+        1,
+        alias="API_PROCESSES",
+        ge=1,
+        description="HTTP processes over the one engine, all on the one listening socket (docs/operations.md).",
+    )
+
+    @field_validator("api_processes")
+    @classmethod
+    def processes_fit_cores(cls, processes: int) -> int:
+        cores = len(os.sched_getaffinity(0))
+        if processes > cores:
+            raise ValueError(
+                f"API_PROCESSES={processes} is more HTTP processes than the {cores} cores this runner may use: each "
+                f"one is a Python event loop that wants a core of its own, beside the engine's; set API_PROCESSES to "
+                f"at most {cores} (1, the default, is one process)")
+        return processes
 
     @field_validator("auth_token")
     @classmethod

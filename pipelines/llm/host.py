@@ -57,8 +57,13 @@ class Backend(Protocol):
     def engine_args(self, settings: LLMSettings, model_path: Path, served_name: str, model_config: dict,
                     gpu: GPU | None = None) -> Any: ...
 
-    def start_engine(self, args: Any, environment: Mapping[str, str]) -> Engine:
-        """Build the engine; blocks for as long as its processes take to start."""
+    def start_engine(self, args: Any, environment: Mapping[str, str], clients: int = 1) -> Engine:
+        """Build the engine, for ``clients`` API processes (API_PROCESSES) of which this is the first; blocks for as
+        long as its processes take to start."""
+        ...
+
+    def join_engine(self, share: Any) -> Engine:
+        """In another API process: a client of the engine whose ``Engine.share(index)`` this is; blocks until joined."""
         ...
 
     def stop_engine_processes(self, grace: float) -> int:
@@ -94,6 +99,19 @@ class EngineHost:
         self.max_lora_rank: int | None = None  # the engine's, once chosen (MAX_LORA_RANK or the adapters')
         # Where a run-time lora_path may point: LORA_ROOT, else the model store; symbolic links resolved.
         self.lora_root = Path(os.path.realpath(settings.lora_root if settings.lora_root is not None else model_dir))
+        self.clients = 1  # the API processes the engine serves (API_PROCESSES), this one first
+
+    async def join(self, share: Any) -> Engine:
+        """The engine another API process started, joined as one of its clients (``share``: its ``Engine.share``)."""
+        self.backend = await run_blocking(self.load_backend)
+        self.engine = await run_blocking(self.backend.join_engine, share)
+        log.info("engine.joined", clients=self.clients)
+        return self.engine
+
+    def share(self, index: int) -> Any:
+        """What API process ``index`` needs to ``join`` the running engine."""
+        assert self.engine is not None, "the engine is shared once it runs"
+        return self.engine.share(index)
 
     async def start(self) -> Engine | None:
         """The running engine, or None on a worker node once its ranks have joined; raises ValueError when it cannot start.
@@ -147,6 +165,7 @@ class EngineHost:
             max_loras=settings.lora_slots if settings.lora_enabled else None,
             max_lora_rank=settings.max_lora_rank,
             max_cpu_loras=settings.lora_cpu_slots if settings.lora_enabled else None,
+            api_processes=self.clients,
         )
         # Building the engine blocks for as long as its processes take to start:
         # off the event loop, so /health keeps answering LOADING.
@@ -155,7 +174,8 @@ class EngineHost:
         if settings.nnodes > 1:
             self.engine = await self.start_with_worker_nodes(backend, args, environment)
         else:
-            self.engine = await run_blocking(backend.start_engine, args, environment)
+            self.engine = await run_blocking(backend.start_engine, args, environment,
+                                             *([self.clients] if self.clients > 1 else []))
         self.starting = False
         return self.engine
 

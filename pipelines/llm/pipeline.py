@@ -58,6 +58,7 @@ class LLMPipeline(Pipeline):
         self.apis = [api(self.generation, self.models) for api in (apis if apis is not None else installed_apis())]
         self.OPERATIONS = tuple(operation for api in self.apis for operation in api.OPERATIONS)
         self.api_of = {operation.operation_id: api for api in self.apis for operation in api.OPERATIONS}
+        self.joining: object | None = None  # in an extra API process: the engine to join (join_engine) instead of start
 
     def operations(self) -> Mapping[str, Serve]:
         if self.settings.worker_node:
@@ -76,6 +77,26 @@ class LLMPipeline(Pipeline):
 
     def max_in_flight(self) -> int | None:
         return self.settings.max_in_flight
+
+    def share_engine(self, processes: int) -> None:
+        """API_PROCESSES > 1: the engine is started with room for that many clients (vLLM's multi-API-server way),
+        on one node, and without LoRA (an adapter loaded through one process would be unknown to the others)."""
+        settings = self.settings
+        if settings.nnodes > 1:
+            raise ValueError(f"NNODES={settings.nnodes}: an engine served from several nodes is served from one API "
+                             "process (vLLM's API processes share an engine started on their own node): set "
+                             "API_PROCESSES=1")
+        if settings.lora_enabled:
+            raise ValueError("LoRA adapters (LORA_ADAPTERS, LORA_RUNTIME_UPDATES) are served from one API process "
+                             "(each process keeps its own list of adapters, and vLLM refuses run-time LoRA updates "
+                             "with --api-server-count > 1): set API_PROCESSES=1, or serve without adapters")
+        self.host.clients = processes
+
+    def engine_share(self, index: int) -> object:
+        return self.host.share(index)
+
+    def join_engine(self, share: object) -> None:
+        self.joining = share
 
     def describe(self) -> dict[str, object]:
         """The model, its adapters, the longest sequence, the APIs and the dtype: what discovery shows of this runner.
@@ -113,7 +134,7 @@ class LLMPipeline(Pipeline):
         return size.sequences
 
     async def load(self) -> None:
-        engine = await self.host.start()
+        engine = await self.host.start() if self.joining is None else await self.host.join(self.joining)
         if engine is None:  # a worker node: its ranks run, nothing here to serve from
             return
         self.generation.use(engine, self.choose_tool_parser(engine), self.choose_reasoning_parser(engine))

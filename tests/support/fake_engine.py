@@ -334,6 +334,9 @@ class FakeEngine:
     def metrics_registry(self) -> CollectorRegistry:
         return self.registry
 
+    def share(self, index: int) -> dict:
+        return {"index": index}
+
     def shutdown(self) -> None:
         self.was_shut_down = True
 
@@ -375,8 +378,13 @@ class FakeBackend:
             max_cpu_loras=settings.lora_cpu_slots if settings.lora_enabled else None,
         )
 
-    def start_engine(self, args: SimpleNamespace, environment: Mapping[str, str]) -> FakeEngine:
-        self.args, self.environment = args, dict(environment)
+    def start_engine(self, args: SimpleNamespace, environment: Mapping[str, str], clients: int = 1) -> FakeEngine:
+        self.args, self.environment, self.clients = args, dict(environment), clients
+        return self.engine
+
+    def join_engine(self, share) -> FakeEngine:
+        """Another API process's client of the engine (API_PROCESSES): the fake has no engine to share, so its own."""
+        self.joined = share
         return self.engine
 
     def stop_engine_processes(self, grace: float) -> int:

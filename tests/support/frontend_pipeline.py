@@ -44,6 +44,9 @@ class FastEngine(FakeEngine):
 
     stream_interval = 1
 
+    def share(self, index: int) -> dict:
+        return {"index": index, "stream_interval": self.stream_interval}
+
     async def steps(self, prompt: list[int], sampling: Sampling, request_id: str,
                     adapter: Adapter | None = None) -> AsyncIterator[Step]:
         self.running.add(request_id)
@@ -68,9 +71,15 @@ class FastBackend(FakeBackend):
     def __init__(self) -> None:
         super().__init__(FastEngine())
 
-    def start_engine(self, args, environment) -> FastEngine:
-        engine = super().start_engine(args, environment)
+    def start_engine(self, args, environment, clients: int = 1) -> FastEngine:
+        engine = super().start_engine(args, environment, clients)
         engine.stream_interval = args.stream_interval
+        return engine
+
+    def join_engine(self, share: dict) -> FastEngine:
+        """API_PROCESSES > 1: each extra process runs a stand-in of its own (it is fake, nothing to share)."""
+        engine = super().join_engine(share)
+        engine.stream_interval = share["stream_interval"]
         return engine
 
 

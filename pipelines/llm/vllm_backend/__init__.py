@@ -8,5 +8,6 @@ from pipelines.llm.vllm_backend.args import engine_args, platform
 from pipelines.llm.vllm_backend.engine import VLLMEngine, stop_engine_processes
 
 start_engine = VLLMEngine.start
+join_engine = VLLMEngine.join
 
-__all__ = ["VLLMEngine", "engine_args", "platform", "start_engine", "stop_engine_processes"]
+__all__ = ["VLLMEngine", "engine_args", "join_engine", "platform", "start_engine", "stop_engine_processes"]

@@ -13,6 +13,8 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import psutil
 import structlog
@@ -24,7 +26,10 @@ from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.utils import EngineZmqListeners, bind_engine_zmq_listeners, launch_core_engines
+from vllm.v1.executor import Executor
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from pipelines.llm import lifeline
@@ -138,24 +143,110 @@ def engine_reason(message: str) -> str:
     return rest.split("', please check the stack trace", 1)[0]
 
 
-class VLLMEngine:
-    """One running ``AsyncLLM``, as the ``Engine`` protocol describes it."""
+@dataclass
+class EngineShare:
+    """What API process ``index`` of ``count`` needs to reach a running engine: vLLM's multi-API-server client
+    config (``vllm serve --api-server-count``'s, as ``APIServerProcessManager`` builds it: the listening sockets
+    the engine core has connected to, handed over), the engine's arguments, and the environment it started in."""
 
-    def __init__(self, engine: AsyncLLM, registry: CollectorRegistry) -> None:
+    args: AsyncEngineArgs
+    environment: dict[str, str]
+    client: dict[str, Any]
+    count: int
+    index: int
+
+
+def client_config(listeners: EngineZmqListeners, index: int, count: int) -> dict[str, Any]:
+    """API process ``index``'s ``client_addresses``, as vLLM's ``APIServerProcessManager`` builds them."""
+    return {
+        "input_address": listeners.inputs[index].address,
+        "output_address": listeners.outputs[index].address,
+        "input_listener": listeners.inputs[index].socket,
+        "output_listener": listeners.outputs[index].socket,
+        "client_count": count,
+        "client_index": index,
+    }
+
+
+class VLLMEngine:
+    """One running ``AsyncLLM``, as the ``Engine`` protocol describes it.
+
+    With ``clients`` > 1 (API_PROCESSES) it is one of several ``AsyncLLM``
+    clients of one engine core, as under ``vllm serve --api-server-count``:
+    the primary's (client 0) launches the engine core with room for all
+    (``start``), the others join it from their own processes (``join``).
+    """
+
+    def __init__(self, engine: AsyncLLM, registry: CollectorRegistry, args: AsyncEngineArgs | None = None,
+                 environment: Mapping[str, str] | None = None, listeners: EngineZmqListeners | None = None,
+                 clients: int = 1) -> None:
         self.engine = engine
         self.registry = registry
+        self.args = args
+        self.environment = dict(environment or {})
+        self.listeners = listeners  # the other clients' listening sockets, held until the engine stops
+        self.clients = clients
         self.tokenizer = engine.get_tokenizer()
         self.max_model_len: int = engine.model_config.max_model_len
         self.dtype: str = str(engine.model_config.dtype).removeprefix("torch.")  # "auto" resolved, e.g. float32
         self.vocab_size: int = engine.model_config.get_vocab_size()
 
     @classmethod
-    def start(cls, args: AsyncEngineArgs, environment: Mapping[str, str]) -> VLLMEngine:
-        """Build the engine, its processes started with ``environment``; blocks until they are up."""
+    def start(cls, args: AsyncEngineArgs, environment: Mapping[str, str], clients: int = 1) -> VLLMEngine:
+        """Build the engine, its processes started with ``environment``; blocks until they are up.
+
+        ``clients`` > 1: the engine core is launched the way ``vllm serve``'s
+        ``run_multi_api_server`` does (``bind_engine_zmq_listeners`` for every
+        client, ``launch_core_engines``), and this process is client 0.
+        """
         registry = CollectorRegistry(auto_describe=True)
         lifeline.bind_children()  # the engine core and its workers die with this process, however it dies
         with process_environment(environment):
-            engine = AsyncLLM.from_engine_args(args, stat_loggers=[engine_series_logger(registry)])
+            if clients == 1:
+                engine = AsyncLLM.from_engine_args(args, stat_loggers=[engine_series_logger(registry)])
+                return cls(engine, registry)
+            args = replace(args)
+            args._api_process_count, args._api_process_rank = clients, -1  # the engine core's view, as vllm serve's
+            config = args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+            executor = Executor.get_class(config)
+            listeners = bind_engine_zmq_listeners(config, clients)
+            try:
+                with launch_core_engines(config, executor, not args.disable_log_stats, listeners.addresses) as launch:
+                    pass  # returns once the engine core is up and has connected to every client's listener
+                config.parallel_config._api_process_rank = 0
+                engine = AsyncLLM(config, executor, log_stats=not args.disable_log_stats,
+                                  log_requests=args.enable_log_requests, usage_context=UsageContext.OPENAI_API_SERVER,
+                                  stat_loggers=[engine_series_logger(registry)],
+                                  client_addresses=client_config(listeners, 0, clients), client_count=clients,
+                                  client_index=0)
+            except BaseException:
+                listeners.cleanup()
+                raise
+        # As when AsyncLLM launches its engine itself: the client holds the engine core's process manager (which
+        # ends the engine core once collected, and with the client's shutdown), and watches the engine core, so that
+        # its death fails the requests in flight and marks the engine errored.
+        engine.engine_core.resources.engine_manager = launch.engine_manager
+        engine.engine_core.start_engine_core_monitor()
+        return cls(engine, registry, args, environment, listeners, clients)
+
+    def share(self, index: int) -> EngineShare:
+        """What API process ``index`` (1 to clients - 1) needs to ``join`` this engine."""
+        if self.listeners is None or not 0 < index < self.clients:
+            raise ValueError(f"this engine has no client {index} (it was started for {self.clients})")
+        return EngineShare(replace(self.args, _api_process_rank=index), self.environment,
+                           client_config(self.listeners, index, self.clients), self.clients, index)
+
+    @classmethod
+    def join(cls, share: EngineShare) -> VLLMEngine:
+        """Client ``share.index`` of an engine another process started: its own ``AsyncLLM`` on the handed sockets."""
+        registry = CollectorRegistry(auto_describe=True)
+        with process_environment(share.environment):
+            config = share.args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+            engine = AsyncLLM(config, Executor.get_class(config), log_stats=not share.args.disable_log_stats,
+                              log_requests=share.args.enable_log_requests,
+                              usage_context=UsageContext.OPENAI_API_SERVER,
+                              stat_loggers=[engine_series_logger(registry)], client_addresses=share.client,
+                              client_count=share.count, client_index=share.index)
         return cls(engine, registry)
 
     @property
@@ -259,6 +350,8 @@ class VLLMEngine:
         deadline = time.monotonic() + ENGINE_SHUTDOWN_TIMEOUT
         self.engine.shutdown(ENGINE_SHUTDOWN_TIMEOUT)
         end_processes(processes, max(0.0, deadline - time.monotonic()))
+        if self.listeners is not None:
+            self.listeners.cleanup()
 
 
 def structured_outputs(sampling: Sampling) -> StructuredOutputsParams | None:

@@ -1,0 +1,125 @@
+"""API_PROCESSES=2 on a real runner process with a real vLLM engine (the tiny model), over real HTTP.
+
+Two API processes, each a vLLM ``AsyncLLM`` client of the one engine core
+(vLLM's multi-API-server addresses), accept on one port; to the outside they are
+one server: one Live Runner registration (tests/support/orchestrator_standin.py)
+with one capacity, /metrics summed over both, one drain on SIGTERM, and no
+process left behind. The same over the front-end stand-in, and the unit tests:
+test_processes.py.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.support.api_processes import answered_by, metric, wait_serving
+from tests.support.orchestrator_standin import OrchestratorStandin
+from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port, post_json
+from tests.support.runners import tiny_engine_env
+
+pytestmark = pytest.mark.own_engines(1)
+
+SECRET = "standin-registration-secret"
+MAX_NUM_SEQS, MAX_WAITING_REQUESTS = 2, 3
+
+
+def test_two_api_processes_over_one_engine_are_one_server(tmp_path, tiny_model_dir):
+    standin = OrchestratorStandin(registration_secret=SECRET, heartbeat_interval=1.0).start()
+    port = free_port()
+    runner = RunnerProcess("two-processes", {
+        **tiny_engine_env(tiny_model_dir, core=None), "API_PROCESSES": "2",
+        "MAX_NUM_SEQS": str(MAX_NUM_SEQS), "MAX_WAITING_REQUESTS": str(MAX_WAITING_REQUESTS),
+        "LIVE_RUNNER_ORCHESTRATOR": standin.url, "LIVE_RUNNER_SECRET": SECRET,
+        "LIVE_RUNNER_URL": f"http://127.0.0.1:{port}"}, tmp_path / "runner.log", port=port)
+    runner.start()
+    try:
+        runner.wait_until({"IDLE"}, timeout=START_TIMEOUT)
+        wait_serving(runner, 2, timeout=START_TIMEOUT)
+        tree = runner.record_descendants()
+        assert any("EngineCore" in process.name() for process in tree), "one engine core"
+
+        # Both processes answer on the one port, each through its own client of the one engine.
+        served = answered_by(runner, count=30)
+        assert set(served) == {"0", "1"}, served
+        connection = http.client.HTTPConnection("127.0.0.1", runner.port, timeout=60)
+        connection.request("POST", "/v1/chat/completions", json.dumps({
+            "model": runner.env["MODEL_ID"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}),
+            {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        assert answer.status == 200 and json.load(answer)["usage"]["completion_tokens"] == 8
+        connection.close()
+
+        # One registration, with the one admission bound as its capacity.
+        [registration] = standin.wait(standin.registrations, 30, "a registration")
+        assert registration.body["capacity"] == MAX_NUM_SEQS + MAX_WAITING_REQUESTS
+        time.sleep(2.5)  # heartbeats go on: still one runner, registered once
+        assert len(standin.registrations()) == 1 and len(standin.runners) == 1
+
+        # /metrics: the calls of both processes, summed; each process's own, labelled.
+        assert metric(runner, "livepeer_runner_requests_total", code="200", model=runner.env["MODEL_ID"],
+                      operation="genLLM", outcome="ok") == 30
+        by_process = [metric(runner, "livepeer_runner_api_process_requests_total", process=str(index))
+                      for index in (0, 1)]
+        assert sum(by_process) == 31 and all(by_process), by_process
+        assert metric(runner, "livepeer_runner_admission_capacity") == MAX_NUM_SEQS + MAX_WAITING_REQUESTS
+
+        # SIGTERM with a request in flight: one unregister, one drain, the request finishes, nothing left.
+        finished: list[int] = []
+        body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 100, "temperature": 0}
+        in_flight = threading.Thread(target=lambda: finished.append(post_json(f"{runner.url}/llm", body)))
+        in_flight.start()
+        deadline = time.monotonic() + 20
+        while runner.health() != "OK" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        tree = runner.record_descendants()
+        signalled_at = time.monotonic()
+        runner.process.send_signal(signal.SIGTERM)
+        in_flight.join(timeout=30)
+        assert runner.process.wait(timeout=30) == 0
+        took = time.monotonic() - signalled_at
+        assert finished == [200], "the request in flight at SIGTERM finishes, whichever process serves it"
+        assert took < 8, f"out {took:.1f} s after SIGTERM; go-livepeer kills after 8"
+        assert [left.answered for left in standin.unregisters] == [204], "one unregister"
+        log = runner.log_path.read_text()
+        assert log.count('"event": "runner.draining"') == 1 and log.count('"event": "runner.stopped"') == 2
+        assert len(tree) >= 4, "the primary, its extra, the engine core and its worker"
+        assert runner.left_behind(timeout=3) == [], "no process outlives the runner"
+        print(f"served by process: {served}; per-process admitted: {by_process}; out {took:.2f} s after SIGTERM")
+    finally:
+        runner.stop()
+        standin.stop()
+
+
+def test_an_engine_that_dies_under_two_api_processes_is_error_and_ends_the_extra(tmp_path, tiny_model_dir):
+    runner = RunnerProcess("two-processes-doomed", {**tiny_engine_env(tiny_model_dir, core=None), "API_PROCESSES": "2"},
+                           tmp_path / "runner.log")
+    runner.start()
+    try:
+        runner.wait_until({"IDLE"}, timeout=START_TIMEOUT)
+        wait_serving(runner, 2, timeout=START_TIMEOUT)
+        tree = runner.record_descendants()
+        [engine] = [process for process in runner.engine_processes() if "EngineCore" in process.name()]
+        [extra] = [process for process in tree[1:] if "VLLM" not in process.name()
+                   and "resource_tracker" not in " ".join(process.cmdline())]
+        killed_at = time.monotonic()
+        engine.kill()
+        assert runner.wait_until({"ERROR"}, timeout=15) == "ERROR"
+        seen_in = time.monotonic() - killed_at
+        deadline = time.monotonic() + 10
+        while extra.is_running() and extra.status() != "zombie" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not extra.is_running() or extra.status() == "zombie", "the extra is ended with the engine"
+        assert post_json(f"{runner.url}/llm", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}) == 503
+        assert '"event": "api_process.ending_all"' in runner.log_path.read_text()
+        runner.process.send_signal(signal.SIGTERM)
+        assert runner.process.wait(timeout=30) == 0
+        assert runner.left_behind(timeout=3) == [], "no process outlives the runner"
+        print(f"engine killed: ERROR {seen_in:.2f} s later, the extra ended")
+    finally:
+        runner.stop()
