@@ -12,11 +12,10 @@ streams. Finished responses are kept in a bounded store of this process
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -26,13 +25,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.llm import schema
 from pipelines.llm.answers import AnswerEvent, AnswerReader, CallArguments, CallStart, ReasoningDelta, TextDelta
-from pipelines.llm.api import spec_operations
-from pipelines.llm.api.openai_base import OpenAIAPI, bad, common_sampling
-from pipelines.llm.conversation import turn
-from pipelines.llm.engine import GenerationStep, Sampling
+from pipelines.llm.api import bad, openai_error_detail, spec_operations
+from pipelines.llm.api.openai_base import OpenAIAPI, common_sampling
+from pipelines.llm.conversation import chat_body, turn
+from pipelines.llm.engine import Sampling
 from pipelines.llm.generation import Generation
 from pipelines.llm.limits import check_schemas, json_document
-from pipelines.llm.replies import ReplyTracker, choice_finish_reason, usage_of
+from pipelines.llm.replies import Choice, Reply, ReplyTracker, Update, usage_of
 from pipelines.llm.schema import (
     ResponsesContentPart,
     ResponsesDeleted,
@@ -52,8 +51,8 @@ from pipelines.llm.schema import (
     ResponsesUsage,
 )
 from pipelines.llm.served_models import ServedModels
-from pipelines.llm.tools import ToolPlan, plan_constraint, plan_tools
-from runner.pipeline import EventStream, OpenAIErrorDetail, OperationError, RequestContext, Serve
+from pipelines.llm.tools import ToolPlan, plan_constraint
+from runner.pipeline import OperationError, RequestContext, Serve
 
 log = structlog.get_logger(__name__)
 
@@ -162,14 +161,6 @@ class Conversation:
                                   tool_calls=message.calls))
             except OperationError as exc:  # named by the field the message came from, not by its place
                 raise bad(exc.msg, message.origin) from None
-        return turns
-
-    def chat_messages(self, instructions: str | None) -> list[dict]:
-        """The conversation as OpenAI chat messages, as vLLM's tool-call parsers read a request."""
-        turns = self.turns(instructions)
-        for written in turns:
-            for call in written.get("tool_calls", ()):
-                call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
         return turns
 
 
@@ -394,6 +385,9 @@ class CallItem:
 OutputItem = MessageItem | ReasoningItem | CallItem
 
 
+TEXT_DELTA = b"response.output_text.delta"
+
+
 class Output:
     """One answer's output items as its events come, and (when ``streaming``) the stream events that say so.
 
@@ -410,23 +404,24 @@ class Output:
         self.calls: dict[int, CallItem] = {}  # the open calls, by the reader's call index
         self.sequence = 0  # the next event's sequence_number
 
-    def event(self, kind: str, **fields) -> bytes:
+    def event(self, kind: str, **fields) -> tuple[bytes, bytes]:
+        """One stream event, under its type (its SSE name)."""
         number, self.sequence = self.sequence, self.sequence + 1
-        return to_json({"type": kind, "sequence_number": number, **fields})
+        return kind.encode(), to_json({"type": kind, "sequence_number": number, **fields})
 
-    def text_delta(self, text: str) -> bytes:
+    def text_delta(self, text: str) -> tuple[bytes, bytes]:
         """The hot path: one piece of text for the open message."""
         item = self.open
         item.parts.append(text)
         number, self.sequence = self.sequence, self.sequence + 1
-        return item.delta_head + b'%d,"delta":%s}' % (number, to_json(text))
+        return TEXT_DELTA, item.delta_head + b'%d,"delta":%s}' % (number, to_json(text))
 
     @property
     def writing_text(self) -> bool:
         return self.streaming and self.open is not None and self.open.kind == "message"
 
-    def take(self, event: AnswerEvent) -> list[bytes]:
-        sent: list[bytes] = []
+    def take(self, event: AnswerEvent) -> list[tuple[bytes, bytes]]:
+        sent: list[tuple[bytes, bytes]] = []
         if isinstance(event, TextDelta):
             if not event.text:
                 return sent
@@ -461,7 +456,7 @@ class Output:
                                        output_index=call.index, delta=event.text))
         return sent
 
-    def start(self, item: OutputItem) -> list[bytes]:
+    def start(self, item: OutputItem) -> list[tuple[bytes, bytes]]:
         self.items.append(item)
         if item.kind != "function_call":
             self.open = item
@@ -475,7 +470,7 @@ class Output:
                                    content_index=0, part=empty))
         return sent
 
-    def close_open(self, status: str = "completed") -> list[bytes]:
+    def close_open(self, status: str = "completed") -> list[tuple[bytes, bytes]]:
         item, self.open = self.open, None
         if item is None:
             return []
@@ -491,7 +486,7 @@ class Output:
             self.event("response.output_item.done", output_index=item.index, item=item.model()),
         ]
 
-    def close_calls(self, status: str = "completed") -> list[bytes]:
+    def close_calls(self, status: str = "completed") -> list[tuple[bytes, bytes]]:
         sent = []
         for call in self.calls.values():
             call.status = status
@@ -504,7 +499,7 @@ class Output:
         self.calls = {}
         return sent
 
-    def close(self, cut: bool) -> list[bytes]:
+    def close(self, cut: bool) -> list[tuple[bytes, bytes]]:
         """The end of the answer: what is still open ends, "incomplete" when the length limit cut it."""
         if not self.items:  # nothing at all was said: an empty message, as OpenAI answers it
             sent = self.start(MessageItem(0))
@@ -524,8 +519,11 @@ class Output:
 # 5. One response: JSON, or a stream of events
 
 
-class ResponsesReply:
-    """One Responses request's answer, as a ResponsesResponse or as its stream of events."""
+class ResponsesReply(Reply):
+    """One Responses request's answer, as a ResponsesResponse or as its stream of events, each under its type (as
+    OpenAI and ``vllm serve`` frame them: ``event: <type>`` before ``data:``, and no ``data: [DONE]``)."""
+
+    NAMED = True
 
     def __init__(self, request: ResponsesRequest, sampling: Sampling, model: str, tracker: ReplyTracker,
                  reader: AnswerReader, conversation: Conversation, store: ResponseStore) -> None:
@@ -535,11 +533,12 @@ class ResponsesReply:
         self.tracker = tracker
         self.context = tracker.context
         self.reader = reader
+        self.readers = [reader]
         self.conversation = conversation
         self.store = store
         self.id = new_id("resp")
         self.created = int(time.time())
-        self.output = Output(streaming=bool(request.stream))
+        self.output = Output(streaming=True)
         self.counted = 0  # the choice's tokens already told apart as thinking or not
         self.reasoning_tokens = 0
 
@@ -570,42 +569,63 @@ class ResponsesReply:
             output_tokens_details=ResponsesOutputTokensDetails(reasoning_tokens=self.reasoning_tokens),
         )
 
-    def read(self, update_tokens: int, text: str, token_ids: Sequence[int]) -> list[AnswerEvent]:
-        """The reader's events for one engine step's text; the step's tokens count as thinking if all it said was."""
-        events = self.reader.feed(text, token_ids)
-        tokens, self.counted = update_tokens - self.counted, update_tokens
+    def opening(self, starts: list[list[AnswerEvent]]) -> list[tuple[bytes, bytes]]:
+        sent = []
+        if self.streaming:
+            started = self.response("in_progress", [])
+            sent += [self.lifecycle("response.created", started), self.lifecycle("response.in_progress", started)]
+        for event in starts[0]:
+            sent += self.output.take(event)
+        return sent
+
+    def said(self, update: Update, events: list[AnswerEvent]) -> list[tuple[bytes, bytes]]:
+        # The step's tokens count as thinking if all it said was.
+        tokens, self.counted = update.choice.tokens - self.counted, update.choice.tokens
         if events and type(events[-1]) is ReasoningDelta and all(type(event) is ReasoningDelta for event in events):
             self.reasoning_tokens += tokens
-        return events
+        output = self.output
+        sent = []
+        for event in events:
+            if type(event) is TextDelta and event.text and output.writing_text:
+                sent.append(output.text_delta(event.text))
+            else:
+                sent += output.take(event)
+        return sent
+
+    def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[tuple[bytes, bytes]]:
+        sent = []
+        for event in events:
+            sent += self.output.take(event)
+        return sent
+
+    def closing(self) -> list[tuple[bytes, bytes]]:
+        [choice] = self.tracker.choices
+        cut = choice.cut
+        sent = self.output.close(cut)
+        response = self.finish(cut)
+        if self.streaming:
+            sent.append(self.lifecycle("response.incomplete" if cut else "response.completed", response))
+        return sent
 
     def finish(self, cut: bool) -> ResponsesResponse:
         """The finished response, kept in the store when the request asked (and the store keeps any)."""
-        [choice] = self.tracker.choices
-        self.tracker.settle([choice_finish_reason(choice, bool(self.reader.calls))])
         response = self.response("incomplete" if cut else "completed", self.output.models(), self.usage())
         if self.request.store is not False:
             answered = Message("assistant", self.output.message_text(), "previous_response_id",
                                calls=[(call.id, call.name, call.arguments) for call in self.reader.calls])
             history = [*self.conversation.messages, *([answered] if answered.content or answered.calls else [])]
             self.store.put(StoredResponse(response, tuple(history)))
+        self.finished = response
         return response
 
-    async def whole(self, steps: AsyncIterator[GenerationStep]) -> ResponsesResponse:
-        output = self.output
-        for event in self.reader.start():
-            output.take(event)
-        async for step in steps:
-            for update in self.tracker.take(step):
-                for event in self.read(update.choice.tokens, update.text, update.token_ids):
-                    output.take(event)
-        [choice] = self.tracker.choices
-        cut = choice.finish_reason == "length"
-        for event in self.reader.finish(cut=cut):
-            output.take(event)
-        output.close(cut)
-        return self.finish(cut)
+    async def whole(self, steps) -> ResponsesResponse:
+        self.output.streaming = False
+        return await super().whole(steps)
 
-    def lifecycle(self, kind: str, response: ResponsesResponse, **extra: bytes) -> bytes:
+    def answer(self) -> ResponsesResponse:
+        return self.finished
+
+    def lifecycle(self, kind: str, response: ResponsesResponse, **extra: bytes) -> tuple[bytes, bytes]:
         """An event that carries the whole response, written as the JSON answer is (what was set, by alias)."""
         output = self.output
         number, output.sequence = output.sequence, output.sequence + 1
@@ -613,57 +633,13 @@ class ResponsesReply:
             to_json(kind), number, response.model_dump_json(exclude_unset=True, by_alias=True).encode())
         for name, value in extra.items():
             document += b',"%s":%s' % (name.encode(), value)
-        return document + b"}"
+        return kind.encode(), document + b"}"
 
-    async def events(self, steps: AsyncIterator[GenerationStep]) -> AsyncIterator[bytes]:
-        output = self.output
-        try:
-            started = self.response("in_progress", [])
-            yield self.lifecycle("response.created", started)
-            yield self.lifecycle("response.in_progress", started)
-            for event in self.reader.start():
-                for data in output.take(event):
-                    yield data
-            cut = False
-            async for step in steps:
-                for update in self.tracker.take(step):
-                    for event in self.read(update.choice.tokens, update.text, update.token_ids):
-                        if type(event) is TextDelta and event.text and output.writing_text:
-                            yield output.text_delta(event.text)
-                        else:
-                            for data in output.take(event):
-                                yield data
-                    if update.finished:
-                        cut = update.choice.finish_reason == "length"
-                        for event in self.reader.finish(cut=cut):
-                            for data in output.take(event):
-                                yield data
-            for data in output.close(cut):
-                yield data
-            response = self.finish(cut)
-            yield self.lifecycle("response.incomplete" if cut else "response.completed", response)
-        finally:
-            await steps.aclose()  # aborts the engine request if the stream stopped early
-
-    def named_error_event(self, reason: str) -> tuple[bytes, bytes]:
-        return b"response.failed", self.error_event(reason)
-
-    def error_event(self, reason: str) -> bytes:
+    def error_event(self, reason: str) -> tuple[bytes, bytes]:
         """The in-band ending of a failed stream: ``response.failed``, with OpenAI's error object for the SDKs to raise."""
         failed = self.response("failed", self.output.models(), self.usage(),
                                ResponsesError(code="server_error", message=reason))
-        detail = OpenAIErrorDetail(message=reason, type="server_error", param=None, code=None)
-        return self.lifecycle("response.failed", failed, error=detail.model_dump_json().encode())
-
-
-TYPE_AT = len(b'{"type":"')  # every event document starts with its type
-
-
-async def named_by_type(events: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
-    """Each event under its type, as OpenAI and ``vllm serve`` frame them (``event: <type>`` before ``data:``);
-    the stream then ends with its last event, no ``data: [DONE]``."""
-    async for document in events:
-        yield document[TYPE_AT:document.index(b'"', TYPE_AT)], document
+        return self.lifecycle("response.failed", failed, error=openai_error_detail(reason))
 
 
 # 6. The API
@@ -691,7 +667,7 @@ class ResponsesAPI(OpenAIAPI):
         return ResponsesDeleted(id=response_id, object="response", deleted=True)
 
     async def create_response(self, request: ResponsesRequest, context: RequestContext):
-        model = self.models.base if not request.model else self.served(request.model)
+        model = self.served(request.model, blank_is_base=True)
         refuse_what_is_not_served(request)
         previous = None
         if request.previous_response_id is not None:
@@ -701,21 +677,15 @@ class ResponsesAPI(OpenAIAPI):
         if not conversation.messages:
             raise bad("input must hold at least one item (or name a previous_response_id)", "input")
         tools = function_tools(request)
-        plan = plan_tools(tools, chat_tool_choice(request), request.parallel_tool_calls,
-                          self.generation.tool_parser is not None, self.models.base.id)
-        prompt = await self.generation.render_chat(conversation.turns(request.instructions), plan.template_tools,
-                                             instructions=plan.instructions)
+        turns = conversation.turns(request.instructions)
+        prompt, plan = await self.chat_prompt(turns, tools, chat_tool_choice(request), request.parallel_tool_calls)
         sampling = self.response_sampling(request, prompt, plan)
         steps = await self.generation.start(prompt, sampling, context, model, "max_output_tokens")
         tracker = ReplyTracker(context, [len(prompt)])
-        chat_body = {"model": model.id, "messages": conversation.chat_messages(request.instructions),
-                     "tools": tools, "tool_choice": "auto"} if plan.mode == "auto" else None
-        reader = self.generation.answer_reader(plan, sampling, prompt, chat_body)
+        body = chat_body(model.id, turns, tools) if plan.mode == "auto" else None
+        reader = self.generation.answer_reader(plan, sampling, prompt, body)
         reply = ResponsesReply(request, sampling, model.id, tracker, reader, conversation, self.store)
-        if request.stream:
-            return EventStream(events=named_by_type(reply.events(steps)), error_event=reply.named_error_event,
-                               named=True)
-        return await reply.whole(steps)
+        return await reply.reply(bool(request.stream), steps)
 
     def response_sampling(self, request: ResponsesRequest, prompt: Sequence[int], plan: ToolPlan) -> Sampling:
         json_schema, json_object = output_format(request)

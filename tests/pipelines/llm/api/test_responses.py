@@ -89,7 +89,8 @@ def test_every_kind_of_event_is_one_the_sdk_parses_in_the_order_it_expects():
                   CallStart(1, "call_b", "get_time"), CallArguments(1, "{}")]:
         sent += output.take(event)
     sent += output.close(cut=False)
-    events = [json.loads(data) for data in sent]
+    events = [json.loads(data) for _, data in sent]
+    assert [name.decode() for name, _ in sent] == [event["type"] for event in events], "each event under its type"
     for event in events:
         sdk_event(event)
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
@@ -119,13 +120,13 @@ def test_every_kind_of_event_is_one_the_sdk_parses_in_the_order_it_expects():
 def test_an_answer_cut_at_the_length_limit_leaves_its_open_items_incomplete():
     output = Output(streaming=True)
     sent = output.take(TextDelta("Once upon")) + output.close(cut=True)
-    done = json.loads(sent[-1])
+    done = json.loads(sent[-1][1])
     assert done["type"] == "response.output_item.done" and done["item"]["status"] == "incomplete"
 
 
 def test_an_answer_that_says_nothing_is_one_empty_message():
     output = Output(streaming=True)
-    events = [sdk_event(json.loads(data)) for data in output.close(cut=False)]
+    events = [sdk_event(json.loads(data)) for _, data in output.close(cut=False)]
     assert [event.type for event in events] == [
         "response.output_item.added", "response.content_part.added", "response.output_text.done",
         "response.content_part.done", "response.output_item.done"]
