@@ -250,7 +250,7 @@ class Reply:
     async def events(self, steps: AsyncIterator) -> AsyncIterator:
         """The one read loop: the steps (or (prompt, step) pairs of several prompts) through the readers into the
         hooks; closing it early, or its end, closes the steps (an unfinished engine request is aborted)."""
-        tracker, readers = self.tracker, self.readers
+        tracker, readers, said = self.tracker, self.readers, self.said  # said: once per step, the hot path
         try:
             starts = [reader.start() for reader in readers] if readers is not None else []
             for data in self.opening(starts):
@@ -266,10 +266,9 @@ class Reply:
                         choice.started = True
                         for data in self.began(choice, starts[choice.index] if reader is not None else []):
                             yield data
-                    for data in self.said(update, None if reader is None
-                                          else reader.feed(update.text, update.token_ids)):
+                    for data in said(update, None if reader is None else reader.feed(update.text, update.token_ids)):
                         yield data
-                    if update.finished:
+                    if choice.finish_reason is not None:
                         if reader is None:
                             events, reason = [], choice_finish_reason(choice)
                         else:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import ClassVar
 
+from pipelines.llm import schema
 from pipelines.llm.generation import Generation
 from pipelines.llm.served_models import ServedModel, ServedModels
 from pipelines.llm.tools import ToolPlan, plan_tools
@@ -79,9 +80,20 @@ def openai_error_detail(reason: str) -> bytes:
 
 
 class LLMAPI:
-    """The shared serving base: what every API of the llm pipeline is handed, and what they share."""
+    """The shared serving base: what every API of the llm pipeline is handed, and what they share.
+
+    ``SERVES`` names, for each operationId of the spec the API serves, the coroutine that serves it; ``OPERATIONS``
+    are those operations of the llm pipeline's generated protocol module (an API whose operations come from a
+    protocol module of its own sets ``OPERATIONS`` itself).
+    """
 
     OPERATIONS: ClassVar[tuple[Operation, ...]]
+    SERVES: ClassVar[Mapping[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.SERVES and "OPERATIONS" not in cls.__dict__:
+            cls.OPERATIONS = spec_operations(schema.OPERATIONS, *cls.SERVES)
 
     def __init__(self, generation: Generation, models: ServedModels) -> None:
         self.generation = generation
@@ -119,7 +131,7 @@ class LLMAPI:
 
     def operations(self) -> Mapping[str, Serve]:
         """Each of ``OPERATIONS``'s operationIds with the coroutine that serves it."""
-        raise NotImplementedError
+        return {operation_id: getattr(self, name) for operation_id, name in self.SERVES.items()}
 
     def request_size(self, operation_id: str, body) -> RequestSize:
         """What a request of one of ``OPERATIONS`` becomes in the engine, read from its body alone (it runs before

@@ -12,14 +12,13 @@ whole message is built from the same events, so the two never disagree.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic_core import from_json, to_json
 
-from pipelines.llm import schema
 from pipelines.llm.answers import AnswerEvent, AnswerReader, CallArguments, CallStart, ReasoningDelta, TextDelta
-from pipelines.llm.api import LLMAPI, bad, in_band_error, spec_operations
+from pipelines.llm.api import LLMAPI, bad, in_band_error
 from pipelines.llm.conversation import chat_body, require_turns, turn
 from pipelines.llm.engine import Sampling
 from pipelines.llm.replies import NOTHING, Choice, Reply, ReplyTracker, Update, anthropic_usage_json
@@ -37,7 +36,7 @@ from pipelines.llm.schema import (
     AnthropicUsage,
 )
 from pipelines.llm.tools import ToolPlan, plan_constraint
-from runner.pipeline import RequestContext, Serve
+from runner.pipeline import RequestContext
 
 # Anthropic's stop reasons for the shared finish reasons.
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "stop": "end_turn"}
@@ -48,10 +47,7 @@ EMPTY_BLOCKS = {"text": b'{"type":"text","text":""}', "thinking": b'{"type":"thi
 
 
 class AnthropicAPI(LLMAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "createMessage", "countMessageTokens")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"createMessage": self.create_message, "countMessageTokens": self.count_tokens}
+    SERVES = {"createMessage": "create_message", "countMessageTokens": "count_tokens"}
 
     async def prompt(self, request: AnthropicMessagesRequest | AnthropicCountTokensRequest
                      ) -> tuple[list[int], ToolPlan, list[dict]]:
@@ -221,18 +217,25 @@ class MessageReply(Reply):
         """The in-band ending of a failed stream: Anthropic's ``error`` event, which its SDK raises."""
         return in_band_error("anthropic", reason)
 
-    def began(self, choice: Choice, start: list[AnswerEvent]) -> list[tuple[bytes, bytes]] | tuple:
-        if not self.streaming:
-            self.kept += start
-            return NOTHING
-        sent = [(MESSAGE_START, self.message_start())]
-        for event in start:
+    def kept_whole(self, events: list[AnswerEvent]) -> bool:
+        """Not streaming: the events are kept for the whole message (True), and nothing is written."""
+        if self.streaming:
+            return False
+        self.kept += events
+        return True
+
+    def written(self, events: list[AnswerEvent], sent: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        for event in events:
             sent.extend(self.write(event))
         return sent
 
+    def began(self, choice: Choice, start: list[AnswerEvent]) -> list[tuple[bytes, bytes]] | tuple:
+        if self.kept_whole(start):
+            return NOTHING
+        return self.written(start, [(MESSAGE_START, self.message_start())])
+
     def said(self, update: Update, events: list[AnswerEvent]) -> list[tuple[bytes, bytes]] | tuple:
-        if not self.streaming:
-            self.kept += events
+        if self.kept_whole(events):
             return NOTHING
         sent = []
         for event in events:
@@ -244,12 +247,9 @@ class MessageReply(Reply):
         return sent
 
     def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[tuple[bytes, bytes]] | tuple:
-        if not self.streaming:
-            self.kept += events
+        if self.kept_whole(events):
             return NOTHING
-        sent = []
-        for event in events:
-            sent.extend(self.write(event))
+        sent = self.written(events, [])
         if self.index < 0:  # no content at all: Anthropic's empty answer is one empty text block
             sent.append(self.open("text"))
         sent.append((BLOCK_STOP, b'{"type":"content_block_stop","index":%d}' % self.index))

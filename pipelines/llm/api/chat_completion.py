@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 
 from pydantic_core import to_json
 
 from pipelines.llm import schema
-from pipelines.llm.api import RequestSize, bad, spec_operations
+from pipelines.llm.api import RequestSize, bad
 from pipelines.llm.answers import AnswerEvent, CallArguments, CallStart, ReasoningDelta, TextDelta, ToolCall
 from pipelines.llm.api.openai_base import (
     ChunkEnvelope,
@@ -34,14 +33,11 @@ from pipelines.llm.schema import (
     TopLogprob,
 )
 from pipelines.llm.tools import ToolPlan, plan_constraint
-from runner.pipeline import RequestContext, Serve
+from runner.pipeline import RequestContext
 
 
 class ChatCompletionAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "createChatCompletion")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"createChatCompletion": self.chat_completion}
+    SERVES = {"createChatCompletion": "chat_completion"}
 
     def request_size(self, operation_id: str, request: ChatCompletionRequest) -> RequestSize:
         return RequestSize(1, request.n or 1, "messages", "n")
@@ -139,7 +135,12 @@ class ChatReply(OpenAIReply):
         if not self.streaming:
             return NOTHING
         index = update.choice.index
-        if not self.with_logprobs:  # the hot path: one chunk per event
+        if not self.with_logprobs:  # the hot path: one chunk per event, most often one event
+            if len(events) == 1:
+                event = events[0]
+                if self.with_reasoning or type(event) is not ReasoningDelta:
+                    return (self.chunk(index, delta_of(event), NOTHING),)
+                return NOTHING
             return [self.chunk(index, delta_of(event), NOTHING) for event in events
                     if self.with_reasoning or type(event) is not ReasoningDelta]
         held = self.held[index]

@@ -8,12 +8,11 @@ apart by ``index`` (prompt by prompt, ``n`` each), as OpenAI orders them.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from pydantic_core import to_json
 
-from pipelines.llm import schema
-from pipelines.llm.api import RequestSize, bad, spec_operations
+from pipelines.llm.api import RequestSize, bad
 from pipelines.llm.api.openai_base import (
     ChunkEnvelope,
     OpenAIAPI,
@@ -24,14 +23,11 @@ from pipelines.llm.api.openai_base import (
 )
 from pipelines.llm.replies import NOTHING, Choice, LogprobEntry, ReplyTracker, Update, usage_model
 from pipelines.llm.schema import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionUsage
-from runner.pipeline import RequestContext, Serve
+from runner.pipeline import RequestContext
 
 
 class CompletionAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "createCompletion")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"createCompletion": self.completion}
+    SERVES = {"createCompletion": "completion"}
 
     def request_size(self, operation_id: str, request: CompletionRequest) -> RequestSize:
         prompts = 1 if isinstance(request.prompt, str) else len(request.prompt)

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 
 from pydantic_core import to_json
 
-from pipelines.llm import schema
 from pipelines.llm.answers import AnswerEvent, AnswerReader, TextDelta
-from pipelines.llm.api import LLMAPI, spec_operations
+from pipelines.llm.api import LLMAPI
 from pipelines.llm.conversation import require_turns, turn
 from pipelines.llm.engine import Sampling
 from pipelines.llm.replies import NOTHING, Choice, Reply, ReplyTracker, Update, usage_json, usage_model
 from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from pipelines.llm.tools import ToolPlan
-from runner.pipeline import EventStream, RequestContext, Serve
+from runner.pipeline import EventStream, RequestContext
 
 
 class LivepeerAPI(LLMAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "genLLM")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"genLLM": self.generate}
+    SERVES = {"genLLM": "generate"}
 
     async def generate(self, request: LLMRequest, context: RequestContext) -> LLMResponse | EventStream:
         model = self.served(request.model, blank_is_base=True)  # "" means whatever this runner serves

@@ -10,20 +10,14 @@ engine: only its tokenizer is used.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from pipelines.llm import schema
-from pipelines.llm.api import bad, spec_operations
+from pipelines.llm.api import bad
 from pipelines.llm.api.openai_base import OpenAIAPI
 from pipelines.llm.schema import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from runner.pipeline import RequestContext, Serve
+from runner.pipeline import RequestContext
 
 
 class TokenizeAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "tokenize", "detokenize")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"tokenize": self.tokenize, "detokenize": self.detokenize}
+    SERVES = {"tokenize": "tokenize", "detokenize": "detokenize"}
 
     async def tokenize(self, request: TokenizeRequest, context: RequestContext) -> TokenizeResponse:
         self.served(request.model, blank_is_base=True)  # vLLM's: none given is the base model

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from pydantic_core import to_json
 
 from pipelines.llm import schema
 from pipelines.llm.answers import AnswerEvent, AnswerReader, ReasoningDelta, TextDelta
-from pipelines.llm.api import bad, openai_error_detail, spec_operations
+from pipelines.llm.api import bad, openai_error_detail
 from pipelines.llm.api.openai_base import OpenAIAPI, common_sampling
 from pipelines.llm.api.responses.conversation import Conversation, Message
 from pipelines.llm.api.responses.output import Output, new_id
@@ -32,7 +32,7 @@ from pipelines.llm.schema import (
 )
 from pipelines.llm.served_models import ServedModels
 from pipelines.llm.tools import ToolPlan, plan_constraint
-from runner.pipeline import RequestContext, Serve
+from runner.pipeline import RequestContext
 
 
 NOT_SERVED = (  # (param, whether the request asks for it, why not)
@@ -232,16 +232,13 @@ class ResponsesReply(Reply):
 
 
 class ResponsesAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "createResponse", "retrieveResponse", "deleteResponse")
+    SERVES = {"createResponse": "create_response", "retrieveResponse": "retrieve_response",
+              "deleteResponse": "delete_response"}
 
     def __init__(self, generation: Generation, models: ServedModels, settings: ResponsesSettings | None = None) -> None:
         super().__init__(generation, models)
         self.settings = settings if settings is not None else ResponsesSettings()
         self.store = ResponseStore(self.settings.store_size, self.settings.store_bytes)
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"createResponse": self.create_response, "retrieveResponse": self.retrieve_response,
-                "deleteResponse": self.delete_response}
 
     async def retrieve_response(self, _body: None, context: RequestContext) -> ResponsesResponse:
         return self.store.find(context.params.get("response_id", ""), "response_id").response
