@@ -7,10 +7,10 @@ path into the engine) and ``ServedModels``. The base owns what every API shares
 (as vLLM's ``OpenAIServing`` does): the model and adapter lookup, request and
 in-band errors in the operation's error shape (its ``x-error-shape``) and the
 chat prompt; the usage object of each wire format and the one read loop over a
-generation's steps are ``replies``'s (``usage_json``, ``Reply``). The pipeline serves every API
-installed under the ``livepeer_runner.llm_apis`` entry-point group, so a new
-surface is one module, its part of openapi.yaml and one entry point, with no
-change to any other API or to the pipeline.
+generation's steps are ``replies``'s (``usage_json``, ``Reply``). The pipeline
+serves every API installed under the ``livepeer_runner.llm_apis`` entry-point
+group, so a new surface is one module, its part of openapi.yaml and one entry
+point, with no change to any other API or to the pipeline.
 """
 
 from __future__ import annotations
@@ -25,12 +25,7 @@ from pipelines.llm.generation import Generation
 from pipelines.llm.served_models import ServedModel, ServedModels
 from pipelines.llm.tools import ToolPlan, plan_tools
 from runner.operations import Operation
-from runner.pipeline import (
-    OperationError,
-    Serve,
-    anthropic_error_document,
-    openai_error_document,
-)
+from runner.pipeline import OperationError, Serve, anthropic_error_document, openai_error_document
 
 API_ENTRY_POINT_GROUP = "livepeer_runner.llm_apis"
 
@@ -125,9 +120,6 @@ class LLMAPI:
                                                    **rendering)
         return prompt, plan
 
-    def error_event(self, reason: str) -> bytes | tuple[bytes, bytes]:
-        """A failed stream's in-band ending, in the API's error shape."""
-        return in_band_error(self.error_shape, reason)
 
     def operations(self) -> Mapping[str, Serve]:
         """Each of ``OPERATIONS``'s operationIds with the coroutine that serves it."""
