@@ -6,6 +6,7 @@ for the template are decided here once, whichever API the messages came from.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,3 +54,16 @@ def with_system_text(turns: list[dict], text: str) -> list[dict]:
         first["content"] = f"{first['content']}\n\n{text}" if first["content"] else text
         return [first, *turns[1:]]
     return [{"role": "system", "content": text}, *turns]
+
+
+def chat_body(model_id: str, turns: list[dict], tools: list[dict] | None) -> dict:
+    """A request as OpenAI's chat body, which vLLM's tool-call parsers read (the "auto" plan): the turns as chat
+    messages, each earlier call's arguments as the JSON string OpenAI's messages carry."""
+    messages = []
+    for written in turns:
+        if "tool_calls" in written:
+            written = {**written, "tool_calls": [
+                {**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"])}}
+                for call in written["tool_calls"]]}
+        messages.append(written)
+    return {"model": model_id, "messages": messages, "tools": tools, "tool_choice": "auto"}

@@ -6,15 +6,23 @@ logprobs and how each ended, and keeps the request's ``RequestContext`` (usage,
 time to first token, finish reason) up to date as steps come. Each API module
 writes what the tracker holds in its own wire format; the rules for usage,
 finish reasons and logprobs live here and nowhere else.
+
+``Reply`` is the one read loop over a generation's steps: each choice's answer
+events (read by its ``AnswerReader``) and its end go to the API's writer
+hooks, which return the stream's events; an API's whole answer is what the same
+hooks kept, read after the same loop ran, so a stream and a whole answer cannot
+disagree. The engine request is closed in one place, at the loop's end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from pipelines.llm.answers import AnswerEvent, AnswerReader
 from pipelines.llm.engine import CompletionDelta, GenerationStep
-from runner.pipeline import RequestContext
+from runner.pipeline import EventStream, RequestContext
 
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON
 # Per prompt token (None for the first, which nothing predicts): candidate token id -> (logprob, rank, its text).
@@ -44,11 +52,17 @@ class Choice:
     logprobs: list[LogprobEntry] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" once the engine is done with it
     stop_sequence: str | None = None  # the request's stop string that ended it, if one did
-    started: bool = False  # a stream has sent this choice's first chunk
+    started: bool = False  # its first step has been read
+    reason: str = ""  # once ended: its finish reason for the client (tool calls known)
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def cut(self) -> bool:
+        """The choice ended at the length limit (max_tokens or the model's)."""
+        return self.finish_reason == "length"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +90,17 @@ def usage_json(context: RequestContext) -> bytes:
     return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % usage_of(context)
 
 
+def usage_model(context: RequestContext, model: type) -> Any:
+    """OpenAI's and /llm's usage object as its response model ``model`` (CompletionUsage, LLMTokenUsage)."""
+    prompt, completion, total = usage_of(context)
+    return model(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+def anthropic_usage_json(context: RequestContext) -> bytes:
+    """Anthropic's usage object, as JSON bytes (every Messages stream's start and end carries it)."""
+    return b'{"input_tokens":%d,"output_tokens":%d}' % (context.prompt_tokens, context.completion_tokens)
+
+
 def finish_reason_of(delta: CompletionDelta) -> str | None:
     reason = delta.finish_reason
     if reason is None or reason in ("stop", "length"):
@@ -85,7 +110,7 @@ def finish_reason_of(delta: CompletionDelta) -> str | None:
 
 def choice_finish_reason(choice: Choice, called_tools: bool = False) -> str:
     """How one finished choice ended, for the client: the length limit wins over tool calls, which win over a stop."""
-    if choice.finish_reason == "length":
+    if choice.cut:
         return "length"
     return "tool_calls" if called_tools else "stop"
 
@@ -173,3 +198,101 @@ class ReplyTracker:
     def settle(self, reasons: Sequence[str]) -> None:
         """The request's finish reason from the reasons its choices were given (tool calls decided at the end)."""
         self.context.finish_reason = overall_finish_reason(reasons)
+
+
+NOTHING: tuple = ()  # what a hook returns when it writes nothing (shared, never a new object)
+
+
+class Reply:
+    """One request's answer in one API's wire format: the one read loop, and the writer hooks an API fills in.
+
+    ``readers``: one ``AnswerReader`` per choice, or None where the answer is the text as generated (no tools, no
+    thinking to tell apart). ``streaming``: the hooks write the stream's events; a whole answer runs the same
+    loop and hooks with it False (they then keep what the answer says and write nothing), then ``answer()``
+    reads what they kept. Each hook returns a sequence of the stream's events (bytes, or (name, bytes) pairs
+    where ``NAMED``).
+    """
+
+    NAMED: ClassVar[bool] = False  # the events are (name, data) pairs, framed with their name
+
+    tracker: ReplyTracker
+    readers: list[AnswerReader] | None = None
+    streaming: bool = True
+
+    def opening(self, starts: list[list[AnswerEvent]]) -> Sequence:
+        """Before the first step; ``starts``: what each choice's answer says before its first token."""
+        return NOTHING
+
+    def began(self, choice: Choice, start: list[AnswerEvent]) -> Sequence:
+        """A choice's first step has come (``start``: what its answer says before its first token)."""
+        return NOTHING
+
+    def said(self, update: Update, events: list[AnswerEvent] | None) -> Sequence:
+        """One step of one choice: its answer events, or None without readers (the text is ``update.text``)."""
+        raise NotImplementedError
+
+    def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> Sequence:
+        """A choice has ended: the events its reader held back, and its finish reason for the client."""
+        return NOTHING
+
+    def closing(self) -> Sequence:
+        """Every choice has ended (the request's finish reason is settled)."""
+        return NOTHING
+
+    def answer(self) -> Any:
+        """The whole answer, from what the hooks kept."""
+        raise NotImplementedError
+
+    def error_event(self, reason: str) -> Any:
+        """The in-band ending of a stream that failed after its header went out."""
+        raise NotImplementedError
+
+    async def events(self, steps: AsyncIterator) -> AsyncIterator:
+        """The one read loop: the steps (or (prompt, step) pairs of several prompts) through the readers into the
+        hooks; closing it early, or its end, closes the steps (an unfinished engine request is aborted)."""
+        tracker, readers, said = self.tracker, self.readers, self.said  # said: once per step, the hot path
+        try:
+            starts = [reader.start() for reader in readers] if readers is not None else []
+            for data in self.opening(starts):
+                yield data
+            async for step in steps:
+                prompt = 0
+                if type(step) is tuple:
+                    prompt, step = step
+                for update in tracker.take(step, prompt):
+                    choice = update.choice
+                    reader = readers[choice.index] if readers is not None else None
+                    if not choice.started:
+                        choice.started = True
+                        for data in self.began(choice, starts[choice.index] if reader is not None else []):
+                            yield data
+                    for data in said(update, None if reader is None else reader.feed(update.text, update.token_ids)):
+                        yield data
+                    if choice.finish_reason is not None:
+                        if reader is None:
+                            events, reason = [], choice_finish_reason(choice)
+                        else:
+                            events = reader.finish(cut=choice.cut)
+                            reason = choice_finish_reason(choice, bool(reader.calls))
+                        choice.reason = reason
+                        for data in self.ended(choice, events, reason):
+                            yield data
+            if readers is not None:  # tool calls are known only once each answer has ended
+                tracker.settle([choice.reason for choice in tracker.choices])
+            for data in self.closing():
+                yield data
+        finally:
+            await steps.aclose()
+
+    async def whole(self, steps: AsyncIterator) -> Any:
+        """The whole answer: the same loop and hooks as the stream, not streaming, then what they kept."""
+        self.streaming = False
+        async for _ in self.events(steps):
+            pass
+        return self.answer()
+
+    async def reply(self, stream: bool, steps: AsyncIterator) -> Any:
+        """The answer as the request asked: a stream of events, or the whole answer."""
+        if stream:
+            return EventStream(events=self.events(steps), error_event=self.error_event, named=self.NAMED)
+        return await self.whole(steps)

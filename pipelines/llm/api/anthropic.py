@@ -12,17 +12,16 @@ whole message is built from the same events, so the two never disagree.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic_core import from_json, to_json
 
-from pipelines.llm import schema
 from pipelines.llm.answers import AnswerEvent, AnswerReader, CallArguments, CallStart, ReasoningDelta, TextDelta
-from pipelines.llm.api import LLMAPI, spec_operations
-from pipelines.llm.conversation import require_turns, turn
-from pipelines.llm.engine import GenerationStep, Sampling
-from pipelines.llm.replies import Choice, ReplyTracker, choice_finish_reason, usage_of
+from pipelines.llm.api import LLMAPI, bad, in_band_error
+from pipelines.llm.conversation import chat_body, require_turns, turn
+from pipelines.llm.engine import Sampling
+from pipelines.llm.replies import NOTHING, Choice, Reply, ReplyTracker, Update, anthropic_usage_json
 from pipelines.llm.schema import (
     AnthropicContentBlock,
     AnthropicCountTokensRequest,
@@ -36,9 +35,8 @@ from pipelines.llm.schema import (
     AnthropicToolChoice,
     AnthropicUsage,
 )
-from pipelines.llm.served_models import ServedModel
-from pipelines.llm.tools import ToolPlan, plan_constraint, plan_tools
-from runner.pipeline import EventStream, OperationError, RequestContext, Serve, anthropic_error_document
+from pipelines.llm.tools import ToolPlan, plan_constraint
+from runner.pipeline import RequestContext
 
 # Anthropic's stop reasons for the shared finish reasons.
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "stop": "end_turn"}
@@ -48,36 +46,16 @@ BLOCK_START, BLOCK_DELTA, BLOCK_STOP = b"content_block_start", b"content_block_d
 EMPTY_BLOCKS = {"text": b'{"type":"text","text":""}', "thinking": b'{"type":"thinking","thinking":"","signature":""}'}
 
 
-def bad(msg: str, param: str | None = None) -> OperationError:
-    return OperationError(msg, status=400, param=param)
-
-
-def error_event(reason: str) -> tuple[bytes, bytes]:
-    """The in-band ending of a failed stream: Anthropic's ``error`` event, which its SDK raises."""
-    return b"error", anthropic_error_document(500, reason)
-
-
 class AnthropicAPI(LLMAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "createMessage", "countMessageTokens")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"createMessage": self.create_message, "countMessageTokens": self.count_tokens}
-
-    def served(self, name: str) -> ServedModel:
-        model = self.models.find(name)
-        if model is None:
-            raise OperationError(f"model: {name!r} is not served here; this runner serves {self.models.names()}",
-                                 status=404, param="model")
-        return model
+    SERVES = {"createMessage": "create_message", "countMessageTokens": "count_tokens"}
 
     async def prompt(self, request: AnthropicMessagesRequest | AnthropicCountTokensRequest
                      ) -> tuple[list[int], ToolPlan, list[dict]]:
         """The request's prompt as the chat template renders it, its tool plan and its turns."""
         tools = [function_tool(tool, index) for index, tool in enumerate(request.tools or ())]
         choice, parallel = openai_tool_choice(request.tool_choice)
-        plan = plan_tools(tools, choice, parallel, self.generation.tool_parser is not None, self.models.base.id)
         turns = conversation(request)
-        prompt = await self.generation.render_chat(turns, plan.template_tools, instructions=plan.instructions)
+        prompt, plan = await self.chat_prompt(turns, tools, choice, parallel)
         return prompt, plan, turns
 
     async def create_message(self, request: AnthropicMessagesRequest, context: RequestContext):
@@ -91,13 +69,11 @@ class AnthropicAPI(LLMAPI):
             stop=list(request.stop_sequences or ()),
             **plan_constraint(plan),
         )
-        body = chat_body(model.id, turns, plan) if plan.mode == "auto" else None
+        body = chat_body(model.id, turns, plan.template_tools) if plan.mode == "auto" else None
         steps = await self.generation.start(prompt, sampling, context, model)
         reply = MessageReply(self.generation.answer_reader(plan, sampling, prompt, body), model.id,
                              ReplyTracker(context, [len(prompt)]))
-        if request.stream:
-            return EventStream(events=reply.events(steps), error_event=error_event, named=True)
-        return await reply.whole(steps)
+        return await reply.reply(bool(request.stream), steps)
 
     async def count_tokens(self, request: AnthropicCountTokensRequest, context: RequestContext) -> AnthropicTokensCount:
         self.served(request.model)
@@ -202,21 +178,9 @@ def tool_result_text(block: AnthropicContentBlock, where: str) -> str:
     return "\n".join(texts)
 
 
-def chat_body(model_id: str, turns: list[dict], plan: ToolPlan) -> dict:
-    """The request as OpenAI's chat body, which the model's tool-call parser reads (the "auto" plan)."""
-    messages = []
-    for written in turns:
-        if "tool_calls" in written:
-            written = {**written, "tool_calls": [
-                {**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"])}}
-                for call in written["tool_calls"]]}
-        messages.append(written)
-    return {"model": model_id, "messages": messages, "tools": plan.template_tools, "tool_choice": "auto"}
-
-
-def stop_reason(choice: Choice, called_tools: bool) -> tuple[str, str | None]:
+def stop_reason(choice: Choice) -> tuple[str, str | None]:
     """Anthropic's stop_reason and stop_sequence for a finished choice."""
-    reason = choice_finish_reason(choice, called_tools)
+    reason = choice.reason
     if reason == "stop" and choice.stop_sequence is not None:
         return "stop_sequence", choice.stop_sequence
     return STOP_REASONS[reason], None
@@ -231,11 +195,14 @@ def tool_input(arguments: str) -> dict:
     return parsed if isinstance(parsed, dict) else {}
 
 
-class MessageReply:
+class MessageReply(Reply):
     """One Messages request's answer (one choice): an AnthropicMessage, or Anthropic's stream of named events."""
+
+    NAMED = True
 
     def __init__(self, reader: AnswerReader, model: str, tracker: ReplyTracker) -> None:
         self.reader = reader
+        self.readers = [reader]
         self.tracker = tracker
         self.context = tracker.context
         self.model = model
@@ -244,67 +211,67 @@ class MessageReply:
         self.index = -1
         self.kind = ""
         self.call_blocks: dict[int, int] = {}  # a call's place among the calls -> its block's index
+        self.kept: list[AnswerEvent] = []  # the whole answer's events (not streaming)
 
-    async def whole(self, steps: AsyncIterator[GenerationStep]) -> AnthropicMessage:
-        events = []
-        async for step in steps:  # the reader reads the pieces a stream would have had
-            for update in self.tracker.take(step):
-                events += self.reader.feed(update.text, update.token_ids)
+    def error_event(self, reason: str) -> tuple[bytes, bytes]:
+        """The in-band ending of a failed stream: Anthropic's ``error`` event, which its SDK raises."""
+        return in_band_error("anthropic", reason)
+
+    def kept_whole(self, events: list[AnswerEvent]) -> bool:
+        """Not streaming: the events are kept for the whole message (True), and nothing is written."""
+        if self.streaming:
+            return False
+        self.kept += events
+        return True
+
+    def written(self, events: list[AnswerEvent], sent: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        for event in events:
+            sent.extend(self.write(event))
+        return sent
+
+    def began(self, choice: Choice, start: list[AnswerEvent]) -> list[tuple[bytes, bytes]] | tuple:
+        if self.kept_whole(start):
+            return NOTHING
+        return self.written(start, [(MESSAGE_START, self.message_start())])
+
+    def said(self, update: Update, events: list[AnswerEvent]) -> list[tuple[bytes, bytes]] | tuple:
+        if self.kept_whole(events):
+            return NOTHING
+        sent = []
+        for event in events:
+            if type(event) is TextDelta and self.kind == "text":  # most events: the next piece of text
+                sent.append((BLOCK_DELTA, b'{"type":"content_block_delta","index":%d,"delta":{"type":"text_delta",'
+                                          b'"text":%s}}' % (self.index, to_json(event.text))))
+            else:
+                sent.extend(self.write(event))
+        return sent
+
+    def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[tuple[bytes, bytes]] | tuple:
+        if self.kept_whole(events):
+            return NOTHING
+        sent = self.written(events, [])
+        if self.index < 0:  # no content at all: Anthropic's empty answer is one empty text block
+            sent.append(self.open("text"))
+        sent.append((BLOCK_STOP, b'{"type":"content_block_stop","index":%d}' % self.index))
+        sent.append((MESSAGE_DELTA, self.message_delta(*stop_reason(choice))))
+        sent.append((MESSAGE_STOP, b'{"type":"message_stop"}'))
+        return sent
+
+    def answer(self) -> AnthropicMessage:
         [choice] = self.tracker.choices
-        events += self.reader.finish(cut=choice.finish_reason == "length")
-        content = message_content(events)
-        reason, sequence = stop_reason(choice, bool(self.reader.calls))
-        self.tracker.settle([choice_finish_reason(choice, bool(self.reader.calls))])
-        input_tokens, output_tokens, _ = usage_of(self.context)
-        return AnthropicMessage(id=self.id, type="message", role="assistant", content=content, model=self.model,
-                                stop_reason=reason, stop_sequence=sequence,
-                                usage=AnthropicUsage(input_tokens=input_tokens, output_tokens=output_tokens))
-
-    async def events(self, steps: AsyncIterator[GenerationStep]) -> AsyncIterator[tuple[bytes, bytes]]:
-        reader = self.reader
-        try:
-            async for step in steps:
-                for update in self.tracker.take(step):
-                    choice = update.choice
-                    if not choice.started:
-                        choice.started = True
-                        yield MESSAGE_START, self.message_start()
-                        for event in reader.start():
-                            for written in self.write(event):
-                                yield written
-                    for event in reader.feed(update.text, update.token_ids):
-                        if type(event) is TextDelta and self.kind == "text":  # most events: the next piece of text
-                            yield BLOCK_DELTA, b'{"type":"content_block_delta","index":%d,"delta":{"type":"text_delta","text":%s}}' % (
-                                self.index, to_json(event.text))
-                        else:
-                            for written in self.write(event):
-                                yield written
-                    if update.finished:
-                        for event in reader.finish(cut=choice.finish_reason == "length"):
-                            for written in self.write(event):
-                                yield written
-                        if self.index < 0:  # no content at all: Anthropic's empty answer is one empty text block
-                            yield self.open("text")
-                        yield BLOCK_STOP, b'{"type":"content_block_stop","index":%d}' % self.index
-                        called = bool(reader.calls)
-                        self.tracker.settle([choice_finish_reason(choice, called)])
-                        yield MESSAGE_DELTA, self.message_delta(*stop_reason(choice, called))
-                        yield MESSAGE_STOP, b'{"type":"message_stop"}'
-        finally:
-            await steps.aclose()  # aborts the engine request if the stream stopped early
+        reason, sequence = stop_reason(choice)
+        return AnthropicMessage(id=self.id, type="message", role="assistant", content=message_content(self.kept),
+                                model=self.model, stop_reason=reason, stop_sequence=sequence,
+                                usage=AnthropicUsage.model_validate_json(anthropic_usage_json(self.context)))
 
     def message_start(self) -> bytes:
         return b'{"type":"message_start","message":{"id":%s,"type":"message","role":"assistant","content":[],' \
                b'"model":%s,"stop_reason":null,"stop_sequence":null,"usage":%s}}' % (
-                   to_json(self.id), to_json(self.model), self.usage())
+                   to_json(self.id), to_json(self.model), anthropic_usage_json(self.context))
 
     def message_delta(self, reason: str, sequence: str | None) -> bytes:
         return b'{"type":"message_delta","delta":{"stop_reason":%s,"stop_sequence":%s},"usage":%s}' % (
-            to_json(reason), to_json(sequence), self.usage())
-
-    def usage(self) -> bytes:
-        input_tokens, output_tokens, _ = usage_of(self.context)
-        return b'{"input_tokens":%d,"output_tokens":%d}' % (input_tokens, output_tokens)
+            to_json(reason), to_json(sequence), anthropic_usage_json(self.context))
 
     def open(self, kind: str, block: bytes | None = None) -> tuple[bytes, bytes]:
         """Start the next content block (the caller has closed the open one)."""

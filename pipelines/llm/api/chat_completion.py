@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
 
 from pydantic_core import to_json
 
 from pipelines.llm import schema
-from pipelines.llm.api import RequestSize, spec_operations
+from pipelines.llm.api import RequestSize, bad
 from pipelines.llm.answers import AnswerEvent, CallArguments, CallStart, ReasoningDelta, TextDelta, ToolCall
 from pipelines.llm.api.openai_base import (
     ChunkEnvelope,
     OpenAIAPI,
-    bad,
-    chat_turns,
-    error_event,
+    OpenAIReply,
     generation_prompt,
     prompt_logprobs_json,
     response_format_constraint,
     structured_outputs,
 )
-from pipelines.llm.engine import GenerationStep, Sampling
-from pipelines.llm.replies import LogprobEntry, ReplyTracker, choice_finish_reason, usage_of
+from pipelines.llm.engine import Sampling
+from pipelines.llm.replies import NOTHING, Choice, LogprobEntry, ReplyTracker, Update, usage_model
 from pipelines.llm.schema import (
     AssistantMessage,
     ChatCompletion,
@@ -35,15 +32,12 @@ from pipelines.llm.schema import (
     TokenLogprob,
     TopLogprob,
 )
-from pipelines.llm.tools import ToolPlan, plan_constraint, plan_tools
-from runner.pipeline import EventStream, RequestContext, Serve
+from pipelines.llm.tools import ToolPlan, plan_constraint
+from runner.pipeline import RequestContext
 
 
 class ChatCompletionAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "createChatCompletion")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"createChatCompletion": self.chat_completion}
+    SERVES = {"createChatCompletion": "chat_completion"}
 
     def request_size(self, operation_id: str, request: ChatCompletionRequest) -> RequestSize:
         return RequestSize(1, request.n or 1, "messages", "n")
@@ -53,28 +47,17 @@ class ChatCompletionAPI(OpenAIAPI):
         if request.chat_template is not None:
             raise bad("chat_template: this runner renders the model's own chat template only (as vLLM does unless "
                       "started with --trust-request-chat-template)", "chat_template")
-        tools = [tool.model_dump(exclude_none=True, by_alias=True) for tool in request.tools or []]
         choice = request.tool_choice.model_dump() if isinstance(request.tool_choice, schema.NamedToolChoice) \
             else request.tool_choice
-        plan = plan_tools(tools, choice, request.parallel_tool_calls, self.generation.tool_parser is not None,
-                          self.models.base.id)
-        turns = chat_turns(request.messages)
-        prompt = await self.generation.render_chat(
-            turns, plan.template_tools, instructions=plan.instructions,
-            add_generation_prompt=generation_prompt(request),
-            continue_final_message=bool(request.continue_final_message),
-            chat_template_kwargs=template_kwargs(request), documents=request.documents,
-            add_special_tokens=bool(request.add_special_tokens),
-        )
+        prompt, plan, turns = await self.openai_chat_prompt(request, choice, request.parallel_tool_calls,
+                                                            template_kwargs(request), request.documents)
         prompt = self.generation.truncate(prompt, request.truncate_prompt_tokens, request.truncation_side)
         sampling = self.chat_sampling(request, prompt, plan)
         length_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         steps = await self.generation.start(prompt, sampling, context, model, length_param)
         tracker = ReplyTracker(context, [len(prompt)], n=sampling.n, logprobs=sampling.logprobs)
         reply = ChatReply(self, request, plan, model.id, tracker, sampling, prompt, echoed(request, turns))
-        if request.stream:
-            return EventStream(events=reply.events(steps), error_event=error_event)
-        return await reply.whole(steps)
+        return await reply.reply(bool(request.stream), steps)
 
     def chat_sampling(self, request: ChatCompletionRequest, prompt: list[int], plan: ToolPlan) -> Sampling:
         if request.top_logprobs is not None and not request.logprobs:
@@ -122,7 +105,7 @@ def chat_logprobs(entries: list[LogprobEntry]) -> list[TokenLogprob]:
     ]
 
 
-class ChatReply:
+class ChatReply(OpenAIReply):
     """One chat request's tracked choices as a ChatCompletion, or as a stream of chunks."""
 
     def __init__(self, api: ChatCompletionAPI, request: ChatCompletionRequest, plan: ToolPlan, model: str,
@@ -139,14 +122,51 @@ class ChatReply:
         self.created = int(time.time())
         self.envelope = ChunkEnvelope("chat.completion.chunk", self.id, self.created, model,
                                       api.include_usage(request))
+        # Per choice, the logprobs of tokens whose text no chunk has carried yet (they go with the next chunk).
+        self.held: dict[int, list[LogprobEntry]] = {choice.index: [] for choice in tracker.choices}
 
-    async def whole(self, steps: AsyncIterator[GenerationStep]) -> ChatCompletion:
-        async for step in steps:  # each choice's reader reads the pieces a stream would have had
-            for update in self.tracker.take(step):
-                self.readers[update.choice.index].feed(update.text, update.token_ids)
+    def began(self, choice: Choice, start: list[AnswerEvent]) -> list[bytes] | tuple:
+        if not self.streaming:
+            return NOTHING
+        first = self.first_chunk(choice.index, start)
+        return [first, self.chunk(choice.index, delta_of(TextDelta(self.echo)), [])] if self.echo else [first]
+
+    def said(self, update: Update, events: list[AnswerEvent]) -> list[bytes] | tuple:
+        if not self.streaming:
+            return NOTHING
+        index = update.choice.index
+        if not self.with_logprobs:  # the hot path: one chunk per event, most often one event
+            if len(events) == 1:
+                event = events[0]
+                if self.with_reasoning or type(event) is not ReasoningDelta:
+                    return (self.chunk(index, delta_of(event), NOTHING),)
+                return NOTHING
+            return [self.chunk(index, delta_of(event), NOTHING) for event in events
+                    if self.with_reasoning or type(event) is not ReasoningDelta]
+        held = self.held[index]
+        held.extend(update.logprobs)
+        return self.written(index, events)
+
+    def written(self, index: int, events: list[AnswerEvent]) -> list[bytes]:
+        """A chunk per event, the held logprobs going with the first."""
+        sent = []
+        for event in events:
+            if self.with_reasoning or type(event) is not ReasoningDelta:
+                sent.append(self.chunk(index, delta_of(event), self.held[index]))
+                self.held[index] = []
+        return sent
+
+    def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[bytes] | tuple:
+        if not self.streaming:
+            return NOTHING
+        sent = self.written(choice.index, events)
+        sent.append(self.chunk(choice.index, b"{}", self.held[choice.index], reason))
+        self.held[choice.index] = []
+        return sent
+
+    def answer(self) -> ChatCompletion:
         choices = []
         for choice, reader in zip(self.tracker.choices, self.readers):
-            reader.finish(cut=choice.finish_reason == "length")
             calls = [tool_call(call) for call in reader.calls]
             content = reader.content
             if self.echo:
@@ -158,55 +178,18 @@ class ChatReply:
                 message=AssistantMessage(role="assistant", content=content, **thinking,
                                          **({"tool_calls": calls} if calls else {})),
                 logprobs=ChoiceLogprobs(content=chat_logprobs(choice.logprobs)) if self.with_logprobs else None,
-                finish_reason=choice_finish_reason(choice, bool(calls)),
+                finish_reason=choice.reason,
             ))
-        self.tracker.settle([choice.finish_reason for choice in choices])
-        prompt, completion, total = usage_of(self.context)
         extra = {}
         if self.tracker.prompt_logprobs[0] is not None:
             extra["prompt_logprobs"] = prompt_logprobs_json(self.tracker.prompt_logprobs[0])
         return ChatCompletion(id=self.id, object="chat.completion", created=self.created, model=self.model,
-                              choices=choices, usage=CompletionUsage(prompt_tokens=prompt, completion_tokens=completion,
-                                                                     total_tokens=total), **extra)
+                              choices=choices, usage=usage_model(self.context, CompletionUsage), **extra)
 
     def chunk(self, index: int, delta: bytes, logprobs: list[LogprobEntry], finish_reason: str | None = None) -> bytes:
         logprobs_json = to_json(ChoiceLogprobs(content=chat_logprobs(logprobs))) if self.with_logprobs else b"null"
         return self.envelope.chunk(b'{"index":%d,"delta":%s,"logprobs":%s,"finish_reason":%s}' % (
             index, delta, logprobs_json, to_json(finish_reason)))
-
-    async def events(self, steps: AsyncIterator[GenerationStep]) -> AsyncIterator[bytes]:
-        reasons: list[str] = []
-        held: dict[int, list[LogprobEntry]] = {choice.index: [] for choice in self.tracker.choices}
-        try:
-            async for step in steps:
-                for update in self.tracker.take(step):
-                    choice = update.choice
-                    reader = self.readers[choice.index]
-                    logprobs = held[choice.index]
-                    logprobs.extend(update.logprobs)
-                    if not choice.started:
-                        choice.started = True
-                        yield self.first_chunk(choice.index, reader.start())
-                        if self.echo:
-                            yield self.chunk(choice.index, delta_of(TextDelta(self.echo)), [])
-                    for event in reader.feed(update.text, update.token_ids):
-                        if self.with_reasoning or not isinstance(event, ReasoningDelta):
-                            yield self.chunk(choice.index, delta_of(event), logprobs)
-                            logprobs = held[choice.index] = []
-                    if update.finished:
-                        for event in reader.finish(cut=choice.finish_reason == "length"):
-                            if self.with_reasoning or not isinstance(event, ReasoningDelta):
-                                yield self.chunk(choice.index, delta_of(event), logprobs)
-                                logprobs = held[choice.index] = []
-                        reason = choice_finish_reason(choice, bool(reader.calls))
-                        reasons.append(reason)
-                        yield self.chunk(choice.index, b"{}", logprobs, reason)
-                        held[choice.index] = []
-            self.tracker.settle(reasons)
-            if self.envelope.include_usage:
-                yield self.envelope.usage_chunk(self.context)
-        finally:
-            await steps.aclose()  # aborts the engine request if the stream stopped early
 
     def first_chunk(self, index: int, events: list[AnswerEvent]) -> bytes:
         """The role, with whatever the answer says before its first token (a forced call's name)."""

@@ -8,32 +8,26 @@ apart by ``index`` (prompt by prompt, ``n`` each), as OpenAI orders them.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Sequence
 
 from pydantic_core import to_json
 
-from pipelines.llm import schema
-from pipelines.llm.api import RequestSize, spec_operations
+from pipelines.llm.api import RequestSize, bad
 from pipelines.llm.api.openai_base import (
     ChunkEnvelope,
     OpenAIAPI,
-    bad,
-    error_event,
+    OpenAIReply,
     prompt_logprobs_json,
     response_format_constraint,
     structured_outputs,
 )
-from pipelines.llm.engine import GenerationStep
-from pipelines.llm.replies import Choice, LogprobEntry, ReplyTracker, usage_of
+from pipelines.llm.replies import NOTHING, Choice, LogprobEntry, ReplyTracker, Update, usage_model
 from pipelines.llm.schema import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionUsage
-from runner.pipeline import EventStream, RequestContext, Serve
+from runner.pipeline import RequestContext
 
 
 class CompletionAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "createCompletion")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"createCompletion": self.completion}
+    SERVES = {"createCompletion": "completion"}
 
     def request_size(self, operation_id: str, request: CompletionRequest) -> RequestSize:
         prompts = 1 if isinstance(request.prompt, str) else len(request.prompt)
@@ -55,9 +49,7 @@ class CompletionAPI(OpenAIAPI):
         tracker = ReplyTracker(context, [len(prompt) for prompt, _ in runs], n=request.n or 1,
                                logprobs=request.logprobs)
         reply = CompletionReply(model.id, texts if request.echo else None, tracker, include_usage)
-        if request.stream:
-            return EventStream(events=reply.events(steps), error_event=error_event)
-        return await reply.whole(steps)
+        return await reply.reply(bool(request.stream), steps)
 
 
 def prompts(request: CompletionRequest) -> list[str]:
@@ -87,8 +79,9 @@ def completion_logprobs(entries: Sequence[LogprobEntry], offset: int) -> Complet
     )
 
 
-class CompletionReply:
-    """One completion request's tracked choices as a Completion, or as a stream of chunks."""
+class CompletionReply(OpenAIReply):
+    """One completion request's tracked choices as a Completion, or as a stream of chunks (the text as generated:
+    no answer readers)."""
 
     def __init__(self, model: str, echoed: list[str] | None, tracker: ReplyTracker, include_usage: bool) -> None:
         self.model = model
@@ -99,13 +92,29 @@ class CompletionReply:
         self.id = f"cmpl-{self.context.request_id}"
         self.created = int(time.time())
         self.envelope = ChunkEnvelope("text_completion", self.id, self.created, model, include_usage)
+        self.echoing = ""  # the prompt that goes in front of a choice's first chunk
 
     def echo(self, choice: Choice) -> str:
         return self.echoed[choice.index // self.tracker.n] if self.echoed else ""
 
-    async def whole(self, steps: AsyncIterator[tuple[int, GenerationStep]]) -> Completion:
-        async for prompt, step in steps:
-            self.tracker.take(step, prompt)
+    def began(self, choice: Choice, start: list) -> tuple:
+        self.echoing = self.echo(choice)
+        return NOTHING
+
+    def said(self, update: Update, events: None) -> list[bytes] | tuple:
+        if not self.streaming:
+            return NOTHING
+        choice, text = update.choice, update.text
+        logprobs = None
+        if self.with_logprobs:
+            logprobs = completion_logprobs(update.logprobs, len(choice.text) - len(text))
+        if self.echoing:
+            text, self.echoing = self.echoing + text, ""
+        if text or logprobs is not None or update.finished:
+            return [self.choice_chunk(choice, text, logprobs)]
+        return NOTHING
+
+    def answer(self) -> Completion:
         choices = []
         for choice in self.tracker.choices:
             extra = {}
@@ -116,32 +125,11 @@ class CompletionReply:
                 index=choice.index, text=self.echo(choice) + choice.text,
                 logprobs=completion_logprobs(choice.logprobs, 0) if self.with_logprobs else None,
                 finish_reason=choice.finish_reason, **extra))
-        prompt_tokens, completion_tokens, total = usage_of(self.context)
         return Completion(id=self.id, object="text_completion", created=self.created, model=self.model,
-                          choices=choices, usage=CompletionUsage(prompt_tokens=prompt_tokens,
-                                                                 completion_tokens=completion_tokens,
-                                                                 total_tokens=total))
+                          choices=choices, usage=usage_model(self.context, CompletionUsage))
 
     def choice_chunk(self, choice: Choice, text: str, logprobs: CompletionLogprobs | None) -> bytes:
         return self.envelope.chunk(b'{"index":%d,"text":%s,"logprobs":%s,"finish_reason":%s}' % (
             choice.index, to_json(text), b"null" if logprobs is None else to_json(logprobs),
             to_json(choice.finish_reason)
         ))
-
-    async def events(self, steps: AsyncIterator[tuple[int, GenerationStep]]) -> AsyncIterator[bytes]:
-        try:
-            async for prompt, step in steps:
-                for update in self.tracker.take(step, prompt):
-                    choice, text = update.choice, update.text
-                    logprobs = None
-                    if self.with_logprobs:
-                        logprobs = completion_logprobs(update.logprobs, len(choice.text) - len(text))
-                    if not choice.started:
-                        choice.started = True
-                        text = self.echo(choice) + text
-                    if text or logprobs is not None or update.finished:
-                        yield self.choice_chunk(choice, text, logprobs)
-            if self.envelope.include_usage:
-                yield self.envelope.usage_chunk(self.context)
-        finally:
-            await steps.aclose()  # aborts every engine request of the stream if it stopped early

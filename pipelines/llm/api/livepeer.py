@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
 
 from pydantic_core import to_json
 
-from pipelines.llm import schema
-from pipelines.llm.answers import AnswerReader, TextDelta
-from pipelines.llm.api import LLMAPI, spec_operations
+from pipelines.llm.answers import AnswerEvent, AnswerReader, TextDelta
+from pipelines.llm.api import LLMAPI
 from pipelines.llm.conversation import require_turns, turn
-from pipelines.llm.engine import GenerationStep, Sampling
-from pipelines.llm.replies import ReplyTracker, usage_json, usage_of
+from pipelines.llm.engine import Sampling
+from pipelines.llm.replies import NOTHING, Choice, Reply, ReplyTracker, Update, usage_json, usage_model
 from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from pipelines.llm.tools import ToolPlan
-from runner.pipeline import EventStream, OperationError, RequestContext, Serve
+from runner.pipeline import EventStream, RequestContext
 
 
 class LivepeerAPI(LLMAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "genLLM")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"genLLM": self.generate}
+    SERVES = {"genLLM": "generate"}
 
     async def generate(self, request: LLMRequest, context: RequestContext) -> LLMResponse | EventStream:
-        # "" means whatever this runner serves; any other name must be one it serves.
-        model = self.models.base if not request.model else self.models.find(request.model)
-        if model is None:
-            raise OperationError(f"model {request.model!r} is not served here; this runner serves {self.models.names()}")
+        model = self.served(request.model, blank_is_base=True)  # "" means whatever this runner serves
         require_turns(request.messages)
         prompt = await self.generation.render_chat(
             [turn(index, message.role, message.content) for index, message in enumerate(request.messages)]
@@ -40,15 +32,13 @@ class LivepeerAPI(LLMAPI):
         # A reasoning model's thinking is left out: the network's clients know no field for it.
         reader = self.generation.answer_reader(TEXT, sampling, prompt) if self.generation.reasoning_parser else None
         reply = LivepeerReply(model.id, ReplyTracker(context, [len(prompt)]), reader)
-        if request.stream:
-            return EventStream(events=reply.events(steps), error_event=reply.error_event)
-        return await reply.whole(steps)
+        return await reply.reply(bool(request.stream), steps)
 
 
 TEXT = ToolPlan()  # /llm offers no tools
 
 
-class LivepeerReply:
+class LivepeerReply(Reply):
     """One /llm request's answer: an LLMResponse, or the contract's stream of them as JSON bytes.
 
     With a ``reader`` (a reasoning model), the answer is the reader's text only.
@@ -58,6 +48,7 @@ class LivepeerReply:
         context = tracker.context
         self.tracker = tracker
         self.reader = reader
+        self.readers = [reader] if reader is not None else None
         self.context = context
         self.completion_id = f"chatcmpl-{context.request_id}"
         self.model = model
@@ -85,41 +76,26 @@ class LivepeerReply:
         """The in-band ending of a failed stream: one choice, empty content, finish_reason "error"."""
         return self.event("", finish_reason="error", error=reason)
 
-    async def whole(self, steps: AsyncIterator[GenerationStep]) -> LLMResponse:
-        reader = self.reader
-        async for step in steps:
-            for update in self.tracker.take(step):
-                if reader is not None:
-                    reader.feed(update.text, update.token_ids)
+    def said(self, update: Update, events: list[AnswerEvent] | None) -> list[bytes] | tuple:
+        if not self.streaming:
+            return NOTHING
+        if events is None:  # the hot path: the text as generated
+            return [self.event(update.text)] if update.text else NOTHING
+        return [self.event(event.text) for event in events if type(event) is TextDelta]
+
+    def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[bytes] | tuple:
+        if not self.streaming:
+            return NOTHING
+        sent = [self.event(event.text) for event in events if type(event) is TextDelta]
+        sent.append(self.event("", finish_reason=self.context.finish_reason))
+        return sent
+
+    def answer(self) -> LLMResponse:
         [choice] = self.tracker.choices
-        text = choice.text
-        if reader is not None:
-            reader.finish(cut=choice.finish_reason == "length")
-            text = reader.content or ""
-        prompt, completion, total = usage_of(self.context)
+        text = self.reader.content or "" if self.reader is not None else choice.text
         return LLMResponse(
             id=self.completion_id, model=self.model, created=self.created,
-            usage=LLMTokenUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total),
+            usage=usage_model(self.context, LLMTokenUsage),
             choices=[LLMChoice(index=0, message=LLMMessage(role="assistant", content=text),
                                finish_reason=self.context.finish_reason)],
         )
-
-    async def events(self, steps: AsyncIterator[GenerationStep]) -> AsyncIterator[bytes]:
-        reader = self.reader
-        try:
-            async for step in steps:
-                for update in self.tracker.take(step):
-                    if reader is not None:
-                        for event in reader.feed(update.text, update.token_ids):
-                            if isinstance(event, TextDelta):
-                                yield self.event(event.text)
-                        if update.finished:
-                            for event in reader.finish(cut=update.choice.finish_reason == "length"):
-                                if isinstance(event, TextDelta):
-                                    yield self.event(event.text)
-                    elif update.text:
-                        yield self.event(update.text)
-                    if update.finished:
-                        yield self.event("", finish_reason=self.context.finish_reason)
-        finally:
-            await steps.aclose()  # aborts the engine request if the stream stopped early

@@ -8,26 +8,19 @@ ids are ``ServedModels``' business; this module maps their outcomes to answers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import structlog
 
-from pipelines.llm import schema
 from pipelines.llm.adapters import AdapterError
-from pipelines.llm.api import spec_operations
 from pipelines.llm.api.openai_base import OpenAIAPI
 from pipelines.llm.schema import LoadLoRAAdapterRequest, LoRAAdapterStatus, UnloadLoRAAdapterRequest
 from pipelines.llm.served_models import AdapterBusy, AdapterPinned, UnknownAdapter
-from runner.pipeline import OperationError, RequestContext, Serve
+from runner.pipeline import OperationError, RequestContext
 
 log = structlog.get_logger(__name__)
 
 
 class LoRAAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "loadLoRAAdapter", "unloadLoRAAdapter")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"loadLoRAAdapter": self.load, "unloadLoRAAdapter": self.unload}
+    SERVES = {"loadLoRAAdapter": "load", "unloadLoRAAdapter": "unload"}
 
     def require_runtime_updates(self) -> None:
         if not self.models.runtime_updates:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from pipelines.llm import schema
-from pipelines.llm.api import spec_operations
 from pipelines.llm.api.openai_base import OpenAIAPI
 from pipelines.llm.limits import path_parameter
 from pipelines.llm.schema import Model, ModelList
 from pipelines.llm.served_models import ServedModel
-from runner.pipeline import RequestContext, Serve
+from runner.pipeline import RequestContext
 
 
 class ModelsAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "listModels", "retrieveModel")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"listModels": self.list_models, "retrieveModel": self.retrieve_model}
+    SERVES = {"listModels": "list_models", "retrieveModel": "retrieve_model"}
 
     def card(self, model: ServedModel) -> Model:
         card = Model(id=model.id, object="model", created=self.models.created, owned_by="livepeer", parent=model.parent)

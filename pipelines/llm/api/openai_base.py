@@ -1,4 +1,4 @@
-"""What the OpenAI-shaped APIs share: model lookup, request checks, sampling fields and stream framing.
+"""What the OpenAI-shaped APIs share: request checks, sampling fields, the chat prompt and stream framing.
 
 Chat and text completions take vLLM's extra parameters as its OpenAI server
 does (``ignore_eos``, ``min_tokens``, ``structured_outputs``, ...), so clients
@@ -13,26 +13,17 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from pipelines.llm.api import LLMAPI
+from pipelines.llm.api import LLMAPI, bad, in_band_error
 from pipelines.llm.conversation import require_turns, turn
 from pipelines.llm.engine import Sampling
 from pipelines.llm.limits import check_schemas, json_document
-from pipelines.llm.replies import PromptLogprobs, usage_json
+from pipelines.llm.replies import NOTHING, PromptLogprobs, Reply, usage_json
 from pipelines.llm.schema import PromptLogprob
-from pipelines.llm.served_models import ServedModel
-from runner.pipeline import OperationError, RequestContext, openai_error_document
+from pipelines.llm.tools import ToolPlan
+from runner.pipeline import RequestContext
 
 
 TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")  # at most ten digits: int() of it is quick, and no vocabulary is larger
-
-
-def bad(msg: str, param: str | None = None) -> OperationError:
-    return OperationError(msg, status=400, param=param)
-
-
-def error_event(reason: str) -> bytes:
-    """The in-band ending of a failed stream, in the shape the OpenAI SDKs raise as an APIError."""
-    return openai_error_document(500, reason)
 
 
 class ChunkEnvelope:
@@ -53,17 +44,39 @@ class ChunkEnvelope:
         return self.head + b'],"usage":' + usage_json(context) + b"}"
 
 
+class OpenAIReply(Reply):
+    """What chat and text completions' answers share: the chunk envelope, the usage chunk that ends a stream when
+    asked for, and OpenAI's error document as a failed stream's ending."""
+
+    envelope: ChunkEnvelope
+
+    def closing(self) -> list[bytes] | tuple:
+        if self.streaming and self.envelope.include_usage:
+            return [self.envelope.usage_chunk(self.tracker.context)]
+        return NOTHING
+
+    def error_event(self, reason: str) -> bytes:
+        return in_band_error("openai", reason)
+
+
 class OpenAIAPI(LLMAPI):
     """The shared checks and sampling fields of OpenAI's chat and text completions."""
 
-    def served(self, name: str) -> ServedModel:
-        model = self.models.find(name)
-        if model is None:
-            raise OperationError(
-                f"The model '{name}' does not exist; this runner serves {self.models.names()}",
-                status=404, param="model", code="model_not_found",
-            )
-        return model
+    async def openai_chat_prompt(self, request: Any, tool_choice: str | dict | None = None,
+                                 parallel_tool_calls: bool | None = None, chat_template_kwargs: dict | None = None,
+                                 documents: list[dict] | None = None) -> tuple[list[int], ToolPlan, list[dict]]:
+        """An OpenAI chat request's prompt (chat completions, and /tokenize's count of it), its tool plan and its
+        turns."""
+        tools = [tool.model_dump(exclude_none=True, by_alias=True) for tool in request.tools or []]
+        turns = chat_turns(request.messages)
+        prompt, plan = await self.chat_prompt(
+            turns, tools, tool_choice, parallel_tool_calls,
+            add_generation_prompt=generation_prompt(request),
+            continue_final_message=bool(request.continue_final_message),
+            chat_template_kwargs=chat_template_kwargs, documents=documents,
+            add_special_tokens=bool(request.add_special_tokens),
+        )
+        return prompt, plan, turns
 
     @staticmethod
     def include_usage(request: Any) -> bool:

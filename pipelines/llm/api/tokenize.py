@@ -10,28 +10,17 @@ engine: only its tokenizer is used.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from pipelines.llm import schema
-from pipelines.llm.api import spec_operations
-from pipelines.llm.api.openai_base import OpenAIAPI, bad, chat_turns, generation_prompt
+from pipelines.llm.api import bad
+from pipelines.llm.api.openai_base import OpenAIAPI
 from pipelines.llm.schema import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from pipelines.llm.tools import plan_tools
-from runner.pipeline import RequestContext, Serve
+from runner.pipeline import RequestContext
 
 
 class TokenizeAPI(OpenAIAPI):
-    OPERATIONS = spec_operations(schema.OPERATIONS, "tokenize", "detokenize")
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {"tokenize": self.tokenize, "detokenize": self.detokenize}
-
-    def check_model(self, name: str | None) -> None:
-        if name:  # vLLM's: a model given must be one served here; none given is the base model
-            self.served(name)
+    SERVES = {"tokenize": "tokenize", "detokenize": "detokenize"}
 
     async def tokenize(self, request: TokenizeRequest, context: RequestContext) -> TokenizeResponse:
-        self.check_model(request.model)
+        self.served(request.model, blank_is_base=True)  # vLLM's: none given is the base model
         generation = self.generation
         if (request.prompt is None) == (request.messages is None):
             raise bad("give either prompt (a text) or messages (a chat), not both or neither",
@@ -44,24 +33,15 @@ class TokenizeAPI(OpenAIAPI):
             if chat_only:
                 raise bad(f"{chat_only[0]} applies to messages, not to a prompt", chat_only[0])
             tokens = await generation.encode(request.prompt, add_special_tokens=request.add_special_tokens is not False)
-        else:
-            tools = [tool.model_dump(exclude_none=True, by_alias=True) for tool in request.tools or []]
-            # As chat completions render these tools, with tool_choice left out.
-            plan = plan_tools(tools, None, None, generation.tool_parser is not None)
-            tokens = await generation.render_chat(
-                chat_turns(request.messages), plan.template_tools, instructions=plan.instructions,
-                add_generation_prompt=generation_prompt(request),
-                continue_final_message=bool(request.continue_final_message),
-                chat_template_kwargs=request.chat_template_kwargs,
-                add_special_tokens=bool(request.add_special_tokens),
-            )
+        else:  # as chat completions render the messages and tools, with tool_choice left out
+            tokens, _, _ = await self.openai_chat_prompt(request, chat_template_kwargs=request.chat_template_kwargs)
         return TokenizeResponse(
             count=len(tokens), max_model_len=generation.max_model_len, tokens=tokens,
             token_strs=await generation.token_strings(tokens) if request.return_token_strs else None,
         )
 
     async def detokenize(self, request: DetokenizeRequest, context: RequestContext) -> DetokenizeResponse:
-        self.check_model(request.model)
+        self.served(request.model, blank_is_base=True)  # vLLM's: none given is the base model
         vocab = self.generation.vocab_size
         unknown = [token for token in request.tokens if token >= vocab]
         if unknown:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from pipelines.llm.answers import AnswerReader, CallArguments
 from pipelines.llm.replies import (
+    NOTHING,
     EngineStoppedEarly,
     LogprobEntry,
+    Reply,
     ReplyTracker,
     choice_finish_reason,
     overall_finish_reason,
     usage_json,
 )
+from pipelines.llm.tools import ToolPlan
 from runner.pipeline import RequestContext
 from tests.support.fake_engine import Delta, Logprob, Step
 
@@ -68,3 +72,96 @@ def test_logprob_entries_keep_the_asked_number_of_ranked_alternatives():
     [update] = tracker.take(step(Delta(0, "?", [7], [candidates], None)))
     assert update.logprobs[0].logprob == -9999.0, "-inf is not JSON"
     assert [token for token, _ in update.logprobs[0].top] == ["a", "b", ""]
+
+
+# The one read loop
+
+
+class Recorder(Reply):
+    """A Reply that writes each hook call as an event, and keeps the same calls for its whole answer."""
+
+    def __init__(self, tracker: ReplyTracker, readers: list[AnswerReader] | None = None) -> None:
+        self.tracker, self.readers, self.kept = tracker, readers, []
+
+    def note(self, *what) -> tuple:
+        if self.streaming:
+            return (what,)
+        self.kept.append(what)
+        return NOTHING
+
+    def opening(self, starts):
+        return self.note("opening", [[type(event).__name__ for event in start] for start in starts])
+
+    def began(self, choice, start):
+        return self.note("began", choice.index)
+
+    def said(self, update, events):
+        return self.note("said", update.choice.index, update.text if events is None else events)
+
+    def ended(self, choice, events, reason):
+        return self.note("ended", choice.index, events, reason, self.tracker.context.finish_reason)
+
+    def closing(self):
+        return self.note("closing", self.tracker.context.finish_reason)
+
+    def answer(self):
+        return self.kept
+
+
+class Steps:
+    """Engine steps as an async iterator that says whether it was closed, and how far it was read."""
+
+    def __init__(self, steps: list) -> None:
+        self.steps, self.read, self.closed = steps, 0, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.read == len(self.steps):
+            raise StopAsyncIteration
+        self.read += 1
+        return self.steps[self.read - 1]
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def two_choices() -> list:
+    return [step(Delta(0, "a", [1], None, None), Delta(1, "b", [2], None, None), prompt=[9]),
+            step(Delta(1, "c", [3], None, "stop")),
+            step(Delta(0, "d", [4], None, "length"), finished=True)]
+
+
+async def test_the_read_loop_calls_the_hooks_in_order_and_the_whole_answer_is_the_same_calls():
+    streamed_steps = Steps(two_choices())
+    streamed = [event async for event in Recorder(ReplyTracker(RequestContext(request_id="x"), [1], n=2))
+                .events(streamed_steps)]
+    assert streamed == [("opening", []), ("began", 0), ("said", 0, "a"), ("began", 1), ("said", 1, "b"),
+                        ("said", 1, "c"), ("ended", 1, [], "stop", ""),
+                        ("said", 0, "d"), ("ended", 0, [], "length", "length"), ("closing", "length")]
+    assert streamed_steps.closed, "the loop closes the engine's steps at its end"
+    whole_steps = Steps(two_choices())
+    assert await Recorder(ReplyTracker(RequestContext(request_id="x"), [1], n=2)).whole(whole_steps) == streamed
+    assert whole_steps.closed
+
+
+async def test_readers_start_once_their_calls_decide_the_finish_reason_and_an_early_close_closes_the_steps():
+    plan = ToolPlan("named", name="get_weather")
+    reader = AnswerReader(plan)
+    steps = Steps([step(Delta(0, '{"city"', [1], None, None), prompt=[9]),
+                   step(Delta(0, ': "Paris"}', [2], None, "stop"), finished=True)])
+    reply = Recorder(ReplyTracker(RequestContext(request_id="x"), [1]), [reader])
+    events = [event async for event in reply.events(steps)]
+    assert events[0] == ("opening", [["CallStart"]]), "what the answer says before its first token, once"
+    assert [event[2] for event in events if event[0] == "said"] == [[CallArguments(0, '{"city"')],
+                                                                     [CallArguments(0, ': "Paris"}')]]
+    assert events[-2][:4] == ("ended", 0, [], "tool_calls") and events[-1] == ("closing", "tool_calls")
+    assert len(reader.calls) == 1 and reader.calls[0].arguments == '{"city": "Paris"}'
+
+    early = Steps([step(Delta(0, "a", [1], None, None), prompt=[9]), step(Delta(0, "b", [2], None, None))])
+    stream = Recorder(ReplyTracker(RequestContext(request_id="x"), [1])).events(early)
+    await anext(stream)
+    await anext(stream)
+    await stream.aclose()
+    assert early.closed and early.read == 1, "a stream stopped early closes (aborts) the engine's steps"

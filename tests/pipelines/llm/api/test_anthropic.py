@@ -99,9 +99,9 @@ def test_an_empty_answer_is_one_empty_text_block_and_a_cut_call_keeps_what_it_ha
 
 
 def test_the_error_event_is_anthropics_error():
-    from pipelines.llm.api.anthropic import error_event
+    from pipelines.llm.api import in_band_error
 
-    name, document = error_event('generation failed: "quoted"\nline')
+    name, document = in_band_error("anthropic", 'generation failed: "quoted"\nline')
     assert name == b"error"
     assert json.loads(document) == {"type": "error", "error": {"type": "api_error",
                                                                 "message": 'generation failed: "quoted"\nline'}}

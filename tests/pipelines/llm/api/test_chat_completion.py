@@ -14,7 +14,8 @@ import pytest
 
 from pipelines.llm.answers import CallArguments, CallStart, TextDelta
 from pipelines.llm.api.chat_completion import ChatReply, delta_of
-from pipelines.llm.api.openai_base import ChunkEnvelope, error_event
+from pipelines.llm.api import in_band_error
+from pipelines.llm.api.openai_base import ChunkEnvelope
 from pipelines.llm.replies import LogprobEntry
 from pipelines.llm.schema import (
     ChatCompletionChunk,
@@ -106,7 +107,7 @@ def test_logprobs_and_usage_chunks_are_what_pydantic_writes():
 
 
 def test_the_in_band_error_is_openais_error_document():
-    assert json.loads(error_event('the engine "died"')) == {
+    assert json.loads(in_band_error("openai", 'the engine "died"')) == {
         "error": {"message": 'the engine "died"', "type": "server_error", "param": None, "code": None}}
 
 
