@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Coroutine
@@ -40,8 +41,8 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
     # handler_cancellation: a client that goes away cancels its handler, which stops its generation.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    for sock in listening_sockets(settings.host, settings.port, settings.send_buffer_bytes):
+        await web.SockSite(runner, sock).start()
     log.info("runner.listening", host=settings.host, port=settings.port, pipeline=settings.pipeline,
              model_id=settings.model_id, event_loop=type(asyncio.get_running_loop()).__module__)
 
@@ -68,6 +69,34 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
         log.warning("runner.drain.timeout", cut_requests=left)
     await runner.cleanup()  # stops listening, cancels what is left, closes the pipeline (and ends its engine)
     log.info("runner.stopped", seconds=round(loop.time() - signalled_at, 2))
+
+
+def listening_sockets(host: str, port: int, send_buffer_bytes: int) -> list[socket.socket]:
+    """The sockets to listen on, as aiohttp's TCPSite binds them (every address ``host`` has), with SO_SNDBUF set.
+
+    Each connection accepted from them inherits the kernel send buffer of ``send_buffer_bytes`` (SEND_BUFFER_BYTES):
+    set once here, not one system call per connection. Linux doubles the value (its bookkeeping), caps it at
+    net.core.wmem_max, and no longer autotunes the buffer up to net.ipv4.tcp_wmem's maximum (4 MiB): what a client
+    that stops reading holds is bounded, and its writes wait, so that WRITE_STALL_TIMEOUT counts, once that is full.
+    """
+    addresses = dict.fromkeys((family, address) for family, _, _, _, address in socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
+    sockets = []
+    try:
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio: an IPv6 socket beside an IPv4 one on the same port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+            sock.bind(address)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def stop_overrun(budget: float) -> None:
