@@ -70,9 +70,10 @@ SEND_BUFFER_BYTES = 256 * 1024  # the runner's (its default): the kernel send bu
 # Seconds past WRITE_STALL_TIMEOUT a stalled stream may hold its slot: a write waits only once the connection's
 # kernel send buffer is full. Autotuned up to net.ipv4.tcp_wmem's 4 MiB, three streams of the tiny model with their
 # logprobs had not filled it 43 s after their readers stopped (2 busy cores). With SEND_BUFFER_BYTES (512 KiB in
-# the kernel) the chat streams filled it in 2.9 s and the completion stream (n 2) in 5.5 s, each cut 3 s later (load
-# average 4 on 2 cores): about three times that.
-STALL_SLACK = 15
+# the kernel) it takes the chat streams about 280 tokens and the completion stream (n 2, 560 bytes a token) about
+# 1,030: filled in 2.9 and 5.5 s in one run, 6.0 and 10.8 s in the next (load average 4 on 2 cores), each cut 3 s
+# later. About three times the slower: tokens come slower still while the rest of the campaign's load drains.
+STALL_SLACK = 30
 LORA_MAX_BYTES = 16 * 1024 * 1024  # the runner's
 HUGE_ADAPTER_BYTES = 48 * 1024 * 1024  # what the "huge" Hub adapter weighs: three times the cap
 RESPONSES_STORE_BYTES = 8 * 1024 * 1024  # the runner's
