@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from runner.app import build_pipeline, create_app, leave_network
 from runner.keys import STATE
+from runner.listening import listening_sockets
 from runner.log import configure_logging
 from runner.processes import APIProcesses
 from runner.settings import ListenSettings, RunnerSettings
@@ -48,10 +49,11 @@ async def serve(settings: RunnerSettings, start_error: str | None = None) -> Non
     # handler_cancellation: a client that goes away cancels its handler, which stops its generation.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    if processes is None:
-        await web.TCPSite(runner, settings.host, settings.port).start()
-    else:
-        await web.SockSite(runner, processes.sock).start()
+    sockets = processes.sockets if processes is not None else listening_sockets(
+        settings.host, settings.port, settings.send_buffer_bytes)
+    for sock in sockets:
+        await web.SockSite(runner, sock).start()
+    if processes is not None:
         await web.UnixSite(runner, processes.primary_path).start()  # the extras' way to the primary
     log.info("runner.listening", host=settings.host, port=settings.port, pipeline=settings.pipeline,
              model_id=settings.model_id, event_loop=type(asyncio.get_running_loop()).__module__,

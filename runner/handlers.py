@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from runner import __version__
 from runner.keys import METRICS, NVML, REQUEST_ID, SETTINGS, STATE
 from runner.pipeline import EventStream, OperationError, RequestContext, Serve
@@ -70,11 +70,10 @@ async def hardware_stats(request: web.Request, _body: None) -> web.Response:
 
 
 async def metrics(request: web.Request, _body: None) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    """The runner's series, then the engine's: made on a worker thread (RunnerMetrics.exposition), off the loop."""
     pipeline = request.app[STATE].pipeline
     engine_registry = pipeline.metrics_registry() if pipeline is not None else None
-    if engine_registry is not None:
-        body += generate_latest(engine_registry)
+    body = await request.app[METRICS].exposition(engine_registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

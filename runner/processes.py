@@ -58,6 +58,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from runner.keys import STATE
+from runner.listening import listening_sockets
 from runner.pipeline import Pipeline
 from runner.settings import RunnerSettings
 from runner.state import CUT_GRACE, AtCapacity, NotReady, RunnerState
@@ -68,7 +69,6 @@ PROCESS_HEADER = "X-API-Process"  # which process answered, on every answer when
 PRIMARY_TIMEOUT = 5.0  # seconds an extra waits for the primary's /health, /ready or /metrics (go-livepeer's poll: 5 s)
 WATCH_INTERVAL = 0.25  # seconds between the primary's looks at its extras
 GONE_GRACE = 1.0  # seconds past the drain's end an extra gets to exit before it is killed
-LISTEN_BACKLOG = 2048  # aiohttp's own default
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 # The shared counters: a head, then one slot per process.
@@ -97,12 +97,6 @@ def die_with_parent(parent_pid: int) -> None:
             raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The one listening socket every API process accepts on (as aiohttp's own site would open it)."""
-    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                backlog=LISTEN_BACKLOG, reuse_port=False)
 
 
 class Shared:
@@ -258,7 +252,7 @@ class ExtraConfig:
     index: int
     count: int
     share: object  # the pipeline's engine_share(index), opaque here
-    sock: socket.socket  # the one listening socket
+    sockets: list[socket.socket]  # the listening sockets every API process accepts on (one per address)
     shared: Shared
     primary_path: str  # the primary's private Unix socket (for /health, /ready, /metrics)
     own_path: str  # this process's private Unix socket (its own /metrics, for the primary to sum)
@@ -273,7 +267,7 @@ class APIProcesses:
         self.count = settings.api_processes
         self.context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the engine's threads
         self.shared = Shared(self.count, self.context)
-        self.sock = listening_socket(settings.host, settings.port)
+        self.sockets = listening_sockets(settings.host, settings.port, settings.send_buffer_bytes)
         self.folder = Path(tempfile.mkdtemp(prefix="runner-api-"))  # 0700: the private sockets are this user's
         self.processes: dict[int, BaseProcess] = {}
         self.stopping = False
@@ -290,7 +284,7 @@ class APIProcesses:
     def start(self, pipeline: Pipeline, state: RunnerState) -> None:
         """Start the extras (the pipeline is loaded), and watch them: one that ends makes the runner ERROR."""
         for index in range(1, self.count):
-            config = ExtraConfig(self.settings, index, self.count, pipeline.engine_share(index), self.sock,
+            config = ExtraConfig(self.settings, index, self.count, pipeline.engine_share(index), self.sockets,
                                  self.shared, self.primary_path, self.own_path(index), os.getpid())
             process = self.context.Process(target=extra_main, args=(config,), name=f"api-process-{index}", daemon=False)
             process.start()
@@ -352,7 +346,8 @@ class APIProcesses:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watching
         self.kill("still running as the runner stops")
-        self.sock.close()
+        for sock in self.sockets:
+            sock.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     async def extra_metrics(self) -> list[bytes]:
@@ -466,7 +461,8 @@ async def serve_extra(config: ExtraConfig) -> int:
             await runner.cleanup()
             return 1
         private = await own_metrics_site(app, config.own_path)
-        await web.SockSite(runner, config.sock).start()
+        for sock in config.sockets:
+            await web.SockSite(runner, sock).start()
         config.shared.set(config.index, PHASE, SERVING)
         log.info("runner.listening", api_process=config.index, of=config.count)
         await stopping

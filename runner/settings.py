@@ -64,6 +64,14 @@ class RunnerSettings(ListenSettings):
         gt=0,
         description="Seconds a stream may wait for its client to read before it is cut (nginx's send_timeout).",
     )
+    send_buffer_bytes: int = Field(
+        256 * 1024,
+        alias="SEND_BUFFER_BYTES",
+        ge=4096,
+        le=64 * 1024 * 1024,
+        description="Kernel send buffer (SO_SNDBUF) of every connection: what a client that stops reading holds "
+                    "of the runner's memory, and how soon WRITE_STALL_TIMEOUT starts to count (docs/security.md).",
+    )
     load_wait_timeout: float = Field(
         180.0,
         alias="LOAD_WAIT_TIMEOUT",

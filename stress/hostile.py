@@ -66,10 +66,14 @@ MAX_NUM_SEQS = 4
 MAX_WAITING_REQUESTS = 4
 REQUEST_TIMEOUT = 60  # the runner's; longer than the stall window, so that only WRITE_STALL_TIMEOUT frees a stall
 WRITE_STALL_TIMEOUT = 3  # the runner's
+SEND_BUFFER_BYTES = 256 * 1024  # the runner's (its default): the kernel send buffer a stalled reader fills
 # Seconds past WRITE_STALL_TIMEOUT a stalled stream may hold its slot: a write waits only once the connection's
-# kernel send buffer is full (up to net.ipv4.tcp_wmem's 4 MiB on Linux), which three streams of the tiny model
-# with their logprobs took 31 s to fill on 2 busy cores; the runner's cut then came 3 s later, as set.
-STALL_SLACK = 40
+# kernel send buffer is full. Autotuned up to net.ipv4.tcp_wmem's 4 MiB, three streams of the tiny model with their
+# logprobs had not filled it 43 s after their readers stopped (2 busy cores). With SEND_BUFFER_BYTES (512 KiB in
+# the kernel) it takes the chat streams about 280 tokens and the completion stream (n 2, 560 bytes a token) about
+# 1,030: filled in 2.9 and 5.5 s in one run, 6.0 and 10.8 s in the next (load average 4 on 2 cores), each cut 3 s
+# later. About three times the slower: tokens come slower still while the rest of the campaign's load drains.
+STALL_SLACK = 30
 LORA_MAX_BYTES = 16 * 1024 * 1024  # the runner's
 HUGE_ADAPTER_BYTES = 48 * 1024 * 1024  # what the "huge" Hub adapter weighs: three times the cap
 RESPONSES_STORE_BYTES = 8 * 1024 * 1024  # the runner's
@@ -789,8 +793,17 @@ async def stall_phase(campaign: Campaign) -> None:
                     else f"still busy after {window:g} s") + f" ({seen}); each stream read on: {tails}")
 
 
-async def run_campaign(target: Target, secrets: list[str], log: Callable[[str], None] = print) -> Campaign:
+PHASES = ("odd bytes", "bounds", "adapters", "floods", "admission", "stalled readers", "20,000 prompts x n 16")
+
+
+async def run_campaign(target: Target, secrets: list[str], log: Callable[[str], None] = print,
+                       only: frozenset[str] | None = None) -> Campaign:
+    """The campaign's phases in turn (``only``: just these of PHASES), /ready polled all along, then its checks."""
     campaign = Campaign(target)
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     answer = await exchange(target.port, http_request(
         "GET", "/v1/models", target.port, None, [(b"Authorization", f"Bearer {AUTH_TOKEN}".encode())]))
     target.model = json.loads(answer.body)["data"][0]["id"]
@@ -813,21 +826,27 @@ async def run_campaign(target: Target, secrets: list[str], log: Callable[[str], 
     with ReadyWatch(target.port, target.ready_path) as ready:
         campaign.ready = ready
         for name, probes, concurrency in phases:
-            with campaign.phase(name, log):
-                await campaign.send_all(probes, concurrency)
-        with campaign.phase("adapters", log):
-            await adapter_phase(campaign, secrets)
-        with campaign.phase("floods", log):
-            await target.settle()
-            await campaign.send_all(floods, concurrency=len(floods))
-        with campaign.phase("admission", log):
-            for probe in admission_probes(target):
+            if wanted(name):
+                with campaign.phase(name, log):
+                    await campaign.send_all(probes, concurrency)
+        if wanted("adapters"):
+            with campaign.phase("adapters", log):
+                await adapter_phase(campaign, secrets)
+        if wanted("floods"):
+            with campaign.phase("floods", log):
                 await target.settle()
-                await campaign.send(probe)
-        with campaign.phase("stalled readers", log):
-            await stall_phase(campaign)
-        with campaign.phase("20,000 prompts x n 16", log):
-            await campaign.send(big)
+                await campaign.send_all(floods, concurrency=len(floods))
+        if wanted("admission"):
+            with campaign.phase("admission", log):
+                for probe in admission_probes(target):
+                    await target.settle()
+                    await campaign.send(probe)
+        if wanted("stalled readers"):
+            with campaign.phase("stalled readers", log):
+                await stall_phase(campaign)
+        if wanted("20,000 prompts x n 16"):
+            with campaign.phase("20,000 prompts x n 16", log):
+                await campaign.send(big)
         settled = await target.settle(within=CALL_TIMEOUT)
         campaign.check("idle after the campaign", settled is not None,
                        f"idle {settled:.1f} s after the last call" if settled is not None
@@ -983,6 +1002,7 @@ class Setup:
             "MAX_WAITING_REQUESTS": str(MAX_WAITING_REQUESTS),
             "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
             "WRITE_STALL_TIMEOUT": str(WRITE_STALL_TIMEOUT),
+            "SEND_BUFFER_BYTES": str(SEND_BUFFER_BYTES),
             "LORA_RUNTIME_UPDATES": "true",
             "LORA_ADAPTERS": f"start={self.adapters['start']}",
             "LORA_ROOT": str(self.lora_root),
@@ -1002,7 +1022,8 @@ def count_tracebacks(campaign: Campaign, log_path: Path) -> None:
     campaign.check("no traceback in the log", tracebacks == 0, f"{tracebacks} tracebacks in {log_path}")
 
 
-async def run_against_runner(env: dict[str, str], setup: Setup, log_path: Path) -> Campaign:
+async def run_against_runner(env: dict[str, str], setup: Setup, log_path: Path,
+                             only: frozenset[str] | None = None) -> Campaign:
     from tests.support.runner_process import RunnerProcess
 
     runner = RunnerProcess("runner", {**env, **setup.runner_env()}, log_path)
@@ -1014,7 +1035,7 @@ async def run_against_runner(env: dict[str, str], setup: Setup, log_path: Path) 
         if status != "IDLE":
             raise SystemExit(f"the runner failed to load:\n{runner.log_tail()}")
         target = Target("runner", runner.port, runner.process.pid, store=setup.store, adapters=setup.adapters)
-        campaign = await run_campaign(target, setup.secrets())
+        campaign = await run_campaign(target, setup.secrets(), only=only)
         count_tracebacks(campaign, log_path)
         return campaign
     finally:
@@ -1053,7 +1074,8 @@ def vllm_serve_command(setup: Setup, model_path: Path, port: int) -> tuple[list[
     return command, env
 
 
-async def run_against_vllm_serve(setup: Setup, model_path: Path, log_path: Path) -> Campaign:
+async def run_against_vllm_serve(setup: Setup, model_path: Path, log_path: Path,
+                                 only: frozenset[str] | None = None) -> Campaign:
     from bench.systems import ServerProcess
 
     port = free_port()
@@ -1074,7 +1096,7 @@ async def run_against_vllm_serve(setup: Setup, model_path: Path, log_path: Path)
                         ready_path="/ready" if "/ready" in paths else "/health",
                         busy_series=("vllm:num_requests_running", "vllm:num_requests_waiting"),
                         store=setup.store, adapters=setup.adapters)
-        campaign = await run_campaign(target, setup.secrets())
+        campaign = await run_campaign(target, setup.secrets(), only=only)
         count_tracebacks(campaign, log_path)
         return campaign
     finally:
@@ -1087,7 +1109,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def campaign_against(against: str, model: str, model_id: str, model_dir: Path, logs: Path) -> Campaign:
+def campaign_against(against: str, model: str, model_id: str, model_dir: Path, logs: Path,
+                     only: frozenset[str] | None = None) -> Campaign:
     """One server, started here with the campaign's settings, attacked, stopped."""
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
         tmp = Path(tmp)
@@ -1106,8 +1129,8 @@ def campaign_against(against: str, model: str, model_id: str, model_dir: Path, l
         setup = Setup(tmp, model_path)
         try:
             if against == "runner":
-                return asyncio.run(run_against_runner(env, setup, logs / "runner.log"))
-            return asyncio.run(run_against_vllm_serve(setup, model_path, logs / "vllm-serve.log"))
+                return asyncio.run(run_against_runner(env, setup, logs / "runner.log", only))
+            return asyncio.run(run_against_vllm_serve(setup, model_path, logs / "vllm-serve.log", only))
         finally:
             setup.close()
 
@@ -1142,6 +1165,9 @@ def main(argv: list[str] | None = None) -> int:
                              "from MODEL_DIR (vllm serve's, always)")
     parser.add_argument("--model-id", default=os.environ.get("MODEL_ID", "HuggingFaceTB/SmolLM2-135M-Instruct"))
     parser.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "models")))
+    parser.add_argument("--only", action="append", choices=PHASES, metavar="PHASE",
+                        help="run just this phase (repeat for more), e.g. --only 'stalled readers'; the checks of "
+                             "the whole run still apply. Phases: " + ", ".join(PHASES))
     parser.add_argument("--logs", type=Path, default=None, help="keep the servers' logs here")
     parser.add_argument("--save", type=Path, default=None, help="write the campaign's calls as JSON here")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("LEFT", "RIGHT"),
@@ -1156,7 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         campaigns = [campaign_against(against, model if against == "runner" else "default", args.model_id,
-                                      args.model_dir.resolve(), logs)
+                                      args.model_dir.resolve(), logs, frozenset(args.only) if args.only else None)
                      for against in (["runner", "vllm-serve"] if args.against == "both" else [args.against])]
         for campaign in campaigns:
             print(f"\n== {campaign.target.name} ({campaign.timings})\n" + report(campaign))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,11 +18,13 @@ import pytest
 import structlog
 import structlog.testing
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from pipelines.llm import schema as llm_schema
 from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from runner.app import create_app
-from runner.keys import STATE
+from runner.keys import METRICS, STATE
 from runner.pipeline import EngineLoad, EventStream, OperationError, Pipeline, Serve
 from runner.routes import RouteBindingError, bind_operations
 from runner.schema import OPERATIONS as RUNNER_OPERATIONS
@@ -461,6 +464,41 @@ async def test_every_request_is_counted_and_logged_once(client, pipeline):
     assert 'livepeer_runner_requests_total{code="400",model="scripted",operation="genLLM",outcome="rejected"} 1.0' in text
     assert "livepeer_runner_time_to_first_token_seconds_count 2.0" in text
     assert 'livepeer_runner_completion_tokens_total{model="scripted"} 4.0' in text
+
+
+async def test_metrics_are_made_off_the_event_loop_and_read_the_same(aiohttp_client):
+    """/metrics' text (the runner's series, then the engine's) is made on a worker thread: a scrape whose engine
+    series take 0.8 s to collect holds no /ready behind it, and its body is prometheus_client's text of both."""
+
+    class SlowSeries:
+        def collect(self):
+            time.sleep(0.8)  # CPU a large registry's text takes, held as the GIL lets a worker hold it
+            yield GaugeMetricFamily("engine_slow_gauge", "Collected slowly", value=7)
+
+    engine = CollectorRegistry()
+    engine.register(SlowSeries())
+    Counter("engine_steps", "Steps", registry=engine).inc(3)
+
+    class WithEngineSeries(ScriptedPipeline):
+        def metrics_registry(self):
+            return engine
+
+    pipeline = WithEngineSeries()
+    pipeline.release_load.set()
+    client = await aiohttp_client(create_app(RunnerSettings(), pipeline=pipeline))
+    await wait_for_health(client, "IDLE")
+    loop = asyncio.get_running_loop()
+    scrape = asyncio.create_task(client.get("/metrics"))
+    await asyncio.sleep(0.1)  # the scrape is collecting
+    started = loop.time()
+    ready = await client.get("/ready")
+    waited = loop.time() - started
+    assert ready.status == 200 and not scrape.done()
+    assert waited < 0.4, f"/ready waited {waited:.2f} s behind a /metrics scrape"
+    body = await (await scrape).read()
+    assert body == generate_latest(client.app[METRICS].registry) + generate_latest(engine)
+    assert b"engine_slow_gauge 7.0" in body and b"engine_steps_total 3.0" in body
+    assert b"livepeer_runner_requests_in_flight 0.0" in body
 
 
 async def test_client_that_leaves_cancels_the_operation(client, pipeline):

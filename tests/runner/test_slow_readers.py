@@ -15,13 +15,18 @@ import json
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
+import pydantic
+import pytest
 import uvloop
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from pipelines.llm import schema as llm_schema
 from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
+from runner.listening import listening_sockets
 from runner.app import create_app
 from runner.handlers import STALLED_CLIENT_GRACE, PacedStreamWriter
 from runner.keys import METRICS, STATE
@@ -211,6 +216,60 @@ async def test_a_client_that_reads_nothing_for_write_stall_timeout_is_cut_and_fr
     assert last["choices"][0]["finish_reason"] == "error" and last["choices"][0]["delta"]["content"] == ""
     assert len(events) == stalled_at + 1, "every event written before the cut, then the error"
     assert await served_requests(server) == {("cancelled", "499"): 1}
+
+
+def test_a_stalled_client_holds_no_more_than_send_buffer_bytes_and_is_cut_soon():
+    """The runner listens as ``python -m runner`` does (listening_sockets): every accepted connection's kernel send
+    buffer is SEND_BUFFER_BYTES (doubled by Linux), not autotuned up to tcp_wmem's 4 MiB. So a client that stops
+    reading holds that much of the kernel's memory, the stream's writes wait once it is full, and WRITE_STALL_TIMEOUT
+    cuts the stream that long after the client stopped, not after megabytes more were produced for it."""
+    send_buffer = 64 * 1024
+
+    async def scenario() -> None:
+        pipeline = FloodPipeline()
+        settings = RunnerSettings(SEND_BUFFER_BYTES=send_buffer, WRITE_STALL_TIMEOUT=1)
+        runner = web.AppRunner(create_app(settings, pipeline=pipeline), handler_cancellation=True)
+        await runner.setup()
+        try:
+            sock, = listening_sockets("127.0.0.1", free_port(), settings.send_buffer_bytes)
+            await web.SockSite(runner, sock).start()
+            host, port = sock.getsockname()[:2]
+            await asyncio.sleep(0)  # the pipeline's (instant) load
+            loop = asyncio.get_running_loop()
+            client = await open_stalled_stream(SimpleNamespace(host=host, port=port))
+            started = loop.time()
+            try:
+                await asyncio.wait_for(pipeline.closed.wait(), timeout=1 + 3)
+                cut_after = loop.time() - started
+                accepted, = runner.server.connections
+                kernel = accepted.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            finally:
+                client.close()
+        finally:
+            await runner.cleanup()
+        assert kernel == 2 * send_buffer, f"the accepted connection's SO_SNDBUF is {kernel} bytes"
+        # The kernel's buffer, the client's small receive buffer, aiohttp's 64 KiB and one event in hand.
+        bound = (2 * send_buffer + 4 * CLIENT_RECEIVE_BUFFER + 64 * 1024) // EVENT_CONTENT_BYTES + 2
+        assert not pipeline.finished.is_set() and pipeline.produced <= bound, (
+            f"{pipeline.produced} events of {EVENT_CONTENT_BYTES} bytes produced for a stalled client (bound {bound})")
+        assert cut_after < 1 + 3, f"cut {cut_after:.1f} s after the client stopped reading"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+
+
+def test_send_buffer_bytes_is_a_bounded_setting(monkeypatch):
+    assert RunnerSettings().send_buffer_bytes == 256 * 1024
+    for wrong in ("1024", str(128 * 1024 * 1024)):
+        monkeypatch.setenv("SEND_BUFFER_BYTES", wrong)
+        with pytest.raises(pydantic.ValidationError, match="SEND_BUFFER_BYTES"):
+            RunnerSettings()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_write_stall_timeout_is_a_setting_with_nginx_send_timeout_as_its_default(monkeypatch):
