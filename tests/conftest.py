@@ -77,12 +77,14 @@ def no_orphans() -> Iterator[None]:
 def module_runners(request) -> None:
     """Start the shared runners this module's tests use, before its first test, within MAX_ENGINES.
 
-    A module with no engine of its own also has the next module's runners started behind its tests.
+    A module with no engine of its own also has the next module's runners started behind its tests; so the
+    modules that need no engine (they run first) have the first engine module's runners start behind theirs.
     """
     items = request.session.items
     need = ModuleNeeds.of([item for item in items if item.module is request.module])
-    if need.engines:
-        request.getfixturevalue("runner_pool").prepare_module(need, upcoming_runners(items, request.module))
+    upcoming = upcoming_runners(items, request.module)
+    if need.engines or upcoming:
+        request.getfixturevalue("runner_pool").prepare_module(need, upcoming)
 
 
 @pytest.fixture(scope="module")
