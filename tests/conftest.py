@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess, orphans_of_ended_runners
+from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RUNNERS, RunnerProcess, orphans_of_ended_runners
 from tests.support.runners import (
     ENGINE_MARKER,
     MAX_ENGINES,
     ModuleNeeds,
     RunnerPool,
     SuiteFootprint,
+    SuiteTimes,
     module_order,
     needs_engine,
     ready,
@@ -113,8 +114,13 @@ def drained_runner(runner_pool) -> RunnerProcess:
 
 
 FOOTPRINT = SuiteFootprint()
+TIMES = SuiteTimes()
 UNMARKED_ENGINES = ("{} vLLM engine(s) started in a session whose tests need none (-m 'not engine', make test-fast): "
                     "a test starts one without a runner fixture or an own_engines marker (tests/support/runners.py)")
+
+
+def pytest_runtest_logreport(report) -> None:
+    TIMES.add(report)
 
 
 def pytest_sessionfinish(session) -> None:
@@ -131,5 +137,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
         f"suite footprint: peak RSS of the process tree {FOOTPRINT.peak_rss / 1024**3:.2f} GiB, "
         f"at most {FOOTPRINT.peak_engines} vLLM engines alive at once (limit {MAX_ENGINES})"
     )
+    for line in TIMES.lines(RUNNERS):
+        terminalreporter.write_line(line)
     if FOOTPRINT.unexpected_engines:
         terminalreporter.write_line(UNMARKED_ENGINES.format(FOOTPRINT.unexpected_engines), red=True)

@@ -206,6 +206,38 @@ class SuiteFootprint:
             self.peak_engines = max(self.peak_engines, engines)
 
 
+class SuiteTimes:
+    """Where the suite's time goes: each test module's seconds (setup, call and teardown), the tests that need an
+    engine apart from the others, and each runner's seconds from launch to ready."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, float] = {}
+        self.by_lane = {True: 0.0, False: 0.0}  # needs an engine -> seconds
+
+    def add(self, report) -> None:
+        module = report.nodeid.split("::")[0]
+        self.modules[module] = self.modules.get(module, 0.0) + report.duration
+        self.by_lane[ENGINE_MARKER in report.keywords] += report.duration
+
+    def lines(self, runners: list[RunnerProcess], most: int = 10) -> list[str]:
+        if not self.modules:
+            return []
+        longest = sorted(self.modules.items(), key=lambda pair: -pair[1])[:most]
+        lines = [f"suite time: {self.by_lane[True]:.0f} s in tests that need an engine, {self.by_lane[False]:.0f} s "
+                 f"in the others; the longest modules: " + ", ".join(f"{module} {seconds:.0f} s"
+                                                                   for module, seconds in longest)]
+        ready = [(runner.name, seconds) for runner in runners if (seconds := ready_after(runner)) is not None]
+        if runners:
+            lines.append(f"runners started: {len(runners)}, {len(runners) - len(ready)} never ready (most of them by "
+                         f"design); launch to ready: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in ready))
+        return lines
+
+
+def ready_after(runner: RunnerProcess) -> float | None:
+    """Seconds from the runner's launch to its first ready /health (IDLE, or OK while it serves), None if never."""
+    return next((at for at, status in list(runner.timeline) if status in {"IDLE", "OK"}), None)
+
+
 @dataclass(frozen=True)
 class ModuleNeeds:
     """The engines one test module needs: shared runners, engines of its own, shared runners it ends."""
