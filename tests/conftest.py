@@ -57,8 +57,19 @@ def model_store() -> Path:
     return store
 
 
+XDIST_ENGINES = ("a test that needs an engine runs in one process, whose runner pool keeps MAX_ENGINES for the machine "
+                 "(tests/support/runners.py): run it without -n; pytest-xdist is for the fast lane (-m 'not engine')")
+
+
 @pytest.fixture(scope="session")
-def runner_pool(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[RunnerPool]:
+def one_process(request) -> None:
+    """Not a pytest-xdist worker: each would start a runner pool of its own."""
+    if hasattr(request.config, "workerinput"):
+        pytest.fail(XDIST_ENGINES)
+
+
+@pytest.fixture(scope="session")
+def runner_pool(one_process, tiny_model_dir, model_store, tmp_path_factory) -> Iterator[RunnerPool]:
     pool = RunnerPool(runner_specs(tiny_model_dir, model_store), tmp_path_factory.mktemp("runner-logs"))
     yield pool
     pool.stop_all()
@@ -83,6 +94,10 @@ def module_runners(request) -> None:
     """
     items = request.session.items
     need = ModuleNeeds.of([item for item in items if item.module is request.module])
+    if hasattr(request.config, "workerinput"):  # a pytest-xdist worker: no runner pool
+        if need.engines:
+            request.getfixturevalue("one_process")
+        return
     upcoming = upcoming_runners(items, request.module)
     if need.engines or upcoming:
         request.getfixturevalue("runner_pool").prepare_module(need, upcoming)

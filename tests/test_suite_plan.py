@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from tests.support.runner_process import ROOT
 from tests.support.runners import MAX_ENGINES, ModuleNeeds, RunnerPool, by_module, module_order, plan, upcoming_runners
 
 
@@ -151,11 +152,18 @@ def test_plan_makes_room_for_a_modules_own_engines_stopping_the_least_recently_u
 LANE_CONFTEST = """
 import pytest
 
-from tests.conftest import default_runner, module_runners, pytest_collection_modifyitems, pytest_configure, tiny_runner
+from tests.conftest import (
+    default_runner,
+    module_runners,
+    one_process,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    tiny_runner,
+)
 
 
 @pytest.fixture(scope="session")
-def runner_pool():
+def runner_pool(one_process):
     pytest.fail("a runner was asked for")
 """
 LANE_MODULES = {
@@ -204,3 +212,15 @@ def test_the_fast_lane_runs_every_test_that_needs_no_engine_and_starts_none(pyte
     assert sorted(line.split("::")[-1] for line in engine.outlines if "::" in line) == [
         "test_a_shared_runner", "test_a_shared_runner_through_a_fixture", "test_in_a_module_with_engines_of_its_own"]
 
+
+def test_under_xdist_a_test_that_needs_an_engine_is_refused(pytester, monkeypatch):
+    """make test-fast runs on pytest-xdist's workers; each would start a runner pool of its own, so a module with a
+    test that needs an engine fails there, before a runner is asked for, saying to run it without -n."""
+    lane_suite(pytester)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # the workers start in seconds, not tens of seconds
+    whole = pytester.runpytest_subprocess("-p", "xdist", "-n", "2", "-p", "no:cacheprovider")
+    whole.assert_outcomes(errors=4)
+    refused = [line for line in whole.outlines if line.startswith("E ") and "Failed: " in line]
+    assert len(refused) == 4 and all("Failed: a test that needs an engine runs in one process" in line
+                                     for line in refused), whole.outlines
