@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RunnerProcess, orphans_of_ended_runners
+from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RUNNERS, RunnerProcess, orphans_of_ended_runners
 from tests.support.runners import (
     ENGINE_MARKER,
     MAX_ENGINES,
     ModuleNeeds,
     RunnerPool,
     SuiteFootprint,
+    SuiteTimes,
     module_order,
     needs_engine,
     ready,
@@ -56,8 +58,19 @@ def model_store() -> Path:
     return store
 
 
+XDIST_ENGINES = ("a test that needs an engine runs in one process, whose runner pool keeps MAX_ENGINES for the machine "
+                 "(tests/support/runners.py): run it without -n; pytest-xdist is for the fast lane (-m 'not engine')")
+
+
 @pytest.fixture(scope="session")
-def runner_pool(tiny_model_dir, model_store, tmp_path_factory) -> Iterator[RunnerPool]:
+def one_process(request) -> None:
+    """Not a pytest-xdist worker: each would start a runner pool of its own."""
+    if hasattr(request.config, "workerinput"):
+        pytest.fail(XDIST_ENGINES)
+
+
+@pytest.fixture(scope="session")
+def runner_pool(one_process, tiny_model_dir, model_store, tmp_path_factory) -> Iterator[RunnerPool]:
     pool = RunnerPool(runner_specs(tiny_model_dir, model_store), tmp_path_factory.mktemp("runner-logs"))
     yield pool
     pool.stop_all()
@@ -77,12 +90,21 @@ def no_orphans() -> Iterator[None]:
 def module_runners(request) -> None:
     """Start the shared runners this module's tests use, before its first test, within MAX_ENGINES.
 
-    A module with no engine of its own also has the next module's runners started behind its tests.
+    A module with no engine of its own also has the next module's runners started behind its tests; so the
+    modules that need no engine (they run first) have the first engine module's runners start behind theirs.
     """
     items = request.session.items
     need = ModuleNeeds.of([item for item in items if item.module is request.module])
+    if hasattr(request.config, "workerinput"):  # a pytest-xdist worker: no runner pool
+        if need.engines:
+            request.getfixturevalue("one_process")
+        return
+    upcoming = upcoming_runners(items, request.module)
     if need.engines:
-        request.getfixturevalue("runner_pool").prepare_module(need, upcoming_runners(items, request.module))
+        request.getfixturevalue("runner_pool").prepare_module(need, upcoming)
+    elif upcoming:
+        with contextlib.suppress(pytest.fail.Exception):  # no model store: the engine tests say so, not these
+            request.getfixturevalue("runner_pool").prepare_module(need, upcoming)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +133,13 @@ def drained_runner(runner_pool) -> RunnerProcess:
 
 
 FOOTPRINT = SuiteFootprint()
+TIMES = SuiteTimes()
 UNMARKED_ENGINES = ("{} vLLM engine(s) started in a session whose tests need none (-m 'not engine', make test-fast): "
                     "a test starts one without a runner fixture or an own_engines marker (tests/support/runners.py)")
+
+
+def pytest_runtest_logreport(report) -> None:
+    TIMES.add(report)
 
 
 def pytest_sessionfinish(session) -> None:
@@ -129,5 +156,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
         f"suite footprint: peak RSS of the process tree {FOOTPRINT.peak_rss / 1024**3:.2f} GiB, "
         f"at most {FOOTPRINT.peak_engines} vLLM engines alive at once (limit {MAX_ENGINES})"
     )
+    for line in TIMES.lines(RUNNERS):
+        terminalreporter.write_line(line)
     if FOOTPRINT.unexpected_engines:
         terminalreporter.write_line(UNMARKED_ENGINES.format(FOOTPRINT.unexpected_engines), red=True)

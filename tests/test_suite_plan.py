@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from tests.support.runner_process import ROOT
 from tests.support.runners import MAX_ENGINES, ModuleNeeds, RunnerPool, by_module, module_order, plan, upcoming_runners
 
 
@@ -78,10 +79,13 @@ class CountingPool(RunnerPool):
     def run(self, items: list[Item]) -> list[str]:
         """Each module as conftest's module_runners prepares it; the modules in the order they ran."""
         modules = by_module(items)
+        self.alive_before = {}  # module -> the runners alive as its first test begins
         for module, module_items in modules.items():
             need = ModuleNeeds.of(module_items)
-            if need.engines:
-                self.prepare_module(need, upcoming_runners(items, module))
+            upcoming = upcoming_runners(items, module)
+            if need.engines or upcoming:
+                self.prepare_module(need, upcoming)
+            self.alive_before[module] = {name for name, runner in self.alive.items() if not runner.stopped}
             self.peak = max(self.peak, len(self.alive) + need.own_engines)
             for name in need.ends:
                 self.alive[name].stop()
@@ -99,6 +103,20 @@ def test_each_shared_runner_starts_once_within_max_engines():
     pool.run(items)
     assert pool.starts == {"default": 1, "doomed": 1, "drained": 1, "guarded": 1, "tiny": 1}
     assert pool.peak <= MAX_ENGINES
+
+
+def test_the_first_engine_modules_runners_start_behind_the_modules_without_engines():
+    """The first engine module uses shared runners only, as many as MAX_ENGINES allows; they are started before
+    the first module without engines runs, and the engine modules with engines of their own come after it."""
+    items = module_order(collection())
+    order = list(by_module(items))
+    first = order[2]
+    assert first == "anthropic"
+    pool = CountingPool()
+    pool.run(items)
+    assert pool.alive_before["api_fakes"] == {"default", "guarded", "tiny"}
+    assert not any(pool.alive_before["routes_fakes"] - pool.alive_before["api_fakes"])
+    assert all(order.index(module) > 2 for module in ("lifecycle", "lora", "pipeline_parallel"))
 
 
 def test_a_module_that_ends_a_runner_comes_after_every_other_user_of_it():
@@ -134,11 +152,18 @@ def test_plan_makes_room_for_a_modules_own_engines_stopping_the_least_recently_u
 LANE_CONFTEST = """
 import pytest
 
-from tests.conftest import default_runner, module_runners, pytest_collection_modifyitems, pytest_configure, tiny_runner
+from tests.conftest import (
+    default_runner,
+    module_runners,
+    one_process,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    tiny_runner,
+)
 
 
 @pytest.fixture(scope="session")
-def runner_pool():
+def runner_pool(one_process):
     pytest.fail("a runner was asked for")
 """
 LANE_MODULES = {
@@ -174,11 +199,28 @@ def test_in_a_module_with_engines_of_its_own():
 }
 
 
-def test_the_fast_lane_runs_every_test_that_needs_no_engine_and_starts_none(pytester):
+def lane_suite(pytester) -> None:
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makeconftest(LANE_CONFTEST)
     pytester.makepyfile(**LANE_MODULES)
+
+
+def test_the_fast_lane_runs_every_test_that_needs_no_engine_and_starts_none(pytester):
+    lane_suite(pytester)
     pytester.runpytest("-m", "not engine", "-p", "no:cacheprovider").assert_outcomes(passed=1, deselected=3)
     engine = pytester.runpytest("-m", "engine", "--collect-only", "-q", "-p", "no:cacheprovider")
     assert sorted(line.split("::")[-1] for line in engine.outlines if "::" in line) == [
         "test_a_shared_runner", "test_a_shared_runner_through_a_fixture", "test_in_a_module_with_engines_of_its_own"]
+
+
+def test_under_xdist_a_test_that_needs_an_engine_is_refused(pytester, monkeypatch):
+    """make test-fast runs on pytest-xdist's workers; each would start a runner pool of its own, so a module with a
+    test that needs an engine fails there, before a runner is asked for, saying to run it without -n."""
+    lane_suite(pytester)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # the workers start in seconds, not tens of seconds
+    whole = pytester.runpytest_subprocess("-p", "xdist", "-n", "2", "-p", "no:cacheprovider")
+    whole.assert_outcomes(errors=4)
+    refused = [line for line in whole.outlines if line.startswith("E ") and "Failed: " in line]
+    assert len(refused) == 4 and all("Failed: a test that needs an engine runs in one process" in line
+                                     for line in refused), whole.outlines

@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -43,6 +42,7 @@ from runner.schema import GPUComputeInfo
 from runner.settings import DEFAULT_MODEL_ID, RunnerSettings
 from tests.support.orchestrator_standin import OrchestratorStandin
 from tests.support.runner_process import free_port
+from tests.support.stub_pipeline import StubPipeline
 
 SECRET = "registration-secret-of-the-test"
 RUNNER_URL = "http://runner.invalid:8000"
@@ -53,17 +53,16 @@ STREAMED = {**QUESTION, "stream": True}
 PAYMENT = "payment-ticket-of-the-test-a1b2c3"  # the client's Livepeer-Payment: a credential
 
 
-class GatedPipeline(Pipeline):
+class GatedPipeline(StubPipeline):
     """Loads when the test says so, fails when it says so, holds requests at ``gate``; streams until closed."""
 
     name = "gated"
     OPERATIONS = GEN_LLM
 
     def __init__(self, capacity: int | None = CAPACITY, described: dict | None = None) -> None:
-        super().__init__("gated/model", Path("."))
+        super().__init__("gated/model", load_waits=True)
         self.capacity = capacity
         self.described = described
-        self.loaded = asyncio.Event()
         self.gate = asyncio.Event()
         self.gate.set()
         self.broken: str | None = None
@@ -76,9 +75,6 @@ class GatedPipeline(Pipeline):
     def operations(self) -> Mapping[str, Serve]:
         return {"genLLM": self.generate}
 
-    async def load(self) -> None:
-        await self.loaded.wait()
-
     def failure(self) -> str | None:
         return self.broken
 
@@ -90,9 +86,6 @@ class GatedPipeline(Pipeline):
 
     def engine_load(self) -> EngineLoad:
         return EngineLoad(unfinished=self.streaming, submitted=self.calls, batch_size=1)
-
-    async def close(self) -> None:
-        pass
 
     async def generate(self, request, context):
         self.calls += 1

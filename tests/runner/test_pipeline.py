@@ -59,27 +59,16 @@ from pathlib import Path
 
 import echo_schema
 from echo_schema import EchoRequest, EchoResponse
-from runner.pipeline import EngineLoad, OperationError, Pipeline
+from runner.pipeline import OperationError
+from tests.support.stub_pipeline import StubPipeline
 
 
-class EchoPipeline(Pipeline):
+class EchoPipeline(StubPipeline):
     name = "echo"
     OPERATIONS = echo_schema.OPERATIONS
 
     def operations(self):
         return {"genEcho": self.echo}
-
-    async def load(self):
-        pass
-
-    def failure(self):
-        return None
-
-    def engine_load(self):
-        return EngineLoad(unfinished=0, submitted=0, batch_size=1)
-
-    async def close(self):
-        pass
 
     async def echo(self, request: EchoRequest, context):
         if request.text == "refuse":

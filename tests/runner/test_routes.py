@@ -12,7 +12,6 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import pytest
 import structlog
@@ -25,12 +24,13 @@ from pipelines.llm import schema as llm_schema
 from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from runner.app import create_app
 from runner.keys import METRICS, STATE
-from runner.pipeline import EngineLoad, EventStream, OperationError, Pipeline, Serve
+from runner.pipeline import EngineLoad, EventStream, OperationError, Serve
 from runner.routes import RouteBindingError, bind_operations
 from runner.schema import OPERATIONS as RUNNER_OPERATIONS
 from runner.schema import APIErrorMessage
 from runner.settings import RunnerSettings
 from tests.support.http import raw_request
+from tests.support.stub_pipeline import StubPipeline
 
 GEN_LLM = tuple(op for op in llm_schema.OPERATIONS if op.operation_id == "genLLM")  # /llm alone
 
@@ -53,7 +53,7 @@ def as_event(response: LLMResponse) -> bytes:
     return response.model_dump_json(exclude_none=True).encode()
 
 
-class ScriptedPipeline(Pipeline):
+class ScriptedPipeline(StubPipeline):
     """Answers from a script; `gate` holds a request open until the test releases it."""
 
     name = "scripted"
@@ -62,7 +62,7 @@ class ScriptedPipeline(Pipeline):
     def __init__(
         self, load_error: Exception | None = None, fail_after: int | None = None, capacity: int | None = None
     ) -> None:
-        super().__init__("scripted", Path("."))
+        super().__init__("scripted")
         self.load_error = load_error
         self.fail_after = fail_after
         self.capacity = capacity
@@ -80,9 +80,6 @@ class ScriptedPipeline(Pipeline):
         await self.release_load.wait()
         if self.load_error:
             raise self.load_error
-
-    def failure(self) -> str | None:
-        return None
 
     def max_in_flight(self) -> int | None:
         return self.capacity

@@ -30,8 +30,9 @@ from runner.listening import listening_sockets
 from runner.app import create_app
 from runner.handlers import STALLED_CLIENT_GRACE, PacedStreamWriter
 from runner.keys import METRICS, STATE
-from runner.pipeline import EngineLoad, EventStream, Pipeline, RequestContext, Serve
+from runner.pipeline import EventStream, RequestContext, Serve
 from runner.settings import RunnerSettings
+from tests.support.stub_pipeline import StubPipeline
 
 GEN_LLM = tuple(op for op in llm_schema.OPERATIONS if op.operation_id == "genLLM")  # /llm alone
 
@@ -45,14 +46,14 @@ KERNEL_SEND_BUFFER_MAX = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().spl
 MAX_EVENTS_BUFFERED = (KERNEL_SEND_BUFFER_MAX + 4 * CLIENT_RECEIVE_BUFFER + 256 * 1024) // EVENT_CONTENT_BYTES
 
 
-class FloodPipeline(Pipeline):
+class FloodPipeline(StubPipeline):
     """Streams EVENTS large events as fast as they are asked for, counting them."""
 
     name = "flood"
     OPERATIONS = GEN_LLM
 
     def __init__(self, events: int = EVENTS, content_bytes: int = EVENT_CONTENT_BYTES) -> None:
-        super().__init__("flood", Path("."))
+        super().__init__("flood")
         self.events_wanted = events
         self.content_bytes = content_bytes
         self.produced = 0
@@ -61,18 +62,6 @@ class FloodPipeline(Pipeline):
 
     def operations(self) -> Mapping[str, Serve]:
         return {"genLLM": self.generate}
-
-    async def load(self) -> None:
-        pass
-
-    def failure(self) -> str | None:
-        return None
-
-    def engine_load(self) -> EngineLoad:
-        return EngineLoad(unfinished=0, submitted=0, batch_size=1)
-
-    async def close(self) -> None:
-        pass
 
     async def generate(self, request: LLMRequest, context: RequestContext):
         def error_event(reason: str) -> bytes:

@@ -4,37 +4,20 @@ clock runs out (past 3 minutes of LOADING every /health poll counts as a failure
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from pathlib import Path
 
 import structlog
 
-from runner.pipeline import EngineLoad, Pipeline, Serve
 from runner.state import SLOW_LOAD_WARNING, RunnerState
+from tests.support.stub_pipeline import StubPipeline
 
 
-class SlowPipeline(Pipeline):
+class SlowPipeline(StubPipeline):
+    """Loads when the test sets ``loaded``."""
+
     name = "slow"
-    OPERATIONS = ()
 
     def __init__(self) -> None:
-        super().__init__("slow/model", Path("."))
-        self.loaded = asyncio.Event()
-
-    def operations(self) -> Mapping[str, Serve]:
-        return {}
-
-    async def load(self) -> None:
-        await self.loaded.wait()
-
-    def failure(self) -> str | None:
-        return None
-
-    def engine_load(self) -> EngineLoad:
-        return EngineLoad(unfinished=0, submitted=0, batch_size=1)
-
-    async def close(self) -> None:
-        pass
+        super().__init__("slow/model", load_waits=True)
 
 
 def slow_load_warnings(logs: list[dict]) -> list[dict]:

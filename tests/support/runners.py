@@ -143,7 +143,13 @@ class RunnerPool:
             self.start(name)
 
     def prepare_module(self, need: ModuleNeeds, upcoming: set[str]) -> None:
-        """Before a module's first test: what it ``need``s, and ``upcoming`` if it has no engine of its own."""
+        """Before a module's first test: what it ``need``s, and ``upcoming`` if it has no engine of its own.
+
+        A module that needs no engine at all only starts what is ``upcoming`` and not alive yet: the first
+        engine module's runners start behind the modules that need none (``module_order``).
+        """
+        if not need.engines and set(upcoming) <= self.alive.keys():
+            return
         self.prepare(set(need.runners), need.own_engines, upcoming if not need.own_engines else set())
 
     def start(self, name: str) -> None:
@@ -200,6 +206,38 @@ class SuiteFootprint:
             self.peak_engines = max(self.peak_engines, engines)
 
 
+class SuiteTimes:
+    """Where the suite's time goes: each test module's seconds (setup, call and teardown), the tests that need an
+    engine apart from the others, and each runner's seconds from launch to ready."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, float] = {}
+        self.by_lane = {True: 0.0, False: 0.0}  # needs an engine -> seconds
+
+    def add(self, report) -> None:
+        module = report.nodeid.split("::")[0]
+        self.modules[module] = self.modules.get(module, 0.0) + report.duration
+        self.by_lane[ENGINE_MARKER in report.keywords] += report.duration
+
+    def lines(self, runners: list[RunnerProcess], most: int = 10) -> list[str]:
+        if not self.modules:
+            return []
+        longest = sorted(self.modules.items(), key=lambda pair: -pair[1])[:most]
+        lines = [f"suite time: {self.by_lane[True]:.0f} s in tests that need an engine, {self.by_lane[False]:.0f} s "
+                 f"in the others; the longest modules: " + ", ".join(f"{module} {seconds:.0f} s"
+                                                                   for module, seconds in longest)]
+        ready = [(runner.name, seconds) for runner in runners if (seconds := ready_after(runner)) is not None]
+        if runners:
+            lines.append(f"runners started: {len(runners)}, {len(runners) - len(ready)} never ready (most of them by "
+                         f"design); launch to ready: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in ready))
+        return lines
+
+
+def ready_after(runner: RunnerProcess) -> float | None:
+    """Seconds from the runner's launch to its first ready /health (IDLE, or OK while it serves), None if never."""
+    return next((at for at, status in list(runner.timeline) if status in {"IDLE", "OK"}), None)
+
+
 @dataclass(frozen=True)
 class ModuleNeeds:
     """The engines one test module needs: shared runners, engines of its own, shared runners it ends."""
@@ -241,10 +279,36 @@ def used(alive: list[str], names: frozenset[str]) -> list[str]:
     return [name for name in alive if name not in names] + [name for name in alive if name in names]
 
 
-def module_order(items: list) -> list:
-    """The suite's items, module by module in the order that starts the fewest engines.
+def opening(rest: list, needs: dict) -> object | None:
+    """The engine module to run first: one that uses shared runners only, as many as it can (up to MAX_ENGINES).
 
-    Modules that need no engine come first, in the collection's order. Then,
+    Its runners start behind the modules that need no engine, which leave the
+    cores half idle (conftest's module_runners): on two cores those engines are
+    ready when the first engine test comes, and no module of engines of its own
+    waits for a start of its own first. Between equals, the one whose runners
+    the most other modules use, then the collection's order. None where every
+    module has engines of its own or ends a runner another one needs.
+    """
+    def ends_a_needed_runner(module) -> bool:
+        return any(needs[other].runners & needs[module].ends for other in rest if other is not module)
+
+    candidates = [module for module in rest if needs[module].runners and not needs[module].own_engines
+                  and not ends_a_needed_runner(module)]
+    if not candidates:
+        return None
+
+    def rank(module) -> tuple:
+        users = sum(bool(needs[other].runners & needs[module].runners) for other in rest if other is not module)
+        return -len(needs[module].runners), -users, rest.index(module)
+
+    return min(candidates, key=rank)
+
+
+def module_order(items: list) -> list:
+    """The suite's items, module by module in the order that starts the fewest engines, the first ones early.
+
+    Modules that need no engine come first, in the collection's order, then
+    the ``opening`` engine module, whose runners start behind them. Then,
     one at a time, the module that costs the pool (``plan``) the fewest starts
     now plus stops of runners a later module still needs; a module that ends
     a shared runner (``ends_runners``) only once no other module left needs
@@ -256,6 +320,10 @@ def module_order(items: list) -> list:
     order = [module for module in modules if not needs[module].engines]
     rest = [module for module in modules if needs[module].engines]
     alive: list[str] = []
+    if (first := opening(rest, needs)) is not None:
+        order.append(first)
+        rest.remove(first)
+        alive = sorted(needs[first].runners)
     while rest:
         def cost(module, alive=alive) -> tuple:
             need = needs[module]
