@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from pipelines.llm.host import count_gpus
-from tests.support.runner_process import RunnerProcess, get_json, left_after, post_json
+from tests.support.runner_process import RunnerProcess, get_json, left_after, post_json, still_running
 from tests.support.runners import TINY_MAX_MODEL_LEN, tiny_engine_env
 from tests.support.streams import start_streams
 
@@ -118,6 +118,13 @@ def test_load_failures_say_error_with_the_reason(tmp_path, tiny_model_dir):
             runner.stop()
 
 
+def command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # ended, or a zombie: psutil cannot read it any more
+        return ""
+
+
 def left_at_exit(runner: RunnerProcess) -> list[psutil.Process]:
     """What the runner started that still runs now that its process has exited (it must have ended them first).
 
@@ -127,9 +134,10 @@ def left_at_exit(runner: RunnerProcess) -> list[psutil.Process]:
     """
     assert runner.process.poll() is not None
     left = runner.left_behind()
-    trackers = [process for process in left if "resource_tracker" in " ".join(process.cmdline())]
+    trackers = [process for process in left if "resource_tracker" in command_line(process)]
+    # One that ended while it was looked at (its command line then reads empty) is gone, not left.
+    left = [process for process in left if process not in trackers and still_running(process)]
     if trackers:
-        left = [process for process in left if process not in trackers]
         began = time.monotonic()
         late = left_after(trackers, AT_EXIT_TRACKER_GRACE)
         print(f"resource tracker ended {time.monotonic() - began:.3f} s after the runner's exit")

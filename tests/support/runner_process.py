@@ -176,10 +176,14 @@ class RunnerProcess:
 
     def engine_processes(self) -> list[psutil.Process]:
         """vLLM's EngineCore and worker processes (not multiprocessing's resource tracker)."""
-        return [
-            child for child in psutil.Process(self.process.pid).children(recursive=True)
-            if child.name().startswith("VLLM") or "VLLM::" in " ".join(child.cmdline())
-        ]
+        engine = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if child.name().startswith("VLLM") or "VLLM::" in " ".join(child.cmdline()):
+                    engine.append(child)
+            except psutil.Error:  # a short-lived child that ended while it was looked at
+                continue
+        return engine
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
