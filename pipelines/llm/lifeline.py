@@ -40,6 +40,7 @@ from typing import Any
 import psutil
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -66,6 +67,14 @@ class Guard:
 
     def __reduce__(self) -> tuple[Callable[[int], Guard], tuple[int]]:
         return guarded, (self.parent_pid,)
+
+
+def adopt_orphans() -> bool:
+    """Make this process the one that adopts its descendants' orphans (``PR_SET_CHILD_SUBREAPER``), so that a
+    grandchild whose parent ends during a stop (a worker its engine core was starting) is still this process's
+    to find and end; False where the kernel refuses it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def guarded(parent_pid: int) -> Guard:

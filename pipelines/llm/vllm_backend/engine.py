@@ -92,10 +92,12 @@ def engine_processes() -> list[psutil.Process]:
 
     multiprocessing's resource tracker is spared: it removes the shared memory the others leave.
     """
-    return [
-        child for child in psutil.Process().children(recursive=True)
-        if "resource_tracker" not in " ".join(child.cmdline())
-    ]
+    processes = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # one that ended while it was looked at is not there to end
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                processes.append(child)
+    return processes
 
 
 def end_processes(processes: list[psutil.Process], grace: float) -> None:
@@ -122,12 +124,25 @@ def stop_engine_processes(grace: float = ENGINE_SHUTDOWN_TIMEOUT) -> int:
     process starts after this (a start still under way would start its engine
     core or workers once the children were counted). Returns how many were signalled.
     """
+    lifeline.adopt_orphans()
     lifeline.refuse_children()
     children = engine_processes()
     for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.send_signal(signal.SIGTERM)
     end_processes(children, grace)
+    # A child may have been starting a process of its own as it was signalled (the engine core its worker): that
+    # one is adopted here once its parent is gone, and ended too.
+    ended = {child.pid for child in children}
+    for _ in range(3):
+        late = [child for child in engine_processes() if child.pid not in ended and lifeline.running(child)]
+        if not late:
+            break
+        for child in late:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        end_processes(late, 0.0)
+        ended.update(child.pid for child in late)
     return len(children)
 
 
