@@ -62,7 +62,8 @@ async def test_a_grammar_past_the_limit_is_refused_and_its_compile_killed_then_t
         took = time.monotonic() - started
         assert refused.value.status == 400 and refused.value.param == "response_format"
         assert "GRAMMAR_COMPILE_TIMEOUT" in str(refused.value) and "1 s" in str(refused.value)
-        assert LIMIT <= took < LIMIT + 1.0, took
+        # Refused at the limit, far short of the compile itself (tens of seconds); slack for two busy cores.
+        assert LIMIT <= took < LIMIT + 3.0, took
         worker.join(5)
         assert not worker.is_alive()  # the compile was stopped, not left running
         assert guard.killed == 1
@@ -71,7 +72,7 @@ async def test_a_grammar_past_the_limit_is_refused_and_its_compile_killed_then_t
         started = time.monotonic()
         with pytest.raises(OperationError):
             await guard.check(Sampling(max_tokens=4, json_schema=SLOW_SCHEMA), engine)
-        assert time.monotonic() - started < 0.1 and guard.killed == 1 and guard.worker is None
+        assert time.monotonic() - started < 0.5 and guard.killed == 1 and guard.worker is None
 
         # A fresh worker takes the next grammar; a grammar accepted once is not compiled again.
         small = Sampling(max_tokens=4, json_schema={"type": "object", "properties": {"n": {"type": "integer"}}})
