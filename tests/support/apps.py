@@ -6,6 +6,8 @@ generation path, the replies and every API module are the ones a container runs.
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,3 +76,24 @@ async def ready_client(aiohttp_client, app: web.Application, timeout: float = 5.
         while (await (await client.get("/health")).json())["status"] == "LOADING":
             await asyncio.sleep(0.01)
     return client
+
+
+async def assert_a_vanishing_client_aborts(client, engine: FakeEngine, path: str, body: dict[str, Any]) -> None:
+    """A client that goes away mid-answer, whole and then streamed, aborts its engine request; the runner is IDLE
+    after."""
+    engine.step_seconds = 0.01
+
+    async def call(stream: bool) -> None:
+        async with client.post(path, json={**body, "stream": stream}) as response:
+            await response.read()
+
+    for stream in (False, True):
+        request = asyncio.ensure_future(call(stream))
+        while not engine.running:
+            await asyncio.sleep(0.01)
+        request.cancel()
+        async with asyncio.timeout(2):
+            while engine.running:
+                await asyncio.sleep(0.01)
+        assert engine.submitted[-1].aborted
+    assert (await (await client.get("/health")).json())["status"] == "IDLE"

@@ -22,7 +22,7 @@ from pipelines.llm.replies import ReplyTracker
 from pipelines.llm.schema import AnthropicMessagesRequest, AnthropicStreamEvent
 from runner.pipeline import RequestContext
 from runner.schema import AnthropicError
-from tests.support.apps import llm_app, llm_settings, ready_client, runner_settings
+from tests.support.apps import assert_a_vanishing_client_aborts, llm_app, llm_settings, ready_client, runner_settings
 from tests.support.fake_engine import (
     DEFAULT_WORDS,
     FakeEngine,
@@ -521,23 +521,8 @@ async def test_a_plain_request_whose_engine_dies_is_a_500_api_error(client, engi
 
 
 async def test_a_client_that_goes_away_aborts_its_engine_request(client, engine, model):
-    engine.step_seconds = 0.01
-
-    async def call(stream: bool) -> None:
-        async with client.post("/v1/messages", json={"model": model, "messages": QUESTION, "max_tokens": 4000,
-                                                     "stream": stream}) as response:
-            await response.read()
-
-    for stream in (False, True):
-        request = asyncio.ensure_future(call(stream))
-        while not engine.running:
-            await asyncio.sleep(0.01)
-        request.cancel()
-        async with asyncio.timeout(2):
-            while engine.running:
-                await asyncio.sleep(0.01)
-        assert engine.submitted[-1].aborted
-    assert (await (await client.get("/health")).json())["status"] == "IDLE"
+    await assert_a_vanishing_client_aborts(client, engine, "/v1/messages",
+                                           {"model": model, "messages": QUESTION, "max_tokens": 4000})
 
 
 async def test_the_sdk_closing_a_stream_aborts_its_engine_request(client, engine, anthropic_client, model):

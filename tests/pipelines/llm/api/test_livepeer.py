@@ -6,7 +6,6 @@ tests/pipelines/llm/real_engine/test_livepeer.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -16,7 +15,7 @@ from pipelines.llm.replies import ReplyTracker
 from pipelines.llm.schema import LLMChoice, LLMMessage, LLMResponse, LLMTokenUsage
 from runner.pipeline import RequestContext
 from runner.schema import APIErrorMessage
-from tests.support.apps import llm_app, ready_client
+from tests.support.apps import assert_a_vanishing_client_aborts, llm_app, ready_client
 from tests.support.fake_engine import (
     DEFAULT_WORDS,
     FakeEngine,
@@ -199,22 +198,7 @@ async def test_a_conversation_the_chat_template_refuses_is_a_400(aiohttp_client,
 
 
 async def test_a_client_that_goes_away_aborts_its_engine_request(client, engine):
-    engine.step_seconds = 0.01
-
-    async def call(stream: bool) -> None:
-        async with client.post("/llm", json={"messages": STORY, "max_tokens": 4000, "stream": stream}) as response:
-            await response.read()
-
-    for stream in (False, True):
-        request = asyncio.ensure_future(call(stream))
-        while not engine.running:
-            await asyncio.sleep(0.01)
-        request.cancel()
-        async with asyncio.timeout(2):
-            while engine.running:
-                await asyncio.sleep(0.01)
-        assert engine.submitted[-1].aborted
-    assert (await (await client.get("/health")).json())["status"] == "IDLE"
+    await assert_a_vanishing_client_aborts(client, engine, "/llm", {"messages": STORY, "max_tokens": 4000})
 
 
 async def test_an_engine_that_dies_ends_requests_with_errors_and_health_says_error(client, engine):

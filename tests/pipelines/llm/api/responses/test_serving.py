@@ -4,14 +4,13 @@ a real vLLM engine over real HTTP are in tests/pipelines/llm/real_engine/test_re
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import openai
 import pytest
 from openai.types.responses import Response
 
-from tests.support.apps import llm_app, llm_settings, ready_client, runner_settings
+from tests.support.apps import assert_a_vanishing_client_aborts, llm_app, llm_settings, ready_client, runner_settings
 from tests.support.fake_engine import DEFAULT_WORDS, FakeEngine, RecordingParser, Script, hermes_call, scripted_text
 from tests.support.responses import TIME, TOOLS_TEMPLATE, decoded, parse_stream
 from tests.support.sdks import streamed_call_arguments
@@ -210,22 +209,7 @@ async def test_a_plain_request_whose_engine_dies_is_a_500(client, engine):
 
 
 async def test_a_client_that_goes_away_aborts_its_engine_request(client, engine):
-    engine.step_seconds = 0.01
-
-    async def call(stream: bool) -> None:
-        async with client.post("/v1/responses", json={"input": "Tell me a story.", "stream": stream}) as response:
-            await response.read()
-
-    for stream in (False, True):
-        request = asyncio.ensure_future(call(stream))
-        while not engine.running:
-            await asyncio.sleep(0.01)
-        request.cancel()
-        async with asyncio.timeout(2):
-            while engine.running:
-                await asyncio.sleep(0.01)
-        assert engine.submitted[-1].aborted
-    assert (await (await client.get("/health")).json())["status"] == "IDLE"
+    await assert_a_vanishing_client_aborts(client, engine, "/v1/responses", {"input": "Tell me a story."})
 
 
 # 5. Every bad input is a 400 (or 404) in OpenAI's shape, before the engine
