@@ -434,7 +434,224 @@ def own_layers_main(bare: bool) -> None:
     print(f"{'bare aiohttp' if bare else 'runner'} {uvloop.run(own_layers_us(bare)):.2f} us/event")
 
 
+API_REPEATS = 5
+
+
+def api_app():
+    """The runner's app over the llm pipeline itself, on the front-end bench's stand-in engine (a step a loop turn)."""
+    import tempfile
+
+    from pipelines.llm.settings import LLMSettings
+    from runner.app import create_app
+    from runner.settings import RunnerSettings
+    from tests.support.fake_engine import fake_model_dir
+    from tests.support.frontend_pipeline import FrontendBenchPipeline
+
+    model = fake_model_dir(Path(tempfile.mkdtemp(prefix="floor-apis-")) / "model")
+    pipeline = FrontendBenchPipeline(str(model), model.parent, LLMSettings.model_validate({}))
+    return create_app(RunnerSettings(), pipeline=pipeline), str(model)
+
+
+API_PATHS = {"llm": "/llm", "chat": "/v1/chat/completions", "completions": "/v1/completions",
+             "responses": "/v1/responses", "messages": "/v1/messages"}
+
+
+def api_request(api: str, model: str) -> bytes:
+    """One streamed request of ``api``, as the front-end bench asks (text completions: the same story's prompt)."""
+    import json
+
+    from bench.frontend import request_body
+
+    body = request_body(api, model, OWN_TOKENS) if api != "completions" else \
+        {"model": model, "prompt": "Tell me a story about a runner.", "max_tokens": OWN_TOKENS, "stream": True}
+    body = json.dumps(body).encode()
+    return (f"POST {API_PATHS[api]} HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def unchunked(answer: bytes) -> bytes:
+    """An HTTP/1.1 answer's body, its chunks joined."""
+    body, rest = b"", answer.partition(b"\r\n\r\n")[2]
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        length = int(size, 16)
+        if length == 0:
+            break
+        body, rest = body + rest[:length], rest[length + 2:]
+    return body
+
+
+def replaying_app(events: list[bytes]) -> web.Application:
+    """A bare aiohttp handler writing ``events`` (one API's stream, as the runner wrote it), one a loop turn."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events[:-1]:
+            await asyncio.sleep(0)
+            await response.write(event)
+        await response.write_eof(events[-1])
+        return response
+
+    app = web.Application()
+    for path in API_PATHS.values():
+        app.router.add_post(path, handle)
+    return app
+
+
+async def api_us(api: str, bare: bool, profile: Path | None = None) -> tuple[float, int]:
+    """CPU per streamed event of one API (server and raw client in this process), the least of API_REPEATS rounds;
+    and the events a stream. ``bare``: a bare handler replaying the runner's stream of that API instead."""
+    import cProfile
+
+    from aiohttp.test_utils import TestServer
+
+    app, model = api_app()
+    request = api_request(api, model)
+
+    async def one_stream(host: str, port: int) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request)
+        answer = await reader.read(-1)
+        writer.close()
+        if not answer.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{api}: {answer[:300]!r}")
+        return answer
+
+    async with TestServer(app, host="127.0.0.1") as server:
+        for _ in range(100):  # the pipeline's (instant) load
+            if (await asyncio.gather(one_stream(server.host, server.port), return_exceptions=True))[0].__class__ \
+                    is bytes:
+                break
+            await asyncio.sleep(0.05)
+        sample = await one_stream(server.host, server.port)
+    body = unchunked(sample)
+    events = [event + b"\n\n" for event in body.split(b"\n\n") if event]
+    if bare:
+        app = replaying_app(events)
+    async with TestServer(app, host="127.0.0.1") as server:
+        await one_stream(server.host, server.port)
+        rounds = []
+        profiler = cProfile.Profile() if profile is not None else None
+        for _ in range(API_REPEATS):
+            if profiler is not None:
+                profiler.enable()
+            started = time.process_time()
+            await asyncio.gather(*(one_stream(server.host, server.port) for _ in range(OWN_STREAMS)))
+            rounds.append((time.process_time() - started) / (OWN_STREAMS * len(events)) * 1e6)
+            if profiler is not None:
+                profiler.disable()
+        if profiler is not None:
+            profiler.dump_stats(profile)
+    return min(rounds), len(events)
+
+
+def profile_layers(path: Path, events: int) -> dict[str, float]:
+    """A cProfile dump's own time by bench.frontend's layers, and by the reply builders' and generation path's
+    functions: µs per event (cProfile's, inflated by its own per-call cost: read the shares)."""
+    import pstats
+
+    from bench.frontend import layer_of
+
+    stats = pstats.Stats(str(path)).stats  # (file, line, function) -> (calls, primitive, tottime, cumtime, callers)
+    by_layer: dict[str, float] = {}
+    by_function: dict[str, float] = {}
+    for (file, line, function), (_, _, own, _, _) in stats.items():
+        layer = layer_of(function, file) or ("loop & other" if file != "~" else "C calls")
+        by_layer[layer] = by_layer.get(layer, 0.0) + own
+        if layer in ("reply builders", "generation path", "runner/"):
+            name = f"{layer}: {Path(file).name}:{line} {function}"
+            by_function[name] = by_function.get(name, 0.0) + own
+    scale = 1e6 / (API_REPEATS * OWN_STREAMS * events)
+    return {key: value * scale for key, value in sorted({**by_layer, **by_function}.items(), key=lambda kv: -kv[1])}
+
+
+async def replies_us(api: str) -> tuple[float, float, int]:
+    """The llm pipeline's own per-event work for one API, no HTTP: OWN_STREAMS streams of the operation itself
+    (request model in, ``EventStream`` out, its events read to the end) over the front-end bench's stand-in engine,
+    against the stand-in's steps read alone; CPU µs per event of each, the least of API_REPEATS rounds, and the
+    events a stream. The difference is the reply builders and the generation path (``Reply``'s read loop, the
+    tracker, the answer reader and the API's writer hooks), with the per-request work (the request's checks, the
+    chat template on the offload thread, the opening and closing events) spread over the stream's events."""
+    import json
+    import tempfile
+
+    from pipelines.llm import schema
+    from pipelines.llm.engine import Sampling
+    from pipelines.llm.settings import LLMSettings
+    from runner.pipeline import RequestContext
+    from tests.support.fake_engine import fake_model_dir
+    from tests.support.frontend_pipeline import FrontendBenchPipeline
+
+    model = fake_model_dir(Path(tempfile.mkdtemp(prefix="floor-replies-")) / "model")
+    pipeline = FrontendBenchPipeline(str(model), model.parent, LLMSettings.model_validate({}))
+    await pipeline.load()
+    try:
+        operation = next(op for op in schema.OPERATIONS if op.path == API_PATHS[api])
+        serve = pipeline.operations()[operation.operation_id]
+        request = operation.request_model.model_validate_json(api_request(api, str(model)).partition(b"\r\n\r\n")[2])
+        engine = pipeline.generation.engine
+
+        async def stream() -> int:
+            events = (await serve(request, RequestContext(os.urandom(16).hex()))).events
+            return sum([1 async for _ in events])
+
+        async def steps_alone() -> int:
+            return sum([1 async for _ in engine.generate([0] * 20, Sampling(max_tokens=OWN_TOKENS), "alone")])
+
+        whole, alone = [], []
+        for _ in range(API_REPEATS):
+            started = time.process_time()
+            events = sum(await asyncio.gather(*(stream() for _ in range(OWN_STREAMS))))
+            whole.append((time.process_time() - started) / events * 1e6)
+            started = time.process_time()
+            await asyncio.gather(*(steps_alone() for _ in range(OWN_STREAMS)))
+            alone.append((time.process_time() - started) / events * 1e6)
+        return min(whole), min(alone), events // OWN_STREAMS
+    finally:
+        await pipeline.close()
+
+
+def apis_main(argv: list[str]) -> None:
+    """``python -m bench.floor --apis [--bare | --replies] [--profile] [API ...]``: per API, µs of CPU per event.
+
+    By default the runner's whole stream path in one process (the app, the llm pipeline's reply builders and
+    generation path, over the front-end bench's stand-in engine, 64 tokens a stream, server and raw client), the
+    least of API_REPEATS rounds; ``--bare``: a bare aiohttp handler writing the same events (the difference is the
+    runner's own layers, reply builders included); ``--replies``: the llm pipeline's own part alone, no HTTP
+    (``replies_us``); ``--profile``: cProfile's own time by layer and the costliest functions of the runner's own
+    layers. As with ``--own-layers``, run each side (and each checkout) in a process of its own, alternating."""
+    import tempfile
+
+    import uvloop
+
+    from runner.log import configure_logging
+
+    sys.stderr = open(os.devnull, "w")
+    configure_logging(False)
+    apis = [arg for arg in argv if arg in API_PATHS] or list(API_PATHS)
+    if "--replies" in argv:
+        for api in apis:
+            whole, alone, events = uvloop.run(replies_us(api))
+            print(f"{api:11} replies {whole - alone:5.2f} us/event (with the stand-in's steps {whole:.2f}, "
+                  f"they alone {alone:.2f}; {events} events a stream)", flush=True)
+        return
+    for api in apis:
+        profile = Path(tempfile.mkdtemp(prefix="floor-profile-")) / f"{api}.prof" if "--profile" in argv else None
+        us, events = uvloop.run(api_us(api, "--bare" in argv, profile))
+        print(f"{api:10} {'bare' if '--bare' in argv else 'runner'} {us:.2f} us/event ({events} events a stream)",
+              flush=True)
+        if profile is not None:
+            for name, value in list(profile_layers(profile, events).items())[:40]:
+                print(f"    {value:7.2f}  {name}")
+
+
 if __name__ == "__main__":
+    if "--apis" in sys.argv:
+        apis_main(sys.argv[1:])
+        sys.exit(0)
+
     if "--own-layers" in sys.argv:
         own_layers_main(bare="--bare" in sys.argv)
         sys.exit(0)

@@ -354,7 +354,10 @@ async def serve_admitted(
                     if not isinstance(result, EventStream):
                         return json_response(result)
                     sender = EventStreamSender(request, result, context, deadline)
-                    await sender.pump()
+                    # In a task of its own: each event resumes the pump's frames only, not the dozen of the
+                    # handler's chain of awaits above it (aiohttp's and the runner's); the deadline, which cancels
+                    # this task, cancels the pump with it.
+                    await asyncio.ensure_future(sender.pump())
             finally:
                 if sender is not None:
                     await sender.close()

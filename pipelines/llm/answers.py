@@ -91,7 +91,6 @@ class AnswerReader:
     plan: ToolPlan
     parser: ToolCallParser | None = None  # the model's tool-call syntax, for the "auto" plan
     chat_body: dict | None = None  # the request as OpenAI's chat body, which vLLM's parsers read
-    text: str = ""
     content: str | None = None  # the answer's text, once finished (None: there is none, only calls or thinking)
     reasoning: str = ""
     calls: list[ToolCall] = field(default_factory=list)
@@ -100,11 +99,13 @@ class AnswerReader:
     answer: list[str] = field(default_factory=list, repr=False)  # the answer's text pieces
     thinking: ReasoningStream | None = field(default=None, repr=False)
     calls_reader: RequiredCalls | TaggedCalls | ParsedCalls | None = field(default=None, repr=False)
+    plain: bool = field(default=False, init=False, repr=False)  # the text plan, no thinking: each piece is text
 
     def __post_init__(self) -> None:
         if self.reasoning_parser is not None:
             self.thinking = self.reasoning_parser.stream(self.prompt_token_ids)
         plan = self.plan
+        self.plain = plan.mode == "text" and self.thinking is None
         if plan.mode == "required":
             self.calls_reader = RequiredCalls()
         elif plan.mode == "auto" and plan.own_syntax:
@@ -116,7 +117,11 @@ class AnswerReader:
 
     def feed(self, piece: str, token_ids: Sequence[int] | None = None) -> list[AnswerEvent]:
         """The events of one generated piece; ``token_ids``: its tokens (needed to tell a model's thinking apart)."""
-        self.text += piece
+        if self.plain:  # the most common reader, once per token: read_answer's text plan and record's text, inline
+            if piece:
+                self.answer.append(piece)
+                return [TextDelta(piece)]
+            return []
         events: list[AnswerEvent] = []
         if self.thinking is not None:
             thought, piece = self.thinking.feed(piece, token_ids)

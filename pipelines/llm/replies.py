@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic_core import to_json
+
 from pipelines.llm.answers import AnswerEvent, AnswerReader
 from pipelines.llm.engine import CompletionDelta, GenerationStep
 from runner.pipeline import EventStream, RequestContext
@@ -65,14 +67,21 @@ class Choice:
         return self.finish_reason == "length"
 
 
-@dataclass(frozen=True, slots=True)
 class Update:
-    """What one engine step added to one choice."""
+    """What one engine step added to one choice.
 
-    choice: Choice
-    text: str
-    logprobs: Sequence[LogprobEntry]
-    token_ids: Sequence[int] = ()  # the step's new tokens (a reasoning parser reads them)
+    A plain class with slots, made once per step and choice: a frozen dataclass's ``__init__`` sets each field
+    through ``object.__setattr__``, which cost more than the rest of the step's bookkeeping.
+    """
+
+    __slots__ = ("choice", "text", "logprobs", "token_ids")
+
+    def __init__(self, choice: Choice, text: str, logprobs: Sequence[LogprobEntry],
+                 token_ids: Sequence[int] = ()) -> None:
+        self.choice = choice
+        self.text = text
+        self.logprobs = logprobs
+        self.token_ids = token_ids  # the step's new tokens (a reasoning parser reads them)
 
     @property
     def finished(self) -> bool:
@@ -85,9 +94,12 @@ def usage_of(context: RequestContext) -> tuple[int, int, int]:
     return prompt, completion, prompt + completion
 
 
+USAGE_JSON = b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}'  # prompt, completion, total
+
+
 def usage_json(context: RequestContext) -> bytes:
     """OpenAI's and /llm's usage object, as JSON bytes (it is in every /llm stream event)."""
-    return b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % usage_of(context)
+    return USAGE_JSON % usage_of(context)
 
 
 def usage_model(context: RequestContext, model: type) -> Any:
@@ -176,21 +188,25 @@ class ReplyTracker:
         if step.prompt_logprobs:  # on the first step only, when asked for
             self.prompt_logprobs[prompt] = prompt_logprob_entries(step.prompt_logprobs)
         updates = []
+        choices, first = self.choices, prompt * self.n
         for delta in step.outputs:
-            choice = self.choices[prompt * self.n + delta.index]
-            context.count_tokens(len(delta.token_ids))
-            choice.tokens += len(delta.token_ids)
-            choice.parts.append(delta.text)
+            choice = choices[first + delta.index]
+            token_ids, text = delta.token_ids, delta.text
+            tokens = len(token_ids)
+            context.count_tokens(tokens)
+            choice.tokens += tokens
+            choice.parts.append(text)
             entries = logprob_entries(delta, self.logprobs) if self.logprobs is not None else ()
             if entries:
                 choice.logprobs.extend(entries)
-            reason = finish_reason_of(delta)
-            if reason is not None and choice.finish_reason is None:
-                choice.finish_reason = reason
-                if isinstance(delta.stop_reason, str):
-                    choice.stop_sequence = delta.stop_reason
-                self.unfinished -= 1
-            updates.append(Update(choice, delta.text, entries, delta.token_ids))
+            if delta.finish_reason is not None:  # most steps end nothing: the reason's rules only for the last
+                reason = finish_reason_of(delta)
+                if choice.finish_reason is None:
+                    choice.finish_reason = reason
+                    if isinstance(delta.stop_reason, str):
+                        choice.stop_sequence = delta.stop_reason
+                    self.unfinished -= 1
+            updates.append(Update(choice, text, entries, token_ids))
         if not self.unfinished:
             context.finish_reason = overall_finish_reason([choice.finish_reason for choice in self.choices])
         return updates
@@ -201,6 +217,17 @@ class ReplyTracker:
 
 
 NOTHING: tuple = ()  # what a hook returns when it writes nothing (shared, never a new object)
+TEXT_MARK = "\ue000text\ue000"  # private-use characters around a word: JSON writes it as it is
+
+
+def text_frame(written: bytes) -> tuple[bytes, bytes]:
+    """An event's bytes before and after its text, cut out of the event as its writer wrote it with ``TEXT_MARK`` for
+    the text: a hot path then writes ``head + to_json(text) + tail``, the writer's own bytes, built once. The mark is
+    looked for last, behind the ids and names an event may start with."""
+    head, mark, tail = written.rpartition(to_json(TEXT_MARK))
+    if not mark:
+        raise ValueError("the event was not written with TEXT_MARK for its text")
+    return head, tail
 
 
 class Reply:

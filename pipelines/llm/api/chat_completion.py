@@ -19,7 +19,16 @@ from pipelines.llm.api.openai_base import (
     structured_outputs,
 )
 from pipelines.llm.engine import Sampling
-from pipelines.llm.replies import NOTHING, Choice, LogprobEntry, ReplyTracker, Update, usage_model
+from pipelines.llm.replies import (
+    NOTHING,
+    TEXT_MARK,
+    Choice,
+    LogprobEntry,
+    ReplyTracker,
+    Update,
+    text_frame,
+    usage_model,
+)
 from pipelines.llm.schema import (
     AssistantMessage,
     ChatCompletion,
@@ -124,6 +133,9 @@ class ChatReply(OpenAIReply):
                                       api.include_usage(request))
         # Per choice, the logprobs of tokens whose text no chunk has carried yet (they go with the next chunk).
         self.held: dict[int, list[LogprobEntry]] = {choice.index: [] for choice in tracker.choices}
+        # Per choice, a text chunk's bytes around its text (no logprobs: the hot path).
+        self.text_frames = {choice.index: text_frame(self.chunk(choice.index, delta_of(TextDelta(TEXT_MARK)), NOTHING))
+                            for choice in tracker.choices} if not self.with_logprobs else {}
 
     def began(self, choice: Choice, start: list[AnswerEvent]) -> list[bytes] | tuple:
         if not self.streaming:
@@ -138,6 +150,9 @@ class ChatReply(OpenAIReply):
         if not self.with_logprobs:  # the hot path: one chunk per event, most often one event
             if len(events) == 1:
                 event = events[0]
+                if type(event) is TextDelta:  # most often text
+                    head, tail = self.text_frames[index]
+                    return (head + to_json(event.text) + tail,)
                 if self.with_reasoning or type(event) is not ReasoningDelta:
                     return (self.chunk(index, delta_of(event), NOTHING),)
                 return NOTHING

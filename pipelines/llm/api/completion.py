@@ -21,7 +21,16 @@ from pipelines.llm.api.openai_base import (
     response_format_constraint,
     structured_outputs,
 )
-from pipelines.llm.replies import NOTHING, Choice, LogprobEntry, ReplyTracker, Update, usage_model
+from pipelines.llm.replies import (
+    NOTHING,
+    TEXT_MARK,
+    Choice,
+    LogprobEntry,
+    ReplyTracker,
+    Update,
+    text_frame,
+    usage_model,
+)
 from pipelines.llm.schema import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionUsage
 from runner.pipeline import RequestContext
 
@@ -93,6 +102,10 @@ class CompletionReply(OpenAIReply):
         self.created = int(time.time())
         self.envelope = ChunkEnvelope("text_completion", self.id, self.created, model, include_usage)
         self.echoing = ""  # the prompt that goes in front of a choice's first chunk
+        self.offsets: dict[int, int] = {}  # per choice, the characters its chunks' logprobs have covered
+        # Per choice, an unfinished text chunk's bytes around its text (no logprobs: the hot path).
+        self.text_frames = {choice.index: text_frame(self.choice_chunk(choice, TEXT_MARK, None))
+                            for choice in tracker.choices} if not self.with_logprobs else {}
 
     def echo(self, choice: Choice) -> str:
         return self.echoed[choice.index // self.tracker.n] if self.echoed else ""
@@ -105,9 +118,14 @@ class CompletionReply(OpenAIReply):
         if not self.streaming:
             return NOTHING
         choice, text = update.choice, update.text
+        if text and not self.with_logprobs and not self.echoing and choice.finish_reason is None:  # the hot path
+            head, tail = self.text_frames[choice.index]
+            return (head + to_json(text) + tail,)
         logprobs = None
-        if self.with_logprobs:
-            logprobs = completion_logprobs(update.logprobs, len(choice.text) - len(text))
+        if self.with_logprobs:  # the text's offset: the choice's characters before this step's (kept, not re-joined)
+            offset = self.offsets.get(choice.index, 0)
+            self.offsets[choice.index] = offset + len(text)
+            logprobs = completion_logprobs(update.logprobs, offset)
         if self.echoing:
             text, self.echoing = self.echoing + text, ""
         if text or logprobs is not None or update.finished:

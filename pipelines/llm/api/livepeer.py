@@ -10,7 +10,7 @@ from pipelines.llm.answers import AnswerEvent, AnswerReader, TextDelta
 from pipelines.llm.api import LLMAPI
 from pipelines.llm.conversation import require_turns, turn
 from pipelines.llm.engine import Sampling
-from pipelines.llm.replies import NOTHING, Choice, Reply, ReplyTracker, Update, usage_json, usage_model
+from pipelines.llm.replies import USAGE_JSON, NOTHING, Choice, Reply, ReplyTracker, Update, usage_json, usage_model
 from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from pipelines.llm.tools import ToolPlan
 from runner.pipeline import EventStream, RequestContext
@@ -36,6 +36,8 @@ class LivepeerAPI(LLMAPI):
 
 
 TEXT = ToolPlan()  # /llm offers no tools
+# ``LivepeerReply.event`` of a token's text, after the event's head: usage (prompt, completion, total), the text.
+TOKEN_EVENT = USAGE_JSON + b',"choices":[{"index":0,"finish_reason":"","delta":{"role":"assistant","content":%b}}]}'
 
 
 class LivepeerReply(Reply):
@@ -56,6 +58,8 @@ class LivepeerReply(Reply):
         self.event_head = b'{"id":%s,"model":%s,"created":%d,"usage":' % (
             to_json(self.completion_id), to_json(model), self.created
         )
+        # A token's event, but for its counts and text, is the same for every token: one format to fill in.
+        self.token_event = self.event_head.replace(b"%", b"%%") + TOKEN_EVENT
 
     def event(self, content: str, finish_reason: str = "", error: str | None = None) -> bytes:
         """One stream event, as the JSON bytes pydantic would write of its LLMResponse.
@@ -76,17 +80,23 @@ class LivepeerReply(Reply):
         """The in-band ending of a failed stream: one choice, empty content, finish_reason "error"."""
         return self.event("", finish_reason="error", error=reason)
 
+    def text_event(self, content: str) -> bytes:
+        """``event(content)`` for a token's text (the hot path): the usage and the text filled into one template."""
+        context = self.context
+        prompt, completion = context.prompt_tokens, context.completion_tokens
+        return self.token_event % (prompt, completion, prompt + completion, to_json(content))
+
     def said(self, update: Update, events: list[AnswerEvent] | None) -> list[bytes] | tuple:
         if not self.streaming:
             return NOTHING
         if events is None:  # the hot path: the text as generated
-            return [self.event(update.text)] if update.text else NOTHING
-        return [self.event(event.text) for event in events if type(event) is TextDelta]
+            return (self.text_event(update.text),) if update.text else NOTHING
+        return [self.text_event(event.text) for event in events if type(event) is TextDelta]
 
     def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[bytes] | tuple:
         if not self.streaming:
             return NOTHING
-        sent = [self.event(event.text) for event in events if type(event) is TextDelta]
+        sent = [self.text_event(event.text) for event in events if type(event) is TextDelta]
         sent.append(self.event("", finish_reason=self.context.finish_reason))
         return sent
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipelines.llm.answers import AnswerReader, CallArguments
@@ -15,9 +17,11 @@ from pipelines.llm.replies import (
     overall_finish_reason,
     usage_json,
 )
+from pipelines.llm.schema import ChatCompletionChunk, Completion, LLMResponse
 from pipelines.llm.tools import ToolPlan
 from runner.pipeline import RequestContext
-from tests.support.fake_engine import Delta, Logprob, Step
+from tests.support.apps import served_client
+from tests.support.fake_engine import Delta, FakeEngine, Logprob, Step, scripted_text
 
 
 def step(*deltas: Delta, prompt: list[int] | None = None, finished: bool = False) -> Step:
@@ -165,3 +169,29 @@ async def test_readers_start_once_their_calls_decide_the_finish_reason_and_an_ea
     await anext(stream)
     await stream.aclose()
     assert early.closed and early.read == 1, "a stream stopped early closes (aborts) the engine's steps"
+
+
+# The hot paths' bytes: each token's event written from bytes built once per request (``text_frame``, /llm's
+# template) is byte for byte what pydantic writes of the spec's model of that event: no space, key order or escape
+# of its own. Text of one character a token, each needing what JSON needs (quotes, escapes, control characters,
+# non-ASCII, U+2028, the mark's own private-use characters).
+HOT_TEXT = 'say "hi", back\\slash, line\nbreak\ttab \x00\x1f\x7f é 北京 🙂 \u2028 </script> \ue000text\ue000 %d %b'
+
+
+@pytest.mark.parametrize("path", ["/llm", "/v1/chat/completions", "/v1/completions"])
+async def test_each_streamed_text_event_is_the_bytes_pydantic_writes_of_it(aiohttp_client, tmp_path, path):
+    engine = FakeEngine(scripted_text(HOT_TEXT))
+    client = await served_client(aiohttp_client, engine, tmp_path)
+    body = {"model": client.model, "max_tokens": 200, "stream": True}
+    body |= {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    response = await client.post(path, json=body)
+    assert response.status == 200
+    raw = await response.read()
+    events = [event[len(b"data: "):] for event in raw.split(b"\n\n") if event.startswith(b"data: {")]
+    model = {"/llm": LLMResponse, "/v1/chat/completions": ChatCompletionChunk, "/v1/completions": Completion}[path]
+    assert len(events) > len(HOT_TEXT)  # a token's event each, and the ones around them
+    for event in events:
+        assert model.model_validate_json(event).model_dump_json(exclude_unset=True).encode() == event
+    texts = [json.loads(event)["choices"][0] for event in events]
+    said = "".join(choice.get("text") or (choice.get("delta") or {}).get("content") or "" for choice in texts)
+    assert said == HOT_TEXT

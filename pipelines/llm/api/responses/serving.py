@@ -168,11 +168,17 @@ class ResponsesReply(Reply):
         return sent
 
     def said(self, update: Update, events: list[AnswerEvent]) -> list[tuple[bytes, bytes]]:
+        output = self.output
+        if len(events) == 1 and type(events[0]) is TextDelta:  # the hot path: one piece of text
+            self.counted = update.choice.tokens
+            text = events[0].text
+            if text and output.writing_text:
+                return (output.text_delta(text),)
+            return output.take(events[0])
         # The step's tokens count as thinking if all it said was.
         tokens, self.counted = update.choice.tokens - self.counted, update.choice.tokens
         if events and type(events[-1]) is ReasoningDelta and all(type(event) is ReasoningDelta for event in events):
             self.reasoning_tokens += tokens
-        output = self.output
         sent = []
         for event in events:
             if type(event) is TextDelta and event.text and output.writing_text:
