@@ -78,11 +78,12 @@ test: install models
 
 # Every test that needs no real vLLM engine: tests/conftest.py marks the others `engine` at collection (a runner
 # fixture or an own_engines module), and fails the run if an engine starts anyway. Installs nothing when .venv is fresh.
-# FAST_WORKERS pytest-xdist processes, a test file each at a time (many of these tests wait on timeouts, so two
-# overlap on two cores); FAST_WORKERS=0 runs them in this one process. Engine tests refuse to run on workers.
+# FAST_WORKERS pytest-xdist processes, a test file each at a time, the tests that import vLLM together on one
+# (--dist loadgroup; tests/support/fast_lane.py, which also leaves engine-only tests uncollected); FAST_WORKERS=0
+# runs them in this one process. Engine tests refuse to run on workers.
 FAST_WORKERS ?= 2
 test-fast: install models
-	$(PY) -m pytest -m "not engine" $(if $(filter-out 0,$(FAST_WORKERS)),-n $(FAST_WORKERS) --dist loadfile,) $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not engine" $(if $(filter-out 0,$(FAST_WORKERS)),-n $(FAST_WORKERS) --dist loadgroup,) $(PYTEST_ARGS)
 
 # Mixed, malformed, vanishing and bursty calls, then an engine kill, against one
 # runner on loopback; prints a table and fails if any call was lost. Then the

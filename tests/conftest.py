@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fast_lane import FastLane
 from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RUNNERS, RunnerProcess, orphans_of_ended_runners
 from tests.support.runners import (
     ENGINE_MARKER,
@@ -32,6 +33,7 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "ends_runners(*names): the module stops or kills these shared runners")
     config.addinivalue_line("markers", f"{ENGINE_MARKER}: the test needs a real vLLM engine (set at collection from "
                                        "its runner fixtures and its module's own_engines; -m 'not engine' skips them)")
+    config.pluginmanager.register(FastLane(), "fast-lane")  # make test-fast's collection and xdist groups
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's -m selection, which reads the engine marker set here

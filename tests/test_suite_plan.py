@@ -12,8 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from tests.support.fast_lane import engine_only_folder
 from tests.support.runner_process import ROOT
-from tests.support.runners import MAX_ENGINES, ModuleNeeds, RunnerPool, by_module, module_order, plan, upcoming_runners
+from tests.support.runners import (
+    MAX_ENGINES,
+    ModuleNeeds,
+    RunnerPool,
+    by_module,
+    module_order,
+    needs_engine,
+    plan,
+    upcoming_runners,
+)
 
 
 @dataclass
@@ -207,7 +217,10 @@ def lane_suite(pytester) -> None:
 
 def test_the_fast_lane_runs_every_test_that_needs_no_engine_and_starts_none(pytester):
     lane_suite(pytester)
-    pytester.runpytest("-m", "not engine", "-p", "no:cacheprovider").assert_outcomes(passed=1, deselected=3)
+    fast = pytester.runpytest("-m", "not engine", "-p", "no:cacheprovider")
+    # A test that names a shared runner is not even made an item there (tests/support/fast_lane.py); the others are
+    # collected and deselected.
+    fast.assert_outcomes(passed=1, deselected=2)
     engine = pytester.runpytest("-m", "engine", "--collect-only", "-q", "-p", "no:cacheprovider")
     assert sorted(line.split("::")[-1] for line in engine.outlines if "::" in line) == [
         "test_a_shared_runner", "test_a_shared_runner_through_a_fixture", "test_in_a_module_with_engines_of_its_own"]
@@ -224,3 +237,10 @@ def test_under_xdist_a_test_that_needs_an_engine_is_refused(pytester, monkeypatc
     refused = [line for line in whole.outlines if line.startswith("E ") and "Failed: " in line]
     assert len(refused) == 4 and all("Failed: a test that needs an engine runs in one process" in line
                                      for line in refused), whole.outlines
+
+
+def test_what_the_fast_lane_leaves_uncollected_needs_an_engine(request):
+    """The fast lane does not collect a real_engine folder (tests/support/fast_lane.py): every test there needs an
+    engine. Checked where they are collected (make test, or a run of that folder)."""
+    left_out = [item for item in request.session.items if engine_only_folder(item.path)]
+    assert [item.nodeid for item in left_out if not needs_engine(item)] == []

@@ -28,7 +28,8 @@ from pipelines.llm import schema as llm_schema
 from pipelines.llm.schema import LLMChoice, LLMMessage, LLMRequest, LLMResponse, LLMTokenUsage
 from runner.listening import listening_sockets
 from runner.app import create_app
-from runner.handlers import STALLED_CLIENT_GRACE, PacedStreamWriter
+from runner import handlers
+from runner.handlers import PacedStreamWriter
 from runner.keys import METRICS, STATE
 from runner.pipeline import EventStream, RequestContext, Serve
 from runner.settings import RunnerSettings
@@ -44,6 +45,10 @@ CLIENT_RECEIVE_BUFFER = 4096
 # and aiohttp's 64 KiB write buffer. Everything else must wait in the pipeline.
 KERNEL_SEND_BUFFER_MAX = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
 MAX_EVENTS_BUFFERED = (KERNEL_SEND_BUFFER_MAX + 4 * CLIENT_RECEIVE_BUFFER + 256 * 1024) // EVENT_CONTENT_BYTES
+# How long the runner waits for a frozen client past its request's deadline (handlers.STALLED_CLIENT_GRACE, 5 s), in
+# the tests that wait for one to be let go: still twice the 1 s timeout, so stopping the stream at the deadline and
+# letting the client go at the grace's end stay a second apart.
+SHORT_GRACE = 2.0
 
 
 class FloodPipeline(StubPipeline):
@@ -170,9 +175,10 @@ async def test_a_stalled_client_that_hangs_up_stops_its_stream(aiohttp_server):
     assert await served_requests(server) == {("cancelled", "499"): 1}
 
 
-async def test_a_client_that_never_reads_again_is_let_go_after_the_request_timeout(aiohttp_server):
+async def test_a_client_that_never_reads_again_is_let_go_after_the_request_timeout(aiohttp_server, monkeypatch):
     """Not reading and not hanging up (a frozen client, a connection a NAT dropped)
     must not hold the request, and its place in the admission bound, for ever."""
+    monkeypatch.setattr(handlers, "STALLED_CLIENT_GRACE", SHORT_GRACE)
     server, pipeline = await flood_server(aiohttp_server, REQUEST_TIMEOUT=1)
     await frozen_client_is_let_go(server, pipeline)
     assert sum((await served_requests(server)).values()) == 1
@@ -269,11 +275,12 @@ def test_write_stall_timeout_is_a_setting_with_nginx_send_timeout_as_its_default
 
 async def frozen_client_is_let_go(server, pipeline: FloodPipeline) -> None:
     """A client that stops reading a runner with REQUEST_TIMEOUT=1: its stream stops, its place is freed."""
+    grace = handlers.STALLED_CLIENT_GRACE
     client = await open_stalled_stream(server)
     try:
-        await asyncio.wait_for(pipeline.closed.wait(), timeout=1 + STALLED_CLIENT_GRACE / 2)
+        await asyncio.wait_for(pipeline.closed.wait(), timeout=1 + grace / 2)
         assert not pipeline.finished.is_set(), "the stream was stopped at the timeout"
-        await wait_until(lambda: server.app[STATE].in_flight == 0, within=1 + STALLED_CLIENT_GRACE + 5)
+        await wait_until(lambda: server.app[STATE].in_flight == 0, within=1 + grace + 5)
     finally:
         client.close()
 
@@ -323,6 +330,7 @@ def test_on_uvloop_a_reading_client_is_written_to_directly_and_a_frozen_one_is_l
 
     monkeypatch.setattr(PacedStreamWriter, "to_socket", direct)
     monkeypatch.setattr(PacedStreamWriter, "write_when_caught_up", waiting)
+    monkeypatch.setattr(handlers, "STALLED_CLIENT_GRACE", SHORT_GRACE)
 
     async def scenario() -> None:
         # 200 events of 300 bytes: all of it fits the client's receive buffer, so nothing waits in the runner's.

@@ -394,7 +394,7 @@ class FakeBackend:
 
 class RecordingParser:
     """vLLM's hermes tool-call parser (``<tool_call>{json}</tool_call>``) over the fake tokenizer, keeping every
-    chat body an API handed it."""
+    chat body an API handed it. It imports vLLM: a test that makes one carries tests/support/fast_lane.py's IMPORTS_VLLM."""
 
     name = "hermes"
 

@@ -23,9 +23,8 @@ from pipelines.llm.answers import (
     reasoning_parser_for_template,
 )
 from pipelines.llm.tools import CALL_END, call_begin, plan_tools
-from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser
-from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser
 from tests.support.fake_engine import FakeTokenizer, characters
+from tests.support.fast_lane import IMPORTS_VLLM
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather", "parameters": CITY}}
@@ -167,7 +166,10 @@ HERMES = ('I will look. <tool_call>\n{"name": "get_weather", "arguments": {"city
           '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>')
 
 
+@IMPORTS_VLLM
 def test_auto_in_the_models_own_syntax_streams_through_vllms_parser():
+    from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser
+
     plan = plan_tools(TOOLS, None, None, True)
     parser = ToolCallParser("hermes", TOKENIZER)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
@@ -186,10 +188,13 @@ def test_auto_in_the_models_own_syntax_streams_through_vllms_parser():
 # 2. Thinking
 
 
-def deepseek() -> ReasoningParser:
+def deepseek():
+    from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser
+
     return ReasoningParser("deepseek_r1", TOKENIZER)
 
 
+@IMPORTS_VLLM
 def test_thinking_is_told_apart_by_vllms_parser_however_cut():
     plan = plan_tools([], None, None, False)
     reader = assert_same_however_cut(lambda: AnswerReader(plan, reasoning_parser=deepseek()),
@@ -197,6 +202,7 @@ def test_thinking_is_told_apart_by_vllms_parser_however_cut():
     assert summary(reader) == ("Paris.", "Paris is in France.", [])
 
 
+@IMPORTS_VLLM
 def test_a_prompt_that_closed_the_thinking_leaves_all_to_the_answer():
     prompt = TOKENIZER.encode("<|assistant|>\n</think>\n\n", add_special_tokens=False)
     reader = AnswerReader(plan_tools([], None, None, False), reasoning_parser=deepseek(), prompt_token_ids=prompt)
@@ -207,6 +213,7 @@ def test_a_prompt_that_closed_the_thinking_leaves_all_to_the_answer():
     assert summary(unclosed) == (None, "still thinking", []), "no end marker yet: all thinking, no answer"
 
 
+@IMPORTS_VLLM
 def test_text_without_its_tokens_is_encoded_to_find_the_markers():
     reader = AnswerReader(plan_tools([], None, None, False), reasoning_parser=deepseek())
     reader.feed("<think>hm</think>yes")
@@ -214,6 +221,7 @@ def test_text_without_its_tokens_is_encoded_to_find_the_markers():
     assert summary(reader) == ("yes", "hm", [])
 
 
+@IMPORTS_VLLM
 def test_calls_after_the_thinking_are_read_by_the_plan():
     plan = plan_tools(TOOLS, None, None, False)
     text = f'<think>I need the weather.</think>{call_begin("get_weather")}{{"city": "Oslo"}}{CALL_END}'
@@ -221,11 +229,14 @@ def test_calls_after_the_thinking_are_read_by_the_plan():
     assert summary(reader) == (None, "I need the weather.", [("get_weather", '{"city": "Oslo"}')])
 
 
+@IMPORTS_VLLM
 def test_the_thinking_syntax_is_chosen_from_the_chat_template():
     assert reasoning_parser_for_template("{{ '<think>' }}{% if enable_thinking %}") == "qwen3"
     assert reasoning_parser_for_template("<｜Assistant｜><think>\n") == "deepseek_r1"
     assert reasoning_parser_for_template("[THINK]") == "mistral"
     assert reasoning_parser_for_template("{{ '</think>' }} <|assistant|>") is None
+    from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser
+
     with pytest.raises(ValueError, match="think"):
         ReasoningParser("deepseek_r1", FakeTokenizer.__new__(NoMarkers))
 

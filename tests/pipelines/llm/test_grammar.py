@@ -11,12 +11,13 @@ import time
 
 import psutil
 import pytest
-from transformers import AutoTokenizer
 
 from pipelines.llm.engine import Sampling
 from pipelines.llm.grammar import GrammarGuard, job_of
-from pipelines.llm.vllm_backend.grammar import tokenizer_info
 from runner.pipeline import OperationError
+from tests.support.fast_lane import IMPORTS_VLLM
+
+pytestmark = IMPORTS_VLLM  # the tokenizer, as vLLM's backend hands it to xgrammar
 
 LIMIT = 1.0  # seconds; the slow schema takes about 8 s with the tiny tokenizer on a 2-core CPU, the small one ms
 # Optional properties with a pattern each: xgrammar's compile grows fast with them (300 of them: 55 to 82 s with
@@ -40,6 +41,10 @@ class TokenizerOnly:
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer_info(tiny_model_dir) -> str:
+    from transformers import AutoTokenizer
+
+    from pipelines.llm.vllm_backend.grammar import tokenizer_info
+
     vocab_size = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     info = tokenizer_info(AutoTokenizer.from_pretrained(tiny_model_dir), vocab_size)
     assert info is not None

@@ -32,6 +32,7 @@ from tests.support.fake_engine import (
     hermes_call,
     scripted_text,
 )
+from tests.support.fast_lane import IMPORTS_VLLM
 from tests.support.http import QUESTION
 from tests.support.sdks import anthropic_sdk
 from tests.support.tools import ANTHROPIC_WEATHER, CITY
@@ -304,6 +305,7 @@ async def test_none_hides_the_tools_from_the_template(client, engine, anthropic_
     assert message.content[0].type == "text" and message.stop_reason == "max_tokens"
 
 
+@IMPORTS_VLLM
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 async def test_auto_with_the_models_parser_gives_a_tool_use_or_text(aiohttp_client, tmp_path, stream):
     parser = RecordingParser()

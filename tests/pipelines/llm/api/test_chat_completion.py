@@ -37,6 +37,7 @@ from tests.support.fake_engine import (
     Script,
     scripted_text,
 )
+from tests.support.fast_lane import IMPORTS_VLLM
 from tests.support.http import QUESTION, REFUSED_CHAT_FIELDS
 from tests.support.sdks import openai_sdk
 from tests.support.tools import CITY
@@ -282,6 +283,7 @@ async def test_bad_parameters_are_400_with_the_param_before_the_engine(openai_cl
     assert engine.submitted == []
 
 
+@IMPORTS_VLLM
 async def test_tool_choice_auto_reads_calls_with_the_models_parser_or_gives_the_text(aiohttp_client, tmp_path):
     from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser
 

@@ -17,10 +17,9 @@ from pipelines.llm.api.chat_completion import delta_of
 from pipelines.llm.api.openai_base import ChunkEnvelope
 from pipelines.llm.schema import ChatCompletionChunk, ChunkChoice, ChunkDelta, ChunkToolCall, ChunkToolCallFunction
 from pipelines.llm.tools import CALL_END, call_begin
-from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser
-from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser
 from tests.support.apps import llm_app, llm_settings, ready_client, served_client
 from tests.support.fake_engine import CHAT_TEMPLATE, FakeEngine, FakeTokenizer, scripted_text
+from tests.support.fast_lane import IMPORTS_VLLM
 from tests.support.http import QUESTION
 from tests.support.tools import CHAT_WEATHER, CITY
 
@@ -309,7 +308,10 @@ async def test_required_calls_stream_their_arguments_as_generated(client, engine
 HERMES = 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
+@IMPORTS_VLLM
 async def test_auto_with_the_models_own_syntax_streams_through_vllms_parser(aiohttp_client, tmp_path):
+    from pipelines.llm.vllm_backend.tool_parsers import ToolCallParser
+
     engine = FakeEngine(scripted_text(HERMES), tool_parsers={"hermes": ToolCallParser("hermes", FakeTokenizer())})
     client = await served_client(aiohttp_client, engine, tmp_path, llm_settings(TOOL_CALL_PARSER="hermes"))
     status, plain = await chat(client, tools=[CHAT_WEATHER], max_tokens=100)
@@ -330,11 +332,14 @@ THINKING = "<think>The user asks about France.</think>Paris."
 
 
 async def thinking_client(aiohttp_client, tmp_path, engine: FakeEngine | None = None, **settings):
+    from pipelines.llm.vllm_backend.reasoning_parsers import ReasoningParser
+
     engine = engine or FakeEngine(scripted_text(THINKING))
     engine.reasoning_parsers.setdefault("deepseek_r1", ReasoningParser("deepseek_r1", engine.tokenizer))
     return engine, await served_client(aiohttp_client, engine, tmp_path, llm_settings(**settings))
 
 
+@IMPORTS_VLLM
 async def test_the_thinking_goes_to_reasoning_content_and_usage_counts_it(aiohttp_client, tmp_path):
     engine, client = await thinking_client(aiohttp_client, tmp_path, REASONING_PARSER="deepseek_r1")
     status, plain = await chat(client, max_tokens=100)
@@ -354,6 +359,7 @@ async def test_the_thinking_goes_to_reasoning_content_and_usage_counts_it(aiohtt
     assert not added_up(await chat_stream(client, max_tokens=100, include_reasoning=False))["reasoning"]
 
 
+@IMPORTS_VLLM
 async def test_llm_sends_the_answer_only(aiohttp_client, tmp_path):
     engine, client = await thinking_client(aiohttp_client, tmp_path, REASONING_PARSER="deepseek_r1")
     body = await (await client.post("/llm", json={"messages": QUESTION, "max_tokens": 100})).json()
@@ -366,6 +372,7 @@ async def test_llm_sends_the_answer_only(aiohttp_client, tmp_path):
     assert events[-1]["usage"]["completion_tokens"] == body["usage"]["completion_tokens"]
 
 
+@IMPORTS_VLLM
 async def test_a_constrained_answer_has_no_room_to_think(aiohttp_client, tmp_path):
     engine, client = await thinking_client(aiohttp_client, tmp_path, REASONING_PARSER="deepseek_r1")
     engine.script = scripted_text('{"city": "Paris"}')
@@ -374,6 +381,7 @@ async def test_a_constrained_answer_has_no_room_to_think(aiohttp_client, tmp_pat
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": '{"city": "Paris"}'}
 
 
+@IMPORTS_VLLM
 async def test_a_template_that_closed_the_thinking_leaves_all_to_the_answer(aiohttp_client, tmp_path):
     template = CHAT_TEMPLATE + "{% if enable_thinking is defined and not enable_thinking %}</think>{% endif %}"
     engine = FakeEngine(scripted_text("Paris."), chat_template=template)
@@ -385,6 +393,7 @@ async def test_a_template_that_closed_the_thinking_leaves_all_to_the_answer(aioh
     assert answer["choices"][0]["message"]["content"] is None
 
 
+@IMPORTS_VLLM
 async def test_the_reasoning_parser_is_chosen_from_the_chat_template(aiohttp_client, tmp_path):
     engine = FakeEngine(scripted_text(THINKING), chat_template=CHAT_TEMPLATE + "{{ '<think>' }}")
     engine, client = await thinking_client(aiohttp_client, tmp_path, engine)

@@ -21,20 +21,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from vllm.config import VllmConfig
-from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
-from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
-from vllm.usage.usage_lib import UsageContext
 
 from pipelines.llm.layout import EIGHT_BIT_METHODS, GPU, GiB, layout_errors
 from pipelines.llm.settings import LLMSettings
-from pipelines.llm.vllm_backend import args as vllm_args
 from pipelines.model_store import resolve_model
+from tests.support.fast_lane import IMPORTS_VLLM
 from tests.support.nodes import NODE_SECRET
 from tests.support.runner_process import DEFAULT_MODEL_ID
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+pytestmark = IMPORTS_VLLM  # vLLM (and torch) are imported by the tests, not here: see tests/support/fast_lane.py
 
 H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0))
 L4 = GPU("NVIDIA L4", (8, 9))
@@ -69,8 +70,8 @@ LANDS: dict[str, Callable[[VllmConfig], object]] = {
     "max_cpu_loras": lambda config: config.lora_config.max_cpu_loras,
 }
 LORA_ARGUMENTS = {"max_loras", "max_lora_rank", "max_cpu_loras"}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "float32": torch.float32,
-          "float": torch.float32}
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16", "float32": "float32",
+          "float": "float32"}  # DTYPE -> the torch dtype's name
 
 
 @dataclass
@@ -181,6 +182,8 @@ def environment_kept():
 
 def mapped_args(case: Case, model: Path, model_config: dict, monkeypatch):
     """engine_args as the case's machine calls it: its platform, its GPU, a CPU machine of CPU_MACHINE's RAM."""
+    from pipelines.llm.vllm_backend import args as vllm_args
+
     monkeypatch.setattr(vllm_args, "platform", lambda: case.platform)
     monkeypatch.setattr(vllm_args.psutil, "virtual_memory", lambda: CPU_MACHINE)
     settings = LLMSettings.model_validate(case.env)
@@ -189,6 +192,8 @@ def mapped_args(case: Case, model: Path, model_config: dict, monkeypatch):
 
 def vllm_config(settings: LLMSettings, args) -> VllmConfig:
     """vLLM's configuration as the runner's start builds it: a worker node's headless (vllm_backend/worker.py)."""
+    from vllm.usage.usage_lib import UsageContext
+
     if settings.worker_node:
         return args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER, headless=True)
     return args.create_engine_config()
@@ -196,6 +201,8 @@ def vllm_config(settings: LLMSettings, args) -> VllmConfig:
 
 def devices_short(settings: LLMSettings) -> int | None:
     """The GPUs of a machine with fewer than a one-node case's ranks, else None (vLLM refuses then, as layout does)."""
+    import torch
+
     if not torch.cuda.is_available() or settings.nnodes > 1:
         return None
     gpus = torch.cuda.device_count()
@@ -204,6 +211,8 @@ def devices_short(settings: LLMSettings) -> int | None:
 
 @pytest.mark.parametrize("name", CASES)
 def test_vllm_builds_its_configuration_from_the_runner_engine_arguments(name, default_model, monkeypatch):
+    import torch
+
     case, (model, model_config) = CASES[name], default_model
     settings, args = mapped_args(case, model, model_config, monkeypatch)
     devices = settings.world_size if case.platform == "cuda" else 64
@@ -222,12 +231,14 @@ def test_vllm_builds_its_configuration_from_the_runner_engine_arguments(name, de
     for argument, value in case.expect.items():
         assert getattr(args, argument) == value and LANDS[argument](config) == value, argument
     if args.dtype != "auto":
-        assert config.model_config.dtype == DTYPES[args.dtype]
+        assert config.model_config.dtype == getattr(torch, DTYPES[args.dtype])
 
 
 @pytest.mark.parametrize("native_bfloat16", [False, True], ids=["avx2-only", "avx512-bf16-and-amx"])
 def test_with_no_dtype_vllm_computes_in_float32_on_every_cpu(native_bfloat16, default_model, monkeypatch):
     """DTYPE unset on a CPU: float32, whether it computes bfloat16 natively or emulates it; vLLM's auto on a GPU."""
+    import torch
+
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bfloat16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native_bfloat16)
     model, model_config = default_model
@@ -241,6 +252,9 @@ def test_with_no_dtype_vllm_computes_in_float32_on_every_cpu(native_bfloat16, de
 @pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.env.get("USE_8BIT") == "true"])
 def test_use_8bit_is_a_method_vllm_builds_for_the_gpu(name, default_model, monkeypatch):
     """The method's config validation, its linear-layer dispatch and its minimum capability, as far as a CPU can."""
+    from vllm.config import VllmConfig
+    from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+
     case, (model, model_config) = CASES[name], default_model
     _, args = mapped_args(case, model, model_config, monkeypatch)
     # The model's and the loader's configs are all vLLM builds its quantisation from (whatever the machine's GPUs).
@@ -268,6 +282,10 @@ def test_every_engine_setting_has_a_case():
 
 def test_use_8bit_methods_are_in_the_pinned_vllm():
     """What USE_8BIT may ask for is a quantisation method of this vLLM (the GPU image checks the same at its build)."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    from pipelines.llm.vllm_backend import args as vllm_args
+
     assert vllm_args.missing_eight_bit_methods() == []
     assert set(EIGHT_BIT_METHODS) <= set(QUANTIZATION_METHODS)
 

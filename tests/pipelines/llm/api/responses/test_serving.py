@@ -12,6 +12,7 @@ from openai.types.responses import Response
 
 from tests.support.apps import assert_a_vanishing_client_aborts, llm_app, llm_settings, ready_client, runner_settings
 from tests.support.fake_engine import DEFAULT_WORDS, FakeEngine, RecordingParser, Script, hermes_call, scripted_text
+from tests.support.fast_lane import IMPORTS_VLLM
 from tests.support.responses import TIME, TOOLS_TEMPLATE, decoded, parse_stream
 from tests.support.sdks import streamed_call_arguments
 from tests.support.tools import CITY, RESPONSES_WEATHER
@@ -144,6 +145,7 @@ async def test_required_calls_are_function_call_items(client, openai_client, eng
     assert engine.submitted[-1].sampling.json_schema["maxItems"] == 1
 
 
+@IMPORTS_VLLM
 async def test_auto_with_a_parser_gives_calls_or_text(aiohttp_client, tmp_path):
     parser = RecordingParser()
     engine = FakeEngine(chat_template=TOOLS_TEMPLATE, tool_parsers={parser.name: parser},
