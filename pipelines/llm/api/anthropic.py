@@ -246,6 +246,13 @@ class MessageReply(Reply):
                 sent.extend(self.write(event))
         return sent
 
+    def said_text(self, update: Update) -> list[tuple[bytes, bytes]] | tuple:
+        text = update.text
+        if not self.streaming or self.kind != "text" or not text:
+            return super().said_text(update)
+        return ((BLOCK_DELTA, b'{"type":"content_block_delta","index":%d,"delta":{"type":"text_delta",'
+                              b'"text":%s}}' % (self.index, to_json(text))),)
+
     def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[tuple[bytes, bytes]] | tuple:
         if self.kept_whole(events):
             return NOTHING

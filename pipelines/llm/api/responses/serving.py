@@ -18,7 +18,7 @@ from pipelines.llm.conversation import chat_body
 from pipelines.llm.engine import Sampling
 from pipelines.llm.generation import Generation
 from pipelines.llm.limits import check_schemas, path_parameter
-from pipelines.llm.replies import Choice, Reply, ReplyTracker, Update, usage_of
+from pipelines.llm.replies import NOTHING, Choice, Reply, ReplyTracker, Update, usage_of
 from pipelines.llm.schema import (
     ResponsesDeleted,
     ResponsesError,
@@ -186,6 +186,16 @@ class ResponsesReply(Reply):
             else:
                 sent += output.take(event)
         return sent
+
+    def said_text(self, update: Update) -> list[tuple[bytes, bytes]] | tuple:
+        self.counted = update.choice.tokens  # text, not thinking
+        text = update.text
+        if not text:
+            return NOTHING
+        output = self.output
+        if output.writing_text:  # the hot path: one piece of text for the open message
+            return (output.text_delta(text),)
+        return output.take(TextDelta(text))
 
     def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[tuple[bytes, bytes]]:
         sent = []
