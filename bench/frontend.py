@@ -63,6 +63,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -358,31 +359,41 @@ def layer_of(function: str, file: str) -> str | None:
     return None
 
 
-def layer_shares(raw: str) -> dict[str, float]:
-    """py-spy's raw (collapsed) stacks, each sample given to the innermost frame's layer; shares summing to 1."""
+def fold_samples(raw: str, share_of: Callable[[str, str], str | None], shares: tuple[str, ...],
+                 skip: Callable[[re.Match[str]], bool], process: str) -> dict[str, float]:
+    """py-spy's raw (collapsed) stacks folded into ``shares``, summing to 1: each sample given to the innermost frame
+    that ``share_of(function, file)`` names a share of ("loop & other" where none does); a sample whose innermost
+    frame ``skip`` takes is left out."""
     counts: Counter[str] = Counter()
-    waiting = idle_wait()
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         innermost = FRAME.match(stack.rpartition(";")[2].strip())
-        if innermost and (innermost["function"], innermost["line"]) == (waiting[0], waiting[2]) \
-                and innermost["file"].endswith(waiting[1]):
-            continue  # a worker thread waiting for work (idle_wait)
-        layer = "loop & other"
+        if innermost and skip(innermost):
+            continue
+        share = "loop & other"
         for frame in reversed(stack.split(";")):
             match = FRAME.match(frame.strip())
-            if match:
-                found = layer_of(match["function"], match["file"])
-                if found is not None:
-                    layer = found
-                    break
-        counts[layer] += int(count)
+            if match and (found := share_of(match["function"], match["file"])) is not None:
+                share = found
+                break
+        counts[share] += int(count)
     total = sum(counts.values())
     if total == 0:
-        raise RuntimeError("py-spy recorded no samples of the runner process")
-    return {layer: counts[layer] / total for layer in LAYERS}
+        raise RuntimeError(f"py-spy recorded no samples of the {process}")
+    return {share: counts[share] / total for share in shares}
+
+
+def layer_shares(raw: str) -> dict[str, float]:
+    """py-spy's raw (collapsed) stacks, each sample given to the innermost frame's layer; shares summing to 1.
+    A worker thread waiting for work (``idle_wait``) is left out."""
+    function, file, line = idle_wait()
+
+    def waiting(innermost: re.Match[str]) -> bool:
+        return (innermost["function"], innermost["line"]) == (function, line) and innermost["file"].endswith(file)
+
+    return fold_samples(raw, layer_of, LAYERS, waiting, "runner process")
 
 
 @dataclass
@@ -506,13 +517,14 @@ def report(cases: list[Case], settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """The front-end section of ``path``, replaced where it is, appended where it is not."""
+def write_section(text: str, path: Path = RESULTS, start: str = SECTION_START, end: str = SECTION_END) -> None:
+    """The front-end section of ``path`` (between ``start`` and ``end``), replaced where it is, appended where it
+    is not."""
     old = path.read_text() if path.exists() else ""
-    section = f"{SECTION_START}\n{text}{SECTION_END}\n"
-    if SECTION_START in old and SECTION_END in old:
-        before, rest = old.split(SECTION_START, 1)
-        new = before + section + rest.split(SECTION_END, 1)[1].lstrip("\n")
+    section = f"{start}\n{text}{end}\n"
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        new = before + section + rest.split(end, 1)[1].lstrip("\n")
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + section
     path.write_text(new)
@@ -572,26 +584,12 @@ BLOCKED = (("_worker", "concurrent/futures/thread.py"), ("Starter.serve", "pipel
 def api_shares(raw: str) -> dict[str, float]:
     """py-spy's raw stacks of an API process, each sample given to the innermost frame ``api_share_of`` names;
     samples of a thread blocked in C (``BLOCKED``, innermost frame only) are left out."""
-    counts: Counter[str] = Counter()
-    for line in raw.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        innermost = FRAME.match(stack.rpartition(";")[2].strip())
-        if innermost and any(innermost["function"] == function and innermost["file"].endswith(file)
-                             for function, file in BLOCKED):
-            continue
-        share = "loop & other"
-        for frame in reversed(stack.split(";")):
-            match = FRAME.match(frame.strip())
-            if match and (found := api_share_of(match["function"], match["file"])) is not None:
-                share = found
-                break
-        counts[share] += int(count)
-    total = sum(counts.values())
-    if total == 0:
-        raise RuntimeError("py-spy recorded no samples of the API process")
-    return {share: counts[share] / total for share in API_SHARES}
+
+    def blocked(innermost: re.Match[str]) -> bool:
+        return any(innermost["function"] == function and innermost["file"].endswith(file)
+                   for function, file in BLOCKED)
+
+    return fold_samples(raw, api_share_of, API_SHARES, blocked, "API process")
 
 
 async def against_vllm_serve(concurrency: int = 32, tokens: int = 64, rounds: int = 2,
@@ -712,14 +710,7 @@ def against_report(results: dict[str, list], shares: dict[str, dict[str, float]]
 
 
 def write_against_section(text: str, path: Path = RESULTS) -> None:
-    old = path.read_text() if path.exists() else ""
-    section = f"{AGAINST_SECTION_START}\n{text}{AGAINST_SECTION_END}\n"
-    if AGAINST_SECTION_START in old and AGAINST_SECTION_END in old:
-        before, rest = old.split(AGAINST_SECTION_START, 1)
-        new = before + section + rest.split(AGAINST_SECTION_END, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + section
-    path.write_text(new)
+    write_section(text, path, AGAINST_SECTION_START, AGAINST_SECTION_END)
 
 
 def parse(argv: list[str]) -> tuple[Settings, bool]:

@@ -117,7 +117,7 @@ class AnswerReader:
 
     def feed(self, piece: str, token_ids: Sequence[int] | None = None) -> list[AnswerEvent]:
         """The events of one generated piece; ``token_ids``: its tokens (needed to tell a model's thinking apart)."""
-        if self.plain:  # the most common reader, once per token: read_answer's text plan and record's text, inline
+        if self.plain:  # the most common reader: read_answer's text plan and record's text, inline
             if piece:
                 self.answer.append(piece)
                 return [TextDelta(piece)]
@@ -129,6 +129,12 @@ class AnswerReader:
                 events.append(self.record(ReasoningDelta(thought)))
             token_ids = None if thought else token_ids
         return self.read_answer(piece, token_ids, events)
+
+    def keep_text(self, piece: str) -> None:
+        """``feed`` of a ``plain`` reader, keeping the piece without saying it: its one event is the piece as text
+        (``Reply``'s read loop writes it from the piece, without the event object)."""
+        if piece:
+            self.answer.append(piece)
 
     def start(self) -> list[AnswerEvent]:
         """What can be said before the first token (a forced call's name)."""

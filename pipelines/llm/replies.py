@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from pydantic_core import to_json
 
-from pipelines.llm.answers import AnswerEvent, AnswerReader
+from pipelines.llm.answers import AnswerEvent, AnswerReader, TextDelta
 from pipelines.llm.engine import CompletionDelta, GenerationStep
 from runner.pipeline import EventStream, RequestContext
 
@@ -258,6 +258,12 @@ class Reply:
         """One step of one choice: its answer events, or None without readers (the text is ``update.text``)."""
         raise NotImplementedError
 
+    def said_text(self, update: Update) -> Sequence:
+        """One step of a choice whose reader is ``plain`` (the text plan, no thinking): its one answer event would be
+        ``TextDelta(update.text)``, none for an empty piece. The reader has kept the text. An API whose hot path
+        writes text may write it from ``update.text`` here, without the event object; by default, ``said``."""
+        return self.said(update, [TextDelta(update.text)] if update.text else [])
+
     def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> Sequence:
         """A choice has ended: the events its reader held back, and its finish reason for the client."""
         return NOTHING
@@ -277,7 +283,7 @@ class Reply:
     async def events(self, steps: AsyncIterator) -> AsyncIterator:
         """The one read loop: the steps (or (prompt, step) pairs of several prompts) through the readers into the
         hooks; closing it early, or its end, closes the steps (an unfinished engine request is aborted)."""
-        tracker, readers, said = self.tracker, self.readers, self.said  # said: once per step, the hot path
+        tracker, readers, said, said_text = self.tracker, self.readers, self.said, self.said_text  # once per step
         try:
             starts = [reader.start() for reader in readers] if readers is not None else []
             for data in self.opening(starts):
@@ -293,7 +299,14 @@ class Reply:
                         choice.started = True
                         for data in self.began(choice, starts[choice.index] if reader is not None else []):
                             yield data
-                    for data in said(update, None if reader is None else reader.feed(update.text, update.token_ids)):
+                    if reader is None:
+                        sent = said(update, None)
+                    elif reader.plain:  # the most common reader, once per token: no event object, no list
+                        reader.keep_text(update.text)
+                        sent = said_text(update)
+                    else:
+                        sent = said(update, reader.feed(update.text, update.token_ids))
+                    for data in sent:
                         yield data
                     if choice.finish_reason is not None:
                         if reader is None:

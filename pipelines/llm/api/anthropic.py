@@ -43,6 +43,7 @@ STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "stop": "end_t
 # The stream's event names, which are also the ``type`` of their data.
 MESSAGE_START, MESSAGE_DELTA, MESSAGE_STOP = b"message_start", b"message_delta", b"message_stop"
 BLOCK_START, BLOCK_DELTA, BLOCK_STOP = b"content_block_start", b"content_block_delta", b"content_block_stop"
+TEXT_DELTA_EVENT = b'{"type":"content_block_delta","index":%d,"delta":{"type":"text_delta","text":%s}}'  # index, text
 EMPTY_BLOCKS = {"text": b'{"type":"text","text":""}', "thinking": b'{"type":"thinking","thinking":"","signature":""}'}
 
 
@@ -240,11 +241,16 @@ class MessageReply(Reply):
         sent = []
         for event in events:
             if type(event) is TextDelta and self.kind == "text":  # most events: the next piece of text
-                sent.append((BLOCK_DELTA, b'{"type":"content_block_delta","index":%d,"delta":{"type":"text_delta",'
-                                          b'"text":%s}}' % (self.index, to_json(event.text))))
+                sent.append((BLOCK_DELTA, TEXT_DELTA_EVENT % (self.index, to_json(event.text))))
             else:
                 sent.extend(self.write(event))
         return sent
+
+    def said_text(self, update: Update) -> list[tuple[bytes, bytes]] | tuple:
+        text = update.text
+        if not self.streaming or self.kind != "text" or not text:
+            return super().said_text(update)
+        return ((BLOCK_DELTA, TEXT_DELTA_EVENT % (self.index, to_json(text))),)
 
     def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[tuple[bytes, bytes]] | tuple:
         if self.kept_whole(events):
@@ -298,8 +304,7 @@ class MessageReply(Reply):
                 return
             yield self.open(kind)
         if kind == "text":
-            yield BLOCK_DELTA, b'{"type":"content_block_delta","index":%d,"delta":{"type":"text_delta","text":%s}}' % (
-                self.index, to_json(event.text))
+            yield BLOCK_DELTA, TEXT_DELTA_EVENT % (self.index, to_json(event.text))
         else:
             yield BLOCK_DELTA, b'{"type":"content_block_delta","index":%d,"delta":{"type":"thinking_delta",' \
                                b'"thinking":%s}}' % (self.index, to_json(event.text))

@@ -162,6 +162,15 @@ class ChatReply(OpenAIReply):
         held.extend(update.logprobs)
         return self.written(index, events)
 
+    def said_text(self, update: Update) -> list[bytes] | tuple:
+        if self.with_logprobs or not self.streaming:
+            return super().said_text(update)
+        text = update.text  # the hot path: a plain reader's piece, its chunk written around it
+        if not text:
+            return NOTHING
+        head, tail = self.text_frames[update.choice.index]
+        return (head + to_json(text) + tail,)
+
     def written(self, index: int, events: list[AnswerEvent]) -> list[bytes]:
         """A chunk per event, the held logprobs going with the first."""
         sent = []

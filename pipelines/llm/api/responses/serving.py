@@ -18,7 +18,7 @@ from pipelines.llm.conversation import chat_body
 from pipelines.llm.engine import Sampling
 from pipelines.llm.generation import Generation
 from pipelines.llm.limits import check_schemas, path_parameter
-from pipelines.llm.replies import Choice, Reply, ReplyTracker, Update, usage_of
+from pipelines.llm.replies import NOTHING, Choice, Reply, ReplyTracker, Update, usage_of
 from pipelines.llm.schema import (
     ResponsesDeleted,
     ResponsesError,
@@ -161,7 +161,7 @@ class ResponsesReply(Reply):
     def opening(self, starts: list[list[AnswerEvent]]) -> list[tuple[bytes, bytes]]:
         sent = []
         if self.streaming:
-            started = self.response("in_progress", [])
+            started = self.dumped(self.response("in_progress", []))  # the same response in both: written once
             sent += [self.lifecycle("response.created", started), self.lifecycle("response.in_progress", started)]
         for event in starts[0]:
             sent += self.output.take(event)
@@ -186,6 +186,16 @@ class ResponsesReply(Reply):
             else:
                 sent += output.take(event)
         return sent
+
+    def said_text(self, update: Update) -> list[tuple[bytes, bytes]] | tuple:
+        self.counted = update.choice.tokens  # text, not thinking
+        text = update.text
+        if not text:
+            return NOTHING
+        output = self.output
+        if output.writing_text:  # the hot path: one piece of text for the open message
+            return (output.text_delta(text),)
+        return output.take(TextDelta(text))
 
     def ended(self, choice: Choice, events: list[AnswerEvent], reason: str) -> list[tuple[bytes, bytes]]:
         sent = []
@@ -220,12 +230,17 @@ class ResponsesReply(Reply):
     def answer(self) -> ResponsesResponse:
         return self.finished
 
-    def lifecycle(self, kind: str, response: ResponsesResponse, **extra: bytes) -> tuple[bytes, bytes]:
-        """An event that carries the whole response, written as the JSON answer is (what was set, by alias)."""
+    @staticmethod
+    def dumped(response: ResponsesResponse) -> bytes:
+        """The response as the JSON answer is written (what was set, by alias)."""
+        return response.model_dump_json(exclude_unset=True, by_alias=True).encode()
+
+    def lifecycle(self, kind: str, response: ResponsesResponse | bytes, **extra: bytes) -> tuple[bytes, bytes]:
+        """An event that carries the whole response (or its bytes, ``dumped``), written as the JSON answer is."""
         output = self.output
         number, output.sequence = output.sequence, output.sequence + 1
         document = b'{"type":%s,"sequence_number":%d,"response":%s' % (
-            to_json(kind), number, response.model_dump_json(exclude_unset=True, by_alias=True).encode())
+            to_json(kind), number, response if type(response) is bytes else self.dumped(response))
         for name, value in extra.items():
             document += b',"%s":%s' % (name.encode(), value)
         return kind.encode(), document + b"}"
