@@ -12,17 +12,26 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
 
 from pipelines.llm.host import count_gpus
-from tests.support.runner_process import RunnerProcess, get_json, left_after, post_json, still_running
+from tests.support.runner_process import (
+    RunnerProcess,
+    get_json,
+    left_after,
+    post_json,
+    started_ahead,
+    still_running,
+)
 from tests.support.runners import TINY_MAX_MODEL_LEN, tiny_engine_env
 from tests.support.streams import start_streams
 
-# test_sigterm_while_the_engine_starts_stops_it and the cut stream's test start engines of their own, one at a time;
-# the drain test stops the shared drained runner.
+# The cut stream's runner and test_sigterm_while_the_engine_starts_stops_it's are engines of their own, one at a
+# time: the first starts with the module, behind the tests before its own; the drain test stops the shared drained
+# runner.
 pytestmark = [pytest.mark.own_engines(1), pytest.mark.ends_runners("drained")]
 
 SHORT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -145,6 +154,43 @@ def left_at_exit(runner: RunnerProcess) -> list[psutil.Process]:
     return left
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cut_runner(request, tmp_path_factory, tiny_model_dir) -> Iterator[RunnerProcess]:
+    """The cut stream's runner: started with the module, its engine starts while the tests before its own run.
+
+    Its test comes before the drain test, so that no engine is starting while that one times its streams.
+    """
+    runner = RunnerProcess("cut", tiny_engine_env(tiny_model_dir, core=None), tmp_path_factory.mktemp("cut") / "cut.log")
+    with started_ahead(request, runner, CUT_TEST):
+        yield runner
+
+
+CUT_TEST = "test_sigterm_cuts_a_stream_that_outlasts_drain_timeout_with_its_error_and_exits_within_8_s"
+
+
+def test_sigterm_cuts_a_stream_that_outlasts_drain_timeout_with_its_error_and_exits_within_8_s(cut_runner):
+    runner = cut_runner
+    try:
+        assert runner.wait_until({"IDLE", "ERROR"}) == "IDLE", runner.log_tail()
+        [stream] = start_streams(f"{runner.url}/llm", 1, max_tokens=TINY_MAX_MODEL_LEN - 64)
+        runner.record_descendants()
+        signalled_at = time.monotonic()
+        runner.process.send_signal(signal.SIGTERM)
+        exit_code = runner.process.wait(timeout=30)
+        took = time.monotonic() - signalled_at
+        stream.join(timeout=5)
+        print(f"SIGTERM with a stream outlasting DRAIN_TIMEOUT (5 s): stream ended "
+              f"{stream.ended_at - signalled_at:.2f} s, process exited {took:.2f} s after the signal")
+        assert stream.error and "DRAIN_TIMEOUT" in stream.error, (stream.status, stream.done, stream.error,
+                                                                  stream.failure, len(stream.events))
+        assert stream.done, "the cut stream still ends with [DONE] after its error event"
+        assert exit_code == 0
+        assert took <= 8, f"exit took {took:.1f} s; go-livepeer kills after 8"
+        assert not left_at_exit(runner), "processes of the runner outlived it"
+    finally:
+        runner.stop()
+
+
 def test_sigterm_drains_in_flight_streams_refuses_new_and_exits_within_6_s(drained_runner):
     """Three streams in flight at SIGTERM finish; the process (not a log line) is gone within 6 s, engine and all."""
     url = f"{drained_runner.url}/llm"
@@ -176,32 +222,6 @@ def test_sigterm_drains_in_flight_streams_refuses_new_and_exits_within_6_s(drain
     assert exit_code == 0
     assert took <= 6, f"exit took {took:.1f} s; within DRAIN_TIMEOUT the budget is 6 s (go-livepeer kills after 8)"
     assert not left_at_exit(drained_runner), "processes of the runner outlived it"
-
-
-def test_sigterm_cuts_a_stream_that_outlasts_drain_timeout_with_its_error_and_exits_within_8_s(tmp_path,
-                                                                                                tiny_model_dir):
-    env = tiny_engine_env(tiny_model_dir, core=None)
-    runner = RunnerProcess("cut", env, tmp_path / "cut.log")
-    runner.start()
-    try:
-        assert runner.wait_until({"IDLE", "ERROR"}) == "IDLE", runner.log_tail()
-        [stream] = start_streams(f"{runner.url}/llm", 1, max_tokens=TINY_MAX_MODEL_LEN - 64)
-        runner.record_descendants()
-        signalled_at = time.monotonic()
-        runner.process.send_signal(signal.SIGTERM)
-        exit_code = runner.process.wait(timeout=30)
-        took = time.monotonic() - signalled_at
-        stream.join(timeout=5)
-        print(f"SIGTERM with a stream outlasting DRAIN_TIMEOUT (5 s): stream ended "
-              f"{stream.ended_at - signalled_at:.2f} s, process exited {took:.2f} s after the signal")
-        assert stream.error and "DRAIN_TIMEOUT" in stream.error, (stream.status, stream.done, stream.error,
-                                                                  stream.failure, len(stream.events))
-        assert stream.done, "the cut stream still ends with [DONE] after its error event"
-        assert exit_code == 0
-        assert took <= 8, f"exit took {took:.1f} s; go-livepeer kills after 8"
-        assert not left_at_exit(runner), "processes of the runner outlived it"
-    finally:
-        runner.stop()
 
 
 def test_sigterm_while_the_engine_starts_stops_it(tmp_path, tiny_model_dir):

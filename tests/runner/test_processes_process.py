@@ -15,18 +15,29 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from tests.support.api_processes import answered_by, metric, wait_serving
 from tests.support.orchestrator_standin import OrchestratorStandin
-from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port, post_json
+from tests.support.runner_process import START_TIMEOUT, RunnerProcess, free_port, post_json, started_ahead
 from tests.support.runners import tiny_engine_env
 
-pytestmark = pytest.mark.own_engines(1)
+# Each test has a runner of its own; the second one starts with the module, behind the first test.
+pytestmark = pytest.mark.own_engines(2)
 
 SECRET = "standin-registration-secret"
 MAX_NUM_SEQS, MAX_WAITING_REQUESTS = 2, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def doomed_two_processes(request, tmp_path_factory, tiny_model_dir) -> Iterator[RunnerProcess]:
+    """The runner whose engine dies: started with the module, its start overlaps the first test's."""
+    runner = RunnerProcess("two-processes-doomed", {**tiny_engine_env(tiny_model_dir, core=None), "API_PROCESSES": "2"},
+                           tmp_path_factory.mktemp("two-processes-doomed") / "runner.log")
+    with started_ahead(request, runner, "test_an_engine_that_dies_under_two_api_processes_is_error_and_ends_the_extra"):
+        yield runner
 
 
 def test_two_api_processes_over_one_engine_are_one_server(tmp_path, tiny_model_dir):
@@ -96,10 +107,8 @@ def test_two_api_processes_over_one_engine_are_one_server(tmp_path, tiny_model_d
         standin.stop()
 
 
-def test_an_engine_that_dies_under_two_api_processes_is_error_and_ends_the_extra(tmp_path, tiny_model_dir):
-    runner = RunnerProcess("two-processes-doomed", {**tiny_engine_env(tiny_model_dir, core=None), "API_PROCESSES": "2"},
-                           tmp_path / "runner.log")
-    runner.start()
+def test_an_engine_that_dies_under_two_api_processes_is_error_and_ends_the_extra(doomed_two_processes):
+    runner = doomed_two_processes
     try:
         runner.wait_until({"IDLE"}, timeout=START_TIMEOUT)
         wait_serving(runner, 2, timeout=START_TIMEOUT)

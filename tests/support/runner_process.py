@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +200,24 @@ class RunnerProcess:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+@contextlib.contextmanager
+def started_ahead(request, runner: RunnerProcess, test: str) -> Iterator[RunnerProcess]:
+    """``runner``, launched now (a module fixture's setup) if the module's test named ``test`` is selected.
+
+    Its engine then starts while the module's tests before ``test`` run,
+    instead of after them; it is stopped at the module's end. A selection
+    without ``test`` (``-k``) starts no engine for it.
+    """
+    if any(item.module is request.module and getattr(item, "originalname", item.name) == test
+           for item in request.session.items):
+        runner.start()
+    try:
+        yield runner
+    finally:
+        if runner.process is not None:
+            runner.stop()
 
 
 def still_running(process: psutil.Process) -> bool:
