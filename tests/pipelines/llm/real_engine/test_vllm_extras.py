@@ -110,15 +110,17 @@ async def test_a_long_forced_call_streams_in_many_argument_deltas_that_add_up(op
 
 
 async def test_ignore_eos_and_min_tokens_change_the_completion_tokens(openai_default):
+    # The free answer stops under 20 tokens: 30 (ignore_eos) and a min_tokens of 25 are past its end. The default
+    # model makes 10 to 20 tokens a second here, so no token more than the check needs.
     free = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
                                                         max_tokens=60)
     assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 20
     ignored = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
-                                                           max_tokens=60, extra_body={"ignore_eos": True})
-    assert ignored.choices[0].finish_reason == "length" and ignored.usage.completion_tokens == 60
+                                                           max_tokens=30, extra_body={"ignore_eos": True})
+    assert ignored.choices[0].finish_reason == "length" and ignored.usage.completion_tokens == 30
     longer = await openai_default.chat.completions.create(model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0,
-                                                          max_tokens=60, extra_body={"min_tokens": 30})
-    assert longer.usage.completion_tokens >= 30
+                                                          max_tokens=30, extra_body={"min_tokens": 25})
+    assert longer.usage.completion_tokens >= 25
 
 
 async def test_stop_words_tokens_and_special_tokens(openai_default, default_runner):
@@ -134,12 +136,13 @@ async def test_stop_words_tokens_and_special_tokens(openai_default, default_runn
     assert left.message.content == free[: free.index("Paris")]
     avoided = await answer(openai_default, extra_body={"bad_words": ["Paris"]})
     assert "Paris" not in avoided.message.content and avoided.message.content
-    raw = await answer(openai_default, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    # ignore_eos runs past the free answer's end (under 20 tokens, test_ignore_eos_...): 30 tokens hold its <|im_end|>.
+    raw = await answer(openai_default, max_tokens=30, extra_body={"ignore_eos": True, "skip_special_tokens": False})
     assert "<|im_end|>" in raw.message.content
-    skipped = await answer(openai_default, extra_body={"ignore_eos": True})
+    skipped = await answer(openai_default, max_tokens=30, extra_body={"ignore_eos": True})
     assert "<|im_end|>" not in skipped.message.content
-    same = await answer(openai_default, extra_body={"ignore_eos": True, "skip_special_tokens": False,
-                                                    "spaces_between_special_tokens": False})
+    same = await answer(openai_default, max_tokens=30, extra_body={"ignore_eos": True, "skip_special_tokens": False,
+                                                                   "spaces_between_special_tokens": False})
     assert same.message.content == raw.message.content, "no spaces to take out in a byte-level tokenizer's text"
 
 
