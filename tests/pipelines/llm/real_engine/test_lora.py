@@ -388,20 +388,6 @@ async def test_a_download_stops_with_its_request_and_leaves_nothing(runners, hub
     assert "adapter.load.stopped" in tiny.log_path.read_text()
 
 
-def test_runtime_updates_with_an_empty_auth_token_is_error_at_start(runners, tmp_path):
-    runner = RunnerProcess("lora-empty-token", {
-        "MODEL_ID": str(runners.base), "MODEL_DIR": str(tmp_path / "store"), "LORA_RUNTIME_UPDATES": "true",
-        "AUTH_TOKEN": "",
-    }, tmp_path / "runner.log")
-    runner.start()
-    try:
-        assert runner.wait_until({"IDLE", "ERROR"}, timeout=120) == "ERROR"
-        assert "set AUTH_TOKEN too (not empty" in runner.log_path.read_text(), runner.log_tail()
-        assert not runner.engine_processes(), "no engine was started"
-    finally:
-        runner.stop()
-
-
 async def test_unload_of_an_unknown_adapter_is_404(runners, http):
     status, reply = await change(http, runners.tiny, "unload", lora_name="nope")
     assert status == 404 and "adapter 'nope' is not loaded" in reply["error"]["message"]
@@ -417,20 +403,55 @@ async def test_runtime_changes_without_the_token_are_401(runners):
 # Start failures: /health ERROR with the reason, before any engine starts
 
 
-@pytest.mark.parametrize("case", ["unknown hub id", "another base", "rank above MAX_LORA_RANK"])
-def test_a_bad_adapter_at_start_is_health_error_with_the_reason(runners, hub, tmp_path, case):
-    adapters = {
-        "unknown hub id": ("standin-lora/no-such-adapter", {}, "adapter 'x': standin-lora/no-such-adapter is not a model on"),
-        "another base": (str(runners.adapters["smol"]), {}, f"adapter 'x' was trained on '{DEFAULT_MODEL_ID}'"),
-        "rank above MAX_LORA_RANK": (str(runners.adapters["sql"]), {"MAX_LORA_RANK": "1"},
-                                     "adapter 'x' has rank 8, above MAX_LORA_RANK=1"),
-    }
-    source, env, reason = adapters[case]
-    runner = RunnerProcess(f"lora-bad-{case}", {
-        "MODEL_ID": str(runners.base), "MODEL_DIR": str(tmp_path / "store"), "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "", "LORA_ADAPTERS": f"x={source}", **env,
-    }, tmp_path / "runner.log", offline=False)
-    runner.start()
+BAD_ADAPTERS = ["unknown hub id", "another base", "rank above MAX_LORA_RANK"]
+
+
+@pytest.fixture(scope="module")
+def failed_starts(runners, hub, tmp_path_factory) -> Iterator[dict[str, RunnerProcess]]:
+    """The runners that must stop at start, launched side by side when the first of their tests runs: each spends
+    its seconds importing, and on two cores four of them take less than four one after the other."""
+    folder = tmp_path_factory.mktemp("lora-failed-starts")
+    sources = {"unknown hub id": ("standin-lora/no-such-adapter", {}),
+               "another base": (str(runners.adapters["smol"]), {}),
+               "rank above MAX_LORA_RANK": (str(runners.adapters["sql"]), {"MAX_LORA_RANK": "1"})}
+    started = {"empty token": RunnerProcess("lora-empty-token", {
+        "MODEL_ID": str(runners.base), "MODEL_DIR": str(folder / "empty-token" / "store"),
+        "LORA_RUNTIME_UPDATES": "true", "AUTH_TOKEN": "",
+    }, folder / "empty-token.log")}
+    for index, (case, (source, env)) in enumerate(sources.items()):
+        store = folder / f"bad-{index}"
+        started[case] = RunnerProcess(f"lora-bad-{case}", {
+            "MODEL_ID": str(runners.base), "MODEL_DIR": str(store / "store"), "HF_ENDPOINT": hub.url,
+            "HF_HOME": str(store / "hf-home"), "HF_TOKEN": "", "LORA_ADAPTERS": f"x={source}", **env,
+        }, folder / f"bad-{index}.log", offline=False)
+    try:
+        for runner in started.values():
+            runner.start()
+        yield started
+    finally:
+        for runner in started.values():
+            if runner.process is not None:
+                runner.stop()
+
+
+def test_runtime_updates_with_an_empty_auth_token_is_error_at_start(failed_starts):
+    runner = failed_starts["empty token"]
+    try:
+        assert runner.wait_until({"IDLE", "ERROR"}, timeout=120) == "ERROR"
+        assert "set AUTH_TOKEN too (not empty" in runner.log_path.read_text(), runner.log_tail()
+        assert not runner.engine_processes(), "no engine was started"
+    finally:
+        runner.stop()
+
+
+@pytest.mark.parametrize("case", BAD_ADAPTERS)
+def test_a_bad_adapter_at_start_is_health_error_with_the_reason(failed_starts, case):
+    reason = {
+        "unknown hub id": "adapter 'x': standin-lora/no-such-adapter is not a model on",
+        "another base": f"adapter 'x' was trained on '{DEFAULT_MODEL_ID}'",
+        "rank above MAX_LORA_RANK": "adapter 'x' has rank 8, above MAX_LORA_RANK=1",
+    }[case]
+    runner = failed_starts[case]
     try:
         assert runner.wait_until({"IDLE", "ERROR"}, timeout=120) == "ERROR"
         failures = [json.loads(line) for line in runner.log_path.read_text().splitlines()
