@@ -98,6 +98,9 @@ class LLMPipeline(Pipeline):
     def join_engine(self, share: object) -> None:
         self.joining = share
 
+    def lose_engine(self, reason: str) -> None:
+        self.host.lose_engine(reason)
+
     def describe(self) -> dict[str, object]:
         """The model, its adapters, the longest sequence, the APIs and the dtype: what discovery shows of this runner.
 

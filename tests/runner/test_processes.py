@@ -24,7 +24,8 @@ from runner.processes import DRAINING, IN_FLIGHT, Shared, SharedState, merge_met
 from runner.settings import RunnerSettings
 from runner.state import AtCapacity, Load, NotReady
 from tests.support.fake_engine import FakeBackend, FakeEngine
-from tests.support.api_processes import answered_by, metric, samples, wait_serving
+from tests.support.api_processes import (KILL_FILE, answered_by, assert_every_call_ended_visibly, calls_on_every_process,
+                                         metric, plug_in_dying, samples, wait_serving)
 from tests.support.frontend_pipeline import plug_in
 from tests.support.runner_process import RunnerProcess, get_json
 
@@ -112,6 +113,16 @@ def test_the_llm_pipeline_starts_its_engine_for_every_process_and_shares_it(tmp_
     backend = FakeBackend(FakeEngine())
     pipeline.host.engine = backend.engine
     assert pipeline.engine_share(1) == {"index": 1}
+
+
+def test_the_llm_pipeline_of_an_extra_process_ends_its_requests_when_told_its_engine_is_lost(tmp_path):
+    pipeline = llm_pipeline(tmp_path)
+    engine = FakeEngine()
+    pipeline.host.engine = engine
+    assert pipeline.failure() is None
+    pipeline.lose_engine("the engine has stopped (seen by the primary)")
+    assert engine.dead, "its requests in flight fail as on the engine's death"
+    assert pipeline.failure() == "the engine has stopped (seen by the primary)"
 
 
 # One admission, one /health, over the shared counters
@@ -282,3 +293,30 @@ def test_a_bad_api_processes_is_health_error_with_the_reason(tmp_path, processes
         assert len(runner.record_descendants()) == 1, "nothing started"
     finally:
         runner.stop()
+
+
+
+def test_requests_in_flight_on_every_process_end_visibly_when_the_engine_dies(tmp_path):
+    """The engine's death, which only the primary sees: every call in flight ends as the primary's do, whichever
+    process serves it (a stream: its in-band error event, then [DONE], its chunked body ended; a whole answer: a 500
+    in the API's shape), each with a log line; then the runner is ERROR and refuses new calls."""
+    runner = RunnerProcess("dying-stand-in", {**plug_in_dying(tmp_path), "API_PROCESSES": "2", "MAX_NUM_SEQS": "32",
+                                              "MAX_WAITING_REQUESTS": "0"}, tmp_path / "runner.log")
+    runner.start()
+    try:
+        runner.wait_until({"IDLE"}, timeout=120)
+        wait_serving(runner, 2)
+        tree = runner.record_descendants()
+        calls = calls_on_every_process(runner, max_tokens=3000)  # a minute each: in flight until the death
+        killed_at = time.monotonic()
+        (tmp_path / KILL_FILE).touch()
+        endings = assert_every_call_ended_visibly(runner, calls)
+        took = max(ending.at for ending in endings) - killed_at
+        assert took < 5, f"the calls ended {took:.1f} s after the death"
+        runner.process.send_signal(signal.SIGTERM)
+        assert runner.process.wait(timeout=15) == 0
+        assert len(tree) >= 2 and runner.left_behind(timeout=3) == [], "no process outlives the runner"
+        print(f"{len(endings)} calls ended visibly, {took:.2f} s after the engine died")
+    finally:
+        runner.stop()
+
