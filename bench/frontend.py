@@ -506,27 +506,31 @@ def report(cases: list[Case], settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """The front-end section of ``path``, replaced where it is, appended where it is not."""
+def replace_section(text: str, start: str, end: str, path: Path = RESULTS) -> None:
+    """``path``'s section between the markers ``start`` and ``end``, replaced where it is, appended where it is not."""
     old = path.read_text() if path.exists() else ""
-    section = f"{SECTION_START}\n{text}{SECTION_END}\n"
-    if SECTION_START in old and SECTION_END in old:
-        before, rest = old.split(SECTION_START, 1)
-        new = before + section + rest.split(SECTION_END, 1)[1].lstrip("\n")
+    section = f"{start}\n{text}{end}\n"
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        new = before + section + rest.split(end, 1)[1].lstrip("\n")
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + section
     path.write_text(new)
 
 
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """The front-end section of ``path``, replaced where it is, appended where it is not."""
+    replace_section(text, SECTION_START, SECTION_END, path)
+
+
+SECTION = re.compile(r"<!-- (bench-[\w-]+):start -->.*?<!-- \1:end -->", re.DOTALL)
+
+
 def kept_section(path: Path) -> str:
-    """The front-end sections of ``path`` as they are (markers included), to keep when ``make bench`` rewrites the
-    file: the ceiling's and the one beside ``vllm serve``."""
+    """The sections of ``path`` that other commands wrote (markers included: this one's, the one beside ``vllm
+    serve``, bench/processes.py's), as they are, to keep when ``make bench`` rewrites the file."""
     old = path.read_text() if path.exists() else ""
-    kept = ""
-    for start, end in ((SECTION_START, SECTION_END), (AGAINST_SECTION_START, AGAINST_SECTION_END)):
-        if start in old and end in old:
-            kept += "\n" + start + old.split(start, 1)[1].split(end, 1)[0] + end + "\n"
-    return kept
+    return "".join(f"\n{match.group(0)}\n" for match in SECTION.finditer(old))
 
 
 API_SHARES = ("HTTP & framing", "detokenising", "engine client", "logging", "loop & other")
@@ -712,14 +716,7 @@ def against_report(results: dict[str, list], shares: dict[str, dict[str, float]]
 
 
 def write_against_section(text: str, path: Path = RESULTS) -> None:
-    old = path.read_text() if path.exists() else ""
-    section = f"{AGAINST_SECTION_START}\n{text}{AGAINST_SECTION_END}\n"
-    if AGAINST_SECTION_START in old and AGAINST_SECTION_END in old:
-        before, rest = old.split(AGAINST_SECTION_START, 1)
-        new = before + section + rest.split(AGAINST_SECTION_END, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + section
-    path.write_text(new)
+    replace_section(text, AGAINST_SECTION_START, AGAINST_SECTION_END, path)
 
 
 def parse(argv: list[str]) -> tuple[Settings, bool]:
