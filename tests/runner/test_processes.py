@@ -98,12 +98,13 @@ def llm_pipeline(tmp_path, **settings) -> LLMPipeline:
     ({"nnodes": 2}, "NNODES=2"),
     ({"lora_adapters": [("a", "/x")]}, "LoRA adapters"),
     ({"lora_runtime_updates": True}, "LORA_RUNTIME_UPDATES"),
+    ({"lora_adapters": [("a", "/x")], "lora_runtime_updates": True}, "LORA_RUNTIME_UPDATES"),
 ])
 def test_the_llm_pipeline_refuses_api_processes_over_several_nodes_or_with_lora(tmp_path, settings, named):
     pipeline = llm_pipeline(tmp_path, **settings)
     with pytest.raises(ValueError, match=named) as caught:
         pipeline.share_engine(2)
-    assert "API_PROCESSES=1" in str(caught.value)
+    assert "API_PROCESSES=1" in str(caught.value) and "docs/api-processes.md" in str(caught.value)
 
 
 def test_the_llm_pipeline_starts_its_engine_for_every_process_and_shares_it(tmp_path):
@@ -283,6 +284,8 @@ def test_an_extra_process_that_dies_makes_the_runner_error_with_the_reason(tmp_p
 @pytest.mark.parametrize(("processes", "env", "reason"), [
     (CORES + 1, {}, f"API_PROCESSES={CORES + 1} is more HTTP processes than the {CORES} cores"),
     (2, {"NNODES": "2", "TENSOR_PARALLEL_SIZE": "2", "NODE_SECRET": "0123456789abcdef0123"}, "API_PROCESSES=2: NNODES=2: an engine served from several nodes"),
+    (2, {"LORA_RUNTIME_UPDATES": "true", "AUTH_TOKEN": "0123456789abcdef0123"},
+     "API_PROCESSES=2: LORA_RUNTIME_UPDATES is served from one API process"),
 ])
 def test_a_bad_api_processes_is_health_error_with_the_reason(tmp_path, processes, env, reason):
     runner = stand_in_runner(tmp_path, processes, **env)
