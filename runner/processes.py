@@ -336,7 +336,10 @@ class APIProcesses:
         deadline = time.monotonic() + LOST_ENGINE_GRACE
         while time.monotonic() < deadline and not self.stopping and self.holding():
             await asyncio.sleep(0.05)
-        for index in self.holding():
+        held = self.holding()
+        if held:  # still so a moment later: not a new call passing through on its way to its 503
+            await asyncio.sleep(0.2)
+        for index in set(held) & set(self.holding()):
             if not self.stopping:
                 process = self.processes[index]
                 log.error("api_process.killed", process=index, pid=process.pid,

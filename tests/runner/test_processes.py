@@ -24,8 +24,9 @@ from runner.processes import DRAINING, IN_FLIGHT, Shared, SharedState, merge_met
 from runner.settings import RunnerSettings
 from runner.state import AtCapacity, Load, NotReady
 from tests.support.fake_engine import FakeBackend, FakeEngine
-from tests.support.api_processes import (KILL_FILE, answered_by, assert_every_call_ended_visibly, calls_on_every_process,
-                                         metric, plug_in_dying, samples, wait_serving)
+from tests.support.api_processes import (DEAF_FILE, KILL_FILE, answered_by, assert_every_call_ended_visibly,
+                                         calls_on_every_process, log_events, metric, plug_in_dying, samples,
+                                         wait_serving)
 from tests.support.frontend_pipeline import plug_in
 from tests.support.runner_process import RunnerProcess, get_json
 
@@ -323,3 +324,29 @@ def test_requests_in_flight_on_every_process_end_visibly_when_the_engine_dies(tm
     finally:
         runner.stop()
 
+
+
+def test_an_extra_that_does_not_end_its_calls_after_the_engine_died_is_killed_saying_so(tmp_path):
+    """The backstop: an extra still holding calls LOST_ENGINE_GRACE after the engine's death is killed, logged; the
+    primary's calls ended visibly all the same, and the runner is ERROR."""
+    runner = RunnerProcess("deaf-stand-in", {**plug_in_dying(tmp_path), "API_PROCESSES": "2", "MAX_NUM_SEQS": "32",
+                                             "MAX_WAITING_REQUESTS": "0"}, tmp_path / "runner.log")
+    runner.start()
+    try:
+        runner.wait_until({"IDLE"}, timeout=120)
+        wait_serving(runner, 2)
+        calls = calls_on_every_process(runner, max_tokens=3000)
+        (tmp_path / DEAF_FILE).touch()
+        killed_at = time.monotonic()
+        (tmp_path / KILL_FILE).touch()
+        endings = [call.ending() for call in calls]
+        assert all(ending.failed_visibly() for ending in endings if ending.process == "0")
+        cut = [ending for ending in endings if ending.process == "1"]
+        assert cut and all(ending.broken for ending in cut), "the extra's connections closed as it was killed"
+        took = max(ending.at for ending in cut) - killed_at
+        assert 5 <= took < 5 + 3, f"killed {took:.1f} s after the death: LOST_ENGINE_GRACE (5 s) and its checks"
+        assert runner.wait_until({"ERROR"}, timeout=5) == "ERROR"
+        [killed] = [event for event in log_events(runner) if event["event"] == "api_process.killed"]
+        assert killed["process"] == 1 and "did not end within 5 s of the engine's loss" in killed["why"]
+    finally:
+        runner.stop()

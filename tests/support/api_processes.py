@@ -195,15 +195,17 @@ def calls_on_every_process(runner: RunnerProcess, max_tokens: int, count: int = 
 
 DYING_PIPELINE = "llm-dying-stand-in"
 KILL_FILE = "engine-dies"  # in MODEL_DIR: once it exists, the engine the primary started is dead
+DEAF_FILE = "extras-deaf"  # in MODEL_DIR: while it exists, an extra's engine ignores the word that the engine is lost
 STEP_SECONDS = 0.02
 
 
 class DyingEngine(FakeEngine):
     """A token every STEP_SECONDS. The engine a primary starts dies once ``kill_file`` exists, as a killed engine
-    core, whose death only the process that started it sees; a joined one (an extra's) only when told (``lose``)."""
+    core, whose death only the process that started it sees; a joined one (an extra's) only when told (``lose``),
+    and not even then once ``deaf_file`` exists (an extra that never ends its calls)."""
 
-    def __init__(self, kill_file: Path | None) -> None:
-        self.kill_file = kill_file
+    def __init__(self, kill_file: Path | None, deaf_file: Path | None = None) -> None:
+        self.kill_file, self.deaf_file = kill_file, deaf_file
         super().__init__(step_seconds=STEP_SECONDS)
 
     @property
@@ -214,26 +216,31 @@ class DyingEngine(FakeEngine):
     def dead(self, value: bool) -> None:
         self._dead = value
 
+    def lose(self) -> None:
+        if self.deaf_file is None or not self.deaf_file.exists():
+            super().lose()
+
 
 class DyingBackend(FakeBackend):
-    def __init__(self, kill_file: Path) -> None:
-        super().__init__(DyingEngine(kill_file))
+    def __init__(self, folder: Path) -> None:
+        super().__init__(DyingEngine(folder / KILL_FILE))
+        self.folder = folder
 
     def join_engine(self, share) -> FakeEngine:
-        return DyingEngine(None)
+        return DyingEngine(None, self.folder / DEAF_FILE)
 
 
 class DyingStandInPipeline(LLMPipeline):
     """``LLMPipeline`` over a ``DyingEngine``: only reachable through ``plug_in_dying``'s entry point."""
 
     def __init__(self, model_id: str, model_dir: Path, settings: LLMSettings) -> None:
-        host = EngineHost(settings, model_id, model_dir, backend=lambda: DyingBackend(model_dir / KILL_FILE), gpus=0)
+        host = EngineHost(settings, model_id, model_dir, backend=lambda: DyingBackend(model_dir), gpus=0)
         super().__init__(model_id, model_dir, settings, host=host)
 
 
 def plug_in_dying(folder: Path) -> dict[str, str]:
     """As ``plug_in`` (its model folder and path), naming ``DyingStandInPipeline``; touch ``folder / KILL_FILE`` to
-    kill its engine."""
+    kill its engine, ``folder / DEAF_FILE`` to make its extras' engines ignore that."""
     env = plug_in(folder)
     dist_info = folder / "dying_stand_in_pipeline-0.1.dist-info"
     dist_info.mkdir(exist_ok=True)
