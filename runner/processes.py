@@ -477,7 +477,11 @@ async def follow_primary(shared: Shared, pipeline: Pipeline) -> None:
     reason = "the engine has stopped (the primary API process saw it die: see its log)"
     log.error("api_process.engine_lost", reason=reason,
               effect="this process's requests in flight end with the engine's failure; new ones are refused (503)")
-    pipeline.lose_engine(reason)
+    try:
+        pipeline.lose_engine(reason)
+    except Exception:  # its calls then wait on the dead engine until the primary kills this process (LOST_ENGINE_GRACE)
+        log.error("api_process.engine_lost.unhandled", exc_info=True,
+                  effect="the primary kills this process in 5 s if its calls have not ended")
 
 
 async def serve_extra(config: ExtraConfig) -> int:
