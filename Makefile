@@ -21,7 +21,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: help install gen gen-check models prefetch dev-run test test-fast stress bench bench-frontend docker-build docker-build-cpu docker-run image-tools image-test image-test-gpu clean
+.PHONY: help install gen gen-check models prefetch dev-run test test-fast stress bench bench-frontend bench-processes docker-build docker-build-cpu docker-run image-tools image-test image-test-gpu clean
 
 help:
 	@echo "make dev-run   serve MODEL_ID ($(MODEL_ID)) on http://$(HOST):$(PORT)"
@@ -35,6 +35,7 @@ help:
 	@echo "make docker-build / docker-build-cpu / docker-run   container images (GPU / CPU)"
 	@echo "make bench     the runner against the bare vLLM engine and vllm serve (bench/results.md)"
 	@echo "make bench-frontend   the front end's ceiling, engine taken out (quick; the whole grid: BENCH_FRONTEND_ARGS=--write)"
+	@echo "make bench-processes  API_PROCESSES=2 against 1, engine taken out (quick; the full rounds: BENCH_PROCESSES_ARGS=--write)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -111,16 +112,25 @@ docker-run:
 	docker run --rm $(GPU_FLAGS) -p $(PORT):8000 -e MODEL_ID=$(MODEL_ID) -e HF_TOKEN \
 	  -v $(abspath $(MODEL_DIR)):/models $(IMAGE):$(IMAGE_TAG)
 
-# The runner against the bare engine and vllm serve; writes bench/results.md and .png.
-# Knobs: MODEL_ID, MODEL_DIR, KV_CACHE_GIB, BENCH_PASSES, BENCH_CONCURRENCY, ... (bench/run.py).
+# The runner against the bare engine and vllm serve; writes bench/results.md and .png. Then API_PROCESSES=2
+# against 1 over the stand-in engine, into its section of bench/results.md (bench/processes.py; BENCH_PROCESSES=0
+# skips it). Knobs: MODEL_ID, MODEL_DIR, KV_CACHE_GIB, BENCH_PASSES, BENCH_CONCURRENCY, ... (bench/run.py).
+BENCH_PROCESSES ?= 1
 bench: install models
 	MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) $(PY) -m bench.run
+	$(if $(filter 0,$(BENCH_PROCESSES)),,$(PY) -m bench.processes --write)
 
 # The runner process over an engine that emits tokens as fast as asked (no model, no vLLM); quick mode, printed.
 # The whole grid, into bench/results.md's front-end section: make bench-frontend BENCH_FRONTEND_ARGS=--write
 BENCH_FRONTEND_ARGS ?= --quick
 bench-frontend: install
 	$(PY) -m bench.frontend $(BENCH_FRONTEND_ARGS)
+
+# API_PROCESSES=2 against 1 over the same stand-in (no model, no vLLM), alternating rounds; quick mode, printed.
+# The full rounds, into bench/results.md's section: make bench-processes BENCH_PROCESSES_ARGS=--write
+BENCH_PROCESSES_ARGS ?= --quick
+bench-processes: install
+	$(PY) -m bench.processes $(BENCH_PROCESSES_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

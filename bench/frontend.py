@@ -517,9 +517,8 @@ def report(cases: list[Case], settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = RESULTS, start: str = SECTION_START, end: str = SECTION_END) -> None:
-    """The front-end section of ``path`` (between ``start`` and ``end``), replaced where it is, appended where it
-    is not."""
+def replace_section(text: str, start: str, end: str, path: Path = RESULTS) -> None:
+    """``path``'s section between the markers ``start`` and ``end``, replaced where it is, appended where it is not."""
     old = path.read_text() if path.exists() else ""
     section = f"{start}\n{text}{end}\n"
     if start in old and end in old:
@@ -530,15 +529,19 @@ def write_section(text: str, path: Path = RESULTS, start: str = SECTION_START, e
     path.write_text(new)
 
 
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """The front-end section of ``path``, replaced where it is, appended where it is not."""
+    replace_section(text, SECTION_START, SECTION_END, path)
+
+
+SECTION = re.compile(r"<!-- (bench-[\w-]+):start -->.*?<!-- \1:end -->", re.DOTALL)
+
+
 def kept_section(path: Path) -> str:
-    """The front-end sections of ``path`` as they are (markers included), to keep when ``make bench`` rewrites the
-    file: the ceiling's and the one beside ``vllm serve``."""
+    """The sections of ``path`` that other commands wrote (markers included: this one's, the one beside ``vllm
+    serve``, bench/processes.py's), as they are, to keep when ``make bench`` rewrites the file."""
     old = path.read_text() if path.exists() else ""
-    kept = ""
-    for start, end in ((SECTION_START, SECTION_END), (AGAINST_SECTION_START, AGAINST_SECTION_END)):
-        if start in old and end in old:
-            kept += "\n" + start + old.split(start, 1)[1].split(end, 1)[0] + end + "\n"
-    return kept
+    return "".join(f"\n{match.group(0)}\n" for match in SECTION.finditer(old))
 
 
 API_SHARES = ("HTTP & framing", "detokenising", "engine client", "logging", "loop & other")
@@ -710,7 +713,7 @@ def against_report(results: dict[str, list], shares: dict[str, dict[str, float]]
 
 
 def write_against_section(text: str, path: Path = RESULTS) -> None:
-    write_section(text, path, AGAINST_SECTION_START, AGAINST_SECTION_END)
+    replace_section(text, AGAINST_SECTION_START, AGAINST_SECTION_END, path)
 
 
 def parse(argv: list[str]) -> tuple[Settings, bool]:

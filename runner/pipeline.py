@@ -198,6 +198,13 @@ class Pipeline(abc.ABC):
         describes, which another process runs, instead of starting one."""
         raise NotImplementedError(f"pipeline {self.name!r} does not share its engine")
 
+    def lose_engine(self, reason: str) -> None:
+        """In an extra API process, once loaded: the engine it joined has stopped (the process that started it saw it
+        die; this one's client cannot). End every request in flight here as the engine's death ends them in that
+        process (each raises its failure: a stream's in-band error event, a 5xx), and from now on ``failure()`` says
+        so. ``reason`` says what was seen."""
+        raise NotImplementedError(f"pipeline {self.name!r} does not share its engine")
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop the engine and free what it holds, also when ``load`` was cut short."""

@@ -28,6 +28,13 @@ What stays one server's:
 No extra outlives the primary: each asks the kernel to SIGKILL it when the
 primary ends (``die_with_parent``), and the primary ends any left at its stop.
 An extra that ends on its own makes the runner ERROR, with the reason.
+
+The engine's death is seen by the primary alone (its client launched the engine
+core and watches its processes; an extra's client only has sockets, which a
+killed peer leaves silent). The primary then raises ``ENGINE_LOST`` in the
+shared counters, and each extra ends its own requests in flight as the
+primary's end (``Pipeline.lose_engine``: a stream's in-band error event, a 5xx,
+a log line), then serves 503 and a /health of ERROR until the drain.
 """
 
 from __future__ import annotations
@@ -67,13 +74,14 @@ log = structlog.get_logger(__name__)
 
 PROCESS_HEADER = "X-API-Process"  # which process answered, on every answer when API_PROCESSES > 1
 PRIMARY_TIMEOUT = 5.0  # seconds an extra waits for the primary's /health, /ready or /metrics (go-livepeer's poll: 5 s)
-WATCH_INTERVAL = 0.25  # seconds between the primary's looks at its extras
+WATCH_INTERVAL = 0.25  # seconds between the primary's looks at its extras, and an extra's at the shared flags
+LOST_ENGINE_GRACE = 5.0  # seconds the extras get to end their requests once the engine is lost, before they are killed
 GONE_GRACE = 1.0  # seconds past the drain's end an extra gets to exit before it is killed
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 # The shared counters: a head, then one slot per process.
-DRAINING, FAILED, DRAIN_DEADLINE = range(3)
-HEAD = 3
+DRAINING, FAILED, DRAIN_DEADLINE, ENGINE_LOST = range(4)
+HEAD = 4
 IN_FLIGHT, UNITS, SERVED, PHASE = range(4)
 SLOT = 4
 STARTING, SERVING, GONE = 0.0, 1.0, 2.0
@@ -129,6 +137,10 @@ class Shared:
     @property
     def failed(self) -> bool:
         return bool(self.values[FAILED])
+
+    @property
+    def engine_lost(self) -> bool:
+        return bool(self.values[ENGINE_LOST])
 
 
 class SharedState(RunnerState):
@@ -295,12 +307,9 @@ class APIProcesses:
     async def watch(self, state: RunnerState) -> None:
         reported: set[int] = set()
         while not self.stopping:
-            if state.failure() is not None:  # the engine is gone: the extras' requests could only hang on it
-                self.shared.values[FAILED] = 1
-                log.error("api_process.ending_all", reason=state.failure(),
-                          effect="the extra API processes are killed: their connections close")
-                self.stopping = True
-                self.kill("the engine is gone")
+            reason = state.failure()
+            if reason is not None:  # the engine is gone: the extras' requests would hang on it
+                await self.lose_engine(reason)
                 return
             for index, process in self.processes.items():
                 phase = self.shared.get(index, PHASE)
@@ -315,6 +324,34 @@ class APIProcesses:
                     state.fail(reason)
                     return
             await asyncio.sleep(WATCH_INTERVAL)
+
+    async def lose_engine(self, reason: str) -> None:
+        """Tell every extra that the engine is gone: each ends its requests in flight with the engine's failure, as
+        this process's own end (an extra's client cannot see the death itself). One whose requests are still in
+        flight after LOST_ENGINE_GRACE is killed, so that nothing waits on a dead engine for ever."""
+        self.shared.values[FAILED] = 1
+        self.shared.values[ENGINE_LOST] = 1
+        log.error("api_process.engine_lost", reason=reason,
+                  effect="every API process ends its requests in flight with the engine's failure")
+        deadline = time.monotonic() + LOST_ENGINE_GRACE
+        while time.monotonic() < deadline and not self.stopping and self.holding():
+            await asyncio.sleep(0.05)
+        held = self.holding()
+        if held:  # still so a moment later: not a new call passing through on its way to its 503
+            await asyncio.sleep(0.2)
+        for index in set(held) & set(self.holding()):
+            if not self.stopping:
+                process = self.processes[index]
+                log.error("api_process.killed", process=index, pid=process.pid,
+                          why=f"its requests in flight did not end within {LOST_ENGINE_GRACE:g} s of the engine's "
+                              "loss: their connections close")
+                process.kill()
+                process.join(1.0)
+
+    def holding(self) -> list[int]:
+        """The extras still alive with requests in flight."""
+        return [index for index, process in self.processes.items()
+                if process.is_alive() and self.shared.get(index, IN_FLIGHT) > 0]
 
     def serving(self) -> list[int]:
         return [index for index in self.processes if self.shared.get(index, PHASE) == SERVING]
@@ -432,6 +469,21 @@ def extra_main(config: ExtraConfig) -> None:
         exit_now(code)
 
 
+async def follow_primary(shared: Shared, pipeline: Pipeline) -> None:
+    """An extra's watch on the primary's word that the engine is gone: its own requests in flight then end with the
+    engine's failure, as the primary's do (``Pipeline.lose_engine``), instead of waiting on a dead engine."""
+    while not shared.engine_lost:
+        await asyncio.sleep(WATCH_INTERVAL)
+    reason = "the engine has stopped (the primary API process saw it die: see its log)"
+    log.error("api_process.engine_lost", reason=reason,
+              effect="this process's requests in flight end with the engine's failure; new ones are refused (503)")
+    try:
+        pipeline.lose_engine(reason)
+    except Exception:  # its calls then wait on the dead engine until the primary kills this process (LOST_ENGINE_GRACE)
+        log.error("api_process.engine_lost.unhandled", exc_info=True,
+                  effect="the primary kills this process in 5 s if its calls have not ended")
+
+
 async def serve_extra(config: ExtraConfig) -> int:
     """Build the pipeline, join the engine, then accept on the shared socket; on SIGTERM drain to the primary's deadline."""
     from runner.__main__ import drain_cut_reason
@@ -465,7 +517,9 @@ async def serve_extra(config: ExtraConfig) -> int:
             await web.SockSite(runner, sock).start()
         config.shared.set(config.index, PHASE, SERVING)
         log.info("runner.listening", api_process=config.index, of=config.count)
+        following = asyncio.ensure_future(follow_primary(config.shared, pipeline))
         await stopping
+        following.cancel()
     settled.cancel()
     deadline = config.shared.values[DRAIN_DEADLINE] or (time.monotonic() + settings.drain_timeout)
     left = await state.drain(max(0.0, deadline - time.monotonic()), cut_reason=drain_cut_reason(settings))

@@ -240,4 +240,9 @@ class Engine(Protocol):
         """What API process ``index`` needs to join this engine (started for API_PROCESSES clients), picklable."""
         ...
 
+    def lose(self) -> None:
+        """A joined client (API_PROCESSES): the engine it joined is gone, which only the process that started it can
+        see. Every request in flight fails as the engine's death fails it there, every new one too; ``errored``."""
+        ...
+
     def shutdown(self) -> None: ...

@@ -100,6 +100,7 @@ class EngineHost:
         # Where a run-time lora_path may point: LORA_ROOT, else the model store; symbolic links resolved.
         self.lora_root = Path(os.path.realpath(settings.lora_root if settings.lora_root is not None else model_dir))
         self.clients = 1  # the API processes the engine serves (API_PROCESSES), this one first
+        self.engine_lost: str | None = None  # in an extra API process: why the engine it joined is gone, once it is
 
     async def join(self, share: Any) -> Engine:
         """The engine another API process started, joined as one of its clients (``share``: its ``Engine.share``)."""
@@ -107,6 +108,13 @@ class EngineHost:
         self.engine = await run_blocking(self.backend.join_engine, share)
         log.info("engine.joined", clients=self.clients)
         return self.engine
+
+    def lose_engine(self, reason: str) -> None:
+        """In an extra API process: the engine it joined is gone (its primary saw it die). The client ends every
+        request in flight with the engine's death, as the primary's own client does; ``failure`` says ``reason``."""
+        self.engine_lost = reason
+        if self.engine is not None:
+            self.engine.lose()
 
     def share(self, index: int) -> Any:
         """What API process ``index`` needs to ``join`` the running engine."""
@@ -346,6 +354,8 @@ class EngineHost:
             return self.worker_node.error
         if self.node_error is not None:
             return self.node_error
+        if self.engine_lost is not None:
+            return self.engine_lost
         if self.engine is not None and self.engine.errored:
             return "the vLLM engine has stopped (its worker process died or failed)"
         return None

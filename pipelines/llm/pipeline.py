@@ -85,11 +85,17 @@ class LLMPipeline(Pipeline):
         if settings.nnodes > 1:
             raise ValueError(f"NNODES={settings.nnodes}: an engine served from several nodes is served from one API "
                              "process (vLLM's API processes share an engine started on their own node): set "
-                             "API_PROCESSES=1")
-        if settings.lora_enabled:
-            raise ValueError("LoRA adapters (LORA_ADAPTERS, LORA_RUNTIME_UPDATES) are served from one API process "
-                             "(each process keeps its own list of adapters, and vLLM refuses run-time LoRA updates "
-                             "with --api-server-count > 1): set API_PROCESSES=1, or serve without adapters")
+                             "API_PROCESSES=1 (docs/api-processes.md)")
+        if settings.lora_runtime_updates:
+            raise ValueError("LORA_RUNTIME_UPDATES is served from one API process: an adapter loaded or unloaded "
+                             "through one process would stay unknown to the others, and vLLM refuses run-time LoRA "
+                             "updates with --api-server-count > 1 too; set API_PROCESSES=1 (docs/api-processes.md, "
+                             "LoRA)")
+        if settings.lora_adapters:
+            raise ValueError("LoRA adapters (LORA_ADAPTERS) are served from one API process: each process keeps its "
+                             "own list of adapters, and this runner does not keep them alike across processes (vLLM's "
+                             "own --api-server-count does for static adapters); set API_PROCESSES=1, or serve without "
+                             "adapters (docs/api-processes.md, LoRA)")
         self.host.clients = processes
 
     def engine_share(self, index: int) -> object:
@@ -97,6 +103,9 @@ class LLMPipeline(Pipeline):
 
     def join_engine(self, share: object) -> None:
         self.joining = share
+
+    def lose_engine(self, reason: str) -> None:
+        self.host.lose_engine(reason)
 
     def describe(self) -> dict[str, object]:
         """The model, its adapters, the longest sequence, the APIs and the dtype: what discovery shows of this runner.

@@ -24,7 +24,9 @@ from runner.processes import DRAINING, IN_FLIGHT, Shared, SharedState, merge_met
 from runner.settings import RunnerSettings
 from runner.state import AtCapacity, Load, NotReady
 from tests.support.fake_engine import FakeBackend, FakeEngine
-from tests.support.api_processes import answered_by, metric, samples, wait_serving
+from tests.support.api_processes import (DEAF_FILE, KILL_FILE, answered_by, assert_every_call_ended_visibly,
+                                         calls_on_every_process, log_events, metric, plug_in_dying, samples,
+                                         wait_serving)
 from tests.support.frontend_pipeline import plug_in
 from tests.support.runner_process import RunnerProcess, get_json
 
@@ -97,12 +99,13 @@ def llm_pipeline(tmp_path, **settings) -> LLMPipeline:
     ({"nnodes": 2}, "NNODES=2"),
     ({"lora_adapters": [("a", "/x")]}, "LoRA adapters"),
     ({"lora_runtime_updates": True}, "LORA_RUNTIME_UPDATES"),
+    ({"lora_adapters": [("a", "/x")], "lora_runtime_updates": True}, "LORA_RUNTIME_UPDATES"),
 ])
 def test_the_llm_pipeline_refuses_api_processes_over_several_nodes_or_with_lora(tmp_path, settings, named):
     pipeline = llm_pipeline(tmp_path, **settings)
     with pytest.raises(ValueError, match=named) as caught:
         pipeline.share_engine(2)
-    assert "API_PROCESSES=1" in str(caught.value)
+    assert "API_PROCESSES=1" in str(caught.value) and "docs/api-processes.md" in str(caught.value)
 
 
 def test_the_llm_pipeline_starts_its_engine_for_every_process_and_shares_it(tmp_path):
@@ -112,6 +115,16 @@ def test_the_llm_pipeline_starts_its_engine_for_every_process_and_shares_it(tmp_
     backend = FakeBackend(FakeEngine())
     pipeline.host.engine = backend.engine
     assert pipeline.engine_share(1) == {"index": 1}
+
+
+def test_the_llm_pipeline_of_an_extra_process_ends_its_requests_when_told_its_engine_is_lost(tmp_path):
+    pipeline = llm_pipeline(tmp_path)
+    engine = FakeEngine()
+    pipeline.host.engine = engine
+    assert pipeline.failure() is None
+    pipeline.lose_engine("the engine has stopped (seen by the primary)")
+    assert engine.dead, "its requests in flight fail as on the engine's death"
+    assert pipeline.failure() == "the engine has stopped (seen by the primary)"
 
 
 # One admission, one /health, over the shared counters
@@ -272,6 +285,8 @@ def test_an_extra_process_that_dies_makes_the_runner_error_with_the_reason(tmp_p
 @pytest.mark.parametrize(("processes", "env", "reason"), [
     (CORES + 1, {}, f"API_PROCESSES={CORES + 1} is more HTTP processes than the {CORES} cores"),
     (2, {"NNODES": "2", "TENSOR_PARALLEL_SIZE": "2", "NODE_SECRET": "0123456789abcdef0123"}, "API_PROCESSES=2: NNODES=2: an engine served from several nodes"),
+    (2, {"LORA_RUNTIME_UPDATES": "true", "AUTH_TOKEN": "0123456789abcdef0123"},
+     "API_PROCESSES=2: LORA_RUNTIME_UPDATES is served from one API process"),
 ])
 def test_a_bad_api_processes_is_health_error_with_the_reason(tmp_path, processes, env, reason):
     runner = stand_in_runner(tmp_path, processes, **env)
@@ -280,5 +295,58 @@ def test_a_bad_api_processes_is_health_error_with_the_reason(tmp_path, processes
         assert runner.wait_until({"ERROR"}, timeout=60) == "ERROR"
         assert reason in runner.log_path.read_text()
         assert len(runner.record_descendants()) == 1, "nothing started"
+    finally:
+        runner.stop()
+
+
+
+def test_requests_in_flight_on_every_process_end_visibly_when_the_engine_dies(tmp_path):
+    """The engine's death, which only the primary sees: every call in flight ends as the primary's do, whichever
+    process serves it (a stream: its in-band error event, then [DONE], its chunked body ended; a whole answer: a 500
+    in the API's shape), each with a log line; then the runner is ERROR and refuses new calls."""
+    runner = RunnerProcess("dying-stand-in", {**plug_in_dying(tmp_path), "API_PROCESSES": "2", "MAX_NUM_SEQS": "32",
+                                              "MAX_WAITING_REQUESTS": "0"}, tmp_path / "runner.log")
+    runner.start()
+    try:
+        runner.wait_until({"IDLE"}, timeout=120)
+        wait_serving(runner, 2)
+        tree = runner.record_descendants()
+        calls = calls_on_every_process(runner, max_tokens=3000)  # a minute each: in flight until the death
+        killed_at = time.monotonic()
+        (tmp_path / KILL_FILE).touch()
+        endings = assert_every_call_ended_visibly(runner, calls)
+        took = max(ending.at for ending in endings) - killed_at
+        assert took < 5, f"the calls ended {took:.1f} s after the death"
+        runner.process.send_signal(signal.SIGTERM)
+        assert runner.process.wait(timeout=15) == 0
+        assert len(tree) >= 2 and runner.left_behind(timeout=3) == [], "no process outlives the runner"
+        print(f"{len(endings)} calls ended visibly, {took:.2f} s after the engine died")
+    finally:
+        runner.stop()
+
+
+
+def test_an_extra_that_does_not_end_its_calls_after_the_engine_died_is_killed_saying_so(tmp_path):
+    """The backstop: an extra still holding calls LOST_ENGINE_GRACE after the engine's death is killed, logged; the
+    primary's calls ended visibly all the same, and the runner is ERROR."""
+    runner = RunnerProcess("deaf-stand-in", {**plug_in_dying(tmp_path), "API_PROCESSES": "2", "MAX_NUM_SEQS": "32",
+                                             "MAX_WAITING_REQUESTS": "0"}, tmp_path / "runner.log")
+    runner.start()
+    try:
+        runner.wait_until({"IDLE"}, timeout=120)
+        wait_serving(runner, 2)
+        calls = calls_on_every_process(runner, max_tokens=3000)
+        (tmp_path / DEAF_FILE).touch()
+        killed_at = time.monotonic()
+        (tmp_path / KILL_FILE).touch()
+        endings = [call.ending() for call in calls]
+        assert all(ending.failed_visibly() for ending in endings if ending.process == "0")
+        cut = [ending for ending in endings if ending.process == "1"]
+        assert cut and all(ending.broken for ending in cut), "the extra's connections closed as it was killed"
+        took = max(ending.at for ending in cut) - killed_at
+        assert 5 <= took < 5 + 3, f"killed {took:.1f} s after the death: LOST_ENGINE_GRACE (5 s) and its checks"
+        assert runner.wait_until({"ERROR"}, timeout=5) == "ERROR"
+        [killed] = [event for event in log_events(runner) if event["event"] == "api_process.killed"]
+        assert killed["process"] == 1 and "did not end within 5 s of the engine's loss" in killed["why"]
     finally:
         runner.stop()

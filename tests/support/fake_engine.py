@@ -223,6 +223,10 @@ class FakeEngine:
         """The engine's process dies: every running request fails, and so does every new one."""
         self.dead = True
 
+    def lose(self) -> None:
+        """A joined client told that its engine is gone: as its death."""
+        self.die()
+
     def unfinished_requests(self) -> int:
         return len(self.running)
 

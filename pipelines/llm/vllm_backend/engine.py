@@ -264,6 +264,14 @@ class VLLMEngine:
                               client_count=share.count, client_index=share.index)
         return cls(engine, registry)
 
+    def lose(self) -> None:
+        """What the primary's engine-core monitor does on the engine core's death (``MPClient.
+        start_engine_core_monitor``: ``engine_dead``, then the client's shutdown): its sockets close and its output
+        task ends with EngineDeadError, which the output handler hands to every request in flight."""
+        core = self.engine.engine_core
+        core.resources.engine_dead = True
+        core.shutdown()
+
     @property
     def errored(self) -> bool:
         return self.engine.errored
