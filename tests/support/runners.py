@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 
+from tests.support.engine_slots import HOLDING, EngineSlots
 from tests.support.runner_process import DEFAULT_MODEL_ID, START_TIMEOUT, RunnerProcess
 
 TINY_MAX_MODEL_LEN = 4096
@@ -107,50 +108,86 @@ def plan(alive: list[str], names: set[str], own_engines: int) -> tuple[list[str]
 
 
 class RunnerPool:
-    """The shared runners, started when a test module first needs them, at most MAX_ENGINES alive.
+    """The shared runners, started when a test module first needs them, within the run's MAX_ENGINES slots.
 
     Before each module, the runners its tests use are started together (their
     engines start side by side); a runner another module left alive is kept
-    while there is room and stopped, least recently used first, when there is not
-    (``plan``). Where room is left, the runners the next module needs start
-    now, behind this module's tests. A runner whose test stopped it or killed
-    its engine is started anew if needed again.
+    while there is room and a later module needs it, and stopped, least recently
+    used first, when there is not (``plan``). Where room is left, the runners
+    the next module needs start now, behind this module's tests. A runner whose
+    test stopped it or killed its engine is started anew if needed again.
+
+    Each engine takes one of the run's ``slots`` (tests/support/engine_slots.py), which
+    ``make test``'s two lanes share: a runner's while it is alive, a module's own
+    engines' from before its first test to after its last (``prepare`` returns
+    them). While another lane waits for slots, the pool stops the runners its
+    module does not use and starts none ahead. A pool that must not wait while it
+    holds slots (``hold_while_waiting`` false: the lane of the modules with engines
+    of their own) stops all its runners before it waits, so two lanes can never
+    each hold slots while waiting for the other's.
     """
 
-    def __init__(self, specs: dict[str, tuple[dict[str, str], bool]], logs: Path) -> None:
+    def __init__(self, specs: dict[str, tuple[dict[str, str], bool]], logs: Path, slots: EngineSlots | None = None,
+                 hold_while_waiting: bool = True) -> None:
         self.specs = specs
         self.logs = logs
+        self.slots = slots or EngineSlots.private(MAX_ENGINES)
+        self.hold_while_waiting = hold_while_waiting
         self.alive: dict[str, RunnerProcess] = {}  # in order of last use
+        self.held: dict[str, int] = {}  # runner name -> its slot
+        self.waits: list[float] = []  # seconds of each wait for slots the other lane held
         self.starts: dict[str, int] = {}
 
     def usable(self, runner: RunnerProcess) -> bool:
         return runner.process.poll() is None and not runner.engine_died()
 
-    def prepare(self, names: set[str], own_engines: int = 0, upcoming: set[str] = frozenset()) -> None:
-        """Make ``names`` alive for a module with ``own_engines`` of its own; start ``upcoming`` where room is left."""
+    def prepare(self, names: set[str], own_engines: int = 0, upcoming: set[str] = frozenset(),
+                later: set[str] | None = None) -> list[int]:
+        """Make ``names`` alive for a module with ``own_engines`` of its own; start ``upcoming`` where room is left.
+
+        ``later``: the runners a later module may use (None: any); the others are stopped once idle. Returns the
+        slots of the module's own engines, to ``release`` after its last test.
+        """
         if len(names) + own_engines > MAX_ENGINES:
             raise AssertionError(f"a module needs {sorted(names)} and {own_engines} engines of its own: more than {MAX_ENGINES}")
         for name, runner in list(self.alive.items()):
             if not self.usable(runner):
-                runner.stop()
-                del self.alive[name]
+                self.stop(name)
         self.alive = {name: self.alive[name] for name in used(list(self.alive), frozenset(names))}
         stop, missing = plan(list(self.alive), names, own_engines)
-        for name in stop:
-            self.alive.pop(name).stop()
-        ahead = [name for name in sorted(upcoming) if name not in self.alive and name not in missing]
-        for name in missing + ahead[: max(0, MAX_ENGINES - own_engines - len(self.alive) - len(missing))]:
+        others_wait = self.slots.others_wait()
+        idle = [name for name in self.alive if name not in names]
+        for name in idle:
+            if name in stop or others_wait or (later is not None and name not in later):
+                self.stop(name)
+        first = self.hold_while_waiting or not self.slots.waiters(HOLDING)  # else the waiter that holds some goes first
+        held = self.slots.try_take(len(missing) + own_engines) if first else None
+        if held is None:
+            if not self.hold_while_waiting:
+                for name in list(self.alive):
+                    self.stop(name)
+                missing = sorted(names)
+            held = self.slots.take(len(missing) + own_engines, holding=bool(self.held), waits=self.waits)
+        for name in missing:
             self.start(name)
+            self.held[name] = held.pop(0)
+        ahead = [name for name in sorted(upcoming) if name not in self.alive]
+        for name in ahead[: max(0, MAX_ENGINES - own_engines - len(self.alive))]:
+            if others_wait or (slot := self.slots.try_take(1)) is None:
+                break
+            self.start(name)
+            self.held[name] = slot[0]
+        return held
 
-    def prepare_module(self, need: ModuleNeeds, upcoming: set[str]) -> None:
+    def prepare_module(self, need: ModuleNeeds, upcoming: set[str], later: set[str] | None = None) -> list[int]:
         """Before a module's first test: what it ``need``s, and ``upcoming`` if it has no engine of its own.
 
         A module that needs no engine at all only starts what is ``upcoming`` and not alive yet: the first
         engine module's runners start behind the modules that need none (``module_order``).
         """
         if not need.engines and set(upcoming) <= self.alive.keys():
-            return
-        self.prepare(set(need.runners), need.own_engines, upcoming if not need.own_engines else set())
+            return []
+        return self.prepare(set(need.runners), need.own_engines, upcoming if not need.own_engines else set(), later)
 
     def start(self, name: str) -> None:
         env, request_while_loading = self.specs[name]
@@ -160,15 +197,19 @@ class RunnerPool:
         runner.start()
         self.alive[name] = runner
 
+    def stop(self, name: str) -> None:
+        """Stop the runner ``name`` and give back its slot."""
+        self.alive.pop(name).stop()
+        self.slots.release([self.held.pop(name)] if name in self.held else [])
+
     def get(self, name: str) -> RunnerProcess:
         if name not in self.alive:
             self.prepare({name, *self.alive})
         return self.alive[name]
 
     def stop_all(self) -> None:
-        for runner in self.alive.values():
-            runner.stop()
-        self.alive.clear()
+        for name in list(self.alive):
+            self.stop(name)
 
 
 def ready(runner: RunnerProcess) -> RunnerProcess:
@@ -308,7 +349,8 @@ def module_order(items: list) -> list:
     """The suite's items, module by module in the order that starts the fewest engines, the first ones early.
 
     Modules that need no engine come first, in the collection's order, then
-    the ``opening`` engine module, whose runners start behind them. Then,
+    the ``opening`` engine module, whose runners start behind them (where
+    there is none, the module with the most engines of its own). Then,
     one at a time, the module that costs the pool (``plan``) the fewest starts
     now plus stops of runners a later module still needs; a module that ends
     a shared runner (``ends_runners``) only once no other module left needs
@@ -324,6 +366,12 @@ def module_order(items: list) -> list:
         order.append(first)
         rest.remove(first)
         alive = sorted(needs[first].runners)
+    elif widest := [module for module in rest if not needs[module].runners]:
+        # No module of shared runners (tests/lanes.py's "own" lane): the one with the most engines of its own
+        # first, while the other lane runs the modules that need no engine and has few engines alive.
+        first = max(widest, key=lambda module: needs[module].own_engines)
+        order.append(first)
+        rest.remove(first)
     while rest:
         def cost(module, alive=alive) -> tuple:
             need = needs[module]
@@ -342,6 +390,22 @@ def module_order(items: list) -> list:
         order.append(module)
         rest.remove(module)
     return [item for module in order for item in modules[module]]
+
+
+def later_runners(items: list, module) -> set[str]:
+    """The shared runners the modules after ``module`` in ``items`` use."""
+    modules = list(by_module(items).items())
+    at = next(index for index, (other, _) in enumerate(modules) if other is module)
+    return set().union(*(ModuleNeeds.of(module_items).runners for _, module_items in modules[at + 1:]))
+
+
+LANES = ("own", "shared")
+
+
+def lane_of(need: ModuleNeeds) -> str:
+    """A module's lane under tests/lanes.py: "own" for a module with engines of its own, "shared" for the others
+    (the modules that need no engine run first there, while the other lane starts its first engines)."""
+    return "own" if need.own_engines else "shared"
 
 
 def upcoming_runners(items: list, module) -> set[str]:
