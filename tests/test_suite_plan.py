@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.lanes import run_code, summary
-from tests.support.engine_slots import HOLDING, WAITING, EngineSlots
+from tests.support.engine_slots import FIRST, WAITING, EngineSlots, alarm_paused
 from tests.support.runner_process import ROOT
 from tests.support.runners import (
     LANES,
@@ -201,12 +201,13 @@ def lane(items: list[Item], name: str) -> list[Item]:
     return [item for item in items if lane_of(ModuleNeeds.of([item])) == name]
 
 
-def test_the_lanes_split_the_modules_by_their_own_engines_and_the_own_lane_opens_with_its_widest():
+def test_the_lanes_split_the_modules_by_their_own_engines_and_the_own_lane_runs_its_widest_first():
     items = collection()
     assert {item.module for item in lane(items, "own")} == {"lifecycle", "lora", "pipeline_parallel"}
     assert len(lane(items, "own")) + len(lane(items, "shared")) == len(items)
     own = list(by_module(module_order(lane(items, "own"))))
-    assert own[0] == "pipeline_parallel"  # three engines, started while the other lane runs the modules without any
+    # three engines first, while the other lane runs the modules without any; then those that fit beside its runners
+    assert own == ["pipeline_parallel", "lora", "lifecycle"]
     shared = list(by_module(module_order(lane(items, "shared"))))
     assert shared[:3] == ["api_fakes", "routes_fakes", "anthropic"]
 
@@ -252,7 +253,7 @@ def test_lanes_with_slots_of_their_own_would_start_more_than_max_engines():
 HOLDER = """
 import sys, time
 from pathlib import Path
-from tests.support.engine_slots import HOLDING, WAITING, EngineSlots
+from tests.support.engine_slots import EngineSlots
 held = EngineSlots(Path(sys.argv[1]), int(sys.argv[2])).take(int(sys.argv[3]))
 print(len(held), flush=True)
 time.sleep(60)
@@ -310,35 +311,35 @@ def test_a_take_that_cannot_be_met_holds_none_while_it_waits_and_says_it_waits(t
     EngineSlots.release(taken[0])
 
 
-def test_a_waiter_that_holds_slots_goes_before_one_that_holds_none(tmp_path):
-    """The lane of the shared runners waits holding its runners' slots; the other lane, holding none, lets it go
-    first: else both could wait for the same slot, one of them holding what the other needs."""
+def test_the_shared_runners_lane_waits_first(tmp_path):
+    """The lane of the shared runners may wait holding its runners' slots; the other lane, which never does, lets
+    it go first: else both could wait for the same slot, one of them holding what the other needs."""
     slots = EngineSlots(tmp_path, MAX_ENGINES)
     mine = slots.try_take(MAX_ENGINES)
     got: list[str] = []
     taken: list[int] = []
 
-    def wait(name: str, holding: bool) -> None:
-        taken.extend(EngineSlots(tmp_path, MAX_ENGINES).take(1, holding=holding, limit=30))
+    def wait(name: str, first: bool) -> None:
+        taken.extend(EngineSlots(tmp_path, MAX_ENGINES).take(1, first=first, limit=30))
         got.append(name)
 
-    for name, holding, kind in (("holds none", False, WAITING), ("holds some", True, HOLDING)):
-        threading.Thread(target=wait, args=(name, holding), daemon=True).start()
+    for name, first, kind in (("own", False, WAITING), ("shared", True, FIRST)):
+        threading.Thread(target=wait, args=(name, first), daemon=True).start()
         deadline = time.monotonic() + 10
         while not slots.waiters(kind) and time.monotonic() < deadline:
             time.sleep(0.01)
-    assert slots.waiters(WAITING) and slots.waiters(HOLDING)
+    assert slots.waiters(WAITING) and slots.waiters(FIRST)
     EngineSlots.release([mine.pop()])
     deadline = time.monotonic() + 10
     while not got and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(1)  # four of the waiters' tries
-    assert got == ["holds some"]
+    assert got == ["shared"]
     EngineSlots.release([mine.pop()])
     deadline = time.monotonic() + 10
     while len(got) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert got == ["holds some", "holds none"]
+    assert got == ["shared", "own"]
     EngineSlots.release(mine + taken)
 
 
@@ -357,6 +358,21 @@ def test_a_wait_that_never_ends_fails_saying_so(tmp_path, holder):
     holder(MAX_ENGINES)
     with pytest.raises(AssertionError, match="waited 1 s for 1 of the 3 engine slots"):
         EngineSlots(tmp_path, MAX_ENGINES).take(1, limit=1)
+
+
+def test_a_wait_for_slots_is_not_the_tests_time():
+    """pytest-timeout's alarm stops while a lane waits for the other's slots, and goes on from where it was."""
+    signal.setitimer(signal.ITIMER_REAL, 0)  # no alarm of pytest-timeout's in this test: one of our own, never due
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the alarm rang during the wait"))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with alarm_paused():
+            assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+            time.sleep(0.7)
+        assert 0.3 < signal.getitimer(signal.ITIMER_REAL)[0] <= 0.5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_the_run_fails_if_a_lane_fails_or_engines_passed_the_limit_and_a_lane_without_tests_is_no_failure():

@@ -13,15 +13,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SLOTS_DIR_VARIABLE = "ENGINE_SLOTS_DIR"
 POLL_INTERVAL = 0.25  # seconds between tries while waiting for slots
-# A wait longer than this is a deadlock or a lane that never gives way: fail saying so, before pytest-timeout's 600 s.
-WAIT_LIMIT = 570.0
-WAITING, HOLDING = "waiting", "waiting-holding"  # files a waiter holds a shared lock on: it holds no slots, or some
+# A wait longer than this is a deadlock or a lane that never gives way: fail saying so. The wait is not the test's
+# time: pytest-timeout's alarm is paused while it lasts (``alarm_paused``).
+WAIT_LIMIT = 1800.0
+WAITING, FIRST = "waiting", "waiting-first"  # files a waiter holds a shared lock on: it lets others go first, or not
 
 
 class EngineSlots:
@@ -31,7 +35,7 @@ class EngineSlots:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.paths = [directory / f"slot-{index}" for index in range(size)]
-        for path in [*self.paths, directory / WAITING, directory / HOLDING]:
+        for path in [*self.paths, directory / WAITING, directory / FIRST]:
             path.touch(exist_ok=True)
 
     @classmethod
@@ -58,25 +62,26 @@ class EngineSlots:
             return None
         return held
 
-    def take(self, count: int, holding: bool = False, limit: float = WAIT_LIMIT, waits: list[float] | None = None
+    def take(self, count: int, first: bool = True, limit: float = WAIT_LIMIT, waits: list[float] | None = None
              ) -> list[int]:
-        """``count`` slots, waiting until that many are free at once, saying it waits; ``holding``: the caller
-        holds slots already (its runners) and cannot give them back while it waits.
+        """``count`` slots, waiting until that many are free at once, saying it waits; a waiter that is not
+        ``first`` tries only while no ``first`` one waits. ``waits`` gets the seconds waited, if any.
 
-        A waiter that holds none lets one that holds some go first: the one that holds some waits for slots
-        that a running module will give back, and would otherwise wait behind a waiter that needs those too.
+        The lane of the shared runners waits first: it may wait holding its runners' slots, for slots a running
+        module of the other lane will give back, and must not then wait behind the other lane's next module.
         """
-        if (not self.waiters(HOLDING) or holding) and (held := self.try_take(count)) is not None:
+        if (first or not self.waiters(FIRST)) and (held := self.try_take(count)) is not None:
             return held
-        announced = os.open(self.directory / (HOLDING if holding else WAITING), os.O_RDWR | os.O_CLOEXEC)
+        announced = os.open(self.directory / (FIRST if first else WAITING), os.O_RDWR | os.O_CLOEXEC)
         fcntl.flock(announced, fcntl.LOCK_SH)
         started = time.monotonic()
         try:
-            while (held := None if not holding and self.waiters(HOLDING) else self.try_take(count)) is None:
-                if time.monotonic() - started > limit:
-                    raise AssertionError(f"waited {limit:.0f} s for {count} of the {len(self.paths)} engine slots in "
-                                         f"{self.directory}; the other lane never gave them back (tests/lanes.py)")
-                time.sleep(POLL_INTERVAL)
+            with alarm_paused():
+                while (held := self.try_take(count) if first or not self.waiters(FIRST) else None) is None:
+                    if time.monotonic() - started > limit:
+                        raise AssertionError(f"waited {limit:.0f} s for {count} of the {len(self.paths)} engine slots "
+                                             f"in {self.directory}; the other lane never gave them back (tests/lanes.py)")
+                    time.sleep(POLL_INTERVAL)
             return held
         finally:
             os.close(announced)
@@ -84,7 +89,7 @@ class EngineSlots:
                 waits.append(time.monotonic() - started)
 
     def waiters(self, kind: str) -> bool:
-        """A process waits for slots, of ``kind`` (HOLDING or WAITING)."""
+        """A process waits for slots, of ``kind`` (FIRST or WAITING)."""
         descriptor = os.open(self.directory / kind, os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -96,7 +101,7 @@ class EngineSlots:
 
     def others_wait(self) -> bool:
         """Another process waits for slots (call it only while not waiting oneself)."""
-        return self.waiters(HOLDING) or self.waiters(WAITING)
+        return self.waiters(FIRST) or self.waiters(WAITING)
 
     @staticmethod
     def try_take_path(path: Path) -> int | None:
@@ -114,3 +119,17 @@ class EngineSlots:
             with contextlib.suppress(OSError):
                 os.close(descriptor)  # closing the only descriptor of the open file drops its flock
         held.clear()
+
+
+@contextlib.contextmanager
+def alarm_paused() -> Iterator[None]:
+    """The process's interval timer (pytest-timeout's per-test alarm) stopped, then set again to what was left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    left, interval = signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        yield
+    finally:
+        if left:
+            signal.setitimer(signal.ITIMER_REAL, left, interval)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.support.engine_slots import HOLDING, EngineSlots
+from tests.support.engine_slots import FIRST, EngineSlots
 from tests.support.runner_process import DEFAULT_MODEL_ID, START_TIMEOUT, RunnerProcess
 
 TINY_MAX_MODEL_LEN = 4096
@@ -160,14 +160,14 @@ class RunnerPool:
         for name in idle:
             if name in stop or others_wait or (later is not None and name not in later):
                 self.stop(name)
-        first = self.hold_while_waiting or not self.slots.waiters(HOLDING)  # else the waiter that holds some goes first
+        first = self.hold_while_waiting or not self.slots.waiters(FIRST)  # else the other lane's waiter goes first
         held = self.slots.try_take(len(missing) + own_engines) if first else None
         if held is None:
             if not self.hold_while_waiting:
                 for name in list(self.alive):
                     self.stop(name)
                 missing = sorted(names)
-            held = self.slots.take(len(missing) + own_engines, holding=bool(self.held), waits=self.waits)
+            held = self.slots.take(len(missing) + own_engines, first=self.hold_while_waiting, waits=self.waits)
         for name in missing:
             self.start(name)
             self.held[name] = held.pop(0)
@@ -349,35 +349,33 @@ def module_order(items: list) -> list:
     """The suite's items, module by module in the order that starts the fewest engines, the first ones early.
 
     Modules that need no engine come first, in the collection's order, then
-    the ``opening`` engine module, whose runners start behind them (where
-    there is none, the module with the most engines of its own). Then,
+    the ``opening`` engine module, whose runners start behind them. Then,
     one at a time, the module that costs the pool (``plan``) the fewest starts
     now plus stops of runners a later module still needs; a module that ends
     a shared runner (``ends_runners``) only once no other module left needs
     that runner. Between equals, modules with no engine of their own, then
-    the collection's order.
+    the collection's order. Where no module can open (every one has engines
+    of its own), the modules of the most engines come first.
     """
     modules = by_module(items)
     needs = {module: ModuleNeeds.of(module_items) for module, module_items in modules.items()}
     order = [module for module in modules if not needs[module].engines]
     rest = [module for module in modules if needs[module].engines]
     alive: list[str] = []
+    # No module of shared runners only (tests/lanes.py's "own" lane): the modules of the most engines first, while
+    # the other lane runs the modules that need no engine; those of fewer then fit beside its runners.
+    widest_first = opening(rest, needs) is None
     if (first := opening(rest, needs)) is not None:
         order.append(first)
         rest.remove(first)
         alive = sorted(needs[first].runners)
-    elif widest := [module for module in rest if not needs[module].runners]:
-        # No module of shared runners (tests/lanes.py's "own" lane): the one with the most engines of its own
-        # first, while the other lane runs the modules that need no engine and has few engines alive.
-        first = max(widest, key=lambda module: needs[module].own_engines)
-        order.append(first)
-        rest.remove(first)
     while rest:
         def cost(module, alive=alive) -> tuple:
             need = needs[module]
             stop, start = plan(used(alive, need.runners), set(need.runners), need.own_engines)
             later = set().union(*(needs[other].runners for other in rest if other is not module))
-            return len(start) + len(set(stop) & later), need.own_engines > 0, rest.index(module)
+            return (-(need.own_engines + len(need.runners)) if widest_first else 0, len(start) + len(set(stop) & later),
+                    need.own_engines > 0, rest.index(module))
 
         def may_go(module) -> bool:
             return not any(needs[other].runners & needs[module].ends for other in rest if other is not module)
