@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.lanes import run_code, summary
-from tests.support.engine_slots import FIRST, WAITING, EngineSlots, alarm_paused
+from tests.support.engine_slots import FIRST, EngineSlots, alarm_paused
 from tests.support.runner_process import ROOT
 from tests.support.runners import (
     LANES,
@@ -316,31 +316,21 @@ def test_the_shared_runners_lane_waits_first(tmp_path):
     it go first: else both could wait for the same slot, one of them holding what the other needs."""
     slots = EngineSlots(tmp_path, MAX_ENGINES)
     mine = slots.try_take(MAX_ENGINES)
-    got: list[str] = []
-    taken: list[int] = []
-
-    def wait(name: str, first: bool) -> None:
-        taken.extend(EngineSlots(tmp_path, MAX_ENGINES).take(1, first=first, limit=30))
-        got.append(name)
-
-    for name, first, kind in (("own", False, WAITING), ("shared", True, FIRST)):
-        threading.Thread(target=wait, args=(name, first), daemon=True).start()
-        deadline = time.monotonic() + 10
-        while not slots.waiters(kind) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    assert slots.waiters(WAITING) and slots.waiters(FIRST)
-    EngineSlots.release([mine.pop()])
+    taken: list[list[int]] = []
+    shared = threading.Thread(target=lambda: taken.append(EngineSlots(tmp_path, MAX_ENGINES).take(2, limit=30)),
+                              daemon=True)
+    shared.start()
     deadline = time.monotonic() + 10
-    while not got and time.monotonic() < deadline:
+    while not slots.waiters(FIRST) and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(1)  # four of the waiters' tries
-    assert got == ["shared"]
+    EngineSlots.release([mine.pop()])  # one free: the shared lane waits for two
+    with pytest.raises(AssertionError, match="waited 1 s for 1"):
+        EngineSlots(tmp_path, MAX_ENGINES).take(1, first=False, limit=1)
+    assert not taken
     EngineSlots.release([mine.pop()])
-    deadline = time.monotonic() + 10
-    while len(got) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert got == ["shared", "own"]
-    EngineSlots.release(mine + taken)
+    shared.join(timeout=10)
+    assert len(taken) == 1 and len(taken[0]) == 2
+    EngineSlots.release(mine + taken[0])
 
 
 def test_a_killed_holder_frees_its_slots(tmp_path, holder):
