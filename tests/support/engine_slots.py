@@ -35,8 +35,14 @@ class EngineSlots:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.paths = [directory / f"slot-{index}" for index in range(size)]
-        for path in [*self.paths, directory / WAITING, directory / FIRST]:
+        self.size = size
+        for path in [*self.paths, *(self.announcement(kind, count) for kind in (WAITING, FIRST)
+                                     for count in range(1, size + 1))]:
             path.touch(exist_ok=True)
+
+    def announcement(self, kind: str, count: int) -> Path:
+        """The file a waiter of ``kind`` for ``count`` slots holds a shared lock on while it waits."""
+        return self.directory / f"{kind}-{count}"
 
     @classmethod
     def for_run(cls, size: int) -> EngineSlots:
@@ -72,7 +78,7 @@ class EngineSlots:
         """
         if (first or not self.waiters(FIRST)) and (held := self.try_take(count)) is not None:
             return held
-        announced = os.open(self.directory / (FIRST if first else WAITING), os.O_RDWR | os.O_CLOEXEC)
+        announced = os.open(self.announcement(FIRST if first else WAITING, count), os.O_RDWR | os.O_CLOEXEC)
         fcntl.flock(announced, fcntl.LOCK_SH)
         started = time.monotonic()
         try:
@@ -90,18 +96,30 @@ class EngineSlots:
 
     def waiters(self, kind: str) -> bool:
         """A process waits for slots, of ``kind`` (FIRST or WAITING)."""
-        descriptor = os.open(self.directory / kind, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(descriptor)  # closing drops the lock, if taken
-        return False
+        return self.wanted(kind) is not None
+
+    def wanted(self, *kinds: str) -> int | None:
+        """The fewest slots a process waits for (of ``kinds``, else of either kind), None if none waits."""
+        for count in range(1, self.size + 1):
+            for kind in kinds or (WAITING, FIRST):
+                descriptor = os.open(self.announcement(kind, count), os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return count
+                finally:
+                    os.close(descriptor)  # closing drops the lock, if taken
+        return None
 
     def others_wait(self) -> bool:
         """Another process waits for slots (call it only while not waiting oneself)."""
-        return self.waiters(FIRST) or self.waiters(WAITING)
+        return self.wanted() is not None
+
+    def free(self) -> int:
+        """How many slots are free now: a glance, another process may take one the next moment."""
+        held = [descriptor for path in self.paths if (descriptor := self.try_take_path(path)) is not None]
+        self.release(held)
+        return len(held)
 
     @staticmethod
     def try_take_path(path: Path) -> int | None:

@@ -120,8 +120,8 @@ class RunnerPool:
     Each engine takes one of the run's ``slots`` (tests/support/engine_slots.py), which
     ``make test``'s two lanes share: a runner's while it is alive, a module's own
     engines' from before its first test to after its last (``prepare`` returns
-    them). While another lane waits for slots, the pool stops the runners its
-    module does not use and starts none ahead. A pool that must not wait while it
+    them). While another lane waits for slots, the pool starts none ahead, and
+    stops the runners its module does not use where that frees enough for it. A pool that must not wait while it
     holds slots (``hold_while_waiting`` false: the lane of the modules with engines
     of their own) stops all its runners before it waits, so two lanes can never
     each hold slots while waiting for the other's.
@@ -155,10 +155,13 @@ class RunnerPool:
                 self.stop(name)
         self.alive = {name: self.alive[name] for name in used(list(self.alive), frozenset(names))}
         stop, missing = plan(list(self.alive), names, own_engines)
-        others_wait = self.slots.others_wait()
+        wanted = self.slots.wanted()  # by the other lane, waiting
         idle = [name for name in self.alive if name not in names]
+        # Give way to it with the runners this module does not use, where that lets it go on: else it would only
+        # cost their starts again.
+        give_way = wanted is not None and self.slots.free() + len(idle) - len(missing) >= wanted
         for name in idle:
-            if name in stop or others_wait or (later is not None and name not in later):
+            if name in stop or give_way or (later is not None and name not in later):
                 self.stop(name)
         first = self.hold_while_waiting or not self.slots.waiters(FIRST)  # else the other lane's waiter goes first
         held = self.slots.try_take(len(missing) + own_engines) if first else None
@@ -173,7 +176,7 @@ class RunnerPool:
             self.held[name] = held.pop(0)
         ahead = [name for name in sorted(upcoming) if name not in self.alive]
         for name in ahead[: max(0, MAX_ENGINES - own_engines - len(self.alive))]:
-            if others_wait or (slot := self.slots.try_take(1)) is None:
+            if wanted is not None or (slot := self.slots.try_take(1)) is None:
                 break
             self.start(name)
             self.held[name] = slot[0]
