@@ -73,8 +73,8 @@ prefetch: install
 dev-run: install models
 	PIPELINE=$(PIPELINE) MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m runner
 
-# The whole suite, in two pytest processes side by side that share one budget of three engines (tests/lanes.py:
-# the modules with engines of their own, and the others); TEST_LANES=1 runs it in one process.
+# The whole suite in one pytest process; TEST_LANES=2: in two side by side that share one budget of three engines
+# (tests/lanes.py: the modules with engines of their own, and the others).
 test: install models
 	$(PY) -m tests.lanes $(PYTEST_ARGS)
 

@@ -1,14 +1,14 @@
-"""``make test``: the whole suite in two pytest processes side by side, within one budget of MAX_ENGINES engines.
+"""``make test``: the whole suite, in one pytest process, or with TEST_LANES=2 in two side by side, within one
+budget of MAX_ENGINES engines.
 
-    python -m tests.lanes [pytest arguments]
+    TEST_LANES=2 python -m tests.lanes [pytest arguments]
 
 Lane "own" runs the modules that start engines of their own; lane "shared" the
 others: the modules that need no engine first, then those of the shared
 runners (tests/support/runners.py, ``lane_of``). Both get the same arguments,
-so ``-k`` and file arguments select in each. An engine start is tens of
-seconds of one core's work and many tests wait on timeouts, so one pytest
-process leaves much of two cores idle; two fill them. Together they keep at
-most MAX_ENGINES engines alive: each takes a slot of the run's
+so ``-k`` and file arguments select in each. One pytest process leaves about
+a third of two cores idle (many tests wait on timeouts); two are meant to use
+it. Together they keep at most MAX_ENGINES engines alive: each takes a slot of the run's
 (tests/support/engine_slots.py, ENGINE_SLOTS_DIR set here) before it starts one.
 
 Each lane's lines stream as they come, prefixed with its name; at the end, each
@@ -16,7 +16,13 @@ lane's summary, then the footprint of both lanes together: the peak RSS of their
 process trees and the most vLLM engines alive at once, which fails the run above
 MAX_ENGINES. The run fails if either lane fails; a lane whose tests were all
 deselected (exit code 5) fails it only if the other ran none either.
-TEST_LANES=1 runs the suite in one pytest process instead.
+
+One process is the default: measured once on the 2-core machine while other
+work kept it busy, the two lanes took longer than one process, and a quiet
+machine's figure is still to take. With three engines in all and most modules
+of the shared runners using three, a module of three engines of its own runs
+only beside the modules that need no engine or after the shared lane's last
+module, and the own lane's later modules wait behind it.
 """
 
 from __future__ import annotations
@@ -114,7 +120,7 @@ class Lane:
 
 
 def main(args: list[str]) -> int:
-    if os.environ.get(LANES_VARIABLE) == "1":
+    if os.environ.get(LANES_VARIABLE, "1") != "2":
         return subprocess.call([sys.executable, "-m", "pytest", *args])
     if sys.stdout.isatty() and not any(arg.startswith("--color") for arg in args):
         args = ["--color=yes", *args]
