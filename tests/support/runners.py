@@ -188,8 +188,8 @@ class RunnerPool:
         A module that needs no engine at all only starts what is ``upcoming`` and not alive yet: the first
         engine module's runners start behind the modules that need none (``module_order``).
         """
-        if not need.engines and set(upcoming) <= self.alive.keys():
-            return []
+        if not need.engines and set(upcoming) <= self.alive.keys() and not self.slots.others_wait():
+            return []  # (while the other lane waits, ``prepare`` may give way with the runners started ahead)
         return self.prepare(set(need.runners), need.own_engines, upcoming if not need.own_engines else set(), later)
 
     def start(self, name: str) -> None:
