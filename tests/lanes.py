@@ -111,11 +111,11 @@ class Lane:
             line = line.rstrip("\n")
             self.lines.append(line)
             print(self.prefix + line, flush=True)
+        self.seconds = time.monotonic() - self.started  # its output ends as it exits, whichever lane is waited first
 
     def wait(self) -> int:
         code = self.process.wait()
         self.reader.join()
-        self.seconds = time.monotonic() - self.started
         return code
 
 
