@@ -74,8 +74,10 @@ prefetch: install
 dev-run: install models
 	PIPELINE=$(PIPELINE) MODEL_ID=$(MODEL_ID) MODEL_DIR=$(MODEL_DIR) HOST=$(HOST) PORT=$(PORT) $(PY) -m runner
 
+# The whole suite in one pytest process; TEST_LANES=2: in two side by side that share one budget of three engines
+# (tests/lanes.py: the modules with engines of their own, and the others).
 test: install models
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m tests.lanes $(PYTEST_ARGS)
 
 # Every test that needs no real vLLM engine: tests/conftest.py marks the others `engine` at collection (a runner
 # fixture or an own_engines module), and fails the run if an engine starts anyway. Installs nothing when .venv is fresh.

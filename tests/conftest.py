@@ -9,15 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.engine_slots import EngineSlots
 from tests.support.fast_lane import FastLane
 from tests.support.runner_process import DEFAULT_MODEL_ID, ROOT, RUNNERS, RunnerProcess, orphans_of_ended_runners
 from tests.support.runners import (
     ENGINE_MARKER,
     MAX_ENGINES,
     ModuleNeeds,
+    LANES,
     RunnerPool,
     SuiteFootprint,
+    by_module,
     SuiteTimes,
+    later_runners,
+    lane_of,
     module_order,
     needs_engine,
     ready,
@@ -29,6 +34,11 @@ from tests.support.tiny_model import build_tiny_llama
 pytest_plugins = ("pytester",)  # tests/test_suite_plan.py runs the fast lane's selection on a suite of its own
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--lane", choices=LANES, help="run only this lane's modules (tests/lanes.py runs both side by side: "
+                                                   "'own', the modules with engines of their own; 'shared', the others)")
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "ends_runners(*names): the module stops or kills these shared runners")
     config.addinivalue_line("markers", f"{ENGINE_MARKER}: the test needs a real vLLM engine (set at collection from "
@@ -38,8 +48,14 @@ def pytest_configure(config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's -m selection, which reads the engine marker set here
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Modules in the order that starts the fewest engines (tests/support/runners.py, module_order); each test
-    that needs a real engine marked so."""
+    """This lane's modules (``--lane``, tests/lanes.py), in the order that starts the fewest engines
+    (tests/support/runners.py, module_order); each test that needs a real engine marked so."""
+    if lane := config.getoption("lane", None):
+        modules = by_module(items)
+        mine = {module for module, module_items in modules.items() if lane_of(ModuleNeeds.of(module_items)) == lane}
+        if others := [item for item in items if item.module not in mine]:
+            config.hook.pytest_deselected(items=others)
+        items[:] = [item for item in items if item.module in mine]
     items[:] = module_order(items)
     for item in items:
         if needs_engine(item):
@@ -72,8 +88,17 @@ def one_process(request) -> None:
 
 
 @pytest.fixture(scope="session")
-def runner_pool(one_process, tiny_model_dir, model_store, tmp_path_factory) -> Iterator[RunnerPool]:
-    pool = RunnerPool(runner_specs(tiny_model_dir, model_store), tmp_path_factory.mktemp("runner-logs"))
+def engine_slots() -> EngineSlots:
+    """The run's MAX_ENGINES engine slots: shared with the other lane under tests/lanes.py, this process's own else."""
+    return EngineSlots.for_run(MAX_ENGINES)
+
+
+@pytest.fixture(scope="session")
+def runner_pool(one_process, tiny_model_dir, model_store, tmp_path_factory, engine_slots, request) -> Iterator[RunnerPool]:
+    # The lane of the modules with engines of their own never waits for slots while it holds some: the other may.
+    pool = RunnerPool(runner_specs(tiny_model_dir, model_store), tmp_path_factory.mktemp("runner-logs"), engine_slots,
+                      hold_while_waiting=request.config.getoption("lane", None) != "own")
+    POOLS.append(pool)
     yield pool
     pool.stop_all()
     orphans = orphans_of_ended_runners()
@@ -89,8 +114,9 @@ def no_orphans() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def module_runners(request) -> None:
-    """Start the shared runners this module's tests use, before its first test, within MAX_ENGINES.
+def module_runners(request) -> Iterator[None]:
+    """Start the shared runners this module's tests use, and take the slots of its own engines, before its first
+    test, within MAX_ENGINES; give those slots back after its last.
 
     A module with no engine of its own also has the next module's runners started behind its tests; so the
     modules that need no engine (they run first) have the first engine module's runners start behind theirs.
@@ -100,13 +126,17 @@ def module_runners(request) -> None:
     if hasattr(request.config, "workerinput"):  # a pytest-xdist worker: no runner pool
         if need.engines:
             request.getfixturevalue("one_process")
+        yield
         return
-    upcoming = upcoming_runners(items, request.module)
+    upcoming, later = upcoming_runners(items, request.module), later_runners(items, request.module)
+    own: list[int] = []
     if need.engines:
-        request.getfixturevalue("runner_pool").prepare_module(need, upcoming)
+        own = request.getfixturevalue("runner_pool").prepare_module(need, upcoming, later)
     elif upcoming:
         with contextlib.suppress(pytest.fail.Exception):  # no model store: the engine tests say so, not these
-            request.getfixturevalue("runner_pool").prepare_module(need, upcoming)
+            request.getfixturevalue("runner_pool").prepare_module(need, upcoming, later)
+    yield
+    EngineSlots.release(own)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +164,7 @@ def drained_runner(runner_pool) -> RunnerProcess:
     return ready(runner_pool.get("drained"))
 
 
+POOLS: list[RunnerPool] = []  # the session's runner pool, once started
 FOOTPRINT = SuiteFootprint()
 TIMES = SuiteTimes()
 UNMARKED_ENGINES = ("{} vLLM engine(s) started in a session whose tests need none (-m 'not engine', make test-fast): "
@@ -160,5 +191,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     )
     for line in TIMES.lines(RUNNERS):
         terminalreporter.write_line(line)
+    if waits := [seconds for pool in POOLS for seconds in pool.waits]:  # for slots the other lane held (tests/lanes.py)
+        terminalreporter.write_line(f"engine slots: waited {len(waits)} times, {sum(waits):.0f} s in all, the longest "
+                                    f"{max(waits):.0f} s")
     if FOOTPRINT.unexpected_engines:
         terminalreporter.write_line(UNMARKED_ENGINES.format(FOOTPRINT.unexpected_engines), red=True)

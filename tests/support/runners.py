@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 
+from tests.support.engine_slots import FIRST, EngineSlots
 from tests.support.runner_process import DEFAULT_MODEL_ID, START_TIMEOUT, RunnerProcess
 
 TINY_MAX_MODEL_LEN = 4096
@@ -107,50 +108,89 @@ def plan(alive: list[str], names: set[str], own_engines: int) -> tuple[list[str]
 
 
 class RunnerPool:
-    """The shared runners, started when a test module first needs them, at most MAX_ENGINES alive.
+    """The shared runners, started when a test module first needs them, within the run's MAX_ENGINES slots.
 
     Before each module, the runners its tests use are started together (their
     engines start side by side); a runner another module left alive is kept
-    while there is room and stopped, least recently used first, when there is not
-    (``plan``). Where room is left, the runners the next module needs start
-    now, behind this module's tests. A runner whose test stopped it or killed
-    its engine is started anew if needed again.
+    while there is room and a later module needs it, and stopped, least recently
+    used first, when there is not (``plan``). Where room is left, the runners
+    the next module needs start now, behind this module's tests. A runner whose
+    test stopped it or killed its engine is started anew if needed again.
+
+    Each engine takes one of the run's ``slots`` (tests/support/engine_slots.py), which
+    ``make test``'s two lanes share: a runner's while it is alive, a module's own
+    engines' from before its first test to after its last (``prepare`` returns
+    them). While another lane waits for slots, the pool starts none ahead, and
+    stops the runners its module does not use where that frees enough for it. A pool that must not wait while it
+    holds slots (``hold_while_waiting`` false: the lane of the modules with engines
+    of their own) stops all its runners before it waits, so two lanes can never
+    each hold slots while waiting for the other's.
     """
 
-    def __init__(self, specs: dict[str, tuple[dict[str, str], bool]], logs: Path) -> None:
+    def __init__(self, specs: dict[str, tuple[dict[str, str], bool]], logs: Path, slots: EngineSlots | None = None,
+                 hold_while_waiting: bool = True) -> None:
         self.specs = specs
         self.logs = logs
+        self.slots = slots or EngineSlots.private(MAX_ENGINES)
+        self.hold_while_waiting = hold_while_waiting
         self.alive: dict[str, RunnerProcess] = {}  # in order of last use
+        self.held: dict[str, int] = {}  # runner name -> its slot
+        self.waits: list[float] = []  # seconds of each wait for slots the other lane held
         self.starts: dict[str, int] = {}
 
     def usable(self, runner: RunnerProcess) -> bool:
         return runner.process.poll() is None and not runner.engine_died()
 
-    def prepare(self, names: set[str], own_engines: int = 0, upcoming: set[str] = frozenset()) -> None:
-        """Make ``names`` alive for a module with ``own_engines`` of its own; start ``upcoming`` where room is left."""
+    def prepare(self, names: set[str], own_engines: int = 0, upcoming: set[str] = frozenset(),
+                later: set[str] | None = None) -> list[int]:
+        """Make ``names`` alive for a module with ``own_engines`` of its own; start ``upcoming`` where room is left.
+
+        ``later``: the runners a later module may use (None: any); the others are stopped once idle. Returns the
+        slots of the module's own engines, to ``release`` after its last test.
+        """
         if len(names) + own_engines > MAX_ENGINES:
             raise AssertionError(f"a module needs {sorted(names)} and {own_engines} engines of its own: more than {MAX_ENGINES}")
         for name, runner in list(self.alive.items()):
             if not self.usable(runner):
-                runner.stop()
-                del self.alive[name]
+                self.stop(name)
         self.alive = {name: self.alive[name] for name in used(list(self.alive), frozenset(names))}
         stop, missing = plan(list(self.alive), names, own_engines)
-        for name in stop:
-            self.alive.pop(name).stop()
-        ahead = [name for name in sorted(upcoming) if name not in self.alive and name not in missing]
-        for name in missing + ahead[: max(0, MAX_ENGINES - own_engines - len(self.alive) - len(missing))]:
+        wanted = self.slots.wanted()  # by the other lane, waiting
+        idle = [name for name in self.alive if name not in names]
+        # Give way to it with the runners this module does not use, where that lets it go on: else it would only
+        # cost their starts again.
+        give_way = wanted is not None and self.slots.free() + len(idle) - len(missing) >= wanted
+        for name in idle:
+            if name in stop or give_way or (later is not None and name not in later):
+                self.stop(name)
+        first = self.hold_while_waiting or not self.slots.waiters(FIRST)  # else the other lane's waiter goes first
+        held = self.slots.try_take(len(missing) + own_engines) if first else None
+        if held is None:
+            if not self.hold_while_waiting:
+                for name in list(self.alive):
+                    self.stop(name)
+                missing = sorted(names)
+            held = self.slots.take(len(missing) + own_engines, first=self.hold_while_waiting, waits=self.waits)
+        for name in missing:
             self.start(name)
+            self.held[name] = held.pop(0)
+        ahead = [name for name in sorted(upcoming) if name not in self.alive]
+        for name in ahead[: max(0, MAX_ENGINES - own_engines - len(self.alive))]:
+            if wanted is not None or (slot := self.slots.try_take(1)) is None:
+                break
+            self.start(name)
+            self.held[name] = slot[0]
+        return held
 
-    def prepare_module(self, need: ModuleNeeds, upcoming: set[str]) -> None:
+    def prepare_module(self, need: ModuleNeeds, upcoming: set[str], later: set[str] | None = None) -> list[int]:
         """Before a module's first test: what it ``need``s, and ``upcoming`` if it has no engine of its own.
 
         A module that needs no engine at all only starts what is ``upcoming`` and not alive yet: the first
         engine module's runners start behind the modules that need none (``module_order``).
         """
-        if not need.engines and set(upcoming) <= self.alive.keys():
-            return
-        self.prepare(set(need.runners), need.own_engines, upcoming if not need.own_engines else set())
+        if not need.engines and set(upcoming) <= self.alive.keys() and not self.slots.others_wait():
+            return []  # (while the other lane waits, ``prepare`` may give way with the runners started ahead)
+        return self.prepare(set(need.runners), need.own_engines, upcoming if not need.own_engines else set(), later)
 
     def start(self, name: str) -> None:
         env, request_while_loading = self.specs[name]
@@ -160,15 +200,19 @@ class RunnerPool:
         runner.start()
         self.alive[name] = runner
 
+    def stop(self, name: str) -> None:
+        """Stop the runner ``name`` and give back its slot."""
+        self.alive.pop(name).stop()
+        self.slots.release([self.held.pop(name)] if name in self.held else [])
+
     def get(self, name: str) -> RunnerProcess:
         if name not in self.alive:
             self.prepare({name, *self.alive})
         return self.alive[name]
 
     def stop_all(self) -> None:
-        for runner in self.alive.values():
-            runner.stop()
-        self.alive.clear()
+        for name in list(self.alive):
+            self.stop(name)
 
 
 def ready(runner: RunnerProcess) -> RunnerProcess:
@@ -313,13 +357,17 @@ def module_order(items: list) -> list:
     now plus stops of runners a later module still needs; a module that ends
     a shared runner (``ends_runners``) only once no other module left needs
     that runner. Between equals, modules with no engine of their own, then
-    the collection's order.
+    the collection's order. Where no module can open (every one has engines
+    of its own), the modules of the most engines come first.
     """
     modules = by_module(items)
     needs = {module: ModuleNeeds.of(module_items) for module, module_items in modules.items()}
     order = [module for module in modules if not needs[module].engines]
     rest = [module for module in modules if needs[module].engines]
     alive: list[str] = []
+    # No module of shared runners only (tests/lanes.py's "own" lane): the modules of the most engines first, while
+    # the other lane runs the modules that need no engine; those of fewer then fit beside its runners.
+    widest_first = opening(rest, needs) is None
     if (first := opening(rest, needs)) is not None:
         order.append(first)
         rest.remove(first)
@@ -329,7 +377,8 @@ def module_order(items: list) -> list:
             need = needs[module]
             stop, start = plan(used(alive, need.runners), set(need.runners), need.own_engines)
             later = set().union(*(needs[other].runners for other in rest if other is not module))
-            return len(start) + len(set(stop) & later), need.own_engines > 0, rest.index(module)
+            return (-(need.own_engines + len(need.runners)) if widest_first else 0, len(start) + len(set(stop) & later),
+                    need.own_engines > 0, rest.index(module))
 
         def may_go(module) -> bool:
             return not any(needs[other].runners & needs[module].ends for other in rest if other is not module)
@@ -342,6 +391,22 @@ def module_order(items: list) -> list:
         order.append(module)
         rest.remove(module)
     return [item for module in order for item in modules[module]]
+
+
+def later_runners(items: list, module) -> set[str]:
+    """The shared runners the modules after ``module`` in ``items`` use."""
+    modules = list(by_module(items).items())
+    at = next(index for index, (other, _) in enumerate(modules) if other is module)
+    return set().union(*(ModuleNeeds.of(module_items).runners for _, module_items in modules[at + 1:]))
+
+
+LANES = ("own", "shared")
+
+
+def lane_of(need: ModuleNeeds) -> str:
+    """A module's lane under tests/lanes.py: "own" for a module with engines of its own, "shared" for the others
+    (the modules that need no engine run first there, while the other lane starts its first engines)."""
+    return "own" if need.own_engines else "shared"
 
 
 def upcoming_runners(items: list, module) -> set[str]:
