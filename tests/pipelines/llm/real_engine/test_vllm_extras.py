@@ -37,8 +37,9 @@ async def post(runner: RunnerProcess, path: str, body: dict) -> tuple[int, dict]
         return response.status, await response.json()
 
 
-def default_tokenizer_dir() -> Path:
-    [snapshot] = (ROOT / "models" / ("models--" + DEFAULT_MODEL_ID.replace("/", "--")) / "snapshots").iterdir()
+def default_tokenizer_dir(model_store: Path) -> Path:
+    """The default model's snapshot in the store the runners use (MODEL_DIR, else models/: conftest's model_store)."""
+    [snapshot] = (model_store / ("models--" + DEFAULT_MODEL_ID.replace("/", "--")) / "snapshots").iterdir()
     return snapshot
 
 
@@ -228,8 +229,9 @@ async def test_chat_template_kwargs_reach_the_template(openai_tiny, tiny_runner)
 # 4. /tokenize and /detokenize against the model's own tokenizer
 
 
-async def test_tokenize_and_detokenize_round_trip_and_count_as_the_tokenizer_does(openai_default, default_runner):
-    tokenizer = AutoTokenizer.from_pretrained(default_tokenizer_dir())
+async def test_tokenize_and_detokenize_round_trip_and_count_as_the_tokenizer_does(openai_default, default_runner,
+                                                                                  model_store):
+    tokenizer = AutoTokenizer.from_pretrained(default_tokenizer_dir(model_store))
     text = "Héllo, 北京! The capital of France is Paris."
     status, tokenized = await post(default_runner, "/tokenize", {"prompt": text, "return_token_strs": True,
                                                                  "model": DEFAULT_MODEL_ID})
@@ -366,14 +368,14 @@ async def test_responses_and_messages_give_the_thinking_as_reasoning_items_and_t
 # 6. vLLM's own load tool, unchanged
 
 
-def test_vllm_bench_serve_completes_every_request(default_runner, tmp_path):
+def test_vllm_bench_serve_completes_every_request(default_runner, tmp_path, model_store):
     """``vllm bench serve --backend openai-chat --dataset-name random`` (it sends ignore_eos on every request)."""
     command = [
         sys.executable, "-c",
         "import sys, bench.vllm_serve; from vllm.entrypoints.cli.main import main; "
         "sys.argv = ['vllm', *sys.argv[1:]]; main()",
         "bench", "serve", "--backend", "openai-chat", "--base-url", default_runner.url,
-        "--endpoint", "/v1/chat/completions", "--model", DEFAULT_MODEL_ID, "--tokenizer", str(default_tokenizer_dir()),
+        "--endpoint", "/v1/chat/completions", "--model", DEFAULT_MODEL_ID, "--tokenizer", str(default_tokenizer_dir(model_store)),
         "--dataset-name", "random", "--num-prompts", "32", "--random-input-len", "64", "--random-output-len", "16",
         "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "result.json",
     ]
