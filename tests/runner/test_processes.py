@@ -26,7 +26,7 @@ from runner.state import AtCapacity, Load, NotReady
 from tests.support.fake_engine import FakeBackend, FakeEngine
 from tests.support.api_processes import (DEAF_FILE, KILL_FILE, answered_by, assert_every_call_ended_visibly,
                                          calls_on_every_process, log_events, metric, plug_in_dying, samples,
-                                         wait_serving)
+                                         serving)
 from tests.support.frontend_pipeline import plug_in
 from tests.support.runner_process import RunnerProcess, get_json
 
@@ -203,6 +203,12 @@ def stand_in_runner(tmp_path, processes: int, **env: str) -> RunnerProcess:
                          tmp_path / "runner.log")
 
 
+def dying_stand_in(tmp_path, name: str) -> RunnerProcess:
+    """Two API processes over a stand-in engine that dies (or turns deaf) when the test drops its file."""
+    return RunnerProcess(name, {**plug_in_dying(tmp_path), "API_PROCESSES": "2", "MAX_NUM_SEQS": "32",
+                                "MAX_WAITING_REQUESTS": "0"}, tmp_path / "runner.log")
+
+
 def held_stream(runner: RunnerProcess) -> socket.socket:
     """A streamed call whose client never reads: it stays in flight (until WRITE_STALL_TIMEOUT, or the drain)."""
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "stream": True}).encode()
@@ -214,11 +220,7 @@ def held_stream(runner: RunnerProcess) -> socket.socket:
 
 
 def test_two_processes_share_one_socket_and_stay_one_server(tmp_path):
-    runner = stand_in_runner(tmp_path, 2, DRAIN_TIMEOUT="1")
-    runner.start()
-    try:
-        assert runner.wait_until({"IDLE"}, timeout=120) == "IDLE"
-        wait_serving(runner, 2)
+    with serving(stand_in_runner(tmp_path, 2, DRAIN_TIMEOUT="1")) as runner:
         tree = runner.record_descendants()
         # Both processes answer calls on the one port; /health is answered the same whichever process takes it.
         served = answered_by(runner)
@@ -250,36 +252,22 @@ def test_two_processes_share_one_socket_and_stay_one_server(tmp_path):
         assert runner.left_behind(timeout=3) == [], "no process outlives the runner"
         log = runner.log_path.read_text()
         assert log.count('"event": "runner.draining"') == 1, "one drain, the primary's"
-    finally:
-        runner.stop()
 
 
 def test_an_extra_process_dies_with_a_killed_primary(tmp_path):
-    runner = stand_in_runner(tmp_path, 2)
-    runner.start()
-    try:
-        runner.wait_until({"IDLE"}, timeout=120)
-        wait_serving(runner, 2)
+    with serving(stand_in_runner(tmp_path, 2)) as runner:
         runner.record_descendants()
         runner.process.send_signal(signal.SIGKILL)
         runner.process.wait(timeout=10)
         assert runner.left_behind(timeout=3) == [], "the extra is killed with its primary (PR_SET_PDEATHSIG)"
-    finally:
-        runner.stop()
 
 
 def test_an_extra_process_that_dies_makes_the_runner_error_with_the_reason(tmp_path):
-    runner = stand_in_runner(tmp_path, 2)
-    runner.start()
-    try:
-        runner.wait_until({"IDLE"}, timeout=120)
-        wait_serving(runner, 2)
+    with serving(stand_in_runner(tmp_path, 2)) as runner:
         [extra] = [child for child in runner.record_descendants()[1:] if "resource_tracker" not in " ".join(child.cmdline())]
         extra.kill()
         assert runner.wait_until({"ERROR"}, timeout=10) == "ERROR"
         assert "API process 1 of 2" in runner.log_path.read_text()
-    finally:
-        runner.stop()
 
 
 @pytest.mark.parametrize(("processes", "env", "reason"), [
@@ -299,17 +287,11 @@ def test_a_bad_api_processes_is_health_error_with_the_reason(tmp_path, processes
         runner.stop()
 
 
-
 def test_requests_in_flight_on_every_process_end_visibly_when_the_engine_dies(tmp_path):
     """The engine's death, which only the primary sees: every call in flight ends as the primary's do, whichever
     process serves it (a stream: its in-band error event, then [DONE], its chunked body ended; a whole answer: a 500
     in the API's shape), each with a log line; then the runner is ERROR and refuses new calls."""
-    runner = RunnerProcess("dying-stand-in", {**plug_in_dying(tmp_path), "API_PROCESSES": "2", "MAX_NUM_SEQS": "32",
-                                              "MAX_WAITING_REQUESTS": "0"}, tmp_path / "runner.log")
-    runner.start()
-    try:
-        runner.wait_until({"IDLE"}, timeout=120)
-        wait_serving(runner, 2)
+    with serving(dying_stand_in(tmp_path, "dying-stand-in")) as runner:
         tree = runner.record_descendants()
         calls = calls_on_every_process(runner, max_tokens=3000)  # a minute each: in flight until the death
         killed_at = time.monotonic()
@@ -321,20 +303,12 @@ def test_requests_in_flight_on_every_process_end_visibly_when_the_engine_dies(tm
         assert runner.process.wait(timeout=15) == 0
         assert len(tree) >= 2 and runner.left_behind(timeout=3) == [], "no process outlives the runner"
         print(f"{len(endings)} calls ended visibly, {took:.2f} s after the engine died")
-    finally:
-        runner.stop()
-
 
 
 def test_an_extra_that_does_not_end_its_calls_after_the_engine_died_is_killed_saying_so(tmp_path):
     """The backstop: an extra still holding calls LOST_ENGINE_GRACE after the engine's death is killed, logged; the
     primary's calls ended visibly all the same, and the runner is ERROR."""
-    runner = RunnerProcess("deaf-stand-in", {**plug_in_dying(tmp_path), "API_PROCESSES": "2", "MAX_NUM_SEQS": "32",
-                                             "MAX_WAITING_REQUESTS": "0"}, tmp_path / "runner.log")
-    runner.start()
-    try:
-        runner.wait_until({"IDLE"}, timeout=120)
-        wait_serving(runner, 2)
+    with serving(dying_stand_in(tmp_path, "deaf-stand-in")) as runner:
         calls = calls_on_every_process(runner, max_tokens=3000)
         (tmp_path / DEAF_FILE).touch()
         killed_at = time.monotonic()
@@ -348,5 +322,3 @@ def test_an_extra_that_does_not_end_its_calls_after_the_engine_died_is_killed_sa
         assert runner.wait_until({"ERROR"}, timeout=5) == "ERROR"
         [killed] = [event for event in log_events(runner) if event["event"] == "api_process.killed"]
         assert killed["process"] == 1 and "did not end within 5 s of the engine's loss" in killed["why"]
-    finally:
-        runner.stop()

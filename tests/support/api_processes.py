@@ -4,9 +4,11 @@ that dies when told."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pathlib import Path
@@ -52,6 +54,19 @@ def wait_serving(runner: RunnerProcess, count: int, timeout: float = 120) -> Non
             return
         time.sleep(0.2)
     raise AssertionError(f"not every API process serves:\n{runner.log_tail()}")
+
+
+@contextlib.contextmanager
+def serving(runner: RunnerProcess, processes: int = 2, timeout: float = 120) -> Iterator[RunnerProcess]:
+    """``runner`` started, IDLE and with its ``processes`` API processes all serving; stopped after, whatever the
+    test did to it."""
+    runner.start()
+    try:
+        assert runner.wait_until({"IDLE"}, timeout=timeout) == "IDLE", runner.log_tail()
+        wait_serving(runner, processes, timeout)
+        yield runner
+    finally:
+        runner.stop()
 
 
 def metric(runner: RunnerProcess, name: str, **labels: str) -> float:
