@@ -35,10 +35,8 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from tests.support.engine_slots import SLOTS_DIR_VARIABLE
-from tests.support.runners import LANES, MAX_ENGINES
+from tests.support.runners import LANES, MAX_ENGINES, SuiteFootprint
 
 LANES_VARIABLE = "TEST_LANES"
 NO_TESTS = 5  # pytest.ExitCode.NO_TESTS_COLLECTED, without importing pytest here
@@ -59,34 +57,6 @@ def summary(lines: list[str]) -> list[str]:
     """A lane's summary: its lines from its footprint on (timings, short test summary, counts), else its last ones."""
     starts = [index for index, line in enumerate(lines) if line.startswith(SUMMARY_START)]
     return lines[starts[-1]:] if starts else lines[-15:]
-
-
-class Footprint:
-    """Samples this process's tree (both lanes) once a second: peak RSS and the most engines alive at once."""
-
-    def __init__(self) -> None:
-        self.peak_rss = 0
-        self.peak_engines = 0
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True, name="lanes-footprint")
-        self.thread.start()
-
-    def sample(self) -> None:
-        me = psutil.Process()
-        while not self.stopped.wait(1.0):
-            rss, engines = 0, 0
-            for process in me.children(recursive=True):
-                try:
-                    rss += process.memory_info().rss
-                    engines += "EngineCore" in process.name()
-                except psutil.Error:
-                    continue
-            self.peak_rss = max(self.peak_rss, rss)
-            self.peak_engines = max(self.peak_engines, engines)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join()
 
 
 class Lane:
@@ -127,14 +97,14 @@ def main(args: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="test-lanes-") as work:
         env = {**os.environ, SLOTS_DIR_VARIABLE: str(Path(work) / "engine-slots")}
         basetemp = None if any(arg.startswith("--basetemp") for arg in args) else Path(work)
-        footprint = Footprint()
+        footprint = SuiteFootprint()  # this process's tree: both lanes
         width = max(map(len, LANES))
         lanes = [Lane(name, args, env, basetemp, width) for name in LANES]
         try:
             codes = {lane.name: lane.wait() for lane in lanes}
         except KeyboardInterrupt:  # the lanes got the same SIGINT: let them end and say what they ran
             codes = {lane.name: lane.wait() for lane in lanes}
-        footprint.stop()
+        footprint.stopped.set()
     for lane in lanes:
         print(f"\n===== lane {lane.name}: exit code {codes[lane.name]}, {lane.seconds:.0f} s =====")
         for line in summary(lane.lines):
